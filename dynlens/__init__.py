@@ -1,0 +1,31 @@
+"""dynlens: probes that watch a PyTorch model train and say what its training dynamics are doing.
+
+See DESIGN.md for the public API; the most used names are re-exported here::
+
+    import dynlens as dl
+    lens = dl.Lens(model, loss_fn, probe_batch=(x, y), optimizer=opt, run_dir="runs/exp1")
+    run = dl.load_run("runs/exp1")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from dynlens import schedules
+from dynlens.lens import Lens
+from dynlens.probes import Context, Probe
+from dynlens.store import Run, RunError, RunInUseError, load_run
+from dynlens import probes  # noqa: E402  (after Probe, which it defines)
+
+__all__ = [
+    "__version__",
+    "Lens",
+    "Probe",
+    "Context",
+    "Run",
+    "RunError",
+    "RunInUseError",
+    "load_run",
+    "probes",
+    "schedules",
+]

@@ -1,0 +1,410 @@
+"""The model as a function: (model, loss_fn, batch) turned into pure functions of a parameter dict.
+
+Everything above this layer (measurements, probes, the Lens) computes through here, so this is
+where the "no side effects" promise is kept:
+
+* parameters are read through ``detach()`` views and differentiated with ``torch.func`` or
+  ``torch.autograd.grad`` on fresh leaves, never ``backward()``: a parameter's ``.grad`` is never
+  written;
+* buffers are passed to ``functional_call`` as copies, so BatchNorm running statistics never move;
+* :func:`isolated` puts the model in eval mode (or train mode on request) and restores every
+  module's ``training`` flag, forks the torch CPU/CUDA, Python and NumPy random states (dropout in
+  ``mode="train"`` uses a fixed seed), and selects the math kernel of scaled-dot-product attention,
+  the only one with second derivatives.
+
+A batch is ``(inputs, targets)``: ``inputs`` is a Tensor (``model(x)``), a tuple (``model(*x)``) or a
+dict (``model(**x)``). ``loss_fn(outputs, targets)`` returns the mean loss; the loss of one example
+is ``loss_fn`` applied to a batch of one, vectorised with ``vmap``.
+
+HVP means Hessian-vector product, GGN the generalised Gauss-Newton matrix J^T (d^2 loss/d f^2) J,
+JVP/VJP Jacobian-vector and vector-Jacobian products of the model outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+Params = dict[str, Tensor]
+Mode = Literal["eval", "train"]
+
+__all__ = [
+    "ModelFunction",
+    "check_loss",
+    "isolated",
+    "split_batch",
+    "call_model",
+    "batch_size",
+    "to_device",
+    "flatten",
+    "unflatten",
+    "trainable_parameters",
+    "model_device",
+]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Return ``(inputs, targets)`` of a batch, with an error that says what a batch must be."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"a batch must be a pair (inputs, targets); got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + ". Pass probe_batch=(x, y) where model(x) gives the outputs and loss_fn(outputs, y) the loss."
+    )
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """Call ``model`` on ``inputs`` by the convention of DESIGN.md: Tensor, tuple or dict."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size(inputs: Any) -> int:
+    """Number of examples in ``inputs``: the leading dimension of its first tensor."""
+    leaves = [x for x in tree_flatten(inputs)[0] if isinstance(x, Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError(
+            "the batch inputs hold no tensor with a batch dimension; pass tensors whose first "
+            "dimension indexes the examples"
+        )
+    return int(leaves[0].shape[0])
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; other leaves stay as they are."""
+    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
+
+
+def slice_examples(tree: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of every tensor leaf with a leading batch dimension."""
+    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
+
+
+def _example_dims(tree: Any) -> Any:
+    """``vmap`` in_dims for a batch: 0 for tensors with a batch dimension, None elsewhere."""
+    return tree_map(lambda x: 0 if isinstance(x, Tensor) and x.dim() > 0 else None, tree)
+
+
+def _unsqueeze(tree: Any) -> Any:
+    return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, tree)
+
+
+def check_loss(value: Any) -> Tensor:
+    """Return ``value`` if it is a scalar tensor, else raise an error saying what loss_fn must return."""
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"loss_fn returned shape {shape}; dynlens needs the mean loss (a scalar) — pass "
+            "nn.CrossEntropyLoss() with its default reduction, or a function that returns .mean()"
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def trainable_parameters(model: nn.Module) -> Params:
+    """The model's trainable parameters by name (shared weights appear once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def flatten(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors (a dict's values in order, or a sequence) into one flat vector."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return torch.cat([t.reshape(-1) for t in values])
+
+
+def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
+    """Split a flat vector into a dict shaped like ``like`` (views into ``vector``)."""
+    out: Params = {}
+    offset = 0
+    for name, t in like.items():
+        n = t.numel()
+        out[name] = vector[offset : offset + n].view_as(t)
+        offset += n
+    if offset != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries; the parameters have {offset}")
+    return out
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
+    """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no selector; its default kernels are then used
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _seed_generators(device: torch.device, seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[None]:
+    """Run a measurement on ``model`` with no trace left behind.
+
+    Inside: every module is in ``mode`` ("eval": BatchNorm uses running statistics and dropout is
+    off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
+    generators are seeded with ``seed``, and attention uses the math kernel. On exit the modules'
+    ``training`` flags and the torch, CUDA, Python ``random`` and NumPy random states are restored
+    exactly, also when the body raises.
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    device = model_device(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda, enabled=True):
+            _seed_generators(device, seed)
+            model.train(mode == "train")
+            with _sdpa_math_kernel():
+                yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+# ----------------------------------------------------------------------------- the function
+
+
+class ModelFunction:
+    """``(model, loss_fn, batch)`` as pure functions of a parameter dict.
+
+    Parameters are those of ``model`` that require grad (or the subset named in ``params``); the
+    others and all buffers are held fixed, buffers as copies. Every method takes an optional
+    parameter dict ``p`` (default: the model's current values) and returns tensors on the model's
+    device; none of them writes to the model. Call the methods inside :func:`isolated` (the
+    measurements do) so that mode, RNG and attention kernel are those of a measurement.
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss, a scalar.
+        batch: ``(inputs, targets)``, moved to the model's device.
+        params: names of the parameters to differentiate (default: all trainable ones).
+        seed: in train mode, every evaluation reseeds the torch generators of the model's device
+            with it, so dropout draws the same masks each time (call inside :func:`isolated`,
+            which restores the generators afterwards).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        batch: Any,
+        params: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.seed = seed
+        self.loss_fn = loss_fn
+        trainable = trainable_parameters(model)
+        if not trainable:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable parameters (none has requires_grad=True); "
+                "dynlens measures the training of parameters, so unfreeze at least one"
+            )
+        if params is not None:
+            unknown = [n for n in params if n not in trainable]
+            if unknown:
+                raise ValueError(
+                    f"unknown or frozen parameter names {unknown}; choose from {list(trainable)}"
+                )
+            chosen = list(params)
+        else:
+            chosen = list(trainable)
+        self.device = model_device(model)
+        self.params: Params = {n: trainable[n].detach() for n in chosen}
+        self.fixed: Params = {
+            n: p.detach() for n, p in model.named_parameters() if n not in self.params
+        }
+        self.buffers: Params = {n: b.detach().clone() for n, b in model.named_buffers()}
+        inputs, targets = split_batch(batch)
+        self.inputs = to_device(inputs, self.device)
+        self.targets = to_device(targets, self.device)
+        self.size = batch_size(self.inputs)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of differentiated parameters (entries, not tensors)."""
+        return sum(p.numel() for p in self.params.values())
+
+    def vector(self, p: Params | None = None) -> Tensor:
+        """The parameters as one flat vector (a copy)."""
+        return flatten(self.params if p is None else p)
+
+    def as_params(self, vector: Tensor) -> Params:
+        """A flat vector split into a parameter-shaped dict (views)."""
+        return unflatten(vector, self.params)
+
+    def _p(self, p: Params | None) -> Params:
+        return self.params if p is None else p
+
+    def outputs(self, p: Params | None = None, inputs: Any = None) -> Any:
+        """f(x; p): the model outputs on ``inputs`` (default: the batch inputs)."""
+        # In train mode BatchNorm updates its running statistics in place; torch.func forbids
+        # mutating a captured tensor, so each call gets its own copies (buffers are small).
+        buffers = self.buffers
+        if self.model.training:
+            buffers = {n: b.clone() for n, b in self.buffers.items()}
+            # the same dropout masks in every evaluation, so that the function is deterministic
+            _seed_generators(self.device, self.seed)
+        state = (self._p(p), self.fixed, buffers)
+        x = self.inputs if inputs is None else inputs
+        if isinstance(x, Mapping):
+            return functional_call(self.model, state, (), dict(x))
+        args = x if isinstance(x, tuple) else (x,)
+        return functional_call(self.model, state, args)
+
+    def _loss_of(self, outputs: Any, targets: Any) -> Tensor:
+        return check_loss(self.loss_fn(outputs, targets))
+
+    def loss(self, p: Params | None = None) -> Tensor:
+        """L(p): the mean loss over the batch (a scalar tensor)."""
+        return self._loss_of(self.outputs(p), self.targets)
+
+    def _example_loss(self, p: Params, x: Any, y: Any) -> Tensor:
+        return self._loss_of(self.outputs(p, _unsqueeze(x)), _unsqueeze(y))
+
+    def per_example_losses(self, p: Params | None = None, chunk_size: int | None = 256) -> Tensor:
+        """(l_1, ..., l_m): loss_fn applied to each example alone (vmap), shape (m,)."""
+        fn = vmap(
+            self._example_loss,
+            in_dims=(None, _example_dims(self.inputs), _example_dims(self.targets)),
+            chunk_size=chunk_size,
+            randomness="different",
+        )
+        return fn(self._p(p), self.inputs, self.targets)
+
+    # -- first order ----------------------------------------------------------------------
+
+    def grad(self, p: Params | None = None) -> Params:
+        """The gradient of the mean loss, a parameter-shaped dict. Cost: one backward pass."""
+        p = self._p(p)
+        leaves = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+        with torch.enable_grad():
+            value = self.loss(leaves)
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+
+    def per_example_grads(self, chunk_size: int = 64, p: Params | None = None) -> Iterator[tuple[int, Params]]:
+        """Yield ``(start, grads)`` for consecutive chunks of examples.
+
+        ``grads[name]`` has shape (chunk, *param.shape): the gradient of l_i for each example of
+        the chunk (``vmap`` of ``grad``). Peak memory grows with ``chunk_size``, not with m.
+        """
+        p = self._p(p)
+        fn = vmap(
+            grad(self._example_loss),
+            in_dims=(None, _example_dims(self.inputs), _example_dims(self.targets)),
+            randomness="different",
+        )
+        for start in range(0, self.size, chunk_size):
+            stop = min(start + chunk_size, self.size)
+            x = slice_examples(self.inputs, start, stop)
+            y = slice_examples(self.targets, start, stop)
+            yield start, fn(p, x, y)
+
+    def jvp(self, v: Params, p: Params | None = None) -> Any:
+        """J v: the directional derivative of the outputs along ``v`` (same structure as outputs)."""
+        return jvp(self.outputs, (self._p(p),), (v,))[1]
+
+    def vjp(self, u: Any, p: Params | None = None) -> Params:
+        """Jᵀ u: the outputs' vector-Jacobian product with a cotangent ``u`` shaped like the outputs."""
+        _, pullback = vjp(self.outputs, self._p(p))
+        return pullback(u)[0]
+
+    # -- second order ---------------------------------------------------------------------
+
+    def hvp(self, v: Params, p: Params | None = None) -> Params:
+        """H v by forward-over-reverse (``jvp`` of ``grad``): one forward and backward pass with
+        dual numbers, about 3 gradients; nothing is kept between calls."""
+        return jvp(grad(self.loss), (self._p(p),), (v,))[1]
+
+    def ggn_vp(self, v: Params, p: Params | None = None) -> Params:
+        """G v = Jᵀ (∇²_f loss) J v, the generalised Gauss-Newton product (PSD for convex losses).
+        Cost: one forward with a JVP, a Hessian-vector product in output space, one VJP."""
+        p = self._p(p)
+        out, pullback = vjp(self.outputs, p)
+        jv = jvp(self.outputs, (p,), (v,))[1]
+        targets = self.targets
+
+        def output_grad(z: Any) -> Any:
+            return grad(lambda zz: self._loss_of(zz, targets))(z)
+
+        h_jv = jvp(output_grad, (out,), (jv,))[1]
+        return pullback(h_jv)[0]
+
+    def hvp_operator(self, method: Literal["reuse", "forward_over_reverse"] = "reuse") -> Callable[[Tensor], Tensor]:
+        """Return a matvec ``v -> H v`` over flat vectors at the current parameters.
+
+        ``"reuse"`` builds the gradient's graph once (``create_graph=True``) and differentiates it
+        again for every product, as PyHessian does: each product then costs one backward pass
+        through that graph (about 2 gradients) at the price of keeping the first-order graph in
+        memory (roughly twice the activations of a training step). ``"forward_over_reverse"``
+        keeps nothing and costs about 3 gradients per product.
+        """
+        if method == "forward_over_reverse":
+            def matvec(vector: Tensor) -> Tensor:
+                return flatten(self.hvp(self.as_params(vector)))
+
+            return matvec
+        if method != "reuse":
+            raise ValueError(f"method must be 'reuse' or 'forward_over_reverse', got {method!r}")
+        leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+        with torch.enable_grad():
+            value = self.loss(leaves)
+            grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True, allow_unused=True)
+        # gradients that do not depend on the parameters (or do not exist) add nothing to H v
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        leaf_list = list(leaves.values())
+
+        def reuse_matvec(vector: Tensor) -> Tensor:
+            vs = list(unflatten(vector, self.params).values())
+            if not used:
+                return torch.zeros_like(vector)
+            with torch.enable_grad():
+                hv = torch.autograd.grad(
+                    [grads[i] for i in used], leaf_list, [vs[i] for i in used],
+                    retain_graph=True, allow_unused=True,
+                )
+            return flatten([torch.zeros_like(t) if h is None else h for t, h in zip(leaf_list, hv)])
+
+        return reuse_matvec

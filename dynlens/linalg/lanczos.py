@@ -1,0 +1,392 @@
+"""Lanczos with full reorthogonalisation: extreme eigenpairs of a symmetric operator.
+
+The Lanczos process (Lanczos 1950; Golub & Van Loan, *Matrix Computations*, §10.1) builds an
+orthonormal basis V_m = [q_1 .. q_m] of the Krylov space span{q_1, A q_1, .., A^{m-1} q_1} in
+which A is tridiagonal, T_m = V_mᵀ A V_m (diagonal α, off-diagonal β). The eigenvalues θ of
+T_m (Ritz values) approximate the extreme eigenvalues of A. Each step costs one
+matrix-vector product. Every new vector is orthogonalised against *all* stored basis vectors
+by classical Gram-Schmidt done twice (one matmul each way per pass), which keeps V_m
+orthonormal to working precision and so avoids the spurious copies of converged eigenvalues
+that plain Lanczos produces. The tridiagonal eigenproblem is solved on the CPU in float64
+(``scipy.linalg.eigh_tridiagonal``); the basis lives on the operator's device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from torch import Tensor
+
+from dynlens.linalg.operator import LinearOperator, default_generator
+
+Which = Literal["top", "bottom", "both"]
+
+
+@dataclass(frozen=True)
+class Tridiagonal:
+    """The Lanczos tridiagonal matrix T = Vᵀ A V of one run.
+
+    Fields:
+        alpha: float64 CPU tensor (m,), the diagonal α_j = q_jᵀ A q_j.
+        beta: float64 CPU tensor (m-1,), the off-diagonal β_j = ‖w_j‖; an entry 0 marks a
+            restart after breakdown (T is then block diagonal).
+    """
+
+    alpha: Tensor
+    beta: Tensor
+
+    def eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values (ascending, float64) and the eigenvectors of T as columns."""
+        return eigh_tridiagonal(self.alpha.numpy(), self.beta.numpy())
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Extreme eigenpairs of a symmetric operator found by :func:`lanczos_eigsh`.
+
+    Fields:
+        values: float64 CPU tensor of Ritz values. ``which="top"``: the k largest,
+            descending. ``which="bottom"``: the k smallest, ascending (most negative first).
+            ``which="both"``: the 2k values ``[top k descending, bottom k ascending]``; use
+            :attr:`top` and :attr:`bottom` for the two halves (they overlap when 2k > n).
+        residuals: float64 CPU tensor, same layout as ``values``: the estimate of
+            ‖A v − θ v‖₂ for each unit Ritz vector v, Σ_b |β_b s_b| over the ends b of the
+            Krylov blocks (|β_m s_m| when there was no restart), s the eigenvector of T.
+        vectors: ``(n, len(values))`` unit Ritz vectors on the operator's device and dtype,
+            columns in the order of ``values``; ``None`` unless ``return_vectors=True``.
+        which: the ``which`` that was asked for.
+        matvecs: matrix-vector products used (equals ``iterations``: restarts cost none).
+        iterations: Lanczos steps m taken, i.e. the Krylov dimension.
+        restarts: how many times the process restarted after a breakdown (β ≈ 0).
+        converged: every wanted pair passed the residual test (see :func:`lanczos_eigsh`),
+            or the basis spans the whole space (m = n, the result is exact to rounding).
+        ritz_values: all m Ritz values, ascending, float64 CPU tensor.
+        tridiagonal: the tridiagonal matrix T_m (α, β).
+        elapsed: wall-clock seconds.
+    """
+
+    values: Tensor
+    residuals: Tensor
+    vectors: Tensor | None
+    which: str
+    matvecs: int
+    iterations: int
+    restarts: int
+    converged: bool
+    ritz_values: Tensor
+    tridiagonal: Tridiagonal
+    elapsed: float
+
+    @property
+    def top(self) -> Tensor:
+        """The largest Ritz values, descending (empty for ``which="bottom"``)."""
+        if self.which == "top":
+            return self.values
+        if self.which == "both":
+            return self.values[: len(self.values) // 2]
+        return self.values[:0]
+
+    @property
+    def bottom(self) -> Tensor:
+        """The smallest Ritz values, ascending (empty for ``which="top"``)."""
+        if self.which == "bottom":
+            return self.values
+        if self.which == "both":
+            return self.values[len(self.values) // 2 :]
+        return self.values[:0]
+
+
+def _lanczos_step(
+    op: LinearOperator, basis: Tensor, j: int, active: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Lanczos step for b independent runs at once; the only Lanczos step in dynlens.
+
+    ``basis`` is ``(b, capacity, n)``: rows ``0..j`` of run l hold its orthonormal basis and
+    row ``j`` its current vector q_j. Computes w = A q_j (one ``mm`` on the active runs'
+    columns), then orthogonalises w against all j+1 basis vectors of its own run by
+    classical Gram-Schmidt twice, c = Q w, w ← w − Qᵀ c (this includes the α q_j and
+    β q_{j−1} terms of the three-term recurrence). Returns α (b,) = q_jᵀ A q_j as the sum of
+    the two passes' coefficients on q_j, β (b,) = ‖w‖ and w (b, n), all on the device.
+    Inactive runs (``active[l]`` false) must have a zero current vector; they cost no product.
+    """
+    current = basis[:, j]
+    if active is None:
+        product = op.mv(current[0]).unsqueeze(0) if current.shape[0] == 1 else op.mm(current.T).T
+    else:
+        product = torch.zeros_like(current)
+        index = active.nonzero().squeeze(1)
+        product[index] = op.mm(current[index].T).T
+    krylov = basis[:, : j + 1]
+    w = product
+    alpha = torch.zeros(current.shape[0], dtype=current.dtype, device=current.device)
+    for _ in range(2):
+        coefficients = torch.bmm(krylov, w.unsqueeze(-1))
+        w = w - torch.bmm(krylov.transpose(1, 2), coefficients).squeeze(-1)
+        alpha = alpha + coefficients[:, j, 0]
+    return alpha, torch.linalg.vector_norm(w, dim=1), w
+
+
+def _breakdown_threshold(dtype: torch.dtype) -> float:
+    """β below this times ‖T‖ means the Krylov space is invariant to working precision."""
+    return torch.finfo(dtype).eps ** 0.75
+
+
+def lanczos_tridiagonal(op: LinearOperator, v0: Tensor, iters: int) -> list[Tridiagonal]:
+    """Run ``iters`` Lanczos steps (full reorthogonalisation, no restarts) from each start vector.
+
+    ``v0`` is ``(n,)`` or ``(n, b)``: b independent runs, each started from its column
+    (normalised here), carried in lockstep with one ``op.mm`` of the still-active columns per
+    step, each orthogonalised only against its own basis. A run stops early when it breaks
+    down (β ≈ 0: its Krylov space is invariant, and T is then exact for that start vector).
+    Memory: b·iters vectors of size n on the operator's device.
+
+    Cost: at most b·iters matrix-vector products. Returns one :class:`Tridiagonal` per run,
+    of size m_l ≤ iters. This is the building block of stochastic Lanczos quadrature.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1; got {iters}.")
+    starts = v0.reshape(op.size, -1).T.to(device=op.device, dtype=op.dtype)
+    runs = starts.shape[0]
+    norms = torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("lanczos_tridiagonal got a zero start vector; start vectors must be nonzero.")
+    basis = torch.zeros(runs, iters, op.size, dtype=op.dtype, device=op.device)
+    basis[:, 0] = starts / norms
+    active = torch.ones(runs, dtype=torch.bool)
+    alphas: list[list[float]] = [[] for _ in range(runs)]
+    betas: list[list[float]] = [[] for _ in range(runs)]
+    scale = np.zeros(runs)
+    threshold = _breakdown_threshold(op.dtype)
+    for j in range(iters):
+        alpha, beta, w = _lanczos_step(op, basis, j, active.to(op.device))
+        alpha_cpu = alpha.double().cpu().numpy()
+        beta_cpu = beta.double().cpu().numpy()
+        for run in active.nonzero().squeeze(1).tolist():
+            alphas[run].append(alpha_cpu[run])
+            scale[run] = max(scale[run], abs(alpha_cpu[run]), beta_cpu[run])
+        if j == iters - 1:
+            break
+        for run in active.nonzero().squeeze(1).tolist():
+            if beta_cpu[run] <= threshold * scale[run]:
+                active[run] = False
+            else:
+                betas[run].append(beta_cpu[run])
+                basis[run, j + 1] = w[run] / beta[run]
+        if not bool(active.any()):
+            break
+    return [
+        Tridiagonal(
+            alpha=torch.tensor(a, dtype=torch.float64),
+            beta=torch.tensor(b, dtype=torch.float64),
+        )
+        for a, b in zip(alphas, betas, strict=True)
+    ]
+
+
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices into ascending ``theta`` of the wanted Ritz values, in the result's layout."""
+    count = min(k, len(theta))
+    top = np.arange(len(theta) - 1, len(theta) - 1 - count, -1)
+    bottom = np.arange(count)
+    if which == "top":
+        return top
+    if which == "bottom":
+        return bottom
+    return np.concatenate([top, bottom])
+
+
+def _restart_vector(
+    basis: Tensor, m: int, generator: torch.Generator, dtype: torch.dtype
+) -> Tensor | None:
+    """A random unit vector orthogonal to ``basis[0, :m]``, or ``None`` if it spans the space."""
+    krylov = basis[0, :m]
+    for _ in range(3):
+        v = torch.randn(basis.shape[2], generator=generator, dtype=torch.float64)
+        v = v.to(device=basis.device, dtype=dtype)
+        start = torch.linalg.vector_norm(v)
+        for _ in range(2):
+            v = v - krylov.T @ (krylov @ v)
+        norm = torch.linalg.vector_norm(v)
+        if norm > math.sqrt(torch.finfo(dtype).eps) * start:
+            return v / norm
+    return None
+
+
+def lanczos_eigsh(
+    op: LinearOperator,
+    k: int = 1,
+    which: Which = "top",
+    tol: float = 1e-4,
+    max_iters: int | None = None,
+    v0: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_vectors: bool = False,
+) -> LanczosResult:
+    """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    ``which="top"``: the k largest (algebraic); ``"bottom"``: the k smallest (most
+    negative); ``"both"``: both sets (layout in :class:`LanczosResult`).
+
+    Stopping rule: after every step m (the tridiagonal solve is tiny), each wanted Ritz pair
+    (θ_i, s_i) must satisfy the residual test Σ_b |β_b s_{b,i}| ≤ tol · max(|θ_i|, ε) (the
+    left side estimates ‖A v_i − θ_i v_i‖; ε = √eps(dtype) · max|θ| keeps eigenvalues near
+    zero from needing a residual below the rounding level). Safeguards against stopping on a
+    Krylov space that is too small to hold every wanted eigenvalue: no stop before
+    m ≥ min(n, w + max(w, 5)) steps, w = k (2k for ``"both"``), and the current Krylov
+    block must have run that long too or have broken down.
+
+    Breakdown: when β_m ≤ eps(dtype)^{3/4} · ‖T‖ the Krylov space is invariant. The process
+    then restarts from a random vector orthogonal to the basis (T gets a zero off-diagonal
+    and becomes block diagonal), and stops after a later block breaks down without changing
+    the wanted values. A Krylov space from one start vector holds at most one direction of
+    each eigenspace, so repeated eigenvalues are found with their multiplicity only through
+    such restarts, i.e. when the Krylov spaces become invariant (few distinct eigenvalues,
+    or k close to n); in large problems without breakdown, a repeated eigenvalue appears
+    once. When m reaches n the basis spans the space and the whole spectrum is exact.
+
+    Args:
+        op: the symmetric operator.
+        k: how many eigenvalues of each wanted end; 1 ≤ k ≤ n.
+        which: ``"top"``, ``"bottom"`` or ``"both"``.
+        tol: relative residual tolerance (0 runs to ``max_iters``).
+        max_iters: most Lanczos steps (= matrix-vector products); default
+            min(n, max(100, 4w + 20)). Must be at least k. If it is reached first, the
+            result has ``converged=False`` (no exception).
+        v0: start vector (n,); default a Gaussian vector from ``generator``.
+        generator: CPU ``torch.Generator`` for the start and restart vectors; default a fresh
+            one seeded with 0. The global RNG is never used.
+        return_vectors: also return the Ritz vectors (n × len(values), on the op's device).
+
+    Cost: ``iterations`` matrix-vector products (≤ max_iters) and memory for
+    ``iterations`` + 1 vectors of size n on the operator's device.
+
+    Returns:
+        :class:`LanczosResult`.
+    """
+    start_time = time.perf_counter()
+    n = op.size
+    if which not in ("top", "bottom", "both"):
+        raise ValueError(f"which must be 'top', 'bottom' or 'both'; got {which!r}.")
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}.")
+    if k > n:
+        raise ValueError(
+            f"k={k} eigenvalues were asked of an operator of size n={n}; "
+            f"k must be at most n (k=n gives the whole spectrum)."
+        )
+    if tol < 0:
+        raise ValueError(f"tol must be nonnegative; got {tol}.")
+    wanted_count = min(n, 2 * k) if which == "both" else k
+    if max_iters is None:
+        max_iters = max(100, 4 * wanted_count + 20)
+    max_iters = min(max_iters, n)
+    if max_iters < k:
+        raise ValueError(
+            f"max_iters={max_iters} is smaller than k={k}; Lanczos needs at least k steps "
+            f"to produce k Ritz values."
+        )
+    min_iters = min(n, wanted_count + max(wanted_count, 5))
+    generator = default_generator(generator)
+    eps = torch.finfo(op.dtype).eps
+    threshold = _breakdown_threshold(op.dtype)
+    matvecs_before = op.matvecs
+
+    if v0 is None:
+        q = torch.randn(n, generator=generator, dtype=torch.float64)
+    else:
+        if v0.shape != (n,):
+            raise ValueError(f"v0 must have shape ({n},); got {tuple(v0.shape)}.")
+        q = v0
+    q = q.to(device=op.device, dtype=op.dtype)
+    q_norm = torch.linalg.vector_norm(q)
+    if q_norm == 0:
+        raise ValueError("v0 is the zero vector; pass a nonzero start vector or none.")
+
+    capacity = min(max_iters, max(2 * min_iters, 32))
+    basis = torch.empty(1, capacity, n, dtype=op.dtype, device=op.device)
+    basis[0, 0] = q / q_norm
+    alphas: list[float] = []
+    betas: list[float] = []
+    block_ends: list[tuple[int, float]] = []
+    block_start = 0
+    values_at_block_start: np.ndarray | None = None
+    scale = 0.0
+    converged = False
+    while True:
+        j = len(alphas)
+        alpha, beta, w = _lanczos_step(op, basis, j)
+        alphas.append(float(alpha[0]))
+        beta_j = float(beta[0])
+        m = j + 1
+        scale = max(scale, abs(alphas[-1]), beta_j)
+        theta, vectors_t = eigh_tridiagonal(np.array(alphas), np.array(betas))
+        index = _wanted(theta, k, which)
+        residuals = np.zeros(len(index))
+        for end, beta_end in [*block_ends, (m - 1, beta_j)]:
+            residuals += np.abs(beta_end * vectors_t[end, index])
+        floor = math.sqrt(eps) * np.abs(theta).max()
+        small = bool(np.all(residuals <= tol * np.maximum(np.abs(theta[index]), floor)))
+        broke = beta_j <= threshold * scale
+        if m == n:
+            converged = True
+            break
+        if broke:
+            settled = (
+                values_at_block_start is not None
+                and len(values_at_block_start) == len(index)
+                and bool(np.all(
+                    np.abs(theta[index] - values_at_block_start)
+                    <= tol * np.maximum(np.abs(theta[index]), floor)
+                ))
+            )
+        else:
+            settled = m - block_start >= min_iters
+        if small and settled and m >= min_iters:
+            converged = True
+            break
+        if m >= max_iters:
+            break
+        if broke:
+            q = _restart_vector(basis, m, generator, op.dtype)
+            if q is None:
+                converged = small
+                break
+            block_ends.append((m - 1, beta_j))
+            betas.append(0.0)
+            block_start = m
+            values_at_block_start = theta[index]
+        else:
+            betas.append(beta_j)
+            q = w[0] / beta[0]
+        if m == basis.shape[1]:
+            grown = torch.empty(1, min(2 * m, max_iters), n, dtype=op.dtype, device=op.device)
+            grown[:, :m] = basis
+            basis = grown
+        basis[0, m] = q
+
+    ritz_vectors = None
+    if return_vectors:
+        selected = torch.from_numpy(vectors_t[:, index]).to(device=op.device, dtype=op.dtype)
+        ritz_vectors = basis[0, :m].T @ selected
+    return LanczosResult(
+        values=torch.from_numpy(theta[index].copy()),
+        residuals=torch.from_numpy(residuals),
+        vectors=ritz_vectors,
+        which=which,
+        matvecs=op.matvecs - matvecs_before,
+        iterations=m,
+        restarts=len(block_ends),
+        converged=converged,
+        ritz_values=torch.from_numpy(theta),
+        tridiagonal=Tridiagonal(
+            alpha=torch.tensor(alphas, dtype=torch.float64),
+            beta=torch.tensor(betas, dtype=torch.float64),
+        ),
+        elapsed=time.perf_counter() - start_time,
+    )

@@ -1,0 +1,31 @@
+"""Probes: a measurement, a schedule and the records it writes (``dl.probes.Hessian(every=100)``).
+
+``basic()`` lists the cheap probes every Lens adds; ``default()`` lists every built-in probe
+(``Lens(probes="default")``).
+"""
+
+from __future__ import annotations
+
+from dynlens.probes.base import Context, Probe
+from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
+
+__all__ = [
+    "Probe",
+    "Context",
+    "GradNorm",
+    "ParamNorm",
+    "UpdateSize",
+    "DistanceFromInit",
+    "basic",
+    "default",
+]
+
+
+def basic() -> list[Probe]:
+    """New instances of the basic probes, each measuring at every step."""
+    return [GradNorm(), ParamNorm(), UpdateSize(), DistanceFromInit()]
+
+
+def default() -> list[Probe]:
+    """New instances of every built-in probe beyond the basic ones, with their default schedules."""
+    return []

@@ -1,0 +1,139 @@
+"""The probe interface: a measurement, a schedule, and the records it writes.
+
+A probe subclasses :class:`Probe`, sets ``name`` and implements ``measure(ctx)``, which returns a
+dict of floats (stored as scalars) and arrays (stored as arrays) under the probe's name. The Lens
+calls it at the steps its schedule says, inside :func:`dynlens.functional.isolated`, and catches
+anything it raises.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynlens import schedules
+from dynlens.functional import ModelFunction, Mode
+
+__all__ = ["Probe", "Context", "Values"]
+
+Values = Mapping[str, "float | int | np.ndarray | Tensor"]
+
+
+@dataclass
+class Context:
+    """What a probe sees when it measures.
+
+    Attributes:
+        model: the user's model (read it; do not change it).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss.
+        probe_batch: the fixed ``(inputs, targets)`` measured on, on the model's device.
+        optimizer: the training optimizer, or None.
+        step: optimizer steps taken so far (0 = the initial state).
+        loss: the training loss passed to ``lens.step(loss=...)``, or None.
+        seed: the seed of dropout in ``mode="train"`` measurements.
+        group: the ``torch.distributed`` process group of a distributed run, else None.
+        layers: the layer (module) names of the trainable parameters, in the order per-layer
+            arrays use.
+        layer_index: for each trainable parameter (in ``model.named_parameters()`` order), the
+            index of its layer in ``layers``.
+    """
+
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    probe_batch: Any
+    optimizer: torch.optim.Optimizer | None
+    step: int
+    loss: float | None = None
+    seed: int = 0
+    group: Any = None
+    layers: list[str] = field(default_factory=list)
+    layer_index: list[int] = field(default_factory=list)
+
+    @functools.cached_property
+    def fn(self) -> ModelFunction:
+        """The model as a pure function of its parameters on the probe batch (loss, grad, hvp,
+        per-example losses and gradients, JVP/VJP): see :class:`dynlens.functional.ModelFunction`."""
+        return ModelFunction(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
+
+    def loss_value(self) -> Tensor:
+        """The mean loss on the probe batch at the current parameters."""
+        return self.fn.loss()
+
+    def grad(self) -> dict[str, Tensor]:
+        """The gradient of the probe-batch loss (a fresh dict; ``.grad`` is never touched)."""
+        return self.fn.grad()
+
+    def hvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hessian-vector product of the probe-batch loss with a parameter-shaped dict ``v``."""
+        return self.fn.hvp(v)
+
+    def per_example_grads(self, chunk_size: int = 64):  # noqa: ANN201 - iterator of chunks
+        """Per-example gradients of the probe batch in chunks: see ModelFunction.per_example_grads."""
+        return self.fn.per_example_grads(chunk_size)
+
+
+class Probe:
+    """Base class of every probe, built-in or the user's.
+
+    Subclasses set ``name`` (the key its records are stored under) and implement
+    :meth:`measure`. The schedule comes from ``every=N`` (every N-th step), ``at=[...]`` (those
+    steps) or ``schedule=`` (e.g. ``dl.schedules.log()``); every probe also measures at step 0
+    and at ``close()``.
+
+    Class attributes a subclass may set:
+        name: the probe's name in the run database (required).
+        default_every: the ``every`` used when no schedule is given.
+        pure: True if ``measure`` computes only through ``ctx.fn`` (the functional helpers) and
+            so cannot touch ``.grad`` or buffers; the Lens then skips protecting them. Leave it
+            False for probes that call the model directly.
+        timed: record the seconds each measurement took (as ``lens/seconds/<name>``).
+        mode: "eval" (default) or "train": the model's mode while the probe measures.
+    """
+
+    name: ClassVar[str] = ""
+    default_every: ClassVar[int] = 1
+    pure: ClassVar[bool] = False
+    timed: ClassVar[bool] = True
+    mode: Mode = "eval"
+
+    def __init__(
+        self,
+        every: int | None = None,
+        at: Iterable[int] | None = None,
+        schedule: schedules.Schedule | None = None,
+        mode: Mode | None = None,
+    ) -> None:
+        if not type(self).name:
+            raise TypeError(f"{type(self).__name__} must set a class attribute name = '...'")
+        self.schedule = schedules.resolve(every, at, schedule, default=type(self).default_every)
+        if mode is not None:
+            if mode not in ("eval", "train"):
+                raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+            self.mode = mode
+
+    def due(self, step: int) -> bool:
+        """True if this probe measures at ``step`` (step 0 and close() are added by the Lens)."""
+        return self.schedule.due(step)
+
+    def setup(self, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Called once before the first measurement (step 0); keep initial state here."""
+
+    def prepare(self, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Called at the step before each step where the probe is due (e.g. to keep θ_{t−1})."""
+
+    def measure(self, ctx: Context) -> Values:
+        """Measure and return ``{name: float or array}``; raise on failure (the Lens records it)."""
+        raise NotImplementedError(f"{type(self).__name__}.measure(ctx) is not implemented")
+
+    def describe(self) -> dict[str, Any]:
+        """The probe's settings as JSON-friendly values (shown in the report)."""
+        return {"class": type(self).__name__, "schedule": repr(self.schedule), "mode": self.mode}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, schedule={self.schedule!r})"

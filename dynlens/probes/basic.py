@@ -1,0 +1,123 @@
+"""The basic probes: cheap, always on, read straight from the parameters and their ``.grad``.
+
+Each records a total (over all trainable parameters) and an array ``per_layer`` (one entry per
+layer, in the order of the run's ``layers`` metadata; a layer is the module owning a parameter).
+Norms use ``torch._foreach_norm`` over all parameter tensors at once: one pass, one sync.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from dynlens.probes.base import Context, Probe, Values
+
+__all__ = ["GradNorm", "ParamNorm", "UpdateSize", "DistanceFromInit"]
+
+
+def _trainable(ctx: Context) -> list[Tensor]:
+    return [p.detach() for p in ctx.model.parameters() if p.requires_grad]
+
+
+def _norms(tensors: list[Tensor], ctx: Context) -> tuple[float, Tensor]:
+    """(total 2-norm, per-layer 2-norms as float64 CPU) of a list of tensors aligned with
+    ``ctx.layer_index``."""
+    squares = torch.stack([n.double() for n in torch._foreach_norm(tensors)]) ** 2
+    index = torch.tensor(ctx.layer_index, device=squares.device)
+    per_layer = torch.zeros(len(ctx.layers), dtype=torch.float64, device=squares.device)
+    per_layer.index_add_(0, index, squares)
+    per_layer = per_layer.cpu()
+    return float(per_layer.sum().sqrt()), per_layer.sqrt()
+
+
+class _Basic(Probe):
+    pure: ClassVar[bool] = True
+    timed: ClassVar[bool] = False
+
+
+class GradNorm(_Basic):
+    """‖∇L‖ of the training step, read from each parameter's ``.grad`` (never modified).
+
+    At step n this is the gradient the optimizer used for step n (taken at θ_{n−1}, on the
+    training batch). Records ``total`` and ``per_layer``; parameters without ``.grad`` count as 0,
+    and nothing is recorded when no parameter has one (e.g. at step 0).
+    """
+
+    name = "grad_norm"
+
+    def measure(self, ctx: Context) -> Values:
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        if all(p.grad is None for p in params):
+            return {}
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        total, per_layer = _norms(grads, ctx)
+        return {"total": total, "per_layer": per_layer.numpy()}
+
+
+class ParamNorm(_Basic):
+    """‖θ_t‖: the norm of the trainable parameters, total and per layer."""
+
+    name = "param_norm"
+
+    def measure(self, ctx: Context) -> Values:
+        total, per_layer = _norms(_trainable(ctx), ctx)
+        return {"total": total, "per_layer": per_layer.numpy()}
+
+
+class UpdateSize(_Basic):
+    """‖θ_t − θ_{t−1}‖: the size of the last optimizer step, total and per layer, and
+    ``relative`` = ‖θ_t − θ_{t−1}‖/‖θ_{t−1}‖.
+
+    Keeps one copy of the parameters, taken at the step before each step where it is due.
+    Nothing is recorded at step 0 or where no copy of the previous step exists.
+    """
+
+    name = "update_size"
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Probe's arguments
+        super().__init__(*args, **kwargs)
+        self._previous: list[Tensor] | None = None
+        self._previous_step = -1
+
+    def prepare(self, ctx: Context) -> None:
+        params = _trainable(ctx)
+        if self._previous is None:
+            self._previous = [p.clone() for p in params]
+        else:
+            torch._foreach_copy_(self._previous, params)
+        self._previous_step = ctx.step
+
+    def measure(self, ctx: Context) -> Values:
+        if self._previous is None or self._previous_step != ctx.step - 1:
+            return {}
+        params = _trainable(ctx)
+        total, per_layer = _norms(torch._foreach_sub(params, self._previous), ctx)
+        before, _ = _norms(self._previous, ctx)
+        return {"total": total, "relative": total / before if before > 0 else float("nan"),
+                "per_layer": per_layer.numpy()}
+
+
+class DistanceFromInit(_Basic):
+    """‖θ_t − θ_0‖/‖θ_0‖, the relative distance from initialisation (Chizat et al. 2019: small
+    means the lazy/kernel regime), total and per layer (each layer relative to its own ‖θ_0‖),
+    and ``absolute`` = ‖θ_t − θ_0‖. Keeps one copy of the initial parameters."""
+
+    name = "distance_from_init"
+
+    def setup(self, ctx: Context) -> None:
+        self._initial = [p.clone() for p in _trainable(ctx)]
+        _, self._initial_per_layer = _norms(self._initial, ctx)
+        self._initial_total = float(self._initial_per_layer.square().sum().sqrt())
+
+    def measure(self, ctx: Context) -> Values:
+        params = _trainable(ctx)
+        total, per_layer = _norms(torch._foreach_sub(params, self._initial), ctx)
+        scale = self._initial_per_layer.clone()
+        relative = torch.where(scale > 0, per_layer / scale, torch.full_like(scale, float("nan")))
+        return {
+            "relative": total / self._initial_total if self._initial_total > 0 else float("nan"),
+            "absolute": total,
+            "per_layer": relative.numpy(),
+        }

@@ -1,0 +1,343 @@
+"""The run database: one SQLite file per run, in WAL mode, and its read API.
+
+Layout of ``run_dir/dynlens.sqlite`` (schema version 1):
+
+* ``meta(key, value)``: JSON values — name, config, model summary, versions, start time, probes.
+* ``scalars(step, probe, name, value)``: one float per row; NaN is stored as NULL.
+* ``arrays(step, probe, name, dtype, shape, data)``: raw little-endian bytes, a NumPy dtype string
+  and a JSON shape. No pickle: a run someone else made is safe to open.
+* ``events(step, time, level, probe, message, traceback)``: errors, warnings and notes.
+
+The writer commits once per training step (``RunWriter.commit``), so everything ``Lens.step()``
+returned from is on disk, also if the process is killed. Readers open the file while it is
+being written: WAL mode lets them see the last committed step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["RunWriter", "Run", "load_run", "RunError", "RunInUseError", "SCHEMA_VERSION", "DB_NAME"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "dynlens.sqlite"
+LOCK_NAME = "dynlens.lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scalars (step INTEGER NOT NULL, probe TEXT NOT NULL, name TEXT NOT NULL, value REAL);
+CREATE INDEX IF NOT EXISTS scalars_by_probe ON scalars (probe, name, step);
+CREATE TABLE IF NOT EXISTS arrays (
+    step INTEGER NOT NULL, probe TEXT NOT NULL, name TEXT NOT NULL,
+    dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS arrays_by_probe ON arrays (probe, name, step);
+CREATE TABLE IF NOT EXISTS events (
+    step INTEGER, time REAL NOT NULL, level TEXT NOT NULL, probe TEXT, message TEXT NOT NULL,
+    traceback TEXT);
+"""
+
+_ARRAY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+class RunError(Exception):
+    """A path that is not a readable dynlens run (missing, damaged, or of an unknown schema)."""
+
+
+class RunInUseError(RunError):
+    """The run directory is held by another open Lens."""
+
+
+def _json_safe(value: Any) -> Any:
+    """A JSON-friendly copy of ``value``: unknown objects become their ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return repr(value)
+
+
+def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:
+    """(dtype, shape, bytes) of an array, little-endian, without pickle."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name not in _ARRAY_DTYPES:
+        array = array.astype(np.float64)
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return array.dtype.name, json.dumps(list(array.shape)), data
+
+
+def decode_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    """The array stored as (dtype, shape, bytes); refuses dtypes that could hold objects."""
+    if dtype not in _ARRAY_DTYPES:
+        raise RunError(f"array of unsupported dtype {dtype!r} in the run database")
+    dims = tuple(int(d) for d in json.loads(shape))
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims).astype(dtype)
+
+
+class RunWriter:
+    """Writes one run: holds the directory's lock, buffers a step's rows, commits on request.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        overwrite: replace an existing run in ``run_dir`` instead of refusing.
+
+    Raises:
+        RunInUseError: another open Lens holds ``run_dir``.
+        RunError: ``run_dir`` cannot be written, or already holds a run and ``overwrite`` is False.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
+        self.path = Path(run_dir)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run's life
+        except OSError as err:
+            raise RunError(
+                f"cannot write the run directory {str(self.path)!r} ({err.strerror or err}); pass "
+                "run_dir= a directory this process can create and write"
+            ) from err
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            self._lock.close()
+            raise RunInUseError(
+                f"the run directory {str(self.path)!r} is in use by another open Lens (its lock "
+                f"{LOCK_NAME} is held); close that Lens first or pass a different run_dir"
+            ) from err
+        db = self.path / DB_NAME
+        if db.exists():
+            if not overwrite:
+                self._release()
+                raise RunError(
+                    f"{str(self.path)!r} already holds a run; pass a new run_dir, or "
+                    "overwrite=True to replace it"
+                )
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"{db}{suffix}")
+        try:
+            self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # A commit reaches the OS before step() returns: it survives the process being
+            # killed. (synchronous=FULL would also survive power loss, at an fsync per step.)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            self._release()
+            raise RunError(f"cannot create the run database in {str(self.path)!r}: {err}") from err
+        self._scalars: list[tuple[int, str, str, float | None]] = []
+        self._arrays: list[tuple[int, str, str, str, str, bytes]] = []
+        self._events: list[tuple[int | None, float, str, str | None, str, str | None]] = []
+        self.closed = False
+        self.set_meta({"schema_version": SCHEMA_VERSION})
+        self.commit()
+
+    def _release(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+        self._lock.close()
+
+    def set_meta(self, items: Mapping[str, Any]) -> None:
+        """Store run metadata (JSON values); written with the next commit."""
+        rows = [(k, json.dumps(_json_safe(v))) for k, v in items.items()]
+        self._pending_meta = getattr(self, "_pending_meta", []) + rows
+
+    def scalar(self, step: int, probe: str, name: str, value: float) -> None:
+        """Queue one scalar (NaN is stored as NULL and read back as NaN)."""
+        v = float(value)
+        self._scalars.append((step, probe, name, None if math.isnan(v) else v))
+
+    def array(self, step: int, probe: str, name: str, value: np.ndarray) -> None:
+        """Queue one array, stored as raw bytes + dtype + shape."""
+        self._arrays.append((step, probe, name, *encode_array(value)))
+
+    def event(self, step: int | None, level: str, probe: str | None, message: str,
+              traceback: str | None = None) -> None:
+        """Queue an event (level: "info", "warning" or "error")."""
+        self._events.append((step, time.time(), level, probe, message, traceback))
+
+    def commit(self) -> None:
+        """Write everything queued in one transaction."""
+        meta = getattr(self, "_pending_meta", [])
+        if not (meta or self._scalars or self._arrays or self._events):
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            if meta:
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
+            if self._scalars:
+                db.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?)", self._scalars)
+            if self._arrays:
+                db.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?)", self._arrays)
+            if self._events:
+                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", self._events)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._pending_meta = []
+        self._scalars.clear()
+        self._arrays.clear()
+        self._events.clear()
+
+    def close(self) -> None:
+        """Commit what is queued, close the database and release the directory."""
+        if self.closed:
+            return
+        try:
+            self.commit()
+            self._db.close()
+        finally:
+            self.closed = True
+            self._release()
+
+
+class Run:
+    """A run read from disk (read-only; works while the training process is still writing).
+
+    Open one with :func:`load_run`. Each call reads the database afresh, so a run being written
+    shows its newest committed step.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        db = self.path / DB_NAME if self.path.is_dir() else self.path
+        if db.name != DB_NAME or not db.is_file():
+            raise RunError(
+                f"{str(path)!r} is not a dynlens run: there is no {DB_NAME} in it. Pass the "
+                "run_dir given to dl.Lens"
+            )
+        self.path = db.parent
+        self._db_path = db
+        try:
+            self._db = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            rows = self._db.execute("SELECT key, value FROM meta").fetchall()
+        except sqlite3.Error as err:
+            raise RunError(
+                f"{str(db)!r} cannot be read as a dynlens run database ({err}); the file is "
+                "damaged, truncated or not a run"
+            ) from err
+        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
+        version = self.meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RunError(
+                f"{str(db)!r} has run schema version {version!r}; this dynlens reads version "
+                f"{SCHEMA_VERSION}. Open it with the dynlens version that wrote it"
+            )
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as err:
+            raise RunError(f"reading {str(self._db_path)!r} failed ({err}); the file is damaged") from err
+
+    def refresh(self) -> Run:
+        """Re-read the metadata (the data tables are read afresh on every call anyway)."""
+        self.meta = {k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")}
+        return self
+
+    @property
+    def name(self) -> str:
+        """The run's name (``Lens(name=...)``, else the directory name)."""
+        return str(self.meta.get("name") or self.path.name)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The configuration given to the Lens (``Lens(config=...)``)."""
+        return dict(self.meta.get("config") or {})
+
+    def scalars(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
+        """Scalars as a DataFrame with columns step, probe, name, value (ordered by step)."""
+        where, params = [], []
+        if probe is not None:
+            where.append("probe = ?")
+            params.append(probe)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        sql = "SELECT step, probe, name, value FROM scalars"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._query(sql + " ORDER BY step, rowid", params)
+        frame = pd.DataFrame(rows, columns=["step", "probe", "name", "value"])
+        frame["value"] = frame["value"].astype(float)
+        frame["step"] = frame["step"].astype("int64")
+        return frame
+
+    def series(self, probe: str, name: str) -> pd.Series:
+        """One scalar over steps: a float Series indexed by step (the last value at a step wins)."""
+        rows = self._query(
+            "SELECT step, value FROM scalars WHERE probe = ? AND name = ? ORDER BY step, rowid",
+            (probe, name),
+        )
+        series = pd.Series({int(s): (np.nan if v is None else float(v)) for s, v in rows}, dtype=float)
+        series.index.name = "step"
+        series.name = f"{probe}/{name}"
+        return series
+
+    def arrays(self, probe: str, name: str) -> list[tuple[int, np.ndarray]]:
+        """Every stored value of one array, as ``[(step, ndarray)]`` ordered by step."""
+        rows = self._query(
+            "SELECT step, dtype, shape, data FROM arrays WHERE probe = ? AND name = ? ORDER BY step, rowid",
+            (probe, name),
+        )
+        return [(int(s), decode_array(d, sh, b)) for s, d, sh, b in rows]
+
+    def array_names(self, probe: str) -> list[str]:
+        """The names of the arrays a probe stored."""
+        return [r[0] for r in self._query("SELECT DISTINCT name FROM arrays WHERE probe = ?", (probe,))]
+
+    def scalar_names(self, probe: str) -> list[str]:
+        """The names of the scalars a probe stored."""
+        return [r[0] for r in self._query("SELECT DISTINCT name FROM scalars WHERE probe = ?", (probe,))]
+
+    def events(self) -> pd.DataFrame:
+        """Events as a DataFrame with columns step, time, level, probe, message, traceback."""
+        rows = self._query("SELECT step, time, level, probe, message, traceback FROM events ORDER BY rowid")
+        return pd.DataFrame(rows, columns=["step", "time", "level", "probe", "message", "traceback"])
+
+    def probes(self) -> list[str]:
+        """Names of the probes that recorded anything, in the order they were attached."""
+        seen = {r[0] for r in self._query("SELECT DISTINCT probe FROM scalars UNION SELECT DISTINCT probe FROM arrays")}
+        order = [p["name"] for p in self.meta.get("probes", [])]
+        return [p for p in order if p in seen] + sorted(seen - set(order))
+
+    @property
+    def last_step(self) -> int:
+        """The last step with any record (0 for a run that only measured its initial state)."""
+        row = self._query("SELECT MAX(step) FROM scalars")
+        return int(row[0][0]) if row and row[0][0] is not None else 0
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, name={self.name!r}, last_step={self.last_step})"
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory (or its ``dynlens.sqlite``) for reading.
+
+    Raises:
+        RunError: the path holds no run, the database is damaged, or its schema is unknown.
+    """
+    return Run(path)
