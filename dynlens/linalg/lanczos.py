@@ -155,7 +155,9 @@ def lanczos_tridiagonal(op: LinearOperator, v0: Tensor, iters: int) -> list[Trid
     runs = starts.shape[0]
     norms = torch.linalg.vector_norm(starts, dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError("lanczos_tridiagonal got a zero start vector; start vectors must be nonzero.")
+        raise ValueError(
+            "lanczos_tridiagonal got a zero start vector; start vectors must be nonzero."
+        )
     basis = torch.zeros(runs, iters, op.size, dtype=op.dtype, device=op.device)
     basis[:, 0] = starts / norms
     active = torch.ones(runs, dtype=torch.bool)
@@ -340,10 +342,12 @@ def lanczos_eigsh(
             settled = (
                 values_at_block_start is not None
                 and len(values_at_block_start) == len(index)
-                and bool(np.all(
-                    np.abs(theta[index] - values_at_block_start)
-                    <= tol * np.maximum(np.abs(theta[index]), floor)
-                ))
+                and bool(
+                    np.all(
+                        np.abs(theta[index] - values_at_block_start)
+                        <= tol * np.maximum(np.abs(theta[index]), floor)
+                    )
+                )
             )
         else:
             settled = m - block_start >= min_iters

@@ -93,9 +93,7 @@ def dense_operator(matrix: Tensor) -> LinearOperator:
     the square root of the dtype's machine epsilon).
     """
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            f"dense_operator needs a square matrix; got shape {tuple(matrix.shape)}."
-        )
+        raise ValueError(f"dense_operator needs a square matrix; got shape {tuple(matrix.shape)}.")
     if not matrix.dtype.is_floating_point:
         raise ValueError(f"dense_operator needs a floating matrix; got dtype {matrix.dtype}.")
     asymmetry = (matrix - matrix.T).abs().max()

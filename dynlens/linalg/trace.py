@@ -72,7 +72,9 @@ def hutchinson(
     """
     start_time = time.perf_counter()
     if samples < 2:
-        raise ValueError(f"hutchinson needs samples >= 2 to report a standard error; got {samples}.")
+        raise ValueError(
+            f"hutchinson needs samples >= 2 to report a standard error; got {samples}."
+        )
     matvecs_before = op.matvecs
     generator = default_generator(generator)
     probes = rademacher_vectors(op.size, samples, generator, op.dtype, op.device)

@@ -1,0 +1,200 @@
+"""Lanczos eigensolver against explicit matrices with known spectra."""
+
+import numpy as np
+import pytest
+import torch
+
+from dynlens.linalg import (
+    LinearOperator,
+    dense_operator,
+    lanczos_eigsh,
+    lanczos_tridiagonal,
+)
+
+
+def matrix_with_spectrum(eigenvalues, seed=0, dtype=torch.float64):
+    """A = Q diag(λ) Qᵀ with Q a random orthogonal matrix (float64, then cast)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    a = q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    return ((a + a.T) / 2).to(dtype)
+
+
+SPREAD = np.concatenate(
+    [
+        [25.0, 22.0, 19.5, 17.0, 15.0, 13.5],
+        np.linspace(-2.0, 10.0, 288),
+        [-4.0, -5.0, -6.5, -8.0, -10.0, -12.0],
+    ]
+)
+
+
+def relative_error(found, expected):
+    expected = torch.tensor(np.array(expected, dtype=np.float64))
+    return float(((found - expected).abs() / expected.abs()).max())
+
+
+def test_top_eigenvalues_match_dense_spectrum_in_float64():
+    result = lanczos_eigsh(dense_operator(matrix_with_spectrum(SPREAD)), k=5, tol=1e-10)
+    assert result.converged
+    assert relative_error(result.values, np.sort(SPREAD)[::-1][:5]) <= 1e-8
+
+
+def test_bottom_eigenvalues_are_the_smallest_algebraic_ascending():
+    result = lanczos_eigsh(
+        dense_operator(matrix_with_spectrum(SPREAD)), k=3, which="bottom", tol=1e-10
+    )
+    assert result.converged
+    assert result.values.tolist() == sorted(result.values.tolist())
+    assert relative_error(result.values, [-12.0, -10.0, -8.0]) <= 1e-8
+
+
+def test_both_returns_top_descending_then_bottom_ascending():
+    result = lanczos_eigsh(
+        dense_operator(matrix_with_spectrum(SPREAD)), k=4, which="both", tol=1e-10
+    )
+    assert result.converged
+    assert result.values.shape == (8,)
+    assert relative_error(result.top, [25.0, 22.0, 19.5, 17.0]) <= 1e-8
+    assert relative_error(result.bottom, [-12.0, -10.0, -8.0, -6.5]) <= 1e-8
+    assert torch.equal(torch.cat([result.top, result.bottom]), result.values)
+
+
+def test_float32_operator_reaches_single_precision_accuracy():
+    a = matrix_with_spectrum(SPREAD, dtype=torch.float32)
+    result = lanczos_eigsh(dense_operator(a), k=5, which="both", tol=1e-6, return_vectors=True)
+    assert result.values.dtype == torch.float64
+    assert result.vectors.dtype == torch.float32
+    expected = np.concatenate([np.sort(SPREAD)[::-1][:5], np.sort(SPREAD)[:5]])
+    assert relative_error(result.values, expected) <= 1e-4
+
+
+def test_clustered_top_eigenvalues_are_resolved():
+    spectrum = np.concatenate([[10.0, 9.999, 9.998], np.linspace(0.0, 5.0, 197)])
+    result = lanczos_eigsh(dense_operator(matrix_with_spectrum(spectrum)), k=3, tol=1e-10)
+    assert result.converged
+    assert relative_error(result.values, [10.0, 9.999, 9.998]) <= 1e-8
+
+
+def test_k_equal_to_n_returns_the_whole_spectrum_exactly():
+    spectrum = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 2.5, 4.0, 7.0, 11.0])
+    result = lanczos_eigsh(dense_operator(matrix_with_spectrum(spectrum, seed=3)), k=10)
+    assert result.converged
+    assert result.iterations == 10
+    np.testing.assert_allclose(result.values.numpy(), spectrum[::-1], rtol=0, atol=1e-12)
+
+
+def test_reported_residuals_agree_with_true_residuals():
+    a = matrix_with_spectrum(SPREAD)
+    result = lanczos_eigsh(dense_operator(a), k=4, which="both", tol=1e-5, return_vectors=True)
+    vectors = result.vectors
+    true = torch.linalg.vector_norm(a @ vectors - vectors * result.values, dim=0)
+    np.testing.assert_allclose(result.residuals.numpy(), true.numpy(), rtol=1e-3, atol=1e-12)
+    np.testing.assert_allclose(
+        torch.linalg.vector_norm(vectors, dim=0).numpy(), np.ones(8), rtol=0, atol=1e-12
+    )
+
+
+def test_matvec_count_equals_iterations_and_the_operator_counter():
+    op = dense_operator(matrix_with_spectrum(SPREAD))
+    result = lanczos_eigsh(op, k=2, tol=1e-8)
+    assert result.matvecs == result.iterations == op.matvecs
+    again = lanczos_eigsh(op, k=2, tol=1e-8)
+    assert again.matvecs == result.matvecs
+    assert op.matvecs == 2 * result.matvecs
+
+
+def test_k_larger_than_n_raises_a_clear_error():
+    op = dense_operator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k=5 .* size n=4"):
+        lanczos_eigsh(op, k=5)
+
+
+def test_invalid_which_raises():
+    with pytest.raises(ValueError, match="which must be"):
+        lanczos_eigsh(dense_operator(torch.eye(4, dtype=torch.float64)), which="largest")
+
+
+def test_breakdown_with_three_distinct_eigenvalues_gives_no_nan():
+    spectrum = np.array([5.0] * 3 + [2.0] * 20 + [1.0] * 27)
+    op = dense_operator(matrix_with_spectrum(spectrum))
+    for which in ("top", "bottom", "both"):
+        result = lanczos_eigsh(op, k=2, which=which, tol=1e-8)
+        assert result.converged
+        assert result.restarts >= 1
+        assert not torch.isnan(result.values).any()
+        assert not torch.isnan(result.residuals).any()
+        assert result.matvecs == result.iterations
+
+
+def test_repeated_eigenvalue_is_found_with_its_multiplicity_through_restarts():
+    spectrum = np.array([5.0] * 3 + [2.0] * 20 + [1.0] * 27)
+    result = lanczos_eigsh(dense_operator(matrix_with_spectrum(spectrum)), k=3, tol=1e-8)
+    assert result.converged
+    np.testing.assert_allclose(result.values.numpy(), [5.0, 5.0, 5.0], rtol=1e-10)
+
+
+def test_breakdown_restart_makes_the_tridiagonal_block_diagonal():
+    spectrum = np.array([5.0] * 3 + [2.0] * 20 + [1.0] * 27)
+    result = lanczos_eigsh(dense_operator(matrix_with_spectrum(spectrum)), k=1, tol=1e-8)
+    assert (result.tridiagonal.beta == 0).sum() == result.restarts
+    assert len(result.tridiagonal.alpha) == result.iterations
+
+
+def test_global_torch_rng_is_untouched():
+    state = torch.get_rng_state()
+    lanczos_eigsh(dense_operator(matrix_with_spectrum(SPREAD)), k=2, which="both")
+    lanczos_eigsh(dense_operator(matrix_with_spectrum([5.0] * 3 + [1.0] * 7)), k=3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_same_generator_seed_gives_identical_results():
+    op = dense_operator(matrix_with_spectrum(SPREAD))
+    first = lanczos_eigsh(op, k=3, generator=torch.Generator().manual_seed(7))
+    second = lanczos_eigsh(op, k=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first.values, second.values)
+
+
+def test_too_small_max_iters_returns_unconverged_result():
+    spectrum = np.linspace(0.0, 1.0, 300)
+    result = lanczos_eigsh(
+        dense_operator(matrix_with_spectrum(spectrum)), k=3, tol=1e-10, max_iters=8
+    )
+    assert not result.converged
+    assert result.iterations == 8
+    assert result.values.shape == (3,)
+
+
+def test_max_iters_below_k_raises():
+    with pytest.raises(ValueError, match="max_iters"):
+        lanczos_eigsh(dense_operator(torch.eye(10, dtype=torch.float64)), k=5, max_iters=3)
+
+
+def test_operator_without_matmat_counts_each_column():
+    a = matrix_with_spectrum(np.arange(20.0))
+    op = LinearOperator(matvec=lambda v: a @ v, size=20, dtype=a.dtype, device=a.device)
+    out = op.mm(torch.ones(20, 3, dtype=a.dtype))
+    assert op.matvecs == 3
+    torch.testing.assert_close(out, a @ torch.ones(20, 3, dtype=a.dtype))
+
+
+def test_matvec_of_wrong_shape_raises():
+    op = LinearOperator(matvec=lambda v: v[:2], size=4, dtype=torch.float64, device="cpu")
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        op.mv(torch.ones(4, dtype=torch.float64))
+
+
+def test_dense_operator_rejects_an_asymmetric_matrix():
+    with pytest.raises(ValueError, match="symmetric"):
+        dense_operator(torch.triu(torch.ones(4, 4, dtype=torch.float64)))
+
+
+def test_lockstep_tridiagonals_equal_one_run_at_a_time():
+    op = dense_operator(matrix_with_spectrum(SPREAD))
+    starts = torch.randn(300, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    together = lanczos_tridiagonal(op, starts, 15)
+    for run, tridiagonal in enumerate(together):
+        alone = lanczos_tridiagonal(op, starts[:, run], 15)[0]
+        torch.testing.assert_close(tridiagonal.alpha, alone.alpha, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tridiagonal.beta, alone.beta, rtol=1e-12, atol=1e-12)
