@@ -408,3 +408,34 @@ class ModelFunction:
             return flatten([torch.zeros_like(t) if h is None else h for t, h in zip(leaf_list, hv)])
 
         return reuse_matvec
+
+    # --- per-example statistics ---------------------------------------------------------
+
+    def per_example_grads_of(self, start: int, stop: int, p: Params | None = None) -> Params:
+        """Per-example gradients of examples ``start:stop`` by ``vmap`` of ``grad``: a dict of
+        (stop − start, *param.shape) tensors. Peak memory grows with ``stop − start``."""
+        fn = vmap(
+            grad(self._example_loss),
+            in_dims=(None, _example_dims(self.inputs), _example_dims(self.targets)),
+            randomness="different",
+        )
+        x = slice_examples(self.inputs, start, stop)
+        y = slice_examples(self.targets, start, stop)
+        return fn(self._p(p), x, y)
+
+    def per_example_grads_loop(self, start: int, stop: int, p: Params | None = None) -> Params:
+        """The same as :meth:`per_example_grads_of`, one example at a time with
+        ``torch.autograd.grad`` on fresh leaves (``.grad`` is never written): the slower path for
+        models ``vmap`` cannot run (in-place ops on batched tensors, data-dependent control flow).
+        Cost: one forward and backward pass per example."""
+        p = self._p(p)
+        leaves = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+        rows: list[list[Tensor]] = []
+        with torch.enable_grad():
+            for i in range(start, stop):
+                x = slice_examples(self.inputs, i, i + 1)
+                y = slice_examples(self.targets, i, i + 1)
+                value = self._loss_of(self.outputs(leaves, x), y)
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                rows.append([torch.zeros_like(t) if g is None else g for t, g in zip(leaves.values(), grads, strict=True)])
+        return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(leaves)}
