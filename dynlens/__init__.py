@@ -15,6 +15,7 @@ from dynlens import schedules
 from dynlens.lens import Lens
 from dynlens.probes import Context, Probe
 from dynlens.store import Run, RunError, RunInUseError, load_run
+from dynlens.diagnose import Finding, diagnose
 from dynlens import probes  # noqa: E402  (after Probe, which it defines)
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "RunError",
     "RunInUseError",
     "load_run",
+    "diagnose",
+    "Finding",
     "probes",
     "schedules",
 ]
