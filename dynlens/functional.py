@@ -409,6 +409,113 @@ class ModelFunction:
 
         return reuse_matvec
 
+    # --- curvature operators ---
+    # Batched curvature products for the Hessian measurements (dynlens.measures.hessian).
+
+    def curvature_products(
+        self,
+        curvature: Literal["hessian", "ggn"] = "hessian",
+        method: Literal["reuse", "forward_over_reverse"] = "reuse",
+        max_columns: int = 16,
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor]:
+        """Return ``(matvec, matmat, gradient)`` of the curvature matrix at the current parameters.
+
+        ``matvec(v)`` is C v for a flat ``v`` (P,); ``matmat(V)`` is C V for ``V`` (P, b), computed
+        ``max_columns`` columns at a time as one batched product where autograd allows it
+        (``is_grads_batched=True`` for the reused graph, ``vmap`` otherwise), else column by
+        column; ``gradient`` is the flat gradient ḡ (P,). C is the Hessian, or the GGN
+        (``curvature="ggn"``, always by ``torch.func``: one JVP, an output-space HVP, one VJP).
+
+        ``method="reuse"`` builds the gradient's graph once (one backward pass with
+        ``create_graph=True``) and differentiates it for every product (about 2 gradients each,
+        holding the first-order graph in memory); ``"forward_over_reverse"`` keeps nothing and
+        costs about 3 gradients a product. Raises ValueError if the loss is not finite or not
+        twice differentiable.
+        """
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        if method not in ("reuse", "forward_over_reverse"):
+            raise ValueError(f"method must be 'reuse' or 'forward_over_reverse', got {method!r}")
+        leaf_list = [t.detach().requires_grad_(True) for t in self.params.values()]
+        leaves = dict(zip(self.params, leaf_list, strict=True))
+        keep_graph = curvature == "hessian" and method == "reuse"
+        with torch.enable_grad():
+            value = self.loss(leaves)
+            if not bool(torch.isfinite(value.detach())):
+                raise ValueError(
+                    f"the loss on the batch is {float(value)}; curvature is undefined at a non-finite "
+                    "loss — check the inputs, the learning rate and the loss function"
+                )
+            grads = torch.autograd.grad(value, leaf_list, create_graph=keep_graph, allow_unused=True)
+        gradient = flatten([torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaf_list, grads, strict=True)])
+        if not bool(torch.isfinite(gradient).all()):
+            raise ValueError("the gradient holds non-finite entries; curvature is undefined there")
+
+        if curvature == "ggn":
+            def single(vector: Tensor) -> Tensor:
+                return flatten(self.ggn_vp(self.as_params(vector)))
+        elif method == "forward_over_reverse":
+            def single(vector: Tensor) -> Tensor:
+                return flatten(self.hvp(self.as_params(vector)))
+        else:
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+            def backward(vectors: list[Tensor], batched: bool) -> Tensor:
+                with torch.enable_grad():
+                    try:
+                        hv = torch.autograd.grad(
+                            [grads[i] for i in used], leaf_list, [vectors[i] for i in used],
+                            retain_graph=True, allow_unused=True, is_grads_batched=batched,
+                        )
+                    except RuntimeError as err:
+                        if "differentiate" in str(err) or "does not require grad" in str(err):
+                            raise ValueError(
+                                f"the loss is not twice differentiable through this model ({err}); "
+                                "Hessian measurements need second derivatives of every operation"
+                            ) from err
+                        raise
+                shape = (vectors[0].shape[0],) if batched else ()
+                return torch.cat([
+                    (torch.zeros(shape + t.shape, dtype=t.dtype, device=t.device) if h is None else h)
+                    .reshape(*shape, -1)
+                    for t, h in zip(leaf_list, hv, strict=True)
+                ], dim=-1)
+
+            def single(vector: Tensor) -> Tensor:
+                if not used:
+                    return torch.zeros_like(vector)
+                return backward(list(unflatten(vector, self.params).values()), batched=False)
+
+            def batched_reuse(block: Tensor) -> Tensor:
+                rows = block.T.contiguous()
+                parts, offset = [], 0
+                for t in self.params.values():
+                    parts.append(rows[:, offset : offset + t.numel()].reshape(-1, *t.shape))
+                    offset += t.numel()
+                return backward(parts, batched=True).T
+
+        batched_fn: list[Callable[[Tensor], Tensor] | None] = [None]
+        if curvature == "hessian" and method == "reuse":
+            batched_fn[0] = batched_reuse if used else None
+        else:
+            batched_fn[0] = lambda block: vmap(single, in_dims=1, out_dims=1)(block)
+
+        def matmat(block: Tensor) -> Tensor:
+            out = []
+            for start in range(0, block.shape[1], max_columns):
+                chunk = block[:, start : start + max_columns]
+                fn = batched_fn[0]
+                if fn is not None and chunk.shape[1] > 1:
+                    try:
+                        out.append(fn(chunk))
+                        continue
+                    except (RuntimeError, NotImplementedError):  # a layer without a batching rule
+                        batched_fn[0] = None
+                out.append(torch.stack([single(chunk[:, i]) for i in range(chunk.shape[1])], dim=1))
+            return torch.cat(out, dim=1)
+
+        return single, matmat, gradient
+
     # --- per-example statistics ---------------------------------------------------------
 
     def per_example_grads_of(self, start: int, stop: int, p: Params | None = None) -> Params:

@@ -1,0 +1,41 @@
+"""Small models and training loops shared by the tests (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bn_dropout_cnn(seed: int = 0) -> nn.Module:
+    """A small CNN with BatchNorm and Dropout (the model of the no-side-effects test)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.3), nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+
+
+def image_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, steps: int, lens=None,
+          batch_size: int = 16, seed: int = 0) -> None:
+    """A seeded training loop: shuffled mini-batches, cross-entropy, optional lens.step."""
+    x, y = data
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(seed)
+    model.train()
+    step = 0
+    while step < steps:
+        for idx in torch.randperm(len(y)).split(batch_size):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            if lens is not None:
+                lens.step(loss=loss)
+            step += 1
+            if step == steps:
+                return

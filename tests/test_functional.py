@@ -1,0 +1,211 @@
+"""ModelFunction and isolated() against plain autograd on the same model and batch."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynlens.functional import ModelFunction, flatten, isolated, unflatten
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(4 * 4 * 4, 3),
+    ).double()
+
+
+@pytest.fixture
+def problem():
+    model = cnn()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, nn.CrossEntropyLoss(), (x, y)
+
+
+def autograd_grad(model, loss_fn, x, y):
+    params = [p for p in model.parameters()]
+    loss = loss_fn(model(x), y)
+    return torch.autograd.grad(loss, params)
+
+
+def test_loss_and_grad_match_plain_autograd_in_eval_mode(problem):
+    model, loss_fn, (x, y) = problem
+    f = ModelFunction(model, loss_fn, (x, y))
+    with isolated(model):
+        ours_loss = f.loss()
+        ours = flatten(f.grad())
+        ref = flatten(autograd_grad(model, loss_fn, x, y))
+        ref_loss = loss_fn(model(x), y)
+    assert torch.allclose(ours_loss, ref_loss, rtol=1e-12)
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_hvp_matches_double_backward_and_reuse_operator(problem):
+    model, loss_fn, (x, y) = problem
+    f = ModelFunction(model, loss_fn, (x, y))
+    v = torch.randn(f.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with isolated(model):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        ref = flatten(torch.autograd.grad(grads, params, list(unflatten(v, f.params).values())))
+        forward_over_reverse = flatten(f.hvp(f.as_params(v)))
+        reuse = f.hvp_operator("reuse")
+        first, second = reuse(v), reuse(v)
+    assert torch.allclose(forward_over_reverse, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(first, ref, rtol=1e-9, atol=1e-12)
+    assert torch.equal(first, second)
+
+
+def test_hvp_in_train_mode_uses_fixed_dropout_masks(problem):
+    model, loss_fn, batch = problem
+    f = ModelFunction(model, loss_fn, batch, seed=3)
+    v = f.as_params(torch.ones(f.num_params, dtype=torch.float64))
+    with isolated(model, "train", seed=3):
+        a = flatten(f.hvp(v))
+        b = f.hvp_operator("reuse")(flatten(v))
+        c = flatten(f.hvp(v))
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert torch.equal(a, c)
+
+
+def test_ggn_vector_product_matches_explicit_jacobian_product(problem):
+    model, loss_fn, (x, y) = problem
+    f = ModelFunction(model, loss_fn, (x, y))
+    v = torch.randn(f.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with isolated(model):
+        jac = torch.func.jacrev(lambda p: f.outputs(f.as_params(p)))(f.vector())  # (n, O, P)
+        out = f.outputs()
+        h_out = torch.func.hessian(lambda z: loss_fn(z, y))(out)  # (n, O, n, O)
+        n, o = out.shape
+        j = jac.reshape(n * o, -1)
+        ref = j.T @ (h_out.reshape(n * o, n * o) @ (j @ v))
+        ours = flatten(f.ggn_vp(f.as_params(v)))
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_jvp_and_vjp_match_the_explicit_jacobian(problem):
+    model, loss_fn, (x, y) = problem
+    f = ModelFunction(model, loss_fn, (x, y))
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(f.num_params, dtype=torch.float64, generator=g)
+    with isolated(model):
+        out = f.outputs()
+        u = torch.randn(out.shape, dtype=torch.float64, generator=g)
+        jac = torch.func.jacrev(lambda p: f.outputs(f.as_params(p)))(f.vector()).reshape(out.numel(), -1)
+        assert torch.allclose(f.jvp(f.as_params(v)).reshape(-1), jac @ v, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(flatten(f.vjp(u)), jac.T @ u.reshape(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_per_example_losses_and_grads_match_a_loop_over_single_examples(problem):
+    model, loss_fn, (x, y) = problem
+    f = ModelFunction(model, loss_fn, (x, y))
+    with isolated(model):
+        losses = f.per_example_losses(chunk_size=3)
+        chunks = list(f.per_example_grads(chunk_size=3))
+        for i in range(len(y)):
+            ref_loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+            ref_grad = flatten(autograd_grad(model, loss_fn, x[i : i + 1], y[i : i + 1]))
+            start, grads = chunks[i // 3]
+            ours = flatten([t[i - start] for t in grads.values()])
+            assert torch.allclose(losses[i], ref_loss, rtol=1e-12)
+            assert torch.allclose(ours, ref_grad, rtol=1e-9, atol=1e-13)
+    assert [s for s, _ in chunks] == [0, 3, 6]
+
+
+def test_tuple_and_dict_inputs_follow_the_calling_convention():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, left, right):
+            return self.a(left) + self.b(right)
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    left, right, y = torch.randn(5, 3), torch.randn(5, 4), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = loss_fn(model(left, right), y)
+    as_tuple = ModelFunction(model, loss_fn, ((left, right), y)).loss()
+    as_dict = ModelFunction(model, loss_fn, ({"left": left, "right": right}, y)).loss()
+    assert torch.allclose(as_tuple, expected) and torch.allclose(as_dict, expected)
+    losses = ModelFunction(model, loss_fn, ({"left": left, "right": right}, y)).per_example_losses()
+    assert torch.allclose(losses.mean(), expected, rtol=1e-6)
+
+
+def test_measurements_leave_grad_buffers_flags_and_rng_untouched(problem):
+    model, loss_fn, batch = problem
+    model.train()
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    buffers = [b.clone() for b in model.buffers()]
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    f = ModelFunction(model, loss_fn, batch)
+    for mode in ("eval", "train"):
+        with isolated(model, mode):
+            f.grad()
+            f.hvp_operator()(torch.ones(f.num_params, dtype=torch.float64))
+            list(f.per_example_grads(4)) if mode == "eval" else None
+            torch.rand(3), random.random(), np.random.rand()  # the body may draw as it likes
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert model[2].weight.grad is None if hasattr(model[2], "weight") else True
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_isolated_restores_state_when_the_body_raises(problem):
+    model, _, _ = problem
+    model.train()
+    before = torch.get_rng_state()
+    with pytest.raises(RuntimeError), isolated(model):
+        torch.rand(5)
+        raise RuntimeError("boom")
+    assert model.training and torch.equal(before, torch.get_rng_state())
+
+
+def test_hvp_through_multihead_attention_works_inside_isolated():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(x + self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+    torch.manual_seed(0)
+    model = Block()
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    f = ModelFunction(model, nn.CrossEntropyLoss(), (x, y))
+    v = f.as_params(torch.randn(f.num_params))
+    with isolated(model):
+        hv = flatten(f.hvp(v))
+        reuse = f.hvp_operator()(flatten(v))
+    assert torch.isfinite(hv).all() and torch.allclose(hv, reuse, rtol=1e-3, atol=1e-5)
+
+
+def test_model_without_trainable_parameters_is_refused_with_advice():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ModelFunction(model, nn.MSELoss(), (torch.randn(2, 3), torch.randn(2, 2)))
+
+
+def test_non_scalar_loss_is_refused_with_advice():
+    model = nn.Linear(3, 2)
+    f = ModelFunction(model, nn.CrossEntropyLoss(reduction="none"), (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
+    with pytest.raises(ValueError, match=r"loss_fn returned shape \(4,\).*mean loss"):
+        f.loss()

@@ -1,0 +1,89 @@
+"""Promise 1: attaching every probe never changes the training trajectory (bit for bit)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import bn_dropout_cnn, image_data, train
+
+import dynlens as dl
+
+
+def every_probe() -> list[dl.Probe]:
+    """Every built-in probe (basic ones and all of probes.default()), on a dense schedule."""
+    probes = [type(p)(every=4) for p in dl.probes.basic()]
+    probes += [type(p)(every=7) for p in dl.probes.default()]
+    return probes
+
+
+def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def final_state(kind: str, tmp_path, with_lens: bool):
+    model = bn_dropout_cnn()
+    optimizer = make_optimizer(kind, model)
+    data = image_data()
+    random.seed(0)
+    np.random.seed(0)
+    lens = None
+    if with_lens:
+        lens = dl.Lens(model, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
+                       optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe())
+    train(model, optimizer, data, steps=30, lens=lens)
+    if lens is not None:
+        lens.close()
+        assert lens.disabled == [], dl.load_run(tmp_path / kind).events().message.tolist()
+    after = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    return model, optimizer, after
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_training_with_all_probes_is_bit_identical_to_training_without(kind, tmp_path):
+    plain, plain_opt, plain_rng = final_state(kind, tmp_path, with_lens=False)
+    watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), watched.named_parameters()):
+        assert torch.equal(a, b), f"parameter {name} differs"
+    for (name, a), (_, b) in zip(plain.named_buffers(), watched.named_buffers()):
+        assert torch.equal(a, b), f"buffer {name} differs"
+    for state_a, state_b in zip(plain_opt.state.values(), watched_opt.state.values()):
+        for key in state_a:
+            assert torch.equal(torch.as_tensor(state_a[key]), torch.as_tensor(state_b[key])), key
+    assert plain_rng == watched_rng
+    run = dl.load_run(tmp_path / kind)
+    recorded = set(run.probes())
+    assert {p.name for p in every_probe()} <= recorded | {"update_size"}
+    assert run.series("train", "loss").index.tolist() == list(range(1, 31))
+
+
+def test_the_test_can_fail_a_probe_that_moves_batchnorm_statistics_is_caught(tmp_path):
+    """A deliberately impure measurement (train-mode forward) would move the BatchNorm running
+    statistics; the Lens must restore them, so training stays bit-identical."""
+
+    class Careless(dl.Probe):
+        name = "careless"
+        mode = "train"
+
+        def measure(self, ctx):
+            ctx.model(ctx.probe_batch[0]).sum().backward()
+            torch.rand(10)
+            return {"x": 1.0}
+
+    plain, _, _ = final_state("sgd", tmp_path / "a", with_lens=False)
+    model = bn_dropout_cnn()
+    optimizer = make_optimizer("sgd", model)
+    random.seed(0)
+    np.random.seed(0)
+    lens = dl.Lens(model, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
+                   optimizer=optimizer, run_dir=tmp_path / "b", probes=[Careless(every=3)])
+    train(model, optimizer, image_data(), steps=30, lens=lens)
+    lens.close()
+    for a, b in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain.buffers(), model.buffers()):
+        assert torch.equal(a, b)

@@ -1,0 +1,80 @@
+"""The run database: round trips, NaN, no pickle, concurrent reading, and clear errors."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+import dynlens as dl
+from dynlens.store import RunWriter, decode_array
+
+
+def test_scalars_arrays_events_and_meta_round_trip(tmp_path):
+    w = RunWriter(tmp_path)
+    w.set_meta({"name": "r", "config": {"lr": 0.1, "nested": {"a": [1, 2]}}})
+    w.scalar(0, "p", "x", 1.5)
+    w.scalar(1, "p", "x", float("nan"))
+    w.scalar(2, "p", "x", float("inf"))
+    w.array(1, "p", "m", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.array(2, "p", "i", np.array([1, 2, 3], dtype=np.int64))
+    w.event(1, "error", "p", "boom", "Traceback ...")
+    w.commit()
+    run = dl.load_run(tmp_path)
+    s = run.series("p", "x")
+    assert s[0] == 1.5 and np.isnan(s[1]) and s[2] == np.inf
+    (step, m), = run.arrays("p", "m")
+    assert step == 1 and m.dtype == np.float32 and m.shape == (2, 3) and m[1, 2] == 5
+    assert run.arrays("p", "i")[0][1].tolist() == [1, 2, 3]
+    assert run.events().message.tolist() == ["boom"]
+    assert run.config == {"lr": 0.1, "nested": {"a": [1, 2]}}
+    assert run.scalars().columns.tolist() == ["step", "probe", "name", "value"]
+    assert run.probes() == ["p"]
+    w.close()
+
+
+def test_a_reader_sees_each_commit_while_the_writer_is_open(tmp_path):
+    w = RunWriter(tmp_path)
+    run = dl.load_run(tmp_path)
+    for step in range(3):
+        w.scalar(step, "p", "x", float(step))
+        assert len(run.series("p", "x")) == step  # not yet committed
+        w.commit()
+        assert len(run.series("p", "x")) == step + 1
+    w.close()
+    assert run.last_step == 2
+
+
+def test_arrays_of_object_dtype_cannot_be_decoded():
+    with pytest.raises(dl.RunError, match="unsupported dtype"):
+        decode_array("object", "[1]", b"\x00" * 8)
+
+
+def test_a_path_without_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(dl.RunError, match="is not a dynlens run"):
+        dl.load_run(tmp_path)
+
+
+def test_an_unknown_schema_version_is_a_clear_error(tmp_path):
+    w = RunWriter(tmp_path)
+    w.set_meta({"schema_version": 99})
+    w.close()
+    with pytest.raises(dl.RunError, match="schema version 99"):
+        dl.load_run(tmp_path)
+
+
+def test_a_damaged_database_is_a_clear_error_not_an_sqlite_traceback(tmp_path):
+    w = RunWriter(tmp_path / "run")
+    for step in range(200):
+        w.scalar(step, "p", "x", float(step))
+    w.close()
+    db = tmp_path / "run" / "dynlens.sqlite"
+    db.write_bytes(db.read_bytes()[:600])
+    with pytest.raises(dl.RunError) as info:
+        dl.load_run(tmp_path / "run").scalars()
+    assert not isinstance(info.value, sqlite3.Error)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "dynlens.sqlite").write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(dl.RunError, match="damaged, truncated or not a run"):
+        dl.load_run(tmp_path / "junk")
