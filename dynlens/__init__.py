@@ -16,6 +16,8 @@ from dynlens.lens import Lens
 from dynlens.probes import Context, Probe
 from dynlens.store import Run, RunError, RunInUseError, load_run
 from dynlens.diagnose import Finding, diagnose
+from dynlens.measures.coherence import Coherence, gradient_coherence
+from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
 from dynlens import probes  # noqa: E402  (after Probe, which it defines)
 
 __all__ = [
@@ -31,4 +33,9 @@ __all__ = [
     "Finding",
     "probes",
     "schedules",
+    "gradient_coherence",
+    "Coherence",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_density",
 ]

@@ -1,0 +1,503 @@
+"""Hessian spectra: extreme eigenvalues (sharpness), trace and spectral density, matrix-free.
+
+Definitions in METRICS.md §1. H = ∇²L is the Hessian of the mean loss on the batch with respect
+to the chosen parameters; ``curvature="ggn"`` measures the generalised Gauss-Newton matrix
+G = Jᵀ (∇²_f loss) J instead (PSD for convex losses). HVP = Hessian-vector product.
+
+- :func:`hessian_eigenvalues`: the k extreme eigenvalues by Lanczos with full
+  reorthogonalisation (:func:`dynlens.linalg.lanczos_eigsh`), stopping when every wanted Ritz
+  pair has residual ‖Hv − λv‖ ≤ tol·|λ|. Options: Adam's preconditioned sharpness
+  λ_max(P^{-1/2} H P^{-1/2}) (Cohen et al. 2022), the gradient's share in the top-k subspace
+  ‖P_k ḡ‖²/‖ḡ‖² (Gur-Ari et al. 2018), the batch-size dependence (Granziol et al. 2022).
+- :func:`hessian_trace`: tr(H) by Hutch++ (Meyer et al. 2021) or Hutchinson (1989).
+- :func:`hessian_density`: the spectral density by stochastic Lanczos quadrature (Lin, Saad &
+  Yang 2016; Ghorbani et al. 2019).
+
+Cost: the HVPs reuse the first-order graph, built once per batch (one backward pass with
+``create_graph=True``); each product is then one backward pass through it (about 2 gradients),
+so a Lanczos run of m steps costs about 1.5 + 2m gradients and holds the first-order graph
+(roughly twice a training step's activations) plus m vectors of P entries. Trace and density
+take their products in batches of columns (``is_grads_batched``), which is faster on small
+models. ``hvp="forward_over_reverse"`` keeps no graph and costs about 3 gradients a product.
+
+Every measurement runs inside :func:`dynlens.functional.isolated`: the model's training flags,
+``.grad``, buffers and the torch/CUDA/Python/NumPy random states are as before, and attention
+uses the math kernel of scaled-dot-product attention (the fused ones have no second derivative).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dynlens.functional import (
+    ModelFunction,
+    batch_size,
+    flatten,
+    isolated,
+    slice_examples,
+    split_batch,
+    trainable_parameters,
+)
+from dynlens.linalg import (
+    LinearOperator,
+    SpectralDensity,
+    hutch_plus_plus,
+    hutchinson,
+    lanczos_eigsh,
+    slq,
+)
+
+__all__ = [
+    "Eigen",
+    "Estimate",
+    "SpectralDensity",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_density",
+    "curvature_operator",
+    "adam_preconditioner",
+    "layer_blocks",
+]
+
+Curvature = Literal["hessian", "ggn"]
+Method = Literal["reuse", "forward_over_reverse"]
+ParamSpec = Sequence[str] | Literal["per_layer"] | None
+Preconditioner = Tensor | Mapping[str, Tensor] | torch.optim.Optimizer | None
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """Extreme eigenvalues of the curvature matrix (Hessian, GGN, or preconditioned Hessian).
+
+    Fields:
+        values: float64 CPU tensor, descending. ``which="top"``: the k largest; ``"bottom"``:
+            the k smallest (``values[-1]`` is λ_min); ``"both"``: the k largest then the k
+            smallest (2k values, overlapping when 2k > P). Units of the loss per parameter².
+        residuals: float64 CPU tensor, same order: the estimate of ‖Hv − λv‖ of each unit Ritz
+            vector (absolute; divide by |λ| for the relative residual).
+        vectors: (P, len(values)) unit eigenvectors on the model's device (flat, in parameter
+            order), or None unless ``return_vectors=True``.
+        which: the ``which`` asked for.
+        matvecs: Hessian-vector products used (all sub-batches together with ``batch_size``).
+        iterations: Lanczos steps of the (last) run.
+        converged: every run met the tolerance.
+        elapsed: wall-clock seconds, the graph building included.
+        gradient_overlap: ‖P_k ḡ‖²/‖ḡ‖², the share of the squared gradient norm in the span of
+            the returned eigenvectors (None unless asked for).
+        batch_values: with ``batch_size=b``: (number of sub-batches, len(values)) float64, the
+            values of each sub-batch of b examples; ``values`` is then their mean.
+        curvature: "hessian" or "ggn"; "preconditioned" when a preconditioner was given.
+        num_params: P, the dimension of the operator.
+    """
+
+    values: Tensor
+    residuals: Tensor
+    vectors: Tensor | None
+    which: str
+    matvecs: int
+    iterations: int
+    converged: bool
+    elapsed: float
+    gradient_overlap: float | None = None
+    batch_values: Tensor | None = None
+    curvature: str = "hessian"
+    num_params: int = 0
+
+    @property
+    def relative_residuals(self) -> Tensor:
+        """residuals / |values| (the quantity the stopping rule compares with ``tol``)."""
+        return self.residuals / self.values.abs().clamp_min(torch.finfo(torch.float64).tiny)
+
+    @property
+    def max(self) -> float:
+        """The largest eigenvalue found (the sharpness λ_max for ``which`` "top" or "both")."""
+        return float(self.values[0])
+
+    @property
+    def min(self) -> float:
+        """The smallest eigenvalue found (λ_min for ``which`` "bottom" or "both")."""
+        return float(self.values[-1])
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A stochastic estimate of tr(H).
+
+    Fields:
+        value: the estimate of the trace (float).
+        stderr: its standard error (see :class:`dynlens.linalg.TraceEstimate`).
+        samples: the HVP budget asked for.
+        matvecs: HVPs used.
+        elapsed: wall-clock seconds, the graph building included.
+        method: "hutch++" or "hutchinson".
+    """
+
+    value: float
+    stderr: float
+    samples: int
+    matvecs: int
+    elapsed: float
+    method: str = "hutch++"
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """The trainable parameter names grouped by the module that owns them (``"0.weight"`` and
+    ``"0.bias"`` form layer ``"0"``), in ``named_parameters`` order; tied weights count once."""
+    blocks: dict[str, list[str]] = {}
+    for name in trainable_parameters(model):
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        blocks.setdefault(layer, []).append(name)
+    return blocks
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
+                        names: Sequence[str] | None = None) -> dict[str, Tensor] | None:
+    """Adam's diagonal preconditioner P = (1 − β₁ᵗ)·(√v̂_t + ε), v̂_t = v_t/(1 − β₂ᵗ), by parameter name.
+
+    Read from the optimizer's own state (``exp_avg_sq``, ``step``) and hyperparameters, so that
+    Adam's update is η P⁻¹ m_t (Cohen et al. 2022, "Adaptive gradient methods at the edge of
+    stability"). Works for Adam and AdamW (and any optimizer with the same state keys). Returns
+    None before the first step (no state yet).
+    """
+    by_param = {id(p): n for n, p in model.named_parameters()}
+    wanted = set(names) if names is not None else None
+    result: dict[str, Tensor] = {}
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        for p in group["params"]:
+            name = by_param.get(id(p))
+            if name is None or (wanted is not None and name not in wanted):
+                continue
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"].detach() / (1 - beta2**step)
+            result[name] = (1 - beta1**step) * (v_hat.sqrt() + eps)
+    return result
+
+
+def _flat_preconditioner(preconditioner: Preconditioner, fn: ModelFunction) -> Tensor | None:
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        found = adam_preconditioner(preconditioner, fn.model, list(fn.params))
+        if found is None:
+            raise ValueError(
+                "the optimizer has no second-moment state yet (exp_avg_sq): take a step first, "
+                "or pass preconditioner= the diagonal P as a tensor"
+            )
+        preconditioner = found
+    if isinstance(preconditioner, Mapping):
+        missing = [n for n in fn.params if n not in preconditioner]
+        if missing:
+            raise ValueError(f"the preconditioner has no entry for the parameters {missing}")
+        flat = flatten([preconditioner[n] for n in fn.params])
+    else:
+        flat = preconditioner.reshape(-1)
+    if flat.numel() != fn.num_params:
+        raise ValueError(f"the preconditioner has {flat.numel()} entries; the parameters have {fn.num_params}")
+    flat = flat.to(device=fn.device, dtype=next(iter(fn.params.values())).dtype)
+    if not bool((flat > 0).all()):
+        raise ValueError("the diagonal preconditioner must be positive everywhere")
+    return flat
+
+
+def curvature_operator(
+    fn: ModelFunction,
+    curvature: Curvature = "hessian",
+    hvp: Method = "reuse",
+    preconditioner: Preconditioner = None,
+    max_columns: int = 16,
+) -> tuple[LinearOperator, Tensor]:
+    """The curvature matrix of ``fn`` as a :class:`LinearOperator`, and the flat gradient ḡ.
+
+    With a diagonal ``preconditioner`` P the operator is P^{-1/2} C P^{-1/2}, whose eigenvalues are
+    those of P⁻¹C. Call inside :func:`isolated`. Building it costs one backward pass (with
+    ``create_graph`` for ``hvp="reuse"``).
+    """
+    matvec, matmat, gradient = fn.curvature_products(curvature, hvp, max_columns)
+    scale = _flat_preconditioner(preconditioner, fn)
+    if scale is not None:
+        scale = scale.rsqrt()
+        inner_mv, inner_mm = matvec, matmat
+
+        def matvec(v: Tensor) -> Tensor:
+            return scale * inner_mv(scale * v)
+
+        def matmat(v: Tensor) -> Tensor:
+            return scale[:, None] * inner_mm(scale[:, None] * v)
+
+    return LinearOperator(
+        matvec=matvec, size=fn.num_params, dtype=gradient.dtype, device=gradient.device, matmat=matmat
+    ), gradient
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_options(mode: str, curvature: str, hvp: str) -> None:
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    if hvp not in ("reuse", "forward_over_reverse"):
+        raise ValueError(f"hvp must be 'reuse' or 'forward_over_reverse', got {hvp!r}")
+
+
+def _per_layer(model: nn.Module, params: ParamSpec, measure: Callable[[list[str] | None], Any]) -> Any:
+    if isinstance(params, str):
+        if params != "per_layer":
+            raise ValueError(f"params must be a list of parameter names or 'per_layer', got {params!r}")
+        return {layer: measure(names) for layer, names in layer_blocks(model).items()}
+    return measure(None if params is None else list(params))
+
+
+def _eigen_from_lanczos(fn: ModelFunction, op: LinearOperator, gradient: Tensor, k: int, which: str,
+                        tol: float, max_iters: int | None, seed: int, return_vectors: bool,
+                        gradient_overlap: bool) -> tuple[Tensor, Tensor, Tensor | None, int, bool, float | None]:
+    if k > op.size:
+        raise ValueError(
+            f"k={k} eigenvalues were asked of a Hessian of {op.size} parameters; k must be at most "
+            f"the number of parameters ({op.size})"
+        )
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    result = lanczos_eigsh(op, k=k, which=which, tol=tol, max_iters=max_iters, generator=generator,
+                           return_vectors=return_vectors or gradient_overlap)
+    values, residuals, vectors = result.values, result.residuals, result.vectors
+    if which == "bottom":
+        values, residuals = values.flip(0), residuals.flip(0)
+        vectors = None if vectors is None else vectors.flip(1)
+    elif which == "both":
+        half = len(values) // 2
+        order = torch.cat([torch.arange(half), torch.arange(len(values) - 1, half - 1, -1)])
+        values, residuals = values[order], residuals[order]
+        vectors = None if vectors is None else vectors[:, order.to(vectors.device)]
+    overlap = None
+    if gradient_overlap:
+        assert vectors is not None
+        top = vectors if which != "both" else vectors[:, : len(values) // 2]
+        norm2 = float(gradient.double().pow(2).sum())
+        overlap = float((top.T.double() @ gradient.double()).pow(2).sum()) / norm2 if norm2 > 0 else 0.0
+    return (values, residuals, vectors if return_vectors else None, result.iterations,
+            result.converged, overlap)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batch: Any,
+    k: int = 1,
+    which: Literal["top", "bottom", "both"] = "top",
+    tol: float = 1e-4,
+    *,
+    max_iters: int | None = None,
+    curvature: Curvature = "hessian",
+    params: ParamSpec = None,
+    batch_size: int | None = None,
+    mode: Literal["eval", "train"] = "eval",
+    hvp: Method = "reuse",
+    return_vectors: bool = False,
+    gradient_overlap: bool = False,
+    preconditioner: Preconditioner = None,
+    seed: int = 0,
+) -> Eigen | dict[str, Eigen]:
+    """The k extreme eigenvalues of the Hessian of the mean loss on ``batch`` (METRICS.md §1).
+
+    Lanczos with full reorthogonalisation from a Gaussian start vector (seeded with ``seed``),
+    stopping when every wanted Ritz pair has residual ‖Hv − λv‖ ≤ tol·max(|λ|, ε) (and after at
+    least k + max(k, 5) steps); eigenvalue errors are then about tol²·|λ|·|λ|/gap, far below tol.
+
+    Args:
+        model, loss_fn, batch: the model, ``loss_fn(outputs, targets)`` (mean loss) and
+            ``(inputs, targets)``.
+        k: how many eigenvalues (of each end for ``which="both"``); 1 ≤ k ≤ P.
+        which: "top" (largest algebraic; values[0] is the sharpness λ_max), "bottom" (smallest,
+            most negative), "both".
+        tol: relative residual tolerance. 1e-4 gives eigenvalues to about 1e-7 relative error.
+        max_iters: most Lanczos steps (HVPs); default max(100, 4k + 20), at most P.
+        curvature: "hessian" or "ggn".
+        params: parameter names to restrict to (a diagonal block of H), or "per_layer": one
+            result per layer (module), returned as a dict by layer name.
+        batch_size: b < m: the mean over the ⌊m/b⌋ disjoint sub-batches of size b of their
+            eigenvalues (Granziol et al. 2022); each sub-batch's values are in ``batch_values``.
+        mode: "eval" (BatchNorm running statistics, no dropout) or "train" (batch statistics,
+            dropout with a fixed seed); nothing is updated either way.
+        hvp: "reuse" (the first-order graph built once, ~2 gradients a product) or
+            "forward_over_reverse" (no stored graph, ~3 gradients a product).
+        return_vectors: return the unit eigenvectors (P × len(values), on the model's device).
+        gradient_overlap: compute ‖P_k ḡ‖²/‖ḡ‖² for the top-k eigenvectors (Gur-Ari et al. 2018).
+        preconditioner: a positive diagonal P (flat tensor, dict by name, or an Adam/AdamW
+            optimizer whose state gives Adam's P): eigenvalues of P^{-1/2} H P^{-1/2}, i.e. of P⁻¹H.
+        seed: seeds the start vector and, in train mode, dropout.
+
+    Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch; memory for the first-order
+    graph and about ``iterations`` vectors of P entries.
+
+    Returns:
+        :class:`Eigen` (or a dict of them by layer for ``params="per_layer"``).
+
+    Raises:
+        ValueError: k > P, a non-finite loss or gradient, a loss that is not twice
+            differentiable, or an unknown option.
+    """
+    _check_options(mode, curvature, hvp)
+    if which not in ("top", "bottom", "both"):
+        raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+
+    def measure(names: list[str] | None) -> Eigen:
+        start = time.perf_counter()
+        with isolated(model, mode, seed):
+            sub_batches = _sub_batches(batch, batch_size)
+            rows, all_residuals, matvecs, converged = [], [], 0, True
+            vectors, overlap, iterations, size = None, None, 0, 0
+            for sub in sub_batches:
+                fn = ModelFunction(model, loss_fn, sub, params=names, seed=seed)
+                op, gradient = curvature_operator(fn, curvature, hvp, preconditioner)
+                values, residuals, vectors, iterations, ok, overlap = _eigen_from_lanczos(
+                    fn, op, gradient, k, which, tol, max_iters, seed, return_vectors, gradient_overlap)
+                rows.append(values)
+                all_residuals.append(residuals)
+                matvecs += op.matvecs
+                converged = converged and ok
+                size = op.size
+                del op
+        stacked = torch.stack(rows)
+        return Eigen(
+            values=stacked.mean(0),
+            residuals=torch.stack(all_residuals).max(0).values,
+            vectors=vectors if batch_size is None else None,
+            which=which,
+            matvecs=matvecs,
+            iterations=iterations,
+            converged=converged,
+            elapsed=time.perf_counter() - start,
+            gradient_overlap=overlap if batch_size is None else None,
+            batch_values=stacked if batch_size is not None else None,
+            curvature="preconditioned" if preconditioner is not None else curvature,
+            num_params=size,
+        )
+
+    return _per_layer(model, params, measure)
+
+
+def _sub_batches(batch: Any, size: int | None) -> list[Any]:
+    if size is None:
+        return [batch]
+    inputs, targets = split_batch(batch)
+    m = batch_size(inputs)
+    if not 1 <= size <= m:
+        raise ValueError(f"batch_size must be between 1 and the batch's {m} examples, got {size}")
+    return [
+        (slice_examples(inputs, start, start + size), slice_examples(targets, start, start + size))
+        for start in range(0, m - size + 1, size)
+    ]
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batch: Any,
+    samples: int = 64,
+    *,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    curvature: Curvature = "hessian",
+    params: ParamSpec = None,
+    mode: Literal["eval", "train"] = "eval",
+    hvp: Method = "reuse",
+    preconditioner: Preconditioner = None,
+    max_columns: int = 16,
+    seed: int = 0,
+) -> Estimate | dict[str, Estimate]:
+    """tr(H) of the mean loss on ``batch`` by Hutch++ (default) or Hutchinson, Rademacher probes.
+
+    Hutch++ (Meyer, Musco, Musco & Woodruff 2021) spends a third of ``samples`` on a sketch of
+    the top of the spectrum, a third on its exact trace and the rest on Hutchinson's estimate of
+    the remainder; its error decays as 1/samples instead of 1/√samples when the spectrum decays.
+    The products go ``max_columns`` at a time through one batched backward pass.
+
+    Args: as :func:`hessian_eigenvalues`; ``samples`` ≥ 4 (≥ 2 for Hutchinson) is the HVP budget,
+    ``seed`` seeds the probe vectors. ``params="per_layer"`` gives one estimate per layer.
+
+    Cost: ``samples`` HVPs and one backward pass.
+
+    Returns:
+        :class:`Estimate` (value, stderr), or a dict of them by layer.
+    """
+    _check_options(mode, curvature, hvp)
+    if method not in ("hutch++", "hutchinson"):
+        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+
+    def measure(names: list[str] | None) -> Estimate:
+        start = time.perf_counter()
+        with isolated(model, mode, seed):
+            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
+            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max_columns)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            estimator = hutch_plus_plus if method == "hutch++" else hutchinson
+            result = estimator(op, samples=samples, generator=generator)
+        return Estimate(value=result.value, stderr=result.stderr, samples=samples, matvecs=result.matvecs,
+                        elapsed=time.perf_counter() - start, method=method)
+
+    return _per_layer(model, params, measure)
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batch: Any,
+    runs: int = 8,
+    iters: int = 80,
+    *,
+    curvature: Curvature = "hessian",
+    params: ParamSpec = None,
+    mode: Literal["eval", "train"] = "eval",
+    hvp: Method = "reuse",
+    preconditioner: Preconditioner = None,
+    max_columns: int = 16,
+    seed: int = 0,
+) -> SpectralDensity | dict[str, SpectralDensity]:
+    """The spectral density of H by stochastic Lanczos quadrature (SLQ).
+
+    ``runs`` Lanczos runs of ``iters`` steps from normalised Rademacher vectors, in lockstep (one
+    batched product of ``runs`` columns a step): nodes are the Ritz values, weights the squared
+    first components of the tridiagonal eigenvectors over ``runs`` (Lin, Saad & Yang 2016;
+    Ghorbani, Krishnan & Xiao 2019). Outliers are the nodes beyond the bulk (Papyan 2019).
+
+    Args: as :func:`hessian_eigenvalues`; ``seed`` seeds the start vectors.
+
+    Cost: at most runs·iters HVPs and one backward pass; memory for runs·iters vectors of P.
+
+    Returns:
+        :class:`dynlens.linalg.SpectralDensity` (nodes, weights summing to 1, matvecs, elapsed),
+        or a dict of them by layer.
+    """
+    _check_options(mode, curvature, hvp)
+
+    def measure(names: list[str] | None) -> SpectralDensity:
+        start = time.perf_counter()
+        with isolated(model, mode, seed):
+            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
+            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max(max_columns, runs))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            result = slq(op, runs=runs, iters=min(iters, op.size), generator=generator)
+        return SpectralDensity(nodes=result.nodes, weights=result.weights, runs=result.runs,
+                               iters=result.iters, matvecs=result.matvecs,
+                               elapsed=time.perf_counter() - start)
+
+    return _per_layer(model, params, measure)
