@@ -1,0 +1,26 @@
+"""Figures and the HTML report.
+
+One matplotlib figure function per probe (each takes a Run, a run directory or a list of them,
+and returns a Figure), registered for its probe's section of the report; :func:`report` writes
+the self-contained HTML page::
+
+    dl.reports.plot_loss("runs/exp1")
+    dl.report(["runs/lr0.1", "runs/lr0.01"], out="compare.html")
+"""
+
+from dynlens.reports.basic import (
+    plot_distance_from_init,
+    plot_grad_norm,
+    plot_loss,
+    plot_param_norm,
+    plot_per_layer,
+    plot_update_size,
+)
+from dynlens.reports.html import Report, render_html, report
+from dynlens.reports.registry import figure, figures_for
+
+__all__ = [
+    "report", "Report", "render_html", "figure", "figures_for",
+    "plot_loss", "plot_grad_norm", "plot_param_norm", "plot_update_size",
+    "plot_distance_from_init", "plot_per_layer",
+]
