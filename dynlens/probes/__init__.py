@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dynlens.probes.base import Context, Probe
 from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
+from dynlens.probes.hessian import Hessian
 
 __all__ = [
     "Probe",
@@ -16,6 +17,7 @@ __all__ = [
     "ParamNorm",
     "UpdateSize",
     "DistanceFromInit",
+    "Hessian",
     "basic",
     "default",
 ]
@@ -28,4 +30,4 @@ def basic() -> list[Probe]:
 
 def default() -> list[Probe]:
     """New instances of every built-in probe beyond the basic ones, with their default schedules."""
-    return []
+    return [Hessian()]

@@ -1,0 +1,162 @@
+"""The Hessian probe: sharpness, the top-k and bottom eigenvalues, trace and density over training,
+against the stability threshold of the optimizer in use (METRICS.md §1).
+
+Thresholds, read from the optimizer's own hyperparameters (first parameter group) and state:
+
+- SGD without momentum (gradient descent): λ_max against 2/η (Cohen et al. 2021);
+- SGD with momentum β (heavy ball or Nesterov): λ_max against (2 + 2β)/η;
+- Adam / AdamW: the preconditioned sharpness λ_max(P⁻¹H), P = (1 − β₁ᵗ)·diag(√v̂_t + ε) from
+  the optimizer state, against (2 + 2β₁)/((1 − β₁)η) (Cohen et al. 2022);
+- SGD, when the trace is measured: η·tr(H)/2, which must stay ≤ 1 at a minimum that is linearly
+  stable for SGD (Wu & Su 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dynlens.linalg import hutch_plus_plus, lanczos_eigsh, slq
+from dynlens.measures.hessian import adam_preconditioner, curvature_operator
+from dynlens.probes.base import Context, Probe, Values
+
+__all__ = ["Hessian", "stability_threshold"]
+
+
+def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, float] | None:
+    """``(kind, threshold)`` for the optimizer's first parameter group, or None if unknown.
+
+    kind is "gd" (2/η), "momentum" ((2+2β)/η), or "adam" ((2+2β₁)/((1−β₁)η), for the
+    preconditioned sharpness).
+    """
+    if optimizer is None:
+        return None
+    group = optimizer.param_groups[0]
+    lr = float(group.get("lr", float("nan")))
+    if not lr > 0:
+        return None
+    if isinstance(optimizer, torch.optim.SGD):
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        return ("momentum", (2 + 2 * beta) / lr) if beta > 0 else ("gd", 2 / lr)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1 = float(group["betas"][0])
+        return "adam", (2 + 2 * beta1) / ((1 - beta1) * lr)
+    return None
+
+
+class Hessian(Probe):
+    """λ_max (``sharpness``), λ_2..λ_k, λ_min, tr(H) and the spectral density on the probe batch.
+
+    Args:
+        every / at / schedule / mode: the schedule and mode (see :class:`Probe`).
+        k: how many top eigenvalues (Lanczos, tolerance ``tol`` on the relative residual).
+        lambda_min: also the smallest eigenvalue (a second Lanczos run, tolerance ``tol_min``).
+        trace: also tr(H) by Hutch++ with ``trace_samples`` HVPs.
+        density: also the SLQ density (``density_runs`` runs of ``density_iters`` steps),
+            stored as the arrays ``density_nodes`` and ``density_weights``.
+        tol, tol_min, max_iters: Lanczos settings.
+
+    Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
+    optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam the preconditioned sharpness
+    over its threshold), ``preconditioned_sharpness`` (Adam), ``trace``, ``trace_stderr``,
+    ``sgd_trace_ratio`` (η·tr(H)/2, SGD), ``density_nodes``/``density_weights`` (arrays),
+    ``hvps`` (all products this measurement took) and ``residual_max`` (largest relative
+    residual of the top-k pairs).
+
+    Cost per measurement: about (iterations of each Lanczos run + trace_samples +
+    density_runs·density_iters) HVPs, each about two gradients on the probe batch.
+    """
+
+    name = "hessian"
+    default_every: ClassVar[int] = 100
+    pure: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        every: int | None = None,
+        at: Any = None,
+        schedule: Any = None,
+        mode: Any = None,
+        *,
+        k: int = 1,
+        lambda_min: bool = True,
+        trace: bool = True,
+        density: bool = False,
+        tol: float = 1e-4,
+        tol_min: float = 1e-2,
+        max_iters: int | None = None,
+        trace_samples: int = 30,
+        density_runs: int = 4,
+        density_iters: int = 60,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every=every, at=at, schedule=schedule, mode=mode)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k = k
+        self.lambda_min = lambda_min
+        self.trace = trace
+        self.density = density
+        self.tol = tol
+        self.tol_min = tol_min
+        self.max_iters = max_iters
+        self.trace_samples = trace_samples
+        self.density_runs = density_runs
+        self.density_iters = density_iters
+        self.seed = seed
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "k": self.k, "trace": self.trace, "density": self.density,
+                "tol": self.tol}
+
+    def _generator(self, offset: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed + offset)
+
+    def measure(self, ctx: Context) -> Values:
+        fn = ctx.fn
+        op, _ = curvature_operator(fn, "hessian", "reuse", None, max_columns=16)
+        k = min(self.k, op.size)
+        top = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters,
+                            generator=self._generator(0))
+        values: dict[str, Any] = {"sharpness": float(top.values[0])}
+        for i in range(1, k):
+            values[f"lambda_{i + 1}"] = float(top.values[i])
+        relative = top.residuals / top.values.abs().clamp_min(1e-300)
+        values["residual_max"] = float(relative.max())
+        if self.lambda_min:
+            bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
+                                   max_iters=self.max_iters, generator=self._generator(1))
+            values["lambda_min"] = float(bottom.values[0])
+        extra_hvps = 0
+        rule = stability_threshold(ctx.optimizer)
+        lr = float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer is not None else math.nan
+        if rule is not None:
+            kind, threshold = rule
+            values["threshold"] = threshold
+            if kind == "adam":
+                precond = adam_preconditioner(ctx.optimizer, ctx.model, list(fn.params))
+                if precond is not None:
+                    pop, _ = curvature_operator(fn, "hessian", "reuse", precond)
+                    pre = lanczos_eigsh(pop, k=1, which="top", tol=self.tol, max_iters=self.max_iters,
+                                        generator=self._generator(2))
+                    values["preconditioned_sharpness"] = float(pre.values[0])
+                    values["sharpness_ratio"] = float(pre.values[0]) / threshold
+                    extra_hvps = pop.matvecs
+            else:
+                values["sharpness_ratio"] = values["sharpness"] / threshold
+        if self.trace:
+            estimate = hutch_plus_plus(op, samples=self.trace_samples, generator=self._generator(3))
+            values["trace"] = estimate.value
+            values["trace_stderr"] = estimate.stderr
+            if isinstance(ctx.optimizer, torch.optim.SGD):
+                values["sgd_trace_ratio"] = lr * estimate.value / 2
+        if self.density:
+            density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),
+                          generator=self._generator(4))
+            values["density_nodes"] = density.nodes.numpy().astype(np.float64)
+            values["density_weights"] = density.weights.numpy().astype(np.float64)
+        values["hvps"] = float(op.matvecs + extra_hvps)
+        return values
