@@ -16,6 +16,7 @@ from dynlens.lens import Lens
 from dynlens.probes import Context, Probe
 from dynlens.store import Run, RunError, RunInUseError, load_run
 from dynlens.diagnose import Finding, diagnose
+from dynlens.reports import report
 from dynlens.measures.coherence import Coherence, gradient_coherence
 from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
 from dynlens import probes  # noqa: E402  (after Probe, which it defines)
@@ -31,6 +32,7 @@ __all__ = [
     "load_run",
     "diagnose",
     "Finding",
+    "report",
     "probes",
     "schedules",
     "gradient_coherence",

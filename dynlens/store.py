@@ -235,7 +235,12 @@ class Run:
                 f"{str(db)!r} cannot be read as a dynlens run database ({err}); the file is "
                 "damaged, truncated or not a run"
             ) from err
-        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
+        try:
+            self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
+        except (ValueError, TypeError) as err:
+            raise RunError(
+                f"{str(db)!r} holds unreadable run metadata ({err}); the file is damaged"
+            ) from err
         version = self.meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise RunError(
@@ -329,6 +334,26 @@ class Run:
     def close(self) -> None:
         """Close the database connection."""
         self._db.close()
+
+    def _repr_html_(self) -> str:
+        """A small summary table for notebooks: name, steps, probes and the latest value of each
+        scalar (every string escaped; the full report is ``dl.report(run)``)."""
+        import html
+
+        rows = self._query(
+            "SELECT probe, name, value, MAX(step) FROM scalars GROUP BY probe, name ORDER BY probe, name")
+        cells = "".join(
+            f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(n))}</td>"
+            f"<td>{'NaN' if v is None else f'{float(v):.4g}'}</td><td>{int(s)}</td></tr>"
+            for p, n, v, s in rows[:200])
+        return (
+            f"<div><strong>dynlens run {html.escape(self.name)}</strong> "
+            f"<code>{html.escape(str(self.path))}</code><br>"
+            f"status {html.escape(str(self.meta.get('status', 'unknown')))}, "
+            f"{self.last_step} steps, probes: {html.escape(', '.join(self.probes()))}"
+            "<table><tr><th>probe</th><th>scalar</th><th>latest</th><th>at step</th></tr>"
+            f"{cells}</table></div>"
+        )
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, name={self.name!r}, last_step={self.last_step})"
