@@ -1,0 +1,433 @@
+"""Gradient coherence: statistics of the per-example gradients g_i = ∇ℓ_i on one batch.
+
+Definitions (METRICS.md §2; m examples, ḡ = (1/m) Σ g_i):
+
+* coherence α = ‖ḡ‖² / ((1/m) Σ ‖g_i‖²) and its orthogonal limit α⊥ = 1/m; m-coherence
+  α/α⊥ = ‖Σ g_i‖² / Σ ‖g_i‖², about how many examples a step on one example helps
+  (Chatterjee & Zielinski 2022, "On the Generalization Mystery in Deep Learning");
+* stiffness, the m×m matrix of cos(g_i, g_j), averaged within and between classes
+  (Fort et al. 2019, "Stiffness: A New Perspective on Generalization in Neural Networks");
+* gradient signal-to-noise ratio per parameter r_k = mean_i(g_ik)² / var_i(g_ik)
+  (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
+  Parameters");
+* gradient noise scale B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018, "An Empirical Model of
+  Large-Batch Training"), the critical batch size estimate.
+
+Everything except stiffness is accumulated chunk by chunk from Σ g_i, the centred sums of
+squares Σ (g_i − ḡ)² (elementwise, merged across chunks by Chan et al.'s parallel update) and
+the norms ‖g_i‖², so that no more than one chunk of per-example gradients is held at once.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynlens.functional import Mode, ModelFunction, isolated
+
+__all__ = ["Coherence", "gradient_coherence", "coherence_of", "VmapUnsupportedError"]
+
+Fallback = Literal["loop", "error"]
+
+# A parameter entry whose per-example gradients are constant (all zero, typically: a dead unit
+# or an unused parameter) has variance 0 and no defined GSNR. Variances at or below this
+# fraction of the mean squared gradient are rounding noise of such constant entries.
+_CONSTANT_VARIANCE = 1e-12
+
+
+class VmapUnsupportedError(RuntimeError):
+    """``torch.func.vmap`` cannot compute the per-example gradients of this model."""
+
+
+@dataclass(frozen=True, eq=False)
+class Coherence:
+    """Per-example gradient statistics of one batch (all values float64 on the CPU).
+
+    Attributes:
+        alpha: coherence α = ‖ḡ‖² / mean_i ‖g_i‖², in [0, 1]; 1 when all g_i are equal.
+            NaN when every per-example gradient is zero.
+        alpha_orthogonal: α⊥ = 1/m, the value of α if all g_i were orthogonal.
+        m_coherence: α/α⊥ = ‖Σ g_i‖² / Σ ‖g_i‖², in [0, m] (a count of examples): 1 for
+            orthogonal gradients, m for identical ones.
+        per_class: {class label: m-coherence of that class's examples alone} (‖Σ_{i∈c} g_i‖² /
+            Σ_{i∈c} ‖g_i‖², in [0, m_c]); empty when there are no class labels.
+        class_counts: {class label: number of examples of that class in the batch}.
+        stiffness_within: mean of cos(g_i, g_j) over ordered pairs i ≠ j of the same class,
+            in [−1, 1]; NaN without stiffness, class labels or such pairs.
+        stiffness_between: mean of cos(g_i, g_j) over pairs of different classes; NaN likewise.
+        stiffness_mean: mean of cos(g_i, g_j) over all pairs i ≠ j (defined without classes).
+        stiffness: the m×m matrix of cos(g_i, g_j) (diagonal 1), or None if not computed.
+            Examples with a zero gradient have NaN rows and are left out of every mean.
+        class_stiffness: (C, C) matrix of mean cos(g_i, g_j) for i in class ``classes[a]``,
+            j in class ``classes[b]`` (i ≠ j), or None.
+        classes: the class labels, sorted, in the order of ``class_stiffness`` (empty if none).
+        gsnr: mean over parameter entries of r_k = mean_i(g_ik)² / var_i(g_ik), with the
+            population variance var_i = (1/m) Σ_i (g_ik − mean_i g_ik)² (the batch is the
+            distribution); dimensionless. Entries with constant gradients are excluded (below).
+        gsnr_per_layer: {layer: mean r_k over that layer's entries}; a layer is the module owning
+            the parameter (its name without the last dotted component). NaN for a layer whose
+            entries are all excluded.
+        gsnr_excluded: number of parameter entries left out of the GSNR because their gradient
+            variance is zero (at most 1e-12 of their mean squared gradient).
+        noise_scale: B_simple = tr(Σ)/‖G‖², in examples: the batch size above which larger
+            batches stop paying off. +inf when the unbiased estimate of ‖G‖² is ≤ 0 (the batch
+            gradient is indistinguishable from noise: the noise scale exceeds what this batch
+            can resolve; measure on a larger batch); NaN when tr(Σ) = 0 and ‖G‖² ≤ 0.
+        trace_sigma: tr(Σ) ≈ (1/(m−1)) Σ ‖g_i − ḡ‖², the per-example gradient variance
+            (squared loss-gradient units).
+        grad_sq_norm: ‖G‖² ≈ ‖ḡ‖² − tr(Σ)/m, the unbiased estimate of the squared norm of the
+            true gradient (can be ≤ 0).
+        mean_grad_norm: ‖ḡ‖, the norm of the batch gradient.
+        grad_norms: (m,) array of ‖g_i‖ in batch order: which examples dominate the gradient.
+        size: m, the number of examples.
+        method: "vmap" (torch.func, chunked) or "loop" (one backward pass per example, the
+            fallback for models vmap cannot run).
+        accumulation_dtype: the dtype the sums were accumulated in ("float64").
+    """
+
+    alpha: float
+    alpha_orthogonal: float
+    m_coherence: float
+    per_class: dict[int, float]
+    class_counts: dict[int, int]
+    stiffness_within: float
+    stiffness_between: float
+    stiffness_mean: float
+    stiffness: np.ndarray | None = field(repr=False)
+    class_stiffness: np.ndarray | None = field(repr=False)
+    classes: np.ndarray = field(repr=False)
+    gsnr: float
+    gsnr_per_layer: dict[str, float]
+    gsnr_excluded: int
+    noise_scale: float
+    trace_sigma: float
+    grad_sq_norm: float
+    mean_grad_norm: float
+    grad_norms: np.ndarray = field(repr=False)
+    size: int
+    method: str = "vmap"
+    accumulation_dtype: str = "float64"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _layer_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _batchnorm_layers(model: nn.Module) -> list[str]:
+    return [n or type(m).__name__ for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_mode(model: nn.Module, mode: Mode) -> None:
+    """Raise if per-example gradients are ill-defined: train mode with BatchNorm layers."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if mode == "train":
+        bn = _batchnorm_layers(model)
+        if bn:
+            raise ValueError(
+                f"per-example gradients are ill-defined in train mode for a model with BatchNorm "
+                f"(layers {bn}): with batch statistics each example's output depends on every "
+                "other example of the batch, so ℓ_i is not a function of example i alone. Measure "
+                "with mode='eval' (running statistics), or replace BatchNorm by GroupNorm/LayerNorm"
+            )
+
+
+def class_labels(targets: Any, size: int) -> Tensor | None:
+    """The targets as class labels, if they are integer labels of shape (m,); else None."""
+    if isinstance(targets, Tensor) and targets.dim() == 1 and targets.shape[0] == size \
+            and not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool:
+        return targets
+    return None
+
+
+def _failing_module(model: nn.Module, err: BaseException) -> str | None:
+    """The innermost module of ``model`` whose code was running when ``err`` was raised."""
+    names = {id(m): (n or "<model>", type(m).__name__) for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+    return None if found is None else f"{found[0]!r} ({found[1]})"
+
+
+class _Gradients:
+    """Flat float64 per-example gradients of any example range, by vmap or by the loop."""
+
+    def __init__(self, fn: ModelFunction, fallback: Fallback) -> None:
+        self.fn = fn
+        self.fallback = fallback
+        self.method = "vmap"
+        self.notes: list[str] = []
+
+    def flat(self, start: int, stop: int) -> Tensor:
+        if self.method == "vmap":
+            try:
+                grads = self.fn.per_example_grads_of(start, stop)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any vmap failure is reported or worked around
+                self._vmap_failed(err)
+                grads = self.fn.per_example_grads_loop(start, stop)
+        else:
+            grads = self.fn.per_example_grads_loop(start, stop)
+        n = stop - start
+        return torch.cat([g.reshape(n, -1).to(torch.float64) for g in grads.values()], dim=1)
+
+    def _vmap_failed(self, err: BaseException) -> None:
+        where = _failing_module(self.fn.model, err)
+        what = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        place = f" in layer {where}" if where else ""
+        if self.fallback == "error":
+            raise VmapUnsupportedError(
+                f"per-example gradients by torch.func.vmap failed{place}: {what}. vmap cannot run "
+                "in-place operations on batched tensors (e.g. x.add_(...), ReLU(inplace=True)) or "
+                "Python control flow that depends on tensor values (if x.sum() > 0). Rewrite that "
+                "layer out-of-place / with torch.where, or pass fallback='loop' (one backward pass "
+                "per example: same numbers, slower)"
+            ) from err
+        self.method = "loop"
+        note = (f"vmap failed{place} ({what}); per-example gradients computed by a loop of one "
+                "backward pass per example")
+        self.notes.append(note)
+        warnings.warn(f"dynlens: {note}", RuntimeWarning, stacklevel=4)
+
+
+def _mean_excluding_diagonal(matrix: Tensor, mask: Tensor) -> float:
+    """Mean of ``matrix`` over the True entries of ``mask`` off the diagonal, ignoring NaN."""
+    mask = mask.clone()
+    mask.fill_diagonal_(False)
+    values = matrix[mask]
+    values = values[~torch.isnan(values)]
+    return float(values.mean()) if values.numel() else math.nan
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def coherence_of(
+    fn: ModelFunction,
+    chunk_size: int = 64,
+    stiffness: bool = True,
+    classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
+    fallback: Fallback = "loop",
+) -> Coherence:
+    """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
+    :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
+    m = fn.size
+    if m < 2:
+        raise ValueError(f"gradient coherence needs at least 2 examples; the batch has {m}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    labels = _resolve_classes(fn, classes, m)
+    source = _Gradients(fn, fallback)
+    names = list(fn.params)
+    sizes = [t.numel() for t in fn.params.values()]
+    device = fn.device
+    f64 = torch.float64
+
+    count = 0
+    mean = torch.zeros(sum(sizes), dtype=f64, device=device)
+    centred = torch.zeros_like(mean)  # Σ_i (g_i − ḡ)², elementwise
+    sq_norms = torch.zeros(m, dtype=f64, device=device)
+    class_values = torch.unique(labels) if labels is not None else None
+    class_index = torch.searchsorted(class_values, labels) if labels is not None else None
+    class_sums = (torch.zeros(len(class_values), mean.numel(), dtype=f64, device=device)
+                  if class_values is not None else None)
+    gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
+    bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
+
+    for a, (start, stop) in enumerate(bounds):
+        chunk = source.flat(start, stop)
+        n = stop - start
+        chunk_mean = chunk.mean(dim=0)
+        chunk_centred = (chunk - chunk_mean).square_().sum(dim=0)
+        delta = chunk_mean - mean
+        total = count + n
+        centred += chunk_centred + delta.square() * (count * n / total)
+        mean += delta * (n / total)
+        count = total
+        sq_norms[start:stop] = chunk.square().sum(dim=1)
+        if class_sums is not None:
+            class_sums.index_add_(0, class_index[start:stop], chunk)
+        if gram is not None:
+            gram[start:stop, start:stop] = chunk @ chunk.T
+            for other_start, other_stop in bounds[a + 1:]:
+                block = chunk @ source.flat(other_start, other_stop).T
+                gram[start:stop, other_start:other_stop] = block
+                gram[other_start:other_stop, start:stop] = block.T
+        del chunk
+
+    mean_sq_norm = float(mean.square().sum())
+    sum_sq_norms = float(sq_norms.sum())
+    alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
+
+    per_class: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    if class_sums is not None:
+        class_sq = torch.zeros(len(class_values), dtype=f64, device=device)
+        class_sq.index_add_(0, class_index, sq_norms)
+        for k, c in enumerate(class_values.tolist()):
+            denominator = float(class_sq[k])
+            per_class[int(c)] = float(class_sums[k].square().sum()) / denominator if denominator > 0 else math.nan
+            counts[int(c)] = int((class_index == k).sum())
+
+    variance = centred / m  # population variance of each parameter entry
+    mean_sq = variance + mean.square()  # mean_i g_ik²
+    kept = variance > _CONSTANT_VARIANCE * mean_sq
+    ratio = torch.where(kept, mean.square() / torch.where(kept, variance, 1.0), torch.nan)
+    gsnr = float(ratio[kept].mean()) if bool(kept.any()) else math.nan
+    per_layer: dict[str, float] = {}
+    layer_entries: dict[str, list[Tensor]] = {}
+    for name, piece in zip(names, torch.split(ratio, sizes), strict=True):
+        layer_entries.setdefault(_layer_of(name), []).append(piece)
+    for layer, pieces in layer_entries.items():
+        values = torch.cat(pieces)
+        values = values[~torch.isnan(values)]
+        per_layer[layer] = float(values.mean()) if values.numel() else math.nan
+
+    trace_sigma = float(centred.sum()) / (m - 1)
+    grad_sq_norm = mean_sq_norm - trace_sigma / m
+    if grad_sq_norm > 0:
+        noise_scale = trace_sigma / grad_sq_norm
+    else:
+        noise_scale = math.inf if trace_sigma > 0 else math.nan
+
+    matrix = within = between = overall = None
+    class_matrix = None
+    if gram is not None:
+        norms = sq_norms.sqrt()
+        denominator = norms[:, None] * norms[None, :]
+        matrix = torch.where(denominator > 0, gram / torch.where(denominator > 0, denominator, 1.0), torch.nan)
+        overall = _mean_excluding_diagonal(matrix, torch.ones(m, m, dtype=torch.bool, device=device))
+        if class_index is not None:
+            same = class_index[:, None] == class_index[None, :]
+            within = _mean_excluding_diagonal(matrix, same)
+            between = _mean_excluding_diagonal(matrix, ~same)
+            c = len(class_values)
+            class_matrix = torch.empty(c, c, dtype=f64)
+            for i in range(c):
+                for j in range(c):
+                    mask = (class_index[:, None] == i) & (class_index[None, :] == j)
+                    class_matrix[i, j] = _mean_excluding_diagonal(matrix, mask)
+
+    def number(x: float | None) -> float:
+        return math.nan if x is None else float(x)
+
+    return Coherence(
+        alpha=alpha,
+        alpha_orthogonal=1.0 / m,
+        m_coherence=alpha * m,
+        per_class=per_class,
+        class_counts=counts,
+        stiffness_within=number(within),
+        stiffness_between=number(between),
+        stiffness_mean=number(overall),
+        stiffness=None if matrix is None else matrix.cpu().numpy(),
+        class_stiffness=None if class_matrix is None else class_matrix.numpy(),
+        classes=(np.asarray(class_values.cpu().numpy(), dtype=np.int64) if class_values is not None
+                 else np.zeros(0, dtype=np.int64)),
+        gsnr=gsnr,
+        gsnr_per_layer=per_layer,
+        gsnr_excluded=int((~kept).sum()),
+        noise_scale=noise_scale,
+        trace_sigma=trace_sigma,
+        grad_sq_norm=grad_sq_norm,
+        mean_grad_norm=math.sqrt(mean_sq_norm),
+        grad_norms=sq_norms.sqrt().cpu().numpy(),
+        size=m,
+        method=source.method,
+        notes=tuple(source.notes),
+    )
+
+
+def _resolve_classes(fn: ModelFunction, classes: Any, m: int) -> Tensor | None:
+    if classes is False:
+        return None
+    if classes is None or classes is True:
+        labels = class_labels(fn.targets, m)
+        if labels is None and classes is True:
+            raise ValueError(
+                "classes=True needs integer class labels of shape (m,) as targets; pass "
+                "classes=<array of m labels> to group the examples yourself"
+            )
+        return None if labels is None else labels.to(fn.device).long()
+    labels = torch.as_tensor(np.asarray(classes), device=fn.device)
+    if labels.dim() != 1 or labels.shape[0] != m or labels.is_floating_point():
+        raise ValueError(
+            f"classes must be {m} integer labels (one per example), got shape {tuple(labels.shape)} "
+            f"and dtype {labels.dtype}"
+        )
+    return labels.long()
+
+
+def gradient_coherence(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batch: Any,
+    *,
+    chunk_size: int = 64,
+    stiffness: bool = True,
+    mode: Mode = "eval",
+    classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
+    fallback: Fallback = "loop",
+    seed: int = 0,
+) -> Coherence:
+    """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
+    class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
+
+    The per-example gradients g_i = ∇ℓ_i come from ``torch.func`` (``vmap`` of ``grad``) in
+    chunks of ``chunk_size`` examples, cast to float64 and folded into running sums (Σ g_i,
+    Σ (g_i − ḡ)² elementwise, ‖g_i‖²); peak memory grows with the chunk (about
+    chunk_size × P × 12 bytes for P parameters), never with m. Per-class m-coherence keeps one
+    float64 sum per class present (C × P). Stiffness needs the m × m Gram matrix g_i·g_j, built
+    block by block: two chunks are held at a time and each pair of chunks is visited once, which
+    recomputes later chunks (n(n−1)/2 extra chunk passes for n = ⌈m/chunk_size⌉; none when
+    chunk_size ≥ m).
+
+    Cost: one forward and backward pass over the batch, vectorised (plus the stiffness passes).
+    Models ``vmap`` cannot run (in-place ops on batched tensors, data-dependent Python control
+    flow) fall back to a loop of one ``torch.autograd.grad`` per example (``fallback="loop"``,
+    the same numbers, about m times slower, with a warning) or raise
+    :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
+
+    Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
+    flags and random states are left exactly as they were.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss.
+        batch: ``(inputs, targets)``.
+        chunk_size: examples per vmap call (memory ∝ chunk_size).
+        stiffness: compute the stiffness matrix (the only statistic needing pairs of examples).
+        mode: "eval" (default: BatchNorm running statistics, no dropout) or "train" (dropout with
+            a fixed seed). Train mode with BatchNorm raises ValueError: with batch statistics an
+            example's loss depends on the whole batch, so per-example gradients are ill-defined.
+        classes: None (default): class labels from the targets when they are integer labels of
+            shape (m,), otherwise no per-class statistics; an array of m integer labels to group
+            by; False to skip per-class statistics.
+        fallback: "loop" or "error" when vmap fails (see above).
+        seed: dropout seed in train mode.
+
+    Returns:
+        :class:`Coherence`, float64 values on the CPU.
+    """
+    check_mode(model, mode)
+    with isolated(model, mode, seed):
+        fn = ModelFunction(model, loss_fn, batch, seed=seed)
+        return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
+                            fallback=fallback)
+

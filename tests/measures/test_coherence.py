@@ -1,0 +1,393 @@
+"""dl.gradient_coherence against per-example gradients from a plain loop of loss.backward()."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+from dynlens.measures.coherence import VmapUnsupportedError
+
+RTOL = 1e-8
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def loop_gradients(model: nn.Module, loss_fn, x, y) -> tuple[np.ndarray, list[str]]:
+    """(m, P) per-example gradients by loss.backward() on one example at a time (a copy of the
+    model in eval mode), and the parameter names in column order."""
+    model = copy.deepcopy(model).eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=False)
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                               for p in model.parameters() if p.requires_grad]).double().numpy().copy())
+    return np.stack(rows), names
+
+
+def reference(g: np.ndarray, labels: np.ndarray | None, sizes: list[int], names: list[str]) -> dict:
+    """Every statistic of METRICS.md §2 computed directly from the (m, P) matrix g."""
+    m = g.shape[0]
+    total = g.sum(0)
+    sq = (g ** 2).sum(1)
+    out = {"m_coherence": total @ total / sq.sum(), "alpha": (total / m) @ (total / m) / sq.mean()}
+    mean, var = g.mean(0), g.var(0)  # population variance
+    kept = var > 1e-12 * (g ** 2).mean(0)
+    r = np.where(kept, mean ** 2 / np.where(kept, var, 1), np.nan)
+    out["gsnr"] = np.nanmean(r)
+    out["gsnr_excluded"] = int((~kept).sum())
+    layers: dict[str, list[np.ndarray]] = {}
+    for name, piece in zip(names, np.split(r, np.cumsum(sizes)[:-1]), strict=True):
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(piece)
+    out["gsnr_per_layer"] = {k: np.nanmean(np.concatenate(v)) if np.isfinite(np.concatenate(v)).any()
+                             else np.nan for k, v in layers.items()}
+    trace = ((g - mean) ** 2).sum() / (m - 1)
+    out["trace_sigma"] = trace
+    out["grad_sq_norm"] = mean @ mean - trace / m
+    out["noise_scale"] = trace / out["grad_sq_norm"] if out["grad_sq_norm"] > 0 else np.inf
+    out["grad_norms"] = np.sqrt(sq)
+    norms = np.sqrt(sq)
+    cos = (g @ g.T) / np.outer(norms, norms)
+    out["stiffness"] = cos
+    off = ~np.eye(m, dtype=bool)
+    out["stiffness_mean"] = cos[off].mean()
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        out["stiffness_within"] = cos[same & off].mean()
+        out["stiffness_between"] = cos[~same].mean()
+        out["per_class"] = {}
+        for c in np.unique(labels):
+            gc = g[labels == c]
+            s = gc.sum(0)
+            out["per_class"][int(c)] = s @ s / (gc ** 2).sum()
+        classes = np.unique(labels)
+        out["class_stiffness"] = np.array([[_mean(cos[np.outer(labels == a, labels == b) & off])
+                                            for b in classes] for a in classes])
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else np.nan
+
+
+def assert_matches(result: dl.Coherence, ref: dict) -> None:
+    for key in ("alpha", "m_coherence", "gsnr", "trace_sigma", "grad_sq_norm", "noise_scale",
+                "stiffness_mean", "stiffness_within", "stiffness_between"):
+        if key in ref:
+            np.testing.assert_allclose(getattr(result, key), ref[key], rtol=RTOL, err_msg=key)
+    np.testing.assert_allclose(result.grad_norms, ref["grad_norms"], rtol=RTOL)
+    np.testing.assert_allclose(result.stiffness, ref["stiffness"], rtol=RTOL, atol=1e-12)
+    assert result.gsnr_excluded == ref["gsnr_excluded"]
+    assert result.gsnr_per_layer.keys() == ref["gsnr_per_layer"].keys()
+    for layer, value in ref["gsnr_per_layer"].items():
+        np.testing.assert_allclose(result.gsnr_per_layer[layer], value, rtol=RTOL, err_msg=layer)
+    if "per_class" in ref:
+        assert result.per_class.keys() == ref["per_class"].keys()
+        for c, value in ref["per_class"].items():
+            np.testing.assert_allclose(result.per_class[c], value, rtol=RTOL)
+        np.testing.assert_allclose(result.class_stiffness, ref["class_stiffness"], rtol=RTOL)
+
+
+def _sizes(model: nn.Module) -> list[int]:
+    return [p.numel() for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+                         nn.Linear(10, 3)).double()
+
+
+def cnn_with_batchnorm(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode differs from train mode
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def classification_data(m: int = 23, features: int = 6, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, features, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (m,), generator=g))
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("stiffness_chunk", [5, 64])
+def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(stiffness_chunk):
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_data()
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=stiffness_chunk)
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+    assert result.size == 23 and result.alpha_orthogonal == pytest.approx(1 / 23)
+    assert result.method == "vmap"
+
+
+def test_every_statistic_matches_the_loop_on_a_cnn_with_batchnorm_in_eval_mode():
+    model, loss_fn = cnn_with_batchnorm(), nn.CrossEntropyLoss()
+    g0 = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 2, 6, 6, generator=g0, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g0)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=5)
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
+def test_chunk_size_does_not_change_the_results():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    batch = classification_data()
+    results = [dl.gradient_coherence(model, loss_fn, batch, chunk_size=c) for c in (3, 4, 23, 100)]
+    for other in results[1:]:
+        for key in ("alpha", "m_coherence", "gsnr", "noise_scale", "trace_sigma",
+                    "stiffness_within", "stiffness_between"):
+            np.testing.assert_allclose(getattr(other, key), getattr(results[0], key), rtol=1e-12)
+        np.testing.assert_allclose(other.stiffness, results[0].stiffness, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(other.grad_norms, results[0].grad_norms, rtol=1e-12)
+        for c in results[0].per_class:
+            np.testing.assert_allclose(other.per_class[c], results[0].per_class[c], rtol=1e-12)
+
+
+def test_gsnr_uses_the_population_variance():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_data(m=5)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False)
+    g, _ = loop_gradients(model, loss_fn, x, y)
+    population = np.mean(g.mean(0) ** 2 / g.var(0, ddof=0))
+    unbiased = np.mean(g.mean(0) ** 2 / g.var(0, ddof=1))
+    np.testing.assert_allclose(result.gsnr, population, rtol=RTOL)
+    assert abs(result.gsnr - unbiased) > 0.1 * unbiased  # m = 5: the two differ by 5/4
+
+
+class WithUnusedParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.unused = nn.Linear(3, 2).double()  # never called: its gradient is 0 for every example
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_parameters_with_zero_gradient_variance_are_excluded_from_the_gsnr():
+    model, loss_fn = WithUnusedParameter(), nn.CrossEntropyLoss()
+    x, y = classification_data()
+    result = dl.gradient_coherence(model, loss_fn, (x, y))
+    assert result.gsnr_excluded == 3 * 2 + 2
+    assert np.isnan(result.gsnr_per_layer["unused"])
+    assert np.isfinite(result.gsnr)
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
+def test_noise_scale_is_infinite_when_the_unbiased_true_gradient_norm_is_not_positive():
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    x = torch.ones(2, 1, dtype=torch.float64)
+    y = torch.tensor([[2.0], [0.0]], dtype=torch.float64)  # g_1 = −2, g_2 = +2: ḡ = 0
+    result = dl.gradient_coherence(model, nn.MSELoss(), (x, y))
+    assert result.grad_sq_norm == pytest.approx(-4.0)
+    assert result.trace_sigma == pytest.approx(8.0)
+    assert result.noise_scale == np.inf
+    assert result.m_coherence == pytest.approx(0.0)
+    assert result.per_class == {} and np.isnan(result.stiffness_within)
+    assert result.stiffness_mean == pytest.approx(-1.0)
+
+
+def test_regression_targets_skip_per_class_statistics_but_keep_the_rest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randn(10, 2, dtype=torch.float64)
+    result = dl.gradient_coherence(model, nn.MSELoss(), (x, y), chunk_size=3)
+    assert result.per_class == {} and result.class_stiffness is None and len(result.classes) == 0
+    assert np.isnan(result.stiffness_within) and np.isnan(result.stiffness_between)
+    g, names = loop_gradients(model, nn.MSELoss(), x, y)
+    assert_matches(result, reference(g, None, _sizes(model), names))
+
+
+def test_explicit_classes_group_the_examples():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_data()
+    groups = np.arange(23) % 2
+    result = dl.gradient_coherence(model, loss_fn, (x, y), classes=groups)
+    assert sorted(result.per_class) == [0, 1]
+    assert result.class_counts == {0: 12, 1: 11}
+    assert dl.gradient_coherence(model, loss_fn, (x, y), classes=False).per_class == {}
+
+
+def test_train_mode_with_batchnorm_is_refused_with_an_explanation():
+    model = cnn_with_batchnorm()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="ill-defined in train mode.*BatchNorm"):
+        dl.gradient_coherence(model, nn.CrossEntropyLoss(), (x, y), mode="train")
+
+
+def test_a_measurement_leaves_grad_buffers_training_flags_and_random_states_unchanged():
+    model, loss_fn = cnn_with_batchnorm(), nn.CrossEntropyLoss()
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    model.train()
+    model[0].eval()  # a mixed state must come back as it was
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before_grads = [p.grad.clone() for p in model.parameters()]
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_buffers = [b.clone() for b in model.buffers()]
+    flags = [m.training for m in model.modules()]
+    torch.manual_seed(123)
+    random.seed(1)
+    np.random.seed(2)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=3)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before_grads, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before_params, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), before_buffers, strict=True))
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+
+
+# ----------------------------------------------------------------------------- vmap-breaking layers
+
+
+class DataDependentGate(nn.Module):
+    """Python control flow on a tensor value: vmap cannot batch it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return torch.tanh(x)
+        return 0.5 * x
+
+
+class InPlaceAccumulate(nn.Module):
+    """An in-place add of a batched tensor into an unbatched buffer: vmap cannot batch it."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[-1], dtype=x.dtype)
+        out.add_(x[0])
+        return x + out
+
+
+def breaking_model(layer: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), layer, nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("layer", [DataDependentGate(), InPlaceAccumulate()], ids=["control-flow", "in-place"])
+def test_models_vmap_cannot_run_fall_back_to_a_loop_with_the_same_numbers(layer):
+    model, loss_fn = breaking_model(layer), nn.CrossEntropyLoss()
+    x, y = classification_data(m=9)
+    with pytest.warns(RuntimeWarning, match="vmap failed in layer '1'"):
+        result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=4)
+    assert result.method == "loop" and result.notes
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
+@pytest.mark.parametrize("layer", [DataDependentGate(), InPlaceAccumulate()], ids=["control-flow", "in-place"])
+def test_models_vmap_cannot_run_raise_an_error_naming_the_layer_when_asked(layer):
+    model = breaking_model(layer)
+    x, y = classification_data(m=4)
+    with pytest.raises(VmapUnsupportedError, match=rf"layer '1' \({type(layer).__name__}\).*fallback='loop'"):
+        dl.gradient_coherence(model, nn.CrossEntropyLoss(), (x, y), fallback="error")
+
+
+def test_the_loop_fallback_does_not_touch_grad():
+    model = breaking_model(DataDependentGate())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    x, y = classification_data(m=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dl.gradient_coherence(model, nn.CrossEntropyLoss(), (x, y))
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- real vs shuffled labels
+
+
+def test_real_labels_have_higher_m_coherence_than_shuffled_labels_on_the_same_model_and_inputs():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 10, generator=g)
+    y_real = torch.arange(128) % 4
+    x = centres[y_real] + torch.randn(128, 10, generator=g)
+    y_shuffled = y_real[torch.randperm(128, generator=g)]
+    values = {}
+    for name, y in (("real", y_real), ("shuffled", y_shuffled)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        values[name] = dl.gradient_coherence(model, nn.CrossEntropyLoss(), (x, y), stiffness=False).m_coherence
+    assert values["real"] > 3 * values["shuffled"], values
+
+
+# ----------------------------------------------------------------------------- memory
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from torch import nn
+    import dynlens as dl
+    from dynlens.functional import ModelFunction
+
+    torch.set_num_threads(1)
+    m, hoard = int(sys.argv[1]), sys.argv[2] == "hoard"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    x, y = torch.randn(m, 64), torch.randint(0, 10, (m,))
+    loss = nn.CrossEntropyLoss()
+    dl.gradient_coherence(model, loss, (x[:16], y[:16]), chunk_size=16, stiffness=False)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if hoard:  # the instrument's control: keeping every per-example gradient must show up
+        kept = [g for _, g in ModelFunction(model, loss, (x, y)).per_example_grads(16)]
+    else:
+        dl.gradient_coherence(model, loss, (x, y), chunk_size=16, stiffness=False)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"delta_mb": (after - before) / 1024}))
+""")
+
+
+def _peak_delta_mb(m: int, mode: str) -> float:
+    # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when
+    # freed, so the peak resident set tracks the peak of live tensors
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(m), mode], env=env,
+                         capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])["delta_mb"]
+
+
+def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
+    # P = 85k parameters: all 512 per-example gradients are 174 MB in float32, a chunk of 16 is 5 MB
+    small, large = _peak_delta_mb(64, "measure"), _peak_delta_mb(512, "measure")
+    hoarded = _peak_delta_mb(512, "hoard")
+    assert hoarded > 80, f"the instrument missed 174 MB of kept gradients: {hoarded:.1f} MB"
+    assert large < small + 15, f"peak grew from {small:.1f} MB (m=64) to {large:.1f} MB (m=512)"
