@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dynlens.probes.base import Context, Probe
 from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
+from dynlens.probes.coherence import Coherence
 from dynlens.probes.hessian import Hessian
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "UpdateSize",
     "DistanceFromInit",
     "Hessian",
+    "Coherence",
     "basic",
     "default",
 ]
@@ -30,4 +32,4 @@ def basic() -> list[Probe]:
 
 def default() -> list[Probe]:
     """New instances of every built-in probe beyond the basic ones, with their default schedules."""
-    return [Hessian()]
+    return [Hessian(), Coherence()]

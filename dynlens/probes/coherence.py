@@ -1,0 +1,101 @@
+"""The gradient coherence probe: per-example gradient statistics of the probe batch over training."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from dynlens.functional import Mode
+from dynlens.measures.coherence import Fallback, check_mode, coherence_of
+from dynlens.probes.base import Context, Probe, Values
+
+__all__ = ["Coherence"]
+
+
+class Coherence(Probe):
+    """Records :func:`dynlens.gradient_coherence` of the probe batch (METRICS.md §2).
+
+    Scalars: ``alpha``, ``alpha_orthogonal`` (1/m), ``m_coherence``, ``stiffness_within``,
+    ``stiffness_between``, ``stiffness_mean``, ``gsnr``, ``gsnr_excluded``, ``noise_scale``
+    (+inf: noise dominates what the batch can resolve), ``trace_sigma``, ``grad_sq_norm``,
+    ``mean_grad_norm``, ``size`` (m) and ``vmap_fallback`` (1 when the per-example loop was used).
+
+    Arrays: ``grad_norms`` (m,) ‖g_i‖ in probe-batch order; ``gsnr_per_layer`` aligned with the
+    run's ``layers``; ``classes`` (C,) labels with ``per_class`` (C,) m-coherence and
+    ``class_counts`` (C,); ``stiffness`` (m, m) cos(g_i, g_j) as float32 and ``class_stiffness``
+    (C, C), stored when stiffness is on and m ≤ ``matrix_max`` (the matrix is m² numbers).
+
+    Cost per measurement: one vectorised backward pass over the probe batch, plus
+    n(n−1)/2 chunk passes for stiffness when the batch spans n > 1 chunks.
+
+    Args:
+        every / at / schedule / mode: see :class:`dynlens.Probe` (mode="train" with BatchNorm
+            is refused: per-example gradients are ill-defined with batch statistics).
+        chunk_size: examples per vmap call (peak memory ∝ chunk_size × parameters).
+        stiffness: compute the stiffness statistics (the m×m Gram matrix).
+        matrix_max: largest probe batch whose stiffness matrix is stored.
+        classes: as in :func:`dynlens.gradient_coherence` (None: from integer targets).
+        fallback: "loop" or "error" when vmap cannot run the model.
+    """
+
+    name = "coherence"
+    default_every: ClassVar[int] = 50
+    pure: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        every: int | None = None,
+        at=None,  # noqa: ANN001 - Probe's schedule arguments
+        schedule=None,  # noqa: ANN001
+        mode: Mode | None = None,
+        *,
+        chunk_size: int = 64,
+        stiffness: bool = True,
+        matrix_max: int = 256,
+        classes=None,  # noqa: ANN001 - see gradient_coherence
+        fallback: Fallback = "loop",
+    ) -> None:
+        super().__init__(every=every, at=at, schedule=schedule, mode=mode)
+        self.chunk_size = chunk_size
+        self.stiffness = stiffness
+        self.matrix_max = matrix_max
+        self.classes = classes
+        self.fallback = fallback
+
+    def describe(self) -> dict:
+        return {**super().describe(), "chunk_size": self.chunk_size, "stiffness": self.stiffness,
+                "fallback": self.fallback}
+
+    def measure(self, ctx: Context) -> Values:
+        check_mode(ctx.model, self.mode)
+        r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=self.stiffness,
+                         classes=self.classes, fallback=self.fallback)
+        layers = ctx.layers or list(r.gsnr_per_layer)
+        values: dict = {
+            "alpha": r.alpha,
+            "alpha_orthogonal": r.alpha_orthogonal,
+            "m_coherence": r.m_coherence,
+            "gsnr": r.gsnr,
+            "gsnr_excluded": float(r.gsnr_excluded),
+            "noise_scale": r.noise_scale,
+            "trace_sigma": r.trace_sigma,
+            "grad_sq_norm": r.grad_sq_norm,
+            "mean_grad_norm": r.mean_grad_norm,
+            "size": float(r.size),
+            "vmap_fallback": float(r.method == "loop"),
+            "grad_norms": r.grad_norms,
+            "gsnr_per_layer": np.array([r.gsnr_per_layer.get(layer, np.nan) for layer in layers]),
+        }
+        if r.per_class:
+            values["classes"] = r.classes
+            values["per_class"] = np.array([r.per_class[int(c)] for c in r.classes])
+            values["class_counts"] = np.array([r.class_counts[int(c)] for c in r.classes], dtype=np.int64)
+        if self.stiffness:
+            values.update(stiffness_within=r.stiffness_within, stiffness_between=r.stiffness_between,
+                          stiffness_mean=r.stiffness_mean)
+            if r.stiffness is not None and r.size <= self.matrix_max:
+                values["stiffness"] = r.stiffness.astype(np.float32)
+                if r.class_stiffness is not None:
+                    values["class_stiffness"] = r.class_stiffness
+        return values

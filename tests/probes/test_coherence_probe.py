@@ -1,0 +1,108 @@
+"""dl.probes.Coherence inside a Lens: what it records, and that it leaves training alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    return model, x, y
+
+
+def train(model, x, y, steps, lens=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        idx = torch.arange(step * 8, step * 8 + 8) % len(y)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        if lens is not None:
+            lens.step(loss=loss)
+
+
+def test_probe_records_every_statistic_of_the_measurement(tmp_path):
+    model, x, y = setup()
+    probe_batch = (x[:16], y[:16])
+    with dl.Lens(model, nn.CrossEntropyLoss(), probe_batch, run_dir=tmp_path / "run",
+                 probes=[dl.probes.Coherence(every=2, chunk_size=5)], basic=False) as lens:
+        train(model, x, y, 4, lens)
+    run = dl.load_run(tmp_path / "run")
+    assert list(run.series("coherence", "m_coherence").index) == [0, 2, 4]
+    expected = dl.gradient_coherence(model, nn.CrossEntropyLoss(), probe_batch)
+    for name in ("alpha", "m_coherence", "gsnr", "noise_scale", "stiffness_within", "stiffness_between"):
+        np.testing.assert_allclose(run.series("coherence", name).iloc[-1], getattr(expected, name), rtol=1e-6)
+    step, norms = run.arrays("coherence", "grad_norms")[-1]
+    assert step == 4
+    np.testing.assert_allclose(norms, expected.grad_norms, rtol=1e-6)
+    per_layer = run.arrays("coherence", "gsnr_per_layer")[-1][1]
+    assert per_layer.shape == (len(run.meta["layers"]),)
+    np.testing.assert_allclose(per_layer, [expected.gsnr_per_layer[name] for name in run.meta["layers"]], rtol=1e-6)
+    classes = run.arrays("coherence", "classes")[-1][1]
+    per_class = run.arrays("coherence", "per_class")[-1][1]
+    np.testing.assert_allclose(per_class, [expected.per_class[int(c)] for c in classes], rtol=1e-6)
+    assert run.arrays("coherence", "stiffness")[-1][1].shape == (16, 16)
+    assert run.series("coherence", "vmap_fallback").eq(0).all()
+
+
+def test_infinite_noise_scale_is_stored_and_read_back_as_inf(tmp_path):
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    batch = (torch.ones(2, 1), torch.tensor([[2.0], [0.0]]))
+    lens = dl.Lens(model, nn.MSELoss(), batch, run_dir=tmp_path / "run",
+                   probes=[dl.probes.Coherence()], basic=False)
+    lens.close()
+    assert run_value(tmp_path / "run", "noise_scale") == np.inf
+
+
+def run_value(path, name):
+    return dl.load_run(path).series("coherence", name).iloc[-1]
+
+
+def test_attaching_the_probe_leaves_the_training_trajectory_bit_identical(tmp_path):
+    model_a, x, y = setup()
+    train(model_a, x, y, 6)
+    model_b, _, _ = setup()
+    with dl.Lens(model_b, nn.CrossEntropyLoss(), (x[:12], y[:12]), run_dir=tmp_path / "run",
+                 probes=[dl.probes.Coherence(every=1, chunk_size=5)]) as lens:
+        train(model_b, x, y, 6, lens)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert dl.load_run(tmp_path / "run").events().empty
+
+
+def test_train_mode_with_batchnorm_is_recorded_as_an_error_not_raised(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with dl.Lens(model, nn.CrossEntropyLoss(), batch, run_dir=tmp_path / "run",
+                 probes=[dl.probes.Coherence(mode="train")], basic=False):
+        pass
+    events = dl.load_run(tmp_path / "run").events()
+    assert events["message"].str.contains("ill-defined in train mode").any()
+
+
+def test_coherence_is_among_the_default_probes():
+    assert any(isinstance(p, dl.probes.Coherence) for p in dl.probes.default())
+
+
+@pytest.mark.parametrize("size", [300])
+def test_large_probe_batches_keep_the_statistics_but_not_the_matrix(tmp_path, size):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(size, 3), torch.randint(0, 2, (size,)))
+    dl.Lens(model, nn.CrossEntropyLoss(), batch, run_dir=tmp_path / "run",
+            probes=[dl.probes.Coherence(chunk_size=size)], basic=False).close()
+    run = dl.load_run(tmp_path / "run")
+    assert "stiffness" not in run.array_names("coherence")
+    assert np.isfinite(run.series("coherence", "stiffness_within").iloc[-1])
