@@ -298,8 +298,11 @@ class Lens:
     def _guarded(self, probe: Probe, what: str, call: Callable[[], Any]) -> Any:
         """Run a probe's hook isolated; on failure record the error and maybe switch it off."""
         try:
-            with isolated(self.model, probe.mode, self.seed):
-                result = call() if probe.pure else self._protected(call)
+            if not probe.isolate:
+                result = call()
+            else:
+                with isolated(self.model, probe.mode, self.seed):
+                    result = call() if probe.pure else self._protected(call)
         except Exception as err:  # noqa: BLE001 - a probe must never stop training
             self._fail(probe, what, err)
             return None

@@ -89,7 +89,8 @@ def test_basic_probes_match_values_computed_by_hand(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     initial = [p.detach().clone() for p in model.parameters()]
-    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path)
+    every_step = [type(p)(every=1) for p in dl.probes.basic()]
+    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=every_step)
     sgd_steps(model, loss_fn, batch, opt, lens, 4)
     before = [p.detach().clone() for p in model.parameters()]
     sgd_steps(model, loss_fn, batch, opt, lens, 1)
@@ -204,7 +205,7 @@ def test_a_run_killed_with_sigkill_keeps_every_step_that_step_returned_from(tmp_
     run = dl.load_run(run_dir)
     steps = run.series("train", "loss").index.tolist()
     assert steps[: last] == list(range(1, last + 1))
-    assert set(run.series("grad_norm", "total").index) >= set(range(1, last + 1))
+    assert set(run.series("grad_norm", "total").index) >= set(range(10, last + 1, 10))
     assert run.meta["status"] == "running"
     # the killed process released its lock: a new Lens may take over the directory
     model, loss_fn, batch = tiny_problem()

@@ -92,6 +92,8 @@ class Probe:
         pure: True if ``measure`` computes only through ``ctx.fn`` (the functional helpers) and
             so cannot touch ``.grad`` or buffers; the Lens then skips protecting them. Leave it
             False for probes that call the model directly.
+        isolate: run inside :func:`dynlens.functional.isolated` (mode, RNG and attention kernel
+            restored). Only probes that never run the model may set it False.
         timed: record the seconds each measurement took (as ``lens/seconds/<name>``).
         mode: "eval" (default) or "train": the model's mode while the probe measures.
     """
@@ -100,6 +102,7 @@ class Probe:
     default_every: ClassVar[int] = 1
     pure: ClassVar[bool] = False
     timed: ClassVar[bool] = True
+    isolate: ClassVar[bool] = True
     mode: Mode = "eval"
 
     def __init__(

@@ -1,5 +1,8 @@
 """The basic probes: cheap, always on, read straight from the parameters and their ``.grad``.
 
+They measure every 10 steps by default (``every=1`` for every step): each measurement is a few
+passes over the parameters, which on a small, fast model is comparable to the optimizer step.
+
 Each records a total (over all trainable parameters) and an array ``per_layer`` (one entry per
 layer, in the order of the run's ``layers`` metadata; a layer is the module owning a parameter).
 Norms use ``torch._foreach_norm`` over all parameter tensors at once: one pass, one sync.
@@ -33,8 +36,11 @@ def _norms(tensors: list[Tensor], ctx: Context) -> tuple[float, Tensor]:
 
 
 class _Basic(Probe):
+    # they read tensors and never run the model: no isolation, no timing rows
     pure: ClassVar[bool] = True
+    isolate: ClassVar[bool] = False
     timed: ClassVar[bool] = False
+    default_every: ClassVar[int] = 10
 
 
 class GradNorm(_Basic):
@@ -70,8 +76,9 @@ class UpdateSize(_Basic):
     """‖θ_t − θ_{t−1}‖: the size of the last optimizer step, total and per layer, and
     ``relative`` = ‖θ_t − θ_{t−1}‖/‖θ_{t−1}‖.
 
-    Keeps one copy of the parameters, taken at the step before each step where it is due.
-    Nothing is recorded at step 0 or where no copy of the previous step exists.
+    Keeps one copy of the parameters, taken at the step before each step where it is due, and
+    subtracts in place (no allocation per step). Nothing is recorded at step 0 or where no copy
+    of the previous step exists.
     """
 
     name = "update_size"
@@ -80,6 +87,7 @@ class UpdateSize(_Basic):
         super().__init__(*args, **kwargs)
         self._previous: list[Tensor] | None = None
         self._previous_step = -1
+        self._previous_norm = float("nan")
 
     def prepare(self, ctx: Context) -> None:
         params = _trainable(ctx)
@@ -92,9 +100,10 @@ class UpdateSize(_Basic):
     def measure(self, ctx: Context) -> Values:
         if self._previous is None or self._previous_step != ctx.step - 1:
             return {}
-        params = _trainable(ctx)
-        total, per_layer = _norms(torch._foreach_sub(params, self._previous), ctx)
         before, _ = _norms(self._previous, ctx)
+        torch._foreach_sub_(self._previous, _trainable(ctx))  # θ_{t−1} − θ_t: the same norm
+        self._previous_step = -1  # the copy is spent
+        total, per_layer = _norms(self._previous, ctx)
         return {"total": total, "relative": total / before if before > 0 else float("nan"),
                 "per_layer": per_layer.numpy()}
 
@@ -102,18 +111,21 @@ class UpdateSize(_Basic):
 class DistanceFromInit(_Basic):
     """‖θ_t − θ_0‖/‖θ_0‖, the relative distance from initialisation (Chizat et al. 2019: small
     means the lazy/kernel regime), total and per layer (each layer relative to its own ‖θ_0‖),
-    and ``absolute`` = ‖θ_t − θ_0‖. Keeps one copy of the initial parameters."""
+    and ``absolute`` = ‖θ_t − θ_0‖. Keeps a copy of the initial parameters and one scratch copy
+    (so that no memory is allocated per measurement)."""
 
     name = "distance_from_init"
 
     def setup(self, ctx: Context) -> None:
         self._initial = [p.clone() for p in _trainable(ctx)]
+        self._scratch = [torch.empty_like(p) for p in self._initial]
         _, self._initial_per_layer = _norms(self._initial, ctx)
         self._initial_total = float(self._initial_per_layer.square().sum().sqrt())
 
     def measure(self, ctx: Context) -> Values:
-        params = _trainable(ctx)
-        total, per_layer = _norms(torch._foreach_sub(params, self._initial), ctx)
+        torch._foreach_copy_(self._scratch, _trainable(ctx))
+        torch._foreach_sub_(self._scratch, self._initial)
+        total, per_layer = _norms(self._scratch, ctx)
         scale = self._initial_per_layer.clone()
         relative = torch.where(scale > 0, per_layer / scale, torch.full_like(scale, float("nan")))
         return {

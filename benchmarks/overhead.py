@@ -1,0 +1,93 @@
+"""Overhead of a Lens with the basic probes, as a fraction of the training step time (CPU).
+
+Trains the same model with and without a Lens (basic probes, every step) in one process,
+alternating blocks of steps so that machine noise hits both alike, and reports the ratio
+(time with Lens) / (time without) − 1 of the median block times. Target: at most 3%.
+
+    python benchmarks/overhead.py [--steps 200] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import dynlens as dl
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+CASES = {
+    "mlp 784-512-512-10, batch 128": (mlp, (128, 1, 28, 28)),
+    "small cnn (2 conv + BN), 32x32, batch 64": (small_cnn, (64, 3, 32, 32)),
+}
+
+
+def block(model, opt, x, y, steps, lens=None) -> float:
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        if lens is not None:
+            lens.step(loss=loss)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(make, shape, steps: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    plain_model, watched_model = make(), make()
+    watched_model.load_state_dict(plain_model.state_dict())
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+    watched_opt = torch.optim.SGD(watched_model.parameters(), lr=0.01, momentum=0.9)
+    with tempfile.TemporaryDirectory() as tmp:
+        lens = dl.Lens(watched_model, nn.CrossEntropyLoss(), (x[:32], y[:32]), watched_opt, run_dir=tmp)
+        block(plain_model, plain_opt, x, y, 5)
+        block(watched_model, watched_opt, x, y, 5, lens)
+        plain, watched = [], []
+        for _ in range(repeats):
+            plain.append(block(plain_model, plain_opt, x, y, steps))
+            watched.append(block(watched_model, watched_opt, x, y, steps, lens))
+        lens.close()
+    p, w = statistics.median(plain), statistics.median(watched)
+    return {"step_ms": p * 1e3, "step_with_lens_ms": w * 1e3, "overhead": w / p - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {name: measure(make, shape, args.steps, args.repeats) for name, (make, shape) in CASES.items()}
+    print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "results": results}, indent=2))
+    for name, r in results.items():
+        print(f"{name}: step {r['step_ms']:.2f} ms, with Lens {r['step_with_lens_ms']:.2f} ms, "
+              f"overhead {100 * r['overhead']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
