@@ -69,6 +69,7 @@ class Coherence:
         class_stiffness: (C, C) matrix of mean cos(g_i, g_j) for i in class ``classes[a]``,
             j in class ``classes[b]`` (i ≠ j), or None.
         classes: the class labels, sorted, in the order of ``class_stiffness`` (empty if none).
+        labels: (m,) the class label of each example (empty if none).
         gsnr: mean over parameter entries of r_k = mean_i(g_ik)² / var_i(g_ik), with the
             population variance var_i = (1/m) Σ_i (g_ik − mean_i g_ik)² (the batch is the
             distribution); dimensionless. Entries with constant gradients are excluded (below).
@@ -104,6 +105,7 @@ class Coherence:
     stiffness: np.ndarray | None = field(repr=False)
     class_stiffness: np.ndarray | None = field(repr=False)
     classes: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
     gsnr: float
     gsnr_per_layer: dict[str, float]
     gsnr_excluded: int
@@ -340,6 +342,8 @@ def coherence_of(
         class_stiffness=None if class_matrix is None else class_matrix.numpy(),
         classes=(np.asarray(class_values.cpu().numpy(), dtype=np.int64) if class_values is not None
                  else np.zeros(0, dtype=np.int64)),
+        labels=(labels.cpu().numpy().astype(np.int64) if labels is not None
+                else np.zeros(0, dtype=np.int64)),
         gsnr=gsnr,
         gsnr_per_layer=per_layer,
         gsnr_excluded=int((~kept).sum()),

@@ -23,7 +23,7 @@ class Coherence(Probe):
 
     Arrays: ``grad_norms`` (m,) ‖g_i‖ in probe-batch order; ``gsnr_per_layer`` aligned with the
     run's ``layers``; ``classes`` (C,) labels with ``per_class`` (C,) m-coherence and
-    ``class_counts`` (C,); ``stiffness`` (m, m) cos(g_i, g_j) as float32 and ``class_stiffness``
+    ``class_counts`` (C,) and ``labels`` (m,) each example's class; ``stiffness`` (m, m) cos(g_i, g_j) as float32 and ``class_stiffness``
     (C, C), stored when stiffness is on and m ≤ ``matrix_max`` (the matrix is m² numbers).
 
     Cost per measurement: one vectorised backward pass over the probe batch, plus
@@ -88,6 +88,7 @@ class Coherence(Probe):
             "gsnr_per_layer": np.array([r.gsnr_per_layer.get(layer, np.nan) for layer in layers]),
         }
         if r.per_class:
+            values["labels"] = r.labels
             values["classes"] = r.classes
             values["per_class"] = np.array([r.per_class[int(c)] for c in r.classes])
             values["class_counts"] = np.array([r.class_counts[int(c)] for c in r.classes], dtype=np.int64)

@@ -16,6 +16,12 @@ from dynlens.reports.basic import (
     plot_per_layer,
     plot_update_size,
 )
+from dynlens.reports.coherence import (
+    plot_coherence,
+    plot_grad_norms,
+    plot_noise_scale,
+    plot_stiffness,
+)
 from dynlens.reports.html import Report, render_html, report
 from dynlens.reports.registry import figure, figures_for
 
@@ -23,4 +29,5 @@ __all__ = [
     "report", "Report", "render_html", "figure", "figures_for",
     "plot_loss", "plot_grad_norm", "plot_param_norm", "plot_update_size",
     "plot_distance_from_init", "plot_per_layer",
+    "plot_coherence", "plot_noise_scale", "plot_stiffness", "plot_grad_norms",
 ]

@@ -106,3 +106,22 @@ def test_large_probe_batches_keep_the_statistics_but_not_the_matrix(tmp_path, si
     run = dl.load_run(tmp_path / "run")
     assert "stiffness" not in run.array_names("coherence")
     assert np.isfinite(run.series("coherence", "stiffness_within").iloc[-1])
+
+
+def test_every_coherence_figure_draws_one_run_and_an_overlay_of_two(tmp_path):
+    from dynlens.reports import plot_coherence, plot_grad_norms, plot_noise_scale, plot_stiffness
+
+    paths = []
+    for k in range(2):
+        model, x, y = setup(seed=k)
+        path = tmp_path / f"run{k}"
+        with dl.Lens(model, nn.CrossEntropyLoss(), (x[:16], y[:16]), run_dir=path,
+                     config={"batch_size": 8}, probes=[dl.probes.Coherence(every=2)],
+                     basic=False) as lens:
+            train(model, x, y, 4, lens)
+        paths.append(path)
+    for fn in (plot_coherence, plot_noise_scale, plot_stiffness, plot_grad_norms):
+        for runs in (paths[0], paths):
+            fig = fn(runs, findings=[])
+            assert fig is not None and fig.axes, fn.__name__
+    assert plot_stiffness(paths[0], steps=[2]).axes[0].get_title() == "step 2"
