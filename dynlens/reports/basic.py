@@ -186,7 +186,7 @@ def _heatmap(fig: Figure, ax, steps: np.ndarray, values: np.ndarray, layers: lis
     shown = ax.imshow(image, aspect="auto", interpolation="nearest", origin="lower",
                       extent=(float(steps[0]), float(steps[-1]), -0.5, len(layers) - 0.5),
                       cmap="viridis")
-    ticks = np.linspace(0, len(layers) - 1, min(len(layers), 12)).round().astype(int)
+    ticks = np.arange(0, len(layers), int(np.ceil(len(layers) / 12)))
     ax.set_yticks(ticks, [layers[i] for i in ticks])
     ax.set_ylabel("layer")
     ax.grid(False)

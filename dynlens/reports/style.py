@@ -161,10 +161,12 @@ def plot_series(ax: Axes, runs: Sequence[Run], probe: str, name: str, label: str
 
 
 def mark_findings(ax: Axes, findings: Sequence[Finding], probe: str | None = None) -> None:
-    """Mark on ``ax`` the steps where findings fire: a dashed line at a single step, a shaded
-    span over a range, coloured by severity. ``probe`` keeps only that probe's findings (and
+    """Mark on ``ax`` the steps where findings fire (call it after plotting the data): a dashed
+    line at a single step or a short range, a shaded span over a longer range, coloured by severity. ``probe`` keeps only that probe's findings (and
     those of no probe); ``None`` marks all."""
     seen: set[str] = set()
+    low, high = ax.get_xlim()
+    narrow = 0.005 * abs(high - low)  # a span thinner than this would not show: draw a line
     for f in findings:
         if probe is not None and f.probe not in (probe, None):
             continue
@@ -172,7 +174,7 @@ def mark_findings(ax: Axes, findings: Sequence[Finding], probe: str | None = Non
         label = None if f.severity in seen else f"{f.severity} finding"
         seen.add(f.severity)
         first, last = f.steps
-        if first == last:
+        if last - first <= narrow:
             ax.axvline(first, color=color, linestyle="--", linewidth=0.9, alpha=0.8, label=label,
                        zorder=0)
         else:
