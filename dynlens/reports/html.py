@@ -235,6 +235,7 @@ def render_html(runs: RunLike | Sequence[RunLike], quiet: bool = False,
     runs = as_runs(runs)
     labels = run_labels(runs)
     probes = list(dict.fromkeys(p for run in runs for p in run.probes()))
+    probes.sort(key=lambda p: {"train": 0, "lens": 2}.get(p, 1))  # the loss first, timings last
     plan = [(probe, spec) for probe in probes for spec in (figures_for(probe) or [None])]
     bar = ProgressBar(len(runs) + len(plan) + 1, quiet=quiet, stream=stream)
 
