@@ -167,7 +167,8 @@ def _failing_module(model: nn.Module, err: BaseException) -> str | None:
 
 
 class _Gradients:
-    """Flat float64 per-example gradients of any example range, by vmap or by the loop."""
+    """Per-example gradients of any example range, by vmap or by the loop, as one (n, P_k)
+    matrix per parameter tensor (views, in the parameters' dtype)."""
 
     def __init__(self, fn: ModelFunction, fallback: Fallback) -> None:
         self.fn = fn
@@ -175,7 +176,7 @@ class _Gradients:
         self.method = "vmap"
         self.notes: list[str] = []
 
-    def flat(self, start: int, stop: int) -> Tensor:
+    def chunk(self, start: int, stop: int) -> list[Tensor]:
         if self.method == "vmap":
             try:
                 grads = self.fn.per_example_grads_of(start, stop)
@@ -187,7 +188,7 @@ class _Gradients:
         else:
             grads = self.fn.per_example_grads_loop(start, stop)
         n = stop - start
-        return torch.cat([g.reshape(n, -1).to(torch.float64) for g in grads.values()], dim=1)
+        return [g.reshape(n, -1) for g in grads.values()]
 
     def _vmap_failed(self, err: BaseException) -> None:
         where = _failing_module(self.fn.model, err)
@@ -206,15 +207,6 @@ class _Gradients:
                 "backward pass per example")
         self.notes.append(note)
         warnings.warn(f"dynlens: {note}", RuntimeWarning, stacklevel=4)
-
-
-def _mean_excluding_diagonal(matrix: Tensor, mask: Tensor) -> float:
-    """Mean of ``matrix`` over the True entries of ``mask`` off the diagonal, ignoring NaN."""
-    mask = mask.clone()
-    mask.fill_diagonal_(False)
-    values = matrix[mask]
-    values = values[~torch.isnan(values)]
-    return float(values.mean()) if values.numel() else math.nan
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -237,97 +229,90 @@ def coherence_of(
     labels = _resolve_classes(fn, classes, m)
     source = _Gradients(fn, fallback)
     names = list(fn.params)
-    sizes = [t.numel() for t in fn.params.values()]
     device = fn.device
     f64 = torch.float64
-
+    # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
+    # the parameters' dtype, which for float64 models makes everything float64)
     count = 0
-    mean = torch.zeros(sum(sizes), dtype=f64, device=device)
-    centred = torch.zeros_like(mean)  # Σ_i (g_i − ḡ)², elementwise
+    means = [torch.zeros(t.numel(), dtype=f64, device=device) for t in fn.params.values()]
+    centred = [torch.zeros_like(x) for x in means]  # Σ_i (g_ik − ḡ_k)²
     sq_norms = torch.zeros(m, dtype=f64, device=device)
-    class_values = torch.unique(labels) if labels is not None else None
-    class_index = torch.searchsorted(class_values, labels) if labels is not None else None
-    class_sums = (torch.zeros(len(class_values), mean.numel(), dtype=f64, device=device)
-                  if class_values is not None else None)
+    class_values = class_index = None
+    class_sums: list[Tensor] = []
+    if labels is not None:
+        class_values, class_index = torch.unique(labels, return_inverse=True)
+        class_sums = [torch.zeros(len(class_values), x.numel(), dtype=f64, device=device) for x in means]
     gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
     bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
 
     for a, (start, stop) in enumerate(bounds):
-        chunk = source.flat(start, stop)
+        chunk = source.chunk(start, stop)
         n = stop - start
-        chunk_mean = chunk.mean(dim=0)
-        chunk_centred = (chunk - chunk_mean).square_().sum(dim=0)
-        delta = chunk_mean - mean
         total = count + n
-        centred += chunk_centred + delta.square() * (count * n / total)
-        mean += delta * (n / total)
+        for g, mean, m2, k in zip(chunk, means, centred, range(len(chunk)), strict=True):
+            var, chunk_mean = torch.var_mean(g, dim=0, correction=0)
+            delta = chunk_mean.to(f64) - mean
+            m2 += var.to(f64) * n + delta.square() * (count * n / total)
+            mean += delta * (n / total)
+            sq_norms[start:stop] += torch.linalg.vector_norm(g, dim=1).to(f64).square()
+            if class_sums:
+                class_sums[k].index_add_(0, class_index[start:stop], g.to(f64))
         count = total
-        sq_norms[start:stop] = chunk.square().sum(dim=1)
-        if class_sums is not None:
-            class_sums.index_add_(0, class_index[start:stop], chunk)
         if gram is not None:
-            gram[start:stop, start:stop] = chunk @ chunk.T
+            gram[start:stop, start:stop] = _dot(chunk, chunk)
             for other_start, other_stop in bounds[a + 1:]:
-                block = chunk @ source.flat(other_start, other_stop).T
+                block = _dot(chunk, source.chunk(other_start, other_stop))
                 gram[start:stop, other_start:other_stop] = block
                 gram[other_start:other_stop, start:stop] = block.T
         del chunk
 
-    mean_sq_norm = float(mean.square().sum())
-    sum_sq_norms = float(sq_norms.sum())
+    mean = torch.cat(means)
+    centred_all = torch.cat(centred)
+    sizes = [x.numel() for x in means]
+    # one transfer to the host for every scalar (a sync per value would stall a GPU)
+    mean_sq_norm, sum_sq_norms, centred_sum = torch.stack(
+        [mean.square().sum(), sq_norms.sum(), centred_all.sum()]).tolist()
     alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
 
     per_class: dict[int, float] = {}
     counts: dict[int, int] = {}
-    if class_sums is not None:
-        class_sq = torch.zeros(len(class_values), dtype=f64, device=device)
-        class_sq.index_add_(0, class_index, sq_norms)
-        for k, c in enumerate(class_values.tolist()):
-            denominator = float(class_sq[k])
-            per_class[int(c)] = float(class_sums[k].square().sum()) / denominator if denominator > 0 else math.nan
-            counts[int(c)] = int((class_index == k).sum())
+    if class_sums:
+        class_sq = torch.zeros(len(class_values), dtype=f64, device=device).index_add_(0, class_index, sq_norms)
+        numerators = sum(c.square().sum(dim=1) for c in class_sums)
+        sizes_per_class = torch.bincount(class_index, minlength=len(class_values))
+        for c, num, den, size in zip(class_values.tolist(), numerators.tolist(), class_sq.tolist(),
+                                     sizes_per_class.tolist(), strict=True):
+            per_class[int(c)] = num / den if den > 0 else math.nan
+            counts[int(c)] = int(size)
 
-    variance = centred / m  # population variance of each parameter entry
+    variance = centred_all / m  # population variance of each parameter entry
     mean_sq = variance + mean.square()  # mean_i g_ik²
     kept = variance > _CONSTANT_VARIANCE * mean_sq
-    ratio = torch.where(kept, mean.square() / torch.where(kept, variance, 1.0), torch.nan)
-    gsnr = float(ratio[kept].mean()) if bool(kept.any()) else math.nan
-    per_layer: dict[str, float] = {}
-    layer_entries: dict[str, list[Tensor]] = {}
-    for name, piece in zip(names, torch.split(ratio, sizes), strict=True):
-        layer_entries.setdefault(_layer_of(name), []).append(piece)
-    for layer, pieces in layer_entries.items():
-        values = torch.cat(pieces)
-        values = values[~torch.isnan(values)]
-        per_layer[layer] = float(values.mean()) if values.numel() else math.nan
+    ratio = torch.where(kept, mean.square() / torch.where(kept, variance, 1.0), 0.0)
+    layer_of = [_layer_of(name) for name in names]
+    layers = list(dict.fromkeys(layer_of))
+    layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
+    ratio_sums = torch.zeros(len(layers), dtype=f64, device=device).index_add_(
+        0, layer_index, torch.stack([r.sum() for r in torch.split(ratio, sizes)]))
+    kept_counts = torch.zeros(len(layers), dtype=f64, device=device).index_add_(
+        0, layer_index, torch.stack([k.sum().to(f64) for k in torch.split(kept, sizes)]))
+    ratio_sums, kept_counts = ratio_sums.tolist(), kept_counts.tolist()
+    per_layer = {layer: (r / c if c > 0 else math.nan) for layer, r, c in zip(layers, ratio_sums, kept_counts, strict=True)}
+    kept_total = sum(kept_counts)
+    gsnr = sum(ratio_sums) / kept_total if kept_total > 0 else math.nan
 
-    trace_sigma = float(centred.sum()) / (m - 1)
+    trace_sigma = centred_sum / (m - 1)
     grad_sq_norm = mean_sq_norm - trace_sigma / m
     if grad_sq_norm > 0:
         noise_scale = trace_sigma / grad_sq_norm
     else:
         noise_scale = math.inf if trace_sigma > 0 else math.nan
 
-    matrix = within = between = overall = None
-    class_matrix = None
+    matrix = class_matrix = None
+    within = between = overall = math.nan
     if gram is not None:
-        norms = sq_norms.sqrt()
-        denominator = norms[:, None] * norms[None, :]
-        matrix = torch.where(denominator > 0, gram / torch.where(denominator > 0, denominator, 1.0), torch.nan)
-        overall = _mean_excluding_diagonal(matrix, torch.ones(m, m, dtype=torch.bool, device=device))
-        if class_index is not None:
-            same = class_index[:, None] == class_index[None, :]
-            within = _mean_excluding_diagonal(matrix, same)
-            between = _mean_excluding_diagonal(matrix, ~same)
-            c = len(class_values)
-            class_matrix = torch.empty(c, c, dtype=f64)
-            for i in range(c):
-                for j in range(c):
-                    mask = (class_index[:, None] == i) & (class_index[None, :] == j)
-                    class_matrix[i, j] = _mean_excluding_diagonal(matrix, mask)
-
-    def number(x: float | None) -> float:
-        return math.nan if x is None else float(x)
+        matrix, class_matrix, (overall, within, between) = _stiffness(gram, sq_norms, class_index,
+                                                                      class_values)
 
     return Coherence(
         alpha=alpha,
@@ -335,18 +320,18 @@ def coherence_of(
         m_coherence=alpha * m,
         per_class=per_class,
         class_counts=counts,
-        stiffness_within=number(within),
-        stiffness_between=number(between),
-        stiffness_mean=number(overall),
-        stiffness=None if matrix is None else matrix.cpu().numpy(),
-        class_stiffness=None if class_matrix is None else class_matrix.numpy(),
-        classes=(np.asarray(class_values.cpu().numpy(), dtype=np.int64) if class_values is not None
+        stiffness_within=within,
+        stiffness_between=between,
+        stiffness_mean=overall,
+        stiffness=matrix,
+        class_stiffness=class_matrix,
+        classes=(class_values.cpu().numpy().astype(np.int64) if class_values is not None
                  else np.zeros(0, dtype=np.int64)),
         labels=(labels.cpu().numpy().astype(np.int64) if labels is not None
                 else np.zeros(0, dtype=np.int64)),
         gsnr=gsnr,
         gsnr_per_layer=per_layer,
-        gsnr_excluded=int((~kept).sum()),
+        gsnr_excluded=int(mean.numel() - kept_total),
         noise_scale=noise_scale,
         trace_sigma=trace_sigma,
         grad_sq_norm=grad_sq_norm,
@@ -356,6 +341,40 @@ def coherence_of(
         method=source.method,
         notes=tuple(source.notes),
     )
+
+
+def _dot(rows: list[Tensor], columns: list[Tensor]) -> Tensor:
+    """The (n_a, n_b) float64 block of g_i·g_j between two chunks given per parameter."""
+    return sum(a.to(torch.float64) @ b.to(torch.float64).T for a, b in zip(rows, columns, strict=True))
+
+
+def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
+               class_values: Tensor | None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """The cosine matrix, the (C, C) class means and (overall, within, between) means, all over
+    pairs i ≠ j whose gradients are non-zero."""
+    m = gram.shape[0]
+    norms = sq_norms.sqrt()
+    denominator = norms[:, None] * norms[None, :]
+    valid = denominator > 0
+    matrix = torch.where(valid, gram / torch.where(valid, denominator, 1.0), torch.nan)
+    valid &= ~torch.eye(m, dtype=torch.bool, device=gram.device)
+    weights = valid.to(torch.float64)
+    values = torch.where(valid, matrix, 0.0)
+    if class_index is None:
+        total, pairs = torch.stack([values.sum(), weights.sum()]).tolist()
+        return matrix.cpu().numpy(), None, (total / pairs if pairs else math.nan, math.nan, math.nan)
+    onehot = torch.nn.functional.one_hot(class_index, len(class_values)).to(torch.float64)
+    sums = onehot.T @ values @ onehot
+    pairs = onehot.T @ weights @ onehot
+    class_matrix = torch.where(pairs > 0, sums / torch.where(pairs > 0, pairs, 1.0), torch.nan)
+    total, total_pairs, same, same_pairs = torch.stack(
+        [sums.sum(), pairs.sum(), sums.trace(), pairs.trace()]).tolist()
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else math.nan
+
+    means = (ratio(total, total_pairs), ratio(same, same_pairs), ratio(total - same, total_pairs - same_pairs))
+    return matrix.cpu().numpy(), class_matrix.cpu().numpy(), means
 
 
 def _resolve_classes(fn: ModelFunction, classes: Any, m: int) -> Tensor | None:

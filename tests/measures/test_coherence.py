@@ -376,18 +376,24 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_delta_mb(m: int, mode: str) -> float:
+def _peak_deltas_mb(cases: list[tuple[int, str]]) -> list[float]:
+    """Peak resident-set growth of each (m, mode) case, each in its own process (run in parallel)."""
     # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when
     # freed, so the peak resident set tracks the peak of live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(m), mode], env=env,
-                         capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])["delta_mb"]
+    procs = [subprocess.Popen([sys.executable, "-c", _MEMORY_SCRIPT, str(m), mode], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m, mode in cases]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1])["delta_mb"])
+    return results
 
 
 def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
     # P = 85k parameters: all 512 per-example gradients are 174 MB in float32, a chunk of 16 is 5 MB
-    small, large = _peak_delta_mb(64, "measure"), _peak_delta_mb(512, "measure")
-    hoarded = _peak_delta_mb(512, "hoard")
+    small, large, hoarded = _peak_deltas_mb([(64, "measure"), (512, "measure"), (512, "hoard")])
     assert hoarded > 80, f"the instrument missed 174 MB of kept gradients: {hoarded:.1f} MB"
     assert large < small + 15, f"peak grew from {small:.1f} MB (m=64) to {large:.1f} MB (m=512)"
