@@ -22,6 +22,7 @@ from dynlens.reports.coherence import (
     plot_noise_scale,
     plot_stiffness,
 )
+from dynlens.reports.hessian import plot_density, plot_sharpness, plot_trace
 from dynlens.reports.html import Report, render_html, report
 from dynlens.reports.registry import figure, figures_for
 
@@ -30,4 +31,5 @@ __all__ = [
     "plot_loss", "plot_grad_norm", "plot_param_norm", "plot_update_size",
     "plot_distance_from_init", "plot_per_layer",
     "plot_coherence", "plot_noise_scale", "plot_stiffness", "plot_grad_norms",
+    "plot_sharpness", "plot_density", "plot_trace",
 ]
