@@ -42,7 +42,7 @@ def main(steps: int = 1000, lr: float = 0.5, every: int = 10, run_dir: str | Non
     loss_fn = nn.MSELoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     run_dir = run_dir or tempfile.mkdtemp(prefix="edge_of_stability_")
-    probe = dl.probes.Hessian(every=every, k=1, trace=False, tol=1e-3)
+    probe = dl.probes.Hessian(every=every, k=1, lambda_min=False, trace=False, tol=1e-3)
     with dl.Lens(model, loss_fn, probe_batch=(x, y), optimizer=optimizer, run_dir=run_dir,
                  name=f"edge-of-stability-lr{lr}", config={"lr": lr, "steps": steps, "full_batch": len(x)},
                  probes=[probe]) as lens:
