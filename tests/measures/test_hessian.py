@@ -1,0 +1,375 @@
+"""dl.hessian_eigenvalues / hessian_trace / hessian_density against a dense Hessian
+(torch.autograd.functional.hessian) and against PyHessian; options, no side effects, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+from dynlens.functional import ModelFunction, isolated
+
+# ----------------------------------------------------------------------------- models
+
+
+class AttentionBlock(nn.Module):
+    """Token features -> linear -> multi-head attention (residual) -> LayerNorm -> pooled head."""
+
+    def __init__(self, d_in: int = 3, width: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d_in, width)
+        self.attention = nn.MultiheadAttention(width, num_heads=2, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(h + self.attention(h, h, h, need_weights=False)[0])
+        return self.head(torch.tanh(h).mean(1))
+
+
+class TiedEmbedding(nn.Module):
+    """Bag of tokens -> embedding -> tanh layer -> output layer tied to the embedding."""
+
+    def __init__(self, vocab: int = 9, width: int = 5) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocab, bias=False)
+        self.out.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
+
+
+def _mlp(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(24, 6, generator=g, dtype=dtype), torch.randint(0, 3, (24,), generator=g))
+
+
+def _cnn() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+    ).double()
+    with torch.no_grad():  # non-trivial running statistics, so eval and train mode differ
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(12, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+
+
+def _attention() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = AttentionBlock().double()
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(8, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+
+
+def _tied() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = TiedEmbedding().double()
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randint(0, 9, (16, 3), generator=g), torch.randint(0, 9, (16,), generator=g))
+
+
+LOSS = nn.CrossEntropyLoss()
+MODELS = {"mlp": (_mlp, "eval"), "cnn_batchnorm_eval": (_cnn, "eval"), "cnn_batchnorm_train": (_cnn, "train"),
+          "attention_layernorm": (_attention, "eval"), "tied_weights": (_tied, "eval")}
+
+
+def dense_hessian(model: nn.Module, batch: tuple, mode: str = "eval") -> torch.Tensor:
+    """The oracle: the full Hessian of the mean loss by torch.autograd.functional.hessian (float64)."""
+    model = copy.deepcopy(model).double()
+    inputs, targets = batch
+    if inputs.is_floating_point():
+        inputs = inputs.double()
+    with isolated(model, mode):
+        fn = ModelFunction(model, LOSS, (inputs, targets))
+        matrix = torch.autograd.functional.hessian(lambda v: fn.loss(fn.as_params(v)), fn.vector())
+    return (matrix + matrix.T) / 2
+
+
+def _relative_error(found: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(((found - exact).abs() / exact.abs()).max())
+
+
+# ----------------------------------------------------------------------------- against the dense Hessian
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_top5_and_bottom3_eigenvalues_match_dense_hessian_in_float64(name: str) -> None:
+    make, mode = MODELS[name]
+    model, batch = make()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch, mode))
+    top = dl.hessian_eigenvalues(model, LOSS, batch, k=5, which="top", mode=mode)
+    bottom = dl.hessian_eigenvalues(model, LOSS, batch, k=3, which="bottom", mode=mode)
+    assert top.converged and bottom.converged
+    assert _relative_error(top.values, exact.flip(0)[:5]) < 1e-4
+    assert _relative_error(bottom.values, exact[:3].flip(0)) < 1e-4
+    assert top.matvecs > 0 and top.elapsed > 0 and top.values.dtype == torch.float64
+
+
+def test_top5_and_bottom3_eigenvalues_match_dense_hessian_in_float32() -> None:
+    model, batch = _mlp(torch.float32)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch))
+    top = dl.hessian_eigenvalues(model, LOSS, batch, k=5, tol=1e-3)
+    bottom = dl.hessian_eigenvalues(model, LOSS, batch, k=3, which="bottom", tol=1e-3)
+    assert _relative_error(top.values, exact.flip(0)[:5]) < 1e-3
+    assert _relative_error(bottom.values, exact[:3].flip(0)) < 1e-3
+
+
+def test_both_ends_and_eigenvectors_are_eigenpairs_of_the_dense_hessian() -> None:
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    exact = torch.linalg.eigvalsh(matrix)
+    both = dl.hessian_eigenvalues(model, LOSS, batch, k=2, which="both", return_vectors=True)
+    expected = torch.cat([exact.flip(0)[:2], exact[:2].flip(0)])
+    assert _relative_error(both.values, expected) < 1e-6
+    assert torch.all(both.values[:-1] >= both.values[1:])
+    residual = matrix @ both.vectors - both.vectors * both.values
+    assert float(residual.norm(dim=0).max()) < 1e-3 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("hvp", ["reuse", "forward_over_reverse"])
+def test_both_hvp_methods_give_the_same_top_eigenvalue(hvp: str) -> None:
+    model, batch = _attention()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch))[-1]
+    assert abs(dl.hessian_eigenvalues(model, LOSS, batch, hvp=hvp).max - float(exact)) < 1e-6 * float(exact)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm_train", "tied_weights"])
+def test_trace_is_within_three_standard_errors_of_the_dense_trace(name: str) -> None:
+    make, mode = MODELS[name]
+    model, batch = make()
+    exact = float(torch.trace(dense_hessian(model, batch, mode)))
+    for method in ("hutch++", "hutchinson"):
+        estimate = dl.hessian_trace(model, LOSS, batch, samples=60, method=method, mode=mode)
+        assert estimate.matvecs == 60
+        assert abs(estimate.value - exact) <= 3 * estimate.stderr + 1e-9 * abs(exact)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention_layernorm"])
+def test_density_moments_match_the_dense_spectrum(name: str) -> None:
+    make, mode = MODELS[name]
+    model, batch = make()
+    matrix = dense_hessian(model, batch, mode)
+    size = matrix.shape[0]
+    runs = 16
+    density = dl.hessian_density(model, LOSS, batch, runs=runs, iters=30)
+    assert abs(float(density.weights.sum()) - 1) < 1e-10
+    found = density.moments(4)
+    power = torch.eye(size, dtype=torch.float64)
+    for p in range(1, 5):
+        power = power @ matrix
+        exact = float(torch.trace(power)) / size
+        # the SLQ moment is a Hutchinson estimate of tr(H^p)/P: Var = 2(‖H^p‖_F² − Σ diag²)/P²/runs
+        sd = float(2 * (power.pow(2).sum() - power.diagonal().pow(2).sum())) ** 0.5 / size / runs**0.5
+        assert abs(found[p] - exact) <= 4 * sd + 1e-12, (p, found[p], exact, sd)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_ggn_eigenvalues_match_the_dense_gauss_newton_matrix() -> None:
+    model, batch = _mlp()
+    with isolated(model):
+        fn = ModelFunction(model, LOSS, batch)
+        basis = torch.eye(fn.num_params, dtype=torch.float64)
+        ggn = torch.stack([torch.cat([t.reshape(-1) for t in fn.ggn_vp(fn.as_params(e)).values()]) for e in basis])
+    exact = torch.linalg.eigvalsh((ggn + ggn.T) / 2)
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=3, curvature="ggn")
+    assert _relative_error(found.values, exact.flip(0)[:3]) < 1e-4
+
+
+def test_per_layer_spectra_are_the_eigenvalues_of_the_diagonal_blocks() -> None:
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    results = dl.hessian_eigenvalues(model, LOSS, batch, k=2, params="per_layer")
+    assert list(results) == ["0", "2", "4"]
+    offset = 0
+    for layer, names in zip(results, [["0.weight", "0.bias"], ["2.weight", "2.bias"], ["4.weight", "4.bias"]],
+                            strict=True):
+        size = sum(dict(model.named_parameters())[n].numel() for n in names)
+        block = matrix[offset : offset + size, offset : offset + size]
+        offset += size
+        assert _relative_error(results[layer].values, torch.linalg.eigvalsh(block).flip(0)[:2]) < 1e-4
+    traces = dl.hessian_trace(model, LOSS, batch, params="per_layer", samples=30)
+    assert set(traces) == {"0", "2", "4"}
+
+
+def test_parameter_subset_gives_the_block_of_those_parameters() -> None:
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    block = matrix[-33:, -33:]  # 4.weight (30) and 4.bias (3) are the last parameters
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=1, params=["4.weight", "4.bias"])
+    assert found.num_params == 33
+    assert _relative_error(found.values, torch.linalg.eigvalsh(block)[-1:]) < 1e-6
+
+
+def test_batch_size_dependence_is_the_mean_over_sub_batches() -> None:
+    model, (x, y) = _mlp()
+    found = dl.hessian_eigenvalues(model, LOSS, (x, y), k=1, batch_size=8)
+    assert found.batch_values.shape == (3, 1)
+    for i in range(3):
+        sub = (x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])
+        exact = torch.linalg.eigvalsh(dense_hessian(model, sub))[-1]
+        assert abs(float(found.batch_values[i, 0]) - float(exact)) < 1e-6 * float(exact)
+    assert torch.allclose(found.values, found.batch_values.mean(0))
+
+
+def test_gradient_overlap_is_the_share_of_the_gradient_in_the_top_subspace() -> None:
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    with isolated(model):
+        gradient = ModelFunction(model, LOSS, batch).vector(ModelFunction(model, LOSS, batch).grad())
+    _, vectors = torch.linalg.eigh(matrix)
+    top = vectors[:, -3:]
+    exact = float((top.T @ gradient).pow(2).sum() / gradient.pow(2).sum())
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=3, gradient_overlap=True)
+    assert abs(found.gradient_overlap - exact) < 1e-4  # eigenvector error ≈ residual / gap
+
+
+def test_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h() -> None:
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    g = torch.Generator().manual_seed(3)
+    diagonal = torch.rand(matrix.shape[0], generator=g, dtype=torch.float64) + 0.1
+    exact = torch.linalg.eigvals(torch.diag(1 / diagonal) @ matrix).real.max()
+    found = dl.hessian_eigenvalues(model, LOSS, batch, preconditioner=diagonal)
+    assert abs(found.max - float(exact)) < 1e-6 * float(exact)
+
+
+def test_adam_preconditioner_is_read_from_the_optimizer_state() -> None:
+    from dynlens.measures.hessian import adam_preconditioner
+
+    model, (x, y) = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    assert adam_preconditioner(optimizer, model) is None
+    for _ in range(3):
+        optimizer.zero_grad()
+        LOSS(model(x), y).backward()
+        optimizer.step()
+    found = adam_preconditioner(optimizer, model)
+    p = model[0].weight
+    state = optimizer.state[p]
+    expected = (1 - 0.9**3) * ((state["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-8)
+    assert torch.allclose(found["0.weight"], expected)
+    # an Adam step is then exactly -lr * P^-1 m_t
+    before = p.detach().clone()
+    optimizer.zero_grad()
+    LOSS(model(x), y).backward()
+    m_t = 0.9 * state["exp_avg"] + 0.1 * p.grad
+    optimizer.step()
+    precond_next = adam_preconditioner(optimizer, model)["0.weight"]
+    assert torch.allclose(p.detach() - before, -1e-3 * m_t / precond_next, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- no side effects
+
+
+def test_measurements_leave_grad_buffers_flags_and_rng_untouched() -> None:
+    model, (x, y) = _cnn()
+    model.train()
+    model[3].eval()  # a mixed state must come back as it was
+    LOSS(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    flags = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    params = [p.detach().clone() for p in model.parameters()]
+    for mode in ("eval", "train"):
+        dl.hessian_eigenvalues(model, LOSS, (x, y), k=2, mode=mode, gradient_overlap=True)
+        dl.hessian_trace(model, LOSS, (x, y), samples=8, mode=mode)
+        dl.hessian_density(model, LOSS, (x, y), runs=2, iters=5, mode=mode)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_attention_hessian_works_while_fused_kernels_stay_selected_outside() -> None:
+    model, batch = _attention()
+    result = dl.hessian_eigenvalues(model, LOSS, batch)
+    assert result.converged and result.max > 0
+    assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_k_larger_than_the_parameter_count_is_a_clear_error() -> None:
+    model, batch = _mlp()
+    with pytest.raises(ValueError, match="at most"):
+        dl.hessian_eigenvalues(model, LOSS, batch, k=10_000)
+
+
+def test_a_loss_without_second_derivative_is_a_clear_error() -> None:
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x.pow(2)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    model, batch = _mlp()
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return Once.apply(outputs).mean()
+
+    with pytest.raises(ValueError, match="twice differentiable"):
+        dl.hessian_eigenvalues(model, loss_fn, batch)
+
+
+def test_a_non_finite_loss_is_a_clear_error() -> None:
+    model, (x, y) = _mlp()
+    x = x.clone()
+    x[0, 0] = float("nan")
+    for measure in (dl.hessian_eigenvalues, dl.hessian_trace, dl.hessian_density):
+        with pytest.raises(ValueError, match="non-finite"):
+            measure(model, LOSS, (x, y))
+
+
+def test_unknown_options_are_clear_errors() -> None:
+    model, batch = _mlp()
+    with pytest.raises(ValueError, match="curvature"):
+        dl.hessian_eigenvalues(model, LOSS, batch, curvature="fisher")
+    with pytest.raises(ValueError, match="which"):
+        dl.hessian_eigenvalues(model, LOSS, batch, which="middle")
+    with pytest.raises(ValueError, match="per_layer"):
+        dl.hessian_trace(model, LOSS, batch, params="layers")
+
+
+# ----------------------------------------------------------------------------- against PyHessian
+
+
+def test_top_eigenvalue_and_trace_agree_with_pyhessian() -> None:
+    pyhessian = pytest.importorskip("pyhessian")
+    model, batch = _mlp(torch.float32)
+    probe = copy.deepcopy(model)  # PyHessian calls backward() on the model it gets
+    torch.manual_seed(0)
+    computer = pyhessian.hessian(probe, LOSS, data=batch, cuda=False)
+    top, _ = computer.eigenvalues(top_n=1)
+    samples = computer.trace(maxIter=200)
+    ours = dl.hessian_eigenvalues(model, LOSS, batch, tol=1e-5)
+    # PyHessian stops its power iteration at a relative change of 1e-3
+    assert abs(top[0] - ours.max) <= 5e-3 * ours.max
+    trace = dl.hessian_trace(model, LOSS, batch, samples=90)
+    pyhessian_stderr = np.std(samples, ddof=1) / np.sqrt(len(samples))
+    assert abs(np.mean(samples) - trace.value) <= 3 * (pyhessian_stderr + trace.stderr)

@@ -1,0 +1,113 @@
+"""dl.probes.Hessian: what it records, the stability thresholds it reads from the optimizer, and
+that it neither changes training nor stops it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+from dynlens.probes.hessian import stability_threshold
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def _setup(seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g))
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, steps: int, lens=None) -> None:  # noqa: ANN001
+    x, y = batch
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = LOSS(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if lens is not None:
+            lens.step(loss=loss)
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda p: torch.optim.SGD(p, lr=0.1), ("gd", 20.0)),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), ("momentum", 38.0)),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, nesterov=True), ("momentum", 30.0)),
+    (lambda p: torch.optim.Adam(p, lr=0.01), ("adam", 3800.0)),
+    (lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.8, 0.999)), ("adam", 3.6 / 0.2 / 0.01)),
+])
+def test_stability_threshold_follows_the_optimizer(make, expected) -> None:  # noqa: ANN001
+    model, _ = _setup()
+    kind, value = stability_threshold(make(model.parameters()))
+    assert kind == expected[0] and math.isclose(value, expected[1], rel_tol=1e-12)
+
+
+def test_probe_records_eigenvalues_threshold_trace_and_density(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = dl.probes.Hessian(every=2, k=3, density=True, density_runs=2, density_iters=10, trace_samples=12)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+        _train(model, optimizer, batch, 2, lens)
+        expected = dl.hessian_eigenvalues(model, LOSS, batch, k=3)
+        lam_min = dl.hessian_eigenvalues(model, LOSS, batch, k=1, which="bottom", tol=1e-6).min
+        trace = dl.hessian_trace(model, LOSS, batch, samples=60)
+    run = dl.load_run(tmp_path)
+    names = set(run.scalar_names("hessian"))
+    assert {"sharpness", "lambda_2", "lambda_3", "lambda_min", "threshold", "sharpness_ratio", "trace",
+            "trace_stderr", "sgd_trace_ratio", "hvps", "residual_max"} <= names
+    assert set(run.array_names("hessian")) == {"density_nodes", "density_weights"}
+    at = run.scalars("hessian").query("step == 2").set_index("name")["value"]
+    assert math.isclose(at["sharpness"], float(expected.values[0]), rel_tol=1e-6)
+    assert math.isclose(at["lambda_3"], float(expected.values[2]), rel_tol=1e-6)
+    assert math.isclose(at["lambda_min"], lam_min, rel_tol=1e-2)
+    assert at["threshold"] == pytest.approx(20.0)
+    assert at["sharpness_ratio"] == pytest.approx(at["sharpness"] / 20.0)
+    assert abs(at["trace"] - trace.value) <= 3 * (at["trace_stderr"] + trace.stderr)
+    assert at["sgd_trace_ratio"] == pytest.approx(0.1 * at["trace"] / 2)
+    assert at["residual_max"] <= 1e-4
+
+
+def test_adam_ratio_uses_the_preconditioned_sharpness(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+        _train(model, optimizer, batch, 3, lens)
+        expected = dl.hessian_eigenvalues(model, LOSS, batch, preconditioner=optimizer).max
+    series = dl.load_run(tmp_path).series("hessian", "preconditioned_sharpness")
+    assert 0 not in series.index  # no Adam state before the first step
+    assert math.isclose(series[3], expected, rel_tol=1e-6)
+    ratio = dl.load_run(tmp_path).series("hessian", "sharpness_ratio")
+    assert math.isclose(ratio[3], expected / 3800.0, rel_tol=1e-6)
+
+
+def test_probe_does_not_change_the_training_trajectory(tmp_path) -> None:  # noqa: ANN001
+    finals = []
+    for attach in (False, True):
+        model, batch = _setup()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if attach:
+            probe = dl.probes.Hessian(every=2, k=2, density=True, density_runs=2, density_iters=5, trace_samples=8)
+            with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
+                         probes=[probe]) as lens:
+                _train(model, optimizer, batch, 4, lens)
+        else:
+            _train(model, optimizer, batch, 4)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def test_non_finite_loss_is_recorded_as_an_event_and_training_goes_on(tmp_path) -> None:  # noqa: ANN001
+    model, (x, y) = _setup()
+    x = x.clone()
+    x[0, 0] = float("inf")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dl.Lens(model, LOSS, probe_batch=(x, y), optimizer=optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=1)]) as lens:
+        _train(model, optimizer, _setup()[1], 2, lens)
+    events = dl.load_run(tmp_path).events()
+    assert events["message"].str.contains("non-finite").any()
