@@ -91,7 +91,8 @@ class Coherence:
         size: m, the number of examples.
         method: "vmap" (torch.func, chunked) or "loop" (one backward pass per example, the
             fallback for models vmap cannot run).
-        accumulation_dtype: the dtype the sums were accumulated in ("float64").
+        accumulation_dtype: the dtype of the sums across chunks ("float64"; within a chunk the
+            parameters' dtype is used).
     """
 
     alpha: float
@@ -234,14 +235,16 @@ def coherence_of(
     # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
     # the parameters' dtype, which for float64 models makes everything float64)
     count = 0
-    means = [torch.zeros(t.numel(), dtype=f64, device=device) for t in fn.params.values()]
-    centred = [torch.zeros_like(x) for x in means]  # Σ_i (g_ik − ḡ_k)²
+    sizes = [t.numel() for t in fn.params.values()]
+    mean = torch.zeros(sum(sizes), dtype=f64, device=device)
+    centred = torch.zeros_like(mean)  # Σ_i (g_ik − ḡ_k)², elementwise
     sq_norms = torch.zeros(m, dtype=f64, device=device)
     class_values = class_index = None
     class_sums: list[Tensor] = []
     if labels is not None:
         class_values, class_index = torch.unique(labels, return_inverse=True)
-        class_sums = [torch.zeros(len(class_values), x.numel(), dtype=f64, device=device) for x in means]
+        class_sums = [torch.zeros(len(class_values), size, dtype=f64, device=device) for size in sizes]
+        class_onehot = torch.nn.functional.one_hot(class_index, len(class_values))
     gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
     bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
 
@@ -249,14 +252,18 @@ def coherence_of(
         chunk = source.chunk(start, stop)
         n = stop - start
         total = count + n
-        for g, mean, m2, k in zip(chunk, means, centred, range(len(chunk)), strict=True):
-            var, chunk_mean = torch.var_mean(g, dim=0, correction=0)
-            delta = chunk_mean.to(f64) - mean
-            m2 += var.to(f64) * n + delta.square() * (count * n / total)
-            mean += delta * (n / total)
-            sq_norms[start:stop] += torch.linalg.vector_norm(g, dim=1).to(f64).square()
-            if class_sums:
-                class_sums[k].index_add_(0, class_index[start:stop], g.to(f64))
+        # one pass over each parameter's gradients; the merge is done on the short flat vectors
+        moments = [torch.var_mean(g, dim=0, correction=0) for g in chunk]
+        chunk_var = torch.cat([v for v, _ in moments]).to(f64)
+        delta = torch.cat([mu for _, mu in moments]).to(f64) - mean
+        centred += chunk_var * n + delta.square() * (count * n / total)
+        mean += delta * (n / total)
+        norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in chunk], dim=1)
+        sq_norms[start:stop] = norms.to(f64).square().sum(dim=1)
+        if class_sums:
+            onehot = class_onehot[start:stop].to(chunk[0].dtype).T
+            for g, sums in zip(chunk, class_sums, strict=True):
+                sums += (onehot @ g).to(f64)
         count = total
         if gram is not None:
             gram[start:stop, start:stop] = _dot(chunk, chunk)
@@ -266,12 +273,8 @@ def coherence_of(
                 gram[other_start:other_stop, start:stop] = block.T
         del chunk
 
-    mean = torch.cat(means)
-    centred_all = torch.cat(centred)
-    sizes = [x.numel() for x in means]
-    # one transfer to the host for every scalar (a sync per value would stall a GPU)
     mean_sq_norm, sum_sq_norms, centred_sum = torch.stack(
-        [mean.square().sum(), sq_norms.sum(), centred_all.sum()]).tolist()
+        [mean.square().sum(), sq_norms.sum(), centred.sum()]).tolist()
     alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
 
     per_class: dict[int, float] = {}
@@ -285,7 +288,7 @@ def coherence_of(
             per_class[int(c)] = num / den if den > 0 else math.nan
             counts[int(c)] = int(size)
 
-    variance = centred_all / m  # population variance of each parameter entry
+    variance = centred / m  # population variance of each parameter entry
     mean_sq = variance + mean.square()  # mean_i g_ik²
     kept = variance > _CONSTANT_VARIANCE * mean_sq
     ratio = torch.where(kept, mean.square() / torch.where(kept, variance, 1.0), 0.0)
@@ -413,9 +416,12 @@ def gradient_coherence(
     class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
 
     The per-example gradients g_i = ∇ℓ_i come from ``torch.func`` (``vmap`` of ``grad``) in
-    chunks of ``chunk_size`` examples, cast to float64 and folded into running sums (Σ g_i,
-    Σ (g_i − ḡ)² elementwise, ‖g_i‖²); peak memory grows with the chunk (about
-    chunk_size × P × 12 bytes for P parameters), never with m. Per-class m-coherence keeps one
+    chunks of ``chunk_size`` examples. Each chunk is reduced per parameter tensor in the
+    parameters' dtype (mean and centred sum of squares in one ``torch.var_mean`` pass, the norms
+    ‖g_i‖²) and merged into float64 running sums across chunks (Chan et al.'s parallel update),
+    so a float64 model is measured in float64 throughout. Peak memory grows with the chunk
+    (chunk_size × P numbers for P parameters, plus temporaries of the largest parameter tensor),
+    never with m. Per-class m-coherence keeps one
     float64 sum per class present (C × P). Stiffness needs the m × m Gram matrix g_i·g_j, built
     block by block: two chunks are held at a time and each pair of chunks is visited once, which
     recomputes later chunks (n(n−1)/2 extra chunk passes for n = ⌈m/chunk_size⌉; none when
