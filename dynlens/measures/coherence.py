@@ -347,8 +347,9 @@ def coherence_of(
 
 
 def _dot(rows: list[Tensor], columns: list[Tensor]) -> Tensor:
-    """The (n_a, n_b) float64 block of g_i·g_j between two chunks given per parameter."""
-    return sum(a.to(torch.float64) @ b.to(torch.float64).T for a, b in zip(rows, columns, strict=True))
+    """The (n_a, n_b) block of g_i·g_j between two chunks given per parameter: each parameter's
+    product in its dtype, summed over parameters in float64."""
+    return sum((a @ b.T).to(torch.float64) for a, b in zip(rows, columns, strict=True))
 
 
 def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
