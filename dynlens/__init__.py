@@ -11,15 +11,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dynlens import schedules
-from dynlens.lens import Lens
-from dynlens.probes import Context, Probe
-from dynlens.store import Run, RunError, RunInUseError, load_run
+from dynlens import (
+    probes,  # noqa: E402  (after Probe, which it defines)
+    schedules,
+)
 from dynlens.diagnose import Finding, diagnose
-from dynlens.reports import report
+from dynlens.lens import Lens
 from dynlens.measures.coherence import Coherence, gradient_coherence
 from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
-from dynlens import probes  # noqa: E402  (after Probe, which it defines)
+from dynlens.probes import Context, Probe
+from dynlens.store import Run, RunError, RunInUseError, load_run
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook
+    # The report stack (matplotlib, jinja2) loads on first use, not with `import dynlens`.
+    if name in ("report", "reports"):
+        import dynlens.reports
+
+        return dynlens.reports.report if name == "report" else dynlens.reports
+    raise AttributeError(f"module 'dynlens' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import schedules
-from dynlens.functional import ModelFunction, Mode
+from dynlens.functional import Mode, ModelFunction
 
 __all__ = ["Probe", "Context", "Values"]
 
