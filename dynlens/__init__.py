@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from dynlens import (
-    probes,  # noqa: E402  (after Probe, which it defines)
+    probes,
     schedules,
 )
 from dynlens.diagnose import Finding, diagnose
