@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="train a small network with every probe attached and write its report")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
+    demo.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
 
     show_cmd = commands.add_parser("show", help="print a terminal summary of a run")
