@@ -198,6 +198,10 @@ def test_a_run_killed_with_sigkill_keeps_every_step_that_step_returned_from(tmp_
     last = 0
     for line in proc.stdout:
         last = int(line)
+        if last == 20:  # another process reads the run while it is being written
+            live = dl.load_run(run_dir)
+            assert live.meta["status"] == "running" and live.last_step >= 20
+            assert live.series("train", "loss").index[:20].tolist() == list(range(1, 21))
         if last >= 40:
             break
     os.kill(proc.pid, signal.SIGKILL)
