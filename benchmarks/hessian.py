@@ -1,0 +1,377 @@
+"""Benchmark of the Hessian measurements (issue #4) against PyHessian and the targets.
+
+    python benchmarks/hessian.py --device cuda --out hessian_h100.json   # the H100 benchmark
+    python benchmarks/hessian.py --device cpu --out hessian_cpu.json     # a smaller CPU version
+    python benchmarks/hessian.py --smoke                                  # tiny sizes, CPU, seconds
+
+What it measures, for a ResNet-18 (32×32, eval mode; CUDA: width 64, batch 256) and a GPT-2-sized
+decoder (CUDA: 124M parameters, 8 sequences of 512 tokens):
+
+- the time of one gradient, and of one Hessian-vector product (HVP) in gradients: by
+  forward-over-reverse, by double backward from scratch, and by reusing the first-order graph
+  (dynlens's default in Lanczos), plus the cost of building that graph;
+- a converged reference (Lanczos, tight tolerance) of the top-5 eigenvalues;
+- dynlens top-1 and top-5 (default tolerance 1e-4), a plain 40-step Lanczos, and PyHessian's
+  power iteration (top-1, top-5; its defaults maxIter=100, tol=1e-3): wall time, HVPs, relative
+  error against the reference; the amortised cost of an HVP in gradients;
+- the trace (Hutch++ against PyHessian's Hutchinson) and PyHessian's density() error text;
+- peak GPU memory of a Lanczos run against that of one gradient (CUDA only);
+- GPT-2: a gradient, an HVP, 20 Lanczos steps, and λ_max to relative residual 1e-3.
+
+TF32 is switched off (``torch.backends.cuda.matmul.allow_tf32`` and ``cudnn.allow_tf32``): with
+TF32 convolutions the HVPs carry ~1e-3 relative noise and no eigensolver converges below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+
+import dynlens as dl  # noqa: E402
+from dynlens.functional import ModelFunction, isolated  # noqa: E402
+from dynlens.linalg import lanczos_eigsh  # noqa: E402
+from dynlens.measures.hessian import curvature_operator  # noqa: E402
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "cuda": {
+        "resnet": {"width": 64, "batch": 256, "reference_iters": 150},
+        "gpt2": {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "length": 512},
+        "reps": 5,
+    },
+    "cpu": {
+        "resnet": {"width": 8, "batch": 32, "reference_iters": 150},
+        "gpt2": {"vocab": 2000, "context": 128, "width": 128, "layers": 2, "heads": 4, "batch": 4, "length": 64},
+        "reps": 7,
+    },
+    "smoke": {
+        "resnet": {"width": 4, "batch": 8, "reference_iters": 40},
+        "gpt2": {"vocab": 100, "context": 32, "width": 32, "layers": 1, "heads": 2, "batch": 2, "length": 16},
+        "reps": 3,
+    },
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    timed(fn, device)  # warm-up
+    return statistics.median(timed(fn, device)[1] for _ in range(reps))
+
+
+class PeakMemory:
+    """Peak CUDA memory above what was allocated at entry (bytes); None on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+
+
+def relative_errors(values: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    n = min(len(values), len(reference))
+    return [float(abs(values[i] - reference[i]) / abs(reference[i])) for i in range(n)]
+
+
+def hvp_costs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, reps: int) -> dict[str, Any]:
+    """Seconds of a gradient and of one HVP by each method, and the HVP costs in gradients."""
+    out: dict[str, Any] = {}
+    with isolated(model, "eval"):
+        fn = ModelFunction(model, loss_fn, batch)
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(fn.num_params, generator=gen).to(device=device, dtype=fn.vector().dtype)
+        grad_s = median_time(lambda: fn.grad(), device, reps)
+        for_s = median_time(lambda: fn.hvp(fn.as_params(v)), device, reps)
+
+        def scratch() -> Tensor:
+            return fn.hvp_operator("reuse")(v)
+
+        scratch_s = median_time(scratch, device, reps)
+        (matvec, _, _), build_s = timed(lambda: fn.curvature_products("hessian", "reuse"), device)
+        reuse_s = median_time(lambda: matvec(v), device, reps)
+    out.update(gradient_s=grad_s, hvp_forward_over_reverse_s=for_s, hvp_double_backward_scratch_s=scratch_s,
+               reuse_graph_build_s=build_s, hvp_reuse_s=reuse_s,
+               hvp_forward_over_reverse_in_gradients=for_s / grad_s,
+               hvp_double_backward_scratch_in_gradients=scratch_s / grad_s,
+               reuse_graph_build_in_gradients=build_s / grad_s,
+               hvp_reuse_in_gradients=reuse_s / grad_s)
+    return out
+
+
+
+def gradient_peak(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device) -> int | None:
+    with isolated(model, "eval"), PeakMemory(device) as mem:
+        ModelFunction(model, loss_fn, batch).grad()
+    return mem.peak
+
+
+def ours(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, **kw: Any) -> dict[str, Any]:
+    with PeakMemory(device) as mem:
+        result, seconds = timed(lambda: dl.hessian_eigenvalues(model, loss_fn, batch, **kw), device)
+    return {"values": result.values.tolist(), "relative_residuals": result.relative_residuals.tolist(),
+            "hvps": result.matvecs, "seconds": seconds, "converged": result.converged,
+            "peak_memory_bytes": mem.peak, "settings": {k: v for k, v in kw.items()}}
+
+
+def plain_lanczos(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, k: int,
+                  steps: int) -> dict[str, Any]:
+    def run() -> Any:
+        with isolated(model, "eval"):
+            fn = ModelFunction(model, loss_fn, batch)
+            op, _ = curvature_operator(fn)
+            return lanczos_eigsh(op, k=k, tol=0.0, max_iters=steps,
+                                 generator=torch.Generator().manual_seed(0))
+
+    result, seconds = timed(run, device)
+    return {"values": result.values.tolist(), "hvps": result.matvecs, "seconds": seconds,
+            "relative_residuals": (result.residuals / result.values.abs()).tolist()}
+
+
+def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device) -> dict[str, Any]:
+    """PyHessian top-1, top-5 (power iteration with deflation), trace, and its density() error."""
+    try:
+        import pyhessian
+    except ImportError as err:
+        return {"available": False, "error": str(err)}
+    ph = sys.modules["pyhessian.hessian"]  # the package's name ``hessian`` is the class
+    counter = {"hvps": 0}
+    original = ph.hessian_vector_product
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counter["hvps"] += 1
+        return original(*args, **kwargs)
+
+    ph.hessian_vector_product = counting
+    out: dict[str, Any] = {"available": True, "version": getattr(pyhessian, "__version__", "0.1")}
+    cuda = device.type == "cuda"
+    try:
+        for top_n in (1, 5):
+            probe = copy.deepcopy(model)  # PyHessian calls backward() on the model it gets
+            torch.manual_seed(0)
+            counter["hvps"] = 0
+
+            def run(probe: nn.Module = probe, top_n: int = top_n) -> Any:
+                computer = pyhessian.hessian(probe, loss_fn, data=batch, cuda=cuda)
+                return computer.eigenvalues(top_n=top_n)[0]
+
+            values, seconds = timed(run, device)
+            out[f"top{top_n}"] = {"values": sorted(values, reverse=True), "hvps": counter["hvps"], "seconds": seconds,
+                                  "settings": {"maxIter": 100, "tol": 1e-3}}
+        probe = copy.deepcopy(model)
+        torch.manual_seed(0)
+        counter["hvps"] = 0
+
+        def trace(probe: nn.Module = probe) -> Any:
+            return pyhessian.hessian(probe, loss_fn, data=batch, cuda=cuda).trace()
+
+        samples, seconds = timed(trace, device)
+        out["trace"] = {"value": float(sum(samples) / len(samples)), "hvps": counter["hvps"], "seconds": seconds,
+                        "stderr": float(statistics.stdev(samples) / len(samples) ** 0.5) if len(samples) > 1 else None}
+        try:
+            probe = copy.deepcopy(model)
+            pyhessian.hessian(probe, loss_fn, data=batch, cuda=cuda).density(iter=3, n_v=1)
+            out["density_error"] = None
+        except Exception as err:  # noqa: BLE001 - the point is to record what it raises
+            out["density_error"] = f"{type(err).__name__}: {err}"
+    finally:
+        ph.hessian_vector_product = original
+    return out
+
+
+def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = models.resnet18(width=config["width"]).to(device).eval()
+    x, y = models.image_batch(config["batch"], seed=0)
+    batch = (x.to(device), y.to(device))
+    loss_fn = nn.CrossEntropyLoss()
+    out: dict[str, Any] = {"model": f"ResNet-18 width {config['width']}", "batch": config["batch"],
+                           "parameters": sum(p.numel() for p in model.parameters()), "mode": "eval"}
+    out["costs"] = hvp_costs(model, loss_fn, batch, device, reps)
+    out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
+    reference = plain_lanczos(model, loss_fn, batch, device, k=5, steps=config["reference_iters"])
+    out["reference"] = reference
+    ref = torch.tensor(reference["values"], dtype=torch.float64)
+    for name, kw in {"top1": {"k": 1}, "top5": {"k": 5}}.items():
+        result = ours(model, loss_fn, batch, device, **kw)
+        result["relative_errors"] = relative_errors(torch.tensor(result["values"]), ref)
+        result["amortised_hvp_in_gradients"] = result["seconds"] / result["hvps"] / out["costs"]["gradient_s"]
+        out[name] = result
+    plain = plain_lanczos(model, loss_fn, batch, device, k=5, steps=40)
+    plain["relative_errors"] = relative_errors(torch.tensor(plain["values"]), ref)
+    out["plain_lanczos_40"] = plain
+    trace, seconds = timed(lambda: dl.hessian_trace(model, loss_fn, batch, samples=64), device)
+    out["trace"] = {"value": trace.value, "stderr": trace.stderr, "hvps": trace.matvecs, "seconds": seconds}
+    trace_loop, seconds = timed(lambda: dl.hessian_trace(model, loss_fn, batch, samples=64, max_columns=1), device)
+    out["trace_unbatched"] = {"value": trace_loop.value, "hvps": trace_loop.matvecs, "seconds": seconds}
+    if with_pyhessian:
+        py = pyhessian_runs(model, loss_fn, batch, device)
+        for name in ("top1", "top5"):
+            if name in py:
+                py[name]["relative_errors"] = relative_errors(torch.tensor(py[name]["values"]), ref)
+        out["pyhessian"] = py
+        if "top5" in py:
+            out["comparison"] = {
+                "top1_time_ratio": out["top1"]["seconds"] / py["top1"]["seconds"],
+                "top1_hvp_ratio": out["top1"]["hvps"] / py["top1"]["hvps"],
+                "top1_error_ratio": max(py["top1"]["relative_errors"]) / max(max(out["top1"]["relative_errors"]), 1e-300),
+                "top5_time_ratio": out["top5"]["seconds"] / py["top5"]["seconds"],
+                "top5_hvp_ratio": out["top5"]["hvps"] / py["top5"]["hvps"],
+                "top5_error_ratio": max(py["top5"]["relative_errors"]) / max(max(out["top5"]["relative_errors"]), 1e-300),
+            }
+    return out
+
+
+def bench_gpt2(device: torch.device, config: dict[str, Any], reps: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = models.gpt2(config["vocab"], config["context"], config["width"], config["layers"], config["heads"])
+    model = model.to(device).eval()
+    tokens, targets = models.token_batch(config["batch"], config["length"], config["vocab"], seed=0)
+    batch = (tokens.to(device), targets.to(device))
+    loss_fn = models.language_model_loss
+    out: dict[str, Any] = {"model": "GPT-2-sized decoder", "config": config,
+                           "parameters": sum(p.numel() for p in model.parameters())}
+    out["costs"] = hvp_costs(model, loss_fn, batch, device, reps)
+    out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
+    with PeakMemory(device) as mem:
+        out["lanczos_20_steps"] = plain_lanczos(model, loss_fn, batch, device, k=1, steps=20)
+    out["lanczos_20_steps"]["peak_memory_bytes"] = mem.peak
+    out["lambda_max"] = ours(model, loss_fn, batch, device, k=1, tol=1e-3)
+    if mem.peak and out["gradient_peak_memory_bytes"]:
+        out["lanczos_peak_over_gradient_peak"] = mem.peak / out["gradient_peak_memory_bytes"]
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "threads": torch.get_num_threads(),
+                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:12]
+    except (OSError, subprocess.SubprocessError):
+        info["lscpu"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the code path)")
+    parser.add_argument("--only", choices=["resnet", "gpt2"], default=None)
+    parser.add_argument("--no-pyhessian", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else args.device)
+    config = CONFIGS["smoke" if args.smoke else args.device]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results: dict[str, Any] = {"machine": machine(), "device": str(device), "smoke": args.smoke,
+                               "tf32": False, "command": " ".join([sys.executable, *sys.argv])}
+    for name, bench in (("resnet18", lambda: bench_resnet(device, config["resnet"], config["reps"],
+                                                          not args.no_pyhessian)),
+                        ("gpt2", lambda: bench_gpt2(device, config["gpt2"], config["reps"]))):
+        if args.only and not name.startswith(args.only):
+            continue
+        start = time.perf_counter()
+        try:
+            results[name] = bench()
+        except Exception as err:  # noqa: BLE001 - keep the other benchmark's results
+            results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        results[name]["benchmark_seconds"] = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({name: results[name]}, indent=1, default=str), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(summary(results))
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = [f"device {results['device']} (torch {results['machine']['torch']})"]
+    r = results.get("resnet18", {})
+    if "costs" in r:
+        c = r["costs"]
+        lines += [
+            f"ResNet-18 ({r['model']}, batch {r['batch']}, {r['parameters']} params): gradient {c['gradient_s'] * 1e3:.1f} ms; "
+            f"HVP forward-over-reverse {c['hvp_forward_over_reverse_in_gradients']:.2f} grads, double backward from "
+            f"scratch {c['hvp_double_backward_scratch_in_gradients']:.2f}, reused graph {c['hvp_reuse_in_gradients']:.2f} "
+            f"(build {c['reuse_graph_build_in_gradients']:.2f})",
+        ]
+        for name in ("top1", "top5", "plain_lanczos_40"):
+            x = r[name]
+            lines.append(f"  dynlens {name}: {x['seconds']:.3f} s, {x['hvps']} HVPs, max rel err "
+                         f"{_fmt(max(x['relative_errors']))}"
+                         + (f", amortised HVP {x['amortised_hvp_in_gradients']:.2f} grads" if "amortised_hvp_in_gradients" in x else ""))
+        py = r.get("pyhessian", {})
+        for name in ("top1", "top5"):
+            if name in py:
+                x = py[name]
+                lines.append(f"  PyHessian {name}: {x['seconds']:.3f} s, {x['hvps']} HVPs, max rel err {_fmt(max(x['relative_errors']))}")
+        if "density_error" in py:
+            lines.append(f"  PyHessian density(): {py['density_error']}")
+        if "comparison" in r:
+            lines.append("  ratios dynlens/PyHessian: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["comparison"].items()))
+    g = results.get("gpt2", {})
+    if "costs" in g:
+        c = g["costs"]
+        lines += [
+            f"GPT-2 ({g['parameters']} params): gradient {c['gradient_s'] * 1e3:.1f} ms; HVP reuse "
+            f"{c['hvp_reuse_in_gradients']:.2f} grads, forward-over-reverse {c['hvp_forward_over_reverse_in_gradients']:.2f}; "
+            f"20 Lanczos steps {g['lanczos_20_steps']['seconds']:.2f} s; λ_max to rel. residual 1e-3: "
+            f"{g['lambda_max']['seconds']:.2f} s, {g['lambda_max']['hvps']} HVPs; peak memory Lanczos/gradient "
+            f"{_fmt(g.get('lanczos_peak_over_gradient_peak'))}",
+        ]
+    for name in ("resnet18", "gpt2"):
+        if "error" in results.get(name, {}):
+            lines.append(f"{name} failed: {results[name]['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
