@@ -3,8 +3,9 @@
 * ``coherence_collapse``: the m-coherence falls to within ``COLLAPSE_LIMIT`` (2) of the orthogonal
   limit (1: each step on an example helps only that example) after having been at least
   ``COLLAPSE_FACTOR`` (3) times higher, and stays there for the last measurements while the
-  training loss still falls by at least ``LOSS_FALL`` (10 %): the network fits examples one by
-  one — memorisation, as Chatterjee & Zielinski (2022) show for random labels.
+  training loss still falls by at least ``LOSS_FALL`` (10 %) and is still at least
+  ``FITTED_FRACTION`` (5 %) of its initial value (not yet fitted): the network fits examples one
+  by one — memorisation, as Chatterjee & Zielinski (2022) show for random labels.
 * ``batch_vs_noise_scale``: the median gradient noise scale B_simple of the second half of the run
   is ``NOISE_FACTOR`` (8) times above or below the training batch size (``config["batch_size"]``
   or ``config["batch"]``; the rule is skipped when the run has neither). McCandlish et al. 2018:
@@ -29,6 +30,7 @@ PROBE = "coherence"
 COLLAPSE_LIMIT = 2.0
 COLLAPSE_FACTOR = 3.0
 LOSS_FALL = 0.10
+FITTED_FRACTION = 0.05
 NOISE_FACTOR = 8.0
 DOMINANT_FRACTION = 0.05
 DOMINANT_SHARE = 0.5
@@ -88,6 +90,12 @@ def coherence_collapse(run: Run) -> Iterator[Finding]:
     loss_start = _loss_between(loss, first, first + span)
     loss_end = _loss_between(loss, last - span, last)
     if not (math.isfinite(loss_start) and math.isfinite(loss_end)) or loss_end > (1 - LOSS_FALL) * loss_start:
+        return
+    # once every example is fitted the gradients are tiny and a few stragglers dominate them:
+    # coherence then falls too, but that is convergence, not memorisation
+    finite_loss = loss[np.isfinite(loss)]
+    initial = float(finite_loss.iloc[: max(1, len(finite_loss) // 20)].mean()) if len(finite_loss) else math.nan
+    if not loss_start >= FITTED_FRACTION * initial:
         return
     size = run.series(PROBE, "size").dropna()
     yield Finding(

@@ -59,6 +59,12 @@ def test_coherence_collapse_stays_silent_when_the_loss_has_stopped_falling(tmp_p
     assert findings(run, "coherence_collapse") == []
 
 
+def test_coherence_collapse_stays_silent_once_the_training_set_is_fitted(tmp_path):
+    fitted = 2.3 * np.exp(-np.arange(1, STEPS + 1) / 15)  # near 0 from step 100
+    run = write_run(tmp_path / "run", m_coherence=lambda s: 15.0 if s < 200 else 1.2, loss=fitted)
+    assert findings(run, "coherence_collapse") == []
+
+
 def test_coherence_collapse_stays_silent_when_coherence_recovers(tmp_path):
     run = write_run(tmp_path / "run", m_coherence=lambda s: 1.2 if 100 <= s < 300 else 15.0)
     assert findings(run, "coherence_collapse") == []
