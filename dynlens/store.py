@@ -228,7 +228,7 @@ class Run:
         self.path = db.parent
         self._db_path = db
         try:
-            self._db = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            self._db = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
             rows = self._db.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.Error as err:
             raise RunError(

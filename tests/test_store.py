@@ -78,3 +78,11 @@ def test_a_damaged_database_is_a_clear_error_not_an_sqlite_traceback(tmp_path):
     (tmp_path / "junk" / "dynlens.sqlite").write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(dl.RunError, match="damaged, truncated or not a run"):
         dl.load_run(tmp_path / "junk")
+
+
+def test_a_relative_run_path_opens(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    w = RunWriter("runs/rel")
+    w.scalar(1, "p", "x", 2.0)
+    w.close()
+    assert dl.load_run("runs/rel").series("p", "x")[1] == 2.0
