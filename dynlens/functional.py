@@ -412,6 +412,27 @@ class ModelFunction:
     # --- curvature operators ---
     # Batched curvature products for the Hessian measurements (dynlens.measures.hessian).
 
+    @staticmethod
+    def _once_differentiable_functions(value: Tensor) -> list[str]:
+        """Names of the custom autograd Functions in ``value``'s graph whose backward is
+        ``@once_differentiable`` (autograd would treat their second derivative as zero without error)."""
+        found: list[str] = []
+        seen: set[int] = set()
+        stack = [value.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            forward_cls = getattr(node, "_forward_cls", None)
+            backward = getattr(forward_cls, "backward", None)
+            code = getattr(backward, "__code__", None)
+            if (hasattr(backward, "__wrapped__") and code is not None and code.co_name == "wrapper"
+                    and code.co_filename.replace("\\", "/").endswith("autograd/function.py")):
+                found.append(forward_cls.__name__)
+            stack.extend(child for child, _ in node.next_functions)
+        return sorted(set(found))
+
     def curvature_products(
         self,
         curvature: Literal["hessian", "ggn"] = "hessian",
@@ -445,6 +466,19 @@ class ModelFunction:
                 raise ValueError(
                     f"the loss on the batch is {float(value)}; curvature is undefined at a non-finite "
                     "loss — check the inputs, the learning rate and the loss function"
+                )
+            if value.grad_fn is None:
+                raise ValueError(
+                    "the loss does not depend differentiably on the parameters (it has no autograd "
+                    "graph: argmax, rounding, detach or no_grad inside loss_fn or the model?); "
+                    "Hessian measurements need a twice differentiable loss"
+                )
+            once = self._once_differentiable_functions(value)
+            if once:
+                raise ValueError(
+                    f"the loss is not twice differentiable: {', '.join(once)} marked its backward "
+                    "@once_differentiable, so second derivatives through it would silently be zero; "
+                    "give it a differentiable backward (or a torch.func-compatible jvp)"
                 )
             grads = torch.autograd.grad(value, leaf_list, create_graph=keep_graph, allow_unused=True)
         gradient = flatten([torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaf_list, grads, strict=True)])

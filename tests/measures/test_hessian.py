@@ -182,13 +182,16 @@ def test_density_moments_match_the_dense_spectrum(name: str) -> None:
 
 
 def test_ggn_eigenvalues_match_the_dense_gauss_newton_matrix() -> None:
-    model, batch = _mlp()
+    model, (x, y) = _mlp()
     with isolated(model):
-        fn = ModelFunction(model, LOSS, batch)
-        basis = torch.eye(fn.num_params, dtype=torch.float64)
-        ggn = torch.stack([torch.cat([t.reshape(-1) for t in fn.ggn_vp(fn.as_params(e)).values()]) for e in basis])
+        fn = ModelFunction(model, LOSS, (x, y))
+        jacobian = torch.autograd.functional.jacobian(lambda v: fn.outputs(fn.as_params(v)), fn.vector())
+        probs = torch.softmax(fn.outputs(), dim=1)
+    # cross-entropy's Hessian in the logits of example i is (diag p_i − p_i p_iᵀ)/m
+    out_hessian = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]) / len(y)
+    ggn = torch.einsum("iap,iab,ibq->pq", jacobian, out_hessian, jacobian)
     exact = torch.linalg.eigvalsh((ggn + ggn.T) / 2)
-    found = dl.hessian_eigenvalues(model, LOSS, batch, k=3, curvature="ggn")
+    found = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, curvature="ggn")
     assert _relative_error(found.values, exact.flip(0)[:3]) < 1e-4
 
 
@@ -335,6 +338,12 @@ def test_a_loss_without_second_derivative_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="twice differentiable"):
         dl.hessian_eigenvalues(model, loss_fn, batch)
+
+    def error_rate(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(1) != targets).double().mean()
+
+    with pytest.raises(ValueError, match="twice differentiable"):
+        dl.hessian_trace(model, error_rate, batch)
 
 
 def test_a_non_finite_loss_is_a_clear_error() -> None:
