@@ -251,27 +251,29 @@ def coherence_of(
     for a, (start, stop) in enumerate(bounds):
         chunk = source.chunk(start, stop)
         n = stop - start
-        total = count + n
-        # one pass over each parameter's gradients; the merge is done on the short flat vectors
-        # (torch.var_mean is several times slower on the CPU for reductions over dim 0)
-        chunk_means = [g.mean(dim=0) for g in chunk]
-        chunk_centred = torch.cat([(g - mu).square_().sum(dim=0) for g, mu in zip(chunk, chunk_means, strict=True)])
-        delta = torch.cat(chunk_means).to(f64) - mean
-        centred += chunk_centred.to(f64) + delta.square() * (count * n / total)
-        mean += delta * (n / total)
         norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in chunk], dim=1)
         sq_norms[start:stop] = norms.to(f64).square().sum(dim=1)
         if class_sums:
             onehot = class_onehot[start:stop].to(chunk[0].dtype).T
             for g, sums in zip(chunk, class_sums, strict=True):
                 sums += (onehot @ g).to(f64)
-        count = total
         if gram is not None:
             gram[start:stop, start:stop] = _dot(chunk, chunk)
             for other_start, other_stop in bounds[a + 1:]:
                 block = _dot(chunk, source.chunk(other_start, other_stop))
                 gram[start:stop, other_start:other_stop] = block
                 gram[other_start:other_stop, start:stop] = block.T
+        # Last, centre the chunk in place (it is ours, and no longer needed) and merge its mean
+        # and centred sum of squares into the running ones on the short flat vectors.
+        # (torch.var_mean is several times slower on the CPU for reductions over dim 0.)
+        chunk_means = [g.mean(dim=0) for g in chunk]
+        chunk_centred = torch.cat([_centred_in_place(g, mu).square_().sum(dim=0)
+                                   for g, mu in zip(chunk, chunk_means, strict=True)])
+        total = count + n
+        delta = torch.cat(chunk_means).to(f64) - mean
+        centred += chunk_centred.to(f64) + delta.square() * (count * n / total)
+        mean += delta * (n / total)
+        count = total
         del chunk
 
     mean_sq_norm, sum_sq_norms, centred_sum = torch.stack(
@@ -345,6 +347,11 @@ def coherence_of(
         method=source.method,
         notes=tuple(source.notes),
     )
+
+
+def _centred_in_place(g: Tensor, mean: Tensor) -> Tensor:
+    """g − mean, in place where g owns its memory (vmap may return expanded zeros)."""
+    return g.sub_(mean) if g.is_contiguous() else g - mean
 
 
 def _dot(rows: list[Tensor], columns: list[Tensor]) -> Tensor:
