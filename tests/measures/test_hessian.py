@@ -165,8 +165,8 @@ def test_density_moments_match_the_dense_spectrum(name: str) -> None:
     model, batch = make()
     matrix = dense_hessian(model, batch, mode)
     size = matrix.shape[0]
-    runs = 16
-    density = dl.hessian_density(model, LOSS, batch, runs=runs, iters=30)
+    runs = 8
+    density = dl.hessian_density(model, LOSS, batch, runs=runs, iters=20)
     assert abs(float(density.weights.sum()) - 1) < 1e-10
     found = density.moments(4)
     power = torch.eye(size, dtype=torch.float64)
