@@ -53,17 +53,17 @@ from dynlens.measures.hessian import curvature_operator  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "cuda": {
-        "resnet": {"width": 64, "batch": 256, "reference_iters": 150},
+        "resnet": {"width": 64, "batch": 256, "reference_iters": 150, "train_steps": 20, "eig_reps": 3},
         "gpt2": {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "length": 512},
         "reps": 5,
     },
     "cpu": {
-        "resnet": {"width": 8, "batch": 32, "reference_iters": 150},
+        "resnet": {"width": 8, "batch": 32, "reference_iters": 150, "train_steps": 10, "eig_reps": 2},
         "gpt2": {"vocab": 2000, "context": 128, "width": 128, "layers": 2, "heads": 4, "batch": 4, "length": 64},
         "reps": 7,
     },
     "smoke": {
-        "resnet": {"width": 4, "batch": 8, "reference_iters": 40},
+        "resnet": {"width": 4, "batch": 8, "reference_iters": 40, "train_steps": 2, "eig_reps": 1},
         "gpt2": {"vocab": 100, "context": 32, "width": 32, "layers": 1, "heads": 2, "batch": 2, "length": 16},
         "reps": 3,
     },
@@ -83,9 +83,16 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    timed(fn, device)  # warm-up
-    return statistics.median(timed(fn, device)[1] for _ in range(reps))
+def best_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """The fastest of ``reps`` runs after a warm-up (robust to other load on a shared machine)."""
+    timed(fn, device)
+    return min(timed(fn, device)[1] for _ in range(reps))
+
+
+def best_of(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[Any, float]:
+    """The result and time of the fastest of ``reps`` runs (no warm-up: each run is complete)."""
+    runs = [timed(fn, device) for _ in range(max(reps, 1))]
+    return min(runs, key=lambda r: r[1])
 
 
 class PeakMemory:
@@ -120,15 +127,15 @@ def hvp_costs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.dev
         fn = ModelFunction(model, loss_fn, batch)
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(fn.num_params, generator=gen).to(device=device, dtype=fn.vector().dtype)
-        grad_s = median_time(lambda: fn.grad(), device, reps)
-        for_s = median_time(lambda: fn.hvp(fn.as_params(v)), device, reps)
+        grad_s = best_time(lambda: fn.grad(), device, reps)
+        for_s = best_time(lambda: fn.hvp(fn.as_params(v)), device, reps)
 
         def scratch() -> Tensor:
             return fn.hvp_operator("reuse")(v)
 
-        scratch_s = median_time(scratch, device, reps)
+        scratch_s = best_time(scratch, device, reps)
         (matvec, _, _), build_s = timed(lambda: fn.curvature_products("hessian", "reuse"), device)
-        reuse_s = median_time(lambda: matvec(v), device, reps)
+        reuse_s = best_time(lambda: matvec(v), device, reps)
     out.update(gradient_s=grad_s, hvp_forward_over_reverse_s=for_s, hvp_double_backward_scratch_s=scratch_s,
                reuse_graph_build_s=build_s, hvp_reuse_s=reuse_s,
                hvp_forward_over_reverse_in_gradients=for_s / grad_s,
@@ -145,16 +152,17 @@ def gradient_peak(model: nn.Module, loss_fn: Callable, batch: Any, device: torch
     return mem.peak
 
 
-def ours(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, **kw: Any) -> dict[str, Any]:
+def ours(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, reps: int = 1,
+         **kw: Any) -> dict[str, Any]:
     with PeakMemory(device) as mem:
-        result, seconds = timed(lambda: dl.hessian_eigenvalues(model, loss_fn, batch, **kw), device)
+        result, seconds = best_of(lambda: dl.hessian_eigenvalues(model, loss_fn, batch, **kw), device, reps)
     return {"values": result.values.tolist(), "relative_residuals": result.relative_residuals.tolist(),
             "hvps": result.matvecs, "seconds": seconds, "converged": result.converged,
             "peak_memory_bytes": mem.peak, "settings": {k: v for k, v in kw.items()}}
 
 
 def plain_lanczos(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, k: int,
-                  steps: int) -> dict[str, Any]:
+                  steps: int, reps: int = 1) -> dict[str, Any]:
     def run() -> Any:
         with isolated(model, "eval"):
             fn = ModelFunction(model, loss_fn, batch)
@@ -162,12 +170,13 @@ def plain_lanczos(model: nn.Module, loss_fn: Callable, batch: Any, device: torch
             return lanczos_eigsh(op, k=k, tol=0.0, max_iters=steps,
                                  generator=torch.Generator().manual_seed(0))
 
-    result, seconds = timed(run, device)
+    result, seconds = best_of(run, device, reps)
     return {"values": result.values.tolist(), "hvps": result.matvecs, "seconds": seconds,
             "relative_residuals": (result.residuals / result.values.abs()).tolist()}
 
 
-def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device) -> dict[str, Any]:
+def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device,
+                   reps: int = 1) -> dict[str, Any]:
     """PyHessian top-1, top-5 (power iteration with deflation), trace, and its density() error."""
     try:
         import pyhessian
@@ -186,15 +195,18 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
     cuda = device.type == "cuda"
     try:
         for top_n in (1, 5):
-            probe = copy.deepcopy(model)  # PyHessian calls backward() on the model it gets
-            torch.manual_seed(0)
-            counter["hvps"] = 0
-
-            def run(probe: nn.Module = probe, top_n: int = top_n) -> Any:
+            def run(top_n: int = top_n) -> Any:
+                probe = copy.deepcopy(model)  # PyHessian calls backward() on the model it gets
+                torch.manual_seed(0)
+                counter["hvps"] = 0
+                sync(device)
+                start = time.perf_counter()
                 computer = pyhessian.hessian(probe, loss_fn, data=batch, cuda=cuda)
-                return computer.eigenvalues(top_n=top_n)[0]
+                values = computer.eigenvalues(top_n=top_n)[0]
+                sync(device)
+                return values, time.perf_counter() - start
 
-            values, seconds = timed(run, device)
+            values, seconds = min((run() for _ in range(max(reps, 1))), key=lambda r: r[1])
             out[f"top{top_n}"] = {"values": sorted(values, reverse=True), "hvps": counter["hvps"], "seconds": seconds,
                                   "settings": {"maxIter": 100, "tol": 1e-3}}
         probe = copy.deepcopy(model)
@@ -220,11 +232,23 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
 
 def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = models.resnet18(width=config["width"]).to(device).eval()
+    model = models.resnet18(width=config["width"]).to(device)
     x, y = models.image_batch(config["batch"], seed=0)
     batch = (x.to(device), y.to(device))
     loss_fn = nn.CrossEntropyLoss()
+    # a few training steps on the batch, so that the spectrum has the positive outliers of a
+    # network in training rather than the symmetric one of random initialisation
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(config["train_steps"]):
+        optimizer.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    reps = config["eig_reps"]
     out: dict[str, Any] = {"model": f"ResNet-18 width {config['width']}", "batch": config["batch"],
+                           "train_steps_before": config["train_steps"],
                            "parameters": sum(p.numel() for p in model.parameters()), "mode": "eval"}
     out["costs"] = hvp_costs(model, loss_fn, batch, device, reps)
     out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
@@ -232,11 +256,11 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
     out["reference"] = reference
     ref = torch.tensor(reference["values"], dtype=torch.float64)
     for name, kw in {"top1": {"k": 1}, "top5": {"k": 5}}.items():
-        result = ours(model, loss_fn, batch, device, **kw)
+        result = ours(model, loss_fn, batch, device, reps=reps, **kw)
         result["relative_errors"] = relative_errors(torch.tensor(result["values"]), ref)
         result["amortised_hvp_in_gradients"] = result["seconds"] / result["hvps"] / out["costs"]["gradient_s"]
         out[name] = result
-    plain = plain_lanczos(model, loss_fn, batch, device, k=5, steps=40)
+    plain = plain_lanczos(model, loss_fn, batch, device, k=5, steps=40, reps=reps)
     plain["relative_errors"] = relative_errors(torch.tensor(plain["values"]), ref)
     out["plain_lanczos_40"] = plain
     trace, seconds = timed(lambda: dl.hessian_trace(model, loss_fn, batch, samples=64), device)
@@ -244,7 +268,7 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
     trace_loop, seconds = timed(lambda: dl.hessian_trace(model, loss_fn, batch, samples=64, max_columns=1), device)
     out["trace_unbatched"] = {"value": trace_loop.value, "hvps": trace_loop.matvecs, "seconds": seconds}
     if with_pyhessian:
-        py = pyhessian_runs(model, loss_fn, batch, device)
+        py = pyhessian_runs(model, loss_fn, batch, device, reps)
         for name in ("top1", "top5"):
             if name in py:
                 py[name]["relative_errors"] = relative_errors(torch.tensor(py[name]["values"]), ref)
@@ -301,7 +325,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the code path)")
     parser.add_argument("--only", choices=["resnet", "gpt2"], default=None)
     parser.add_argument("--no-pyhessian", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.smoke else args.device)
     config = CONFIGS["smoke" if args.smoke else args.device]
     torch.backends.cuda.matmul.allow_tf32 = False
