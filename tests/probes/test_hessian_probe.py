@@ -15,6 +15,15 @@ from dynlens.probes.hessian import stability_threshold
 LOSS = nn.CrossEntropyLoss()
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small float64 models run fastest on one thread, and steadily on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _setup(seed: int = 0) -> tuple[nn.Module, tuple]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
