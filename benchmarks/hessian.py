@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,17 +53,17 @@ from dynlens.measures.hessian import curvature_operator  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "cuda": {
-        "resnet": {"width": 64, "batch": 256, "reference_iters": 150, "train_steps": 20, "eig_reps": 3},
+        "resnet": {"width": 64, "batch": 256, "reference_iters": 150, "train_steps": [0, 20], "eig_reps": 3},
         "gpt2": {"vocab": 50257, "context": 1024, "width": 768, "layers": 12, "heads": 12, "batch": 8, "length": 512},
         "reps": 5,
     },
     "cpu": {
-        "resnet": {"width": 8, "batch": 32, "reference_iters": 150, "train_steps": 10, "eig_reps": 2},
+        "resnet": {"width": 8, "batch": 32, "reference_iters": 150, "train_steps": [0, 10], "eig_reps": 2},
         "gpt2": {"vocab": 2000, "context": 128, "width": 128, "layers": 2, "heads": 4, "batch": 4, "length": 64},
         "reps": 7,
     },
     "smoke": {
-        "resnet": {"width": 4, "batch": 8, "reference_iters": 40, "train_steps": 2, "eig_reps": 1},
+        "resnet": {"width": 4, "batch": 8, "reference_iters": 40, "train_steps": [0, 2], "eig_reps": 1},
         "gpt2": {"vocab": 100, "context": 32, "width": 32, "layers": 1, "heads": 2, "batch": 2, "length": 16},
         "reps": 3,
     },
@@ -121,29 +121,37 @@ def relative_errors(values: torch.Tensor, reference: torch.Tensor) -> list[float
 
 
 def hvp_costs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device, reps: int) -> dict[str, Any]:
-    """Seconds of a gradient and of one HVP by each method, and the HVP costs in gradients."""
+    """Seconds of a gradient and of one HVP by each method, and the HVP costs in gradients.
+
+    A method that fails (e.g. out of memory) is recorded with its error instead of stopping the run.
+    """
     out: dict[str, Any] = {}
     with isolated(model, "eval"):
         fn = ModelFunction(model, loss_fn, batch)
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(fn.num_params, generator=gen).to(device=device, dtype=fn.vector().dtype)
-        grad_s = best_time(lambda: fn.grad(), device, reps)
-        for_s = best_time(lambda: fn.hvp(fn.as_params(v)), device, reps)
+        out["gradient_s"] = grad_s = best_time(lambda: fn.grad(), device, reps)
 
-        def scratch() -> Tensor:
-            return fn.hvp_operator("reuse")(v)
+        def reuse_build() -> Any:
+            return fn.curvature_products("hessian", "reuse")[0]
 
-        scratch_s = best_time(scratch, device, reps)
-        (matvec, _, _), build_s = timed(lambda: fn.curvature_products("hessian", "reuse"), device)
-        reuse_s = best_time(lambda: matvec(v), device, reps)
-    out.update(gradient_s=grad_s, hvp_forward_over_reverse_s=for_s, hvp_double_backward_scratch_s=scratch_s,
-               reuse_graph_build_s=build_s, hvp_reuse_s=reuse_s,
-               hvp_forward_over_reverse_in_gradients=for_s / grad_s,
-               hvp_double_backward_scratch_in_gradients=scratch_s / grad_s,
-               reuse_graph_build_in_gradients=build_s / grad_s,
-               hvp_reuse_in_gradients=reuse_s / grad_s)
+        methods = {
+            "hvp_forward_over_reverse": lambda: fn.hvp(fn.as_params(v)),
+            "hvp_double_backward_scratch": lambda: fn.hvp_operator("reuse")(v),
+            "reuse_graph_build": reuse_build,
+        }
+        for name, method in methods.items():
+            try:
+                out[f"{name}_s"] = seconds = best_time(method, device, reps)
+                out[f"{name}_in_gradients"] = seconds / grad_s
+            except Exception as err:  # noqa: BLE001 - record and go on
+                out[f"{name}_error"] = f"{type(err).__name__}: {err}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        matvec = reuse_build()
+        out["hvp_reuse_s"] = seconds = best_time(lambda: matvec(v), device, reps)
+        out["hvp_reuse_in_gradients"] = seconds / grad_s
     return out
-
 
 
 def gradient_peak(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device) -> int | None:
@@ -230,17 +238,19 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
     return out
 
 
-def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool) -> dict[str, Any]:
+def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool,
+                 train_steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = models.resnet18(width=config["width"]).to(device)
     x, y = models.image_batch(config["batch"], seed=0)
     batch = (x.to(device), y.to(device))
     loss_fn = nn.CrossEntropyLoss()
-    # a few training steps on the batch, so that the spectrum has the positive outliers of a
-    # network in training rather than the symmetric one of random initialisation
+    # at random initialisation (train_steps=0, the issue's setting) the spectrum has large negative
+    # eigenvalues; after a few training steps on the batch it has the positive outliers of a
+    # network in training, with wide gaps at the top (the easy case for power iteration)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
-    for _ in range(config["train_steps"]):
+    for _ in range(train_steps):
         optimizer.zero_grad()
         loss_fn(model(batch[0]), batch[1]).backward()
         optimizer.step()
@@ -248,7 +258,7 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
     model.eval()
     reps = config["eig_reps"]
     out: dict[str, Any] = {"model": f"ResNet-18 width {config['width']}", "batch": config["batch"],
-                           "train_steps_before": config["train_steps"],
+                           "train_steps_before": train_steps,
                            "parameters": sum(p.numel() for p in model.parameters()), "mode": "eval"}
     out["costs"] = hvp_costs(model, loss_fn, batch, device, reps)
     out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
@@ -296,12 +306,24 @@ def bench_gpt2(device: torch.device, config: dict[str, Any], reps: int) -> dict[
                            "parameters": sum(p.numel() for p in model.parameters())}
     out["costs"] = hvp_costs(model, loss_fn, batch, device, reps)
     out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
-    with PeakMemory(device) as mem:
-        out["lanczos_20_steps"] = plain_lanczos(model, loss_fn, batch, device, k=1, steps=20)
-    out["lanczos_20_steps"]["peak_memory_bytes"] = mem.peak
-    out["lambda_max"] = ours(model, loss_fn, batch, device, k=1, tol=1e-3)
-    if mem.peak and out["gradient_peak_memory_bytes"]:
-        out["lanczos_peak_over_gradient_peak"] = mem.peak / out["gradient_peak_memory_bytes"]
+    try:
+        with PeakMemory(device) as mem:
+            out["lanczos_20_steps"] = plain_lanczos(model, loss_fn, batch, device, k=1, steps=20)
+        out["lanczos_20_steps"]["peak_memory_bytes"] = mem.peak
+        if mem.peak and out["gradient_peak_memory_bytes"]:
+            out["lanczos_peak_over_gradient_peak"] = mem.peak / out["gradient_peak_memory_bytes"]
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory: record it, try the rest
+        out["lanczos_20_steps"] = {"error": f"{type(err).__name__}: {err}"}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for hvp in ("reuse", "forward_over_reverse"):
+        try:
+            out["lambda_max"] = ours(model, loss_fn, batch, device, k=1, tol=1e-3, hvp=hvp)
+            break
+        except Exception as err:  # noqa: BLE001 - fall back to the method that stores no graph
+            out[f"lambda_max_{hvp}_error"] = f"{type(err).__name__}: {err}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 
@@ -326,18 +348,23 @@ def main() -> None:
     parser.add_argument("--only", choices=["resnet", "gpt2"], default=None)
     parser.add_argument("--no-pyhessian", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (default: off)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.smoke else args.device)
     config = CONFIGS["smoke" if args.smoke else args.device]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     results: dict[str, Any] = {"machine": machine(), "device": str(device), "smoke": args.smoke,
-                               "tf32": False, "command": " ".join([sys.executable, *sys.argv])}
-    for name, bench in (("resnet18", lambda: bench_resnet(device, config["resnet"], config["reps"],
-                                                          not args.no_pyhessian)),
-                        ("gpt2", lambda: bench_gpt2(device, config["gpt2"], config["reps"]))):
+                               "tf32": args.tf32, "threads": torch.get_num_threads(), "command": " ".join([sys.executable, *sys.argv])}
+    benches: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        (f"resnet18_after_{steps}_steps" if steps else "resnet18",
+         lambda steps=steps: bench_resnet(device, config["resnet"], config["reps"], not args.no_pyhessian, steps))
+        for steps in config["resnet"]["train_steps"]
+    ]
+    benches.append(("gpt2", lambda: bench_gpt2(device, config["gpt2"], config["reps"])))
+    for name, bench in benches:
         if args.only and not name.startswith(args.only):
             continue
         start = time.perf_counter()
@@ -361,14 +388,16 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def summary(results: dict[str, Any]) -> str:
     lines = [f"device {results['device']} (torch {results['machine']['torch']})"]
-    r = results.get("resnet18", {})
-    if "costs" in r:
+    for key in [k for k in results if k.startswith("resnet18")]:
+        r = results[key]
+        if "costs" not in r:
+            continue
         c = r["costs"]
         lines += [
-            f"ResNet-18 ({r['model']}, batch {r['batch']}, {r['parameters']} params): gradient {c['gradient_s'] * 1e3:.1f} ms; "
-            f"HVP forward-over-reverse {c['hvp_forward_over_reverse_in_gradients']:.2f} grads, double backward from "
-            f"scratch {c['hvp_double_backward_scratch_in_gradients']:.2f}, reused graph {c['hvp_reuse_in_gradients']:.2f} "
-            f"(build {c['reuse_graph_build_in_gradients']:.2f})",
+            f"{key} ({r['model']}, batch {r['batch']}, {r['parameters']} params): gradient {c['gradient_s'] * 1e3:.1f} ms; "
+            f"HVP forward-over-reverse {_fmt(c.get('hvp_forward_over_reverse_in_gradients'))} grads, double backward "
+            f"from scratch {_fmt(c.get('hvp_double_backward_scratch_in_gradients'))}, reused graph "
+            f"{_fmt(c['hvp_reuse_in_gradients'])} (build {_fmt(c.get('reuse_graph_build_in_gradients'))})",
         ]
         for name in ("top1", "top5", "plain_lanczos_40"):
             x = r[name]
@@ -389,12 +418,14 @@ def summary(results: dict[str, Any]) -> str:
         c = g["costs"]
         lines += [
             f"GPT-2 ({g['parameters']} params): gradient {c['gradient_s'] * 1e3:.1f} ms; HVP reuse "
-            f"{c['hvp_reuse_in_gradients']:.2f} grads, forward-over-reverse {c['hvp_forward_over_reverse_in_gradients']:.2f}; "
-            f"20 Lanczos steps {g['lanczos_20_steps']['seconds']:.2f} s; λ_max to rel. residual 1e-3: "
-            f"{g['lambda_max']['seconds']:.2f} s, {g['lambda_max']['hvps']} HVPs; peak memory Lanczos/gradient "
+            f"{_fmt(c['hvp_reuse_in_gradients'])} grads, forward-over-reverse "
+            f"{_fmt(c.get('hvp_forward_over_reverse_in_gradients'))}; "
+            f"20 Lanczos steps {_fmt(g['lanczos_20_steps'].get('seconds'))} s; λ_max to rel. residual 1e-3: "
+            f"{_fmt(g.get('lambda_max', {}).get('seconds'))} s, {g.get('lambda_max', {}).get('hvps')} HVPs; "
+            f"peak memory Lanczos/gradient "
             f"{_fmt(g.get('lanczos_peak_over_gradient_peak'))}",
         ]
-    for name in ("resnet18", "gpt2"):
+    for name in [k for k in results if k.startswith(("resnet18", "gpt2"))]:
         if "error" in results.get(name, {}):
             lines.append(f"{name} failed: {results[name]['error']}")
     return "\n".join(lines)
