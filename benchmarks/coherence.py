@@ -7,7 +7,8 @@ For each model (an MLP and a small CNN from benchmarks/models.py) and a batch of
 * ``loop``: the plain per-example loop — for each example ``loss.backward()`` alone, then the
   same statistics (Σ g_i, Σ g_i², ‖g_i‖²) accumulated from the flattened gradients;
 * ``coherence[chunk=c, stiffness=s]``: ``dl.gradient_coherence`` with that chunk size, with and
-  without the stiffness (m×m Gram) matrix.
+  without the stiffness (m×m Gram) matrix (linear layers in factored form, the default), and
+  once with ``factor_linear=False`` (every parameter's per-example gradients by vmap).
 
 Targets (issue #5, m = 256): the loop / coherence ≥ 10 (CPU and H100); coherence / one batch
 backward ≤ 4 on the H100. Times are the minimum (and the median) of ``--repeats`` runs after two warm-up calls. Peak memory:
@@ -95,6 +96,10 @@ def methods(chunks: list[int]) -> dict[str, Callable]:
             out[f"coherence[chunk={c}, stiffness={stiffness}]"] = (
                 lambda model, loss_fn, x, y, c=c, s=stiffness: dl.gradient_coherence(
                     model, loss_fn, (x, y), chunk_size=c, stiffness=s))
+    # every parameter by vmap: the linear layers' weights not taken in factored form
+    out[f"coherence[chunk={chunks[0]}, stiffness=False, factor_linear=False]"] = (
+        lambda model, loss_fn, x, y, c=chunks[0]: dl.gradient_coherence(
+            model, loss_fn, (x, y), chunk_size=c, stiffness=False, factor_linear=False))
     return out
 
 

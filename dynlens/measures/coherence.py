@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynlens.functional import Mode, ModelFunction, isolated
+from dynlens.functional import Mode, ModelFunction, check_loss, isolated, slice_examples
 
 __all__ = ["Coherence", "gradient_coherence", "coherence_of", "VmapUnsupportedError"]
 
@@ -89,8 +89,9 @@ class Coherence:
         mean_grad_norm: ‖ḡ‖, the norm of the batch gradient.
         grad_norms: (m,) array of ‖g_i‖ in batch order: which examples dominate the gradient.
         size: m, the number of examples.
-        method: "vmap" (torch.func, chunked) or "loop" (one backward pass per example, the
-            fallback for models vmap cannot run).
+        method: how the per-example gradients were taken: "vmap" (torch.func, chunked) or "loop"
+            (one backward pass per example, the fallback for models vmap cannot run), prefixed
+            with "factored linear + " when linear layers' weights were taken in factored form.
         accumulation_dtype: the dtype of the sums across chunks ("float64"; within a chunk the
             parameters' dtype is used).
     """
@@ -167,29 +168,162 @@ def _failing_module(model: nn.Module, err: BaseException) -> str | None:
     return None if found is None else f"{found[0]!r} ({found[1]})"
 
 
-class _Gradients:
-    """Per-example gradients of any example range, by vmap or by the loop, as one (n, P_k)
-    matrix per parameter tensor (views, in the parameters' dtype)."""
+@dataclass
+class _Outer:
+    """The per-example gradients g_i = δ_i a_iᵀ of a linear layer's weight, kept factored (never
+    formed): δ_i = ∂ℓ_i/∂z_i the gradient at the layer's output, a_i its input (both float64)."""
 
-    def __init__(self, fn: ModelFunction, fallback: Fallback) -> None:
+    delta: Tensor  # (n, out)
+    inputs: Tensor  # (n, in)
+
+
+Rep = Tensor | _Outer
+
+
+class _NotFactorable(Exception):
+    """The model's linear layers cannot be taken in factored form (the dense path is used)."""
+
+
+def _linear_layers(fn: ModelFunction) -> dict[str, tuple[nn.Linear, str | None]]:
+    """{weight name: (module, bias name)} of the nn.Linear layers whose weight is differentiated
+    and owned by that module alone (no weight tying), in eval mode."""
+    if fn.model.training:
+        return {}
+    owners: dict[int, int] = {}
+    for module in fn.model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    layers = {}
+    for name, module in fn.model.named_modules():
+        weight = f"{name}.weight" if name else "weight"
+        if type(module) is nn.Linear and weight in fn.params and owners.get(id(module.weight)) == 1:
+            bias = f"{name}.bias" if name else "bias"
+            if module.bias is not None and owners.get(id(module.bias)) != 1:
+                continue
+            layers[weight] = (module, bias if bias in fn.params else None)
+    return layers
+
+
+class _Gradients:
+    """Per-example gradients of any example range, one representation per parameter tensor (in
+    ``fn.params`` order): an (n, P_k) matrix in the parameters' dtype (by vmap, or the loop), or,
+    for the weights of linear layers, the factors of g_i = δ_i a_iᵀ (:class:`_Outer`)."""
+
+    def __init__(self, fn: ModelFunction, fallback: Fallback, factor_linear: bool = True,
+                 chunk_size: int = 64) -> None:
         self.fn = fn
+        self.chunk_size = chunk_size
+        self.reference: Tensor | None = None
         self.fallback = fallback
         self.method = "vmap"
         self.notes: list[str] = []
+        self.linear = _linear_layers(fn) if factor_linear else {}
+        self.rest: ModelFunction | None = None
+        if self.linear:
+            factored = set(self.linear) | {b for _, b in self.linear.values() if b is not None}
+            rest = [n for n in fn.params if n not in factored]
+            if rest:
+                self.rest = ModelFunction(fn.model, fn.loss_fn, (fn.inputs, fn.targets), params=rest,
+                                          seed=fn.seed)
 
-    def chunk(self, start: int, stop: int) -> list[Tensor]:
-        if self.method == "vmap":
+    @property
+    def factored(self) -> bool:
+        return bool(self.linear)
+
+    def _reference_losses(self) -> Tensor:
+        """ℓ_i of every example, each evaluated alone (vmap): the factored path must match them
+        (a layer that mixes examples, or branches on the batch, would not)."""
+        if self.reference is None:
             try:
-                grads = self.fn.per_example_grads_of(start, stop)
+                self.reference = self.fn.per_example_losses(chunk_size=self.chunk_size).detach()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the dense path reports or works around it
+                raise _NotFactorable(f"{type(err).__name__} evaluating examples alone") from err
+        return self.reference
+
+    def chunk(self, start: int, stop: int) -> list[Rep]:
+        if self.linear:
+            try:
+                return self._factored(start, stop)
+            except _NotFactorable as why:
+                self.notes.append(f"linear layers not factored ({why}); all gradients by vmap")
+                self.linear, self.rest = {}, None
+        return list(self._dense(self.fn, start, stop).values())
+
+    def _dense(self, fn: ModelFunction, start: int, stop: int) -> dict[str, Tensor]:
+        if self.method != "loop":
+            try:
+                grads = fn.per_example_grads_of(start, stop)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - any vmap failure is reported or worked around
                 self._vmap_failed(err)
-                grads = self.fn.per_example_grads_loop(start, stop)
+                grads = fn.per_example_grads_loop(start, stop)
         else:
-            grads = self.fn.per_example_grads_loop(start, stop)
+            grads = fn.per_example_grads_loop(start, stop)
         n = stop - start
-        return [g.reshape(n, -1) for g in grads.values()]
+        return {name: g.reshape(n, -1) for name, g in grads.items()}
+
+    def _factored(self, start: int, stop: int) -> list[Rep]:
+        """One batched forward with hooks on the linear layers, the per-example losses (vmap of
+        loss_fn over the outputs), one backward to the layers' outputs: δ_i and a_i. The other
+        parameters' per-example gradients by vmap."""
+        fn, n = self.fn, stop - start
+        x = slice_examples(fn.inputs, start, stop)
+        y = slice_examples(fn.targets, start, stop)
+        records: dict[str, list[tuple[Tensor, Tensor] | None]] = {w: [] for w in self.linear}
+
+        def recorder(weight: str) -> Callable[..., Tensor | None]:
+            def hook(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+                if len(args) != 1 or not isinstance(output, Tensor) or args[0].dim() != 2 \
+                        or args[0].shape[0] != n:
+                    records[weight].append(None)
+                    return None
+                z = output if output.requires_grad else output.detach().requires_grad_(True)
+                records[weight].append((args[0].detach(), z))
+                return z
+
+            return hook
+
+        handles = [module.register_forward_hook(recorder(w)) for w, (module, _) in self.linear.items()]
+        try:
+            with torch.enable_grad():
+                out = fn.outputs(None, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for weight, calls in records.items():
+            if len(calls) != 1 or calls[0] is None:
+                raise _NotFactorable(f"layer {weight.rsplit('.', 1)[0]!r} is called {len(calls)} times "
+                                     "or not on a (batch, features) input")
+        if not (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == n
+                and isinstance(y, Tensor) and y.dim() > 0 and y.shape[0] == n):
+            raise _NotFactorable("outputs and targets are not tensors with a batch dimension")
+
+        def example_loss(o: Tensor, t: Tensor) -> Tensor:
+            return check_loss(fn.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
+
+        outputs = [records[w][0][1] for w in self.linear]
+        with torch.enable_grad():
+            losses = torch.func.vmap(example_loss)(out, y)
+        reference = self._reference_losses()[start:stop]
+        tolerance = 1e-4 if losses.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
+        if not torch.allclose(losses.detach(), reference, rtol=tolerance, atol=tolerance):
+            raise _NotFactorable("the batched forward differs from evaluating examples alone")
+        with torch.enable_grad():
+            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        reps: dict[str, Rep] = {}
+        for (weight, (_, bias)), (a, z), delta in zip(self.linear.items(), (records[w][0] for w in self.linear),
+                                                      deltas, strict=True):
+            delta = torch.zeros_like(z) if delta is None else delta
+            reps[weight] = _Outer(delta.to(torch.float64), a.to(torch.float64))
+            if bias is not None:
+                reps[bias] = delta.detach().clone()
+        if self.rest is not None:
+            reps.update(self._dense(self.rest, start, stop))
+        return [reps[name] for name in fn.params]
 
     def _vmap_failed(self, err: BaseException) -> None:
         where = _failing_module(self.fn.model, err)
@@ -219,6 +353,7 @@ def coherence_of(
     stiffness: bool = True,
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
+    factor_linear: bool = True,
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
     :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
@@ -228,7 +363,7 @@ def coherence_of(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     labels = _resolve_classes(fn, classes, m)
-    source = _Gradients(fn, fallback)
+    source = _Gradients(fn, fallback, factor_linear, chunk_size)
     names = list(fn.params)
     device = fn.device
     f64 = torch.float64
@@ -251,27 +386,23 @@ def coherence_of(
     for a, (start, stop) in enumerate(bounds):
         chunk = source.chunk(start, stop)
         n = stop - start
-        norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in chunk], dim=1)
-        sq_norms[start:stop] = norms.to(f64).square().sum(dim=1)
+        sq_norms[start:stop] = _sq_norms(chunk)
         if class_sums:
-            onehot = class_onehot[start:stop].to(chunk[0].dtype).T
-            for g, sums in zip(chunk, class_sums, strict=True):
-                sums += (onehot @ g).to(f64)
+            onehot = class_onehot[start:stop]
+            for rep, sums in zip(chunk, class_sums, strict=True):
+                sums += _class_sum(rep, onehot)
         if gram is not None:
             gram[start:stop, start:stop] = _dot(chunk, chunk)
             for other_start, other_stop in bounds[a + 1:]:
                 block = _dot(chunk, source.chunk(other_start, other_stop))
                 gram[start:stop, other_start:other_stop] = block
                 gram[other_start:other_stop, start:stop] = block.T
-        # Last, centre the chunk in place (it is ours, and no longer needed) and merge its mean
-        # and centred sum of squares into the running ones on the short flat vectors.
-        # (torch.var_mean is several times slower on the CPU for reductions over dim 0.)
-        chunk_means = [g.mean(dim=0) for g in chunk]
-        chunk_centred = torch.cat([_centred_in_place(g, mu).square_().sum(dim=0)
-                                   for g, mu in zip(chunk, chunk_means, strict=True)])
+        # Last (dense chunks are centred in place, so nothing may read them afterwards): merge the
+        # chunk's mean and centred sum of squares into the running ones (Chan et al.).
+        moments = [_moments(rep, n) for rep in chunk]
         total = count + n
-        delta = torch.cat(chunk_means).to(f64) - mean
-        centred += chunk_centred.to(f64) + delta.square() * (count * n / total)
+        delta = torch.cat([mu for mu, _ in moments]) - mean
+        centred += torch.cat([m2 for _, m2 in moments]) + delta.square() * (count * n / total)
         mean += delta * (n / total)
         count = total
         del chunk
@@ -344,20 +475,55 @@ def coherence_of(
         mean_grad_norm=math.sqrt(mean_sq_norm),
         grad_norms=sq_norms.sqrt().cpu().numpy(),
         size=m,
-        method=source.method,
+        method=("factored linear + " if source.factored else "") + source.method,
         notes=tuple(source.notes),
     )
 
 
-def _centred_in_place(g: Tensor, mean: Tensor) -> Tensor:
-    """g − mean, in place where g owns its memory (vmap may return expanded zeros)."""
-    return g.sub_(mean) if g.is_contiguous() else g - mean
+def _sq_norms(chunk: list[Rep]) -> Tensor:
+    """‖g_i‖² of each example of a chunk (float64): ‖δ_i a_iᵀ‖² = ‖δ_i‖²‖a_i‖² for factored ones."""
+    dense = [r for r in chunk if isinstance(r, Tensor)]
+    total = 0
+    if dense:
+        total = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in dense], dim=1).to(torch.float64).square().sum(dim=1)
+    for r in chunk:
+        if isinstance(r, _Outer):
+            total = total + r.delta.square().sum(dim=1) * r.inputs.square().sum(dim=1)
+    return total
 
 
-def _dot(rows: list[Tensor], columns: list[Tensor]) -> Tensor:
-    """The (n_a, n_b) block of g_i·g_j between two chunks given per parameter: each parameter's
-    product in its dtype, summed over parameters in float64."""
-    return sum((a @ b.T).to(torch.float64) for a, b in zip(rows, columns, strict=True))
+def _class_sum(rep: Rep, onehot: Tensor) -> Tensor:
+    """(C, P_k) float64: Σ_{i in class c} g_i for each class, from an (n, C) one-hot matrix."""
+    if isinstance(rep, Tensor):
+        return (onehot.to(rep.dtype).T @ rep).to(torch.float64)
+    n, c = onehot.shape
+    weighted = (onehot.to(torch.float64)[:, :, None] * rep.delta[:, None, :]).reshape(n, -1)
+    return (weighted.T @ rep.inputs).reshape(c, -1)
+
+
+def _moments(rep: Rep, n: int) -> tuple[Tensor, Tensor]:
+    """(mean over the chunk, Σ_i (g_i − mean)²), float64 vectors of P_k entries. A dense chunk is
+    centred in place (vmap may return expanded zeros, which are copied); torch.var_mean is
+    several times slower on the CPU for reductions over dim 0."""
+    if isinstance(rep, _Outer):
+        mean = (rep.delta.T @ rep.inputs).reshape(-1) / n
+        squares = (rep.delta.square().T @ rep.inputs.square()).reshape(-1)
+        return mean, (squares - n * mean.square()).clamp_(min=0)
+    mean = rep.mean(dim=0)
+    centred = rep.sub_(mean) if rep.is_contiguous() else rep - mean
+    return mean.to(torch.float64), centred.square_().sum(dim=0).to(torch.float64)
+
+
+def _dot(rows: list[Rep], columns: list[Rep]) -> Tensor:
+    """The (n_a, n_b) block of g_i·g_j between two chunks, summed over parameters in float64:
+    a dense parameter's product in its dtype; (δ_i·δ_j)(a_i·a_j) for a factored one."""
+    total = 0
+    for a, b in zip(rows, columns, strict=True):
+        if isinstance(a, _Outer):
+            total = total + (a.delta @ b.delta.T) * (a.inputs @ b.inputs.T)
+        else:
+            total = total + (a @ b.T).to(torch.float64)
+    return total
 
 
 def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
@@ -419,6 +585,7 @@ def gradient_coherence(
     mode: Mode = "eval",
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
+    factor_linear: bool = True,
     seed: int = 0,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
@@ -441,6 +608,18 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
+    Linear layers (``factor_linear=True``, eval mode): the per-example gradient of an
+    ``nn.Linear`` weight is the outer product g_i = δ_i a_iᵀ of the gradient δ_i at the layer's
+    output and its input a_i, so every statistic is computed from the factors without forming
+    g_i (Goodfellow 2015, "Efficient per-example gradient computations"; Dangel et al. 2020,
+    BackPACK): Σ g_i = δᵀa, Σ g_i² = (δ²)ᵀ(a²), ‖g_i‖² = ‖δ_i‖²‖a_i‖², g_i·g_j = (δ_i·δ_j)(a_i·a_j),
+    in float64. δ and a come from one batched forward (hooks on those layers, removed afterwards)
+    and one backward of Σ ℓ_i; the other parameters' per-example gradients still come from vmap.
+    It applies to layers called once per forward on (batch, features) inputs whose weight no
+    other module shares, and is checked per chunk: the batched forward's per-example losses must
+    equal those of each example evaluated alone (a layer that mixes examples or branches on the
+    batch fails the check, and everything is then taken by vmap, with a note).
+
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.
 
@@ -457,6 +636,7 @@ def gradient_coherence(
             shape (m,), otherwise no per-class statistics; an array of m integer labels to group
             by; False to skip per-class statistics.
         fallback: "loop" or "error" when vmap fails (see above).
+        factor_linear: take the weights of ``nn.Linear`` layers in factored form (below).
         seed: dropout seed in train mode.
 
     Returns:
@@ -466,5 +646,5 @@ def gradient_coherence(
     with isolated(model, mode, seed):
         fn = ModelFunction(model, loss_fn, batch, seed=seed)
         return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
-                            fallback=fallback)
+                            fallback=fallback, factor_linear=factor_linear)
 

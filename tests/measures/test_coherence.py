@@ -135,15 +135,66 @@ def classification_data(m: int = 23, features: int = 6, classes: int = 3, seed: 
 # ----------------------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("stiffness_chunk", [5, 64])
-def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(stiffness_chunk):
+@pytest.mark.parametrize("factor_linear", [True, False], ids=["factored", "vmap"])
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(chunk, factor_linear):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = classification_data()
-    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=stiffness_chunk)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk, factor_linear=factor_linear)
     g, names = loop_gradients(model, loss_fn, x, y)
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
     assert result.size == 23 and result.alpha_orthogonal == pytest.approx(1 / 23)
-    assert result.method == "vmap"
+    assert result.method == ("factored linear + vmap" if factor_linear else "vmap")
+
+
+class CentreOverBatch(nn.Module):
+    """Subtracts the mean over the leading dimension: mixes the examples of a batch (alone, an
+    example is its own mean)."""
+
+    def forward(self, x):
+        return x - 0.5 * x.mean(dim=0, keepdim=True)
+
+
+class TiedLinear(nn.Module):
+    """One linear layer applied twice (its weight's gradient is not one outer product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(6, 8), CentreOverBatch(), nn.Tanh(), nn.Linear(8, 3)),
+    TiedLinear,
+], ids=["mixes-examples", "layer-called-twice"])
+def test_linear_layers_that_cannot_be_factored_are_taken_by_vmap_with_the_same_numbers(make):
+    torch.manual_seed(0)
+    model, loss_fn = make().double(), nn.CrossEntropyLoss()
+    x, y = classification_data(m=11)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=4)
+    assert result.method == "vmap" and result.notes
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
+def test_factored_and_vmap_paths_agree_on_a_float32_cnn_with_a_linear_head():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 16), nn.Tanh(), nn.Linear(16, 3))
+    g0 = torch.Generator().manual_seed(3)
+    batch = (torch.randn(20, 2, 5, 5, generator=g0), torch.randint(0, 3, (20,), generator=g0))
+    factored = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8)
+    dense = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8, factor_linear=False)
+    assert factored.method == "factored linear + vmap"
+    for key in ("alpha", "m_coherence", "gsnr", "noise_scale", "stiffness_within", "stiffness_between"):
+        np.testing.assert_allclose(getattr(factored, key), getattr(dense, key), rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(factored.grad_norms, dense.grad_norms, rtol=1e-5)
+    for layer in dense.gsnr_per_layer:
+        np.testing.assert_allclose(factored.gsnr_per_layer[layer], dense.gsnr_per_layer[layer], rtol=1e-3)
 
 
 def test_every_statistic_matches_the_loop_on_a_cnn_with_batchnorm_in_eval_mode():
@@ -267,6 +318,7 @@ def test_a_measurement_leaves_grad_buffers_training_flags_and_random_states_unch
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before_params, strict=True))
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), before_buffers, strict=True))
     assert [m.training for m in model.modules()] == flags
+    assert all(not m._forward_hooks for m in model.modules())  # the linear layers' hooks are gone
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
@@ -304,7 +356,7 @@ def test_models_vmap_cannot_run_fall_back_to_a_loop_with_the_same_numbers(layer)
     x, y = classification_data(m=9)
     with pytest.warns(RuntimeWarning, match="vmap failed in layer '1'"):
         result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=4)
-    assert result.method == "loop" and result.notes
+    assert result.method == "loop" and result.notes  # vmap cannot evaluate the examples alone
     g, names = loop_gradients(model, loss_fn, x, y)
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
