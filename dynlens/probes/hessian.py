@@ -25,6 +25,8 @@ from dynlens.probes.base import Context, Probe, Values
 
 __all__ = ["Hessian", "stability_threshold"]
 
+MIN_ITERS_CAP = 50
+
 
 def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, float] | None:
     """``(kind, threshold)`` for the optimizer's first parameter group, or None if unknown.
@@ -57,7 +59,8 @@ class Hessian(Probe):
         trace: also tr(H) by Hutch++ with ``trace_samples`` HVPs.
         density: also the SLQ density (``density_runs`` runs of ``density_iters`` steps),
             stored as the arrays ``density_nodes`` and ``density_weights``.
-        tol, tol_min, max_iters: Lanczos settings.
+        tol, tol_min, max_iters: Lanczos settings (λ_min's run stops after ``max_iters`` or 50
+            steps, converged or not).
 
     Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
     optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam the preconditioned sharpness
@@ -127,8 +130,10 @@ class Hessian(Probe):
         relative = top.residuals / top.values.abs().clamp_min(1e-300)
         values["residual_max"] = float(relative.max())
         if self.lambda_min:
+            # the bottom of the spectrum sits next to the dense bulk near 0 and converges slowly;
+            # a capped run gives an upper bound on λ_min that is good enough to spot a saddle
             bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
-                                   max_iters=self.max_iters, generator=self._generator(1))
+                                   max_iters=self.max_iters or MIN_ITERS_CAP, generator=self._generator(1))
             values["lambda_min"] = float(bottom.values[0])
         extra_hvps = 0
         rule = stability_threshold(ctx.optimizer)
