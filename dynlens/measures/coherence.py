@@ -389,8 +389,12 @@ def coherence_of(
         sq_norms[start:stop] = _sq_norms(chunk)
         if class_sums:
             onehot = class_onehot[start:stop]
+            segments = None
+            if any(isinstance(rep, _Outer) for rep in chunk):  # the chunk's examples by class
+                order = torch.argsort(class_index[start:stop], stable=True)
+                segments = (order, torch.bincount(class_index[start:stop], minlength=len(class_values)).tolist())
             for rep, sums in zip(chunk, class_sums, strict=True):
-                sums += _class_sum(rep, onehot)
+                sums += _class_sum(rep, onehot, segments)
         if gram is not None:
             gram[start:stop, start:stop] = _dot(chunk, chunk)
             for other_start, other_stop in bounds[a + 1:]:
@@ -492,13 +496,22 @@ def _sq_norms(chunk: list[Rep]) -> Tensor:
     return total
 
 
-def _class_sum(rep: Rep, onehot: Tensor) -> Tensor:
-    """(C, P_k) float64: Σ_{i in class c} g_i for each class, from an (n, C) one-hot matrix."""
+def _class_sum(rep: Rep, onehot: Tensor, segments: tuple[Tensor, list[int]] | None) -> Tensor:
+    """(C, P_k) float64: Σ_{i in class c} g_i for each class, from an (n, C) one-hot matrix; a
+    factored one class by class (``segments``: the order that sorts the chunk by class, and the
+    class sizes), so that it costs one product δᵀa in all."""
     if isinstance(rep, Tensor):
         return (onehot.to(rep.dtype).T @ rep).to(torch.float64)
-    n, c = onehot.shape
-    weighted = (onehot.to(torch.float64)[:, :, None] * rep.delta[:, None, :]).reshape(n, -1)
-    return (weighted.T @ rep.inputs).reshape(c, -1)
+    order, sizes = segments
+    delta, inputs = rep.delta[order], rep.inputs[order]
+    out = torch.zeros(len(sizes), delta.shape[1] * inputs.shape[1], dtype=torch.float64,
+                      device=delta.device)
+    offset = 0
+    for k, size in enumerate(sizes):
+        if size:
+            out[k] = (delta[offset:offset + size].T @ inputs[offset:offset + size]).reshape(-1)
+            offset += size
+    return out
 
 
 def _moments(rep: Rep, n: int) -> tuple[Tensor, Tensor]:

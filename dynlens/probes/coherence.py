@@ -37,6 +37,7 @@ class Coherence(Probe):
         matrix_max: largest probe batch whose stiffness matrix is stored.
         classes: as in :func:`dynlens.gradient_coherence` (None: from integer targets).
         fallback: "loop" or "error" when vmap cannot run the model.
+        factor_linear: linear layers' weights in factored form (see gradient_coherence).
     """
 
     name = "coherence"
@@ -55,6 +56,7 @@ class Coherence(Probe):
         matrix_max: int = 256,
         classes=None,  # noqa: ANN001 - see gradient_coherence
         fallback: Fallback = "loop",
+        factor_linear: bool = True,
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
         self.chunk_size = chunk_size
@@ -62,15 +64,17 @@ class Coherence(Probe):
         self.matrix_max = matrix_max
         self.classes = classes
         self.fallback = fallback
+        self.factor_linear = factor_linear
 
     def describe(self) -> dict:
         return {**super().describe(), "chunk_size": self.chunk_size, "stiffness": self.stiffness,
-                "fallback": self.fallback}
+                "fallback": self.fallback, "factor_linear": self.factor_linear}
 
     def measure(self, ctx: Context) -> Values:
         check_mode(ctx.model, self.mode)
         r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=self.stiffness,
-                         classes=self.classes, fallback=self.fallback)
+                         classes=self.classes, fallback=self.fallback,
+                         factor_linear=self.factor_linear)
         layers = ctx.layers or list(r.gsnr_per_layer)
         values: dict = {
             "alpha": r.alpha,
@@ -83,7 +87,7 @@ class Coherence(Probe):
             "grad_sq_norm": r.grad_sq_norm,
             "mean_grad_norm": r.mean_grad_norm,
             "size": float(r.size),
-            "vmap_fallback": float(r.method == "loop"),
+            "vmap_fallback": float(r.method.endswith("loop")),
             "grad_norms": r.grad_norms,
             "gsnr_per_layer": np.array([r.gsnr_per_layer.get(layer, np.nan) for layer in layers]),
         }
