@@ -41,6 +41,9 @@ Fallback = Literal["loop", "error"]
 # or an unused parameter) has variance 0 and no defined GSNR. Variances at or below this
 # fraction of the mean squared gradient are rounding noise of such constant entries.
 _CONSTANT_VARIANCE = 1e-12
+# Linear layers are taken in factored form only when their weights hold at least this share of
+# the parameters: the factored path costs one batched forward and backward more.
+FACTOR_SHARE = 0.5
 
 
 class VmapUnsupportedError(RuntimeError):
@@ -219,6 +222,9 @@ class _Gradients:
         self.method = "vmap"
         self.notes: list[str] = []
         self.linear = _linear_layers(fn) if factor_linear else {}
+        factorable = sum(fn.params[w].numel() for w in self.linear)
+        if factorable < FACTOR_SHARE * fn.num_params:
+            self.linear = {}  # the vmap pass dominates; a batched pass on top would only add
         self.rest: ModelFunction | None = None
         if self.linear:
             factored = set(self.linear) | {b for _, b in self.linear.values() if b is not None}
@@ -629,7 +635,8 @@ def gradient_coherence(
     in float64. δ and a come from one batched forward (hooks on those layers, removed afterwards)
     and one backward of Σ ℓ_i; the other parameters' per-example gradients still come from vmap.
     It applies to layers called once per forward on (batch, features) inputs whose weight no
-    other module shares, and is checked per chunk: the batched forward's per-example losses must
+    other module shares, when their weights hold at least half of the parameters (otherwise
+    the vmap pass dominates and the batched pass would only add to it), and is checked per chunk: the batched forward's per-example losses must
     equal those of each example evaluated alone (a layer that mixes examples or branches on the
     batch fails the check, and everything is then taken by vmap, with a note).
 
