@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dynlens.linalg import hutch_plus_plus, lanczos_eigsh, slq
+from dynlens.functional import flatten
+from dynlens.linalg import LinearOperator, hutch_plus_plus, lanczos_eigsh, slq
 from dynlens.measures.hessian import adam_preconditioner, curvature_operator
 from dynlens.probes.base import Context, Probe, Values
 
@@ -144,7 +145,10 @@ class Hessian(Probe):
             if kind == "adam":
                 precond = adam_preconditioner(ctx.optimizer, ctx.model, list(fn.params))
                 if precond is not None:
-                    pop, _ = curvature_operator(fn, "hessian", "reuse", precond)
+                    # P^{-1/2} H P^{-1/2} on the same first-order graph: no second graph is built
+                    scale = flatten([precond[n] for n in fn.params]).to(op.device, op.dtype).rsqrt()
+                    pop = LinearOperator(matvec=lambda v: scale * op.matvec(scale * v), size=op.size,
+                                         dtype=op.dtype, device=op.device)
                     pre = lanczos_eigsh(pop, k=1, which="top", tol=self.tol, max_iters=self.max_iters,
                                         generator=self._generator(2))
                     values["preconditioned_sharpness"] = float(pre.values[0])
