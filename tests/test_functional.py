@@ -209,3 +209,21 @@ def test_non_scalar_loss_is_refused_with_advice():
     f = ModelFunction(model, nn.CrossEntropyLoss(reduction="none"), (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
     with pytest.raises(ValueError, match=r"loss_fn returned shape \(4,\).*mean loss"):
         f.loss()
+
+
+def test_auto_hvp_picks_a_method_once_per_model_and_agrees_with_both(problem, monkeypatch):
+    model, loss_fn, batch = problem
+    f = ModelFunction(model, loss_fn, batch)
+    v = torch.randn(f.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with isolated(model):
+        choice = f.fastest_hvp_method()
+        assert choice in ("reuse", "forward_over_reverse")
+        calls = []
+        original = ModelFunction.curvature_products
+        monkeypatch.setattr(ModelFunction, "curvature_products",
+                            lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+        assert ModelFunction(model, loss_fn, batch).fastest_hvp_method() == choice
+        assert calls == []  # remembered, not timed again
+        auto = f.hvp_operator("auto")(v)
+        reuse = f.hvp_operator("reuse")(v)
+    assert torch.allclose(auto, reuse, rtol=1e-9, atol=1e-12)

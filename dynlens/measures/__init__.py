@@ -2,7 +2,14 @@
 per phenomenon. No state, no I/O."""
 
 from dynlens.measures.coherence import Coherence, gradient_coherence
-from dynlens.measures.hessian import Eigen, Estimate, SpectralDensity, hessian_density, hessian_eigenvalues, hessian_trace
+from dynlens.measures.hessian import (
+    Eigen,
+    Estimate,
+    SpectralDensity,
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+)
 
 __all__ = [
     "Coherence",

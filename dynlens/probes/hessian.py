@@ -121,7 +121,7 @@ class Hessian(Probe):
 
     def measure(self, ctx: Context) -> Values:
         fn = ctx.fn
-        op, _ = curvature_operator(fn, "hessian", "reuse", None, max_columns=16)
+        op, _ = curvature_operator(fn, "hessian", "auto", None, max_columns=16)
         k = min(self.k, op.size)
         top = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters,
                             generator=self._generator(0))

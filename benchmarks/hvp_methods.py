@@ -1,0 +1,84 @@
+"""Which Hessian-vector product is cheapest on this device? (ResNet-18, 32×32, eval mode)
+
+Times one gradient and one HVP by: the reused first-order graph (double backward through a
+graph built once), forward-over-reverse (``jvp`` of ``grad``), and ``torch.func.linearize`` of
+the gradient (the primal pass traced once, each product runs only the tangent computation);
+each with cuDNN's autotuner off and on. Reports each in gradients (median of 5 after warm-up).
+
+    python benchmarks/hvp_methods.py --device cuda [--batch 256] [--tf32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import image_batch, resnet18  # noqa: E402
+
+from dynlens.functional import ModelFunction, flatten, isolated  # noqa: E402
+
+
+def timed(fn, device, repeats=5) -> float:
+    fn()
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - start)
+    return statistics.median(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--tf32", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    model = resnet18(width=args.width).to(device)
+    x, y = image_batch(args.batch, seed=0)
+    f = ModelFunction(model, nn.CrossEntropyLoss(), (x, y))
+    v = torch.randn(f.num_params, device=device, generator=torch.Generator().manual_seed(0).manual_seed(0)
+                    if device.type == "cpu" else None)
+    results = {}
+    with isolated(model):
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            tag = "autotune" if bench else "default"
+            grad = timed(lambda: f.grad(), device)
+            results[f"gradient_ms[{tag}]"] = grad * 1e3
+            reuse = f.hvp_operator("reuse")
+            results[f"reuse[{tag}]"] = timed(lambda: reuse(v), device) / grad
+            results[f"build_graph[{tag}]"] = timed(lambda: f.hvp_operator("reuse"), device) / grad
+            results[f"forward_over_reverse[{tag}]"] = timed(lambda: flatten(f.hvp(f.as_params(v))), device) / grad
+            try:
+                start = time.perf_counter()
+                _, lin = torch.func.linearize(torch.func.grad(f.loss), f.params)
+                results[f"linearize_setup_s[{tag}]"] = time.perf_counter() - start
+                results[f"linearize[{tag}]"] = timed(lambda: lin(f.as_params(v)), device) / grad
+            except Exception as err:  # noqa: BLE001 - report what fails
+                results[f"linearize[{tag}]"] = f"{type(err).__name__}: {str(err)[:200]}"
+            del reuse
+    torch.backends.cudnn.benchmark = False
+    print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "tf32": args.tf32, "batch": args.batch, "in_gradients": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
