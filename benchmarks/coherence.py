@@ -6,8 +6,8 @@ For each model (an MLP and a small CNN from benchmarks/models.py) and a batch of
   (eval mode, like the measurement) — the unit of cost;
 * ``loop``: the plain per-example loop — for each example ``loss.backward()`` alone, then the
   same statistics (Σ g_i, Σ g_i², ‖g_i‖²) accumulated from the flattened gradients;
-* ``coherence[chunk=c, stiffness=s]``: ``dl.gradient_coherence`` with that chunk size, with and
-  without the stiffness (m×m Gram) matrix (linear layers in factored form, the default), and
+* ``coherence[chunk=c, stiffness=s]``: ``dl.gradient_coherence`` with that chunk size ("auto",
+  the default, then each of ``--chunks``), with and without the stiffness (m×m Gram) matrix (linear layers in factored form, the default), and
   once with ``factor_linear=False`` (every parameter's per-example gradients by vmap).
 
 Targets (issue #5, m = 256): the loop / coherence ≥ 10 (CPU and H100); coherence / one batch
@@ -91,15 +91,16 @@ def plain_loop(model: nn.Module, loss_fn, x, y) -> None:
 
 def methods(chunks: list[int]) -> dict[str, Callable]:
     out: dict[str, Callable] = {"batch_backward": batch_backward, "loop": plain_loop}
-    for c in chunks:
+    for c in ["auto", *chunks]:
         for stiffness in (False, True):
             out[f"coherence[chunk={c}, stiffness={stiffness}]"] = (
                 lambda model, loss_fn, x, y, c=c, s=stiffness: dl.gradient_coherence(
                     model, loss_fn, (x, y), chunk_size=c, stiffness=s))
     # every parameter by vmap: the linear layers' weights not taken in factored form
-    out[f"coherence[chunk={chunks[0]}, stiffness=False, factor_linear=False]"] = (
-        lambda model, loss_fn, x, y, c=chunks[0]: dl.gradient_coherence(
-            model, loss_fn, (x, y), chunk_size=c, stiffness=False, factor_linear=False))
+    for c in ("auto", chunks[0]):
+        out[f"coherence[chunk={c}, stiffness=False, factor_linear=False]"] = (
+            lambda model, loss_fn, x, y, c=c: dl.gradient_coherence(
+                model, loss_fn, (x, y), chunk_size=c, stiffness=False, factor_linear=False))
     return out
 
 
@@ -186,7 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--m", type=int, default=256)
-    parser.add_argument("--chunks", default="64,256", help="chunk sizes to time, comma-separated")
+    parser.add_argument("--chunks", default="64,256",
+                        help="chunk sizes to time besides 'auto', comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny models and m = 16")

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from dynlens.functional import Mode, ModelFunction, check_loss, isolated, slice_examples
 
-__all__ = ["Coherence", "gradient_coherence", "coherence_of", "VmapUnsupportedError"]
+__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "VmapUnsupportedError"]
 
 Fallback = Literal["loop", "error"]
+ChunkSize = int | Literal["auto"]
 
 # A parameter entry whose per-example gradients are constant (all zero, typically: a dead unit
 # or an unused parameter) has variance 0 and no defined GSNR. Variances at or below this
@@ -44,6 +45,12 @@ _CONSTANT_VARIANCE = 1e-12
 # Linear layers are taken in factored form only when their weights hold at least this share of
 # the parameters: the factored path costs one batched forward and backward more.
 FACTOR_SHARE = 0.5
+# chunk_size="auto": the per-example gradients of one chunk may take this much memory (bytes):
+# on CUDA this share of the free memory (what the driver reports free plus what PyTorch's caching
+# allocator holds unused), at most the cap; elsewhere the fixed CPU budget.
+CUDA_FREE_SHARE = 0.25
+CUDA_BUDGET = 2 * 2**30
+CPU_BUDGET = 256 * 2**20
 
 
 class VmapUnsupportedError(RuntimeError):
@@ -211,13 +218,17 @@ def _linear_layers(fn: ModelFunction) -> dict[str, tuple[nn.Linear, str | None]]
 class _Gradients:
     """Per-example gradients of any example range, one representation per parameter tensor (in
     ``fn.params`` order): an (n, P_k) matrix in the parameters' dtype (by vmap, or the loop), or,
-    for the weights of linear layers, the factors of g_i = δ_i a_iᵀ (:class:`_Outer`)."""
+    for the weights of linear layers, the factors of g_i = δ_i a_iᵀ (:class:`_Outer`).
 
-    def __init__(self, fn: ModelFunction, fallback: Fallback, factor_linear: bool = True,
-                 chunk_size: int = 64) -> None:
+    The factored path is checked without waiting on the device: each chunk's batched per-example
+    losses are compared with those of each example evaluated alone, and the comparisons are
+    and-ed into one device flag that :meth:`verified` reads once, after the last chunk."""
+
+    def __init__(self, fn: ModelFunction, fallback: Fallback, factor_linear: bool = True) -> None:
         self.fn = fn
-        self.chunk_size = chunk_size
+        self.chunk_size = 64
         self.reference: Tensor | None = None
+        self.agrees: Tensor | None = None  # device bool: every checked chunk matched the reference
         self.fallback = fallback
         self.method = "vmap"
         self.notes: list[str] = []
@@ -237,6 +248,25 @@ class _Gradients:
     def factored(self) -> bool:
         return bool(self.linear)
 
+    def bytes_per_example(self) -> int:
+        """Memory of one example's gradient representation: P_k entries in the parameters' dtype
+        per dense parameter; for a factored layer the float64 factors δ_i, a_i plus the layer's
+        input and output in its dtype, (in + out)(8 + 2·itemsize)."""
+        factored = set(self.linear) | {b for _, b in self.linear.values() if b is not None}
+        total = sum(t.numel() * t.element_size() for n, t in self.fn.params.items() if n not in factored)
+        for module, _ in self.linear.values():
+            total += (module.in_features + module.out_features) * (8 + 2 * module.weight.element_size())
+        return max(total, 1)
+
+    def drop_factoring(self, why: str) -> None:
+        self.notes.append(f"linear layers not factored ({why}); all gradients by vmap")
+        self.linear, self.rest, self.agrees = {}, None, None
+
+    def verified(self) -> bool:
+        """Whether every factored chunk's batched losses matched the examples evaluated alone
+        (one device-to-host read)."""
+        return self.agrees is None or bool(self.agrees)
+
     def _reference_losses(self) -> Tensor:
         """ℓ_i of every example, each evaluated alone (vmap): the factored path must match them
         (a layer that mixes examples, or branches on the batch, would not)."""
@@ -250,12 +280,10 @@ class _Gradients:
         return self.reference
 
     def chunk(self, start: int, stop: int) -> list[Rep]:
+        """The chunk's representations; raises :class:`_NotFactorable` when the linear layers
+        cannot be factored (the caller drops factoring and starts over)."""
         if self.linear:
-            try:
-                return self._factored(start, stop)
-            except _NotFactorable as why:
-                self.notes.append(f"linear layers not factored ({why}); all gradients by vmap")
-                self.linear, self.rest = {}, None
+            return self._factored(start, stop)
         return list(self._dense(self.fn, start, stop).values())
 
     def _dense(self, fn: ModelFunction, start: int, stop: int) -> dict[str, Tensor]:
@@ -316,8 +344,8 @@ class _Gradients:
             losses = torch.func.vmap(example_loss)(out, y)
         reference = self._reference_losses()[start:stop]
         tolerance = 1e-4 if losses.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
-        if not torch.allclose(losses.detach(), reference, rtol=tolerance, atol=tolerance):
-            raise _NotFactorable("the batched forward differs from evaluating examples alone")
+        agrees = torch.isclose(losses.detach(), reference, rtol=tolerance, atol=tolerance).all()
+        self.agrees = agrees if self.agrees is None else self.agrees & agrees
         with torch.enable_grad():
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         reps: dict[str, Rep] = {}
@@ -353,9 +381,71 @@ class _Gradients:
 # ----------------------------------------------------------------------------- measurement
 
 
+def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False) -> int:
+    """The largest chunk (at most m examples) whose per-example gradients fit the memory budget:
+    on CUDA ``CUDA_FREE_SHARE`` of the free memory (``torch.cuda.mem_get_info`` plus what the
+    caching allocator holds unused), at most ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``. With
+    ``pairs`` (stiffness over several chunks holds two at a time) the budget is split in two."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(int(free * CUDA_FREE_SHARE), CUDA_BUDGET)
+    else:
+        budget = CPU_BUDGET
+    chunk = budget // bytes_per_example
+    if pairs and chunk < m:
+        chunk = budget // (2 * bytes_per_example)
+    return int(max(1, min(m, chunk)))
+
+
+@dataclass
+class _Classes:
+    """Class labels of the batch: the sorted label values, each example's class index (on the
+    device and on the host), and per chunk the layout that sums a factored layer by class."""
+
+    values: Tensor
+    index: Tensor
+    host_index: np.ndarray
+    onehot: dict[torch.dtype, Tensor] = field(default_factory=dict)
+    layouts: dict[tuple[int, int], tuple[Tensor, Any]] = field(default_factory=dict)
+
+    def prepare(self, bounds: list[tuple[int, int]], dtypes: set[torch.dtype], factored: bool) -> None:
+        """Make every device tensor the chunks need before the first chunk is queued: copies
+        from the host made inside the loop would wait for the device to finish its queue."""
+        for dtype in dtypes:
+            self.onehot_as(dtype)
+        if factored:
+            for start, stop in bounds:
+                if (start, stop) not in self.layouts:
+                    self.layouts[start, stop] = self.layout(start, stop)
+
+    def onehot_as(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self.onehot:
+            self.onehot[dtype] = torch.nn.functional.one_hot(self.index, len(self.values)).to(dtype)
+        return self.onehot[dtype]
+
+    def layout(self, start: int, stop: int) -> tuple[Tensor, int] | tuple[Tensor, list[int]]:
+        """How to sum a factored chunk by class with few kernels. Balanced enough (C × the
+        largest class ≤ 2n): (an index of shape (C, L) into the chunk's rows, padded with n, a
+        zero row; L). Otherwise: (the order that sorts the chunk by class, the class sizes).
+        Built from the host copy of the labels: no device sync."""
+        index = self.host_index[start:stop]
+        n, classes = stop - start, len(self.values)
+        sizes = np.bincount(index, minlength=classes)
+        order = np.argsort(index, kind="stable")
+        if classes * sizes.max() > 2 * n:
+            return torch.as_tensor(order, device=self.index.device), sizes.tolist()
+        width = int(sizes.max())
+        padded = np.full((classes, width), n, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        rank = np.arange(n) - offsets[index[order]]
+        padded[index[order], rank] = order
+        return torch.as_tensor(padded, device=self.index.device), width
+
+
 def coherence_of(
     fn: ModelFunction,
-    chunk_size: int = 64,
+    chunk_size: ChunkSize = "auto",
     stiffness: bool = True,
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
@@ -366,72 +456,35 @@ def coherence_of(
     m = fn.size
     if m < 2:
         raise ValueError(f"gradient coherence needs at least 2 examples; the batch has {m}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+        raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
     labels = _resolve_classes(fn, classes, m)
-    source = _Gradients(fn, fallback, factor_linear, chunk_size)
+    source = _Gradients(fn, fallback, factor_linear)
     names = list(fn.params)
     device = fn.device
     f64 = torch.float64
-    # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
-    # the parameters' dtype, which for float64 models makes everything float64)
-    count = 0
-    sizes = [t.numel() for t in fn.params.values()]
-    mean = torch.zeros(sum(sizes), dtype=f64, device=device)
-    centred = torch.zeros_like(mean)  # Σ_i (g_ik − ḡ_k)², elementwise
-    sq_norms = torch.zeros(m, dtype=f64, device=device)
-    class_values = class_index = None
-    class_sums: list[Tensor] = []
+    group = None
     if labels is not None:
-        class_values, class_index = torch.unique(labels, return_inverse=True)
-        class_sums = [torch.zeros(len(class_values), size, dtype=f64, device=device) for size in sizes]
-        class_onehot = torch.nn.functional.one_hot(class_index, len(class_values))
-    gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
-    bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
+        host_labels = labels.cpu()
+        values, index = torch.unique(host_labels, return_inverse=True)
+        group = _Classes(values, index.to(device), index.numpy())
 
-    for a, (start, stop) in enumerate(bounds):
-        chunk = source.chunk(start, stop)
-        n = stop - start
-        sq_norms[start:stop] = _sq_norms(chunk)
-        if class_sums:
-            onehot = class_onehot[start:stop]
-            segments = None
-            if any(isinstance(rep, _Outer) for rep in chunk):  # the chunk's examples by class
-                order = torch.argsort(class_index[start:stop], stable=True)
-                segments = (order, torch.bincount(class_index[start:stop], minlength=len(class_values)).tolist())
-            for rep, sums in zip(chunk, class_sums, strict=True):
-                sums += _class_sum(rep, onehot, segments)
-        if gram is not None:
-            gram[start:stop, start:stop] = _dot(chunk, chunk)
-            for other_start, other_stop in bounds[a + 1:]:
-                block = _dot(chunk, source.chunk(other_start, other_stop))
-                gram[start:stop, other_start:other_stop] = block
-                gram[other_start:other_stop, start:stop] = block.T
-        # Last (dense chunks are centred in place, so nothing may read them afterwards): merge the
-        # chunk's mean and centred sum of squares into the running ones (Chan et al.).
-        moments = [_moments(rep, n) for rep in chunk]
-        total = count + n
-        delta = torch.cat([mu for mu, _ in moments]) - mean
-        centred += torch.cat([m2 for _, m2 in moments]) + delta.square() * (count * n / total)
-        mean += delta * (n / total)
-        count = total
-        del chunk
+    while True:
+        chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
+                 if chunk_size == "auto" else min(chunk_size, m))
+        source.chunk_size = chunk
+        try:
+            sums = _accumulate(source, chunk, group, stiffness)
+            if source.verified():
+                break
+            why = "the batched forward differs from evaluating examples alone"
+        except _NotFactorable as err:
+            why = str(err)
+        source.drop_factoring(why)
 
-    mean_sq_norm, sum_sq_norms, centred_sum = torch.stack(
-        [mean.square().sum(), sq_norms.sum(), centred.sum()]).tolist()
-    alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
-
-    per_class: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    if class_sums:
-        class_sq = torch.zeros(len(class_values), dtype=f64, device=device).index_add_(0, class_index, sq_norms)
-        numerators = sum(c.square().sum(dim=1) for c in class_sums)
-        sizes_per_class = torch.bincount(class_index, minlength=len(class_values))
-        for c, num, den, size in zip(class_values.tolist(), numerators.tolist(), class_sq.tolist(),
-                                     sizes_per_class.tolist(), strict=True):
-            per_class[int(c)] = num / den if den > 0 else math.nan
-            counts[int(c)] = int(size)
-
+    mean, centred, sq_norms, class_sums, gram = sums
+    sizes = [t.numel() for t in fn.params.values()]
     variance = centred / m  # population variance of each parameter entry
     mean_sq = variance + mean.square()  # mean_i g_ik²
     kept = variance > _CONSTANT_VARIANCE * mean_sq
@@ -439,11 +492,35 @@ def coherence_of(
     layer_of = [_layer_of(name) for name in names]
     layers = list(dict.fromkeys(layer_of))
     layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
-    ratio_sums = torch.zeros(len(layers), dtype=f64, device=device).index_add_(
-        0, layer_index, torch.stack([r.sum() for r in torch.split(ratio, sizes)]))
-    kept_counts = torch.zeros(len(layers), dtype=f64, device=device).index_add_(
-        0, layer_index, torch.stack([k.sum().to(f64) for k in torch.split(kept, sizes)]))
-    ratio_sums, kept_counts = ratio_sums.tolist(), kept_counts.tolist()
+    per_tensor = torch.stack([piece.sum(dim=1) for piece in torch.split(torch.stack([ratio, kept.to(f64)]), sizes, dim=1)])
+    per_layer_sums = torch.zeros(len(layers), 2, dtype=f64, device=device).index_add_(0, layer_index, per_tensor)
+
+    # every number the result needs in one transfer to the host
+    parts = [torch.stack([mean.square().sum(), sq_norms.sum(), centred.sum()]), per_layer_sums.T.reshape(-1)]
+    classes_n = 0
+    if group is not None:
+        classes_n = len(group.values)
+        class_sq = torch.zeros(classes_n, dtype=f64, device=device).index_add_(0, group.index, sq_norms)
+        numerators = sum(c.square().sum(dim=1) for c in class_sums)
+        parts += [numerators, class_sq]
+    host = torch.cat(parts).cpu().tolist()
+    mean_sq_norm, sum_sq_norms, centred_sum = host[:3]
+    ratio_sums = host[3:3 + len(layers)]
+    kept_counts = host[3 + len(layers):3 + 2 * len(layers)]
+    alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
+
+    per_class: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    if group is not None:
+        offset = 3 + 2 * len(layers)
+        numerators_host = host[offset:offset + classes_n]
+        class_sq_host = host[offset + classes_n:offset + 2 * classes_n]
+        sizes_per_class = np.bincount(group.host_index, minlength=classes_n)
+        for c, num, den, size in zip(group.values.tolist(), numerators_host, class_sq_host,
+                                     sizes_per_class.tolist(), strict=True):
+            per_class[int(c)] = num / den if den > 0 else math.nan
+            counts[int(c)] = int(size)
+
     per_layer = {layer: (r / c if c > 0 else math.nan) for layer, r, c in zip(layers, ratio_sums, kept_counts, strict=True)}
     kept_total = sum(kept_counts)
     gsnr = sum(ratio_sums) / kept_total if kept_total > 0 else math.nan
@@ -458,8 +535,8 @@ def coherence_of(
     matrix = class_matrix = None
     within = between = overall = math.nan
     if gram is not None:
-        matrix, class_matrix, (overall, within, between) = _stiffness(gram, sq_norms, class_index,
-                                                                      class_values)
+        matrix, class_matrix, (overall, within, between) = _stiffness(
+            gram, sq_norms, None if group is None else group.index, None if group is None else group.values)
 
     return Coherence(
         alpha=alpha,
@@ -472,9 +549,9 @@ def coherence_of(
         stiffness_mean=overall,
         stiffness=matrix,
         class_stiffness=class_matrix,
-        classes=(class_values.cpu().numpy().astype(np.int64) if class_values is not None
+        classes=(group.values.numpy().astype(np.int64) if group is not None
                  else np.zeros(0, dtype=np.int64)),
-        labels=(labels.cpu().numpy().astype(np.int64) if labels is not None
+        labels=(host_labels.numpy().astype(np.int64) if labels is not None
                 else np.zeros(0, dtype=np.int64)),
         gsnr=gsnr,
         gsnr_per_layer=per_layer,
@@ -490,6 +567,58 @@ def coherence_of(
     )
 
 
+def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
+                stiffness: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor | None]:
+    """One pass over the batch in chunks, all on the device with no host sync: (mean, centred
+    sums of squares, ‖g_i‖², per-class sums, Gram matrix or None), float64."""
+    fn = source.fn
+    m, device, f64 = fn.size, fn.device, torch.float64
+    # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
+    # the parameters' dtype, which for float64 models makes everything float64). They start as
+    # the first chunk's values (what adding them to zeros would give, without filling zeros).
+    count = 0
+    mean = centred = None  # centred: Σ_i (g_ik − ḡ_k)², elementwise
+    sq_norms = torch.empty(m, dtype=f64, device=device)
+    class_sums: list[Tensor] = []
+    gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
+    bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
+    if group is not None:
+        group.prepare(bounds, {t.dtype for t in fn.params.values()}, source.factored)
+
+    for a, (start, stop) in enumerate(bounds):
+        chunk = source.chunk(start, stop)
+        n = stop - start
+        sq_norms[start:stop] = _sq_norms(chunk)
+        if group is not None:
+            layout = group.layouts.get((start, stop))
+            for k, rep in enumerate(chunk):
+                onehot = None if isinstance(rep, _Outer) else group.onehot_as(rep.dtype)[start:stop]
+                sums = _class_sum(rep, onehot, layout)
+                if a == 0:
+                    class_sums.append(sums)
+                else:
+                    class_sums[k] += sums
+        if gram is not None:
+            gram[start:stop, start:stop] = _dot(chunk, chunk)
+            for other_start, other_stop in bounds[a + 1:]:
+                block = _dot(chunk, source.chunk(other_start, other_stop))
+                gram[start:stop, other_start:other_stop] = block
+                gram[other_start:other_stop, start:stop] = block.T
+        # Last (dense chunks are centred in place, so nothing may read them afterwards): merge the
+        # chunk's mean and centred sum of squares into the running ones (Chan et al.).
+        moments = [_moments(rep, n) for rep in chunk]
+        if mean is None:
+            mean, centred = torch.cat([mu for mu, _ in moments]), torch.cat([m2 for _, m2 in moments])
+        else:
+            total = count + n
+            delta = torch.cat([mu for mu, _ in moments]) - mean
+            centred += torch.cat([m2 for _, m2 in moments]) + delta.square() * (count * n / total)
+            mean += delta * (n / total)
+        count += n
+        del chunk
+    return mean, centred, sq_norms, class_sums, gram
+
+
 def _sq_norms(chunk: list[Rep]) -> Tensor:
     """‖g_i‖² of each example of a chunk (float64): ‖δ_i a_iᵀ‖² = ‖δ_i‖²‖a_i‖² for factored ones."""
     dense = [r for r in chunk if isinstance(r, Tensor)]
@@ -502,18 +631,23 @@ def _sq_norms(chunk: list[Rep]) -> Tensor:
     return total
 
 
-def _class_sum(rep: Rep, onehot: Tensor, segments: tuple[Tensor, list[int]] | None) -> Tensor:
-    """(C, P_k) float64: Σ_{i in class c} g_i for each class, from an (n, C) one-hot matrix; a
-    factored one class by class (``segments``: the order that sorts the chunk by class, and the
-    class sizes), so that it costs one product δᵀa in all."""
+def _class_sum(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | None) -> Tensor:
+    """(C, P_k) float64: Σ_{i in class c} g_i for each class. A dense chunk from its (n, C)
+    one-hot matrix; a factored one as δ_cᵀ a_c per class (``layout``, see :meth:`_Classes.layout`):
+    one batched product over the classes padded to the largest with zero rows, or, when the
+    classes are too unequal for padding, one product per class in class-sorted order."""
     if isinstance(rep, Tensor):
-        return (onehot.to(rep.dtype).T @ rep).to(torch.float64)
-    order, sizes = segments
-    delta, inputs = rep.delta[order], rep.inputs[order]
-    out = torch.zeros(len(sizes), delta.shape[1] * inputs.shape[1], dtype=torch.float64,
+        return (onehot.T @ rep).to(torch.float64)
+    index, shape = layout
+    if isinstance(shape, int):
+        delta = torch.cat([rep.delta, rep.delta.new_zeros(1, rep.delta.shape[1])])[index]
+        inputs = torch.cat([rep.inputs, rep.inputs.new_zeros(1, rep.inputs.shape[1])])[index]
+        return torch.bmm(delta.transpose(1, 2), inputs).reshape(index.shape[0], -1)
+    delta, inputs = rep.delta[index], rep.inputs[index]
+    out = torch.zeros(len(shape), delta.shape[1] * inputs.shape[1], dtype=torch.float64,
                       device=delta.device)
     offset = 0
-    for k, size in enumerate(sizes):
+    for k, size in enumerate(shape):
         if size:
             out[k] = (delta[offset:offset + size].T @ inputs[offset:offset + size]).reshape(-1)
             offset += size
@@ -599,7 +733,7 @@ def gradient_coherence(
     loss_fn: Callable[[Any, Any], Tensor],
     batch: Any,
     *,
-    chunk_size: int = 64,
+    chunk_size: ChunkSize = "auto",
     stiffness: bool = True,
     mode: Mode = "eval",
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
@@ -611,7 +745,15 @@ def gradient_coherence(
     class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
 
     The per-example gradients g_i = ∇ℓ_i come from ``torch.func`` (``vmap`` of ``grad``) in
-    chunks of ``chunk_size`` examples. Each chunk is reduced per parameter tensor in the
+    chunks of ``chunk_size`` examples. ``chunk_size="auto"`` (the default) takes the largest
+    chunk, up to the whole batch, whose per-example gradients fit a memory budget: chunk × (the
+    non-factored parameters × their element size + (in + out) × (8 + 2 × element size) per
+    factored linear layer, below) bytes, against a quarter of the free GPU memory
+    (``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve), at most 2 GiB, on
+    CUDA, and 256 MiB on the CPU; halved when stiffness needs two chunks at once. The chunk's
+    activations are not counted: pass an integer for models whose activations dwarf their
+    parameters. Few chunks matter on a GPU, where each chunk costs a fixed number of kernel
+    launches. Each chunk is reduced per parameter tensor in the
     parameters' dtype (mean, centred sum of squares Σ (g_i − chunk mean)², the norms ‖g_i‖²) and merged into float64 running sums across chunks (Chan et al.'s parallel update),
     so a float64 model is measured in float64 throughout. Peak memory grows with the chunk
     (chunk_size × P numbers for P parameters, plus temporaries of the largest parameter tensor),
@@ -622,6 +764,8 @@ def gradient_coherence(
     chunk_size ≥ m).
 
     Cost: one forward and backward pass over the batch, vectorised (plus the stiffness passes).
+    The chunks are reduced on the device without waiting on it; the results come to the host
+    once, at the end.
     Models ``vmap`` cannot run (in-place ops on batched tensors, data-dependent Python control
     flow) fall back to a loop of one ``torch.autograd.grad`` per example (``fallback="loop"``,
     the same numbers, about m times slower, with a warning) or raise
@@ -636,9 +780,13 @@ def gradient_coherence(
     and one backward of Σ ℓ_i; the other parameters' per-example gradients still come from vmap.
     It applies to layers called once per forward on (batch, features) inputs whose weight no
     other module shares, when their weights hold at least half of the parameters (otherwise
-    the vmap pass dominates and the batched pass would only add to it), and is checked per chunk: the batched forward's per-example losses must
-    equal those of each example evaluated alone (a layer that mixes examples or branches on the
-    batch fails the check, and everything is then taken by vmap, with a note).
+    the vmap pass dominates and the batched pass would only add to it). It is checked on every
+    chunk: the batched forward's per-example losses must equal (rtol = atol = 1e-10 in float64,
+    1e-4 in lower precision) those of each example evaluated alone, from one vmap forward over the
+    batch per call. A layer that mixes examples or branches on the batch fails the check. The
+    comparisons stay on the device and are read once after the last chunk; if any failed, or a
+    linear layer cannot be factored (called twice, not on (batch, features) inputs), the whole
+    batch is measured again with everything by vmap (chunk size resolved anew), with a note.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.
@@ -647,7 +795,7 @@ def gradient_coherence(
         model: the network.
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss.
         batch: ``(inputs, targets)``.
-        chunk_size: examples per vmap call (memory ∝ chunk_size).
+        chunk_size: examples per vmap call (memory ∝ chunk_size), or "auto" (above).
         stiffness: compute the stiffness matrix (the only statistic needing pairs of examples).
         mode: "eval" (default: BatchNorm running statistics, no dropout) or "train" (dropout with
             a fixed seed). Train mode with BatchNorm raises ValueError: with batch statistics an

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from dynlens.functional import Mode
-from dynlens.measures.coherence import Fallback, check_mode, coherence_of
+from dynlens.measures.coherence import ChunkSize, Fallback, check_mode, coherence_of
 from dynlens.probes.base import Context, Probe, Values
 
 __all__ = ["Coherence"]
@@ -32,7 +32,9 @@ class Coherence(Probe):
     Args:
         every / at / schedule / mode: see :class:`dynlens.Probe` (mode="train" with BatchNorm
             is refused: per-example gradients are ill-defined with batch statistics).
-        chunk_size: examples per vmap call (peak memory ∝ chunk_size × parameters).
+        chunk_size: examples per vmap call (peak memory ∝ chunk_size × parameters), or "auto"
+            (default): the largest chunk up to the probe batch whose per-example gradients fit
+            a memory budget (see :func:`dynlens.gradient_coherence`).
         stiffness: compute the stiffness statistics (the m×m Gram matrix).
         matrix_max: largest probe batch whose stiffness matrix is stored.
         classes: as in :func:`dynlens.gradient_coherence` (None: from integer targets).
@@ -51,7 +53,7 @@ class Coherence(Probe):
         schedule=None,  # noqa: ANN001
         mode: Mode | None = None,
         *,
-        chunk_size: int = 64,
+        chunk_size: ChunkSize = "auto",
         stiffness: bool = True,
         matrix_max: int = 256,
         classes=None,  # noqa: ANN001 - see gradient_coherence

@@ -136,7 +136,7 @@ def classification_data(m: int = 23, features: int = 6, classes: int = 3, seed: 
 
 
 @pytest.mark.parametrize("factor_linear", [True, False], ids=["factored", "vmap"])
-@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("chunk", [5, 64, "auto"])
 def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(chunk, factor_linear):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = classification_data()
@@ -171,11 +171,12 @@ class TiedLinear(nn.Module):
     lambda: nn.Sequential(nn.Linear(6, 8), CentreOverBatch(), nn.Tanh(), nn.Linear(8, 3)),
     TiedLinear,
 ], ids=["mixes-examples", "layer-called-twice"])
-def test_linear_layers_that_cannot_be_factored_are_taken_by_vmap_with_the_same_numbers(make):
+@pytest.mark.parametrize("chunk", [4, "auto"])
+def test_linear_layers_that_cannot_be_factored_are_taken_by_vmap_with_the_same_numbers(make, chunk):
     torch.manual_seed(0)
     model, loss_fn = make().double(), nn.CrossEntropyLoss()
     x, y = classification_data(m=11)
-    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=4)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk)
     assert result.method == "vmap" and result.notes
     g, names = loop_gradients(model, loss_fn, x, y)
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
@@ -218,6 +219,70 @@ def test_chunk_size_does_not_change_the_results():
         np.testing.assert_allclose(other.grad_norms, results[0].grad_norms, rtol=1e-12)
         for c in results[0].per_class:
             np.testing.assert_allclose(other.per_class[c], results[0].per_class[c], rtol=1e-12)
+
+
+def _chunks_taken(monkeypatch) -> list[tuple[int, int]]:
+    """Record the (start, stop) of every chunk of per-example gradients the measurement takes."""
+    from dynlens.measures import coherence
+
+    taken: list[tuple[int, int]] = []
+    original = coherence._Gradients.chunk
+
+    def chunk(self, start, stop):
+        taken.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(coherence._Gradients, "chunk", chunk)
+    return taken
+
+
+def test_an_explicit_chunk_size_is_honoured(monkeypatch):
+    taken = _chunks_taken(monkeypatch)
+    dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data(), chunk_size=10, stiffness=False)
+    assert taken == [(0, 10), (10, 20), (20, 23)]
+
+
+def test_auto_chunk_size_takes_the_whole_batch_when_its_gradients_fit_the_budget(monkeypatch):
+    taken = _chunks_taken(monkeypatch)
+    dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data())
+    assert taken == [(0, 23)]
+
+
+@pytest.mark.parametrize("factor_linear", [True, False], ids=["factored", "vmap"])
+def test_auto_chunk_size_splits_the_batch_to_fit_a_small_budget_with_the_same_numbers(monkeypatch, factor_linear):
+    from dynlens.measures import coherence
+
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_data()
+    whole = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, factor_linear=factor_linear)
+    # bytes per example: by vmap the MLP's 213 float64 parameters; factored, (in + out) × 24 per
+    # linear layer (its bias included)
+    per_example = (16 + 20 + 13) * 24 if factor_linear else 213 * 8
+    monkeypatch.setattr(coherence, "CPU_BUDGET", 5 * per_example)
+    taken = _chunks_taken(monkeypatch)
+    split = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, factor_linear=factor_linear)
+    assert taken == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for key in ("alpha", "m_coherence", "gsnr", "noise_scale", "trace_sigma"):
+        np.testing.assert_allclose(getattr(split, key), getattr(whole, key), rtol=1e-12, err_msg=key)
+    g, names = loop_gradients(model, loss_fn, x, y)
+    ref = reference(g, y.numpy(), _sizes(model), names)
+    for c in ref["per_class"]:
+        np.testing.assert_allclose(split.per_class[c], ref["per_class"][c], rtol=RTOL)
+
+
+def test_auto_chunk_size_holds_two_chunks_when_stiffness_spans_several():
+    from dynlens.measures.coherence import CPU_BUDGET, auto_chunk_size
+
+    cpu = torch.device("cpu")
+    assert auto_chunk_size(CPU_BUDGET // 100, 1000, cpu) == 100
+    assert auto_chunk_size(CPU_BUDGET // 100, 1000, cpu, pairs=True) == 50
+    assert auto_chunk_size(CPU_BUDGET // 100, 80, cpu, pairs=True) == 80
+    assert auto_chunk_size(2 * CPU_BUDGET, 80, cpu) == 1
+
+
+def test_chunk_size_must_be_auto_or_a_positive_integer():
+    with pytest.raises(ValueError, match="chunk_size must be 'auto' or a positive number"):
+        dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data(), chunk_size=0)
 
 
 def test_gsnr_uses_the_population_variance():

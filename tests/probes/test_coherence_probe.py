@@ -92,6 +92,11 @@ def test_train_mode_with_batchnorm_is_recorded_as_an_error_not_raised(tmp_path):
     assert events["message"].str.contains("ill-defined in train mode").any()
 
 
+def test_the_probe_sizes_its_chunks_automatically_by_default():
+    probe = dl.probes.Coherence()
+    assert probe.chunk_size == "auto" and probe.describe()["chunk_size"] == "auto"
+
+
 def test_coherence_is_among_the_default_probes():
     assert any(isinstance(p, dl.probes.Coherence) for p in dl.probes.default())
 
