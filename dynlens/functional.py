@@ -403,7 +403,8 @@ class ModelFunction:
         reused graph costs 4.8 (cuDNN runs one term of the convolutions' double backward with a
         slow implicit-GEMM kernel) against 3.1 by forward-over-reverse, while a transformer's
         costs 2.5 against 3.6. Times two products of each kind (the first as a warm-up) and
-        remembers the answer for this (model, device, parameter count, batch size, mode).
+        remembers the answer for this (model, device, parameter count, batch size, mode); a
+        method that fails here (forward-mode rules missing in torch) is not chosen.
         """
         key = (id(self.model), type(self.model).__name__, str(self.device), self.num_params,
                self.size, self.model.training)
@@ -414,7 +415,14 @@ class ModelFunction:
                                  dtype=next(iter(self.params.values())).dtype).to(self.device)
             for method in ("reuse", "forward_over_reverse"):
                 single = self.curvature_products("hessian", method)[0]
-                single(vector)
+                try:
+                    single(vector)
+                except RuntimeError:
+                    # some backward formulas have no forward-mode derivative in some torch
+                    # versions (e.g. mse_loss in 2.13: "ZeroTensors are immutable")
+                    if method == "reuse":
+                        raise
+                    continue
                 _synchronize(self.device)
                 start = time.perf_counter()
                 single(vector)

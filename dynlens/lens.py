@@ -266,14 +266,14 @@ class Lens:
         self.step_count += 1
         step = self.step_count
         if value is not None:
-            self.writer.scalar(step, "train", "loss", value)
+            self.writer.step_scalar(step, "train", "loss", value)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
                 lr = group.get("lr")
                 if isinstance(lr, Tensor):
                     lr = lr.item()
                 if lr is not None:
-                    self.writer.scalar(step, "train", "lr" if i == 0 else f"lr/{i}", float(lr))
+                    self.writer.step_scalar(step, "train", "lr" if i == 0 else f"lr/{i}", float(lr))
         ctx = self._context(value)
         self._run_probes([p for p in self.probes if p.due(step)], ctx)
         self._prepare_next(ctx)

@@ -8,6 +8,13 @@ Layout of ``run_dir/dynlens.sqlite`` (schema version 1):
   and a JSON shape. No pickle: a run someone else made is safe to open.
 * ``events(step, time, level, probe, message, traceback)``: errors, warnings and notes.
 
+Beside it, ``run_dir/steps.bin`` holds the scalars recorded at every step (the training loss and
+learning rate): fixed 20-byte records (step int64, name index int32, value float64,
+little-endian), appended with one ``write`` per step; the names are the meta key
+``step_scalars``. A SQLite commit at every step cost more than the rest of the Lens together on a
+small model (its pages fall out of the CPU caches between steps); an append costs a system call.
+The read API merges both, so a reader sees one ``scalars`` table.
+
 The writer commits once per training step (``RunWriter.commit``), so everything ``Lens.step()``
 returned from is on disk, also if the process is killed. Readers open the file while it is
 being written: WAL mode lets them see the last committed step.
@@ -21,6 +28,7 @@ import json
 import math
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,18 +42,26 @@ __all__ = ["RunWriter", "Run", "load_run", "RunError", "RunInUseError", "SCHEMA_
 SCHEMA_VERSION = 1
 DB_NAME = "dynlens.sqlite"
 LOCK_NAME = "dynlens.lock"
+STEP_LOG = "steps.bin"
+_STEP_RECORD = np.dtype([("step", "<i8"), ("name", "<i4"), ("value", "<f8")])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scalars (step INTEGER NOT NULL, probe TEXT NOT NULL, name TEXT NOT NULL, value REAL);
-CREATE INDEX IF NOT EXISTS scalars_by_probe ON scalars (probe, name, step);
 CREATE TABLE IF NOT EXISTS arrays (
     step INTEGER NOT NULL, probe TEXT NOT NULL, name TEXT NOT NULL,
     dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS arrays_by_probe ON arrays (probe, name, step);
 CREATE TABLE IF NOT EXISTS events (
     step INTEGER, time REAL NOT NULL, level TEXT NOT NULL, probe TEXT, message TEXT NOT NULL,
     traceback TEXT);
+"""
+
+# Built when the writer closes, not while training: maintaining them on every insert doubles
+# the pages each per-step commit writes. A run read while (or after being killed while) it is
+# written is scanned instead, which is fast at the sizes one run holds.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS scalars_by_probe ON scalars (probe, name, step);
+CREATE INDEX IF NOT EXISTS arrays_by_probe ON arrays (probe, name, step);
 """
 
 _ARRAY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
@@ -129,9 +145,9 @@ class RunWriter:
                     f"{str(self.path)!r} already holds a run; pass a new run_dir, or "
                     "overwrite=True to replace it"
                 )
-            for suffix in ("", "-wal", "-shm"):
+            for stale in (db, f"{db}-wal", f"{db}-shm", self.path / STEP_LOG):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(f"{db}{suffix}")
+                    os.remove(stale)
         try:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -142,6 +158,9 @@ class RunWriter:
         except sqlite3.Error as err:
             self._release()
             raise RunError(f"cannot create the run database in {str(self.path)!r}: {err}") from err
+        self._log = os.open(self.path / STEP_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._log_buffer = bytearray()
+        self._log_names: dict[tuple[str, str], int] = {}
         self._scalars: list[tuple[int, str, str, float | None]] = []
         self._arrays: list[tuple[int, str, str, str, str, bytes]] = []
         self._events: list[tuple[int | None, float, str, str | None, str, str | None]] = []
@@ -164,6 +183,16 @@ class RunWriter:
         v = float(value)
         self._scalars.append((step, probe, name, None if math.isnan(v) else v))
 
+    def step_scalar(self, step: int, probe: str, name: str, value: float) -> None:
+        """Queue a scalar recorded at (nearly) every step; it goes to the append-only step log
+        (``steps.bin``) instead of the database. Read back through the same API as scalars."""
+        key = (probe, name)
+        index = self._log_names.get(key)
+        if index is None:
+            index = self._log_names[key] = len(self._log_names)
+            self.set_meta({"step_scalars": [list(k) for k in self._log_names]})
+        self._log_buffer += struct.pack("<qid", step, index, float(value))
+
     def array(self, step: int, probe: str, name: str, value: np.ndarray) -> None:
         """Queue one array, stored as raw bytes + dtype + shape."""
         self._arrays.append((step, probe, name, *encode_array(value)))
@@ -174,7 +203,14 @@ class RunWriter:
         self._events.append((step, time.time(), level, probe, message, traceback))
 
     def commit(self) -> None:
-        """Write everything queued in one transaction."""
+        """Write everything queued: database rows in one transaction, then the step log (so the
+        names of step-log records are on disk before the records)."""
+        self._commit_database()
+        if self._log_buffer:
+            os.write(self._log, self._log_buffer)
+            self._log_buffer.clear()
+
+    def _commit_database(self) -> None:
         meta = getattr(self, "_pending_meta", [])
         if not (meta or self._scalars or self._arrays or self._events):
             return
@@ -204,7 +240,9 @@ class RunWriter:
             return
         try:
             self.commit()
+            self._db.executescript(_INDEXES)
             self._db.close()
+            os.close(self._log)
         finally:
             self.closed = True
             self._release()
@@ -269,6 +307,26 @@ class Run:
         """The configuration given to the Lens (``Lens(config=...)``)."""
         return dict(self.meta.get("config") or {})
 
+    def _step_log(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
+        """The step log's records (``steps.bin``) as a DataFrame step, probe, name, value. A
+        record cut short by a killed process, or whose name was not yet committed, is left out."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'step_scalars'")
+        names = [tuple(n) for n in json.loads(rows[0][0])] if rows else []
+        try:
+            raw = (self.path / STEP_LOG).read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        records = np.frombuffer(raw[: len(raw) - len(raw) % _STEP_RECORD.itemsize], dtype=_STEP_RECORD)
+        wanted = [i for i, (p, n) in enumerate(names)
+                  if (probe is None or p == probe) and (name is None or n == name)]
+        records = records[np.isin(records["name"], wanted)]
+        return pd.DataFrame({
+            "step": records["step"].astype("int64"),
+            "probe": [names[i][0] for i in records["name"]],
+            "name": [names[i][1] for i in records["name"]],
+            "value": records["value"].astype(float),
+        })
+
     def scalars(self, probe: str | None = None, name: str | None = None) -> pd.DataFrame:
         """Scalars as a DataFrame with columns step, probe, name, value (ordered by step)."""
         where, params = [], []
@@ -285,6 +343,10 @@ class Run:
         frame = pd.DataFrame(rows, columns=["step", "probe", "name", "value"])
         frame["value"] = frame["value"].astype(float)
         frame["step"] = frame["step"].astype("int64")
+        logged = self._step_log(probe, name)
+        if not logged.empty:
+            frame = logged if frame.empty else pd.concat([logged, frame], ignore_index=True)
+            frame = frame.sort_values("step", kind="stable", ignore_index=True)
         return frame
 
     def series(self, probe: str, name: str) -> pd.Series:
@@ -293,7 +355,12 @@ class Run:
             "SELECT step, value FROM scalars WHERE probe = ? AND name = ? ORDER BY step, rowid",
             (probe, name),
         )
-        series = pd.Series({int(s): (np.nan if v is None else float(v)) for s, v in rows}, dtype=float)
+        values = {int(s): (np.nan if v is None else float(v)) for s, v in rows}
+        logged = self._step_log(probe, name)
+        if not logged.empty:
+            values = {**dict(zip(logged["step"].tolist(), logged["value"].tolist())), **values}
+            values = dict(sorted(values.items()))
+        series = pd.Series(values, dtype=float)
         series.index.name = "step"
         series.name = f"{probe}/{name}"
         return series
@@ -312,7 +379,9 @@ class Run:
 
     def scalar_names(self, probe: str) -> list[str]:
         """The names of the scalars a probe stored."""
-        return [r[0] for r in self._query("SELECT DISTINCT name FROM scalars WHERE probe = ?", (probe,))]
+        logged = self._step_log(probe)["name"].unique().tolist()
+        stored = [r[0] for r in self._query("SELECT DISTINCT name FROM scalars WHERE probe = ?", (probe,))]
+        return list(dict.fromkeys(logged + stored))
 
     def events(self) -> pd.DataFrame:
         """Events as a DataFrame with columns step, time, level, probe, message, traceback."""
@@ -322,6 +391,7 @@ class Run:
     def probes(self) -> list[str]:
         """Names of the probes that recorded anything, in the order they were attached."""
         seen = {r[0] for r in self._query("SELECT DISTINCT probe FROM scalars UNION SELECT DISTINCT probe FROM arrays")}
+        seen |= set(self._step_log()["probe"])
         order = [p["name"] for p in self.meta.get("probes", [])]
         return [p for p in order if p in seen] + sorted(seen - set(order))
 
@@ -329,7 +399,9 @@ class Run:
     def last_step(self) -> int:
         """The last step with any record (0 for a run that only measured its initial state)."""
         row = self._query("SELECT MAX(step) FROM scalars")
-        return int(row[0][0]) if row and row[0][0] is not None else 0
+        stored = int(row[0][0]) if row and row[0][0] is not None else 0
+        logged = self._step_log()["step"]
+        return max(stored, int(logged.max())) if len(logged) else stored
 
     def close(self) -> None:
         """Close the database connection."""
@@ -340,11 +412,11 @@ class Run:
         scalar (every string escaped; the full report is ``dl.report(run)``)."""
         import html
 
-        rows = self._query(
-            "SELECT probe, name, value, MAX(step) FROM scalars GROUP BY probe, name ORDER BY probe, name")
+        latest = self.scalars().groupby(["probe", "name"], sort=True).tail(1).sort_values(["probe", "name"])
+        rows = list(zip(latest.probe, latest.name, latest.value, latest.step))
         cells = "".join(
             f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(n))}</td>"
-            f"<td>{'NaN' if v is None else f'{float(v):.4g}'}</td><td>{int(s)}</td></tr>"
+            f"<td>{float(v):.4g}</td><td>{int(s)}</td></tr>"
             for p, n, v, s in rows[:200])
         return (
             f"<div><strong>dynlens run {html.escape(self.name)}</strong> "

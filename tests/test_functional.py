@@ -227,3 +227,18 @@ def test_auto_hvp_picks_a_method_once_per_model_and_agrees_with_both(problem, mo
         auto = f.hvp_operator("auto")(v)
         reuse = f.hvp_operator("reuse")(v)
     assert torch.allclose(auto, reuse, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_hvp_avoids_forward_over_reverse_where_torch_cannot_run_it():
+    """torch 2.13's forward-mode rule of mse_loss's backward fails ("ZeroTensors are immutable");
+    the automatic choice must fall back to the reused graph and still give H v."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    f = ModelFunction(model, nn.MSELoss(), (x, y))
+    v = torch.randn(f.num_params, dtype=torch.float64)
+    with isolated(model):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(nn.MSELoss()(model(x), y), params, create_graph=True)
+        ref = flatten(torch.autograd.grad(grads, params, list(f.as_params(v).values())))
+        assert torch.allclose(f.hvp_operator("auto")(v), ref, rtol=1e-9, atol=1e-12)

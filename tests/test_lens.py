@@ -209,7 +209,7 @@ def test_a_run_killed_with_sigkill_keeps_every_step_that_step_returned_from(tmp_
     run = dl.load_run(run_dir)
     steps = run.series("train", "loss").index.tolist()
     assert steps[: last] == list(range(1, last + 1))
-    assert set(run.series("grad_norm", "total").index) >= set(range(10, last + 1, 10))
+    assert set(run.series("grad_norm", "total").index) >= set(range(25, last + 1, 25))
     assert run.meta["status"] == "running"
     # the killed process released its lock: a new Lens may take over the directory
     model, loss_fn, batch = tiny_problem()

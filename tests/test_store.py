@@ -86,3 +86,35 @@ def test_a_relative_run_path_opens(tmp_path, monkeypatch):
     w.scalar(1, "p", "x", 2.0)
     w.close()
     assert dl.load_run("runs/rel").series("p", "x")[1] == 2.0
+
+
+def test_step_scalars_go_to_the_step_log_and_read_back_merged_with_scalars(tmp_path):
+    w = RunWriter(tmp_path)
+    for step in range(1, 6):
+        w.step_scalar(step, "train", "loss", 1.0 / step)
+        w.step_scalar(step, "train", "lr", float("nan") if step == 3 else 0.1)
+        if step % 2 == 0:
+            w.scalar(step, "train", "other", 7.0)
+        w.commit()
+    run = dl.load_run(tmp_path)
+    assert run.series("train", "loss").tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    assert np.isnan(run.series("train", "lr")[3])
+    frame = run.scalars("train")
+    assert frame.step.is_monotonic_increasing and len(frame) == 12
+    assert set(run.scalar_names("train")) == {"loss", "lr", "other"}
+    assert run.probes() == ["train"] and run.last_step == 5
+    w.close()
+
+
+def test_a_cut_short_step_log_record_and_an_uncommitted_name_are_left_out(tmp_path):
+    w = RunWriter(tmp_path)
+    w.step_scalar(1, "train", "loss", 2.0)
+    w.commit()
+    w.close()
+    log = tmp_path / "steps.bin"
+    whole = log.read_bytes()
+    # a record whose name index was never committed, then half a record (killed mid-write)
+    log.write_bytes(whole + whole[:8] + (7).to_bytes(4, "little") + whole[12:20] + whole[:9])
+    run = dl.load_run(tmp_path)
+    assert run.series("train", "loss").to_dict() == {1: 2.0}
+    assert run.last_step == 1

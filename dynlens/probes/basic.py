@@ -1,6 +1,6 @@
 """The basic probes: cheap, always on, read straight from the parameters and their ``.grad``.
 
-They measure every 10 steps by default (``every=1`` for every step): each measurement is a few
+They measure every 25 steps by default (``every=1`` for every step): each measurement is a few
 passes over the parameters, which on a small, fast model is comparable to the optimizer step.
 
 Each records a total (over all trainable parameters) and an array ``per_layer`` (one entry per
@@ -40,7 +40,7 @@ class _Basic(Probe):
     pure: ClassVar[bool] = True
     isolate: ClassVar[bool] = False
     timed: ClassVar[bool] = False
-    default_every: ClassVar[int] = 10
+    default_every: ClassVar[int] = 25
 
 
 class GradNorm(_Basic):
