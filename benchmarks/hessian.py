@@ -264,6 +264,8 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
     out["gradient_peak_memory_bytes"] = gradient_peak(model, loss_fn, batch, device)
     reference = plain_lanczos(model, loss_fn, batch, device, k=5, steps=config["reference_iters"])
     out["reference"] = reference
+    with isolated(model, "eval"):  # the reference's operator already made (and timed) the choice
+        out["hvp_auto_choice"] = ModelFunction(model, loss_fn, batch).fastest_hvp_method()
     ref = torch.tensor(reference["values"], dtype=torch.float64)
     for name, kw in {"top1": {"k": 1}, "top5": {"k": 5}}.items():
         result = ours(model, loss_fn, batch, device, reps=reps, **kw)
