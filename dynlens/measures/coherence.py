@@ -449,7 +449,7 @@ def coherence_of(
     stiffness: bool = True,
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
-    factor_linear: bool = True,
+    factor_linear: bool | Literal["auto"] = "auto",
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
     :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
@@ -460,6 +460,10 @@ def coherence_of(
                                  or chunk_size < 1):
         raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
     labels = _resolve_classes(fn, classes, m)
+    if factor_linear == "auto":
+        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the factored form is 10x faster
+        # than vmap for an MLP; on an H100 vmap is faster (5.3 against 9.5 ms), launch-bound
+        factor_linear = fn.device.type == "cpu"
     source = _Gradients(fn, fallback, factor_linear)
     names = list(fn.params)
     device = fn.device
@@ -738,7 +742,7 @@ def gradient_coherence(
     mode: Mode = "eval",
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
-    factor_linear: bool = True,
+    factor_linear: bool | Literal["auto"] = "auto",
     seed: int = 0,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
@@ -771,7 +775,7 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
-    Linear layers (``factor_linear=True``, eval mode): the per-example gradient of an
+    Linear layers (``factor_linear=True``, the default on the CPU; eval mode): the per-example gradient of an
     ``nn.Linear`` weight is the outer product g_i = δ_i a_iᵀ of the gradient δ_i at the layer's
     output and its input a_i, so every statistic is computed from the factors without forming
     g_i (Goodfellow 2015, "Efficient per-example gradient computations"; Dangel et al. 2020,
@@ -804,7 +808,8 @@ def gradient_coherence(
             shape (m,), otherwise no per-class statistics; an array of m integer labels to group
             by; False to skip per-class statistics.
         fallback: "loop" or "error" when vmap fails (see above).
-        factor_linear: take the weights of ``nn.Linear`` layers in factored form (below).
+        factor_linear: take the weights of ``nn.Linear`` layers in factored form (below);
+            "auto" (default): on the CPU, where it is faster, not on GPUs, where vmap is.
         seed: dropout seed in train mode.
 
     Returns:

@@ -39,7 +39,8 @@ class Coherence(Probe):
         matrix_max: largest probe batch whose stiffness matrix is stored.
         classes: as in :func:`dynlens.gradient_coherence` (None: from integer targets).
         fallback: "loop" or "error" when vmap cannot run the model.
-        factor_linear: linear layers' weights in factored form (see gradient_coherence).
+        factor_linear: linear layers' weights in factored form, True, False or "auto" (see
+            gradient_coherence).
     """
 
     name = "coherence"
@@ -58,7 +59,7 @@ class Coherence(Probe):
         matrix_max: int = 256,
         classes=None,  # noqa: ANN001 - see gradient_coherence
         fallback: Fallback = "loop",
-        factor_linear: bool = True,
+        factor_linear: bool | str = "auto",
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
         self.chunk_size = chunk_size
