@@ -1,7 +1,7 @@
 """Overhead of a Lens with the basic probes, as a fraction of the training step time (CPU).
 
 Trains one model in one process in alternating blocks of steps, calling ``lens.step`` (a Lens
-with the basic probes at their default schedule, every 25 steps, plus loss and learning rate
+with the basic probes at their default schedule, every 50 steps, plus loss and learning rate
 every step) in every other block, so that machine noise hits both alike, and reports
 (median block time with Lens) / (median block time without) − 1. Target: at most 3%.
 

@@ -55,12 +55,14 @@ def _progress(step: int, total: int, loss: float, start: float) -> None:
 
 
 def demo_probes() -> list:
-    """Every built-in probe; the heavy ones measure every 25 steps (their defaults are sparser,
-    for long runs), and the Hessian probe records the top 3 eigenvalues and the density."""
+    """Every built-in probe on schedules for a short run (their defaults are sparser, for long
+    runs): the basic ones every 10 steps, the others every 25; the Hessian probe records the top
+    3 eigenvalues and the density."""
     from dynlens import probes
 
-    return [probes.Hessian(every=25, k=3, density=True) if p.name == "hessian" else type(p)(every=25)
-            for p in probes.default()]
+    basic = [type(p)(every=10) for p in probes.basic()]
+    return basic + [probes.Hessian(every=25, k=3, density=True) if p.name == "hessian" else type(p)(every=25)
+                    for p in probes.default()]
 
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: int = 64,

@@ -1,7 +1,8 @@
 """The basic probes: cheap, always on, read straight from the parameters and their ``.grad``.
 
-They measure every 25 steps by default (``every=1`` for every step): each measurement is a few
-passes over the parameters, which on a small, fast model is comparable to the optimizer step.
+They measure every 50 steps by default (as Lightning logs; ``every=1`` for every step): each
+measurement is a few passes over the parameters, which on a small, fast model is comparable to
+the optimizer step.
 
 Each records a total (over all trainable parameters) and an array ``per_layer`` (one entry per
 layer, in the order of the run's ``layers`` metadata; a layer is the module owning a parameter).
@@ -40,7 +41,7 @@ class _Basic(Probe):
     pure: ClassVar[bool] = True
     isolate: ClassVar[bool] = False
     timed: ClassVar[bool] = False
-    default_every: ClassVar[int] = 25
+    default_every: ClassVar[int] = 50
 
 
 class GradNorm(_Basic):
