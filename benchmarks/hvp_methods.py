@@ -54,8 +54,7 @@ def main() -> None:
     model = resnet18(width=args.width).to(device)
     x, y = image_batch(args.batch, seed=0)
     f = ModelFunction(model, nn.CrossEntropyLoss(), (x, y))
-    v = torch.randn(f.num_params, device=device, generator=torch.Generator().manual_seed(0).manual_seed(0)
-                    if device.type == "cpu" else None)
+    v = torch.randn(f.num_params, generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
     with isolated(model):
         for bench in (False, True):
@@ -64,17 +63,16 @@ def main() -> None:
             grad = timed(lambda: f.grad(), device)
             results[f"gradient_ms[{tag}]"] = grad * 1e3
             reuse = f.hvp_operator("reuse")
-            results[f"reuse[{tag}]"] = timed(lambda: reuse(v), device) / grad
+            results[f"reuse[{tag}]"] = timed(lambda op=reuse: op(v), device) / grad
             results[f"build_graph[{tag}]"] = timed(lambda: f.hvp_operator("reuse"), device) / grad
             results[f"forward_over_reverse[{tag}]"] = timed(lambda: flatten(f.hvp(f.as_params(v))), device) / grad
             try:
                 start = time.perf_counter()
                 _, lin = torch.func.linearize(torch.func.grad(f.loss), f.params)
                 results[f"linearize_setup_s[{tag}]"] = time.perf_counter() - start
-                results[f"linearize[{tag}]"] = timed(lambda: lin(f.as_params(v)), device) / grad
+                results[f"linearize[{tag}]"] = timed(lambda fn=lin: fn(f.as_params(v)), device) / grad
             except Exception as err:  # noqa: BLE001 - report what fails
                 results[f"linearize[{tag}]"] = f"{type(err).__name__}: {str(err)[:200]}"
-            del reuse
     torch.backends.cudnn.benchmark = False
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "tf32": args.tf32, "batch": args.batch, "in_gradients": results}, indent=1))
