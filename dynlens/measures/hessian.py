@@ -16,7 +16,7 @@ G = Jᵀ (∇²_f loss) J instead (PSD for convex losses). HVP = Hessian-vector 
 Cost: the HVPs reuse the first-order graph, built once per batch (one backward pass with
 ``create_graph=True``, about 1 gradient); each product is then one backward pass through it
 (about 2–2.5 gradients on a CPU), so a Lanczos run of m steps costs about 1 + 2.2m gradients
-(benchmarks/RESULTS_hessian.md) and holds the first-order graph
+(benchmarks/RESULTS.md) and holds the first-order graph
 (roughly twice a training step's activations) plus m vectors of P entries. Trace and density
 take their products in batches of columns (``is_grads_batched``), which is faster on small
 models. ``hvp="forward_over_reverse"`` keeps no graph and costs about 3 gradients a product;
