@@ -17,12 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from dynlens.diagnose import Finding, diagnose
+from dynlens.diagnose import Finding
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
     RunLike,
-    as_runs,
     log_scale_if_spans_decades,
     mark_findings,
     new_figure,
@@ -30,6 +29,7 @@ from dynlens.reports.style import (
     plot_series,
     report_style,
     run_labels,
+    runs_and_findings,
 )
 from dynlens.store import Run
 
@@ -40,14 +40,6 @@ __all__ = [
 
 MAX_LAYER_LINES = 10
 MAX_HEATMAP_COLUMNS = 1500
-
-
-def _prepare(runs: RunLike | Sequence[RunLike],
-             findings: Sequence[Finding] | None) -> tuple[list[Run], list[Finding]]:
-    runs = as_runs(runs)
-    if findings is None:
-        findings = [f for run in runs for f in diagnose(run)]
-    return runs, list(findings)
 
 
 def _has(runs: Sequence[Run], probe: str, name: str) -> bool:
@@ -79,7 +71,7 @@ def plot_loss(runs: RunLike | Sequence[RunLike],
               findings: Sequence[Finding] | None = None) -> Figure | None:
     """Training loss (the loss passed to ``Lens.step``, per optimizer step) and, below it, the
     learning rate of each parameter group."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     panels = [("train", "loss", "training loss")]
     lr_names = sorted({n for run in runs for n in run.scalar_names("train") if n.startswith("lr")})
     panels += [("train", n, "learning rate" if n == "lr" else f"learning rate ({n[3:]})")
@@ -91,7 +83,7 @@ def plot_loss(runs: RunLike | Sequence[RunLike],
 def plot_grad_norm(runs: RunLike | Sequence[RunLike],
                    findings: Sequence[Finding] | None = None) -> Figure | None:
     """Euclidean norm of the gradient over all trainable parameters, ‖∇L‖₂."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     return _panels("Gradient norm", runs, findings, "grad_norm",
                    [("grad_norm", "total", "‖gradient‖₂")])
 
@@ -100,7 +92,7 @@ def plot_grad_norm(runs: RunLike | Sequence[RunLike],
 def plot_param_norm(runs: RunLike | Sequence[RunLike],
                     findings: Sequence[Finding] | None = None) -> Figure | None:
     """Euclidean norm of all trainable parameters, ‖θ‖₂."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     return _panels("Parameter norm", runs, findings, "param_norm",
                    [("param_norm", "total", "‖θ‖₂")])
 
@@ -109,7 +101,7 @@ def plot_param_norm(runs: RunLike | Sequence[RunLike],
 def plot_update_size(runs: RunLike | Sequence[RunLike],
                      findings: Sequence[Finding] | None = None) -> Figure | None:
     """Size of each optimizer step, ‖θ_t − θ_{t−1}‖₂, and relative to ‖θ_{t−1}‖₂."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     return _panels("Update size", runs, findings, "update_size",
                    [("update_size", "total", "‖Δθ‖₂"),
                     ("update_size", "relative", "‖Δθ‖₂ / ‖θ‖₂")])
@@ -120,7 +112,7 @@ def plot_distance_from_init(runs: RunLike | Sequence[RunLike],
                             findings: Sequence[Finding] | None = None) -> Figure | None:
     """Distance from the initial parameters, ‖θ_t − θ_0‖₂, absolute and relative to ‖θ_0‖₂
     (Chizat et al. 2019: small relative change = lazy regime)."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     return _panels("Distance from initialisation", runs, findings, "distance_from_init",
                    [("distance_from_init", "relative", "‖θ − θ₀‖₂ / ‖θ₀‖₂"),
                     ("distance_from_init", "absolute", "‖θ − θ₀‖₂")])
@@ -139,7 +131,7 @@ def plot_per_layer(runs: RunLike | Sequence[RunLike], probe: str,
                    name: str = "per_layer") -> Figure | None:
     """The per-layer array ``probe/name`` over steps, one panel per run: one line per layer
     (up to 10 layers), else a heat map of log10 of the values (layers × steps)."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     stacks = []
     for run in runs:
         records = run.arrays(probe, name)

@@ -15,19 +15,19 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from dynlens.diagnose import Finding, diagnose
+from dynlens.diagnose import Finding
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
     STEP_LABEL,
     RunLike,
-    as_runs,
     log_scale_if_spans_decades,
     mark_findings,
     new_figure,
     plot_line,
     report_style,
     run_labels,
+    runs_and_findings,
 )
 from dynlens.store import Run
 
@@ -37,14 +37,6 @@ PROBE = "coherence"
 MAX_CLASS_LINES = 10
 MAX_MATRIX_STEPS = 3
 TOP_EXAMPLES = 15
-
-
-def _prepare(runs: RunLike | Sequence[RunLike],
-             findings: Sequence[Finding] | None) -> tuple[list[Run], list[Finding]]:
-    runs = as_runs(runs)
-    if findings is None:
-        findings = [f for run in runs for f in diagnose(run)]
-    return runs, list(findings)
 
 
 def _with(runs: Sequence[Run], name: str, array: bool = False) -> list[Run]:
@@ -64,7 +56,7 @@ def plot_coherence(runs: RunLike | Sequence[RunLike],
                    findings: Sequence[Finding] | None = None) -> Figure | None:
     """m-coherence ‖Σ g_i‖²/Σ‖g_i‖² over steps (about how many examples a step on one example
     helps; 1 = orthogonal gradients), runs overlaid, and below it the m-coherence of each class."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     runs = _with(runs, "m_coherence")
     if not runs:
         return None
@@ -116,7 +108,7 @@ def plot_noise_scale(runs: RunLike | Sequence[RunLike],
     """The gradient noise scale B_simple = tr(Σ)/‖G‖² over steps (McCandlish et al. 2018), with
     the training batch size from the run's config as a dashed line. Where noise dominates the
     probe batch (B_simple = +inf) the probe batch size m is drawn as a lower bound (▲)."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     runs = _with(runs, "noise_scale")
     if not runs:
         return None
@@ -163,7 +155,7 @@ def plot_stiffness(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding
     """The stiffness matrix cos(g_i, g_j) (Fort et al. 2019) at chosen steps (default: first,
     middle, last stored), examples ordered by class so that within-class blocks lie on the
     diagonal; one row of panels per run."""
-    runs, _ = _prepare(runs, findings if findings is not None else [])
+    runs, _ = runs_and_findings(runs, findings if findings is not None else [])
     runs = _with(runs, "stiffness", array=True)
     if not runs:
         return None
@@ -212,7 +204,7 @@ def plot_grad_norms(runs: RunLike | Sequence[RunLike],
                     findings: Sequence[Finding] | None = None) -> Figure | None:
     """Top: the largest per-example gradient norms ‖g_i‖ at the last measurement (probe-batch
     index on each bar), one panel per run. Bottom: the largest and the median ‖g_i‖ over steps."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     runs = _with(runs, "grad_norms", array=True)
     if not runs:
         return None

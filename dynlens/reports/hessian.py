@@ -14,19 +14,19 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from dynlens.diagnose import Finding, diagnose
+from dynlens.diagnose import Finding
 from dynlens.linalg import smooth_density
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
     RunLike,
-    as_runs,
     log_scale_if_spans_decades,
     mark_findings,
     new_figure,
     plot_line,
     report_style,
     run_labels,
+    runs_and_findings,
 )
 from dynlens.store import Run
 
@@ -35,14 +35,6 @@ __all__ = ["plot_sharpness", "plot_density", "plot_trace", "density_outliers"]
 PROBE = "hessian"
 MAX_DENSITY_STEPS = 3
 GRID_POINTS = 800
-
-
-def _prepare(runs: RunLike | Sequence[RunLike],
-             findings: Sequence[Finding] | None) -> tuple[list[Run], list[Finding]]:
-    runs = as_runs(runs)
-    if findings is None:
-        findings = [f for run in runs for f in diagnose(run)]
-    return runs, list(findings)
 
 
 def _sharpness_name(run: Run) -> str:
@@ -68,7 +60,7 @@ def plot_sharpness(runs: RunLike | Sequence[RunLike],
                    findings: Sequence[Finding] | None = None) -> Figure | None:
     """λ_max over steps (solid; Adam: the preconditioned sharpness) with the optimizer's stability
     threshold (dashed, same colour), runs overlaid; below, λ_min where it was measured."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     runs = [r for r in runs if "sharpness" in r.scalar_names(PROBE)]
     if not runs:
         return None
@@ -122,7 +114,7 @@ def plot_density(runs: RunLike | Sequence[RunLike],
                  findings: Sequence[Finding] | None = None) -> Figure | None:
     """The SLQ spectral density (Gaussian-smoothed, log-scale y) at up to three steps of each run
     (first, middle, last measured), the outlier eigenvalues beyond the bulk marked with ticks."""
-    runs, _ = _prepare(runs, findings or [])
+    runs, _ = runs_and_findings(runs, findings or [])
     runs = [r for r in runs if "density_nodes" in r.array_names(PROBE)]
     if not runs:
         return None
@@ -162,7 +154,7 @@ def plot_trace(runs: RunLike | Sequence[RunLike],
                findings: Sequence[Finding] | None = None) -> Figure | None:
     """tr(H) over steps with a ±2 standard-error band (Hutch++), runs overlaid; below, for SGD,
     η·tr(H)/2, which exceeds 1 where the minimum is not linearly stable for SGD (Wu & Su 2023)."""
-    runs, findings = _prepare(runs, findings)
+    runs, findings = runs_and_findings(runs, findings)
     runs = [r for r in runs if "trace" in r.scalar_names(PROBE)]
     if not runs:
         return None

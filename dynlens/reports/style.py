@@ -7,6 +7,7 @@ call :func:`new_figure` inside ``with report_style():`` and draw. Nothing here c
 Helpers:
 
 * :func:`as_runs` — a Run, a path, or a list of them → a list of :class:`~dynlens.store.Run`.
+* :func:`runs_and_findings` — :func:`as_runs`, with the findings to mark (diagnosed if ``None``).
 * :func:`plot_series` — overlay one scalar of several runs (long series are downsampled to a
   min/max envelope, so a one-step spike stays visible).
 * :func:`mark_findings` — vertical markers (one step) or spans (a step range) where findings fire.
@@ -25,13 +26,13 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dynlens.diagnose import Finding
+from dynlens.diagnose import Finding, diagnose
 from dynlens.store import Run, load_run
 
 __all__ = [
     "STYLE", "STEP_LABEL", "SEVERITY_COLORS", "COLORS", "report_style", "as_runs", "run_labels",
     "new_figure", "plot_series", "plot_line", "downsample", "mark_findings",
-    "log_scale_if_spans_decades", "RunLike",
+    "log_scale_if_spans_decades", "runs_and_findings", "RunLike",
 ]
 
 RunLike = Run | str | os.PathLike  # type: ignore[type-arg]
@@ -82,6 +83,15 @@ def as_runs(runs: RunLike | Sequence[RunLike]) -> list[Run]:
     if isinstance(runs, (Run, str, os.PathLike)):
         runs = [runs]
     return [r if isinstance(r, Run) else load_run(r) for r in runs]
+
+
+def runs_and_findings(runs: RunLike | Sequence[RunLike],
+                      findings: Sequence[Finding] | None) -> tuple[list[Run], list[Finding]]:
+    """:func:`as_runs` of ``runs``, and ``findings`` as a list (``None``: diagnose the runs)."""
+    runs = as_runs(runs)
+    if findings is None:
+        findings = [f for run in runs for f in diagnose(run)]
+    return runs, list(findings)
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
