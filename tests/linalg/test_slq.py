@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from matrices import matrix_with_spectrum
 
 from dynlens.linalg import (
     LinearOperator,
@@ -12,16 +13,6 @@ from dynlens.linalg import (
     slq,
     smooth_density,
 )
-
-
-def matrix_with_spectrum(eigenvalues, seed=0, dtype=torch.float64):
-    """A = Q diag(λ) Qᵀ with Q a random orthogonal matrix (float64, then cast)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    a = q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
-    return ((a + a.T) / 2).to(dtype)
-
 
 SPECTRUM = np.concatenate([np.linspace(-1.0, 2.0, 195), [4.0, 6.0, 9.0, 12.0, 20.0]])
 

@@ -3,18 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from matrices import matrix_with_spectrum
 
 from dynlens.linalg import LinearOperator, dense_operator, hutch_plus_plus, hutchinson
-
-
-def matrix_with_spectrum(eigenvalues, seed=0, dtype=torch.float64):
-    """A = Q diag(λ) Qᵀ with Q a random orthogonal matrix (float64, then cast)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    a = q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
-    return ((a + a.T) / 2).to(dtype)
-
 
 PSD = 10.0 * np.exp(-np.arange(150) / 15.0)
 INDEFINITE = np.linspace(-4.0, 6.0, 150)
