@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Small float64 models run fastest on one thread, and steadily on a busy shared CPU.
+
+    An autouse fixture: a test module that imports it runs each of its tests on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def bn_dropout_cnn(seed: int = 0) -> nn.Module:

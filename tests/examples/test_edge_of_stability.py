@@ -5,21 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-import torch
+from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 
 import dynlens as dl
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "edge_of_stability.py"
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small float64 models run fastest on one thread, and steadily on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load():  # noqa: ANN202

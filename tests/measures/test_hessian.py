@@ -8,19 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
 from dynlens.functional import ModelFunction, isolated
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small float64 models run fastest on one thread, and steadily on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ----------------------------------------------------------------------------- models
 

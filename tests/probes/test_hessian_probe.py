@@ -7,21 +7,13 @@ import math
 
 import pytest
 import torch
+from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
 from dynlens.probes.hessian import stability_threshold
 
 LOSS = nn.CrossEntropyLoss()
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small float64 models run fastest on one thread, and steadily on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup(seed: int = 0) -> tuple[nn.Module, tuple]:
