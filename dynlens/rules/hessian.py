@@ -100,6 +100,7 @@ def _eos_windows(ratio: pd.Series) -> list[tuple[int, int]]:
 
 @rule("progressive_sharpening")
 def progressive_sharpening(run: Run) -> Iterator[Finding]:
+    """λ_max grows steadily before the edge of stability (Cohen et al. 2021; module docstring)."""
     sharpness = _series(run, "sharpness")
     ratio = _series(run, "sharpness_ratio")
     if _is_adam(run):
@@ -133,6 +134,8 @@ def progressive_sharpening(run: Run) -> Iterator[Finding]:
 
 @rule("edge_of_stability")
 def edge_of_stability(run: Run) -> Iterator[Finding]:
+    """λ_max hovers within 10% of the stability threshold for a sustained window (Cohen et al.
+    2021, 2022); the finding names the step it began."""
     ratio = _series(run, "sharpness_ratio")
     if len(ratio) < EOS_WINDOW:
         return
@@ -166,6 +169,7 @@ def edge_of_stability(run: Run) -> Iterator[Finding]:
 
 @rule("sharpness_far_above_threshold")
 def sharpness_far_above_threshold(run: Run) -> Iterator[Finding]:
+    """λ_max well above the stability threshold: the steps are unstable along the top eigenvector."""
     ratio = _series(run, "sharpness_ratio")
     if ratio.empty:
         return
@@ -192,6 +196,7 @@ def sharpness_far_above_threshold(run: Run) -> Iterator[Finding]:
 
 @rule("negative_curvature")
 def negative_curvature(run: Run) -> Iterator[Finding]:
+    """A large negative eigenvalue at consecutive measurements: a saddle region."""
     lam_min = _series(run, "lambda_min")
     sharpness = _series(run, "sharpness")
     both = pd.concat([lam_min, sharpness], axis=1, keys=["min", "max"]).dropna()
