@@ -40,8 +40,8 @@ def write_run(run_dir: Path, steps: int, layers: int, seed: int = 0) -> None:
                                                         "update_size", "distance_from_init")]})
     for step in range(steps + 1):
         if step:
-            writer.scalar(step, "train", "loss", loss[step])
-            writer.scalar(step, "train", "lr", 0.1)
+            writer.step_scalar(step, "train", "loss", loss[step])
+            writer.step_scalar(step, "train", "lr", 0.1)
         g = grad[step]
         writer.scalar(step, "grad_norm", "total", g)
         writer.array(step, "grad_norm", "per_layer", g * shares)

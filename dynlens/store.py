@@ -320,10 +320,12 @@ class Run:
         wanted = [i for i, (p, n) in enumerate(names)
                   if (probe is None or p == probe) and (name is None or n == name)]
         records = records[np.isin(records["name"], wanted)]
+        probes = np.array([p for p, _ in names] or [""], dtype=object)
+        scalar_names = np.array([n for _, n in names] or [""], dtype=object)
         return pd.DataFrame({
             "step": records["step"].astype("int64"),
-            "probe": [names[i][0] for i in records["name"]],
-            "name": [names[i][1] for i in records["name"]],
+            "probe": probes[records["name"]],
+            "name": scalar_names[records["name"]],
             "value": records["value"].astype(float),
         })
 
