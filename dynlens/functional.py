@@ -185,13 +185,15 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
 
     Inside: every module is in ``mode`` ("eval": BatchNorm uses running statistics and dropout is
     off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
-    generators are seeded with ``seed``, and attention uses the math kernel. On exit the modules'
-    ``training`` flags and the torch, CUDA, Python ``random`` and NumPy random states are restored
-    exactly, also when the body raises.
+    generators are seeded with ``seed``, attention uses the math kernel, and TF32 is off (cuDNN
+    convolutions use it by default; its ~1e-3 relative error would bound every eigenvalue's
+    accuracy). On exit the modules' ``training`` flags, the TF32 settings and the torch, CUDA,
+    Python ``random`` and NumPy random states are restored exactly, also when the body raises.
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     flags = [(m, m.training) for m in model.modules()]
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     device = model_device(model)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     py_state = random.getstate()
@@ -200,9 +202,14 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
         with torch.random.fork_rng(devices=cuda, enabled=True):
             _seed_generators(device, seed)
             model.train(mode == "train")
+            # TF32 (cuDNN's default for convolutions) carries ~1e-3 relative error into every
+            # product: no eigensolver converges below it. Measurements run in full float32.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
             with _sdpa_math_kernel():
                 yield
     finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         for module, flag in flags:
             module.training = flag
         random.setstate(py_state)

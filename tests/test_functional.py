@@ -242,3 +242,15 @@ def test_auto_hvp_avoids_forward_over_reverse_where_torch_cannot_run_it():
         grads = torch.autograd.grad(nn.MSELoss()(model(x), y), params, create_graph=True)
         ref = flatten(torch.autograd.grad(grads, params, list(f.as_params(v).values())))
         assert torch.allclose(f.hvp_operator("auto")(v), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_isolated_turns_tf32_off_inside_and_restores_the_users_settings(problem):
+    model, _, _ = problem
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with isolated(model):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
