@@ -378,11 +378,15 @@ class Lens:
     def close(self) -> None:
         """Measure every probe at the final step (if it has not already), mark the run finished
         and release the run directory. Safe to call twice."""
+        self._finish(measure=True, status="finished")
+
+    def _finish(self, measure: bool, status: str) -> None:
         if self.closed:
             return
         try:
-            self._run_probes(self.probes, self._context(None))
-            self.writer.set_meta({"status": "finished", "steps": self.step_count,
+            if measure:
+                self._run_probes(self.probes, self._context(None))
+            self.writer.set_meta({"status": status, "steps": self.step_count,
                                   "finished": _dt.datetime.now(_dt.timezone.utc).isoformat()})
             self.writer.commit()
         finally:
@@ -392,8 +396,17 @@ class Lens:
     def __enter__(self) -> Lens:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # training raised or was interrupted: say why, and skip the final measurements (they
+        # can be slow, and the state may be what went wrong); everything measured stays
+        if not self.closed:
+            self.writer.event(self.step_count, "error", None,
+                              f"training stopped at step {self.step_count}: {exc_type.__name__}: {exc}")
+        self._finish(measure=False, status="stopped")
 
     def __repr__(self) -> str:
         return f"Lens(run_dir={self.run_dir!r}, step={self.step_count}, probes={[p.name for p in self.probes]})"

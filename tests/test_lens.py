@@ -312,3 +312,17 @@ def test_meta_records_config_model_optimizer_and_versions(tmp_path):
     assert meta["optimizer"]["class"] == "Adam" and meta["optimizer"]["defaults"]["lr"] == 3e-4
     assert meta["versions"]["torch"] == torch.__version__
     assert meta["probe_batch_size"] == 32
+
+
+def test_an_exception_in_the_training_loop_stops_the_run_without_final_measurements(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=4)], basic=False) as lens:
+            sgd_steps(model, loss_fn, batch, opt, lens, 6)
+            raise KeyboardInterrupt
+    run = dl.load_run(tmp_path)
+    assert run.meta["status"] == "stopped" and run.meta["steps"] == 6
+    assert run.series("counter", "step_seen").index.tolist() == [0, 4]  # no measurement at 6
+    events = run.events()
+    assert "training stopped at step 6: KeyboardInterrupt" in events.message.iloc[-1]
