@@ -158,7 +158,8 @@ class RunWriter:
         except sqlite3.Error as err:
             self._release()
             raise RunError(f"cannot create the run database in {str(self.path)!r}: {err}") from err
-        self._log = os.open(self.path / STEP_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # a new run starts an empty step log (one left beside a deleted database is stale)
+        self._log = os.open(self.path / STEP_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._log_buffer = bytearray()
         self._log_names: dict[tuple[str, str], int] = {}
         self._scalars: list[tuple[int, str, str, float | None]] = []

@@ -118,3 +118,11 @@ def test_a_cut_short_step_log_record_and_an_uncommitted_name_are_left_out(tmp_pa
     run = dl.load_run(tmp_path)
     assert run.series("train", "loss").to_dict() == {1: 2.0}
     assert run.last_step == 1
+
+
+def test_a_stale_step_log_beside_no_database_is_not_read_into_a_new_run(tmp_path):
+    (tmp_path / "steps.bin").write_bytes(b"\x01" * 200)
+    w = RunWriter(tmp_path)
+    w.step_scalar(1, "train", "loss", 3.0)
+    w.close()
+    assert dl.load_run(tmp_path).scalars().values.tolist() == [[1, "train", "loss", 3.0]]
