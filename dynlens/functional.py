@@ -346,17 +346,8 @@ class ModelFunction:
         ``grads[name]`` has shape (chunk, *param.shape): the gradient of l_i for each example of
         the chunk (``vmap`` of ``grad``). Peak memory grows with ``chunk_size``, not with m.
         """
-        p = self._p(p)
-        fn = vmap(
-            grad(self._example_loss),
-            in_dims=(None, _example_dims(self.inputs), _example_dims(self.targets)),
-            randomness="different",
-        )
         for start in range(0, self.size, chunk_size):
-            stop = min(start + chunk_size, self.size)
-            x = slice_examples(self.inputs, start, stop)
-            y = slice_examples(self.targets, start, stop)
-            yield start, fn(p, x, y)
+            yield start, self.per_example_grads_of(start, min(start + chunk_size, self.size), p)
 
     def jvp(self, v: Params, p: Params | None = None) -> Any:
         """J v: the directional derivative of the outputs along ``v`` (same structure as outputs)."""
