@@ -157,7 +157,7 @@ class Lens:
         self.seed = seed
         self.max_failures = max_failures
         self.probe_batch = to_device(probe_batch, model_device(model))
-        self._check_probe_batch()
+        probe_batch_size = self._check_probe_batch()
         self.probes = self._resolve_probes(probes, basic)
 
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -175,7 +175,7 @@ class Lens:
             "model": _model_summary(model),
             "optimizer": _optimizer_summary(optimizer),
             "loss_fn": repr(loss_fn),
-            "probe_batch_size": ModelFunction(model, loss_fn, self.probe_batch).size,
+            "probe_batch_size": probe_batch_size,
             "layers": self.layers,
             "probes": [{"name": p.name, **p.describe()} for p in self.probes],
             "versions": {
@@ -202,8 +202,9 @@ class Lens:
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _check_probe_batch(self) -> None:
-        """Evaluate the loss on the probe batch once, turning failures into clear errors."""
+    def _check_probe_batch(self) -> int:
+        """Evaluate the loss on the probe batch once, turning failures into clear errors; return
+        the probe batch's number of examples."""
         fn = ModelFunction(self.model, self.loss_fn, self.probe_batch)
         with isolated(self.model, "eval", self.seed), torch.no_grad():
             try:
@@ -223,6 +224,7 @@ class Lens:
                     f"{type(err).__name__}: {err}. Check the targets in probe_batch=(inputs, targets)"
                 ) from err
             check_loss(value)
+        return fn.size
 
     def _resolve_probes(self, probes: Sequence[Probe] | str | None, basic: bool) -> list[Probe]:
         if isinstance(probes, str):
