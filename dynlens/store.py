@@ -162,6 +162,7 @@ class RunWriter:
         self._log = os.open(self.path / STEP_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._log_buffer = bytearray()
         self._log_names: dict[tuple[str, str], int] = {}
+        self._pending_meta: list[tuple[str, str]] = []
         self._scalars: list[tuple[int, str, str, float | None]] = []
         self._arrays: list[tuple[int, str, str, str, str, bytes]] = []
         self._events: list[tuple[int | None, float, str, str | None, str, str | None]] = []
@@ -177,7 +178,7 @@ class RunWriter:
     def set_meta(self, items: Mapping[str, Any]) -> None:
         """Store run metadata (JSON values); written with the next commit."""
         rows = [(k, json.dumps(_json_safe(v))) for k, v in items.items()]
-        self._pending_meta = getattr(self, "_pending_meta", []) + rows
+        self._pending_meta += rows
 
     def scalar(self, step: int, probe: str, name: str, value: float) -> None:
         """Queue one scalar (NaN is stored as NULL and read back as NaN)."""
@@ -212,7 +213,7 @@ class RunWriter:
             self._log_buffer.clear()
 
     def _commit_database(self) -> None:
-        meta = getattr(self, "_pending_meta", [])
+        meta = self._pending_meta
         if not (meta or self._scalars or self._arrays or self._events):
             return
         db = self._db
@@ -230,7 +231,7 @@ class RunWriter:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._pending_meta = []
+        self._pending_meta.clear()
         self._scalars.clear()
         self._arrays.clear()
         self._events.clear()
