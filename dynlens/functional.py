@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from dynlens.convgrad import fast_conv_second_order
+
 Params = dict[str, Tensor]
 Mode = Literal["eval", "train"]
 
@@ -398,11 +400,12 @@ class ModelFunction:
 
         Which one wins depends on the layers and the device: on the CPU the reused graph costs
         about 2 gradients a product and forward-over-reverse 3 to 4; on an H100 a ResNet's
-        reused graph costs 4.8 (cuDNN runs one term of the convolutions' double backward with a
-        slow implicit-GEMM kernel) against 3.1 by forward-over-reverse, while a transformer's
-        costs 2.5 against 3.6. Times two products of each kind (the first as a warm-up) and
-        remembers the answer for this (model, device, parameter count, batch size, mode); a
-        method that fails here (forward-mode rules missing in torch) is not chosen.
+        reused graph cost 4.8 with PyTorch's double backward of convolutions (cuDNN runs one term
+        with a slow implicit-GEMM kernel, which :mod:`dynlens.convgrad` now avoids) against 3.1 by
+        forward-over-reverse, while a transformer's costs 2.5 against 3.6. Times two products of
+        each kind (the first as a warm-up) and remembers the answer for this (model, device,
+        parameter count, batch size, mode); a method that fails here (forward-mode rules missing
+        in torch) is not chosen.
         """
         key = (id(self.model), type(self.model).__name__, str(self.device), self.num_params,
                self.size, self.model.training)
@@ -467,11 +470,12 @@ class ModelFunction:
         (``curvature="ggn"``, always by ``torch.func``: one JVP, an output-space HVP, one VJP).
 
         ``method="reuse"`` builds the gradient's graph once (one backward pass with
-        ``create_graph=True``) and differentiates it for every product (about 2 gradients each,
-        holding the first-order graph in memory); ``"forward_over_reverse"`` keeps nothing and
-        costs about 3 gradients a product; ``"auto"`` the faster of the two
-        (:meth:`fastest_hvp_method`). Raises ValueError if the loss is not finite or not twice
-        differentiable.
+        ``create_graph=True``, convolutions routed by :func:`dynlens.convgrad.fast_conv_second_order`
+        so that their second derivatives use the first-order kernels) and differentiates it for
+        every product (about 2 gradients each, holding the first-order graph in memory);
+        ``"forward_over_reverse"`` keeps nothing and costs about 3 gradients a product; ``"auto"``
+        the faster of the two (:meth:`fastest_hvp_method`). Raises ValueError if the loss is not
+        finite or not twice differentiable.
         """
         if method == "auto":
             method = self.fastest_hvp_method() if curvature == "hessian" else "forward_over_reverse"
@@ -482,11 +486,14 @@ class ModelFunction:
         leaf_list = [t.detach().requires_grad_(True) for t in self.params.values()]
         leaves = dict(zip(self.params, leaf_list, strict=True))
         keep_graph = curvature == "hessian" and method == "reuse"
-        with torch.enable_grad():
+        # PyTorch's double backward of a convolution runs one term with a slow cuDNN kernel; the
+        # reused graph records convolutions whose derivatives use the first-order kernels instead
+        routing = fast_conv_second_order() if keep_graph else contextlib.nullcontext()
+        with torch.enable_grad(), routing:
             value = self.loss(leaves)
             if not bool(torch.isfinite(value.detach())):
                 raise ValueError(
-                    f"the loss on the batch is {float(value)}; curvature is undefined at a non-finite "
+                    f"the loss on the batch is {float(value.detach())}; curvature is undefined at a non-finite "
                     "loss — check the inputs, the learning rate and the loss function"
                 )
             if value.grad_fn is None:
