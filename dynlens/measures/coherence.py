@@ -30,8 +30,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from dynlens.functional import Mode, ModelFunction, check_loss, isolated, slice_examples
+from dynlens.functional import (
+    Mode,
+    ModelFunction,
+    _example_dims,
+    check_loss,
+    isolated,
+    slice_examples,
+)
+from dynlens.measures.layer_grads import BiasOf, HookedLayer, Outer, Rep, hookable_layers
 
 __all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "VmapUnsupportedError"]
 
@@ -42,12 +51,21 @@ ChunkSize = int | Literal["auto"]
 # or an unused parameter) has variance 0 and no defined GSNR. Variances at or below this
 # fraction of the mean squared gradient are rounding noise of such constant entries.
 _CONSTANT_VARIANCE = 1e-12
-# Linear layers are taken in factored form only when their weights hold at least this share of
-# the parameters: the factored path costs one batched forward and backward more.
-FACTOR_SHARE = 0.5
+_MAX_GSNR = (1 - _CONSTANT_VARIANCE) / _CONSTANT_VARIANCE  # r_k at that variance
+# Layer hooks are used only when the hooked layers hold at least this share of the parameters:
+# otherwise the vmap pass for the rest dominates and the batched pass would only add to it.
+HOOKED_SHARE = 0.5
 # chunk_size="auto": the per-example gradients of one chunk may take this much memory (bytes):
 # on CUDA this share of the free memory (what the driver reports free plus what PyTorch's caching
 # allocator holds unused), at most the cap; elsewhere the fixed CPU budget.
+# Factored layers in float32 on the CPU (see _factored_moments): entries whose centred sum of
+# squares is below this share of their sum of squares are summed again in float64; if more than
+# MAX_RESUMMED of a layer's entries are, the whole layer is.
+CANCELLATION = 0.25
+MAX_RESUMMED = 0.02
+# The factored path's batched forward is checked against this many examples of each chunk (evenly
+# spaced), each evaluated alone by vmap.
+CHECKED_EXAMPLES = 4
 CUDA_FREE_SHARE = 0.25
 CUDA_BUDGET = 2 * 2**30
 CPU_BUDGET = 256 * 2**20
@@ -100,8 +118,9 @@ class Coherence:
         grad_norms: (m,) array of ‖g_i‖ in batch order: which examples dominate the gradient.
         size: m, the number of examples.
         method: how the per-example gradients were taken: "vmap" (torch.func, chunked) or "loop"
-            (one backward pass per example, the fallback for models vmap cannot run), prefixed
-            with "factored linear + " when linear layers' weights were taken in factored form.
+            (one backward pass per example, the fallback for models vmap cannot run); "hooks"
+            when every parameter's came from layer hooks (one batched pass), "hooks + vmap" or
+            "hooks + loop" when the others came by vmap or the loop.
         accumulation_dtype: the dtype of the sums across chunks ("float64"; within a chunk the
             parameters' dtype is used).
     """
@@ -133,6 +152,11 @@ class Coherence:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _every(tree: Any, start: int, stop: int, step: int) -> Any:
+    """Examples start, start + step, ... < stop of every tensor leaf with a batch dimension."""
+    return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
 
 
 def _layer_of(name: str) -> str:
@@ -178,112 +202,91 @@ def _failing_module(model: nn.Module, err: BaseException) -> str | None:
     return None if found is None else f"{found[0]!r} ({found[1]})"
 
 
-@dataclass
-class _Outer:
-    """The per-example gradients g_i = δ_i a_iᵀ of a linear layer's weight, kept factored (never
-    formed): δ_i = ∂ℓ_i/∂z_i the gradient at the layer's output, a_i its input (both float64)."""
-
-    delta: Tensor  # (n, out)
-    inputs: Tensor  # (n, in)
-
-
-Rep = Tensor | _Outer
-
-
 class _NotFactorable(Exception):
-    """The model's linear layers cannot be taken in factored form (the dense path is used)."""
-
-
-def _linear_layers(fn: ModelFunction) -> dict[str, tuple[nn.Linear, str | None]]:
-    """{weight name: (module, bias name)} of the nn.Linear layers whose weight is differentiated
-    and owned by that module alone (no weight tying), in eval mode."""
-    if fn.model.training:
-        return {}
-    owners: dict[int, int] = {}
-    for module in fn.model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
-    layers = {}
-    for name, module in fn.model.named_modules():
-        weight = f"{name}.weight" if name else "weight"
-        if type(module) is nn.Linear and weight in fn.params and owners.get(id(module.weight)) == 1:
-            bias = f"{name}.bias" if name else "bias"
-            if module.bias is not None and owners.get(id(module.bias)) != 1:
-                continue
-            layers[weight] = (module, bias if bias in fn.params else None)
-    return layers
+    """The hooked layers' per-example gradients cannot be taken from one batched pass (the vmap
+    path is used)."""
 
 
 class _Gradients:
     """Per-example gradients of any example range, one representation per parameter tensor (in
-    ``fn.params`` order): an (n, P_k) matrix in the parameters' dtype (by vmap, or the loop), or,
-    for the weights of linear layers, the factors of g_i = δ_i a_iᵀ (:class:`_Outer`).
+    ``fn.params`` order): an (n, P_k) matrix in the parameters' dtype (by vmap, the loop, or a
+    layer's hook rule), or for the weights of linear layers on (batch, features) inputs the
+    factors of g_i = δ_i a_iᵀ (:class:`Outer`; their biases :class:`BiasOf`).
 
-    The factored path is checked without waiting on the device: each chunk's batched per-example
-    losses are compared with those of each example evaluated alone, and the comparisons are
-    and-ed into one device flag that :meth:`verified` reads once, after the last chunk."""
+    The hooked path (:mod:`dynlens.measures.layer_grads`) is checked without waiting on the
+    device: each chunk's batched per-example losses of a few examples are compared with those
+    examples evaluated alone, and the comparisons are and-ed into one device flag that
+    :meth:`verified` reads once, after the last chunk."""
 
-    def __init__(self, fn: ModelFunction, fallback: Fallback, factor_linear: bool = True) -> None:
+    def __init__(self, fn: ModelFunction, fallback: Fallback, hooks: bool = True) -> None:
         self.fn = fn
         self.chunk_size = 64
-        self.reference: Tensor | None = None
         self.agrees: Tensor | None = None  # device bool: every checked chunk matched the reference
         self.fallback = fallback
         self.method = "vmap"
         self.notes: list[str] = []
-        self.linear = _linear_layers(fn) if factor_linear else {}
-        factorable = sum(fn.params[w].numel() for w in self.linear)
-        if factorable < FACTOR_SHARE * fn.num_params:
-            self.linear = {}  # the vmap pass dominates; a batched pass on top would only add
+        self.layers: list[HookedLayer] = hookable_layers(fn.model, fn.params) if hooks else []
+        hooked = sum(fn.params[p].numel() for layer in self.layers for p in layer.params)
+        if hooked < HOOKED_SHARE * fn.num_params:
+            self.layers = []  # the vmap pass dominates; a batched pass on top would only add
         self.rest: ModelFunction | None = None
-        if self.linear:
-            factored = set(self.linear) | {b for _, b in self.linear.values() if b is not None}
-            rest = [n for n in fn.params if n not in factored]
+        if self.layers:
+            taken = {p for layer in self.layers for p in layer.params}
+            rest = [n for n in fn.params if n not in taken]
             if rest:
                 self.rest = ModelFunction(fn.model, fn.loss_fn, (fn.inputs, fn.targets), params=rest,
                                           seed=fn.seed)
 
     @property
-    def factored(self) -> bool:
-        return bool(self.linear)
+    def hooked(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def description(self) -> str:
+        if not self.layers:
+            return self.method
+        return "hooks" + (f" + {self.method}" if self.rest is not None else "")
 
     def bytes_per_example(self) -> int:
-        """Memory of one example's gradient representation: P_k entries in the parameters' dtype
-        per dense parameter; for a factored layer the float64 factors δ_i, a_i plus the layer's
-        input and output in its dtype, (in + out)(8 + 2·itemsize)."""
-        factored = set(self.linear) | {b for _, b in self.linear.values() if b is not None}
-        total = sum(t.numel() * t.element_size() for n, t in self.fn.params.items() if n not in factored)
-        for module, _ in self.linear.values():
-            total += (module.in_features + module.out_features) * (8 + 2 * module.weight.element_size())
+        """An estimate of one example's memory: P_k entries in the parameters' dtype per
+        parameter by vmap; for a hooked layer its input, output gradient and representation
+        (:meth:`HookedLayer.bytes_per_example`)."""
+        taken = {p for layer in self.layers for p in layer.params}
+        total = sum(t.numel() * t.element_size() for n, t in self.fn.params.items() if n not in taken)
+        total += sum(layer.bytes_per_example() for layer in self.layers)
         return max(total, 1)
 
-    def drop_factoring(self, why: str) -> None:
-        self.notes.append(f"linear layers not factored ({why}); all gradients by vmap")
-        self.linear, self.rest, self.agrees = {}, None, None
+    def drop_hooks(self, why: str) -> None:
+        self.notes.append(f"layer hooks not used ({why}); all gradients by vmap")
+        self.layers, self.rest, self.agrees = [], None, None
 
     def verified(self) -> bool:
         """Whether every factored chunk's batched losses matched the examples evaluated alone
         (one device-to-host read)."""
         return self.agrees is None or bool(self.agrees)
 
-    def _reference_losses(self) -> Tensor:
-        """ℓ_i of every example, each evaluated alone (vmap): the factored path must match them
-        (a layer that mixes examples, or branches on the batch, would not)."""
-        if self.reference is None:
-            try:
-                self.reference = self.fn.per_example_losses(chunk_size=self.chunk_size).detach()
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - the dense path reports or works around it
-                raise _NotFactorable(f"{type(err).__name__} evaluating examples alone") from err
-        return self.reference
+    def _reference_losses(self, start: int, stop: int, step: int) -> Tensor:
+        """ℓ_i of the checked examples start, start + step, ... < stop, each evaluated alone
+        (vmap): the batched forward must match them. A layer that mixes examples changes every
+        example's loss; Python control flow on tensor values, which the batched forward would
+        take for the whole batch, makes vmap fail."""
+        fn = self.fn
+        x, y = _every(fn.inputs, start, stop, step), _every(fn.targets, start, stop, step)
+        try:
+            alone = torch.func.vmap(fn._example_loss, in_dims=(None, _example_dims(x), _example_dims(y)),
+                                    randomness="different")
+            return alone(fn.params, x, y).detach()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the dense path reports or works around it
+            raise _NotFactorable(f"{type(err).__name__} evaluating examples alone") from err
 
     def chunk(self, start: int, stop: int) -> list[Rep]:
-        """The chunk's representations; raises :class:`_NotFactorable` when the linear layers
-        cannot be factored (the caller drops factoring and starts over)."""
-        if self.linear:
-            return self._factored(start, stop)
+        """The chunk's representations; raises :class:`_NotFactorable` when the hooked layers'
+        gradients cannot be taken from one batched pass (the caller drops the hooks and starts
+        over)."""
+        if self.layers:
+            return self._hooked(start, stop)
         return list(self._dense(self.fn, start, stop).values())
 
     def _dense(self, fn: ModelFunction, start: int, stop: int) -> dict[str, Tensor]:
@@ -300,38 +303,39 @@ class _Gradients:
         n = stop - start
         return {name: g.reshape(n, -1) for name, g in grads.items()}
 
-    def _factored(self, start: int, stop: int) -> list[Rep]:
-        """One batched forward with hooks on the linear layers, the per-example losses (vmap of
-        loss_fn over the outputs), one backward to the layers' outputs: δ_i and a_i. The other
-        parameters' per-example gradients by vmap."""
+    def _hooked(self, start: int, stop: int) -> list[Rep]:
+        """One batched forward with hooks on the layers, the per-example losses (vmap of loss_fn
+        over the outputs), one backward to the layers' outputs: their inputs and δ_i, from which
+        each layer's rule gives the per-example gradients. The other parameters' by vmap."""
         fn, n = self.fn, stop - start
         x = slice_examples(fn.inputs, start, stop)
         y = slice_examples(fn.targets, start, stop)
-        records: dict[str, list[tuple[Tensor, Tensor] | None]] = {w: [] for w in self.linear}
+        records: dict[str, list[tuple[Tensor, Tensor] | None]] = {layer.name: [] for layer in self.layers}
 
-        def recorder(weight: str) -> Callable[..., Tensor | None]:
+        def recorder(layer: HookedLayer) -> Callable[..., Tensor | None]:
             def hook(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
-                if len(args) != 1 or not isinstance(output, Tensor) or args[0].dim() != 2 \
-                        or args[0].shape[0] != n:
-                    records[weight].append(None)
+                saved = layer.saved(args, output, n)
+                if saved is None:
+                    records[layer.name].append(None)
                     return None
                 z = output if output.requires_grad else output.detach().requires_grad_(True)
-                records[weight].append((args[0].detach(), z))
+                records[layer.name].append((saved, z))
                 return z
 
             return hook
 
-        handles = [module.register_forward_hook(recorder(w)) for w, (module, _) in self.linear.items()]
+        handles = [layer.module.register_forward_hook(recorder(layer)) for layer in self.layers]
         try:
             with torch.enable_grad():
                 out = fn.outputs(None, x)
         finally:
             for handle in handles:
                 handle.remove()
-        for weight, calls in records.items():
+        for layer in self.layers:
+            calls = records[layer.name]
             if len(calls) != 1 or calls[0] is None:
-                raise _NotFactorable(f"layer {weight.rsplit('.', 1)[0]!r} is called {len(calls)} times "
-                                     "or not on a (batch, features) input")
+                raise _NotFactorable(f"layer {layer.name!r} is called {len(calls)} times or not on a "
+                                     "batched input")
         if not (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == n
                 and isinstance(y, Tensor) and y.dim() > 0 and y.shape[0] == n):
             raise _NotFactorable("outputs and targets are not tensors with a batch dimension")
@@ -339,22 +343,20 @@ class _Gradients:
         def example_loss(o: Tensor, t: Tensor) -> Tensor:
             return check_loss(fn.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
 
-        outputs = [records[w][0][1] for w in self.linear]
         with torch.enable_grad():
             losses = torch.func.vmap(example_loss)(out, y)
-        reference = self._reference_losses()[start:stop]
+        step = -(-n // CHECKED_EXAMPLES)
+        reference = self._reference_losses(start, stop, step)
         tolerance = 1e-4 if losses.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
-        agrees = torch.isclose(losses.detach(), reference, rtol=tolerance, atol=tolerance).all()
+        agrees = torch.isclose(losses.detach()[::step], reference, rtol=tolerance, atol=tolerance).all()
         self.agrees = agrees if self.agrees is None else self.agrees & agrees
+        outputs = [records[layer.name][0][1] for layer in self.layers]
         with torch.enable_grad():
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         reps: dict[str, Rep] = {}
-        for (weight, (_, bias)), (a, z), delta in zip(self.linear.items(), (records[w][0] for w in self.linear),
-                                                      deltas, strict=True):
-            delta = torch.zeros_like(z) if delta is None else delta
-            reps[weight] = _Outer(delta.to(torch.float64), a.to(torch.float64))
-            if bias is not None:
-                reps[bias] = delta.detach().clone()
+        for layer, z, delta in zip(self.layers, outputs, deltas, strict=True):
+            delta = torch.zeros_like(z) if delta is None else delta.detach()
+            reps.update(layer.gradients(records[layer.name][0][0], delta, n))
         if self.rest is not None:
             reps.update(self._dense(self.rest, start, stop))
         return [reps[name] for name in fn.params]
@@ -449,7 +451,7 @@ def coherence_of(
     stiffness: bool = True,
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
-    factor_linear: bool | Literal["auto"] = "auto",
+    hooks: bool | Literal["auto"] = "auto",
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
     :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
@@ -460,11 +462,11 @@ def coherence_of(
                                  or chunk_size < 1):
         raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
     labels = _resolve_classes(fn, classes, m)
-    if factor_linear == "auto":
-        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the factored form is 10x faster
-        # than vmap for an MLP; on an H100 vmap is faster (5.3 against 9.5 ms), launch-bound
-        factor_linear = fn.device.type == "cpu"
-    source = _Gradients(fn, fallback, factor_linear)
+    if hooks == "auto":
+        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 10x faster than
+        # vmap for an MLP; on an H100 vmap was faster (5.3 against 9.5 ms), launch-bound
+        hooks = fn.device.type == "cpu"
+    source = _Gradients(fn, fallback, hooks)
     names = list(fn.params)
     device = fn.device
     f64 = torch.float64
@@ -485,28 +487,33 @@ def coherence_of(
             why = "the batched forward differs from evaluating examples alone"
         except _NotFactorable as err:
             why = str(err)
-        source.drop_factoring(why)
+        source.drop_hooks(why)
 
-    mean, centred, sq_norms, class_sums, gram = sums
+    mean, centred, sq_norms, class_norms, gram = sums
     sizes = [t.numel() for t in fn.params.values()]
-    variance = centred / m  # population variance of each parameter entry
-    mean_sq = variance + mean.square()  # mean_i g_ik²
-    kept = variance > _CONSTANT_VARIANCE * mean_sq
-    ratio = torch.where(kept, mean.square() / torch.where(kept, variance, 1.0), 0.0)
+    totals = torch.stack([torch.dot(mean, mean), sq_norms.sum(), centred.sum()])
+    # r_k = mean² / variance over every parameter entry, in place: on the CPU each fresh tensor of
+    # P float64 entries costs more than the arithmetic (page faults), and torch.where on a bool
+    # mask is ten times slower than arithmetic masking
+    ratio = mean.square_().div_(centred.mul_(1.0 / m))  # population variance: centred / m
+    # kept: variance > _CONSTANT_VARIANCE · mean_i g_ik², i.e. r_k below _MAX_GSNR (0/0 and x/0 are
+    # NaN and inf, left out too)
+    kept = ratio < _MAX_GSNR
+    ratio.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(kept)
     layer_of = [_layer_of(name) for name in names]
     layers = list(dict.fromkeys(layer_of))
     layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
-    per_tensor = torch.stack([piece.sum(dim=1) for piece in torch.split(torch.stack([ratio, kept.to(f64)]), sizes, dim=1)])
+    per_tensor = torch.stack([torch.stack([r.sum(), k.sum(dtype=f64)])
+                              for r, k in zip(ratio.split(sizes), kept.split(sizes), strict=True)])
     per_layer_sums = torch.zeros(len(layers), 2, dtype=f64, device=device).index_add_(0, layer_index, per_tensor)
 
     # every number the result needs in one transfer to the host
-    parts = [torch.stack([mean.square().sum(), sq_norms.sum(), centred.sum()]), per_layer_sums.T.reshape(-1)]
+    parts = [totals, per_layer_sums.T.reshape(-1)]
     classes_n = 0
     if group is not None:
         classes_n = len(group.values)
         class_sq = torch.zeros(classes_n, dtype=f64, device=device).index_add_(0, group.index, sq_norms)
-        numerators = sum(c.square().sum(dim=1) for c in class_sums)
-        parts += [numerators, class_sq]
+        parts += [class_norms, class_sq]
     host = torch.cat(parts).cpu().tolist()
     mean_sq_norm, sum_sq_norms, centred_sum = host[:3]
     ratio_sums = host[3:3 + len(layers)]
@@ -566,15 +573,19 @@ def coherence_of(
         mean_grad_norm=math.sqrt(mean_sq_norm),
         grad_norms=sq_norms.sqrt().cpu().numpy(),
         size=m,
-        method=("factored linear + " if source.factored else "") + source.method,
+        method=source.description,
         notes=tuple(source.notes),
     )
 
 
 def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
-                stiffness: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor | None]:
+                stiffness: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """One pass over the batch in chunks, all on the device with no host sync: (mean, centred
-    sums of squares, ‖g_i‖², per-class sums, Gram matrix or None), float64."""
+    sums of squares, ‖g_i‖², ‖Σ_{i∈c} g_i‖² per class or None, Gram matrix or None), float64.
+
+    The per-class norms come from the Gram matrix when stiffness asks for it (block sums),
+    from the class blocks of each factored layer's Gram matrix when the batch is one chunk, and
+    otherwise from per-class sums Σ_{i∈c} g_i carried across chunks."""
     fn = source.fn
     m, device, f64 = fn.size, fn.device, torch.float64
     # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
@@ -584,19 +595,31 @@ def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
     mean = centred = None  # centred: Σ_i (g_ik − ḡ_k)², elementwise
     sq_norms = torch.empty(m, dtype=f64, device=device)
     class_sums: list[Tensor] = []
+    class_norms = None
     gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
     bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
+    sizes = [t.numel() for t in fn.params.values()]
+    total_size = sum(sizes)
+    offsets = np.cumsum([0, *sizes]).tolist()
+    slices = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    chunk_mean = chunk_centred = None
+    by_blocks = group is not None and gram is None and len(bounds) == 1
     if group is not None:
-        group.prepare(bounds, {t.dtype for t in fn.params.values()}, source.factored)
+        group.prepare(bounds, {t.dtype for t in fn.params.values()}, source.hooked)
 
     for a, (start, stop) in enumerate(bounds):
         chunk = source.chunk(start, stop)
         n = stop - start
         sq_norms[start:stop] = _sq_norms(chunk)
-        if group is not None:
+        if by_blocks:
+            layout = group.layouts.get((start, stop))
+            onehot = group.onehot_as
+            class_norms = sum(_class_norm(rep, None if isinstance(rep, Outer) else onehot(_dtype(rep)), layout)
+                              for rep in chunk)
+        elif group is not None and gram is None:
             layout = group.layouts.get((start, stop))
             for k, rep in enumerate(chunk):
-                onehot = None if isinstance(rep, _Outer) else group.onehot_as(rep.dtype)[start:stop]
+                onehot = None if isinstance(rep, Outer) else group.onehot_as(_dtype(rep))[start:stop]
                 sums = _class_sum(rep, onehot, layout)
                 if a == 0:
                     class_sums.append(sums)
@@ -610,28 +633,45 @@ def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
                 gram[other_start:other_stop, start:stop] = block.T
         # Last (dense chunks are centred in place, so nothing may read them afterwards): merge the
         # chunk's mean and centred sum of squares into the running ones (Chan et al.).
-        moments = [_moments(rep, n) for rep in chunk]
+        # The first chunk's moments are written straight into the accumulators, later ones into
+        # scratch vectors (no P-sized temporaries per chunk: on the CPU each costs page faults).
         if mean is None:
-            mean, centred = torch.cat([mu for mu, _ in moments]), torch.cat([m2 for _, m2 in moments])
-        else:
+            mean, centred = torch.empty(total_size, dtype=f64, device=device), torch.empty(total_size, dtype=f64, device=device)
+            chunk_mean, chunk_centred = mean, centred
+        elif chunk_mean is mean:
+            chunk_mean, chunk_centred = torch.empty_like(mean), torch.empty_like(centred)
+        for rep, where in zip(chunk, slices, strict=True):
+            _moments(rep, n, chunk_mean[where], chunk_centred[where])
+        if chunk_mean is not mean:
             total = count + n
-            delta = torch.cat([mu for mu, _ in moments]) - mean
-            centred += torch.cat([m2 for _, m2 in moments]) + delta.square() * (count * n / total)
-            mean += delta * (n / total)
+            difference = chunk_mean.sub_(mean)
+            centred.add_(chunk_centred).addcmul_(difference, difference, value=count * n / total)
+            mean.add_(difference, alpha=n / total)
         count += n
         del chunk
-    return mean, centred, sq_norms, class_sums, gram
+    if class_sums:
+        class_norms = sum(c.square().sum(dim=1) for c in class_sums)
+    elif group is not None and gram is not None:
+        onehot = group.onehot_as(f64)
+        class_norms = ((onehot.T @ gram) * onehot.T).sum(dim=1)
+    return mean, centred, sq_norms, class_norms, gram
+
+
+def _dtype(rep: Rep) -> torch.dtype:
+    return rep.delta.dtype if isinstance(rep, (Outer, BiasOf)) else rep.dtype
 
 
 def _sq_norms(chunk: list[Rep]) -> Tensor:
-    """‖g_i‖² of each example of a chunk (float64): ‖δ_i a_iᵀ‖² = ‖δ_i‖²‖a_i‖² for factored ones."""
+    """‖g_i‖² of each example of a chunk (float64): ‖δ_i a_iᵀ‖² = ‖δ_i‖²‖a_i‖² for factored ones
+    (‖δ_i‖²(‖a_i‖² + 1) with the layer's bias)."""
     dense = [r for r in chunk if isinstance(r, Tensor)]
     total = 0
     if dense:
         total = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in dense], dim=1).to(torch.float64).square().sum(dim=1)
     for r in chunk:
-        if isinstance(r, _Outer):
-            total = total + r.delta.square().sum(dim=1) * r.inputs.square().sum(dim=1)
+        if isinstance(r, Outer):
+            inputs = r.inputs.square().sum(dim=1, dtype=torch.float64)
+            total = total + r.delta.square().sum(dim=1, dtype=torch.float64) * (inputs + 1 if r.bias else inputs)
     return total
 
 
@@ -640,14 +680,17 @@ def _class_sum(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | Non
     one-hot matrix; a factored one as δ_cᵀ a_c per class (``layout``, see :meth:`_Classes.layout`):
     one batched product over the classes padded to the largest with zero rows, or, when the
     classes are too unequal for padding, one product per class in class-sorted order."""
+    if isinstance(rep, BiasOf):
+        rep = rep.delta
     if isinstance(rep, Tensor):
         return (onehot.T @ rep).to(torch.float64)
     index, shape = layout
+    delta, inputs = rep.delta.to(torch.float64), rep.inputs.to(torch.float64)
     if isinstance(shape, int):
-        delta = torch.cat([rep.delta, rep.delta.new_zeros(1, rep.delta.shape[1])])[index]
-        inputs = torch.cat([rep.inputs, rep.inputs.new_zeros(1, rep.inputs.shape[1])])[index]
+        delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])[index]
+        inputs = torch.cat([inputs, inputs.new_zeros(1, inputs.shape[1])])[index]
         return torch.bmm(delta.transpose(1, 2), inputs).reshape(index.shape[0], -1)
-    delta, inputs = rep.delta[index], rep.inputs[index]
+    delta, inputs = delta[index], inputs[index]
     out = torch.zeros(len(shape), delta.shape[1] * inputs.shape[1], dtype=torch.float64,
                       device=delta.device)
     offset = 0
@@ -658,26 +701,107 @@ def _class_sum(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | Non
     return out
 
 
-def _moments(rep: Rep, n: int) -> tuple[Tensor, Tensor]:
-    """(mean over the chunk, Σ_i (g_i − mean)²), float64 vectors of P_k entries. A dense chunk is
-    centred in place (vmap may return expanded zeros, which are copied); torch.var_mean is
-    several times slower on the CPU for reductions over dim 0."""
-    if isinstance(rep, _Outer):
-        mean = (rep.delta.T @ rep.inputs).reshape(-1) / n
-        squares = (rep.delta.square().T @ rep.inputs.square()).reshape(-1)
-        return mean, (squares - n * mean.square()).clamp_(min=0)
-    mean = rep.mean(dim=0)
-    centred = rep.sub_(mean) if rep.is_contiguous() else rep - mean
-    return mean.to(torch.float64), centred.square_().sum(dim=0).to(torch.float64)
+def _class_norm(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | None) -> Tensor:
+    """(C,) float64: ‖Σ_{i∈c} g_i‖² of each class, the batch being one chunk. A dense
+    representation through its class sums; a factored one without forming them, as the sum of
+    its Gram matrix (δ_i·δ_j)(a_i·a_j) over the pairs of one class (Σ_c n_c²(in + out)
+    multiply-adds instead of n·in·out): one batched product over the classes padded with zero
+    rows, or one product per class when the classes are too unequal for padding. A factored
+    layer's bias is included in its weight's pairs (a_i·a_j + 1), so a :class:`BiasOf` adds 0."""
+    if isinstance(rep, BiasOf):
+        return torch.zeros(onehot.shape[1], dtype=torch.float64, device=rep.delta.device)
+    if isinstance(rep, Tensor):
+        return (onehot.T @ rep).to(torch.float64).square().sum(dim=1)
+    index, shape = layout
+    if isinstance(shape, int):
+        delta = torch.cat([rep.delta, rep.delta.new_zeros(1, rep.delta.shape[1])])[index]
+        inputs = torch.cat([rep.inputs, rep.inputs.new_zeros(1, rep.inputs.shape[1])])[index]
+        products = torch.bmm(inputs, inputs.transpose(1, 2))
+        if rep.bias:
+            products.add_(1.0)  # padding rows have δ = 0, so their + 1 adds nothing
+        pairs = torch.bmm(delta, delta.transpose(1, 2)) * products
+        return pairs.sum(dim=(1, 2), dtype=torch.float64)
+    delta, inputs = rep.delta[index], rep.inputs[index]
+    out, offset = [], 0
+    for size in shape:
+        d, a = delta[offset:offset + size], inputs[offset:offset + size]
+        out.append(((d @ d.T) * (a @ a.T + 1 if rep.bias else a @ a.T)).sum(dtype=torch.float64))
+        offset += size
+    return torch.stack(out)
+
+
+def _moments(rep: Rep, n: int, mean: Tensor, centred: Tensor) -> None:
+    """Write the chunk's mean and centred sum of squares Σ_i (g_i − mean)² of one parameter tensor
+    into the float64 vectors ``mean`` and ``centred`` (P_k entries each). A dense chunk is
+    centred in place (vmap may return expanded zeros, which are copied); torch.var_mean is several
+    times slower on the CPU for reductions over dim 0."""
+    if isinstance(rep, Outer):
+        _factored_moments(rep, n, mean, centred)
+        return
+    if isinstance(rep, BiasOf):
+        rep = rep.delta
+        chunk_mean = rep.mean(dim=0)
+        deviations = rep - chunk_mean  # δ is shared with the weight's Outer
+    else:
+        chunk_mean = rep.mean(dim=0)
+        deviations = rep.sub_(chunk_mean) if rep.is_contiguous() else rep - chunk_mean
+    mean.copy_(chunk_mean)
+    centred.copy_(deviations.square_().sum(dim=0))
+
+
+def _factored_moments(rep: Outer, n: int, mean: Tensor, centred: Tensor) -> None:
+    """:func:`_moments` of a factored layer: Σ g_i = δᵀa and Σ g_i² = (δ²)ᵀ(a²), the centred
+    sum their difference Σ g_i² − n·mean².
+
+    That difference cancels where the variance is small against the squared mean (and must still
+    resolve constant entries, see ``_CONSTANT_VARIANCE``), so it needs float64 sums. On the CPU,
+    float32 factors are first summed in float32 (float64 products cost twice as much there): the
+    rounding of those sums is below about n·u·Σ g_i² (u = 2⁻²⁴) in the centred sum, and every
+    entry whose centred sum is below ``CANCELLATION`` × Σ g_i² (per-entry GSNR above 3) is
+    summed again exactly in float64 from its factors, so the others keep a relative error below
+    n·u/``CANCELLATION`` (6e-5 for n = 256 at worst, about 1e-6 in practice). When more than
+    ``MAX_RESUMMED`` of the entries need it, the whole layer is summed in float64."""
+    f64 = torch.float64
+    delta, inputs = rep.delta, rep.inputs
+    grid = (delta.shape[1], inputs.shape[1])
+    if delta.dtype != f64 and delta.device.type == "cpu":
+        mean.view(grid).copy_(delta.T @ inputs)
+        centred.view(grid).copy_(delta.square().T @ inputs.square())
+        mean.mul_(1.0 / n)
+        centred.addcmul_(mean, mean, value=-n)
+        # centred < CANCELLATION·Σ g² = CANCELLATION·(centred + n·mean²)
+        limit = mean.square().mul_(n * CANCELLATION / (1 - CANCELLATION))
+        suspect = (centred < limit).nonzero().squeeze(1)
+        del limit
+        if suspect.numel() <= MAX_RESUMMED * centred.numel():
+            if suspect.numel():
+                width = grid[1]
+                terms = delta[:, suspect // width].to(f64) * inputs[:, suspect % width].to(f64)
+                exact = terms.sum(dim=0).div_(n)
+                mean[suspect] = exact
+                centred[suspect] = terms.square_().sum(dim=0) - exact.square() * n
+            centred.clamp_(min=0)
+            return
+    delta, inputs = delta.to(f64), inputs.to(f64)
+    torch.mm(delta.T, inputs, out=mean.view(grid))
+    torch.mm(delta.square().T, inputs.square(), out=centred.view(grid))
+    mean.mul_(1.0 / n)
+    centred.addcmul_(mean, mean, value=-n).clamp_(min=0)
 
 
 def _dot(rows: list[Rep], columns: list[Rep]) -> Tensor:
     """The (n_a, n_b) block of g_i·g_j between two chunks, summed over parameters in float64:
-    a dense parameter's product in its dtype; (δ_i·δ_j)(a_i·a_j) for a factored one."""
+    each parameter's product in its dtype, (δ_i·δ_j)(a_i·a_j) for a factored one, or
+    (δ_i·δ_j)(a_i·a_j + 1) for a factored weight and its bias together."""
     total = 0
     for a, b in zip(rows, columns, strict=True):
-        if isinstance(a, _Outer):
-            total = total + (a.delta @ b.delta.T) * (a.inputs @ b.inputs.T)
+        if isinstance(a, Outer):
+            inputs = a.inputs @ b.inputs.T
+            if a.bias:
+                inputs.add_(1.0)
+            total = total + ((a.delta @ b.delta.T) * inputs).to(torch.float64)
+        elif isinstance(a, BiasOf):
+            continue
         else:
             total = total + (a @ b.T).to(torch.float64)
     return total
@@ -687,29 +811,43 @@ def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
                class_values: Tensor | None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
     """The cosine matrix, the (C, C) class means and (overall, within, between) means, all over
     pairs i ≠ j whose gradients are non-zero."""
-    m = gram.shape[0]
-    norms = sq_norms.sqrt()
-    denominator = norms[:, None] * norms[None, :]
-    valid = denominator > 0
-    matrix = torch.where(valid, gram / torch.where(valid, denominator, 1.0), torch.nan)
-    valid &= ~torch.eye(m, dtype=torch.bool, device=gram.device)
-    weights = valid.to(torch.float64)
-    values = torch.where(valid, matrix, 0.0)
+    f64 = torch.float64
+    # masks by arithmetic, not torch.where (ten times slower on the CPU for bool masks)
+    nonzero = (sq_norms > 0).to(f64)
+    inverse = nonzero / sq_norms.sqrt().add(1.0 - nonzero)  # 1/‖g_i‖, 0 for a zero gradient
+    values = gram * inverse[:, None] * inverse[None, :]
+    values.fill_diagonal_(0.0)
+    weights = nonzero[:, None] * nonzero[None, :]
+    weights.fill_diagonal_(0.0)
     if class_index is None:
         total, pairs = torch.stack([values.sum(), weights.sum()]).tolist()
-        return matrix.cpu().numpy(), None, (total / pairs if pairs else math.nan, math.nan, math.nan)
-    onehot = torch.nn.functional.one_hot(class_index, len(class_values)).to(torch.float64)
+        means = (total / pairs if pairs else math.nan, math.nan, math.nan)
+        return _cosine_matrix(values, nonzero), None, means
+    onehot = torch.nn.functional.one_hot(class_index, len(class_values)).to(f64)
     sums = onehot.T @ values @ onehot
     pairs = onehot.T @ weights @ onehot
-    class_matrix = torch.where(pairs > 0, sums / torch.where(pairs > 0, pairs, 1.0), torch.nan)
-    total, total_pairs, same, same_pairs = torch.stack(
-        [sums.sum(), pairs.sum(), sums.trace(), pairs.trace()]).tolist()
+    host_sums, host_pairs = sums.cpu().numpy(), pairs.cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        class_matrix = np.where(host_pairs > 0, host_sums / host_pairs, np.nan)
+    total, total_pairs = float(host_sums.sum()), float(host_pairs.sum())
+    same, same_pairs = float(np.trace(host_sums)), float(np.trace(host_pairs))
 
     def ratio(a: float, b: float) -> float:
         return a / b if b > 0 else math.nan
 
     means = (ratio(total, total_pairs), ratio(same, same_pairs), ratio(total - same, total_pairs - same_pairs))
-    return matrix.cpu().numpy(), class_matrix.cpu().numpy(), means
+    return _cosine_matrix(values, nonzero), class_matrix, means
+
+
+def _cosine_matrix(values: Tensor, nonzero: Tensor) -> np.ndarray:
+    """The m×m cosine matrix on the host: ``values`` (cosines, 0 on the diagonal and for zero
+    gradients) with 1 on the diagonal and NaN in the rows and columns of zero gradients."""
+    matrix = values.cpu().numpy()
+    valid = nonzero.cpu().numpy() > 0
+    np.fill_diagonal(matrix, 1.0)
+    matrix[~valid, :] = np.nan
+    matrix[:, ~valid] = np.nan
+    return matrix
 
 
 def _resolve_classes(fn: ModelFunction, classes: Any, m: int) -> Tensor | None:
@@ -742,17 +880,17 @@ def gradient_coherence(
     mode: Mode = "eval",
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
-    factor_linear: bool | Literal["auto"] = "auto",
+    hooks: bool | Literal["auto"] = "auto",
     seed: int = 0,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
     class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
 
-    The per-example gradients g_i = ∇ℓ_i come from ``torch.func`` (``vmap`` of ``grad``) in
-    chunks of ``chunk_size`` examples. ``chunk_size="auto"`` (the default) takes the largest
-    chunk, up to the whole batch, whose per-example gradients fit a memory budget: chunk × (the
-    non-factored parameters × their element size + (in + out) × (8 + 2 × element size) per
-    factored linear layer, below) bytes, against a quarter of the free GPU memory
+    The per-example gradients g_i = ∇ℓ_i come from layer hooks (below) or ``torch.func``
+    (``vmap`` of ``grad``) in chunks of ``chunk_size`` examples. ``chunk_size="auto"`` (the
+    default) takes the largest chunk, up to the whole batch, whose per-example gradients fit a
+    memory budget: chunk × (the parameters by vmap × their element size + an estimate per hooked
+    layer of its input and output gradient) bytes, against a quarter of the free GPU memory
     (``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve), at most 2 GiB, on
     CUDA, and 256 MiB on the CPU; halved when stiffness needs two chunks at once. The chunk's
     activations are not counted: pass an integer for models whose activations dwarf their
@@ -775,22 +913,26 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
-    Linear layers (``factor_linear=True``, the default on the CPU; eval mode): the per-example gradient of an
-    ``nn.Linear`` weight is the outer product g_i = δ_i a_iᵀ of the gradient δ_i at the layer's
-    output and its input a_i, so every statistic is computed from the factors without forming
-    g_i (Goodfellow 2015, "Efficient per-example gradient computations"; Dangel et al. 2020,
-    BackPACK): Σ g_i = δᵀa, Σ g_i² = (δ²)ᵀ(a²), ‖g_i‖² = ‖δ_i‖²‖a_i‖², g_i·g_j = (δ_i·δ_j)(a_i·a_j),
-    in float64. δ and a come from one batched forward (hooks on those layers, removed afterwards)
-    and one backward of Σ ℓ_i; the other parameters' per-example gradients still come from vmap.
-    It applies to layers called once per forward on (batch, features) inputs whose weight no
-    other module shares, when their weights hold at least half of the parameters (otherwise
-    the vmap pass dominates and the batched pass would only add to it). It is checked on every
-    chunk: the batched forward's per-example losses must equal (rtol = atol = 1e-10 in float64,
-    1e-4 in lower precision) those of each example evaluated alone, from one vmap forward over the
-    batch per call. A layer that mixes examples or branches on the batch fails the check. The
-    comparisons stay on the device and are read once after the last chunk; if any failed, or a
-    linear layer cannot be factored (called twice, not on (batch, features) inputs), the whole
-    batch is measured again with everything by vmap (chunk size resolved anew), with a note.
+    Layer hooks (``hooks=True``, the default on the CPU; eval mode): the per-example gradients of
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and BatchNorm (running statistics) layers follow
+    from each layer's input and the gradient δ_i at its output, both from one batched forward
+    (hooks, removed afterwards) and one backward of Σ ℓ_i (:mod:`dynlens.measures.layer_grads`;
+    Goodfellow 2015, "Efficient per-example gradient computations"; Dangel et al. 2020, BackPACK);
+    the other parameters' come from vmap. A linear layer on (batch, features) inputs is kept
+    factored, g_i = δ_i a_iᵀ never formed: Σ g_i = δᵀa, Σ g_i² = (δ²)ᵀ(a²),
+    ‖g_i‖² = ‖δ_i‖²‖a_i‖², g_i·g_j = (δ_i·δ_j)(a_i·a_j) (a_i·a_j + 1 with the layer's bias), the
+    per-class norms from the class blocks of those pair products; the sums that cancel
+    (Σ g_i² − n·mean²) in float64 (on the CPU in float32, with the entries where cancellation
+    could cost accuracy summed again in float64). Hooks apply to layers called once per forward
+    on batched inputs whose parameters no other module shares, when those layers hold at least
+    half of the parameters (otherwise the vmap pass dominates and the batched pass would only add
+    to it). They are checked on every chunk: the batched forward's per-example losses of 4 evenly
+    spaced examples of the chunk must equal (rtol = atol = 1e-10 in float64, 1e-4 in lower
+    precision) those of each evaluated alone (vmap). A layer that mixes examples changes every
+    example's loss; Python control flow on tensor values makes vmap fail. The comparisons stay on
+    the device and are read once after the last chunk; if any failed, or a hooked layer is called
+    twice or not on a batched input, the whole batch is measured again with everything by vmap
+    (chunk size resolved anew), with a note.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.
@@ -808,8 +950,8 @@ def gradient_coherence(
             shape (m,), otherwise no per-class statistics; an array of m integer labels to group
             by; False to skip per-class statistics.
         fallback: "loop" or "error" when vmap fails (see above).
-        factor_linear: take the weights of ``nn.Linear`` layers in factored form (below);
-            "auto" (default): on the CPU, where it is faster, not on GPUs, where vmap is.
+        hooks: take the per-example gradients of Linear, Conv1d/Conv2d and BatchNorm layers from
+            layer hooks (below); "auto" (default): on the CPU, where it is faster, not on GPUs.
         seed: dropout seed in train mode.
 
     Returns:
@@ -819,5 +961,5 @@ def gradient_coherence(
     with isolated(model, mode, seed):
         fn = ModelFunction(model, loss_fn, batch, seed=seed)
         return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
-                            fallback=fallback, factor_linear=factor_linear)
+                            fallback=fallback, hooks=hooks)
 

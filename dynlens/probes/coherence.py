@@ -39,7 +39,7 @@ class Coherence(Probe):
         matrix_max: largest probe batch whose stiffness matrix is stored.
         classes: as in :func:`dynlens.gradient_coherence` (None: from integer targets).
         fallback: "loop" or "error" when vmap cannot run the model.
-        factor_linear: linear layers' weights in factored form, True, False or "auto" (see
+        hooks: per-example gradients of Linear, Conv and BatchNorm layers from layer hooks, True, False or "auto" (see
             gradient_coherence).
     """
 
@@ -59,7 +59,7 @@ class Coherence(Probe):
         matrix_max: int = 256,
         classes=None,  # noqa: ANN001 - see gradient_coherence
         fallback: Fallback = "loop",
-        factor_linear: bool | str = "auto",
+        hooks: bool | str = "auto",
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
         self.chunk_size = chunk_size
@@ -67,17 +67,17 @@ class Coherence(Probe):
         self.matrix_max = matrix_max
         self.classes = classes
         self.fallback = fallback
-        self.factor_linear = factor_linear
+        self.hooks = hooks
 
     def describe(self) -> dict:
         return {**super().describe(), "chunk_size": self.chunk_size, "stiffness": self.stiffness,
-                "fallback": self.fallback, "factor_linear": self.factor_linear}
+                "fallback": self.fallback, "hooks": self.hooks}
 
     def measure(self, ctx: Context) -> Values:
         check_mode(ctx.model, self.mode)
         r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=self.stiffness,
                          classes=self.classes, fallback=self.fallback,
-                         factor_linear=self.factor_linear)
+                         hooks=self.hooks)
         layers = ctx.layers or list(r.gsnr_per_layer)
         values: dict = {
             "alpha": r.alpha,

@@ -135,16 +135,67 @@ def classification_data(m: int = 23, features: int = 6, classes: int = 3, seed: 
 # ----------------------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("factor_linear", [True, False], ids=["factored", "vmap"])
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "vmap"])
 @pytest.mark.parametrize("chunk", [5, 64, "auto"])
-def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(chunk, factor_linear):
+def test_every_statistic_matches_a_loop_of_single_example_backward_passes_on_an_mlp(chunk, hooks):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = classification_data()
-    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk, factor_linear=factor_linear)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk, hooks=hooks)
     g, names = loop_gradients(model, loss_fn, x, y)
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
     assert result.size == 23 and result.alpha_orthogonal == pytest.approx(1 / 23)
-    assert result.method == ("factored linear + vmap" if factor_linear else "vmap")
+    assert result.method == ("hooks" if hooks else "vmap")
+
+
+class SequenceHead(nn.Module):
+    """A linear layer over the positions of a sequence, then a mean over the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x.reshape(x.shape[0], 2, 3))).mean(dim=1))
+
+
+def _layer_zoo(name: str) -> tuple[nn.Module, tuple]:
+    """Models whose every parameter is taken by a hook rule, and their float64 batches."""
+    torch.manual_seed(0)
+    g0 = torch.Generator().manual_seed(2)
+    if name == "conv2d":  # stride, padding, dilation, groups, no bias; then BatchNorm, Linear
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+                              nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, (2, 3), padding=(1, 0)),
+                              nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+        x = torch.randn(13, 4, 7, 6, generator=g0, dtype=torch.float64)
+    elif name == "conv1d":
+        model = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.BatchNorm1d(4), nn.Tanh(),
+                              nn.Conv1d(4, 2, 2, dilation=2, groups=2), nn.Flatten(), nn.LazyLinear(3))
+        x = torch.randn(13, 3, 9, generator=g0, dtype=torch.float64)
+    else:
+        model = SequenceHead()
+        x = torch.randn(13, 6, generator=g0, dtype=torch.float64)
+    model = model.double()
+    model(x)  # materialise the lazy layers
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model, (x, torch.randint(0, 3, (13,), generator=g0))
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv1d", "sequence-linear"])
+@pytest.mark.parametrize("chunk", [4, "auto"])
+def test_hook_rules_for_convolutions_batchnorm_and_sequence_linears_match_the_loop(name, chunk):
+    model, (x, y) = _layer_zoo(name)
+    loss_fn = nn.CrossEntropyLoss()
+    result = dl.gradient_coherence(model.eval(), loss_fn, (x, y), chunk_size=chunk, hooks=True)
+    assert result.method == "hooks", result.notes
+    g, names = loop_gradients(model, loss_fn, x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
 
 class CentreOverBatch(nn.Module):
@@ -176,21 +227,21 @@ def test_linear_layers_that_cannot_be_factored_are_taken_by_vmap_with_the_same_n
     torch.manual_seed(0)
     model, loss_fn = make().double(), nn.CrossEntropyLoss()
     x, y = classification_data(m=11)
-    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=chunk, hooks=True)
     assert result.method == "vmap" and result.notes
     g, names = loop_gradients(model, loss_fn, x, y)
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
 
-def test_factored_and_vmap_paths_agree_on_a_float32_cnn_with_a_linear_head():
+def test_hooks_and_vmap_agree_on_a_float32_cnn_with_a_linear_head():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 5 * 5, 16), nn.Tanh(), nn.Linear(16, 3))
     g0 = torch.Generator().manual_seed(3)
     batch = (torch.randn(20, 2, 5, 5, generator=g0), torch.randint(0, 3, (20,), generator=g0))
-    factored = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8)
-    dense = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8, factor_linear=False)
-    assert factored.method == "factored linear + vmap"
+    factored = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8, hooks=True)
+    dense = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, chunk_size=8, hooks=False)
+    assert factored.method == "hooks" and dense.method == "vmap"
     for key in ("alpha", "m_coherence", "gsnr", "noise_scale", "stiffness_within", "stiffness_between"):
         np.testing.assert_allclose(getattr(factored, key), getattr(dense, key), rtol=1e-4, err_msg=key)
     np.testing.assert_allclose(factored.grad_norms, dense.grad_norms, rtol=1e-5)
@@ -202,9 +253,11 @@ def test_every_statistic_matches_the_loop_on_a_cnn_with_batchnorm_in_eval_mode()
     model, loss_fn = cnn_with_batchnorm(), nn.CrossEntropyLoss()
     g0 = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 2, 6, 6, generator=g0, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g0)
-    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=5)
     g, names = loop_gradients(model, loss_fn, x, y)
-    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+    for hooks in (True, False):
+        result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=5, hooks=hooks)
+        assert result.method == ("hooks" if hooks else "vmap")
+        assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
 
 def test_chunk_size_does_not_change_the_results():
@@ -248,19 +301,19 @@ def test_auto_chunk_size_takes_the_whole_batch_when_its_gradients_fit_the_budget
     assert taken == [(0, 23)]
 
 
-@pytest.mark.parametrize("factor_linear", [True, False], ids=["factored", "vmap"])
-def test_auto_chunk_size_splits_the_batch_to_fit_a_small_budget_with_the_same_numbers(monkeypatch, factor_linear):
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "vmap"])
+def test_auto_chunk_size_splits_the_batch_to_fit_a_small_budget_with_the_same_numbers(monkeypatch, hooks):
     from dynlens.measures import coherence
 
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = classification_data()
-    whole = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, factor_linear=factor_linear)
-    # bytes per example: by vmap the MLP's 213 float64 parameters; factored, (in + out) × 24 per
-    # linear layer (its bias included)
-    per_example = (16 + 20 + 13) * 24 if factor_linear else 213 * 8
+    whole = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, hooks=hooks)
+    # bytes per example: by vmap the MLP's 213 float64 parameters; by hooks, the input and output
+    # gradient of each linear layer, (in + out) × 2 × 8
+    per_example = (16 + 20 + 13) * 16 if hooks else 213 * 8
     monkeypatch.setattr(coherence, "CPU_BUDGET", 5 * per_example)
     taken = _chunks_taken(monkeypatch)
-    split = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, factor_linear=factor_linear)
+    split = dl.gradient_coherence(model, loss_fn, (x, y), stiffness=False, hooks=hooks)
     assert taken == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
     for key in ("alpha", "m_coherence", "gsnr", "noise_scale", "trace_sigma"):
         np.testing.assert_allclose(getattr(split, key), getattr(whole, key), rtol=1e-12, err_msg=key)
@@ -521,3 +574,37 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
     assert hoarded > 80, f"the instrument missed 174 MB of kept gradients: {hoarded:.1f} MB"
     assert small > 2, f"the instrument missed the chunk of gradients (5 MB): {small:.1f} MB"
     assert large < small + 10, f"peak grew from {small:.1f} MB (m=64) to {large:.1f} MB (m=512)"
+
+
+@pytest.mark.parametrize("flagged", ["few", "most"])
+def test_float32_factored_sums_are_resummed_in_float64_where_they_cancel(flagged):
+    """A float32 linear layer on the CPU is summed in float32; the entries whose variance is small
+    against their squared mean (where Σ g² − n·mean² cancels) are summed again in float64."""
+    from dynlens.measures.coherence import CANCELLATION, MAX_RESUMMED, _factored_moments
+    from dynlens.measures.layer_grads import Outer
+
+    g = torch.Generator().manual_seed(0)
+    n, out, width = 64, 8, 12
+    delta = torch.randn(n, out, generator=g)
+    inputs = torch.randn(n, width, generator=g)
+    if flagged == "few":  # two nearly constant entries: δ_i0 ≈ 1 and a_i0 ≈ 1
+        delta[:, 0] = 1 + 1e-3 * torch.randn(n, generator=g)
+        inputs[:, 0] = 1 + 1e-3 * torch.randn(n, generator=g)
+    else:  # every entry nearly constant
+        delta = 1 + 1e-3 * delta
+        inputs = 1 + 1e-3 * inputs
+    d64, a64 = delta.double(), inputs.double()
+    per_example = d64[:, :, None] * a64[:, None, :]
+    want_mean = per_example.mean(0).reshape(-1)
+    want_centred = ((per_example - per_example.mean(0)) ** 2).sum(0).reshape(-1)
+    mean = torch.empty(out * width, dtype=torch.float64)
+    centred = torch.empty_like(mean)
+    _factored_moments(Outer(delta, inputs), n, mean, centred)
+    bound = n * 2.0**-24 / CANCELLATION  # the documented worst case for entries not resummed
+    # a float32 sum of terms of mixed signs: rounding relative to the terms' size, not the mean's
+    scale = per_example.abs().mean(0).reshape(-1).numpy()
+    assert np.all(np.abs(mean.numpy() - want_mean.numpy()) <= 1e-6 * np.abs(want_mean.numpy()) + n * 2.0**-24 * scale)
+    # float32 sums alone would leave errors of order 1e-7 · mean² here: relative errors of 1e-1
+    np.testing.assert_allclose(centred.numpy(), want_centred.numpy(), rtol=bound)
+    if flagged == "few":
+        assert MAX_RESUMMED * out * width >= 1  # the resummed path, not the whole layer in float64

@@ -1,0 +1,199 @@
+"""Per-example gradients of common layers from one batched forward and backward pass.
+
+For a layer z = f(a; w) applied to each example on its own, the gradient of example i's loss
+ℓ_i with respect to w depends only on the layer's input a_i and the gradient δ_i = ∂ℓ_i/∂z_i at
+its output. One batched forward records a_i (forward hooks) and one backward of Σ ℓ_i gives every
+δ_i, so each example's gradient follows without a pass per example (Goodfellow 2015, "Efficient
+per-example gradient computations"; Dangel et al. 2020, BackPACK; Rochette et al. 2019 for
+convolutions):
+
+* ``nn.Linear`` on (n, in) inputs: g_i = δ_i a_iᵀ, kept factored (:class:`Outer`, never formed);
+  on (n, ..., in) inputs: g_i = Σ_t δ_it a_itᵀ over the positions t (one batched product);
+* ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding given as numbers): the weight's g_i is the weight
+  gradient of example i's convolution alone, all at once as one grouped convolution with the
+  examples folded into the channels; the bias's Σ over positions of δ_i;
+* ``nn.BatchNorm1d/2d/3d`` using running statistics (eval mode): the weight's g_i is
+  Σ over positions of δ_i · x̂_i (x̂ the normalised input), the bias's Σ of δ_i.
+
+Which layers qualify is decided by :func:`hookable_layers`; whether the batched forward really
+evaluates each example on its own (no layer mixing examples) is the caller's to check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Outer", "BiasOf", "HookedLayer", "hookable_layers"]
+
+
+@dataclass
+class Outer:
+    """The per-example gradients g_i = δ_i a_iᵀ of a linear layer's weight, kept factored (never
+    formed): δ_i = ∂ℓ_i/∂z_i the gradient at the layer's output, a_i its input (both in the
+    layer's dtype)."""
+
+    delta: Tensor  # (n, out)
+    inputs: Tensor  # (n, in)
+    bias: bool = False  # the layer has a bias, whose gradients δ_i the pair products include
+
+
+@dataclass
+class BiasOf:
+    """The per-example gradients δ_i of a factored linear layer's bias: the δ of its weight's
+    :class:`Outer`, whose products with other examples (Gram matrix, class norms) already include
+    the bias, as weight and bias together have the gradient δ_i [a_i; 1]ᵀ."""
+
+    delta: Tensor  # (n, out), shared with the weight's Outer: never modified
+
+
+Rep = Tensor | Outer | BiasOf
+Kind = Literal["linear", "conv", "batchnorm"]
+
+
+@dataclass(frozen=True)
+class HookedLayer:
+    """One layer whose per-example gradients come from its input and output gradient.
+
+    Attributes:
+        name: the module's name in the model.
+        module: the module.
+        kind: "linear", "conv" or "batchnorm".
+        weight: the weight's parameter name, or None if it is not measured.
+        bias: the bias's parameter name, or None.
+    """
+
+    name: str
+    module: nn.Module
+    kind: Kind
+    weight: str | None
+    bias: str | None
+
+    @property
+    def params(self) -> list[str]:
+        """The measured parameter names of this layer."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def saved(self, args: tuple, output: Any, n: int) -> Tensor | None:
+        """What the backward rule needs from the forward call (the input, or for BatchNorm the
+        normalised input), or None if this call is not one this rule handles."""
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            return None
+        x = args[0]
+        if x.dim() < 2 or x.shape[0] != n or output.shape[0] != n:
+            return None
+        module = self.module
+        if self.kind == "conv":
+            if x.dim() != module.weight.dim():  # unbatched input
+                return None
+            return x.detach()
+        if self.kind == "batchnorm":
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            mean = module.running_mean.reshape(shape)
+            scale = torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+            return ((x.detach() - mean) * scale).to(x.dtype)
+        return x.detach()
+
+    def gradients(self, saved: Tensor, delta: Tensor, n: int) -> dict[str, Rep]:
+        """{parameter name: its per-example gradients} from the saved input and δ."""
+        out: dict[str, Rep] = {}
+        if self.kind == "linear":
+            if saved.dim() == 2:
+                if self.weight is not None:
+                    out[self.weight] = Outer(delta, saved, bias=self.bias is not None)
+                if self.bias is not None:
+                    out[self.bias] = BiasOf(delta) if self.weight is not None else delta
+                return out
+            d = delta.reshape(n, -1, delta.shape[-1])
+            if self.weight is not None:
+                a = saved.reshape(n, -1, saved.shape[-1])
+                out[self.weight] = torch.bmm(d.transpose(1, 2), a).reshape(n, -1)
+            if self.bias is not None:
+                out[self.bias] = d.sum(dim=1)
+            return out
+        positions = tuple(range(2, delta.dim()))
+        if self.kind == "batchnorm":
+            if self.weight is not None:
+                out[self.weight] = (delta * saved).sum(dim=positions)
+            if self.bias is not None:
+                out[self.bias] = delta.sum(dim=positions)
+            return out
+        if self.weight is not None:
+            out[self.weight] = _conv_weight_grads(self.module, saved, delta, n)
+        if self.bias is not None:
+            out[self.bias] = delta.sum(dim=positions)
+        return out
+
+    def bytes_per_example(self, saved_numel: int | None = None) -> int:
+        """An estimate of one example's memory on this path: its input, output gradient and
+        representation (for convolutions the unfolded patches), in the weight's dtype."""
+        module = self.module
+        size = module.weight.element_size() if getattr(module, "weight", None) is not None else 4
+        if self.kind == "linear":
+            return (module.in_features + module.out_features) * 2 * size
+        if self.kind == "batchnorm":
+            return 4 * module.num_features * size
+        # a convolution: the weight's gradient plus a rough input and output gradient size
+        return (module.weight.numel() + (module.in_channels + module.out_channels) * 1024) * size
+
+
+def _conv_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
+    """(n, weight.numel()): each example's weight gradient of a Conv1d/Conv2d, as the weight
+    gradient of one grouped convolution whose groups are the (example, group) pairs: the batch
+    folded into the channels, (1, n·C, ...) inputs and (1, n·O, ...) output gradients, n·groups
+    groups. One kernel call; on the CPU 1.4 to 5 times faster than unfolding the patches."""
+    weight = module.weight
+    folded_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+    folded_delta = delta.reshape(1, n * delta.shape[1], *delta.shape[2:])
+    shape = (n * weight.shape[0], *weight.shape[1:])
+    placeholder = weight.new_empty(shape)  # only its shape is read: the input gradient is not asked for
+    grads = torch.ops.aten.convolution_backward(
+        folded_delta, folded_x, placeholder, None, list(module.stride), list(module.padding),
+        list(module.dilation), False, [0] * (x.dim() - 2), n * module.groups, [False, True, False])[1]
+    return grads.reshape(n, -1)
+
+
+def _kind(module: nn.Module) -> Kind | None:
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) in (nn.Conv1d, nn.Conv2d):
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return "conv"
+        return None
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if not module.training and module.track_running_stats and module.running_mean is not None \
+                and module.affine:
+            return "batchnorm"
+    return None
+
+
+def hookable_layers(model: nn.Module, params: dict[str, Tensor]) -> list[HookedLayer]:
+    """The layers of ``model`` whose measured parameters (names in ``params``) can be taken from
+    hooks: Linear, Conv1d/Conv2d with numeric zero padding, BatchNorm on running statistics (eval
+    mode), each owning its parameters alone (no weight tying). Empty in train mode."""
+    if model.training:
+        return []
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    layers = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        names = {}
+        for attr in ("weight", "bias"):
+            p = module._parameters.get(attr)
+            full = f"{name}.{attr}" if name else attr
+            if p is not None and owners.get(id(p)) != 1:
+                names = None
+                break
+            names[attr] = full if p is not None and full in params else None
+        if names and (names["weight"] or names["bias"]):
+            layers.append(HookedLayer(name, module, kind, names["weight"], names["bias"]))
+    return layers
