@@ -8,7 +8,7 @@ For each model (an MLP and a small CNN from benchmarks/models.py) and a batch of
   same statistics (Σ g_i, Σ g_i², ‖g_i‖²) accumulated from the flattened gradients;
 * ``coherence[chunk=c, stiffness=s]``: ``dl.gradient_coherence`` with that chunk size ("auto",
   the default, then each of ``--chunks``), with and without the stiffness (m×m Gram) matrix (linear layers in factored form, the default), and
-  once with ``factor_linear=False`` (every parameter's per-example gradients by vmap).
+  once with ``hooks=False`` (every parameter's per-example gradients by vmap).
 
 Targets (issue #5, m = 256): the loop / coherence ≥ 10 (CPU and H100); coherence / one batch
 backward ≤ 4 on the H100. Times are the minimum (and the median) of ``--repeats`` runs after two warm-up calls. Peak memory:
@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import classification_batch, image_batch, mlp, small_cnn  # noqa: E402
+from models import classification_batch, image_batch, lenet5, mlp, small_cnn  # noqa: E402
 
 import dynlens as dl  # noqa: E402
 
@@ -58,6 +58,8 @@ def cases(smoke: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable[[int
             lambda: mlp(784, 256, 10), lambda m: classification_batch(m, 784, 10)),
         "small cnn c32 (2 conv + BN), 32x32 (15k params)": (
             lambda: small_cnn(3, 32, 10), lambda m: image_batch(m, size=32)),
+        "lenet-5, 28x28x1 (44k params)": (
+            lambda: lenet5(10), lambda m: image_batch(m, size=28, channels=1)),
     }
 
 
@@ -96,11 +98,13 @@ def methods(chunks: list[int]) -> dict[str, Callable]:
             out[f"coherence[chunk={c}, stiffness={stiffness}]"] = (
                 lambda model, loss_fn, x, y, c=c, s=stiffness: dl.gradient_coherence(
                     model, loss_fn, (x, y), chunk_size=c, stiffness=s))
-    # every parameter by vmap: the linear layers' weights not taken in factored form
-    for c in ("auto", chunks[0]):
-        out[f"coherence[chunk={c}, stiffness=False, factor_linear=False]"] = (
-            lambda model, loss_fn, x, y, c=c: dl.gradient_coherence(
-                model, loss_fn, (x, y), chunk_size=c, stiffness=False, factor_linear=False))
+    # the linear layers' weights in factored form, or every parameter by vmap, whatever the
+    # default on this device ("auto": factored on the CPU, vmap on GPUs)
+    for factor in (True, False):
+        for stiffness in (False, True):
+            out[f"coherence[chunk=auto, stiffness={stiffness}, hooks={factor}]"] = (
+                lambda model, loss_fn, x, y, s=stiffness, f=factor: dl.gradient_coherence(
+                    model, loss_fn, (x, y), stiffness=s, hooks=f))
     return out
 
 

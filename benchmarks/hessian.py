@@ -38,6 +38,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -180,7 +181,41 @@ def plain_lanczos(model: nn.Module, loss_fn: Callable, batch: Any, device: torch
 
     result, seconds = best_of(run, device, reps)
     return {"values": result.values.tolist(), "hvps": result.matvecs, "seconds": seconds,
-            "relative_residuals": (result.residuals / result.values.abs()).tolist()}
+            "relative_residuals": (result.residuals / result.values.abs()).tolist(),
+            "alpha": result.tridiagonal.alpha.tolist(), "beta": result.tridiagonal.beta.tolist()}
+
+
+def stopping_table(reference: dict[str, Any], k: int, tols: list[float]) -> dict[str, Any]:
+    """Where dynlens's residual test would stop, from the reference run's tridiagonal matrix.
+
+    dynlens starts from the same vector as the reference run (a Gaussian vector from a generator
+    seeded with 0), so its first m steps are the reference's first m. For each step m: the top-k
+    Ritz values of the leading m×m block, their residual estimates |β_m s_{m,i}| and the bound
+    on their eigenvalue errors min(r_i, r_i²/gap_i) (gap_i: distance to the nearest other Ritz
+    value; Parlett, *The Symmetric Eigenvalue Problem*, §11.7). For each tol: the first step at
+    which every wanted pair has r_i ≤ tol·|θ_i| (after the same safeguard of w + max(w, 5) steps),
+    and the largest relative error against the reference values there."""
+    from scipy.linalg import eigh_tridiagonal
+
+    alpha, beta = np.array(reference["alpha"]), np.array(reference["beta"])
+    final = np.array(reference["values"][:k])
+    min_steps = k + max(k, 5)
+    steps = []
+    for m in range(min_steps, len(alpha) + 1):
+        theta, vectors = eigh_tridiagonal(alpha[:m], beta[:m - 1])
+        top = np.arange(m - 1, m - 1 - k, -1)
+        b = beta[m - 1] if m - 1 < len(beta) else 0.0
+        residual = np.abs(b * vectors[m - 1, top])
+        gaps = np.array([np.min(np.abs(np.delete(theta, i) - theta[i])) for i in top])
+        bound = np.minimum(residual, residual ** 2 / gaps)
+        steps.append({"step": m, "relative_residual": (residual / np.abs(theta[top])).max(),
+                      "relative_error": (np.abs(theta[top] - final) / np.abs(final)).max(),
+                      "relative_error_bound": (bound / np.abs(theta[top])).max()})
+    table = {}
+    for tol in tols:
+        hit = next((row for row in steps if row["relative_residual"] <= tol), None)
+        table[f"{tol:g}"] = hit
+    return {"by_tol": table, "by_step": steps}
 
 
 def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device,
@@ -272,6 +307,12 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
         result["relative_errors"] = relative_errors(torch.tensor(result["values"]), ref)
         result["amortised_hvp_in_gradients"] = result["seconds"] / result["hvps"] / out["costs"]["gradient_s"]
         out[name] = result
+    out["stopping_top5"] = stopping_table(reference, 5, [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
+    out["stopping_top1"] = stopping_table(reference, 1, [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
+    for tol in (1e-2, 1e-3):
+        result = ours(model, loss_fn, batch, device, reps=reps, k=5, tol=tol)
+        result["relative_errors"] = relative_errors(torch.tensor(result["values"]), ref)
+        out[f"top5_tol{tol:g}"] = result
     plain = plain_lanczos(model, loss_fn, batch, device, k=5, steps=40, reps=reps)
     plain["relative_errors"] = relative_errors(torch.tensor(plain["values"]), ref)
     out["plain_lanczos_40"] = plain

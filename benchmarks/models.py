@@ -59,6 +59,19 @@ def small_cnn(in_channels: int = 3, channels: int = 8, num_classes: int = 10, ba
     )
 
 
+def lenet5(num_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 (LeCun et al. 1998) for 28×28 single-channel images, with ReLU and max pooling:
+    conv 5×5 (6), pool, conv 5×5 (16), pool, linear 256-120-84-10 (44,426 parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
