@@ -13,6 +13,8 @@ from dynlens.linalg.operator import (
     LinearOperator,
     default_generator,
     dense_operator,
+    device_generator,
+    gaussian_vector,
     rademacher_vectors,
 )
 from dynlens.linalg.slq import (
@@ -31,9 +33,11 @@ __all__ = [
     "TraceEstimate",
     "Tridiagonal",
     "default_generator",
+    "device_generator",
     "dense_operator",
     "density_moments",
     "gauss_quadrature",
+    "gaussian_vector",
     "hutch_plus_plus",
     "hutchinson",
     "lanczos_eigsh",

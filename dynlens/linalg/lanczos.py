@@ -23,7 +23,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from dynlens.linalg.operator import LinearOperator, default_generator
+from dynlens.linalg.operator import LinearOperator, default_generator, gaussian_vector
 
 Which = Literal["top", "bottom", "both"]
 
@@ -209,8 +209,7 @@ def _restart_vector(
     """A random unit vector orthogonal to ``basis[0, :m]``, or ``None`` if it spans the space."""
     krylov = basis[0, :m]
     for _ in range(3):
-        v = torch.randn(basis.shape[2], generator=generator, dtype=torch.float64)
-        v = v.to(device=basis.device, dtype=dtype)
+        v = gaussian_vector(basis.shape[2], generator, dtype, basis.device)
         start = torch.linalg.vector_norm(v)
         for _ in range(2):
             v = v - krylov.T @ (krylov @ v)
@@ -260,7 +259,8 @@ def lanczos_eigsh(
         max_iters: most Lanczos steps (= matrix-vector products); default
             min(n, max(100, 4w + 20)). Must be at least k. If it is reached first, the
             result has ``converged=False`` (no exception).
-        v0: start vector (n,); default a Gaussian vector from ``generator``.
+        v0: start vector (n,); default a Gaussian vector from ``generator`` (drawn on the
+            operator's device when that is not the CPU, see :func:`gaussian_vector`).
         generator: CPU ``torch.Generator`` for the start and restart vectors; default a fresh
             one seeded with 0. The global RNG is never used.
         return_vectors: also return the Ritz vectors (n × len(values), on the op's device).
@@ -300,7 +300,7 @@ def lanczos_eigsh(
     matvecs_before = op.matvecs
 
     if v0 is None:
-        q = torch.randn(n, generator=generator, dtype=torch.float64)
+        q = gaussian_vector(n, generator, op.dtype, op.device)
     else:
         if v0.shape != (n,):
             raise ValueError(f"v0 must have shape ({n},); got {tuple(v0.shape)}.")
