@@ -91,20 +91,24 @@ def plain_loop(model: nn.Module, loss_fn, x, y) -> None:
     (s1 @ s1 / norms.sum()).item()
 
 
-def methods(chunks: list[int]) -> dict[str, Callable]:
+def methods(chunks: list[int], cuda: bool = False) -> dict[str, Callable]:
     out: dict[str, Callable] = {"batch_backward": batch_backward, "loop": plain_loop}
     for c in ["auto", *chunks]:
         for stiffness in (False, True):
             out[f"coherence[chunk={c}, stiffness={stiffness}]"] = (
                 lambda model, loss_fn, x, y, c=c, s=stiffness: dl.gradient_coherence(
                     model, loss_fn, (x, y), chunk_size=c, stiffness=s))
-    # the linear layers' weights in factored form, or every parameter by vmap, whatever the
-    # default on this device ("auto": factored on the CPU, vmap on GPUs)
-    for factor in (True, False):
+    # per-example gradients from layer hooks or every parameter by vmap, whatever the default on
+    # this device ("auto": hooks on the CPU, vmap on GPUs); on CUDA with and without graphs
+    for hooks in (True, False):
         for stiffness in (False, True):
-            out[f"coherence[chunk=auto, stiffness={stiffness}, hooks={factor}]"] = (
-                lambda model, loss_fn, x, y, s=stiffness, f=factor: dl.gradient_coherence(
-                    model, loss_fn, (x, y), stiffness=s, hooks=f))
+            out[f"coherence[chunk=auto, stiffness={stiffness}, hooks={hooks}]"] = (
+                lambda model, loss_fn, x, y, s=stiffness, h=hooks: dl.gradient_coherence(
+                    model, loss_fn, (x, y), stiffness=s, hooks=h))
+            if cuda:
+                out[f"coherence[chunk=auto, stiffness={stiffness}, hooks={hooks}, graphs=False]"] = (
+                    lambda model, loss_fn, x, y, s=stiffness, h=hooks: dl.gradient_coherence(
+                        model, loss_fn, (x, y), stiffness=s, hooks=h, graphs=False))
     return out
 
 
@@ -217,7 +221,7 @@ def main() -> None:
         model, loss_fn, x, y = setup(case, m, device, args.smoke)
         params = sum(p.numel() for p in model.parameters())
         rows = {}
-        for name, fn in methods(chunks).items():
+        for name, fn in methods(chunks, device.type == "cuda").items():
             reps = max(1, args.loop_repeats if name == "loop" else repeats)
             seconds, median = timed(fn, (model, loss_fn, x, y), device, reps)
             if device.type == "cuda":

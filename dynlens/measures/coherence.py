@@ -30,8 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from dynlens.cudagraphs import GraphCache
 from dynlens.functional import (
     Mode,
     ModelFunction,
@@ -452,6 +453,7 @@ def coherence_of(
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
     hooks: bool | Literal["auto"] = "auto",
+    graphs: bool | Literal["auto"] = "auto",
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
     :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
@@ -469,61 +471,59 @@ def coherence_of(
     source = _Gradients(fn, fallback, hooks)
     names = list(fn.params)
     device = fn.device
-    f64 = torch.float64
     group = None
     if labels is not None:
         host_labels = labels.cpu()
         values, index = torch.unique(host_labels, return_inverse=True)
         group = _Classes(values, index.to(device), index.numpy())
 
-    while True:
-        chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
-                 if chunk_size == "auto" else min(chunk_size, m))
-        source.chunk_size = chunk
-        try:
-            sums = _accumulate(source, chunk, group, stiffness)
-            if source.verified():
-                break
-            why = "the batched forward differs from evaluating examples alone"
-        except _NotFactorable as err:
-            why = str(err)
-        source.drop_hooks(why)
-
-    mean, centred, sq_norms, class_norms, gram = sums
-    sizes = [t.numel() for t in fn.params.values()]
-    totals = torch.stack([torch.dot(mean, mean), sq_norms.sum(), centred.sum()])
-    # r_k = mean² / variance over every parameter entry, in place: on the CPU each fresh tensor of
-    # P float64 entries costs more than the arithmetic (page faults), and torch.where on a bool
-    # mask is ten times slower than arithmetic masking
-    ratio = mean.square_().div_(centred.mul_(1.0 / m))  # population variance: centred / m
-    # kept: variance > _CONSTANT_VARIANCE · mean_i g_ik², i.e. r_k below _MAX_GSNR (0/0 and x/0 are
-    # NaN and inf, left out too)
-    kept = ratio < _MAX_GSNR
-    ratio.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(kept)
     layer_of = [_layer_of(name) for name in names]
     layers = list(dict.fromkeys(layer_of))
     layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
-    per_tensor = torch.stack([torch.stack([r.sum(), k.sum(dtype=f64)])
-                              for r, k in zip(ratio.split(sizes), kept.split(sizes), strict=True)])
-    per_layer_sums = torch.zeros(len(layers), 2, dtype=f64, device=device).index_add_(0, layer_index, per_tensor)
+    chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
+             if chunk_size == "auto" else min(chunk_size, m))
+    sums = packed = stiff = None
+    method, notes = source.description, source.notes
+    key = None
+    if _graphable(fn, graphs, chunk, source.bytes_per_example(), stiffness):
+        key = _graph_key(fn, chunk, stiffness, bool(hooks), fallback, None if labels is None else host_labels)
+        packed, stiff, method, notes = _graphed(fn, key, group, chunk, stiffness, fallback, bool(hooks),
+                                                layer_index, len(layers))
+    if packed is None:
+        hooked = source.hooked
+        while True:
+            source.chunk_size = chunk
+            try:
+                sums = _accumulate(source, chunk, group, stiffness)
+                if source.verified():
+                    break
+                why = "the batched forward differs from evaluating examples alone"
+            except _NotFactorable as err:
+                why = str(err)
+            source.drop_hooks(why)
+            chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
+                     if chunk_size == "auto" else min(chunk_size, m))
+        method, notes = source.description, source.notes
+        if key is not None and source.hooked == hooked and source.method != "loop":
+            _GRAPHS.saw(key)
 
+    sizes = [t.numel() for t in fn.params.values()]
+    if packed is None:
+        packed, stiff = _reduce(sums, sizes, layer_index, len(layers), group, m)
     # every number the result needs in one transfer to the host
-    parts = [totals, per_layer_sums.T.reshape(-1)]
-    classes_n = 0
-    if group is not None:
-        classes_n = len(group.values)
-        class_sq = torch.zeros(classes_n, dtype=f64, device=device).index_add_(0, group.index, sq_norms)
-        parts += [class_norms, class_sq]
-    host = torch.cat(parts).cpu().tolist()
+    host = packed.cpu().tolist()
     mean_sq_norm, sum_sq_norms, centred_sum = host[:3]
     ratio_sums = host[3:3 + len(layers)]
     kept_counts = host[3 + len(layers):3 + 2 * len(layers)]
+    offset = 3 + 2 * len(layers)
+    grad_norms = np.asarray(host[offset:offset + m])
+    offset += m
     alpha = mean_sq_norm / (sum_sq_norms / m) if sum_sq_norms > 0 else math.nan
 
     per_class: dict[int, float] = {}
     counts: dict[int, int] = {}
     if group is not None:
-        offset = 3 + 2 * len(layers)
+        classes_n = len(group.values)
         numerators_host = host[offset:offset + classes_n]
         class_sq_host = host[offset + classes_n:offset + 2 * classes_n]
         sizes_per_class = np.bincount(group.host_index, minlength=classes_n)
@@ -545,9 +545,8 @@ def coherence_of(
 
     matrix = class_matrix = None
     within = between = overall = math.nan
-    if gram is not None:
-        matrix, class_matrix, (overall, within, between) = _stiffness(
-            gram, sq_norms, None if group is None else group.index, None if group is None else group.values)
+    if stiff is not None:
+        matrix, class_matrix, (overall, within, between) = _stiffness_on_host(stiff, group is not None)
 
     return Coherence(
         alpha=alpha,
@@ -566,16 +565,87 @@ def coherence_of(
                 else np.zeros(0, dtype=np.int64)),
         gsnr=gsnr,
         gsnr_per_layer=per_layer,
-        gsnr_excluded=int(mean.numel() - kept_total),
+        gsnr_excluded=int(sum(sizes) - kept_total),
         noise_scale=noise_scale,
         trace_sigma=trace_sigma,
         grad_sq_norm=grad_sq_norm,
         mean_grad_norm=math.sqrt(mean_sq_norm),
-        grad_norms=sq_norms.sqrt().cpu().numpy(),
+        grad_norms=grad_norms,
         size=m,
-        method=source.description,
-        notes=tuple(source.notes),
+        method=method,
+        notes=tuple(notes),
     )
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+# Coherence on CUDA is replayed from a CUDA graph (dynlens.cudagraphs) when its per-example
+# gradients of one chunk fit this many bytes (auto): small models, whose measurement is bound by
+# launching kernels; the graph keeps that memory while it is cached (2 graphs at most).
+GRAPH_MEMORY = 512 * 2**20
+_GRAPHS = GraphCache(capacity=2)
+
+
+def _graphable(fn: ModelFunction, graphs: bool | str, chunk: int, bytes_per_example: int,
+               stiffness: bool) -> bool:
+    if graphs not in (True, False, "auto"):
+        raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
+    if graphs is False or fn.device.type != "cuda" or fn.model.training:
+        return False
+    held = chunk * bytes_per_example * (2 if stiffness and chunk < fn.size else 1)
+    return graphs is True or held <= GRAPH_MEMORY
+
+
+def _graph_key(fn: ModelFunction, chunk: int, stiffness: bool, hooks: bool, fallback: str,
+               labels: Tensor | None) -> tuple:
+    """Everything the recorded kernels depend on: the model's structure and hooks, the addresses,
+    shapes and dtypes of its parameters and buffers, the batch's shapes and dtypes (its values
+    are copied in), the options and the class labels (their layout is baked in)."""
+    model = fn.model
+    structure = tuple((name, type(module), len(module._forward_hooks), len(module._forward_pre_hooks))
+                      for name, module in model.named_modules())
+    tensors = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, t.requires_grad)
+                    for name, t in (*model.named_parameters(), *model.named_buffers()))
+    batch_leaves, spec = tree_flatten((fn.inputs, fn.targets))
+    batch = tuple((tuple(x.shape), x.dtype) if isinstance(x, Tensor) else x for x in batch_leaves)
+    return ("coherence", id(model), id(fn.loss_fn), structure, tensors, str(spec), batch, tuple(fn.params),
+            chunk, stiffness, hooks, fallback, None if labels is None else labels.numpy().tobytes(), fn.seed)
+
+
+def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, stiffness: bool,
+             fallback: Fallback, hooks: bool, layer_index: Tensor, n_layers: int) -> tuple:
+    """(packed, stiffness tensors, method, notes) of :func:`_accumulate` and :func:`_reduce`
+    replayed from the graph of ``key`` (recorded now if the key was seen before), with the method
+    and notes of the recorded run; four Nones when there is no graph or its per-example check
+    failed (the caller computes eagerly)."""
+    leaves, spec = tree_flatten((fn.inputs, fn.targets))
+    inputs = [x for x in leaves if isinstance(x, Tensor)]
+
+    def body(statics: list[Tensor]) -> tuple[Any, Any]:
+        fresh = iter(statics)
+        x, y = tree_unflatten([next(fresh) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+        inner = ModelFunction(fn.model, fn.loss_fn, (x, y), params=list(fn.params), seed=fn.seed)
+        source = _Gradients(inner, fallback, hooks)
+        source.chunk_size = chunk
+        sums = _accumulate(source, chunk, group, stiffness)
+        packed, stiff = _reduce(sums, [t.numel() for t in fn.params.values()], layer_index, n_layers,
+                                group, fn.size)
+        agrees = source.agrees if source.agrees is not None else torch.ones((), dtype=torch.bool, device=fn.device)
+        # the graph reads the class layout and layer index made outside it: the entry keeps them
+        return (packed, stiff, agrees), (source.description, list(source.notes), (group, layer_index))
+
+    hit = _GRAPHS.replay(key, inputs)
+    if hit is None and key in _GRAPHS.seen and key not in _GRAPHS.failed:
+        if group is not None:  # host-to-device copies cannot be recorded: make them first
+            bounds = [(s, min(s + chunk, fn.size)) for s in range(0, fn.size, chunk)]
+            group.prepare(bounds, {t.dtype for t in fn.params.values()}, True)
+        hit = _GRAPHS.record(key, inputs, body)
+    if hit is None:
+        return None, None, None, None
+    (packed, stiff, agrees), (method, notes, _) = hit
+    if not bool(agrees):
+        return None, None, None, None
+    return packed, stiff, f"{method} (CUDA graph)", notes
 
 
 def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
@@ -807,26 +877,70 @@ def _dot(rows: list[Rep], columns: list[Rep]) -> Tensor:
     return total
 
 
+def _reduce(sums: tuple, sizes: list[int], layer_index: Tensor, n_layers: int, group: _Classes | None,
+            m: int) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """The device part of the summary, without host syncs (so a CUDA graph can record it): one
+    float64 vector of every number the result needs, [‖ḡ‖², Σ‖g_i‖², Σ‖g_i − ḡ‖², the GSNR sum and
+    the count of kept entries per layer, ‖g_i‖ per example, ‖Σ_{i∈c} g_i‖² and Σ_{i∈c} ‖g_i‖² per
+    class], and the stiffness tensors (:func:`_stiffness`) or None. Consumes ``sums`` (in place)."""
+    f64 = torch.float64
+    mean, centred, sq_norms, class_norms, gram = sums
+    device = mean.device
+    totals = torch.stack([torch.dot(mean, mean), sq_norms.sum(), centred.sum()])
+    # r_k = mean² / variance over every parameter entry, in place: on the CPU each fresh tensor of
+    # P float64 entries costs more than the arithmetic (page faults), and torch.where on a bool
+    # mask is ten times slower than arithmetic masking
+    ratio = mean.square_().div_(centred.mul_(1.0 / m))  # population variance: centred / m
+    # kept: variance > _CONSTANT_VARIANCE · mean_i g_ik², i.e. r_k below _MAX_GSNR (0/0 and x/0 are
+    # NaN and inf, left out too)
+    kept = ratio < _MAX_GSNR
+    ratio.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(kept)
+    per_tensor = torch.stack([torch.stack([r.sum(), k.sum(dtype=f64)])
+                              for r, k in zip(ratio.split(sizes), kept.split(sizes), strict=True)])
+    per_layer_sums = torch.zeros(n_layers, 2, dtype=f64, device=device).index_add_(0, layer_index, per_tensor)
+    parts = [totals, per_layer_sums.T.reshape(-1), sq_norms.sqrt()]
+    if group is not None:
+        class_sq = torch.zeros(len(group.values), dtype=f64, device=device).index_add_(0, group.index, sq_norms)
+        parts += [class_norms, class_sq]
+    stiff = None
+    if gram is not None:
+        stiff = _stiffness(gram, sq_norms, None if group is None else group.index,
+                           0 if group is None else len(group.values))
+    return torch.cat(parts), stiff
+
+
 def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
-               class_values: Tensor | None) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
-    """The cosine matrix, the (C, C) class means and (overall, within, between) means, all over
-    pairs i ≠ j whose gradients are non-zero."""
+               classes: int) -> tuple[Tensor, ...]:
+    """Device part of the stiffness: (cosines with 0 on the diagonal and for zero gradients,
+    1 where the gradient is non-zero) and, with classes, the (C, C) sums of cosines and counts of
+    pairs i ≠ j of non-zero gradients by class."""
     f64 = torch.float64
     # masks by arithmetic, not torch.where (ten times slower on the CPU for bool masks)
     nonzero = (sq_norms > 0).to(f64)
     inverse = nonzero / sq_norms.sqrt().add(1.0 - nonzero)  # 1/‖g_i‖, 0 for a zero gradient
     values = gram * inverse[:, None] * inverse[None, :]
     values.fill_diagonal_(0.0)
+    if class_index is None:
+        return values, nonzero
     weights = nonzero[:, None] * nonzero[None, :]
     weights.fill_diagonal_(0.0)
-    if class_index is None:
-        total, pairs = torch.stack([values.sum(), weights.sum()]).tolist()
-        means = (total / pairs if pairs else math.nan, math.nan, math.nan)
-        return _cosine_matrix(values, nonzero), None, means
-    onehot = torch.nn.functional.one_hot(class_index, len(class_values)).to(f64)
-    sums = onehot.T @ values @ onehot
-    pairs = onehot.T @ weights @ onehot
-    host_sums, host_pairs = sums.cpu().numpy(), pairs.cpu().numpy()
+    onehot = torch.nn.functional.one_hot(class_index, classes).to(f64)
+    return values, nonzero, onehot.T @ values @ onehot, onehot.T @ weights @ onehot
+
+
+def _stiffness_on_host(stiff: tuple[Tensor, ...], by_class: bool) -> tuple[np.ndarray, np.ndarray | None,
+                                                                           tuple[float, float, float]]:
+    """The cosine matrix, the (C, C) class means and (overall, within, between) means, all over
+    pairs i ≠ j whose gradients are non-zero."""
+    values, nonzero = stiff[0], stiff[1]
+    matrix = _cosine_matrix(values, nonzero)
+    if not by_class:
+        valid = np.isfinite(matrix)
+        np.fill_diagonal(valid, False)
+        pairs = int(valid.sum())
+        total = float(values.sum()) if pairs else 0.0
+        return matrix, None, (total / pairs if pairs else math.nan, math.nan, math.nan)
+    host_sums, host_pairs = stiff[2].cpu().numpy(), stiff[3].cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         class_matrix = np.where(host_pairs > 0, host_sums / host_pairs, np.nan)
     total, total_pairs = float(host_sums.sum()), float(host_pairs.sum())
@@ -836,13 +950,13 @@ def _stiffness(gram: Tensor, sq_norms: Tensor, class_index: Tensor | None,
         return a / b if b > 0 else math.nan
 
     means = (ratio(total, total_pairs), ratio(same, same_pairs), ratio(total - same, total_pairs - same_pairs))
-    return _cosine_matrix(values, nonzero), class_matrix, means
+    return matrix, class_matrix, means
 
 
 def _cosine_matrix(values: Tensor, nonzero: Tensor) -> np.ndarray:
     """The m×m cosine matrix on the host: ``values`` (cosines, 0 on the diagonal and for zero
     gradients) with 1 on the diagonal and NaN in the rows and columns of zero gradients."""
-    matrix = values.cpu().numpy()
+    matrix = values.cpu().numpy().copy()  # on the CPU .numpy() would share (and change) values
     valid = nonzero.cpu().numpy() > 0
     np.fill_diagonal(matrix, 1.0)
     matrix[~valid, :] = np.nan
@@ -881,6 +995,7 @@ def gradient_coherence(
     classes: Tensor | Sequence[int] | np.ndarray | bool | None = None,
     fallback: Fallback = "loop",
     hooks: bool | Literal["auto"] = "auto",
+    graphs: bool | Literal["auto"] = "auto",
     seed: int = 0,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
@@ -934,6 +1049,17 @@ def gradient_coherence(
     twice or not on a batched input, the whole batch is measured again with everything by vmap
     (chunk size resolved anew), with a note.
 
+    CUDA graphs (``graphs``, on CUDA in eval mode): small models are measured at the speed of
+    launching their kernels, hundreds of them. The second call with the same model, parameter
+    and buffer tensors (same addresses and shapes), batch shapes, options and class labels
+    records the per-example pass in a CUDA graph (:mod:`dynlens.cudagraphs`; after a warm-up run
+    in which any host synchronisation raises, in which case it is never tried again for them),
+    and later calls copy the batch in and replay it (the method then ends in "(CUDA graph)"). The
+    graph reads the parameters and buffers where they are, so in-place optimizer steps are seen;
+    it replays the kernels of the recorded forward, so a model whose forward takes another path
+    with the same tensors (a Python flag changed between calls) needs ``graphs=False``. At most two
+    graphs are kept, each holding the memory of one pass.
+
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.
 
@@ -952,6 +1078,8 @@ def gradient_coherence(
         fallback: "loop" or "error" when vmap fails (see above).
         hooks: take the per-example gradients of Linear, Conv1d/Conv2d and BatchNorm layers from
             layer hooks (below); "auto" (default): on the CPU, where it is faster, not on GPUs.
+        graphs: on CUDA, replay the measurement from a CUDA graph (below); "auto" (default): when
+            one chunk's per-example gradients fit ``GRAPH_MEMORY`` (512 MiB), in eval mode.
         seed: dropout seed in train mode.
 
     Returns:
@@ -961,5 +1089,5 @@ def gradient_coherence(
     with isolated(model, mode, seed):
         fn = ModelFunction(model, loss_fn, batch, seed=seed)
         return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
-                            fallback=fallback, hooks=hooks)
+                            fallback=fallback, hooks=hooks, graphs=graphs)
 

@@ -41,6 +41,8 @@ class Coherence(Probe):
         fallback: "loop" or "error" when vmap cannot run the model.
         hooks: per-example gradients of Linear, Conv and BatchNorm layers from layer hooks, True, False or "auto" (see
             gradient_coherence).
+        graphs: on CUDA, replay the measurement from a CUDA graph, True, False or "auto" (see
+            gradient_coherence).
     """
 
     name = "coherence"
@@ -60,6 +62,7 @@ class Coherence(Probe):
         classes=None,  # noqa: ANN001 - see gradient_coherence
         fallback: Fallback = "loop",
         hooks: bool | str = "auto",
+        graphs: bool | str = "auto",
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
         self.chunk_size = chunk_size
@@ -68,16 +71,17 @@ class Coherence(Probe):
         self.classes = classes
         self.fallback = fallback
         self.hooks = hooks
+        self.graphs = graphs
 
     def describe(self) -> dict:
         return {**super().describe(), "chunk_size": self.chunk_size, "stiffness": self.stiffness,
-                "fallback": self.fallback, "hooks": self.hooks}
+                "fallback": self.fallback, "hooks": self.hooks, "graphs": self.graphs}
 
     def measure(self, ctx: Context) -> Values:
         check_mode(ctx.model, self.mode)
         r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=self.stiffness,
                          classes=self.classes, fallback=self.fallback,
-                         hooks=self.hooks)
+                         hooks=self.hooks, graphs=self.graphs)
         layers = ctx.layers or list(r.gsnr_per_layer)
         values: dict = {
             "alpha": r.alpha,
