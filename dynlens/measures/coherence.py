@@ -43,7 +43,8 @@ from dynlens.functional import (
 )
 from dynlens.measures.layer_grads import BiasOf, HookedLayer, Outer, Rep, hookable_layers
 
-__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "VmapUnsupportedError"]
+__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "clear_graphs",
+           "VmapUnsupportedError"]
 
 Fallback = Literal["loop", "error"]
 ChunkSize = int | Literal["auto"]
@@ -464,10 +465,12 @@ def coherence_of(
                                  or chunk_size < 1):
         raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
     labels = _resolve_classes(fn, classes, m)
-    if hooks == "auto":
-        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 10x faster than
-        # vmap for an MLP; on an H100 vmap was faster (5.3 against 9.5 ms), launch-bound
-        hooks = fn.device.type == "cpu"
+    if hooks not in (True, False, "auto"):
+        raise ValueError(f"hooks must be True, False or 'auto', got {hooks!r}")
+    # "auto" takes the hooks (benchmarks/RESULTS.md, m = 256): on the CPU 25x faster than vmap for
+    # an MLP; on an H100, replayed from a CUDA graph, 1.6 to 2.3 ms against 3.0 to 4.2 by vmap
+    # (eagerly the two are within 20% of each other), with none of vmap's m × P gradients held
+    hooks = hooks is not False
     source = _Gradients(fn, fallback, hooks)
     names = list(fn.params)
     device = fn.device
@@ -584,6 +587,11 @@ def coherence_of(
 # launching kernels; the graph keeps that memory while it is cached (2 graphs at most).
 GRAPH_MEMORY = 512 * 2**20
 _GRAPHS = GraphCache(capacity=2)
+
+
+def clear_graphs() -> None:
+    """Free the CUDA graphs kept for gradient coherence (and the GPU memory they hold)."""
+    _GRAPHS.clear()
 
 
 def _graphable(fn: ModelFunction, graphs: bool | str, chunk: int, bytes_per_example: int,
@@ -1028,7 +1036,7 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
-    Layer hooks (``hooks=True``, the default on the CPU; eval mode): the per-example gradients of
+    Layer hooks (``hooks="auto"`` or True; eval mode): the per-example gradients of
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and BatchNorm (running statistics) layers follow
     from each layer's input and the gradient δ_i at its output, both from one batched forward
     (hooks, removed afterwards) and one backward of Σ ℓ_i (:mod:`dynlens.measures.layer_grads`;
@@ -1058,7 +1066,7 @@ def gradient_coherence(
     graph reads the parameters and buffers where they are, so in-place optimizer steps are seen;
     it replays the kernels of the recorded forward, so a model whose forward takes another path
     with the same tensors (a Python flag changed between calls) needs ``graphs=False``. At most two
-    graphs are kept, each holding the memory of one pass.
+    graphs are kept, each holding the memory of one pass; :func:`clear_graphs` frees them.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.
@@ -1077,7 +1085,8 @@ def gradient_coherence(
             by; False to skip per-class statistics.
         fallback: "loop" or "error" when vmap fails (see above).
         hooks: take the per-example gradients of Linear, Conv1d/Conv2d and BatchNorm layers from
-            layer hooks (below); "auto" (default): on the CPU, where it is faster, not on GPUs.
+            layer hooks (below; "auto", the default, and True), or every parameter's by vmap
+            (False).
         graphs: on CUDA, replay the measurement from a CUDA graph (below); "auto" (default): when
             one chunk's per-example gradients fit ``GRAPH_MEMORY`` (512 MiB), in eval mode.
         seed: dropout seed in train mode.

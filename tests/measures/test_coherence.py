@@ -608,3 +608,9 @@ def test_float32_factored_sums_are_resummed_in_float64_where_they_cancel(flagged
     np.testing.assert_allclose(centred.numpy(), want_centred.numpy(), rtol=bound)
     if flagged == "few":
         assert MAX_RESUMMED * out * width >= 1  # the resummed path, not the whole layer in float64
+
+
+@pytest.mark.parametrize("option", [{"hooks": "yes"}, {"graphs": "always"}])
+def test_hooks_and_graphs_options_are_checked(option):
+    with pytest.raises(ValueError, match="must be True, False or 'auto'"):
+        dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data(), **option)
