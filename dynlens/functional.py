@@ -399,10 +399,10 @@ class ModelFunction:
         """The faster Hessian-vector product for this model, device and batch, timed once.
 
         Which one wins depends on the layers and the device: on the CPU the reused graph costs
-        about 2 gradients a product and forward-over-reverse 3 to 4; on an H100 a ResNet's
-        reused graph cost 4.8 with PyTorch's double backward of convolutions (cuDNN runs one term
-        with a slow implicit-GEMM kernel, which :mod:`dynlens.convgrad` now avoids) against 3.1 by
-        forward-over-reverse, while a transformer's costs 2.5 against 3.6. Times two products of
+        about 2 gradients a product and forward-over-reverse 3 to 4; on an H100 a ResNet-18's
+        reused graph costs 2.2 against 3.1 by forward-over-reverse (4.8 with PyTorch's own double
+        backward of convolutions, whose weight term cuDNN runs with a slow implicit-GEMM kernel;
+        :mod:`dynlens.convgrad` avoids it), a transformer's 2.5 against 3.6. Times two products of
         each kind (the first as a warm-up) and remembers the answer for this (model, device,
         parameter count, batch size, mode); a method that fails here (forward-mode rules missing
         in torch) is not chosen.
