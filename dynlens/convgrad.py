@@ -50,22 +50,23 @@ def _convolution(x: Tensor, w: Tensor, geometry: Geometry, bias: Tensor | None =
     )
 
 
-def _data_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
-    """(∂(x ⋆ w)/∂x)ᵀ gy; ``x`` gives only the shape."""
+def _backward_term(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry, which: int) -> Tensor:
+    """One output of ``convolution_backward``: 0 the data gradient, 1 the weight gradient."""
     stride, padding, dilation, groups = geometry
     return torch.ops.aten.convolution_backward(
         gy, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
-        [True, False, False],
-    )[0]
+        [which == 0, which == 1, False],
+    )[which]
+
+
+def _data_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
+    """(∂(x ⋆ w)/∂x)ᵀ gy; ``x`` gives only the shape."""
+    return _backward_term(gy, x, w, geometry, 0)
 
 
 def _weight_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
     """(∂(x ⋆ w)/∂w)ᵀ gy; ``w`` gives only the shape."""
-    stride, padding, dilation, groups = geometry
-    return torch.ops.aten.convolution_backward(
-        gy, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
-        [False, True, False],
-    )[1]
+    return _backward_term(gy, x, w, geometry, 1)
 
 
 class _ConvInputGrad(torch.autograd.Function):
