@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphCache", "sync_errors"]
+__all__ = ["GraphCache", "graphs", "clear_graphs", "sync_errors"]
 
 
 @dataclass
@@ -117,3 +117,18 @@ def _remember(table: OrderedDict, key: Hashable, capacity: int, value: Any = Non
     table.move_to_end(key)
     while len(table) > capacity:
         table.popitem(last=False)
+
+
+# The graphs of the measurements (dynlens.measures stays stateless: the cache lives here, like
+# functional's choice of the fastest Hessian-vector product). Two graphs at most.
+_CACHE = GraphCache(capacity=2)
+
+
+def graphs() -> GraphCache:
+    """The cache of recorded measurements that every measurement shares."""
+    return _CACHE
+
+
+def clear_graphs() -> None:
+    """Free every recorded measurement's CUDA graph (and the GPU memory it holds)."""
+    _CACHE.clear()

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from dynlens.cudagraphs import GraphCache
+from dynlens import cudagraphs
 from dynlens.functional import (
     Mode,
     ModelFunction,
@@ -43,8 +43,7 @@ from dynlens.functional import (
 )
 from dynlens.measures.layer_grads import BiasOf, HookedLayer, Outer, Rep, hookable_layers
 
-__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "clear_graphs",
-           "VmapUnsupportedError"]
+__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "VmapUnsupportedError"]
 
 Fallback = Literal["loop", "error"]
 ChunkSize = int | Literal["auto"]
@@ -508,7 +507,7 @@ def coherence_of(
                      if chunk_size == "auto" else min(chunk_size, m))
         method, notes = source.description, source.notes
         if key is not None and source.hooked == hooked and source.method != "loop":
-            _GRAPHS.saw(key)
+            cudagraphs.graphs().saw(key)
 
     sizes = [t.numel() for t in fn.params.values()]
     if packed is None:
@@ -584,14 +583,9 @@ def coherence_of(
 
 # Coherence on CUDA is replayed from a CUDA graph (dynlens.cudagraphs) when its per-example
 # gradients of one chunk fit this many bytes (auto): small models, whose measurement is bound by
-# launching kernels; the graph keeps that memory while it is cached (2 graphs at most).
+# launching kernels; the graph keeps that memory while it is cached (dynlens.cudagraphs: 2 graphs
+# at most, freed by dynlens.cudagraphs.clear_graphs()).
 GRAPH_MEMORY = 512 * 2**20
-_GRAPHS = GraphCache(capacity=2)
-
-
-def clear_graphs() -> None:
-    """Free the CUDA graphs kept for gradient coherence (and the GPU memory they hold)."""
-    _GRAPHS.clear()
 
 
 def _graphable(fn: ModelFunction, graphs: bool | str, chunk: int, bytes_per_example: int,
@@ -642,12 +636,12 @@ def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, 
         # the graph reads the class layout and layer index made outside it: the entry keeps them
         return (packed, stiff, agrees), (source.description, list(source.notes), (group, layer_index))
 
-    hit = _GRAPHS.replay(key, inputs)
-    if hit is None and key in _GRAPHS.seen and key not in _GRAPHS.failed:
+    hit = cudagraphs.graphs().replay(key, inputs)
+    if hit is None and key in cudagraphs.graphs().seen and key not in cudagraphs.graphs().failed:
         if group is not None:  # host-to-device copies cannot be recorded: make them first
             bounds = [(s, min(s + chunk, fn.size)) for s in range(0, fn.size, chunk)]
             group.prepare(bounds, {t.dtype for t in fn.params.values()}, True)
-        hit = _GRAPHS.record(key, inputs, body)
+        hit = cudagraphs.graphs().record(key, inputs, body)
     if hit is None:
         return None, None, None, None
     (packed, stiff, agrees), (method, notes, _) = hit
@@ -1066,7 +1060,8 @@ def gradient_coherence(
     graph reads the parameters and buffers where they are, so in-place optimizer steps are seen;
     it replays the kernels of the recorded forward, so a model whose forward takes another path
     with the same tensors (a Python flag changed between calls) needs ``graphs=False``. At most two
-    graphs are kept, each holding the memory of one pass; :func:`clear_graphs` frees them.
+    graphs are kept, each holding the memory of one pass;
+    :func:`dynlens.cudagraphs.clear_graphs` frees them.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
     flags and random states are left exactly as they were.

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dynlens as dl
-from dynlens.measures import coherence
+from dynlens import cudagraphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -36,7 +36,7 @@ def _same(a: dl.Coherence, b: dl.Coherence) -> None:
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "vmap"])
 def test_replays_match_eager_measurements_as_parameters_and_batch_values_change(hooks):
-    coherence._GRAPHS.clear()
+    cudagraphs.clear_graphs()
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _batch(0)
@@ -56,7 +56,7 @@ def test_replays_match_eager_measurements_as_parameters_and_batch_values_change(
 
 
 def test_new_labels_or_shapes_are_measured_afresh():
-    coherence._GRAPHS.clear()
+    cudagraphs.clear_graphs()
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     x, y = _batch(1)
     for _ in range(3):
@@ -77,7 +77,7 @@ class Syncs(nn.Module):
 
 
 def test_a_model_that_synchronises_is_measured_eagerly_without_error():
-    coherence._GRAPHS.clear()
+    cudagraphs.clear_graphs()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), Syncs(), nn.Linear(6, 3)).cuda().eval()
     g = torch.Generator().manual_seed(2)
@@ -85,12 +85,12 @@ def test_a_model_that_synchronises_is_measured_eagerly_without_error():
     results = [dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, hooks=hooks, graphs=True)
                for hooks in (False, False, False)]
     assert all("CUDA graph" not in r.method for r in results)
-    assert coherence._GRAPHS.failed
+    assert cudagraphs.graphs().failed
     _same(results[-1], dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, graphs=False))
 
 
 def test_graphs_leave_random_states_grad_and_buffers_alone():
-    coherence._GRAPHS.clear()
+    cudagraphs.clear_graphs()
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     batch = _batch(3)
     loss_fn(model(batch[0]), batch[1]).backward()
