@@ -51,6 +51,7 @@ from dynlens.functional import (
 from dynlens.linalg import (
     LinearOperator,
     SpectralDensity,
+    gaussian_vector,
     hutch_plus_plus,
     hutchinson,
     lanczos_eigsh,
@@ -269,15 +270,26 @@ def _per_layer(model: nn.Module, params: ParamSpec, measure: Callable[[list[str]
 
 def _eigen_from_lanczos(fn: ModelFunction, op: LinearOperator, gradient: Tensor, k: int, which: str,
                         tol: float, max_iters: int | None, seed: int, return_vectors: bool,
-                        gradient_overlap: bool) -> tuple[Tensor, Tensor, Tensor | None, int, bool, float | None]:
+                        gradient_overlap: bool, start: str = "random",
+                        ) -> tuple[Tensor, Tensor, Tensor | None, int, bool, float | None]:
     if k > op.size:
         raise ValueError(
             f"k={k} eigenvalues were asked of a Hessian of {op.size} parameters; k must be at most "
             f"the number of parameters ({op.size})"
         )
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    v0 = None
+    if start == "gradient":
+        # the gradient's direction plus a Gaussian one of the same length, so that no eigenvector
+        # is missing from the Krylov space (Gur-Ari et al. 2018: the gradient lies mostly in the
+        # top eigenspace during training)
+        noise = gaussian_vector(op.size, generator, op.dtype, op.device)
+        norm = torch.linalg.vector_norm(gradient)
+        v0 = noise / torch.linalg.vector_norm(noise)
+        if bool(norm > 0):
+            v0 = v0 + gradient.to(op.dtype) / norm
     result = lanczos_eigsh(op, k=k, which=which, tol=tol, max_iters=max_iters, generator=generator,
-                           return_vectors=return_vectors or gradient_overlap)
+                           v0=v0, return_vectors=return_vectors or gradient_overlap)
     values, residuals, vectors = result.values, result.residuals, result.vectors
     if which == "bottom":
         values, residuals = values.flip(0), residuals.flip(0)
@@ -317,6 +329,7 @@ def hessian_eigenvalues(
     return_vectors: bool = False,
     gradient_overlap: bool = False,
     preconditioner: Preconditioner = None,
+    start: Literal["random", "gradient"] = "random",
     seed: int = 0,
 ) -> Eigen | dict[str, Eigen]:
     """The k extreme eigenvalues of the Hessian of the mean loss on ``batch`` (METRICS.md §1).
@@ -347,6 +360,10 @@ def hessian_eigenvalues(
         gradient_overlap: compute ‖P_k ḡ‖²/‖ḡ‖² for the top-k eigenvectors (Gur-Ari et al. 2018).
         preconditioner: a positive diagonal P (flat tensor, dict by name, or an Adam/AdamW
             optimizer whose state gives Adam's P): eigenvalues of P^{-1/2} H P^{-1/2}, i.e. of P⁻¹H.
+        start: Lanczos's start vector: "random" (a Gaussian vector) or "gradient" (the unit
+            gradient plus a unit Gaussian vector: during training the gradient lies mostly in the
+            top eigenspace, Gur-Ari et al. 2018, which can save steps for the top eigenvalues;
+            ``benchmarks/lanczos_start.py`` measures it).
         seed: seeds the start vector and, in train mode, dropout.
 
     Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch; memory for the first-order
@@ -360,13 +377,15 @@ def hessian_eigenvalues(
             differentiable, or an unknown option.
     """
     _check_options(mode, curvature, hvp)
+    if start not in ("random", "gradient"):
+        raise ValueError(f"start must be 'random' or 'gradient', got {start!r}")
     if which not in ("top", "bottom", "both"):
         raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
 
     def measure(names: list[str] | None) -> Eigen:
-        start = time.perf_counter()
+        began = time.perf_counter()
         with isolated(model, mode, seed):
             sub_batches = _sub_batches(batch, batch_size)
             rows, all_residuals, matvecs, converged = [], [], 0, True
@@ -375,7 +394,8 @@ def hessian_eigenvalues(
                 fn = ModelFunction(model, loss_fn, sub, params=names, seed=seed)
                 op, gradient = curvature_operator(fn, curvature, hvp, preconditioner)
                 values, residuals, vectors, iterations, ok, overlap = _eigen_from_lanczos(
-                    fn, op, gradient, k, which, tol, max_iters, seed, return_vectors, gradient_overlap)
+                    fn, op, gradient, k, which, tol, max_iters, seed, return_vectors, gradient_overlap,
+                    start)
                 rows.append(values)
                 all_residuals.append(residuals)
                 matvecs += op.matvecs
@@ -391,7 +411,7 @@ def hessian_eigenvalues(
             matvecs=matvecs,
             iterations=iterations,
             converged=converged,
-            elapsed=time.perf_counter() - start,
+            elapsed=time.perf_counter() - began,
             gradient_overlap=overlap if batch_size is None else None,
             batch_values=stacked if batch_size is not None else None,
             curvature="preconditioned" if preconditioner is not None else curvature,

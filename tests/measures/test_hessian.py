@@ -121,6 +121,19 @@ def test_top5_and_bottom3_eigenvalues_match_dense_hessian_in_float64(name: str) 
     assert top.matvecs > 0 and top.elapsed > 0 and top.values.dtype == torch.float64
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm_eval", "attention_layernorm"])
+def test_a_start_from_the_gradient_finds_the_same_top5(name: str) -> None:
+    make, mode = MODELS[name]
+    model, batch = make()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch, mode)).flip(0)[:5]
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=5, mode=mode, start="gradient")
+    assert found.converged and _relative_error(found.values, exact) < 1e-4
+    # the start differs from the Gaussian one: the runs take different paths
+    other = dl.hessian_eigenvalues(model, LOSS, batch, k=5, mode=mode, tol=0, max_iters=8)
+    again = dl.hessian_eigenvalues(model, LOSS, batch, k=5, mode=mode, tol=0, max_iters=8, start="gradient")
+    assert not torch.allclose(other.values, again.values)
+
+
 def test_top5_and_bottom3_eigenvalues_match_dense_hessian_in_float32() -> None:
     model, batch = _mlp(torch.float32)
     exact = torch.linalg.eigvalsh(dense_hessian(model, batch))
@@ -362,6 +375,8 @@ def test_unknown_options_are_clear_errors() -> None:
         dl.hessian_eigenvalues(model, LOSS, batch, curvature="fisher")
     with pytest.raises(ValueError, match="which"):
         dl.hessian_eigenvalues(model, LOSS, batch, which="middle")
+    with pytest.raises(ValueError, match="start"):
+        dl.hessian_eigenvalues(model, LOSS, batch, start="ones")
     with pytest.raises(ValueError, match="per_layer"):
         dl.hessian_trace(model, LOSS, batch, params="layers")
 
