@@ -186,10 +186,13 @@ def plain_lanczos(model: nn.Module, loss_fn: Callable, batch: Any, device: torch
 
 
 def stopping_table(reference: dict[str, Any], k: int, tols: list[float]) -> dict[str, Any]:
-    """Where dynlens's residual test would stop, from the reference run's tridiagonal matrix.
+    """Where the residual test stops a run from a Gaussian start, from the reference run's
+    tridiagonal matrix.
 
-    dynlens starts from the same vector as the reference run (a Gaussian vector from a generator
-    seeded with 0), so its first m steps are the reference's first m. For each step m: the top-k
+    The reference run starts from the Gaussian vector of a generator seeded with 0 (what
+    ``hessian_eigenvalues(start="random")`` uses), so the first m steps of such a run are the
+    reference's first m; dynlens's default for the top eigenvalues starts from the gradient
+    instead (``benchmarks/lanczos_start.py`` compares the two). For each step m: the top-k
     Ritz values of the leading m×m block, their residual estimates |β_m s_{m,i}| and the bound
     on their eigenvalue errors min(r_i, r_i²/gap_i) (gap_i: distance to the nearest other Ritz
     value; Parlett, *The Symmetric Eigenvalue Problem*, §11.7). For each tol: the first step at

@@ -21,7 +21,7 @@ import torch
 
 from dynlens.functional import flatten
 from dynlens.linalg import LinearOperator, hutch_plus_plus, lanczos_eigsh, slq
-from dynlens.measures.hessian import adam_preconditioner, curvature_operator
+from dynlens.measures.hessian import adam_preconditioner, curvature_operator, start_vector
 from dynlens.probes.base import Context, Probe, Values
 
 __all__ = ["Hessian", "stability_threshold"]
@@ -121,10 +121,11 @@ class Hessian(Probe):
 
     def measure(self, ctx: Context) -> Values:
         fn = ctx.fn
-        op, _ = curvature_operator(fn, "hessian", "auto", None, max_columns=16)
+        op, gradient = curvature_operator(fn, "hessian", "auto", None, max_columns=16)
         k = min(self.k, op.size)
+        generator = self._generator(0)
         top = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters,
-                            generator=self._generator(0))
+                            v0=start_vector(op, gradient, generator), generator=generator)
         values: dict[str, Any] = {"sharpness": float(top.values[0])}
         for i in range(1, k):
             values[f"lambda_{i + 1}"] = float(top.values[i])
