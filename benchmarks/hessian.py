@@ -276,16 +276,18 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
     return out
 
 
-def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool,
-                 train_steps: int) -> dict[str, Any]:
+def resnet_case(device: torch.device, width: int, batch_size: int,
+                train_steps: int) -> tuple[nn.Module, Callable, tuple]:
+    """ResNet-18 of ``width`` on a fixed batch, after ``train_steps`` SGD steps on that batch, in
+    eval mode: (model, loss_fn, batch). At random initialisation (train_steps=0, the issue's
+    setting) the spectrum has large negative eigenvalues; after a few training steps on the batch
+    it has the positive outliers of a network in training, with wide gaps at the top (the easy case
+    for power iteration)."""
     torch.manual_seed(0)
-    model = models.resnet18(width=config["width"]).to(device)
-    x, y = models.image_batch(config["batch"], seed=0)
+    model = models.resnet18(width=width).to(device)
+    x, y = models.image_batch(batch_size, seed=0)
     batch = (x.to(device), y.to(device))
     loss_fn = nn.CrossEntropyLoss()
-    # at random initialisation (train_steps=0, the issue's setting) the spectrum has large negative
-    # eigenvalues; after a few training steps on the batch it has the positive outliers of a
-    # network in training, with wide gaps at the top (the easy case for power iteration)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for _ in range(train_steps):
@@ -293,7 +295,12 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
         loss_fn(model(batch[0]), batch[1]).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    return model.eval(), loss_fn, batch
+
+
+def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_pyhessian: bool,
+                 train_steps: int) -> dict[str, Any]:
+    model, loss_fn, batch = resnet_case(device, config["width"], config["batch"], train_steps)
     reps = config["eig_reps"]
     out: dict[str, Any] = {"model": f"ResNet-18 width {config['width']}", "batch": config["batch"],
                            "train_steps_before": train_steps,

@@ -21,11 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hessian as bench  # noqa: E402
-import models  # noqa: E402
 
 import dynlens as dl  # noqa: E402
 
@@ -35,19 +33,7 @@ SETTINGS = {"cuda": {"width": 64, "batch": 256, "steps": [0, 20]},
 
 def scenario(device: torch.device, width: int, batch: int, steps: int, seeds: int, tols: list[float],
              pyhessian: bool) -> dict:
-    torch.manual_seed(0)
-    model = models.resnet18(width=width).to(device)
-    x, y = models.image_batch(batch, seed=0)
-    data = (x.to(device), y.to(device))
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_fn(model(data[0]), data[1]).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    model, loss_fn, data = bench.resnet_case(device, width, batch, steps)
     reference = torch.tensor(bench.plain_lanczos(model, loss_fn, data, device, k=5, steps=150)["values"],
                              dtype=torch.float64)
     out: dict = {"train_steps": steps, "reference": reference.tolist(), "runs": {}}
