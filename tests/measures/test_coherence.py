@@ -533,12 +533,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
         return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
     torch.set_num_threads(1)
-    m, hoard = int(sys.argv[1]), sys.argv[2] == "hoard"
+    m, hoard, hooks = int(sys.argv[1]), sys.argv[2] == "hoard", sys.argv[2] == "hooks"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
     x, y = torch.randn(m, 64), torch.randint(0, 10, (m,))
     loss = nn.CrossEntropyLoss()
-    dl.gradient_coherence(model, loss, (x[:16], y[:16]), chunk_size=16, stiffness=False)  # warm-up
+    dl.gradient_coherence(model, loss, (x[:16], y[:16]), chunk_size=16, stiffness=False, hooks=hooks)  # warm-up
     # the peak resident set of this process (VmHWM) restarts from the current one (Linux >= 4.0);
     # ru_maxrss would not do: a child inherits its parent's peak through fork and exec
     open("/proc/self/clear_refs", "w").write("5")
@@ -546,7 +546,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     if hoard:  # the instrument's control: keeping every per-example gradient must show up
         kept = [g for _, g in ModelFunction(model, loss, (x, y)).per_example_grads(16)]
     else:
-        dl.gradient_coherence(model, loss, (x, y), chunk_size=16, stiffness=False)
+        dl.gradient_coherence(model, loss, (x, y), chunk_size=16, stiffness=False, hooks=hooks)
     print(json.dumps({"delta_mb": (status_kb("VmHWM") - before) / 1024}))
 """)
 
@@ -569,11 +569,15 @@ def _peak_deltas_mb(cases: list[tuple[int, str]]) -> list[float]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
-    # P = 85k parameters: all 512 per-example gradients are 174 MB in float32, a chunk of 16 is 5 MB
-    small, large, hoarded = _peak_deltas_mb([(64, "measure"), (512, "measure"), (512, "hoard")])
+    # P = 85k parameters: all 512 per-example gradients are 174 MB in float32, a chunk of 16 is
+    # 5 MB by vmap; by layer hooks a chunk holds the layers' inputs and output gradients (50 kB)
+    small, large, small_hooks, large_hooks, hoarded = _peak_deltas_mb(
+        [(64, "vmap"), (512, "vmap"), (64, "hooks"), (512, "hooks"), (512, "hoard")])
     assert hoarded > 80, f"the instrument missed 174 MB of kept gradients: {hoarded:.1f} MB"
     assert small > 2, f"the instrument missed the chunk of gradients (5 MB): {small:.1f} MB"
     assert large < small + 10, f"peak grew from {small:.1f} MB (m=64) to {large:.1f} MB (m=512)"
+    assert large_hooks < small_hooks + 10, f"by hooks: {small_hooks:.1f} MB (m=64), {large_hooks:.1f} MB (m=512)"
+    assert large_hooks < large, f"hooks {large_hooks:.1f} MB against vmap {large:.1f} MB"
 
 
 @pytest.mark.parametrize("flagged", ["few", "most"])
