@@ -168,6 +168,10 @@ def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
 
 _FASTEST_HVP: dict[tuple, str] = {}
 
+# The out-of-memory error of any device: torch.OutOfMemoryError from torch 2.5, before that the
+# CUDA one (which the CPU's allocator does not raise).
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":

@@ -36,6 +36,7 @@ from dynlens import cudagraphs
 from dynlens.functional import (
     Mode,
     ModelFunction,
+    OutOfMemoryError,
     _example_dims,
     check_loss,
     isolated,
@@ -277,7 +278,7 @@ class _Gradients:
             alone = torch.func.vmap(fn._example_loss, in_dims=(None, _example_dims(x), _example_dims(y)),
                                     randomness="different")
             return alone(fn.params, x, y).detach()
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - the dense path reports or works around it
             raise _NotFactorable(f"{type(err).__name__} evaluating examples alone") from err
@@ -294,7 +295,7 @@ class _Gradients:
         if self.method != "loop":
             try:
                 grads = fn.per_example_grads_of(start, stop)
-            except torch.OutOfMemoryError:
+            except OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - any vmap failure is reported or worked around
                 self._vmap_failed(err)
