@@ -98,7 +98,10 @@ class HookedLayer:
         return x.detach()
 
     def gradients(self, saved: Tensor, delta: Tensor, n: int) -> dict[str, Rep]:
-        """{parameter name: its per-example gradients} from the saved input and δ."""
+        """{parameter name: its per-example gradients} from the saved input and δ (16-bit ones
+        in float32: the statistics sum over examples and parameters)."""
+        if delta.dtype in (torch.float16, torch.bfloat16):
+            delta, saved = delta.float(), saved.float()
         out: dict[str, Rep] = {}
         if self.kind == "linear":
             if saved.dim() == 2:

@@ -618,3 +618,17 @@ def test_float32_factored_sums_are_resummed_in_float64_where_they_cancel(flagged
 def test_hooks_and_graphs_options_are_checked(option):
     with pytest.raises(ValueError, match="must be True, False or 'auto'"):
         dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data(), **option)
+
+
+def test_a_bfloat16_model_is_measured_from_float32_sums_close_to_the_float64_loop():
+    model64, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_data()
+    g, names = loop_gradients(model64, loss_fn, x, y)
+    want = reference(g, y.numpy(), _sizes(model64), names)
+    model16 = copy.deepcopy(model64).to(torch.bfloat16)
+    found = dl.gradient_coherence(model16, loss_fn, (x.to(torch.bfloat16), y), hooks=True)
+    assert found.method == "hooks"
+    # bfloat16 keeps 8 bits: the model's own rounding, not the sums, sets the error
+    for key in ("alpha", "m_coherence", "trace_sigma"):
+        np.testing.assert_allclose(getattr(found, key), want[key], rtol=0.1, err_msg=key)
+    np.testing.assert_allclose(found.grad_norms, want["grad_norms"], rtol=0.1)
