@@ -508,9 +508,12 @@ def coherence_of(
             source.drop_hooks(why)
             chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
                      if chunk_size == "auto" else min(chunk_size, m))
-        method, notes = source.description, source.notes
+        method, notes = source.description, list(source.notes)
         if key is not None and source.hooked == hooked and source.method != "loop":
             cudagraphs.graphs().saw(key)
+        if key is not None and key in cudagraphs.graphs().failed:
+            notes.append(f"not replayed from a CUDA graph: recording failed "
+                         f"({cudagraphs.graphs().failed[key][:200]}); measured eagerly")
 
     sizes = [t.numel() for t in fn.params.values()]
     if packed is None:

@@ -86,6 +86,7 @@ def test_a_model_that_synchronises_is_measured_eagerly_without_error():
                for hooks in (False, False, False)]
     assert all("CUDA graph" not in r.method for r in results)
     assert cudagraphs.graphs().failed
+    assert any("recording failed" in note for note in results[-1].notes)
     _same(results[-1], dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, graphs=False))
 
 
