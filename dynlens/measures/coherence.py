@@ -639,8 +639,10 @@ def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, 
         packed, stiff = _reduce(sums, [t.numel() for t in fn.params.values()], layer_index, n_layers,
                                 group, fn.size)
         agrees = source.agrees if source.agrees is not None else torch.ones((), dtype=torch.bool, device=fn.device)
-        # the graph reads the class layout and layer index made outside it: the entry keeps them
-        return (packed, stiff, agrees), (source.description, list(source.notes), (group, layer_index))
+        # the graph reads the class layout and layer index made outside it, and its key names the
+        # model and loss by id: the entry keeps them alive (an id is not reused while it is cached)
+        return (packed, stiff, agrees), (source.description, list(source.notes),
+                                         (group, layer_index, fn.model, fn.loss_fn))
 
     hit = cudagraphs.graphs().replay(key, inputs)
     if hit is None and key in cudagraphs.graphs().seen and key not in cudagraphs.graphs().failed:
@@ -1066,7 +1068,7 @@ def gradient_coherence(
     graph reads the parameters and buffers where they are, so in-place optimizer steps are seen;
     it replays the kernels of the recorded forward, so a model whose forward takes another path
     with the same tensors (a Python flag changed between calls) needs ``graphs=False``. At most two
-    graphs are kept, each holding the memory of one pass;
+    graphs are kept, each holding the memory of one pass (and a reference to its model and loss);
     :func:`dynlens.cudagraphs.clear_graphs` frees them.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
