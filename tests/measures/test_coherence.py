@@ -187,6 +187,21 @@ def _layer_zoo(name: str) -> tuple[nn.Module, tuple]:
     return model, (x, torch.randint(0, 3, (13,), generator=g0))
 
 
+def test_layers_without_a_hook_rule_are_taken_by_vmap_beside_the_hooked_ones():
+    """A convolution with string padding and a LayerNorm have no hook rule: their gradients come
+    from vmap, the others' from hooks, and every statistic still matches the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.Tanh(), nn.Flatten(),
+                          nn.LayerNorm(3 * 5 * 5), nn.Linear(3 * 5 * 5, 40), nn.Tanh(),
+                          nn.Linear(40, 3)).double()
+    g0 = torch.Generator().manual_seed(4)
+    x, y = torch.randn(11, 2, 5, 5, generator=g0, dtype=torch.float64), torch.randint(0, 3, (11,), generator=g0)
+    result = dl.gradient_coherence(model, nn.CrossEntropyLoss(), (x, y), chunk_size=4, hooks=True)
+    assert result.method == "hooks + vmap", result.notes
+    g, names = loop_gradients(model, nn.CrossEntropyLoss(), x, y)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
 @pytest.mark.parametrize("name", ["conv2d", "conv1d", "sequence-linear"])
 @pytest.mark.parametrize("chunk", [4, "auto"])
 def test_hook_rules_for_convolutions_batchnorm_and_sequence_linears_match_the_loop(name, chunk):
