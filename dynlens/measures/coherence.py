@@ -469,10 +469,13 @@ def coherence_of(
     labels = _resolve_classes(fn, classes, m)
     if hooks not in (True, False, "auto"):
         raise ValueError(f"hooks must be True, False or 'auto', got {hooks!r}")
-    # "auto" takes the hooks (benchmarks/RESULTS.md, m = 256): on the CPU 25x faster than vmap for
-    # an MLP; on an H100, replayed from a CUDA graph, 1.6 to 2.3 ms against 3.0 to 4.2 by vmap
-    # (eagerly the two are within 20% of each other), with none of vmap's m × P gradients held
-    hooks = hooks is not False
+    if hooks == "auto":
+        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 25x faster than vmap
+        # for an MLP and faster for CNNs; on an H100 they win for linear layers (MLP replayed from
+        # a CUDA graph: 1.5 to 1.8 ms against 3.1 to 4.1 by vmap) but lose for convolutions (a
+        # ResNet-18: 76 to 280 ms against 66 to 164), so GPUs take vmap for models with some
+        hooks = fn.device.type == "cpu" or not any(
+            layer.kind == "conv" for layer in hookable_layers(fn.model, fn.params))
     source = _Gradients(fn, fallback, hooks)
     names = list(fn.params)
     device = fn.device
@@ -1038,7 +1041,8 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
-    Layer hooks (``hooks="auto"`` or True; eval mode): the per-example gradients of
+    Layer hooks (``hooks=True``, and ``"auto"`` except for convolutional models on GPUs; eval
+    mode): the per-example gradients of
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and BatchNorm (running statistics) layers follow
     from each layer's input and the gradient δ_i at its output, both from one batched forward
     (hooks, removed afterwards) and one backward of Σ ℓ_i (:mod:`dynlens.measures.layer_grads`;
@@ -1088,8 +1092,9 @@ def gradient_coherence(
             by; False to skip per-class statistics.
         fallback: "loop" or "error" when vmap fails (see above).
         hooks: take the per-example gradients of Linear, Conv1d/Conv2d and BatchNorm layers from
-            layer hooks (below; "auto", the default, and True), or every parameter's by vmap
-            (False).
+            layer hooks (below; True), or every parameter's by vmap (False); "auto" (default):
+            hooks on the CPU, and on GPUs for models without hooked convolutions (cuDNN computes
+            per-example convolution gradients faster through vmap).
         graphs: on CUDA, replay the measurement from a CUDA graph (below); "auto" (default): when
             one chunk's per-example gradients fit ``GRAPH_MEMORY`` (512 MiB), in eval mode.
         seed: dropout seed in train mode.

@@ -10,8 +10,9 @@ convolutions):
 * ``nn.Linear`` on (n, in) inputs: g_i = δ_i a_iᵀ, kept factored (:class:`Outer`, never formed);
   on (n, ..., in) inputs: g_i = Σ_t δ_it a_itᵀ over the positions t (one batched product);
 * ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding given as numbers): the weight's g_i is the weight
-  gradient of example i's convolution alone, all at once as one grouped convolution with the
-  examples folded into the channels; the bias's Σ over positions of δ_i;
+  gradient of example i's convolution alone, for all examples at once: one grouped convolution
+  with the examples folded into the channels (CPU), or the unfolded input patches and one
+  batched product (GPU); the bias's Σ over positions of δ_i;
 * ``nn.BatchNorm1d/2d/3d`` using running statistics (eval mode): the weight's g_i is
   Σ over positions of δ_i · x̂_i (x̂ the normalised input), the bias's Σ of δ_i.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 __all__ = ["Outer", "BiasOf", "HookedLayer", "hookable_layers"]
@@ -143,11 +145,26 @@ class HookedLayer:
         return (module.weight.numel() + (module.in_channels + module.out_channels) * 1024) * size
 
 
+# How a convolution's per-example weight gradients are computed: "grouped" (one grouped
+# convolution, the batch folded into the channels) or "unfold" (the input patches, then one
+# batched product); "auto" takes the grouped convolution on the CPU, where it was 1.4 to 5 times
+# faster, and the patches on GPUs, where cuDNN's grouped convolutions with one group per example
+# were slower than vmap (benchmarks/RESULTS.md).
+CONV_RULE = "auto"
+
+
 def _conv_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
-    """(n, weight.numel()): each example's weight gradient of a Conv1d/Conv2d, as the weight
-    gradient of one grouped convolution whose groups are the (example, group) pairs: the batch
-    folded into the channels, (1, n·C, ...) inputs and (1, n·O, ...) output gradients, n·groups
-    groups. One kernel call; on the CPU 1.4 to 5 times faster than unfolding the patches."""
+    """(n, weight.numel()): each example's weight gradient of a Conv1d/Conv2d (see ``CONV_RULE``)."""
+    rule = CONV_RULE if CONV_RULE != "auto" else ("grouped" if x.device.type == "cpu" else "unfold")
+    if rule == "grouped":
+        return _grouped_weight_grads(module, x, delta, n)
+    return _unfolded_weight_grads(module, x, delta, n)
+
+
+def _grouped_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
+    """The weight gradient of one grouped convolution whose groups are the (example, group)
+    pairs: the batch folded into the channels, (1, n·C, ...) inputs and (1, n·O, ...) output
+    gradients, n·groups groups. One kernel call."""
     weight = module.weight
     folded_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
     folded_delta = delta.reshape(1, n * delta.shape[1], *delta.shape[2:])
@@ -157,6 +174,22 @@ def _conv_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> T
         folded_delta, folded_x, placeholder, None, list(module.stride), list(module.padding),
         list(module.dilation), False, [0] * (x.dim() - 2), n * module.groups, [False, True, False])[1]
     return grads.reshape(n, -1)
+
+
+def _unfolded_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
+    """Σ over output positions of δ times the input patch there, per group: the patches by
+    ``F.unfold`` (a Conv1d as a 2-d convolution of height 1), then one batched product."""
+    if x.dim() == 3:
+        x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+        kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
+        padding, stride = (0, *module.padding), (1, *module.stride)
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C·k, L)
+    groups, positions = module.groups, patches.shape[-1]
+    d = delta.reshape(n * groups, -1, positions)
+    p = patches.reshape(n * groups, -1, positions)
+    return torch.bmm(d, p.transpose(1, 2)).reshape(n, -1)
 
 
 def _kind(module: nn.Module) -> Kind | None:

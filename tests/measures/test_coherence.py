@@ -202,9 +202,13 @@ def test_layers_without_a_hook_rule_are_taken_by_vmap_beside_the_hooked_ones():
     assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
 
+@pytest.mark.parametrize("rule", ["grouped", "unfold"])
 @pytest.mark.parametrize("name", ["conv2d", "conv1d", "sequence-linear"])
 @pytest.mark.parametrize("chunk", [4, "auto"])
-def test_hook_rules_for_convolutions_batchnorm_and_sequence_linears_match_the_loop(name, chunk):
+def test_hook_rules_for_convolutions_batchnorm_and_sequence_linears_match_the_loop(name, chunk, rule, monkeypatch):
+    from dynlens.measures import layer_grads
+
+    monkeypatch.setattr(layer_grads, "CONV_RULE", rule)
     model, (x, y) = _layer_zoo(name)
     loss_fn = nn.CrossEntropyLoss()
     result = dl.gradient_coherence(model.eval(), loss_fn, (x, y), chunk_size=chunk, hooks=True)
