@@ -93,9 +93,9 @@ def to_device(tree: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
 
-def slice_examples(tree: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of every tensor leaf with a leading batch dimension."""
-    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
+def slice_examples(tree: Any, start: int, stop: int, step: int = 1) -> Any:
+    """Examples ``start:stop:step`` of every tensor leaf with a leading batch dimension."""
+    return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
 
 
 def _example_dims(tree: Any) -> Any:

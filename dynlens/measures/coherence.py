@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dynlens import cudagraphs
 from dynlens.functional import (
@@ -156,11 +156,6 @@ class Coherence:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _every(tree: Any, start: int, stop: int, step: int) -> Any:
-    """Examples start, start + step, ... < stop of every tensor leaf with a batch dimension."""
-    return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
-
-
 def _layer_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
@@ -220,14 +215,21 @@ class _Gradients:
     examples evaluated alone, and the comparisons are and-ed into one device flag that
     :meth:`verified` reads once, after the last chunk."""
 
-    def __init__(self, fn: ModelFunction, fallback: Fallback, hooks: bool = True) -> None:
+    def __init__(self, fn: ModelFunction, fallback: Fallback, hooks: bool | Literal["auto"] = True) -> None:
         self.fn = fn
         self.chunk_size = 64
         self.agrees: Tensor | None = None  # device bool: every checked chunk matched the reference
         self.fallback = fallback
         self.method = "vmap"
         self.notes: list[str] = []
-        self.layers: list[HookedLayer] = hookable_layers(fn.model, fn.params) if hooks else []
+        self.layers: list[HookedLayer] = hookable_layers(fn.model, fn.params) if hooks is not False else []
+        if hooks == "auto" and fn.device.type != "cpu" and any(layer.kind == "conv" for layer in self.layers):
+            # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 25x faster than
+            # vmap for an MLP and faster for CNNs; on an H100 they win for linear layers (MLP
+            # replayed from a CUDA graph: 1.5 to 1.8 ms against 3.1 to 4.1 by vmap) but lose for
+            # convolutions (a ResNet-18: 76 to 280 ms against 66 to 164), so GPUs take vmap for
+            # models with some
+            self.layers = []
         hooked = sum(fn.params[p].numel() for layer in self.layers for p in layer.params)
         if hooked < HOOKED_SHARE * fn.num_params:
             self.layers = []  # the vmap pass dominates; a batched pass on top would only add
@@ -273,7 +275,7 @@ class _Gradients:
         example's loss; Python control flow on tensor values, which the batched forward would
         take for the whole batch, makes vmap fail."""
         fn = self.fn
-        x, y = _every(fn.inputs, start, stop, step), _every(fn.targets, start, stop, step)
+        x, y = slice_examples(fn.inputs, start, stop, step), slice_examples(fn.targets, start, stop, step)
         try:
             alone = torch.func.vmap(fn._example_loss, in_dims=(None, _example_dims(x), _example_dims(y)),
                                     randomness="different")
@@ -469,13 +471,6 @@ def coherence_of(
     labels = _resolve_classes(fn, classes, m)
     if hooks not in (True, False, "auto"):
         raise ValueError(f"hooks must be True, False or 'auto', got {hooks!r}")
-    if hooks == "auto":
-        # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 25x faster than vmap
-        # for an MLP and faster for CNNs; on an H100 they win for linear layers (MLP replayed from
-        # a CUDA graph: 1.5 to 1.8 ms against 3.1 to 4.1 by vmap) but lose for convolutions (a
-        # ResNet-18: 76 to 280 ms against 66 to 164), so GPUs take vmap for models with some
-        hooks = fn.device.type == "cpu" or not any(
-            layer.kind == "conv" for layer in hookable_layers(fn.model, fn.params))
     source = _Gradients(fn, fallback, hooks)
     names = list(fn.params)
     device = fn.device
@@ -488,14 +483,19 @@ def coherence_of(
     layer_of = [_layer_of(name) for name in names]
     layers = list(dict.fromkeys(layer_of))
     layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
-    chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
-             if chunk_size == "auto" else min(chunk_size, m))
-    sums = packed = stiff = None
-    method, notes = source.description, source.notes
-    key = None
-    if _graphable(fn, graphs, chunk, source.bytes_per_example(), stiffness):
-        key = _graph_key(fn, chunk, stiffness, bool(hooks), fallback, None if labels is None else host_labels)
-        packed, stiff, method, notes = _graphed(fn, key, group, chunk, stiffness, fallback, bool(hooks),
+    sizes = [t.numel() for t in fn.params.values()]
+
+    def chunk_of(bytes_per_example: int) -> int:
+        if chunk_size == "auto":
+            return auto_chunk_size(bytes_per_example, m, device, pairs=stiffness)
+        return min(chunk_size, m)
+
+    per_example = source.bytes_per_example()
+    chunk = chunk_of(per_example)
+    packed = stiff = key = None
+    if _graphable(fn, graphs, chunk, per_example, stiffness):
+        key = _graph_key(fn, chunk, stiffness, hooks, fallback, None if labels is None else host_labels)
+        packed, stiff, method, notes = _graphed(fn, key, group, chunk, stiffness, fallback, hooks,
                                                 layer_index, len(layers))
     if packed is None:
         hooked = source.hooked
@@ -509,8 +509,8 @@ def coherence_of(
             except _NotFactorable as err:
                 why = str(err)
             source.drop_hooks(why)
-            chunk = (auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
-                     if chunk_size == "auto" else min(chunk_size, m))
+            chunk = chunk_of(source.bytes_per_example())
+        packed, stiff = _reduce(sums, sizes, layer_index, len(layers), group, m)
         method, notes = source.description, list(source.notes)
         if key is not None and source.hooked == hooked and source.method != "loop":
             cudagraphs.graphs().saw(key)
@@ -518,9 +518,6 @@ def coherence_of(
             notes.append(f"not replayed from a CUDA graph: recording failed "
                          f"({cudagraphs.graphs().failed[key][:200]}); measured eagerly")
 
-    sizes = [t.numel() for t in fn.params.values()]
-    if packed is None:
-        packed, stiff = _reduce(sums, sizes, layer_index, len(layers), group, m)
     # every number the result needs in one transfer to the host
     host = packed.cpu().tolist()
     mean_sq_norm, sum_sq_norms, centred_sum = host[:3]
@@ -607,7 +604,7 @@ def _graphable(fn: ModelFunction, graphs: bool | str, chunk: int, bytes_per_exam
     return graphs is True or held <= GRAPH_MEMORY
 
 
-def _graph_key(fn: ModelFunction, chunk: int, stiffness: bool, hooks: bool, fallback: str,
+def _graph_key(fn: ModelFunction, chunk: int, stiffness: bool, hooks: bool | str, fallback: str,
                labels: Tensor | None) -> tuple:
     """Everything the recorded kernels depend on: the model's structure and hooks, the addresses,
     shapes and dtypes of its parameters and buffers, the batch's shapes and dtypes (its values
@@ -624,7 +621,7 @@ def _graph_key(fn: ModelFunction, chunk: int, stiffness: bool, hooks: bool, fall
 
 
 def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, stiffness: bool,
-             fallback: Fallback, hooks: bool, layer_index: Tensor, n_layers: int) -> tuple:
+             fallback: Fallback, hooks: bool | str, layer_index: Tensor, n_layers: int) -> tuple:
     """(packed, stiffness tensors, method, notes) of :func:`_accumulate` and :func:`_reduce`
     replayed from the graph of ``key`` (recorded now if the key was seen before), with the method
     and notes of the recorded run; four Nones when there is no graph or its per-example check
@@ -758,6 +755,12 @@ def _sq_norms(chunk: list[Rep]) -> Tensor:
     return total
 
 
+def _by_class(rows: Tensor, index: Tensor) -> Tensor:
+    """(C, L, d): the rows of an (n, d) chunk by class, padded with zero rows (``index`` from the
+    balanced layout of :meth:`_Classes.layout`, whose padding entries point at row n)."""
+    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[index]
+
+
 def _class_sum(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | None) -> Tensor:
     """(C, P_k) float64: Σ_{i in class c} g_i for each class. A dense chunk from its (n, C)
     one-hot matrix; a factored one as δ_cᵀ a_c per class (``layout``, see :meth:`_Classes.layout`):
@@ -770,8 +773,7 @@ def _class_sum(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | Non
     index, shape = layout
     delta, inputs = rep.delta.to(torch.float64), rep.inputs.to(torch.float64)
     if isinstance(shape, int):
-        delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])[index]
-        inputs = torch.cat([inputs, inputs.new_zeros(1, inputs.shape[1])])[index]
+        delta, inputs = _by_class(delta, index), _by_class(inputs, index)
         return torch.bmm(delta.transpose(1, 2), inputs).reshape(index.shape[0], -1)
     delta, inputs = delta[index], inputs[index]
     out = torch.zeros(len(shape), delta.shape[1] * inputs.shape[1], dtype=torch.float64,
@@ -797,8 +799,7 @@ def _class_norm(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | No
         return (onehot.T @ rep).to(torch.float64).square().sum(dim=1)
     index, shape = layout
     if isinstance(shape, int):
-        delta = torch.cat([rep.delta, rep.delta.new_zeros(1, rep.delta.shape[1])])[index]
-        inputs = torch.cat([rep.inputs, rep.inputs.new_zeros(1, rep.inputs.shape[1])])[index]
+        delta, inputs = _by_class(rep.delta, index), _by_class(rep.inputs, index)
         products = torch.bmm(inputs, inputs.transpose(1, 2))
         if rep.bias:
             products.add_(1.0)  # padding rows have δ = 0, so their + 1 adds nothing
