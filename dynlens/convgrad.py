@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["fast_conv_second_order"]
+__all__ = ["fast_conv_second_order", "weight_gradient"]
 
 # (stride, padding, dilation, groups), each of the first three a list with one entry per spatial dim
 Geometry = tuple[list[int], list[int], list[int], int]
@@ -64,8 +64,9 @@ def _data_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tens
     return _backward_term(gy, x, w, geometry, 0)
 
 
-def _weight_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
-    """(∂(x ⋆ w)/∂w)ᵀ gy; ``w`` gives only the shape."""
+def weight_gradient(gy: Tensor, x: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
+    """(∂(x ⋆ w)/∂w)ᵀ gy, the first-order weight-gradient kernel of a convolution with
+    ``geometry`` = (stride, padding, dilation, groups); ``w`` gives only the shape."""
     return _backward_term(gy, x, w, geometry, 1)
 
 
@@ -93,7 +94,7 @@ class _ConvWeightGrad(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, gy: Tensor, w: Tensor, geometry: Geometry) -> Tensor:
         ctx.save_for_backward(x, gy)
         ctx.geometry = geometry
-        return _weight_gradient(gy, x, w, geometry)
+        return weight_gradient(gy, x, w, geometry)
 
     @staticmethod
     def backward(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:

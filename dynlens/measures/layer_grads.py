@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from dynlens.convgrad import weight_gradient
+
 __all__ = ["Outer", "BiasOf", "HookedLayer", "hookable_layers"]
 
 
@@ -132,7 +134,7 @@ class HookedLayer:
             out[self.bias] = delta.sum(dim=positions)
         return out
 
-    def bytes_per_example(self, saved_numel: int | None = None) -> int:
+    def bytes_per_example(self) -> int:
         """An estimate of one example's memory on this path: its input, output gradient and
         representation (for convolutions the unfolded patches), in the weight's dtype."""
         module = self.module
@@ -169,11 +171,9 @@ def _grouped_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -
     folded_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
     folded_delta = delta.reshape(1, n * delta.shape[1], *delta.shape[2:])
     shape = (n * weight.shape[0], *weight.shape[1:])
-    placeholder = weight.new_empty(shape)  # only its shape is read: the input gradient is not asked for
-    grads = torch.ops.aten.convolution_backward(
-        folded_delta, folded_x, placeholder, None, list(module.stride), list(module.padding),
-        list(module.dilation), False, [0] * (x.dim() - 2), n * module.groups, [False, True, False])[1]
-    return grads.reshape(n, -1)
+    placeholder = weight.new_empty(shape)  # only its shape is read
+    geometry = (list(module.stride), list(module.padding), list(module.dilation), n * module.groups)
+    return weight_gradient(folded_delta, folded_x, placeholder, geometry).reshape(n, -1)
 
 
 def _unfolded_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
