@@ -11,7 +11,6 @@ models with convolutions).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,20 +18,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
+from hessian import best_time  # noqa: E402
 
 import dynlens as dl  # noqa: E402
-
-
-def best(fn, repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(device: torch.device, width: int, m: int) -> dict:
@@ -47,12 +35,12 @@ def measure(device: torch.device, width: int, m: int) -> dict:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    base = best(backward)
+    base = best_time(backward, device, 3)
     row: dict = {"batch_backward_ms": round(base * 1e3, 2)}
     for hooks in (True, False):
         for stiffness in (False, True):
-            seconds = best(lambda h=hooks, s=stiffness: dl.gradient_coherence(
-                model, loss_fn, (x, y), hooks=h, stiffness=s, graphs=False))
+            seconds = best_time(lambda h=hooks, s=stiffness: dl.gradient_coherence(
+                model, loss_fn, (x, y), hooks=h, stiffness=s, graphs=False), device, 3)
             row[f"hooks={hooks}, stiffness={stiffness}"] = (round(seconds * 1e3, 1), round(seconds / base, 1))
     return row
 
