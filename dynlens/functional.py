@@ -23,6 +23,7 @@ JVP/VJP Jacobian-vector and vector-Jacobian products of the model outputs.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
@@ -42,6 +44,7 @@ Mode = Literal["eval", "train"]
 __all__ = [
     "ModelFunction",
     "check_loss",
+    "example_losses",
     "isolated",
     "split_batch",
     "call_model",
@@ -116,6 +119,61 @@ def check_loss(value: Any) -> Tensor:
             "nn.CrossEntropyLoss() with its default reduction, or a function that returns .mean()"
         )
     return value
+
+
+# Loss modules whose reduction="none" gives each example's loss elementwise: with the mean (sum)
+# reduction, the loss of one example alone is the mean (sum) of its elements.
+_ELEMENTWISE_LOSSES: dict[type, Callable[[Any, Tensor, Tensor], Tensor]] = {
+    nn.MSELoss: lambda f, o, t: F.mse_loss(o, t, reduction="none"),
+    nn.L1Loss: lambda f, o, t: F.l1_loss(o, t, reduction="none"),
+    nn.SmoothL1Loss: lambda f, o, t: F.smooth_l1_loss(o, t, reduction="none", beta=f.beta),
+    nn.HuberLoss: lambda f, o, t: F.huber_loss(o, t, reduction="none", delta=f.delta),
+    nn.BCEWithLogitsLoss: lambda f, o, t: F.binary_cross_entropy_with_logits(o, t, reduction="none",
+                                                                            pos_weight=f.pos_weight),
+    nn.BCELoss: lambda f, o, t: F.binary_cross_entropy(o, t, reduction="none"),
+}
+
+
+def _unreduced(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor) -> Tensor | None:
+    """Each example's loss from one call of ``loss_fn``'s unreduced form, for the torch loss
+    modules whose unreduced values give it exactly; None for anything else."""
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in ("mean", "sum") or getattr(loss_fn, "weight", None) is not None:
+        return None
+    kind = type(loss_fn)
+    if kind in (nn.CrossEntropyLoss, nn.NLLLoss) and outputs.dim() == 2:
+        if targets.dim() == 1 and not targets.is_floating_point():
+            if kind is nn.CrossEntropyLoss:
+                values = F.cross_entropy(outputs, targets, reduction="none", ignore_index=loss_fn.ignore_index,
+                                         label_smoothing=loss_fn.label_smoothing)
+            else:
+                values = F.nll_loss(outputs, targets, reduction="none", ignore_index=loss_fn.ignore_index)
+            if reduction == "mean":  # an example alone whose target is ignored: the mean of nothing
+                values = values.masked_fill(targets == loss_fn.ignore_index, math.nan)
+            return values
+        if kind is nn.CrossEntropyLoss and targets.shape == outputs.shape:  # class probabilities
+            return F.cross_entropy(outputs, targets, reduction="none", label_smoothing=loss_fn.label_smoothing)
+        return None
+    if kind in _ELEMENTWISE_LOSSES and targets.shape == outputs.shape:
+        values = _ELEMENTWISE_LOSSES[kind](loss_fn, outputs, targets).reshape(outputs.shape[0], -1)
+        return values.mean(dim=1) if reduction == "mean" else values.sum(dim=1)
+    return None
+
+
+def example_losses(loss_fn: Callable[..., Any], outputs: Tensor, targets: Any) -> Tensor:
+    """(ℓ_1, ..., ℓ_n): ``loss_fn`` of each example alone, from batched ``outputs`` (n, ...) and
+    ``targets``. The torch loss modules with the mean or sum reduction and no class weights
+    (cross-entropy, NLL, MSE, L1, smooth L1, Huber, binary cross-entropy) are evaluated once
+    unreduced; any other ``loss_fn`` by ``vmap`` over the examples (each a batch of one)."""
+    if isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] == outputs.shape[0]:
+        values = _unreduced(loss_fn, outputs, targets)
+        if values is not None:
+            return values
+
+    def one(o: Tensor, t: Any) -> Tensor:
+        return check_loss(loss_fn(o.unsqueeze(0), _unsqueeze(t)))
+
+    return vmap(one, in_dims=(0, _example_dims(targets)))(outputs, targets)
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynlens.functional import ModelFunction, flatten, isolated, unflatten
+from dynlens.functional import ModelFunction, _unreduced, example_losses, flatten, isolated, unflatten
 
 
 def cnn() -> nn.Module:
@@ -254,3 +254,61 @@ def test_isolated_turns_tf32_off_inside_and_restores_the_users_settings(problem)
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --- example_losses: each example's loss from batched outputs ------------------------------
+
+def _alone(loss_fn, outputs, targets):
+    """The definition: loss_fn on a batch of one, example by example."""
+    return torch.stack([loss_fn(outputs[i:i + 1], targets[i:i + 1]) for i in range(outputs.shape[0])])
+
+
+def _loss_cases():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 1, 2, 3])
+    probs = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), 1)
+    values = torch.randn(6, 3, 2, generator=g, dtype=torch.float64)
+    targets = torch.randn(6, 3, 2, generator=g, dtype=torch.float64)
+    bits = (torch.rand(6, 3, generator=g) > 0.5).double()
+    cases = []
+    for reduction in ("mean", "sum"):
+        cases += [
+            (nn.CrossEntropyLoss(reduction=reduction), logits, labels),
+            (nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1), logits, labels),
+            (nn.CrossEntropyLoss(reduction=reduction), logits, probs),
+            (nn.NLLLoss(reduction=reduction), torch.log_softmax(logits, 1), labels),
+            (nn.MSELoss(reduction=reduction), values, targets),
+            (nn.L1Loss(reduction=reduction), values, targets),
+            (nn.SmoothL1Loss(reduction=reduction, beta=0.5), values, targets),
+            (nn.HuberLoss(reduction=reduction, delta=0.7), values, targets),
+            (nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+             values[:, :, 0], bits),
+            (nn.BCELoss(reduction=reduction), torch.sigmoid(values[:, :, 0]), bits),
+            # not taken unreduced (class weights; a plain function): vmap gives the same definition
+            (nn.CrossEntropyLoss(reduction=reduction, weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)),
+             logits, labels),
+        ]
+    cases.append((lambda o, t: ((o - t) ** 4).mean(), values, targets))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_loss_cases())))
+def test_example_losses_equal_each_example_alone(case):
+    loss_fn, outputs, targets = _loss_cases()[case]
+    weighted = getattr(loss_fn, "weight", None) is not None
+    # the torch modules are taken in one unreduced call; the others by vmap
+    assert (_unreduced(loss_fn, outputs, targets) is None) == (weighted or not isinstance(loss_fn, nn.Module))
+    got = example_losses(loss_fn, outputs, targets)
+    torch.testing.assert_close(got, _alone(loss_fn, outputs, targets), rtol=1e-12, atol=1e-12)
+
+
+def test_example_losses_ignored_target_is_the_mean_of_nothing():
+    """An example alone whose only target is ignore_index has a mean loss of 0/0 (nan), as
+    loss_fn gives it; with the sum reduction, 0."""
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 2])
+    for reduction in ("mean", "sum"):
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        torch.testing.assert_close(example_losses(loss_fn, logits, labels), _alone(loss_fn, logits, labels),
+                                   equal_nan=True)

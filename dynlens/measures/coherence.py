@@ -38,7 +38,7 @@ from dynlens.functional import (
     ModelFunction,
     OutOfMemoryError,
     _example_dims,
-    check_loss,
+    example_losses,
     isolated,
     slice_examples,
 )
@@ -308,8 +308,8 @@ class _Gradients:
         return {name: g.reshape(n, -1) for name, g in grads.items()}
 
     def _hooked(self, start: int, stop: int) -> list[Rep]:
-        """One batched forward with hooks on the layers, the per-example losses (vmap of loss_fn
-        over the outputs), one backward to the layers' outputs: their inputs and δ_i, from which
+        """One batched forward with hooks on the layers, the per-example losses
+        (:func:`dynlens.functional.example_losses`), one backward to the layers' outputs: their inputs and δ_i, from which
         each layer's rule gives the per-example gradients. The other parameters' by vmap."""
         fn, n = self.fn, stop - start
         x = slice_examples(fn.inputs, start, stop)
@@ -344,11 +344,8 @@ class _Gradients:
                 and isinstance(y, Tensor) and y.dim() > 0 and y.shape[0] == n):
             raise _NotFactorable("outputs and targets are not tensors with a batch dimension")
 
-        def example_loss(o: Tensor, t: Tensor) -> Tensor:
-            return check_loss(fn.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
-
         with torch.enable_grad():
-            losses = torch.func.vmap(example_loss)(out, y)
+            losses = example_losses(fn.loss_fn, out, y)
         step = -(-n // CHECKED_EXAMPLES)
         reference = self._reference_losses(start, stop, step)
         # rounding differs between a batch and one example: 1e-10 in float64, 1e-4 in float32,
