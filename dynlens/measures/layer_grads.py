@@ -11,8 +11,8 @@ convolutions):
   on (n, ..., in) inputs: g_i = Σ_t δ_it a_itᵀ over the positions t (one batched product);
 * ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding given as numbers): the weight's g_i is the weight
   gradient of example i's convolution alone, for all examples at once: one grouped convolution
-  with the examples folded into the channels (CPU), or the unfolded input patches and one
-  batched product (GPU); the bias's Σ over positions of δ_i;
+  with the examples folded into the channels, or the input patches and one batched product
+  (``CONV_RULE``); the bias's Σ over positions of δ_i;
 * ``nn.BatchNorm1d/2d/3d`` using running statistics (eval mode): the weight's g_i is
   Σ over positions of δ_i · x̂_i (x̂ the normalised input), the bias's Σ of δ_i.
 
@@ -148,16 +148,22 @@ class HookedLayer:
 
 
 # How a convolution's per-example weight gradients are computed: "grouped" (one grouped
-# convolution, the batch folded into the channels) or "unfold" (the input patches, then one
-# batched product); "auto" takes the grouped convolution on the CPU, where it was 1.4 to 5 times
-# faster, and the patches on GPUs, where cuDNN's grouped convolutions with one group per example
-# were slower than vmap (benchmarks/RESULTS.md).
+# convolution, the batch folded into the channels) or "unfold" (the input patches as a strided
+# view, then one batched product). "auto": on GPUs the patches (cuDNN's grouped convolutions with
+# one group per example were slower than vmap, benchmarks/RESULTS.md); on the CPU the grouped
+# convolution, except for layers with at most PATCH_CHANNELS input channels per group, where
+# the patches are few and oneDNN's grouped kernel is slow (LeNet-5's 1→6 5×5: 1.7 against 2.2 ms
+# on one core, 1.1 against 1.5 on two; a 32→32 3×3: 48 against 7.3 ms).
 CONV_RULE = "auto"
+PATCH_CHANNELS = 3
 
 
 def _conv_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
     """(n, weight.numel()): each example's weight gradient of a Conv1d/Conv2d (see ``CONV_RULE``)."""
-    rule = CONV_RULE if CONV_RULE != "auto" else ("grouped" if x.device.type == "cpu" else "unfold")
+    rule = CONV_RULE
+    if rule == "auto":
+        few = module.in_channels // module.groups <= PATCH_CHANNELS
+        rule = "unfold" if x.device.type != "cpu" or few else "grouped"
     if rule == "grouped":
         return _grouped_weight_grads(module, x, delta, n)
     return _unfolded_weight_grads(module, x, delta, n)
@@ -177,18 +183,20 @@ def _grouped_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -
 
 
 def _unfolded_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
-    """Σ over output positions of δ times the input patch there, per group: the patches by
-    ``F.unfold`` (a Conv1d as a 2-d convolution of height 1), then one batched product."""
-    if x.dim() == 3:
-        x, delta = x.unsqueeze(2), delta.unsqueeze(2)
-        kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
-        padding, stride = (0, *module.padding), (1, *module.stride)
-    else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C·k, L)
-    groups, positions = module.groups, patches.shape[-1]
+    """Σ over output positions of δ times the input patch there, per group: the patches as a
+    strided view of the padded input ((n, C, k..., L) copied once: ``F.unfold`` was 2 to 8 times
+    slower on the CPU), then one batched product."""
+    spatial = x.dim() - 2
+    padding = [p for p in reversed(module.padding) for _ in range(2)]
+    patches = F.pad(x, padding) if any(padding) else x
+    for d, (k, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation, strict=True)):
+        # (n, C, positions..., k...): dim 2 + d becomes the output positions, a window dim is appended
+        patches = patches.unfold(2 + d, dilation * (k - 1) + 1, stride)[..., ::dilation]
+    # (n, C, L..., k...) -> (n, C, k..., L...)
+    order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
+    groups, positions = module.groups, delta[0, 0].numel()
+    p = patches.permute(order).reshape(n * groups, -1, positions)
     d = delta.reshape(n * groups, -1, positions)
-    p = patches.reshape(n * groups, -1, positions)
     return torch.bmm(d, p.transpose(1, 2)).reshape(n, -1)
 
 
