@@ -6,12 +6,14 @@ For each model (an MLP and a small CNN from benchmarks/models.py) and a batch of
   (eval mode, like the measurement) — the unit of cost;
 * ``loop``: the plain per-example loop — for each example ``loss.backward()`` alone, then the
   same statistics (Σ g_i, Σ g_i², ‖g_i‖²) accumulated from the flattened gradients;
+  ``loop_gram`` also keeps the gradients and forms their m×m Gram matrix, the loop that computes
+  what ``stiffness=True`` does (its "loop ÷" is against this one);
 * ``coherence[chunk=c, stiffness=s]``: ``dl.gradient_coherence`` with that chunk size ("auto",
   the default, then each of ``--chunks``), with and without the stiffness (m×m Gram) matrix (linear layers in factored form, the default), and
   once with ``hooks=False`` (every parameter's per-example gradients by vmap).
 
 Targets (issue #5, m = 256): the loop / coherence ≥ 10 (CPU and H100); coherence / one batch
-backward ≤ 4 on the H100. Times are the minimum (and the median) of ``--repeats`` runs after two warm-up calls. Peak memory:
+backward ≤ 4 on the H100. Times are the minimum (and the median) of ``--repeats`` runs after two warm-up calls, on the CPU the methods' calls interleaved in rounds. Peak memory:
 ``torch.cuda.max_memory_allocated`` above the baseline on CUDA; on the CPU the growth of the
 peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh process that runs only
 that method (glibc mmap threshold fixed, so freed tensors leave the resident set).
@@ -74,13 +76,15 @@ def batch_backward(model: nn.Module, loss_fn, x, y) -> None:
     loss_fn(model(x), y).backward()
 
 
-def plain_loop(model: nn.Module, loss_fn, x, y) -> None:
-    """The plain per-example loop: one backward pass per example, then the same sums."""
+def plain_loop(model: nn.Module, loss_fn, x, y, gram: bool = False) -> None:
+    """The plain per-example loop: one backward pass per example, then the same sums; with
+    ``gram``, also the gradients kept and their m×m Gram matrix (what stiffness needs)."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in params)
     s1 = torch.zeros(total, dtype=torch.float64, device=x.device)
     s2 = torch.zeros_like(s1)
     norms = torch.zeros(len(y), dtype=torch.float64, device=x.device)
+    kept = torch.empty(len(y), total, dtype=torch.float64, device=x.device) if gram else None
     for i in range(len(y)):
         model.zero_grad(set_to_none=True)
         loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
@@ -88,11 +92,16 @@ def plain_loop(model: nn.Module, loss_fn, x, y) -> None:
         s1 += g
         s2 += g * g
         norms[i] = g @ g
+        if kept is not None:
+            kept[i] = g
+    if kept is not None:
+        (kept @ kept.T).diagonal().sum().item()
     (s1 @ s1 / norms.sum()).item()
 
 
 def methods(chunks: list[int], cuda: bool = False) -> dict[str, Callable]:
-    out: dict[str, Callable] = {"batch_backward": batch_backward, "loop": plain_loop}
+    out: dict[str, Callable] = {"batch_backward": batch_backward, "loop": plain_loop,
+                                "loop_gram": lambda model, loss_fn, x, y: plain_loop(model, loss_fn, x, y, gram=True)}
     for c in ["auto", *chunks]:
         for stiffness in (False, True):
             out[f"coherence[chunk={c}, stiffness={stiffness}]"] = (
@@ -112,19 +121,37 @@ def methods(chunks: list[int], cuda: bool = False) -> dict[str, Callable]:
     return out
 
 
-def timed(fn: Callable, args: tuple, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(minimum, median) seconds over ``repeats`` calls after two warm-up calls. The minimum is
-    the headline number: on a shared machine the others' load only ever adds time."""
-    for _ in range(2):
-        fn(*args)
-    sync(device)
-    times = []
-    for _ in range(repeats):
+def timed_rounds(fns: dict[str, Callable], args: tuple, device: torch.device,
+                 repeats: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """{name: (minimum, median) seconds} over ``repeats[name]`` calls of each function after two
+    warm-up calls. On the CPU the calls are interleaved in rounds (one call of each method per
+    round), so that a change in the machine's state (shared with other jobs) moves every method
+    alike; on CUDA each method's calls run together (CUDA graphs are cached for the last two
+    option sets, so interleaving would time their recording). The minimum is the headline number:
+    on a shared machine the others' load only ever adds time."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def call(name: str) -> None:
         start = time.perf_counter()
-        fn(*args)
+        fns[name](*args)
         sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+        times[name].append(time.perf_counter() - start)
+
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            for _ in range(2):
+                fn(*args)
+            for _ in range(repeats[name]):
+                call(name)
+    else:
+        for fn in fns.values():
+            for _ in range(2):
+                fn(*args)
+        for round_ in range(max(repeats.values())):
+            for name in fns:
+                if round_ < repeats[name]:
+                    call(name)
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def setup(case: str, m: int, device: torch.device, smoke: bool):
@@ -198,7 +225,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="64,256",
                         help="chunk sizes to time besides 'auto', comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--loop-repeats", type=int, default=3)
+    parser.add_argument("--loop-repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny models and m = 16")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared machine OpenMP waits on descheduled threads)")
@@ -221,19 +248,23 @@ def main() -> None:
         model, loss_fn, x, y = setup(case, m, device, args.smoke)
         params = sum(p.numel() for p in model.parameters())
         rows = {}
-        for name, fn in methods(chunks, device.type == "cuda").items():
-            reps = max(1, args.loop_repeats if name == "loop" else repeats)
-            seconds, median = timed(fn, (model, loss_fn, x, y), device, reps)
+        fns = methods(chunks, device.type == "cuda")
+        found = timed_rounds(fns, (model, loss_fn, x, y), device,
+                             {name: max(1, args.loop_repeats if name.startswith("loop") else repeats) for name in fns})
+        for name, fn in fns.items():
+            seconds, median = found[name]
             if device.type == "cuda":
                 peak = cuda_peak(fn, (model, loss_fn, x, y), device)
             else:
                 peak = cpu_peak_child(case, name, m, chunks, args.smoke)
             rows[name] = {"seconds": seconds, "median_seconds": median, "peak_mib": peak}
             print(f"{case:50s} {name:40s} {seconds * 1e3:10.2f} ms  peak {peak:8.1f} MiB", flush=True)
-        base, loop = rows["batch_backward"]["seconds"], rows["loop"]["seconds"]
-        for row in rows.values():
+        base, loop, loop_gram = (rows[k]["seconds"] for k in ("batch_backward", "loop", "loop_gram"))
+        for name, row in rows.items():
             row["x_batch_backward"] = row["seconds"] / base
-            row["loop_speedup"] = loop / row["seconds"]
+            # against the loop that computes the same: with stiffness, the loop keeps the gradients
+            # and forms their Gram matrix too
+            row["loop_speedup"] = (loop_gram if "stiffness=True" in name else loop) / row["seconds"]
         results["cases"][case] = {"parameters": params, "methods": rows}
     print(json.dumps({c: {n: {k: round(v, 4) for k, v in r.items()} for n, r in v["methods"].items()}
                       for c, v in results["cases"].items()}, indent=1))
