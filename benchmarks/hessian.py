@@ -319,10 +319,10 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
         out[name] = result
     out["stopping_top5"] = stopping_table(reference, 5, [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
     out["stopping_top1"] = stopping_table(reference, 1, [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
-    for tol in (1e-2, 1e-3):
-        result = ours(model, loss_fn, batch, device, reps=reps, k=5, tol=tol)
+    for k, tol in ((1, 1e-2), (5, 1e-2), (5, 1e-3)):
+        result = ours(model, loss_fn, batch, device, reps=reps, k=k, tol=tol)
         result["relative_errors"] = relative_errors(torch.tensor(result["values"]), ref)
-        out[f"top5_tol{tol:g}"] = result
+        out[f"top{k}_tol{tol:g}"] = result
     plain = plain_lanczos(model, loss_fn, batch, device, k=5, steps=40, reps=reps)
     plain["relative_errors"] = relative_errors(torch.tensor(plain["values"]), ref)
     out["plain_lanczos_40"] = plain
@@ -345,6 +345,13 @@ def bench_resnet(device: torch.device, config: dict[str, Any], reps: int, with_p
                 "top5_hvp_ratio": out["top5"]["hvps"] / py["top5"]["hvps"],
                 "top5_error_ratio": max(py["top5"]["relative_errors"]) / max(max(out["top5"]["relative_errors"]), 1e-300),
             }
+            for k in (1, 5):  # the same comparison at tol=1e-2
+                mine, theirs = out[f"top{k}_tol0.01"], py[f"top{k}"]
+                out["comparison"].update({
+                    f"top{k}_tol0.01_time_ratio": mine["seconds"] / theirs["seconds"],
+                    f"top{k}_tol0.01_hvp_ratio": mine["hvps"] / theirs["hvps"],
+                    f"top{k}_tol0.01_error_ratio": max(theirs["relative_errors"]) / max(max(mine["relative_errors"]), 1e-300),
+                })
     return out
 
 
@@ -452,7 +459,7 @@ def summary(results: dict[str, Any]) -> str:
             f"from scratch {_fmt(c.get('hvp_double_backward_scratch_in_gradients'))}, reused graph "
             f"{_fmt(c['hvp_reuse_in_gradients'])} (build {_fmt(c.get('reuse_graph_build_in_gradients'))})",
         ]
-        for name in ("top1", "top5", "plain_lanczos_40"):
+        for name in ("top1", "top5", "top1_tol0.01", "top5_tol0.01", "top5_tol0.001", "plain_lanczos_40"):
             x = r[name]
             lines.append(f"  dynlens {name}: {x['seconds']:.3f} s, {x['hvps']} HVPs, max rel err "
                          f"{_fmt(max(x['relative_errors']))}"

@@ -32,26 +32,27 @@ SETTINGS = {"cuda": {"width": 64, "batch": 256, "steps": [0, 20]},
 
 
 def scenario(device: torch.device, width: int, batch: int, steps: int, seeds: int, tols: list[float],
-             pyhessian: bool) -> dict:
+             pyhessian: bool, ks: list[int]) -> dict:
     model, loss_fn, data = bench.resnet_case(device, width, batch, steps)
     reference = torch.tensor(bench.plain_lanczos(model, loss_fn, data, device, k=5, steps=150)["values"],
                              dtype=torch.float64)
     out: dict = {"train_steps": steps, "reference": reference.tolist(), "runs": {}}
-    for tol in tols:
-        for start in ("random", "gradient"):
-            rows = []
-            for seed in range(seeds):
-                result = dl.hessian_eigenvalues(model, loss_fn, data, k=5, tol=tol, start=start, seed=seed)
-                error = max(bench.relative_errors(result.values, reference))
-                rows.append({"seed": seed, "hvps": result.matvecs, "error": error})
-            out["runs"][f"tol={tol:g} start={start}"] = {
-                "rows": rows, "hvps_median": statistics.median(r["hvps"] for r in rows),
-                "hvps_max": max(r["hvps"] for r in rows), "error_max": max(r["error"] for r in rows)}
+    for k, tol, start in ((k, tol, start) for k in ks for tol in tols for start in ("random", "gradient")):
+        rows = []
+        for seed in range(seeds):
+            result = dl.hessian_eigenvalues(model, loss_fn, data, k=k, tol=tol, start=start, seed=seed)
+            error = max(bench.relative_errors(result.values, reference[:k]))
+            rows.append({"seed": seed, "hvps": result.matvecs, "error": error, "seconds": result.elapsed})
+        out["runs"][f"k={k} tol={tol:g} start={start}"] = {
+            "k": k, "rows": rows, "hvps_median": statistics.median(r["hvps"] for r in rows),
+            "hvps_max": max(r["hvps"] for r in rows), "error_max": max(r["error"] for r in rows)}
     if pyhessian:
         py = bench.pyhessian_runs(model, loss_fn, data, device, 1)
-        if "top5" in py:
-            out["pyhessian_top5"] = {"hvps": py["top5"]["hvps"],
-                                     "error": max(bench.relative_errors(torch.tensor(py["top5"]["values"]), reference))}
+        for name in ("top1", "top5"):
+            if name in py:
+                values = torch.tensor(py[name]["values"])
+                out[f"pyhessian_{name}"] = {"hvps": py[name]["hvps"], "seconds": py[name]["seconds"],
+                                            "error": max(bench.relative_errors(values, reference[:len(values)]))}
     return out
 
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--tols", default="1e-2,1e-3")
+    parser.add_argument("--ks", default="5", help="numbers of top eigenvalues, comma-separated")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-pyhessian", action="store_true")
     parser.add_argument("--out", default=None)
@@ -75,12 +77,13 @@ def main() -> None:
                "torch": torch.__version__, "command": " ".join([sys.executable, *sys.argv]), "scenarios": []}
     for steps in setting["steps"]:
         found = scenario(device, setting["width"], setting["batch"], steps, args.seeds, tols,
-                         not args.no_pyhessian)
+                         not args.no_pyhessian, [int(k) for k in args.ks.split(",")])
         results["scenarios"].append(found)
-        py = found.get("pyhessian_top5")
         print(f"ResNet-18 width {setting['width']}, batch {setting['batch']}, after {steps} steps"
-              + (f"; PyHessian top-5: {py['hvps']} HVPs, error {py['error']:.1e}" if py else ""))
+              + "".join(f"; PyHessian top-{n}: {py['hvps']} HVPs, error {py['error']:.1e}"
+                        for n in (1, 5) if (py := found.get(f"pyhessian_top{n}"))))
         for name, run in found["runs"].items():
+            py = found.get(f"pyhessian_top{run['k']}")
             ratio = f", HVPs/PyHessian's {run['hvps_median'] / py['hvps']:.2f} (max {run['hvps_max'] / py['hvps']:.2f})" if py else ""
             print(f"  {name}: HVPs {[r['hvps'] for r in run['rows']]}, max error {run['error_max']:.1e}{ratio}",
                   flush=True)
