@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from dynlens.functional import ModelFunction, _unreduced, example_losses, flatten, isolated, unflatten
+from dynlens.functional import (
+    ModelFunction,
+    _unreduced,
+    example_losses,
+    flatten,
+    isolated,
+    unflatten,
+)
 
 
 def cnn() -> nn.Module:
