@@ -189,3 +189,16 @@ def test_lockstep_tridiagonals_equal_one_run_at_a_time():
         alone = lanczos_tridiagonal(op, starts[:, run], 15)[0]
         torch.testing.assert_close(tridiagonal.alpha, alone.alpha, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(tridiagonal.beta, alone.beta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, floor", [(1, 4), (2, 5), (3, 6)])
+def test_no_stop_before_a_krylov_space_of_2k_plus_1_dimensions(k, floor):
+    """A start vector inside the top eigenspace passes the residual test at once; Lanczos still
+    runs the floor of steps, k + max(k, 3), before it may stop."""
+    a = matrix_with_spectrum(SPREAD)
+    _, vectors = torch.linalg.eigh(a)
+    v0 = vectors[:, -k:].sum(dim=1) + 1e-9 * torch.randn(len(SPREAD), generator=torch.Generator().manual_seed(0),
+                                                          dtype=torch.float64)
+    result = lanczos_eigsh(dense_operator(a), k=k, tol=1e-6, v0=v0)
+    assert result.converged and result.matvecs == floor
+    assert relative_error(result.values, np.sort(SPREAD)[::-1][:k]) <= 1e-8
