@@ -223,13 +223,6 @@ class _Gradients:
         self.method = "vmap"
         self.notes: list[str] = []
         self.layers: list[HookedLayer] = hookable_layers(fn.model, fn.params) if hooks is not False else []
-        if hooks == "auto" and fn.device.type != "cpu" and any(layer.kind == "conv" for layer in self.layers):
-            # measured (benchmarks/RESULTS.md, m = 256): on the CPU the hooks are 25x faster than
-            # vmap for an MLP and faster for CNNs; on an H100 they win for linear layers (MLP
-            # replayed from a CUDA graph: 1.5 to 1.8 ms against 3.1 to 4.1 by vmap) but lose for
-            # convolutions (a ResNet-18: 76 to 280 ms against 66 to 164), so GPUs take vmap for
-            # models with some
-            self.layers = []
         hooked = sum(fn.params[p].numel() for layer in self.layers for p in layer.params)
         if hooked < HOOKED_SHARE * fn.num_params:
             self.layers = []  # the vmap pass dominates; a batched pass on top would only add
@@ -260,9 +253,22 @@ class _Gradients:
         total += sum(layer.bytes_per_example() for layer in self.layers)
         return max(total, 1)
 
-    def drop_hooks(self, why: str) -> None:
-        self.notes.append(f"layer hooks not used ({why}); all gradients by vmap")
+    def drop_hooks(self, why: str | None = None) -> None:
+        """Take every parameter's gradients by vmap from now on (with a note saying ``why``)."""
+        if why is not None:
+            self.notes.append(f"layer hooks not used ({why}); all gradients by vmap")
         self.layers, self.rest, self.agrees = [], None, None
+
+    def pairs_prefer_vmap(self, chunk: int, m: int, stiffness: bool) -> bool:
+        """Whether ``hooks="auto"`` should take vmap instead: on GPUs, for stiffness over a batch
+        split into chunks, when the model has convolutions. Stiffness visits every pair of chunks,
+        each visit a new pass, and the hooks' chunks (their estimate counts the patches) are
+        smaller; on an H100 a ResNet-18 took 107 against 57 ms (width 16, m = 256) and 342
+        against 196 (width 64, m = 64), while the hooks won without stiffness (50 against 57, 80
+        against 86) and for small CNNs whose batch is one chunk (c32: 3.5 against 5.0 ms with
+        stiffness, replayed; benchmarks/RESULTS.md). On the CPU the hooks won everywhere."""
+        return (stiffness and chunk < m and self.fn.device.type != "cpu"
+                and any(layer.kind == "conv" for layer in self.layers))
 
     def verified(self) -> bool:
         """Whether every factored chunk's batched losses matched the examples evaluated alone
@@ -489,6 +495,11 @@ def coherence_of(
 
     per_example = source.bytes_per_example()
     chunk = chunk_of(per_example)
+    if hooks == "auto" and source.pairs_prefer_vmap(chunk, m, stiffness):
+        source.drop_hooks()
+        hooks = False
+        per_example = source.bytes_per_example()
+        chunk = chunk_of(per_example)
     packed = stiff = key = None
     if _graphable(fn, graphs, chunk, per_example, stiffness):
         key = _graph_key(fn, chunk, stiffness, hooks, fallback, None if labels is None else host_labels)
@@ -1039,8 +1050,8 @@ def gradient_coherence(
     the same numbers, about m times slower, with a warning) or raise
     :class:`VmapUnsupportedError` naming the layer (``fallback="error"``).
 
-    Layer hooks (``hooks=True``, and ``"auto"`` except for convolutional models on GPUs; eval
-    mode): the per-example gradients of
+    Layer hooks (``hooks=True``, and ``"auto"`` except for stiffness of convolutional models
+    on GPUs when the batch needs several chunks; eval mode): the per-example gradients of
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and BatchNorm (running statistics) layers follow
     from each layer's input and the gradient δ_i at its output, both from one batched forward
     (hooks, removed afterwards) and one backward of Σ ℓ_i (:mod:`dynlens.measures.layer_grads`;
@@ -1091,8 +1102,9 @@ def gradient_coherence(
         fallback: "loop" or "error" when vmap fails (see above).
         hooks: take the per-example gradients of Linear, Conv1d/Conv2d and BatchNorm layers from
             layer hooks (below; True), or every parameter's by vmap (False); "auto" (default):
-            hooks on the CPU, and on GPUs for models without hooked convolutions (cuDNN computes
-            per-example convolution gradients faster through vmap).
+            hooks, except on GPUs for the stiffness of a model with convolutions whose batch
+            does not fit one chunk (stiffness visits every pair of chunks, and the hooks' chunks
+            are smaller: vmap was faster there).
         graphs: on CUDA, replay the measurement from a CUDA graph (below); "auto" (default): when
             one chunk's per-example gradients fit ``GRAPH_MEMORY`` (512 MiB), in eval mode.
         seed: dropout seed in train mode.

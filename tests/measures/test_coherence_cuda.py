@@ -104,3 +104,22 @@ def test_graphs_leave_random_states_grad_and_buffers_alone():
     assert torch.equal(cpu_state, torch.random.get_rng_state())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+def test_auto_takes_hooks_for_convolutions_except_stiffness_over_several_chunks(monkeypatch):
+    """hooks="auto" on a GPU: layer hooks for a convolutional model, but vmap for its stiffness
+    once the batch is split into chunks (every pair of chunks is a new pass); the numbers agree."""
+    from dynlens.measures import coherence
+
+    model, batch = _model(), _batch(0)
+    loss_fn = nn.CrossEntropyLoss()
+    one_chunk = dl.gradient_coherence(model, loss_fn, batch, graphs=False)
+    assert one_chunk.method == "hooks", one_chunk.notes
+    monkeypatch.setattr(coherence, "CUDA_BUDGET", 4 * 2**10)  # a few examples per chunk
+    chunked = dl.gradient_coherence(model, loss_fn, batch, graphs=False)
+    assert chunked.method == "vmap", chunked.notes
+    assert not chunked.notes  # a choice, not a failure
+    _same(chunked, one_chunk)
+    no_pairs = dl.gradient_coherence(model, loss_fn, batch, graphs=False, stiffness=False)
+    assert no_pairs.method == "hooks", no_pairs.notes
+    np.testing.assert_allclose(no_pairs.m_coherence, one_chunk.m_coherence, rtol=1e-5)
