@@ -71,6 +71,12 @@ CHECKED_EXAMPLES = 4
 CUDA_FREE_SHARE = 0.25
 CUDA_BUDGET = 2 * 2**30
 CPU_BUDGET = 256 * 2**20
+# Without stiffness, chunks on the CPU are kept to this estimated working set: past it the caches
+# stop holding a chunk's activations and per-example gradients. Measured on this project's 2-core
+# VM (32 MiB L3; benchmarks/RESULTS.md): a CNN with 32 channels at 32×32 (600 KiB an example)
+# took 86 ms in chunks of 86 to 128 examples against 172 ms for the whole batch of 256, while
+# LeNet-5 (130 KiB) and an MLP (14 KiB) were fastest in one chunk.
+CPU_CACHE_BUDGET = 64 * 2**20
 
 
 class VmapUnsupportedError(RuntimeError):
@@ -393,20 +399,24 @@ class _Gradients:
 
 
 def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False) -> int:
-    """The largest chunk (at most m examples) whose per-example gradients fit the memory budget:
-    on CUDA ``CUDA_FREE_SHARE`` of the free memory (``torch.cuda.mem_get_info`` plus what the
-    caching allocator holds unused), at most ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``. With
-    ``pairs`` (stiffness over several chunks holds two at a time) the budget is split in two."""
+    """A chunk size for m examples whose per-example gradients fit the memory budget: on CUDA
+    ``CUDA_FREE_SHARE`` of the free memory (``torch.cuda.mem_get_info`` plus what the caching
+    allocator holds unused), at most ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``, or without
+    ``pairs`` the smaller ``CPU_CACHE_BUDGET``. With ``pairs`` (stiffness over several chunks
+    holds two at a time) the budget is split in two. The batch is then cut into that many chunks
+    of equal size (no small remainder chunk)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = min(int(free * CUDA_FREE_SHARE), CUDA_BUDGET)
     else:
-        budget = CPU_BUDGET
+        budget = CPU_BUDGET if pairs else min(CPU_BUDGET, CPU_CACHE_BUDGET)
     chunk = budget // bytes_per_example
     if pairs and chunk < m:
         chunk = budget // (2 * bytes_per_example)
-    return int(max(1, min(m, chunk)))
+    chunk = int(max(1, min(m, chunk)))
+    pieces = -(-m // chunk)
+    return -(-m // pieces)
 
 
 @dataclass

@@ -346,10 +346,20 @@ def test_auto_chunk_size_holds_two_chunks_when_stiffness_spans_several():
     from dynlens.measures.coherence import CPU_BUDGET, auto_chunk_size
 
     cpu = torch.device("cpu")
-    assert auto_chunk_size(CPU_BUDGET // 100, 1000, cpu) == 100
     assert auto_chunk_size(CPU_BUDGET // 100, 1000, cpu, pairs=True) == 50
     assert auto_chunk_size(CPU_BUDGET // 100, 80, cpu, pairs=True) == 80
     assert auto_chunk_size(2 * CPU_BUDGET, 80, cpu) == 1
+
+
+def test_auto_chunk_size_keeps_chunks_without_pairs_within_the_cache_budget_in_equal_parts():
+    from dynlens.measures.coherence import CPU_BUDGET, CPU_CACHE_BUDGET, auto_chunk_size
+
+    cpu = torch.device("cpu")
+    assert CPU_CACHE_BUDGET < CPU_BUDGET
+    assert auto_chunk_size(CPU_CACHE_BUDGET // 100, 1000, cpu) == 100
+    assert auto_chunk_size(CPU_CACHE_BUDGET // 100, 1000, cpu, pairs=True) == CPU_BUDGET // CPU_CACHE_BUDGET * 50
+    assert auto_chunk_size(CPU_CACHE_BUDGET // 100, 100, cpu) == 100
+    assert auto_chunk_size(CPU_CACHE_BUDGET // 100, 230, cpu) == 77  # 77 + 77 + 76, not 100 + 100 + 30
 
 
 def test_chunk_size_must_be_auto_or_a_positive_integer():
