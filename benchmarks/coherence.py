@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -125,7 +126,7 @@ def timed_rounds(fns: dict[str, Callable], args: tuple, device: torch.device,
                  repeats: dict[str, int]) -> dict[str, tuple[float, float]]:
     """{name: (minimum, median) seconds} over ``repeats[name]`` calls of each function after two
     warm-up calls. On the CPU the calls are interleaved in rounds (one call of each method per
-    round), so that a change in the machine's state (shared with other jobs) moves every method
+    round, each round in a shuffled order), so that a change in the machine's state (shared with other jobs) moves every method
     alike; on CUDA each method's calls run together (CUDA graphs are cached for the last two
     option sets, so interleaving would time their recording). The minimum is the headline number:
     on a shared machine the others' load only ever adds time."""
@@ -148,7 +149,11 @@ def timed_rounds(fns: dict[str, Callable], args: tuple, device: torch.device,
             for _ in range(2):
                 fn(*args)
         for round_ in range(max(repeats.values())):
-            for name in fns:
+            # each round in its own (seeded) order, so that no method always follows the same one
+            # (the Gram loop's half-gigabyte leaves the caches cold for whoever is next)
+            names = list(fns)
+            random.Random(round_).shuffle(names)
+            for name in names:
                 if round_ < repeats[name]:
                     call(name)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
