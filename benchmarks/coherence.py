@@ -19,6 +19,7 @@ peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh proces
 that method (glibc mmap threshold fixed, so freed tensors leave the resident set).
 
     python benchmarks/coherence.py --device cpu --out benchmarks/coherence_cpu.json
+    python benchmarks/coherence.py --device cpu --threads 1 --out benchmarks/results/coherence_cpu_1thread.json
     python benchmarks/coherence.py --device cuda --out coherence_h100.json
     python benchmarks/coherence.py --device cpu --smoke        # tiny sizes, a few seconds
 """
@@ -232,12 +233,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny models and m = 16")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on a shared machine OpenMP waits on descheduled threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._peak:
         case, method, m, chunks = args._peak
         child_peak(case, method, int(m), [int(c) for c in chunks.split(",")], args.smoke)
