@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
-from hessian import best_time  # noqa: E402
+from hessian import best_time, torch_settings  # noqa: E402
 
 import dynlens as dl  # noqa: E402
 
@@ -47,8 +47,7 @@ def measure(device: torch.device, width: int, m: int) -> dict:
 
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch_settings(None)
     for width, m in ((16, 256), (64, 64)):
         print(f"ResNet-18 width {width}, m = {m}: {measure(torch.device('cuda'), width, m)}", flush=True)
 

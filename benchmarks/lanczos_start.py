@@ -66,10 +66,7 @@ def main() -> None:
     parser.add_argument("--no-pyhessian", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    bench.torch_settings(args.threads)
     device = torch.device(args.device)
     setting = SETTINGS[args.device]
     tols = [float(t) for t in args.tols.split(",")]

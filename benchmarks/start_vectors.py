@@ -73,10 +73,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    bench.torch_settings(args.threads)
     device = torch.device(args.device)
     model, loss_fn, data = bench.resnet_case(device, args.width, args.batch, args.steps)
     results: dict = {"command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__, "rows": {}}
