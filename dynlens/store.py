@@ -243,6 +243,12 @@ class RunWriter:
         try:
             self.commit()
             self._db.executescript(_INDEXES)
+            try:
+                # back to a rollback journal: the WAL is checkpointed into the database and
+                # removed, and later readers (read-only) leave no -wal/-shm files beside it
+                self._db.execute("PRAGMA journal_mode=DELETE")
+            except sqlite3.OperationalError:
+                pass  # a reader still has it open: it stays in WAL mode, nothing is lost
             self._db.close()
             os.close(self._log)
         finally:

@@ -126,3 +126,25 @@ def test_a_stale_step_log_beside_no_database_is_not_read_into_a_new_run(tmp_path
     w.step_scalar(1, "train", "loss", 3.0)
     w.close()
     assert dl.load_run(tmp_path).scalars().values.tolist() == [[1, "train", "loss", 3.0]]
+
+
+def test_a_closed_run_is_one_file_and_reading_it_leaves_no_journal_files(tmp_path):
+    w = RunWriter(tmp_path)
+    w.scalar(0, "p", "x", 1.0)
+    w.close()
+    journal = [tmp_path / "dynlens.sqlite-wal", tmp_path / "dynlens.sqlite-shm"]
+    assert not any(f.exists() for f in journal)
+    run = dl.load_run(tmp_path)
+    assert run.series("p", "x").tolist() == [1.0]
+    run.close()
+    assert not any(f.exists() for f in journal)
+
+
+def test_closing_while_a_reader_is_open_loses_nothing(tmp_path):
+    w = RunWriter(tmp_path)
+    run = dl.load_run(tmp_path)
+    w.scalar(0, "p", "x", 2.0)
+    w.close()  # the reader may keep the database in WAL mode: no error, and the data is there
+    assert run.series("p", "x").tolist() == [2.0]
+    run.close()
+    assert dl.load_run(tmp_path).series("p", "x").tolist() == [2.0]
