@@ -269,9 +269,9 @@ class _Gradients:
         """Whether ``hooks="auto"`` should take vmap instead: on GPUs, for stiffness over a batch
         split into chunks, when the model has convolutions. Stiffness visits every pair of chunks,
         each visit a new pass, and the hooks' chunks (their estimate counts the patches) are
-        smaller; on an H100 a ResNet-18 took 107 against 57 ms (width 16, m = 256) and 342
-        against 196 (width 64, m = 64), while the hooks won without stiffness (50 against 57, 80
-        against 86) and for small CNNs whose batch is one chunk (c32: 3.5 against 5.0 ms with
+        smaller; on an H100 a ResNet-18 took 102 against 56 ms (width 16, m = 256) and 247
+        against 159 (width 64, m = 64), while the hooks won without stiffness (42 against 55, 68
+        against 71) and for small CNNs whose batch is one chunk (c32: 3.7 against 4.5 ms with
         stiffness, replayed; benchmarks/RESULTS.md). On the CPU the hooks won everywhere."""
         return (stiffness and chunk < m and self.fn.device.type != "cpu"
                 and any(layer.kind == "conv" for layer in self.layers))
@@ -321,8 +321,9 @@ class _Gradients:
 
     def _hooked(self, start: int, stop: int) -> list[Rep]:
         """One batched forward with hooks on the layers, the per-example losses
-        (:func:`dynlens.functional.example_losses`), one backward to the layers' outputs: their inputs and δ_i, from which
-        each layer's rule gives the per-example gradients. The other parameters' by vmap."""
+        (:func:`dynlens.functional.example_losses`), one backward to the layers' outputs: their
+        inputs and δ_i, from which each layer's rule gives the per-example gradients. The other
+        parameters' by vmap."""
         fn, n = self.fn, stop - start
         x = slice_examples(fn.inputs, start, stop)
         y = slice_examples(fn.targets, start, stop)
