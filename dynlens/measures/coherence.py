@@ -868,22 +868,26 @@ def _factored_moments(rep: Outer, n: int, mean: Tensor, centred: Tensor) -> None
     delta, inputs = rep.delta, rep.inputs
     grid = (delta.shape[1], inputs.shape[1])
     if delta.dtype == torch.float32 and delta.device.type == "cpu":
-        mean.view(grid).copy_(delta.T @ inputs)
-        centred.view(grid).copy_(delta.square().T @ inputs.square())
-        mean.mul_(1.0 / n)
-        centred.addcmul_(mean, mean, value=-n)
+        # in float32 until the result: where the difference keeps more than CANCELLATION of
+        # Σ g², its own rounding adds under 4u relative error (u = 2⁻²⁴), and float32 passes over
+        # the P entries move half the bytes of float64 ones
+        sums = delta.T @ inputs
+        squares = delta.square().T @ inputs.square()
+        sums.mul_(1.0 / n)
+        squares.addcmul_(sums, sums, value=-n)
         # centred < CANCELLATION·Σ g² = CANCELLATION·(centred + n·mean²)
-        limit = mean.square().mul_(n * CANCELLATION / (1 - CANCELLATION))
-        suspect = (centred < limit).nonzero().squeeze(1)
+        limit = sums.square().mul_(n * CANCELLATION / (1 - CANCELLATION))
+        suspect = (squares < limit).view(-1).nonzero().squeeze(1)
         del limit
         if suspect.numel() <= MAX_RESUMMED * centred.numel():
+            mean.view(grid).copy_(sums)
+            centred.view(grid).copy_(squares.clamp_(min=0))
             if suspect.numel():
                 width = grid[1]
                 terms = delta[:, suspect // width].to(f64) * inputs[:, suspect % width].to(f64)
                 exact = terms.sum(dim=0).div_(n)
                 mean[suspect] = exact
-                centred[suspect] = terms.square_().sum(dim=0) - exact.square() * n
-            centred.clamp_(min=0)
+                centred[suspect] = (terms.square_().sum(dim=0) - exact.square() * n).clamp_(min=0)
             return
     delta, inputs = delta.to(f64), inputs.to(f64)
     torch.mm(delta.T, inputs, out=mean.view(grid))
