@@ -57,9 +57,6 @@ _MAX_GSNR = (1 - _CONSTANT_VARIANCE) / _CONSTANT_VARIANCE  # r_k at that varianc
 # Layer hooks are used only when the hooked layers hold at least this share of the parameters:
 # otherwise the vmap pass for the rest dominates and the batched pass would only add to it.
 HOOKED_SHARE = 0.5
-# chunk_size="auto": the per-example gradients of one chunk may take this much memory (bytes):
-# on CUDA this share of the free memory (what the driver reports free plus what PyTorch's caching
-# allocator holds unused), at most the cap; elsewhere the fixed CPU budget.
 # Factored layers in float32 on the CPU (see _factored_moments): entries whose centred sum of
 # squares is below this share of their sum of squares are summed again in float64; if more than
 # MAX_RESUMMED of a layer's entries are, the whole layer is.
@@ -68,6 +65,9 @@ MAX_RESUMMED = 0.02
 # The factored path's batched forward is checked against this many examples of each chunk (evenly
 # spaced), each evaluated alone by vmap.
 CHECKED_EXAMPLES = 4
+# chunk_size="auto": the per-example gradients of one chunk may take this much memory (bytes):
+# on CUDA this share of the free memory (what the driver reports free plus what PyTorch's caching
+# allocator holds unused), at most the cap; elsewhere the fixed CPU budget.
 CUDA_FREE_SHARE = 0.25
 CUDA_BUDGET = 2 * 2**30
 CPU_BUDGET = 256 * 2**20
@@ -1044,7 +1044,9 @@ def gradient_coherence(
     memory budget: chunk × (the parameters by vmap × their element size + an estimate per hooked
     layer of its input and output gradient) bytes, against a quarter of the free GPU memory
     (``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve), at most 2 GiB, on
-    CUDA, and 256 MiB on the CPU; halved when stiffness needs two chunks at once. The chunk's
+    CUDA, and on the CPU 256 MiB with stiffness and 64 MiB without it (a working set the caches
+    can hold: the chunks are faster); halved when stiffness needs two chunks at once; the batch
+    is then cut into chunks of equal size. The chunk's
     activations are not counted: pass an integer for models whose activations dwarf their
     parameters. Few chunks matter on a GPU, where each chunk costs a fixed number of kernel
     launches. Each chunk is reduced per parameter tensor in the
