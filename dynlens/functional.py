@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dynlens.convgrad import fast_conv_second_order
+from dynlens.linalg.operator import gaussian_vector
 
 Params = dict[str, Tensor]
 Mode = Literal["eval", "train"]
@@ -474,8 +475,8 @@ class ModelFunction:
         choice = _FASTEST_HVP.get(key)
         if choice is None:
             times = {}
-            vector = torch.randn(self.num_params, generator=torch.Generator().manual_seed(0),
-                                 dtype=next(iter(self.params.values())).dtype).to(self.device)
+            vector = gaussian_vector(self.num_params, torch.Generator().manual_seed(0),
+                                     next(iter(self.params.values())).dtype, self.device)
             for method in ("reuse", "forward_over_reverse"):
                 single = self.curvature_products("hessian", method)[0]
                 try:
