@@ -666,8 +666,7 @@ def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, 
     hit = cudagraphs.graphs().replay(key, inputs)
     if hit is None and key in cudagraphs.graphs().seen and key not in cudagraphs.graphs().failed:
         if group is not None:  # host-to-device copies cannot be recorded: make them first
-            bounds = [(s, min(s + chunk, fn.size)) for s in range(0, fn.size, chunk)]
-            group.prepare(bounds, {t.dtype for t in fn.params.values()}, True)
+            group.prepare(_chunk_bounds(fn.size, chunk), {t.dtype for t in fn.params.values()}, True)
         hit = cudagraphs.graphs().record(key, inputs, body)
     if hit is None:
         return None, None, None, None
@@ -675,6 +674,11 @@ def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, 
     if not bool(agrees):
         return None, None, None, None
     return packed, stiff, f"{method} (CUDA graph)", notes
+
+
+def _chunk_bounds(m: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``chunk`` examples of a batch of m (the last may be shorter)."""
+    return [(start, min(start + chunk, m)) for start in range(0, m, chunk)]
 
 
 def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
@@ -696,7 +700,7 @@ def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
     class_sums: list[Tensor] = []
     class_norms = None
     gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
-    bounds = [(s, min(s + chunk_size, m)) for s in range(0, m, chunk_size)]
+    bounds = _chunk_bounds(m, chunk_size)
     sizes = [t.numel() for t in fn.params.values()]
     total_size = sum(sizes)
     offsets = np.cumsum([0, *sizes]).tolist()
