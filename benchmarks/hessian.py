@@ -256,8 +256,11 @@ def replay(path: str) -> None:
 
 
 def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torch.device,
-                   reps: int = 1) -> dict[str, Any]:
-    """PyHessian top-1, top-5 (power iteration with deflation), trace, and its density() error."""
+                   reps: int = 1, seed: int = 0, spectra_only: bool = False) -> dict[str, Any]:
+    """PyHessian top-1, top-5 (power iteration with deflation), trace, and its density() error.
+
+    PyHessian draws its start vectors from torch's global generator, seeded with ``seed`` before
+    each call; ``spectra_only`` skips the trace and density()."""
     try:
         import pyhessian
     except ImportError as err:
@@ -277,7 +280,7 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
         for top_n in (1, 5):
             def run(top_n: int = top_n) -> Any:
                 probe = copy.deepcopy(model)  # PyHessian calls backward() on the model it gets
-                torch.manual_seed(0)
+                torch.manual_seed(seed)
                 counter["hvps"] = 0
                 sync(device)
                 start = time.perf_counter()
@@ -288,9 +291,11 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
 
             values, seconds = min((run() for _ in range(max(reps, 1))), key=lambda r: r[1])
             out[f"top{top_n}"] = {"values": sorted(values, reverse=True), "hvps": counter["hvps"], "seconds": seconds,
-                                  "settings": {"maxIter": 100, "tol": 1e-3}}
+                                  "settings": {"maxIter": 100, "tol": 1e-3, "seed": seed}}
+        if spectra_only:
+            return out
         probe = copy.deepcopy(model)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         counter["hvps"] = 0
 
         def trace(probe: nn.Module = probe) -> Any:
