@@ -316,13 +316,13 @@ def pyhessian_runs(model: nn.Module, loss_fn: Callable, batch: Any, device: torc
 
 
 def resnet_case(device: torch.device, width: int, batch_size: int,
-                train_steps: int) -> tuple[nn.Module, Callable, tuple]:
+                train_steps: int, model_seed: int = 0) -> tuple[nn.Module, Callable, tuple]:
     """ResNet-18 of ``width`` on a fixed batch, after ``train_steps`` SGD steps on that batch, in
     eval mode: (model, loss_fn, batch). At random initialisation (train_steps=0, the issue's
     setting) the spectrum has large negative eigenvalues; after a few training steps on the batch
     it has the positive outliers of a network in training, with wide gaps at the top (the easy case
-    for power iteration)."""
-    torch.manual_seed(0)
+    for power iteration). ``model_seed`` seeds the initialisation; the batch is always seed 0's."""
+    torch.manual_seed(model_seed)
     model = models.resnet18(width=width).to(device)
     x, y = models.image_batch(batch_size, seed=0)
     batch = (x.to(device), y.to(device))

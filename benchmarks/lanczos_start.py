@@ -34,11 +34,11 @@ SETTINGS = {"cuda": {"width": 64, "batch": 256, "steps": [0, 20]},
 
 
 def scenario(device: torch.device, width: int, batch: int, steps: int, seeds: int, tols: list[float],
-             pyhessian_seeds: range, ks: list[int]) -> dict:
-    model, loss_fn, data = bench.resnet_case(device, width, batch, steps)
+             pyhessian_seeds: range, ks: list[int], model_seed: int = 0) -> dict:
+    model, loss_fn, data = bench.resnet_case(device, width, batch, steps, model_seed)
     reference = torch.tensor(bench.plain_lanczos(model, loss_fn, data, device, k=5, steps=150)["values"],
                              dtype=torch.float64)
-    out: dict = {"train_steps": steps, "reference": reference.tolist(), "runs": {}}
+    out: dict = {"train_steps": steps, "model_seed": model_seed, "reference": reference.tolist(), "runs": {}}
     for k, tol, start in ((k, tol, start) for k in ks for tol in tols for start in ("random", "gradient")):
         rows = []
         for seed in range(seeds):
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--pyhessian-seeds", default="1",
                         help="seeds of PyHessian's random start vectors: N for 0..N-1 (0: no PyHessian), "
                              "or A-B for A..B")
+    parser.add_argument("--model-seed", type=int, default=0,
+                        help="seed of the ResNet-18's initialisation (the batch stays seed 0's)")
     parser.add_argument("--train-steps", default=None,
                         help="SGD steps before measuring, comma-separated (default: the device's setting)")
     parser.add_argument("--no-pyhessian", action="store_true", help="the same as --pyhessian-seeds 0")
@@ -100,9 +102,10 @@ def main() -> None:
     train_steps = [int(s) for s in args.train_steps.split(",")] if args.train_steps else setting["steps"]
     for steps in train_steps:
         found = scenario(device, setting["width"], setting["batch"], steps, args.seeds, tols,
-                         pyhessian_seeds, [int(k) for k in args.ks.split(",")])
+                         pyhessian_seeds, [int(k) for k in args.ks.split(",")], args.model_seed)
         results["scenarios"].append(found)
-        print(f"ResNet-18 width {setting['width']}, batch {setting['batch']}, after {steps} steps"
+        print(f"ResNet-18 width {setting['width']} (init seed {args.model_seed}), batch {setting['batch']}, "
+              f"after {steps} steps"
               + "".join(f"; PyHessian top-{n}: {pyhessian_line(py)}"
                         for n in (1, 5) if (py := found.get(f"pyhessian_top{n}"))))
         for name, run in found["runs"].items():
