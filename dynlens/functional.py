@@ -55,6 +55,7 @@ __all__ = [
     "unflatten",
     "trainable_parameters",
     "model_device",
+    "unwrap_model",
 ]
 
 
@@ -216,6 +217,51 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
 # ----------------------------------------------------------------------------- isolation
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that run it differently from its own ``forward``.
+
+    Strips ``torch.compile``'s ``OptimizedModule`` (compiled code has no double backward),
+    ``nn.DataParallel`` (which scatters the inputs over replicas that do not see the parameters a
+    measurement substitutes) and ``DistributedDataParallel`` (whose forward synchronises buffers
+    across ranks), at any depth of nesting. The module returned holds the very same parameters and
+    buffers, so measuring it measures the model; its parameter names are those of the user's own
+    module, without the wrappers' ``_orig_mod.`` and ``module.`` prefixes.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def _eager(model: nn.Module) -> Iterator[None]:
+    """Run compiled modules inside ``model`` eagerly (their compiled code has no double backward).
+
+    torch >= 2.6: ``torch.compiler.set_stance("force_eager")``, which covers submodules wrapped by
+    ``torch.compile`` and modules compiled in place (``module.compile()``). Before 2.6 only the
+    in-place kind can be switched off (its ``_compiled_call_impl``, restored on exit); a submodule
+    wrapped by ``torch.compile`` still runs compiled there.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        with set_stance("force_eager"):
+            yield
+        return
+    compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    try:
+        for module, _ in compiled:
+            module._compiled_call_impl = None
+        yield
+    finally:
+        for module, impl in compiled:
+            module._compiled_call_impl = impl
+
+
 def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
     """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
     try:
@@ -250,10 +296,11 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
 
     Inside: every module is in ``mode`` ("eval": BatchNorm uses running statistics and dropout is
     off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
-    generators are seeded with ``seed``, attention uses the math kernel, and TF32 is off (cuDNN
-    convolutions use it by default; its ~1e-3 relative error would bound every eigenvalue's
-    accuracy). On exit the modules' ``training`` flags, the TF32 settings and the torch, CUDA,
-    Python ``random`` and NumPy random states are restored exactly, also when the body raises.
+    generators are seeded with ``seed``, attention uses the math kernel, compiled modules run
+    eagerly (:func:`_eager`), and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
+    relative error would bound every eigenvalue's accuracy). On exit the modules' ``training``
+    flags, the TF32 settings, the compiler's stance and the torch, CUDA, Python ``random`` and
+    NumPy random states are restored exactly, also when the body raises.
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
@@ -271,7 +318,7 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             # product: no eigensolver converges below it. Measurements run in full float32.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-            with _sdpa_math_kernel():
+            with _sdpa_math_kernel(), _eager(model):
                 yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -294,7 +341,8 @@ class ModelFunction:
     measurements do) so that mode, RNG and attention kernel are those of a measurement.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module``; wrappers are stripped (:func:`unwrap_model`), so parameter
+            names are those of the module inside a ``torch.compile`` or data-parallel wrapper.
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss, a scalar.
         batch: ``(inputs, targets)``, moved to the model's device.
         params: names of the parameters to differentiate (default: all trainable ones).
@@ -311,7 +359,7 @@ class ModelFunction:
         params: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        self.model = model
+        self.model = model = unwrap_model(model)
         self.seed = seed
         self.loss_fn = loss_fn
         trainable = trainable_parameters(model)
@@ -594,6 +642,14 @@ class ModelFunction:
                             retain_graph=True, allow_unused=True, is_grads_batched=batched,
                         )
                     except RuntimeError as err:
+                        if "torch.compile" in str(err) and "double backward" in str(err):
+                            raise ValueError(
+                                f"{err}: a submodule wrapped by torch.compile runs compiled code, which "
+                                "has no second derivatives, and torch < 2.6 cannot switch it to eager for "
+                                "a measurement; measure the uncompiled module (it shares the "
+                                "parameters), compile the whole model instead (that wrapper is stripped), "
+                                "or use torch >= 2.6"
+                            ) from err
                         if "differentiate" in str(err) or "does not require grad" in str(err):
                             raise ValueError(
                                 f"the loss is not twice differentiable through this model ({err}); "

@@ -16,6 +16,7 @@ from dynlens.functional import (
     flatten,
     isolated,
     unflatten,
+    unwrap_model,
 )
 
 
@@ -261,6 +262,51 @@ def test_isolated_turns_tf32_off_inside_and_restores_the_users_settings(problem)
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_unwrap_model_strips_compile_and_data_parallel_wrappers():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    for wrapped in (torch.compile(model, backend="eager"), nn.DataParallel(model),
+                    torch.compile(nn.DataParallel(model), backend="eager")):
+        assert unwrap_model(wrapped) is model
+        assert [n for n, _ in ModelFunction(wrapped, nn.MSELoss(), (torch.zeros(2, 3), torch.zeros(2, 2))).params.items()] \
+            == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert unwrap_model(model) is model
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _counting_backend(calls: list[int]):
+    """A torch.compile backend that runs the captured graph and counts the calls of compiled code."""
+    def backend(graph_module, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return graph_module.forward(*args)
+        return run
+    return backend
+
+
+def test_isolated_runs_compiled_modules_eagerly_and_leaves_them_compiled():
+    """Inside a measurement compiled code (no double backward) is bypassed; after it the model
+    runs its compiled code again, as training expects."""
+    calls: list[int] = []
+    model = _TwoLayers()  # a class of user code: dynamo does not compile torch.nn's own frames
+    model.compile(backend=_counting_backend(calls))  # compiled in place
+    x = torch.randn(5, 3)
+    expected = model(x)
+    assert len(calls) == 1
+    with isolated(model):
+        inside = model(x)
+    assert len(calls) == 1 and torch.allclose(inside, expected)
+    model(x)
+    assert len(calls) == 2
 
 
 # --- example_losses: each example's loss from batched outputs ------------------------------
