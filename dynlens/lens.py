@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import __version__
-from dynlens.functional import ModelFunction, check_loss, isolated, model_device, to_device
+from dynlens.functional import (
+    ModelFunction,
+    check_loss,
+    isolated,
+    model_device,
+    to_device,
+    unwrap_model,
+)
 from dynlens.probes.base import Context, Probe
 from dynlens.store import RunWriter
 
@@ -105,7 +112,10 @@ class Lens:
     """Watches one training run: counts steps, runs probes, writes the run database.
 
     Args:
-        model: the ``nn.Module`` being trained.
+        model: the ``nn.Module`` being trained. A ``torch.compile``, ``DataParallel`` or
+            ``DistributedDataParallel`` wrapper is measured through the module it wraps (the same
+            parameters, named without the wrapper's prefix); probes run it eagerly, since compiled
+            code has no second derivatives, and training keeps its compiled code.
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss (e.g. ``nn.CrossEntropyLoss()``).
         probe_batch: the fixed ``(inputs, targets)`` the probes measure on; held for the whole run
             so that measurements are comparable over time. Moved to the model's device.
@@ -151,6 +161,7 @@ class Lens:
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        model = unwrap_model(model)  # measure the module inside a torch.compile or DDP wrapper
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer

@@ -25,28 +25,34 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def final_state(kind: str, tmp_path, with_lens: bool):
+def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False):
     model = bn_dropout_cnn()
     optimizer = make_optimizer(kind, model)
     data = image_data()
     random.seed(0)
     np.random.seed(0)
+    # compiled: training runs torch.compile'd code (aot_autograd: no double backward), and the
+    # Lens gets the compiled wrapper, as a user would pass it
+    trained = torch.compile(model, backend="aot_eager") if compiled else model
     lens = None
     if with_lens:
-        lens = dl.Lens(model, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
+        lens = dl.Lens(trained, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
                        optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe())
-    train(model, optimizer, data, steps=30, lens=lens)
+    train(trained, optimizer, data, steps=30, lens=lens)
     if lens is not None:
         lens.close()
-        assert lens.disabled == [], dl.load_run(tmp_path / kind).events().message.tolist()
+        messages = dl.load_run(tmp_path / kind).events().message.tolist()
+        assert lens.disabled == [] and not [m for m in messages if "failed" in m], messages
     after = (random.random(), float(np.random.rand()), torch.rand(1).item())
     return model, optimizer, after
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "sgd-compiled"])
 def test_training_with_all_probes_is_bit_identical_to_training_without(kind, tmp_path):
-    plain, plain_opt, plain_rng = final_state(kind, tmp_path, with_lens=False)
-    watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True)
+    compiled = kind.endswith("-compiled")
+    plain, plain_opt, plain_rng = final_state(kind.split("-")[0], tmp_path, with_lens=False, compiled=compiled)
+    kind = kind.split("-")[0]
+    watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True, compiled=compiled)
     for (name, a), (_, b) in zip(plain.named_parameters(), watched.named_parameters()):
         assert torch.equal(a, b), f"parameter {name} differs"
     for (name, a), (_, b) in zip(plain.named_buffers(), watched.named_buffers()):

@@ -41,6 +41,7 @@ from dynlens.functional import (
     example_losses,
     isolated,
     slice_examples,
+    unwrap_model,
 )
 from dynlens.measures.layer_grads import BiasOf, HookedLayer, Outer, Rep, hookable_layers
 
@@ -1133,6 +1134,7 @@ def gradient_coherence(
     Returns:
         :class:`Coherence`, float64 values on the CPU.
     """
+    model = unwrap_model(model)
     check_mode(model, mode)
     with isolated(model, mode, seed):
         fn = ModelFunction(model, loss_fn, batch, seed=seed)

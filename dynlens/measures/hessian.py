@@ -47,6 +47,7 @@ from dynlens.functional import (
     slice_examples,
     split_batch,
     trainable_parameters,
+    unwrap_model,
 )
 from dynlens.linalg import (
     LinearOperator,
@@ -159,7 +160,7 @@ def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
     """The trainable parameter names grouped by the module that owns them (``"0.weight"`` and
     ``"0.bias"`` form layer ``"0"``), in ``named_parameters`` order; tied weights count once."""
     blocks: dict[str, list[str]] = {}
-    for name in trainable_parameters(model):
+    for name in trainable_parameters(unwrap_model(model)):
         layer = name.rsplit(".", 1)[0] if "." in name else name
         blocks.setdefault(layer, []).append(name)
     return blocks
@@ -174,7 +175,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
     stability"). Works for Adam and AdamW (and any optimizer with the same state keys). Returns
     None before the first step (no state yet).
     """
-    by_param = {id(p): n for n, p in model.named_parameters()}
+    by_param = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     wanted = set(names) if names is not None else None
     result: dict[str, Tensor] = {}
     for group in optimizer.param_groups:
@@ -391,6 +392,7 @@ def hessian_eigenvalues(
             differentiable, or an unknown option.
     """
     _check_options(mode, curvature, hvp)
+    model = unwrap_model(model)
     if start not in ("auto", "random", "gradient"):
         raise ValueError(f"start must be 'auto', 'random' or 'gradient', got {start!r}")
     if which not in ("top", "bottom", "both"):
@@ -479,6 +481,7 @@ def hessian_trace(
         :class:`Estimate` (value, stderr), or a dict of them by layer.
     """
     _check_options(mode, curvature, hvp)
+    model = unwrap_model(model)
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
 
@@ -527,6 +530,7 @@ def hessian_density(
         or a dict of them by layer.
     """
     _check_options(mode, curvature, hvp)
+    model = unwrap_model(model)
 
     def measure(names: list[str] | None) -> SpectralDensity:
         start = time.perf_counter()

@@ -329,6 +329,62 @@ def test_attention_hessian_works_while_fused_kernels_stay_selected_outside() -> 
     assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
 
 
+class _Compiled(nn.Module):
+    """The MLP of _mlp inside a module of user code (dynamo does not compile torch.nn's own
+    frames, so ``compile()`` in place needs one); ``inside=True`` wraps its first layer alone by
+    torch.compile (a compiled submodule)."""
+
+    def __init__(self, mlp: nn.Module, inside: bool = False) -> None:
+        super().__init__()
+        self.mlp = mlp
+        if inside:
+            self.mlp[0] = torch.compile(mlp[0], backend="aot_eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def _second_derivative_fails(model: nn.Module, batch: tuple) -> bool:
+    """Whether plain autograd through ``model`` fails at the second derivative, as through
+    torch.compile'd code (aot_autograd raises)."""
+    params = list(model.parameters())
+    g = torch.autograd.grad(LOSS(model(batch[0]), batch[1]), params, create_graph=True)
+    try:
+        torch.autograd.grad(sum(t.sum() for t in g), params, allow_unused=True)
+    except RuntimeError as err:
+        return "double backward" in str(err)
+    return False
+
+
+def test_compiled_models_are_measured_through_their_eager_module() -> None:
+    """torch.compile'd code has no double backward; a compiled model is measured through the
+    module it wraps, with that module's parameter names, and compiled code inside a model runs
+    eagerly for the measurement (the dense Hessian is the oracle)."""
+    model, batch = _mlp()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch)).flip(0)[:2]
+    wrapped = torch.compile(model, backend="aot_eager")
+    assert _second_derivative_fails(wrapped, batch)  # what the measurement must avoid
+    assert _relative_error(dl.hessian_eigenvalues(wrapped, LOSS, batch, k=2).values, exact) < 1e-4
+    per_layer = dl.hessian_eigenvalues(wrapped, LOSS, batch, params="per_layer")
+    assert list(per_layer) == list(dl.hessian_eigenvalues(model, LOSS, batch, params="per_layer"))
+    assert abs(dl.hessian_trace(wrapped, LOSS, batch, samples=8).value
+               - dl.hessian_trace(model, LOSS, batch, samples=8).value) < 1e-10
+    assert _relative_error(dl.hessian_eigenvalues(nn.DataParallel(model), LOSS, batch, k=2).values, exact) < 1e-4
+
+    in_place = _Compiled(_mlp()[0])
+    in_place.compile(backend="aot_eager")
+    assert _second_derivative_fails(in_place, batch)
+    assert _relative_error(dl.hessian_eigenvalues(in_place, LOSS, batch, k=2).values, exact) < 1e-4
+
+    inside = _Compiled(_mlp()[0], inside=True)
+    assert _second_derivative_fails(inside, batch)
+    if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6 runs any compiled code eagerly
+        assert _relative_error(dl.hessian_eigenvalues(inside, LOSS, batch, k=2).values, exact) < 1e-4
+    else:
+        with pytest.raises(ValueError, match="torch >= 2.6"):
+            dl.hessian_eigenvalues(inside, LOSS, batch, k=2, hvp="reuse")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
