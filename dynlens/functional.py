@@ -98,6 +98,18 @@ def to_device(tree: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _widened(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is a half-precision float tensor (a copy), else ``t`` itself."""
+    return t.float() if t.dtype in _HALF else t
+
+
+def _widened_tree(tree: Any) -> Any:
+    return tree_map(lambda x: _widened(x) if isinstance(x, Tensor) else x, tree)
+
+
 def slice_examples(tree: Any, start: int, stop: int, step: int = 1) -> Any:
     """Examples ``start:stop:step`` of every tensor leaf with a leading batch dimension."""
     return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
@@ -340,6 +352,12 @@ class ModelFunction:
     device; none of them writes to the model. Call the methods inside :func:`isolated` (the
     measurements do) so that mode, RNG and attention kernel are those of a measurement.
 
+    Half precision: a float16 or bfloat16 parameter, buffer, input or target is computed with in
+    float32, at the same values (a float32 copy; the model keeps its own tensors). Products of
+    half-precision arithmetic carry ~1e-2 relative error, which no eigensolver or trace estimate
+    can get below, and a half-precision Krylov basis cannot stay orthogonal. The cost is a float32
+    copy of those tensors and float32 activations.
+
     Args:
         model: any ``nn.Module``; wrappers are stripped (:func:`unwrap_model`), so parameter
             names are those of the module inside a ``torch.compile`` or data-parallel wrapper.
@@ -378,14 +396,14 @@ class ModelFunction:
         else:
             chosen = list(trainable)
         self.device = model_device(model)
-        self.params: Params = {n: trainable[n].detach() for n in chosen}
+        self.params: Params = {n: _widened(trainable[n].detach()) for n in chosen}
         self.fixed: Params = {
-            n: p.detach() for n, p in model.named_parameters() if n not in self.params
+            n: _widened(p.detach()) for n, p in model.named_parameters() if n not in self.params
         }
-        self.buffers: Params = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.buffers: Params = {n: _widened(b.detach()).clone() for n, b in model.named_buffers()}
         inputs, targets = split_batch(batch)
-        self.inputs = to_device(inputs, self.device)
-        self.targets = to_device(targets, self.device)
+        self.inputs = _widened_tree(to_device(inputs, self.device))
+        self.targets = _widened_tree(to_device(targets, self.device))
         self.size = batch_size(self.inputs)
 
     # -- helpers ------------------------------------------------------------------------

@@ -46,10 +46,11 @@ class LinearOperator:
         self.device = torch.device(self.device)
         if self.size < 1:
             raise ValueError(f"LinearOperator size must be a positive integer; got {self.size}.")
-        if not self.dtype.is_floating_point:
+        if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"LinearOperator dtype must be a floating dtype (float32 or float64); "
-                f"got {self.dtype}."
+                f"LinearOperator dtype must be float32 or float64; got {self.dtype}. Half precision "
+                "cannot keep a Krylov basis orthogonal (and has no QR on most devices): cast the "
+                "vectors to float32 in matvec and back to the matrix's dtype inside it."
             )
 
     def mv(self, v: Tensor) -> Tensor:

@@ -1107,7 +1107,8 @@ def gradient_coherence(
     :func:`dynlens.cudagraphs.clear_graphs` frees them.
 
     Runs inside :func:`dynlens.functional.isolated`: parameters, ``.grad``, buffers, training
-    flags and random states are left exactly as they were.
+    flags and random states are left exactly as they were. A float16 or bfloat16 model is
+    measured in float32 at its own weights (:class:`~dynlens.functional.ModelFunction`).
 
     Args:
         model: the network.

@@ -382,7 +382,9 @@ def hessian_eigenvalues(
         seed: seeds the start vector and, in train mode, dropout.
 
     Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch; memory for the first-order
-    graph and about ``iterations`` vectors of P entries.
+    graph and about ``iterations`` vectors of P entries. A model with float16 or bfloat16
+    parameters is measured in float32 at its own weights (:class:`~dynlens.functional.ModelFunction`),
+    so the vectors are float32 and cost 4 bytes an entry.
 
     Returns:
         :class:`Eigen` (or a dict of them by layer for ``params="per_layer"``).

@@ -102,6 +102,12 @@ def test_k_larger_than_n_raises_a_clear_error():
         lanczos_eigsh(op, k=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
+def test_an_operator_in_half_precision_or_integers_is_refused_with_advice(dtype):
+    with pytest.raises(ValueError, match="float32 or float64; got torch.(bfloat16|float16|int64).*cast"):
+        LinearOperator(matvec=lambda v: v, size=3, dtype=dtype, device="cpu")
+
+
 def test_invalid_which_raises():
     with pytest.raises(ValueError, match="which must be"):
         lanczos_eigsh(dense_operator(torch.eye(4, dtype=torch.float64)), which="largest")

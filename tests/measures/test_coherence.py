@@ -649,15 +649,20 @@ def test_hooks_and_graphs_options_are_checked(option):
         dl.gradient_coherence(mlp(), nn.CrossEntropyLoss(), classification_data(), **option)
 
 
-def test_a_bfloat16_model_is_measured_from_float32_sums_close_to_the_float64_loop():
-    model64, loss_fn = mlp(), nn.CrossEntropyLoss()
+@pytest.mark.parametrize("hooks", [True, False])
+def test_a_bfloat16_model_is_measured_in_float32_at_its_own_weights(hooks):
+    """Half precision is computed in float32 at the model's bfloat16 values: the float64 loop on
+    those same (rounded) weights and inputs is the oracle, to float32 accuracy."""
+    loss_fn = nn.CrossEntropyLoss()
     x, y = classification_data()
-    g, names = loop_gradients(model64, loss_fn, x, y)
-    want = reference(g, y.numpy(), _sizes(model64), names)
-    model16 = copy.deepcopy(model64).to(torch.bfloat16)
-    found = dl.gradient_coherence(model16, loss_fn, (x.to(torch.bfloat16), y), hooks=True)
-    assert found.method == "hooks"
-    # bfloat16 keeps 8 bits: the model's own rounding, not the sums, sets the error
+    model16 = mlp().to(torch.bfloat16)
+    x16 = x.to(torch.bfloat16)
+    rounded = copy.deepcopy(model16).double()
+    g, names = loop_gradients(rounded, loss_fn, x16.double(), y)
+    want = reference(g, y.numpy(), _sizes(rounded), names)
+    found = dl.gradient_coherence(model16, loss_fn, (x16, y), hooks=hooks)
+    assert found.method.startswith("hooks" if hooks else "vmap")
     for key in ("alpha", "m_coherence", "trace_sigma"):
-        np.testing.assert_allclose(getattr(found, key), want[key], rtol=0.1, err_msg=key)
-    np.testing.assert_allclose(found.grad_norms, want["grad_norms"], rtol=0.1)
+        np.testing.assert_allclose(getattr(found, key), want[key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(found.grad_norms, want["grad_norms"], rtol=1e-4)
+    assert all(p.dtype == torch.bfloat16 for p in model16.parameters())

@@ -149,6 +149,23 @@ def test_top5_and_bottom3_eigenvalues_match_dense_hessian_in_float32() -> None:
     assert _relative_error(bottom.values, exact[:3].flip(0)) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_measured_in_float32_at_its_own_weights(dtype: torch.dtype) -> None:
+    """The oracle is the dense float64 Hessian at the model's rounded weights and inputs; half
+    precision arithmetic would be ~1e-2 off, and Hutch++'s QR has no half-precision kernel."""
+    model, (x, y) = _mlp(torch.float32)
+    model, x = model.to(dtype), x.to(dtype)
+    weights = [p.clone() for p in model.parameters()]
+    dense = dense_hessian(model, (x.double(), y))
+    exact = torch.linalg.eigvalsh(dense)
+    top = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, tol=1e-3)
+    assert _relative_error(top.values, exact.flip(0)[:3]) < 1e-3
+    trace = dl.hessian_trace(model, LOSS, (x, y), samples=48)
+    assert abs(trace.value - float(dense.trace())) <= 3 * trace.stderr + 1e-4 * abs(float(dense.trace()))
+    assert dl.hessian_density(model, LOSS, (x, y), runs=2, iters=10).nodes.dtype == torch.float64
+    assert all(p.dtype == dtype and torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
 def test_both_ends_and_eigenvectors_are_eigenpairs_of_the_dense_hessian() -> None:
     model, batch = _mlp()
     matrix = dense_hessian(model, batch)
