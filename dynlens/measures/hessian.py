@@ -172,7 +172,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
 
     Read from the optimizer's own state (``exp_avg_sq``, ``step``) and hyperparameters, so that
     Adam's update is η P⁻¹ m_t (Cohen et al. 2022, "Adaptive gradient methods at the edge of
-    stability"). Works for Adam and AdamW (and any optimizer with the same state keys). Returns
+    stability"). Works for Adam and AdamW, with AMSGrad (v_t is then the running maximum
+    ``max_exp_avg_sq``, as in Adam's update), and any optimizer with the same state keys. Returns
     None before the first step (no state yet).
     """
     by_param = {id(p): n for n, p in unwrap_model(model).named_parameters()}
@@ -189,7 +190,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
             if "exp_avg_sq" not in state:
                 return None
             step = float(state["step"])
-            v_hat = state["exp_avg_sq"].detach() / (1 - beta2**step)
+            # AMSGrad divides by the running maximum of the second moment
+            second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+            v_hat = second.detach() / (1 - beta2**step)
             result[name] = (1 - beta1**step) * (v_hat.sqrt() + eps)
     return result
 

@@ -290,20 +290,24 @@ def test_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h() -> None
     assert abs(found.max - float(exact)) < 1e-6 * float(exact)
 
 
-def test_adam_preconditioner_is_read_from_the_optimizer_state() -> None:
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_preconditioner_is_read_from_the_optimizer_state(amsgrad: bool) -> None:
+    """P is Adam's own: its step is exactly -lr P^-1 m_t (with AMSGrad, P holds the running
+    maximum of the second moment, as Adam's update does)."""
     from dynlens.measures.hessian import adam_preconditioner
 
     model, (x, y) = _mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, amsgrad=amsgrad)
     assert adam_preconditioner(optimizer, model) is None
-    for _ in range(3):
+    for scale in (1.0, 1.0, 1e-3):  # the second moment then falls below its running maximum
         optimizer.zero_grad()
-        LOSS(model(x), y).backward()
+        (scale * LOSS(model(x), y)).backward()
         optimizer.step()
     found = adam_preconditioner(optimizer, model)
     p = model[0].weight
     state = optimizer.state[p]
-    expected = (1 - 0.9**3) * ((state["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-8)
+    second = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+    expected = (1 - 0.9**3) * ((second / (1 - 0.99**3)).sqrt() + 1e-8)
     assert torch.allclose(found["0.weight"], expected)
     # an Adam step is then exactly -lr * P^-1 m_t
     before = p.detach().clone()
