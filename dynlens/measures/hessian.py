@@ -69,6 +69,7 @@ __all__ = [
     "curvature_operator",
     "start_vector",
     "adam_preconditioner",
+    "step_scales",
     "layer_blocks",
 ]
 
@@ -173,8 +174,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
     Read from the optimizer's own state (``exp_avg_sq``, ``step``) and hyperparameters, so that
     Adam's update is η P⁻¹ m_t (Cohen et al. 2022, "Adaptive gradient methods at the edge of
     stability"). Works for Adam and AdamW, with AMSGrad (v_t is then the running maximum
-    ``max_exp_avg_sq``, as in Adam's update), and any optimizer with the same state keys. Returns
-    None before the first step (no state yet).
+    ``max_exp_avg_sq``, as in Adam's update), and any optimizer with the same state keys.
+    Parameters without state (never stepped) are left out; None before the first step (no
+    state at all).
     """
     by_param = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     wanted = set(names) if names is not None else None
@@ -187,14 +189,46 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
             if name is None or (wanted is not None and name not in wanted):
                 continue
             state = optimizer.state.get(p, {})
-            if "exp_avg_sq" not in state:
-                return None
+            if "exp_avg_sq" not in state:  # not stepped yet (no gradient so far): Adam never moved it
+                continue
             step = float(state["step"])
             # AMSGrad divides by the running maximum of the second moment
             second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
             v_hat = second.detach() / (1 - beta2**step)
             result[name] = (1 - beta1**step) * (v_hat.sqrt() + eps)
-    return result
+    return result or None
+
+
+def step_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
+                names: Sequence[str]) -> dict[str, Tensor] | None:
+    """S, the optimizer's step on each entry relative to a step of group 0's learning rate η₀.
+
+    SGD: S = η_g/η₀ for a parameter in group g; Adam/AdamW: S = (η_g/η₀)·P⁻¹ with Adam's own P
+    (:func:`adam_preconditioner`). S is 0 where the optimizer moves nothing: parameters it does
+    not hold, and under Adam those without state yet. The update is then η₀·S·(the direction of
+    group 0's rule), so its stability is set by λ_max(S^{1/2} H S^{1/2}) = λ_max(SH) against
+    group 0's threshold (Cohen et al. 2022 for Adam). Returns None where S would be 1 everywhere
+    (SGD with one learning rate for every named parameter: λ_max(H) itself), and for Adam
+    before its first step.
+    """
+    model = unwrap_model(model)
+    lr0 = float(optimizer.param_groups[0]["lr"])
+    by_param = {id(p): n for n, p in model.named_parameters()}
+    rate: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in by_param:
+                rate[by_param[id(p)]] = float(group["lr"]) / lr0
+    params = dict(model.named_parameters())
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        precond = adam_preconditioner(optimizer, model, names)
+        if precond is None:
+            return None
+        return {n: rate.get(n, 0.0) / precond[n] if n in precond else torch.zeros_like(params[n])
+                for n in names}
+    if all(rate.get(n) == 1.0 for n in names):
+        return None
+    return {n: torch.full_like(params[n], rate.get(n, 0.0)) for n in names}
 
 
 def _flat_preconditioner(preconditioner: Preconditioner, fn: ModelFunction) -> Tensor | None:
@@ -206,6 +240,12 @@ def _flat_preconditioner(preconditioner: Preconditioner, fn: ModelFunction) -> T
             raise ValueError(
                 "the optimizer has no second-moment state yet (exp_avg_sq): take a step first, "
                 "or pass preconditioner= the diagonal P as a tensor"
+            )
+        missing = [n for n in fn.params if n not in found]
+        if missing:
+            raise ValueError(
+                f"Adam has no state for the parameters {missing} (it does not hold them, or has not "
+                "stepped them yet): pass params= the ones it moves"
             )
         preconditioner = found
     if isinstance(preconditioner, Mapping):

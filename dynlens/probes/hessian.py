@@ -9,6 +9,12 @@ Thresholds, read from the optimizer's own hyperparameters (first parameter group
   the optimizer state, against (2 + 2β₁)/((1 − β₁)η) (Cohen et al. 2022);
 - SGD, when the trace is measured: η·tr(H)/2, which must stay ≤ 1 at a minimum that is linearly
   stable for SGD (Wu & Su 2023).
+
+Parameter groups with other learning rates than the first, and parameters the optimizer does
+not hold, are accounted for by the step scales S of :func:`dynlens.measures.hessian.step_scales`
+(η_g/η₀, times P⁻¹ for Adam; 0 where nothing moves): the compared sharpness is then λ_max(SH),
+recorded as ``preconditioned_sharpness``, and SGD's trace ratio η₀·tr(SH)/2. Momentum and betas
+are group 0's.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from dynlens.functional import flatten
 from dynlens.linalg import LinearOperator, hutch_plus_plus, lanczos_eigsh, slq
-from dynlens.measures.hessian import adam_preconditioner, curvature_operator, start_vector
+from dynlens.measures.hessian import curvature_operator, start_vector, step_scales
 from dynlens.probes.base import Context, Probe, Values
 
 __all__ = ["Hessian", "stability_threshold"]
@@ -64,8 +70,9 @@ class Hessian(Probe):
             steps, converged or not).
 
     Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
-    optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam the preconditioned sharpness
-    over its threshold), ``preconditioned_sharpness`` (Adam), ``trace``, ``trace_stderr``,
+    optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam, and for SGD whose groups'
+    learning rates differ, the preconditioned sharpness over it), ``preconditioned_sharpness``
+    (λ_max(SH), module docstring), ``trace``, ``trace_stderr``,
     ``sgd_trace_ratio`` (η·tr(H)/2, SGD), ``density_nodes``/``density_weights`` (arrays),
     ``hvps`` (all products this measurement took) and ``residual_max`` (largest relative
     residual of the top-k pairs).
@@ -140,29 +147,33 @@ class Hessian(Probe):
         extra_hvps = 0
         rule = stability_threshold(ctx.optimizer)
         lr = float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer is not None else math.nan
+        scaled = None  # S^{1/2} H S^{1/2}, S the optimizer's steps relative to group 0's (step_scales)
         if rule is not None:
             kind, threshold = rule
             values["threshold"] = threshold
-            if kind == "adam":
-                precond = adam_preconditioner(ctx.optimizer, ctx.model, list(fn.params))
-                if precond is not None:
-                    # P^{-1/2} H P^{-1/2} on the same first-order graph: no second graph is built
-                    scale = flatten([precond[n] for n in fn.params]).to(op.device, op.dtype).rsqrt()
-                    pop = LinearOperator(matvec=lambda v: scale * op.matvec(scale * v), size=op.size,
-                                         dtype=op.dtype, device=op.device)
-                    pre = lanczos_eigsh(pop, k=1, which="top", tol=self.tol, max_iters=self.max_iters,
-                                        generator=self._generator(2))
-                    values["preconditioned_sharpness"] = float(pre.values[0])
-                    values["sharpness_ratio"] = float(pre.values[0]) / threshold
-                    extra_hvps = pop.matvecs
-            else:
+            scales = step_scales(ctx.optimizer, ctx.model, list(fn.params))
+            if scales is not None:
+                # on the same first-order graph: no second graph is built
+                root = flatten([scales[n] for n in fn.params]).to(op.device, op.dtype).sqrt()
+                scaled = LinearOperator(matvec=lambda v: root * op.matvec(root * v), size=op.size,
+                                        dtype=op.dtype, device=op.device)
+                pre = lanczos_eigsh(scaled, k=1, which="top", tol=self.tol, max_iters=self.max_iters,
+                                    generator=self._generator(2))
+                values["preconditioned_sharpness"] = float(pre.values[0])
+                values["sharpness_ratio"] = float(pre.values[0]) / threshold
+            elif kind != "adam":
                 values["sharpness_ratio"] = values["sharpness"] / threshold
         if self.trace:
             estimate = hutch_plus_plus(op, samples=self.trace_samples, generator=self._generator(3))
             values["trace"] = estimate.value
             values["trace_stderr"] = estimate.stderr
             if isinstance(ctx.optimizer, torch.optim.SGD):
-                values["sgd_trace_ratio"] = lr * estimate.value / 2
+                # η₀·tr(SH)/2: with one learning rate tr(H) itself, else a trace of its own
+                weighted = estimate if scaled is None else hutch_plus_plus(
+                    scaled, samples=self.trace_samples, generator=self._generator(3))
+                values["sgd_trace_ratio"] = lr * weighted.value / 2
+        if scaled is not None:
+            extra_hvps = scaled.matvecs
         if self.density:
             density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),
                           generator=self._generator(4))

@@ -319,6 +319,17 @@ def test_adam_preconditioner_is_read_from_the_optimizer_state(amsgrad: bool) -> 
     assert torch.allclose(p.detach() - before, -1e-3 * m_t / precond_next, atol=1e-12)
 
 
+def test_adam_preconditioner_of_parameters_adam_does_not_move_is_a_clear_error() -> None:
+    model, (x, y) = _mlp()
+    optimizer = torch.optim.Adam(model[4].parameters(), lr=1e-3)
+    LOSS(model(x), y).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"no state for the parameters \['0.weight'.*pass params="):
+        dl.hessian_eigenvalues(model, LOSS, (x, y), preconditioner=optimizer)
+    found = dl.hessian_eigenvalues(model, LOSS, (x, y), preconditioner=optimizer, params=["4.weight", "4.bias"])
+    assert found.converged and found.max > 0
+
+
 # ----------------------------------------------------------------------------- no side effects
 
 

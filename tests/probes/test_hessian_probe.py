@@ -3,6 +3,7 @@ that it neither changes training nor stops it."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -112,3 +113,67 @@ def test_non_finite_loss_is_recorded_as_an_event_and_training_goes_on(tmp_path) 
         _train(model, optimizer, _setup()[1], 2, lens)
     events = dl.load_run(tmp_path).events()
     assert events["message"].str.contains("non-finite").any()
+
+
+def _dense_hessian(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """The oracle: the full Hessian of the mean loss in float64 (torch.autograd.functional)."""
+    from torch.func import functional_call
+
+    model = copy.deepcopy(model).double()
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        params, i = {}, 0
+        for name, shape in shapes:
+            params[name] = v[i:i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return LOSS(functional_call(model, params, (batch[0].double(),)), batch[1])
+
+    matrix = torch.autograd.functional.hessian(loss, flat)
+    return (matrix + matrix.T) / 2
+
+
+def _scaled_top(matrix: torch.Tensor, scales: torch.Tensor) -> float:
+    root = scales.double().sqrt()
+    return float(torch.linalg.eigvalsh(root[:, None] * matrix * root[None, :])[-1])
+
+
+def test_sgd_groups_with_other_learning_rates_compare_the_lr_weighted_sharpness(tmp_path) -> None:  # noqa: ANN001
+    """Group 0 at η₀ = 0.1, the output layer at 0.02: GD is stable while λ_max(SH) ≤ 2/η₀ with
+    S = η_g/η₀ per entry (0.2 on the output layer), and SGD's trace ratio is η₀·tr(SH)/2."""
+    model, batch = _setup()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()},
+                                 {"params": model[2].parameters(), "lr": 0.02}], lr=0.1)
+    probe = dl.probes.Hessian(every=2, lambda_min=False, trace_samples=240)  # 240/3 > P: exact trace
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+        _train(model, optimizer, batch, 2, lens)
+    dense = _dense_hessian(model, batch)
+    scales = torch.cat([torch.ones(5 * 8 + 8), torch.full((8 * 3 + 3,), 0.2)])
+    expected = _scaled_top(dense, scales)
+    run = dl.load_run(tmp_path)
+    assert run.events().empty
+    assert math.isclose(run.series("hessian", "preconditioned_sharpness")[2], expected, rel_tol=1e-6)
+    assert math.isclose(run.series("hessian", "sharpness_ratio")[2], expected / 20.0, rel_tol=1e-6)
+    assert math.isclose(run.series("hessian", "sharpness")[2], float(torch.linalg.eigvalsh(dense)[-1]), rel_tol=1e-6)
+    weighted_trace = float((scales.double() * dense.diagonal()).sum())
+    assert math.isclose(run.series("hessian", "sgd_trace_ratio")[2], 0.1 * weighted_trace / 2, rel_tol=1e-6)
+
+
+def test_adam_holding_some_of_the_parameters_compares_only_what_it_moves(tmp_path) -> None:  # noqa: ANN001
+    """Adam on the output layer alone: the hidden layer never moves (S = 0 there), so the
+    preconditioned sharpness is that of the output layer's block of P⁻¹H."""
+    from dynlens.measures.hessian import adam_preconditioner
+
+    model, batch = _setup()
+    optimizer = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+        _train(model, optimizer, batch, 3, lens)
+    precond = adam_preconditioner(optimizer, model)
+    assert set(precond) == {"2.weight", "2.bias"}
+    scales = torch.cat([torch.zeros(5 * 8 + 8), 1 / precond["2.weight"].reshape(-1), 1 / precond["2.bias"]])
+    run = dl.load_run(tmp_path)
+    assert run.events().empty
+    expected = _scaled_top(_dense_hessian(model, batch), scales)
+    assert math.isclose(run.series("hessian", "preconditioned_sharpness")[3], expected, rel_tol=1e-6)
