@@ -1,0 +1,79 @@
+"""Compiled and half-precision models on CUDA, measured as their eager float32 selves (skipped
+without a GPU): inductor code has no double backward, and bfloat16 products carry ~1e-2 error."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LOSS = nn.CrossEntropyLoss()
+
+
+class _Net(nn.Module):
+    """User code (dynamo compiles its frames): a small CNN with BatchNorm and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Tanh())
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def _case() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(32, 3, 8, 8, generator=g).cuda(), torch.randint(0, 5, (32,), generator=g).cuda())
+    return _Net().cuda().eval(), batch
+
+
+def test_an_inductor_compiled_model_is_measured_as_its_eager_module_and_trains_on() -> None:
+    model, batch = _case()
+    eager = dl.hessian_eigenvalues(model, LOSS, batch, k=2)
+    compiled = torch.compile(model)  # inductor: generated kernels, no double backward
+    compiled(batch[0])
+    found = dl.hessian_eigenvalues(compiled, LOSS, batch, k=2)
+    np.testing.assert_allclose(found.values, eager.values, rtol=1e-5)
+    in_place = copy.deepcopy(model)
+    in_place.compile()
+    in_place(batch[0])
+    np.testing.assert_allclose(dl.hessian_eigenvalues(in_place, LOSS, batch, k=2).values, eager.values, rtol=1e-5)
+    # the Lens on a compiled model in training: every probe measures, none fails
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with tempfile.TemporaryDirectory() as tmp:
+        with dl.Lens(compiled, LOSS, batch, optimizer, run_dir=tmp,
+                     probes=[type(p)(every=2) for p in dl.probes.default()]) as lens:
+            compiled.train()
+            for _ in range(4):
+                optimizer.zero_grad()
+                loss = LOSS(compiled(batch[0]), batch[1])
+                loss.backward()
+                optimizer.step()
+                lens.step(loss=loss)
+        run = dl.load_run(tmp)
+        assert run.events().empty, run.events().message.tolist()
+        assert {"hessian", "coherence"} <= set(run.probes())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_measured_as_its_float32_copy(dtype: torch.dtype) -> None:
+    model, (x, y) = _case()
+    half = model.to(dtype)
+    single = copy.deepcopy(half).float()  # the same (rounded) weights, in float32
+    xh = x.to(dtype)
+    for measure in (lambda m, b: dl.hessian_eigenvalues(m, LOSS, b, k=3).values,
+                    lambda m, b: torch.tensor(dl.hessian_trace(m, LOSS, b, samples=12).value),
+                    lambda m, b: torch.tensor(dl.gradient_coherence(m, LOSS, b).alpha)):
+        np.testing.assert_allclose(measure(half, (xh, y)), measure(single, (xh.float(), y)), rtol=1e-5)
+    assert all(p.dtype == dtype for p in half.parameters())
