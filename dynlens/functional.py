@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
@@ -274,6 +275,42 @@ def _eager(model: nn.Module) -> Iterator[None]:
             module._compiled_call_impl = impl
 
 
+class _RunDirectly:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction``: runs the function as is."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+def _no_checkpoint(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for ``torch.utils.checkpoint._checkpoint_without_reentrant_generator``, whose
+    caller runs the function between two steps of it: here, steps that do nothing."""
+    yield
+
+
+@contextlib.contextmanager
+def _checkpoints_run_directly() -> Iterator[None]:
+    """Run the blocks of activation checkpointing (``torch.utils.checkpoint.checkpoint``) as
+    plain calls. The reentrant kind (``use_reentrant=True``, torch's default before 2.4) refuses
+    ``torch.autograd.grad``, with which every measurement differentiates, and has no second
+    derivative; the non-reentrant kind recomputes its block in the backward pass, where the layer
+    hooks of the per-example gradients are gone. Checkpointing saves memory without changing a
+    value, and a measurement on a probe batch needs no saving. ``checkpoint`` looks both names up
+    when it is called, so calls through a name imported earlier are covered; both are restored
+    on exit."""
+    module = torch.utils.checkpoint
+    stand_ins = {"CheckpointFunction": _RunDirectly, "_checkpoint_without_reentrant_generator": _no_checkpoint}
+    originals = {name: getattr(module, name) for name in stand_ins if hasattr(module, name)}
+    try:
+        for name in originals:
+            setattr(module, name, stand_ins[name])
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
+
+
 def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
     """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
     try:
@@ -309,7 +346,8 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     Inside: every module is in ``mode`` ("eval": BatchNorm uses running statistics and dropout is
     off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
     generators are seeded with ``seed``, attention uses the math kernel, compiled modules run
-    eagerly (:func:`_eager`), and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
+    eagerly (:func:`_eager`), activation checkpoints run as plain calls
+    (:func:`_checkpoints_run_directly`), and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
     relative error would bound every eigenvalue's accuracy). On exit the modules' ``training``
     flags, the TF32 settings, the compiler's stance and the torch, CUDA, Python ``random`` and
     NumPy random states are restored exactly, also when the body raises.
@@ -330,7 +368,7 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             # product: no eigensolver converges below it. Measurements run in full float32.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-            with _sdpa_math_kernel(), _eager(model):
+            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly():
                 yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

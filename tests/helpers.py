@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +52,24 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, steps: int, 
             step += 1
             if step == steps:
                 return
+
+
+class Checkpointed(nn.Module):
+    """An MLP whose middle block runs under activation checkpointing (``use_reentrant``: True,
+    False, or None for no checkpointing, the oracle's model)."""
+
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 10)
+        self.block = nn.Sequential(nn.Linear(10, 10), nn.Tanh())
+        self.head = nn.Linear(10, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        if self.use_reentrant is not None:
+            h = checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        else:
+            h = self.block(h)
+        return self.head(h)

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 from helpers import bn_dropout_cnn, image_data, train
 
 import dynlens as dl
@@ -25,8 +26,19 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False):
-    model = bn_dropout_cnn()
+class _CheckpointedCNN(torch.nn.Module):
+    """bn_dropout_cnn run under non-reentrant activation checkpointing (dropout included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = bn_dropout_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=False)
+
+
+def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, checkpointed: bool = False):
+    model = _CheckpointedCNN() if checkpointed else bn_dropout_cnn()
     optimizer = make_optimizer(kind, model)
     data = image_data()
     random.seed(0)
@@ -47,12 +59,12 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False):
     return model, optimizer, after
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "sgd-compiled"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "sgd-compiled", "adam-checkpointed"])
 def test_training_with_all_probes_is_bit_identical_to_training_without(kind, tmp_path):
-    compiled = kind.endswith("-compiled")
-    plain, plain_opt, plain_rng = final_state(kind.split("-")[0], tmp_path, with_lens=False, compiled=compiled)
-    kind = kind.split("-")[0]
-    watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True, compiled=compiled)
+    kind, _, variant = kind.partition("-")
+    options = {"compiled": variant == "compiled", "checkpointed": variant == "checkpointed"}
+    plain, plain_opt, plain_rng = final_state(kind, tmp_path, with_lens=False, **options)
+    watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True, **options)
     for (name, a), (_, b) in zip(plain.named_parameters(), watched.named_parameters()):
         assert torch.equal(a, b), f"parameter {name} differs"
     for (name, a), (_, b) in zip(plain.named_buffers(), watched.named_buffers()):

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import Checkpointed
 from torch import nn
 
 import dynlens as dl
@@ -666,3 +667,19 @@ def test_a_bfloat16_model_is_measured_in_float32_at_its_own_weights(hooks):
         np.testing.assert_allclose(getattr(found, key), want[key], rtol=1e-4, err_msg=key)
     np.testing.assert_allclose(found.grad_norms, want["grad_norms"], rtol=1e-4)
     assert all(p.dtype == torch.bfloat16 for p in model16.parameters())
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("hooks", [True, False])
+def test_activation_checkpointing_gives_the_loop_numbers_of_the_plain_model(use_reentrant, hooks):
+    """Checkpointed blocks run as plain calls in a measurement: the layer hooks see one forward
+    and no recomputation, and vmap needs no autograd.Function support."""
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = classification_data()
+    plain = Checkpointed(None).double()
+    g, names = loop_gradients(plain, loss_fn, x, y)
+    want = reference(g, y.numpy(), _sizes(plain), names)
+    found = dl.gradient_coherence(Checkpointed(use_reentrant).double(), loss_fn, (x, y), hooks=hooks)
+    assert found.method.startswith("hooks" if hooks else "vmap")
+    for key in ("alpha", "m_coherence", "trace_sigma"):
+        np.testing.assert_allclose(getattr(found, key), want[key], rtol=1e-10, err_msg=key)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
 import pytest
 import torch
-from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import Checkpointed, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
@@ -415,6 +416,25 @@ def test_compiled_models_are_measured_through_their_eager_module() -> None:
     else:
         with pytest.raises(ValueError, match="torch >= 2.6"):
             dl.hessian_eigenvalues(inside, LOSS, batch, k=2, hvp="reuse")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_is_measured_as_the_plain_model(use_reentrant: bool) -> None:
+    """The reentrant kind refuses torch.autograd.grad and has no second derivative; the
+    non-reentrant kind recomputes its block in backward. Measurements run the blocks as plain
+    calls (the same values) and leave checkpointing in place for training."""
+    import torch.utils.checkpoint as ckpt
+
+    model, (x, y) = Checkpointed(use_reentrant).double(), _mlp()[1]
+    plain = Checkpointed(None).double()
+    exact = torch.linalg.eigvalsh(dense_hessian(plain, (x, y))).flip(0)[:3]
+    originals = (ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator)
+    for hvp in ("reuse", "forward_over_reverse"):
+        found = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, hvp=hvp)
+        assert _relative_error(found.values, exact) < 1e-8
+    assert (ckpt.CheckpointFunction, ckpt._checkpoint_without_reentrant_generator) == originals
+    with pytest.raises(RuntimeError, match=r"\.grad\(\)") if use_reentrant else contextlib.nullcontext():
+        torch.autograd.grad(LOSS(model(x), y), list(model.parameters()))  # what a measurement avoids
 
 
 # ----------------------------------------------------------------------------- bad input
