@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -311,6 +312,39 @@ def _checkpoints_run_directly() -> Iterator[None]:
             setattr(module, name, original)
 
 
+def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` from elementary operations: g·v/‖v‖ (the norm over every dimension
+    but ``dim``), the formula of its own non-fused branch."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+@contextlib.contextmanager
+def _weight_norm_composite() -> Iterator[None]:
+    """Weight normalisation from elementary operations inside a measurement.
+
+    The fused kernel (``_weight_norm_interface``) behind ``torch._weight_norm``, which both
+    ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``
+    call, has a wrong second derivative: its double backward holds the saved norms constant, and
+    Hessian-vector products through it were off by 32 to 36% (torch 2.3 and 2.13, against finite
+    differences of the gradient; tests/test_functional.py). It has no forward-mode derivative
+    either. The composite formula has the same values and exact derivatives of every order. Both
+    names are swapped (the older hook imported its own) and restored on exit."""
+    import torch.nn.utils.weight_norm  # noqa: F401 - the module, for the name it imported
+
+    hook_module = sys.modules.get("torch.nn.utils.weight_norm")
+    places = [(torch, "_weight_norm")]
+    if hook_module is not None and hasattr(hook_module, "_weight_norm"):
+        places.append((hook_module, "_weight_norm"))
+    originals = [(owner, name, getattr(owner, name)) for owner, name in places]
+    try:
+        for owner, name, _ in originals:
+            setattr(owner, name, _composite_weight_norm)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
     """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
     try:
@@ -347,7 +381,9 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
     generators are seeded with ``seed``, attention uses the math kernel, compiled modules run
     eagerly (:func:`_eager`), activation checkpoints run as plain calls
-    (:func:`_checkpoints_run_directly`), and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
+    (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
+    operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
+    and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
     relative error would bound every eigenvalue's accuracy). On exit the modules' ``training``
     flags, the TF32 settings, the compiler's stance and the torch, CUDA, Python ``random`` and
     NumPy random states are restored exactly, also when the body raises.
@@ -368,7 +404,7 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             # product: no eigensolver converges below it. Measurements run in full float32.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly():
+            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), _weight_norm_composite():
                 yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
