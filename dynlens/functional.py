@@ -345,6 +345,26 @@ def _weight_norm_composite() -> Iterator[None]:
             setattr(owner, name, original)
 
 
+@contextlib.contextmanager
+def _native_recurrent_kernels(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """cuDNN off for a CUDA model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``).
+
+    cuDNN's RNN backward runs only in training mode ("cudnn RNN backward can only be called in
+    training mode"), so a measurement in eval mode could not even take a gradient, and it has no
+    double backward. PyTorch's native kernels have both (Hessian-vector products within 3e-9 of
+    finite differences on an H100: ``benchmarks/second_derivatives.py``). The flag is global, so
+    the model's convolutions run without cuDNN too during the measurement; restored on exit."""
+    if device.type != "cuda" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        yield
+        return
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
+
+
 def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
     """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
     try:
@@ -383,7 +403,8 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     eagerly (:func:`_eager`), activation checkpoints run as plain calls
     (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
     operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
-    and TF32 is off (cuDNN convolutions use it by default; its ~1e-3
+    recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`), and
+    TF32 is off (cuDNN convolutions use it by default; its ~1e-3
     relative error would bound every eigenvalue's accuracy). On exit the modules' ``training``
     flags, the TF32 settings, the compiler's stance and the torch, CUDA, Python ``random`` and
     NumPy random states are restored exactly, also when the body raises.
@@ -404,7 +425,8 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             # product: no eigensolver converges below it. Measurements run in full float32.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), _weight_norm_composite():
+            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), _weight_norm_composite(), \
+                    _native_recurrent_kernels(model, device):
                 yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -1,5 +1,6 @@
-"""Compiled and half-precision models on CUDA, measured as their eager float32 selves (skipped
-without a GPU): inductor code has no double backward, and bfloat16 products carry ~1e-2 error."""
+"""Compiled, half-precision and recurrent models on CUDA (skipped without a GPU): inductor code
+has no double backward, bfloat16 products carry ~1e-2 error, and cuDNN's RNN backward runs only
+in training mode; each is measured as its eager float32 (native-kernel) self."""
 
 from __future__ import annotations
 
@@ -77,3 +78,32 @@ def test_a_half_precision_model_is_measured_as_its_float32_copy(dtype: torch.dty
                     lambda m, b: torch.tensor(dl.gradient_coherence(m, LOSS, b).alpha)):
         np.testing.assert_allclose(measure(half, (xh, y)), measure(single, (xh.float(), y)), rtol=1e-5)
     assert all(p.dtype == dtype for p in half.parameters())
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = kind(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_a_recurrent_model_in_eval_mode_is_measured_with_the_native_kernels(kind: type[nn.RNNBase]) -> None:
+    """The CPU's numbers on the same float64 model are the oracle; cuDNN stays on for training."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    model = _Recurrent(kind).double().eval()
+    on_cpu = dl.hessian_eigenvalues(model, LOSS, (x, y), k=2).values
+    coherence_cpu = dl.gradient_coherence(model, LOSS, (x, y)).alpha
+    model.cuda()
+    with pytest.raises(RuntimeError, match="training mode"):  # what the measurement avoids
+        LOSS(model(x.cuda()), y.cuda()).backward()
+    model.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(dl.hessian_eigenvalues(model, LOSS, (x, y), k=2).values, on_cpu, rtol=1e-8)
+    np.testing.assert_allclose(dl.gradient_coherence(model, LOSS, (x, y)).alpha, coherence_cpu, rtol=1e-8)
+    assert torch.backends.cudnn.enabled
+
