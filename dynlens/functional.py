@@ -325,9 +325,9 @@ def _weight_norm_composite() -> Iterator[None]:
     The fused kernel (``_weight_norm_interface``) behind ``torch._weight_norm``, which both
     ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``
     call, has a wrong second derivative: its double backward holds the saved norms constant, and
-    Hessian-vector products through it were off by 30 to 50% (torch 2.3, 2.11 and 2.13, against finite
-    differences of the gradient; tests/test_functional.py). It has no forward-mode derivative
-    either. The composite formula has the same values and exact derivatives of every order. Both
+    Hessian-vector products through it were off by 30 to 50% (torch 2.3, 2.11 and 2.13, against
+    finite differences of the gradient; tests/test_functional.py). It has no forward-mode
+    derivative either. The composite formula has the same values and exact derivatives of every order. Both
     names are swapped (the older hook imported its own) and restored on exit."""
     import torch.nn.utils.weight_norm  # noqa: F401 - the module, for the name it imported
 
