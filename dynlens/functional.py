@@ -327,8 +327,8 @@ def _weight_norm_composite() -> Iterator[None]:
     call, has a wrong second derivative: its double backward holds the saved norms constant, and
     Hessian-vector products through it were off by 30 to 50% (torch 2.3, 2.11 and 2.13, against
     finite differences of the gradient; tests/test_functional.py). It has no forward-mode
-    derivative either. The composite formula has the same values and exact derivatives of every order. Both
-    names are swapped (the older hook imported its own) and restored on exit."""
+    derivative either. The composite formula has the same values and exact derivatives of every
+    order. Both names are swapped (the older hook imported its own) and restored on exit."""
     import torch.nn.utils.weight_norm  # noqa: F401 - the module, for the name it imported
 
     hook_module = sys.modules.get("torch.nn.utils.weight_norm")
@@ -404,10 +404,12 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
     operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
     recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`), and
-    TF32 is off (cuDNN convolutions use it by default; its ~1e-3
-    relative error would bound every eigenvalue's accuracy). On exit the modules' ``training``
-    flags, the TF32 settings, the compiler's stance and the torch, CUDA, Python ``random`` and
-    NumPy random states are restored exactly, also when the body raises.
+    TF32 is off (cuDNN convolutions use it by default; its ~1e-3 relative error would bound every
+    eigenvalue's accuracy). On exit the modules' ``training`` flags, the TF32 and cuDNN settings,
+    the compiler's stance, the checkpoint and weight-norm functions and the torch, CUDA, Python
+    ``random`` and NumPy random states are restored exactly, also when the body raises. The
+    settings and functions are process-wide: another thread training at the same moment would
+    see them (the values are the same, the rounding and speed may differ).
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
@@ -448,7 +450,7 @@ class ModelFunction:
     device; none of them writes to the model. Call the methods inside :func:`isolated` (the
     measurements do) so that mode, RNG and attention kernel are those of a measurement.
 
-    Half precision: a float16 or bfloat16 parameter, buffer, input or target is computed with in
+    Half precision: a float16 or bfloat16 parameter, buffer, input or target is computed in
     float32, at the same values (a float32 copy; the model keeps its own tensors). Products of
     half-precision arithmetic carry ~1e-2 relative error, which no eigensolver or trace estimate
     can get below, and a half-precision Krylov basis cannot stay orthogonal. The cost is a float32
