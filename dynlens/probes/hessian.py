@@ -72,9 +72,8 @@ class Hessian(Probe):
     Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
     optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam, and for SGD whose groups'
     learning rates differ, the preconditioned sharpness over it), ``preconditioned_sharpness``
-    (λ_max(SH), module docstring), ``trace``, ``trace_stderr``,
-    ``sgd_trace_ratio`` (η·tr(H)/2, SGD), ``density_nodes``/``density_weights`` (arrays),
-    ``hvps`` (all products this measurement took) and ``residual_max`` (largest relative
+    (λ_max(SH), module docstring), ``trace``, ``trace_stderr``, ``sgd_trace_ratio`` (η·tr(H)/2,
+    SGD; η₀·tr(SH)/2 across groups), ``density_nodes``/``density_weights`` (arrays), ``hvps`` (all products this measurement took) and ``residual_max`` (largest relative
     residual of the top-k pairs).
 
     Cost per measurement: about (iterations of each Lanczos run + trace_samples +
