@@ -73,8 +73,9 @@ class Hessian(Probe):
     optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam, and for SGD whose groups'
     learning rates differ, the preconditioned sharpness over it), ``preconditioned_sharpness``
     (λ_max(SH), module docstring), ``trace``, ``trace_stderr``, ``sgd_trace_ratio`` (η·tr(H)/2,
-    SGD; η₀·tr(SH)/2 across groups), ``density_nodes``/``density_weights`` (arrays), ``hvps`` (all products this measurement took) and ``residual_max`` (largest relative
-    residual of the top-k pairs).
+    SGD; η₀·tr(SH)/2 across groups), ``density_nodes``/``density_weights`` (arrays), ``hvps``
+    (all products this measurement took) and ``residual_max`` (largest relative residual of the
+    top-k pairs).
 
     Cost per measurement: about (iterations of each Lanczos run + trace_samples +
     density_runs·density_iters) HVPs, each about two gradients on the probe batch.
