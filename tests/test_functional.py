@@ -347,6 +347,26 @@ def test_weight_norm_hessian_vector_products_match_finite_differences(style):
     assert not torch.allclose(fused_hv, expected, rtol=1e-2)  # the test can fail: the fused kernel is off
 
 
+def test_isolated_turns_the_users_autocast_off_and_back_on(problem):
+    """A measurement called inside the training loop's torch.autocast block runs in full
+    precision (the oracle: the same products outside autocast), and autocast is on again after."""
+    model, loss_fn, (x, y) = problem
+    model, batch = model.float(), (x.float(), y)  # autocast leaves float64 alone
+    v = torch.randn(sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    generator=torch.Generator().manual_seed(2))
+
+    def product() -> torch.Tensor:
+        with isolated(model):
+            assert not torch.is_autocast_cpu_enabled()
+            return ModelFunction(model, loss_fn, batch).curvature_products("hessian", "reuse")[0](v)
+
+    expected = product()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = product()
+        assert torch.is_autocast_cpu_enabled()
+    assert torch.equal(found, expected)
+
+
 # --- example_losses: each example's loss from batched outputs ------------------------------
 
 def _alone(loss_fn, outputs, targets):
