@@ -326,3 +326,45 @@ def test_an_exception_in_the_training_loop_stops_the_run_without_final_measureme
     assert run.series("counter", "step_seen").index.tolist() == [0, 4]  # no measurement at 6
     events = run.events()
     assert "training stopped at step 6: KeyboardInterrupt" in events.message.iloc[-1]
+
+
+class _UserNet(nn.Module):
+    """User code (dynamo compiles its frames, not torch.nn's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_compiled_model_keeps_training_on_its_compiled_code(tmp_path):
+    """The probes measure eagerly (compiled code has no double backward); training still runs the
+    code compiled once, with no recompilation after a measurement."""
+    compiles, runs = [], []
+
+    def backend(graph_module, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            runs.append(1)
+            return graph_module.forward(*args)
+        return run
+
+    torch.manual_seed(0)
+    model = _UserNet()
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    with dl.Lens(compiled, nn.CrossEntropyLoss(), (x[:16], y[:16]), optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=2), dl.probes.Coherence(every=2)]) as lens:
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss = nn.CrossEntropyLoss()(compiled(x), y)
+            loss.backward()
+            optimizer.step()
+            lens.step(loss=loss)
+    assert len(compiles) == 1 and len(runs) == 6
+    run = dl.load_run(tmp_path)
+    assert run.events().empty and len(run.series("hessian", "sharpness")) == 4
