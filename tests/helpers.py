@@ -73,3 +73,29 @@ class Checkpointed(nn.Module):
         else:
             h = self.block(h)
         return self.head(h)
+
+
+class UserNet(nn.Module):
+    """Linear, tanh, linear, defined in user code: dynamo compiles its frames (it leaves
+    torch.nn's own, such as nn.Sequential's, to run eagerly)."""
+
+    def __init__(self, d_in: int = 6, hidden: int = 16, d_out: int = 3) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d_in, hidden), nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def counting_backend(compiles: list[int], runs: list[int]):
+    """A torch.compile backend that runs the captured graph as it is, appending to ``compiles``
+    at each compilation and to ``runs`` at each call of compiled code."""
+    def backend(graph_module, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            runs.append(1)
+            return graph_module.forward(*args)
+        return run
+    return backend
+

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import UserNet, counting_backend
 from torch import nn
 
 from dynlens.functional import (
@@ -274,32 +275,14 @@ def test_unwrap_model_strips_compile_and_data_parallel_wrappers():
     assert unwrap_model(model) is model
 
 
-class _TwoLayers(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.tanh(self.a(x)))
-
-
-def _counting_backend(calls: list[int]):
-    """A torch.compile backend that runs the captured graph and counts the calls of compiled code."""
-    def backend(graph_module, example_inputs):
-        def run(*args):
-            calls.append(1)
-            return graph_module.forward(*args)
-        return run
-    return backend
-
-
 def test_isolated_runs_compiled_modules_eagerly_and_leaves_them_compiled():
     """Inside a measurement compiled code (no double backward) is bypassed; after it the model
     runs its compiled code again, as training expects."""
     calls: list[int] = []
-    model = _TwoLayers()  # a class of user code: dynamo does not compile torch.nn's own frames
-    model.compile(backend=_counting_backend(calls))  # compiled in place
-    x = torch.randn(5, 3)
+    torch._dynamo.reset()  # no compiled code cached by another test for UserNet.forward
+    model = UserNet()
+    model.compile(backend=counting_backend([], calls))  # compiled in place
+    x = torch.randn(5, 6)
     expected = model(x)
     assert len(calls) == 1
     with isolated(model):

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import UserNet, counting_backend
 from torch import nn
 
 import dynlens as dl
@@ -328,33 +329,14 @@ def test_an_exception_in_the_training_loop_stops_the_run_without_final_measureme
     assert "training stopped at step 6: KeyboardInterrupt" in events.message.iloc[-1]
 
 
-class _UserNet(nn.Module):
-    """User code (dynamo compiles its frames, not torch.nn's own)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.tanh(self.a(x)))
-
-
 def test_a_compiled_model_keeps_training_on_its_compiled_code(tmp_path):
     """The probes measure eagerly (compiled code has no double backward); training still runs the
     code compiled once, with no recompilation after a measurement."""
     compiles, runs = [], []
-
-    def backend(graph_module, example_inputs):
-        compiles.append(1)
-
-        def run(*args):
-            runs.append(1)
-            return graph_module.forward(*args)
-        return run
-
+    torch._dynamo.reset()  # no compiled code cached by another test for UserNet.forward
     torch.manual_seed(0)
-    model = _UserNet()
-    compiled = torch.compile(model, backend=backend)
+    model = UserNet()
+    compiled = torch.compile(model, backend=counting_backend(compiles, runs))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     with dl.Lens(compiled, nn.CrossEntropyLoss(), (x[:16], y[:16]), optimizer, run_dir=tmp_path,
