@@ -194,7 +194,10 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
             step = float(state["step"])
             # AMSGrad divides by the running maximum of the second moment
             second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            v_hat = second.detach() / (1 - beta2**step)
+            second = second.detach()
+            if second.dtype in (torch.float16, torch.bfloat16):  # a half-precision model's state
+                second = second.float()
+            v_hat = second / (1 - beta2**step)
             result[name] = (1 - beta1**step) * (v_hat.sqrt() + eps)
     return result or None
 
