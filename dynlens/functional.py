@@ -231,6 +231,20 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
 # ----------------------------------------------------------------------------- isolation
 
 
+@contextlib.contextmanager
+def _attributes_set(changes: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
+    """``setattr(owner, name, value)`` for each change inside, every original value restored on
+    exit (also when the body raises): how a measurement switches torch's settings and functions."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
+    try:
+        for owner, name, value in changes:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """``model`` without the wrappers that run it differently from its own ``forward``.
 
@@ -251,8 +265,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-@contextlib.contextmanager
-def _eager(model: nn.Module) -> Iterator[None]:
+def _eager(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     """Run compiled modules inside ``model`` eagerly (their compiled code has no double backward).
 
     torch >= 2.6: ``torch.compiler.set_stance("force_eager")``, which covers submodules wrapped by
@@ -262,18 +275,9 @@ def _eager(model: nn.Module) -> Iterator[None]:
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is not None:
-        with set_stance("force_eager"):
-            yield
-        return
-    compiled = [(m, m._compiled_call_impl) for m in model.modules()
-                if getattr(m, "_compiled_call_impl", None) is not None]
-    try:
-        for module, _ in compiled:
-            module._compiled_call_impl = None
-        yield
-    finally:
-        for module, impl in compiled:
-            module._compiled_call_impl = impl
+        return set_stance("force_eager")
+    return _attributes_set([(m, "_compiled_call_impl", None) for m in model.modules()
+                            if getattr(m, "_compiled_call_impl", None) is not None])
 
 
 class _RunDirectly:
@@ -290,8 +294,7 @@ def _no_checkpoint(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
-@contextlib.contextmanager
-def _checkpoints_run_directly() -> Iterator[None]:
+def _checkpoints_run_directly() -> contextlib.AbstractContextManager[Any]:
     """Run the blocks of activation checkpointing (``torch.utils.checkpoint.checkpoint``) as
     plain calls. The reentrant kind (``use_reentrant=True``, torch's default before 2.4) refuses
     ``torch.autograd.grad``, with which every measurement differentiates, and has no second
@@ -302,14 +305,8 @@ def _checkpoints_run_directly() -> Iterator[None]:
     on exit."""
     module = torch.utils.checkpoint
     stand_ins = {"CheckpointFunction": _RunDirectly, "_checkpoint_without_reentrant_generator": _no_checkpoint}
-    originals = {name: getattr(module, name) for name in stand_ins if hasattr(module, name)}
-    try:
-        for name in originals:
-            setattr(module, name, stand_ins[name])
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(module, name, original)
+    return _attributes_set([(module, name, stand_in) for name, stand_in in stand_ins.items()
+                            if hasattr(module, name)])
 
 
 def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
@@ -318,8 +315,7 @@ def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
-@contextlib.contextmanager
-def _weight_norm_composite() -> Iterator[None]:
+def _weight_norm_composite() -> contextlib.AbstractContextManager[Any]:
     """Weight normalisation from elementary operations inside a measurement.
 
     The fused kernel (``_weight_norm_interface``) behind ``torch._weight_norm``, which both
@@ -331,22 +327,12 @@ def _weight_norm_composite() -> Iterator[None]:
     order. Both names are swapped (the older hook imported its own) and restored on exit."""
     import torch.nn.utils.weight_norm  # noqa: F401 - the module, for the name it imported
 
-    hook_module = sys.modules.get("torch.nn.utils.weight_norm")
-    places = [(torch, "_weight_norm")]
-    if hook_module is not None and hasattr(hook_module, "_weight_norm"):
-        places.append((hook_module, "_weight_norm"))
-    originals = [(owner, name, getattr(owner, name)) for owner, name in places]
-    try:
-        for owner, name, _ in originals:
-            setattr(owner, name, _composite_weight_norm)
-        yield
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
+    owners = [torch, sys.modules.get("torch.nn.utils.weight_norm")]
+    return _attributes_set([(owner, "_weight_norm", _composite_weight_norm) for owner in owners
+                            if hasattr(owner, "_weight_norm")])
 
 
-@contextlib.contextmanager
-def _native_recurrent_kernels(model: nn.Module, device: torch.device) -> Iterator[None]:
+def _native_recurrent_kernels(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """cuDNN off for a CUDA model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``).
 
     cuDNN's RNN backward runs only in training mode ("cudnn RNN backward can only be called in
@@ -354,15 +340,8 @@ def _native_recurrent_kernels(model: nn.Module, device: torch.device) -> Iterato
     double backward. PyTorch's native kernels have both (Hessian-vector products within 3e-9 of
     finite differences on an H100: ``benchmarks/second_derivatives.py``). The flag is global, so
     the model's convolutions run without cuDNN too during the measurement; restored on exit."""
-    if device.type != "cuda" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        yield
-        return
-    enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = enabled
+    recurrent = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
+    return _attributes_set([(torch.backends.cudnn, "enabled", False)] if recurrent else [])
 
 
 @contextlib.contextmanager
@@ -415,17 +394,17 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
     operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
     recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`),
-    autocast is off (:func:`_full_precision`), and TF32 is off (cuDNN convolutions use it by default; its ~1e-3 relative error would bound every
-    eigenvalue's accuracy). On exit the modules' ``training`` flags, the TF32 and cuDNN settings,
-    the compiler's stance, the checkpoint and weight-norm functions and the torch, CUDA, Python
-    ``random`` and NumPy random states are restored exactly, also when the body raises. The
-    settings and functions are process-wide: another thread training at the same moment would
-    see them (the values are the same, the rounding and speed may differ).
+    autocast is off (:func:`_full_precision`), and TF32 is off (cuDNN convolutions use it by
+    default; its ~1e-3 relative error would bound every eigenvalue's accuracy). On exit the
+    modules' ``training`` flags, the TF32 and cuDNN settings, the compiler's stance, the
+    checkpoint and weight-norm functions and the torch, CUDA, Python ``random`` and NumPy random
+    states are restored exactly, also when the body raises. The settings and functions are
+    process-wide: another thread training at the same moment would see them (the values are the
+    same, the rounding and speed may differ).
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     flags = [(m, m.training) for m in model.modules()]
-    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     device = model_device(model)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     py_state = random.getstate()
@@ -436,13 +415,12 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             model.train(mode == "train")
             # TF32 (cuDNN's default for convolutions) carries ~1e-3 relative error into every
             # product: no eigensolver converges below it. Measurements run in full float32.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            with _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), _weight_norm_composite(), \
-                    _native_recurrent_kernels(model, device), _full_precision(device):
+            no_tf32 = _attributes_set([(torch.backends.cudnn, "allow_tf32", False),
+                                       (torch.backends.cuda.matmul, "allow_tf32", False)])
+            with no_tf32, _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), \
+                    _weight_norm_composite(), _native_recurrent_kernels(model, device), _full_precision(device):
                 yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         for module, flag in flags:
             module.training = flag
         random.setstate(py_state)
