@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from dynlens.functional import (
     ModelFunction,
+    _widened,
     batch_size,
     flatten,
     isolated,
@@ -194,10 +195,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module,
             step = float(state["step"])
             # AMSGrad divides by the running maximum of the second moment
             second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            second = second.detach()
-            if second.dtype in (torch.float16, torch.bfloat16):  # a half-precision model's state
-                second = second.float()
-            v_hat = second / (1 - beta2**step)
+            v_hat = _widened(second.detach()) / (1 - beta2**step)  # a half-precision state in float32
             result[name] = (1 - beta1**step) * (v_hat.sqrt() + eps)
     return result or None
 
@@ -216,13 +214,13 @@ def step_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
     """
     model = unwrap_model(model)
     lr0 = float(optimizer.param_groups[0]["lr"])
-    by_param = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    by_param = {id(p): n for n, p in params.items()}
     rate: dict[str, float] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) in by_param:
                 rate[by_param[id(p)]] = float(group["lr"]) / lr0
-    params = dict(model.named_parameters())
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         precond = adam_preconditioner(optimizer, model, names)
         if precond is None:
