@@ -17,7 +17,16 @@ tensors that are dropped) and restores every buffer.
 
 Failures: anything a probe raises is caught; its traceback is stored as an "error" event and
 training goes on. A probe that fails ``max_failures`` times in a row is switched off with a
-"warning" event.
+"warning" event. An out-of-memory error is not a failure of the probe: the memory is released,
+the measurement is tried once more with half the memory allowance, and if that runs out too it
+is deferred with a "warning" event.
+
+Cost (:mod:`dynlens.budget`): ``lens.step()`` never waits for the GPU. A loss passed as a device
+tensor stays on the device; batches of losses reach the host through asynchronous copies, and
+are written to the run when they have arrived (at the latest when probes next run, and at
+``close()``). The Lens synchronises the device only around measurements, times them, defers
+those that would break the time budget (``budget=``, 5% of wall time by default) and tells each
+measurement how much device memory it may take (``memory_budget=``).
 """
 
 from __future__ import annotations
@@ -37,8 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import __version__
+from dynlens.budget import DEFAULT_BUDGET, MemoryBudget, MemoryBudgetTooSmall, TimeBudget
 from dynlens.functional import (
     ModelFunction,
+    OutOfMemoryError,
+    _synchronize,
     check_loss,
     isolated,
     model_device,
@@ -46,7 +58,7 @@ from dynlens.functional import (
     unwrap_model,
 )
 from dynlens.probes.base import Context, Probe
-from dynlens.store import RunWriter
+from dynlens.store import RunWriter, costs_frame
 
 __all__ = ["Lens"]
 
@@ -83,7 +95,8 @@ def _optimizer_summary(optimizer: torch.optim.Optimizer | None) -> dict[str, Any
     }
 
 
-def _as_float(loss: Any) -> float | None:
+def _checked_loss(loss: Any) -> Tensor | float | None:
+    """The step's loss as given (a detached tensor stays where it is), or a clear error."""
     if loss is None:
         return None
     if isinstance(loss, Tensor):
@@ -92,8 +105,59 @@ def _as_float(loss: Any) -> float | None:
                 f"lens.step(loss=...) got a tensor of shape {tuple(loss.shape)}; pass the scalar "
                 "mean loss of the step (or nothing)"
             )
-        return float(loss.detach().item())
+        return loss.detach()
     return float(loss)
+
+
+class _DeviceScalars:
+    """Per-step scalars that are device tensors, brought to the host without waiting for the GPU.
+
+    ``add`` keeps the tensor (a 0-dim tensor the step computed anyway); every ``batch`` values are
+    stacked on the device and copied to pinned host memory asynchronously, with a CUDA event
+    recorded behind the copy. ``collect`` writes the batches whose copies have finished to the
+    step log (``block=True`` waits for all of them: probes are about to synchronise anyway, or
+    the run is closing). CPU tensors are written at once.
+    """
+
+    def __init__(self, writer: RunWriter, batch: int = 64) -> None:
+        self.writer = writer
+        self.batch = batch
+        self.pending: list[tuple[int, str, str, Tensor]] = []
+        self.in_flight: list[tuple[list[tuple[int, str, str]], Tensor, Any]] = []
+
+    def add(self, step: int, probe: str, name: str, value: Tensor) -> None:
+        if value.device.type != "cuda":
+            self.writer.step_scalar(step, probe, name, float(value))
+            return
+        self.pending.append((step, probe, name, value))
+        if len(self.pending) >= self.batch:
+            self._launch()
+        if self.in_flight:
+            self.collect(block=False)
+
+    def _launch(self) -> None:
+        keys = [(step, probe, name) for step, probe, name, _ in self.pending]
+        values = torch.stack([v.reshape(()).to(torch.float64) for *_, v in self.pending])
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.in_flight.append((keys, host, event))
+        self.pending = []
+
+    def collect(self, block: bool) -> None:
+        """Write the batches whose copies have arrived (all of them with ``block``)."""
+        if block and self.pending:
+            self._launch()
+        while self.in_flight:
+            keys, host, event = self.in_flight[0]
+            if block:
+                event.synchronize()
+            elif not event.query():
+                return
+            for (step, probe, name), value in zip(keys, host.tolist(), strict=True):
+                self.writer.step_scalar(step, probe, name, value)
+            self.in_flight.pop(0)
 
 
 def _default_probes() -> list[Probe]:
@@ -106,6 +170,34 @@ def _basic_probes() -> list[Probe]:
     from dynlens import probes
 
     return probes.basic()
+
+
+class _TooLittleMemory:
+    """A measurement that declined to start: its memory allowance could not hold it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _OutOfMemory:
+    """A measurement that ran out of device memory (its message; the exception is dropped)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give the memory of a failed measurement back: collect its tensors' cycles, and on a GPU
+    return the cached blocks to the device so that a retry can use them."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _free_memory(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 class Lens:
@@ -131,6 +223,15 @@ class Lens:
         seed: seed of dropout in ``mode="train"`` measurements.
         overwrite: replace a run already in ``run_dir``.
         max_failures: consecutive failures after which a probe is switched off.
+        budget: the share of the run's wall time all probes together may take (default 0.05);
+            a due measurement that would break it waits (schedules then mean "at most this
+            often"; the longest-waiting probe goes first). The measurements at step 0 always
+            run, and are paid back by later deferrals. The basic probes are never deferred.
+            None: every probe exactly on schedule. See :mod:`dynlens.budget`.
+        memory_budget: device memory the probes may add to the training's own peak: bytes, a
+            fraction of the device's memory, or None (automatic: half the training's peak on a
+            GPU, no limit on the CPU). Measurements split their work to fit it (Hessian-vector
+            products over sub-batches, per-example gradients in chunks).
 
     Raises:
         ValueError / TypeError: the model, loss or probe batch cannot be measured (the message
@@ -154,6 +255,8 @@ class Lens:
         seed: int = 0,
         overwrite: bool = False,
         max_failures: int = 3,
+        budget: float | None = DEFAULT_BUDGET,
+        memory_budget: float | int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -161,6 +264,7 @@ class Lens:
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.budget = TimeBudget(budget)
         model = unwrap_model(model)  # measure the module inside a torch.compile or DDP wrapper
         self.model = model
         self.loss_fn = loss_fn
@@ -172,6 +276,8 @@ class Lens:
         self.probes = self._resolve_probes(probes, basic)
 
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.memory = MemoryBudget(sum(p.numel() * p.element_size() for _, p in trainable),
+                                   model_device(model), memory_budget)
         self.layers: list[str] = list(dict.fromkeys(_layer_of(n) for n, _ in trainable))
         self.layer_index = [self.layers.index(_layer_of(n)) for n, _ in trainable]
 
@@ -198,16 +304,22 @@ class Lens:
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "argv": list(sys.argv),
             "status": "running",
+            "budget": budget,
+            "memory_budget": memory_budget,
         })
         self.step_count = 0
         self.closed = False
         self._failures = {p.name: 0 for p in self.probes}
         self._disabled: set[str] = set()
         self._last_measured = {p.name: -1 for p in self.probes}
+        self._waiting: dict[str, int] = {}  # probe -> the step it fell due, while it waits
+        self._device_scalars = _DeviceScalars(self.writer)
+        self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         ctx = self._context(loss=None)
         for probe in self.probes:
             self._guarded(probe, "setup", lambda p=probe: p.setup(ctx))
-        self._run_probes(self.probes, ctx)
+        self._waiting = {p.name: 0 for p in self.probes}
+        self._run_due(ctx, initial=True)
         self._prepare_next(ctx)
         self.writer.commit()
 
@@ -260,25 +372,30 @@ class Lens:
 
     # ------------------------------------------------------------------ the step
 
-    def _context(self, loss: float | None) -> Context:
+    def _context(self, loss: Tensor | float | None) -> Context:
         return Context(
             model=self.model, loss_fn=self.loss_fn, probe_batch=self.probe_batch,
-            optimizer=self.optimizer, step=self.step_count, loss=loss, seed=self.seed,
+            optimizer=self.optimizer, step=self.step_count,
+            loss=float(loss) if loss is not None else None, seed=self.seed,
             layers=self.layers, layer_index=self.layer_index,
         )
 
     def step(self, loss: Tensor | float | None = None) -> None:
         """Record one optimizer step: loss and learning rate, then the probes that are due.
 
-        Call it after ``optimizer.step()``. Never raises for a probe's failure; everything it
-        recorded is committed to disk before it returns.
+        Call it after ``optimizer.step()``. Never raises for a probe's failure and never waits for
+        the GPU unless a probe runs: a loss on the GPU reaches the run database once its
+        asynchronous copy has arrived (at the latest when probes next run or at ``close()``);
+        everything else recorded is on disk before it returns.
         """
         if self.closed:
             raise RuntimeError("lens.step() after lens.close(); create a new Lens for a new run")
-        value = _as_float(loss)
+        value = _checked_loss(loss)
         self.step_count += 1
         step = self.step_count
-        if value is not None:
+        if isinstance(value, Tensor):
+            self._device_scalars.add(step, "train", "loss", value)
+        elif value is not None:
             self.writer.step_scalar(step, "train", "loss", value)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
@@ -287,35 +404,116 @@ class Lens:
                     lr = lr.item()
                 if lr is not None:
                     self.writer.step_scalar(step, "train", "lr" if i == 0 else f"lr/{i}", float(lr))
-        ctx = self._context(value)
-        self._run_probes([p for p in self.probes if p.due(step)], ctx)
-        self._prepare_next(ctx)
+        for probe in self.probes:
+            if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
+                self._waiting[probe.name] = step
+        if self._waiting:
+            self._run_due(self._context(None), loss=value)
+        self._prepare_next()
         self.writer.commit()
 
-    def _prepare_next(self, ctx: Context) -> None:
+    def _prepare_next(self, ctx: Context | None = None) -> None:
         nxt = self.step_count + 1
         for probe in self.probes:
-            if probe.name not in self._disabled and probe.due(nxt):
+            if probe.name not in self._disabled and (probe.name in self._waiting or probe.due(nxt)):
+                ctx = ctx or self._context(None)
                 self._guarded(probe, "prepare", lambda p=probe: p.prepare(ctx))
 
-    def _run_probes(self, probes: Iterable[Probe], ctx: Context) -> None:
-        for probe in probes:
-            if probe.name in self._disabled or self._last_measured[probe.name] == ctx.step:
-                continue
-            self._last_measured[probe.name] = ctx.step
-            start = time.perf_counter()
-            values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
-            if values is not None and self._record(ctx.step, probe, values, time.perf_counter() - start):
-                self._failures[probe.name] = 0
+    def _exempt(self, probe: Probe) -> bool:
+        """Probes that never wait for the budget: the basic ones (a few passes over the
+        parameters, untimed, never running the model)."""
+        return not probe.timed or not probe.isolate
+
+    def _run_due(self, ctx: Context, initial: bool = False, loss: Tensor | float | None = None) -> None:
+        """Run the waiting probes that the budget allows, the longest-waiting first."""
+        order = {p.name: i for i, p in enumerate(self.probes)}
+        runnable = []
+        for name in sorted(self._waiting, key=lambda n: (self._waiting[n], order[n])):
+            probe = self.probes[order[name]]
+            if name in self._disabled:
+                del self._waiting[name]
+            elif initial or self._exempt(probe) or self.budget.fits(name):
+                runnable.append(probe)
+            elif self._waiting[name] == ctx.step:
+                self.budget.defer(name)  # counted once, when it first has to wait
+        if not runnable:
+            return
+        _synchronize(self.model_device)  # measurements are timed alone; the loss copies have landed
+        self._device_scalars.collect(block=True)
+        if loss is not None:
+            ctx.loss = float(loss)
+        measured = False
+        for probe in runnable:
+            if self._exempt(probe) or initial or self.budget.fits(probe.name):
+                del self._waiting[probe.name]
+                measured |= self._measure(probe, ctx)
+        if measured:
+            self.writer.set_meta({"costs": self._cost_record()})
+
+    def _measure(self, probe: Probe, ctx: Context) -> bool:
+        """Take one measurement of ``probe`` (timed, memory-bounded, OOM-guarded); True if it ran."""
+        if probe.name in self._disabled or self._last_measured[probe.name] == ctx.step:
+            return False
+        self._last_measured[probe.name] = ctx.step
+        in_use = self.memory.note_probe_start()
+        ctx.allowance = self.budget.allowance()
+        ctx.memory = self.memory.allowance()
+        start = time.perf_counter()
+        values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
+        if isinstance(values, _OutOfMemory):
+            values = self._retry_smaller(probe, ctx, values)
+        elif isinstance(values, _TooLittleMemory):
+            # nothing was computed: it waits until training's own peak leaves it room
+            self._last_measured[probe.name] = -1
+            self._waiting.setdefault(probe.name, ctx.step)
+            if self.budget.cost(probe.name).deferred == 0:
+                self.writer.event(ctx.step, "info", probe.name, values.message)
+            self.budget.defer(probe.name)
+            return False
+        _synchronize(self.model_device)
+        seconds = time.perf_counter() - start
+        self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use),
+                           values.get("hvps") if isinstance(values, dict) else None)
+        self.memory.note_probe_end()
+        if values is not None and self._record(ctx.step, probe, values, seconds):
+            self._failures[probe.name] = 0
+        return True
+
+    def _retry_smaller(self, probe: Probe, ctx: Context, first: _OutOfMemory) -> Any:
+        """After an out-of-memory error: release the memory, try once with half the allowance,
+        then give up on this step with a warning event (not a failure of the probe)."""
+        _release_memory(self.model_device)
+        limit = ctx.memory if ctx.memory is not None else _free_memory(self.model_device)
+        ctx.memory = None if limit is None else limit // 2
+        values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
+        if not isinstance(values, _OutOfMemory):
+            return values
+        _release_memory(self.model_device)
+        self.writer.event(
+            ctx.step, "warning", probe.name,
+            f"{probe.name} ran out of device memory at step {ctx.step} ({first.message}), and again "
+            f"with half the memory ({values.message}); the measurement was skipped and training "
+            "went on. Pass a smaller probe batch or memory_budget= to give it less to hold")
+        self.budget.defer(probe.name)
+        return None
 
     def _guarded(self, probe: Probe, what: str, call: Callable[[], Any]) -> Any:
-        """Run a probe's hook isolated; on failure record the error and maybe switch it off."""
+        """Run a probe's hook isolated; on failure record the error and maybe switch it off.
+        An out-of-memory error of ``measure`` comes back as an :class:`_OutOfMemory` (the
+        exception and its frames are dropped here, so their tensors can be freed)."""
         try:
             if not probe.isolate:
                 result = call()
             else:
                 with isolated(self.model, probe.mode, self.seed):
                     result = call() if probe.pure else self._protected(call)
+        except MemoryBudgetTooSmall as err:
+            return _TooLittleMemory(f"{probe.name} waits for memory at step {self.step_count}: {err}")
+        except OutOfMemoryError as err:
+            if what != "measure":
+                self._fail(probe, what, err)
+                return None
+            return _OutOfMemory(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         except Exception as err:  # noqa: BLE001 - a probe must never stop training
             self._fail(probe, what, err)
             return None
@@ -381,6 +579,25 @@ class Lens:
             self.writer.scalar(step, "lens", f"seconds/{probe.name}", seconds)
         return True
 
+    # ------------------------------------------------------------------ costs
+
+    @property
+    def model_device(self) -> torch.device:
+        """The device the model (and so every measurement) is on."""
+        return self.memory.device
+
+    def _cost_record(self) -> dict[str, Any]:
+        return {**self.budget.record(), "memory_budget": self.memory.extra}
+
+    def costs(self) -> Any:
+        """What the probes have cost this run so far, a pandas DataFrame with one row per probe:
+        ``measurements``, ``seconds`` (their wall time, the device synchronised around each),
+        ``share`` (of the run's wall time since the Lens was created), ``deferred`` (due
+        measurements the time budget postponed), ``peak_memory`` (bytes: the most a
+        measurement's allocations reached beyond what was in use when it started, at most; NaN
+        on the CPU) and ``products`` (Hessian-vector products, where a probe reports them)."""
+        return costs_frame(self._cost_record())
+
     # ------------------------------------------------------------------ closing
 
     @property
@@ -398,7 +615,13 @@ class Lens:
             return
         try:
             if measure:
-                self._run_probes(self.probes, self._context(None))
+                # the final state, for every probe the budget allows (and any still waiting)
+                for probe in self.probes:
+                    if self._last_measured[probe.name] != self.step_count:
+                        self._waiting.setdefault(probe.name, self.step_count)
+                self._run_due(self._context(None))
+            self._device_scalars.collect(block=True)
+            self.writer.set_meta({"costs": self._cost_record()})
             self.writer.set_meta({"status": status, "steps": self.step_count,
                                   "finished": _dt.datetime.now(_dt.timezone.utc).isoformat()})
             self.writer.commit()

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["RunWriter", "Run", "load_run", "RunError", "RunInUseError", "SCHEMA_VERSION", "DB_NAME"]
+__all__ = ["RunWriter", "Run", "load_run", "RunError", "RunInUseError", "SCHEMA_VERSION", "DB_NAME",
+           "COST_COLUMNS", "costs_frame"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "dynlens.sqlite"
@@ -65,6 +66,34 @@ CREATE INDEX IF NOT EXISTS arrays_by_probe ON arrays (probe, name, step);
 """
 
 _ARRAY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+COST_COLUMNS = ["probe", "measurements", "seconds", "share", "deferred", "peak_memory", "products"]
+
+
+def costs_frame(costs: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The table of what each probe cost a run, from the ``costs`` record the Lens keeps (the
+    run's meta key ``costs``): one row per probe with ``measurements`` (how many it took),
+    ``seconds`` (their total wall time), ``share`` (seconds over the run's wall time so far),
+    ``deferred`` (due measurements the time budget postponed or skipped), ``peak_memory`` (the
+    most device memory, bytes, one measurement took beyond what was in use before it; NaN on the
+    CPU) and ``products`` (Hessian-vector products, where the probe reports them)."""
+    costs = costs or {}
+    wall = float(costs.get("wall_seconds") or 0.0)
+    rows = []
+    for name, c in (costs.get("probes") or {}).items():
+        seconds = float(c.get("seconds", 0.0))
+        peak = c.get("peak_memory")
+        rows.append({
+            "probe": name,
+            "measurements": int(c.get("measurements", 0)),
+            "seconds": seconds,
+            "share": seconds / wall if wall > 0 else math.nan,
+            "deferred": int(c.get("deferred", 0)),
+            "peak_memory": math.nan if peak is None else float(peak),
+            "products": float(c["products"]) if c.get("products") is not None else math.nan,
+        })
+    return pd.DataFrame(rows, columns=COST_COLUMNS)
 
 
 class RunError(Exception):
@@ -397,6 +426,12 @@ class Run:
         """Events as a DataFrame with columns step, time, level, probe, message, traceback."""
         rows = self._query("SELECT step, time, level, probe, message, traceback FROM events ORDER BY rowid")
         return pd.DataFrame(rows, columns=["step", "time", "level", "probe", "message", "traceback"])
+
+    def costs(self) -> pd.DataFrame:
+        """What each probe cost the run (see :func:`costs_frame`), as the Lens last recorded it;
+        the run's budget and wall time are in ``run.meta["costs"]``. Empty for a run written
+        before costs were recorded."""
+        return costs_frame(self.meta.get("costs"))
 
     def probes(self) -> list[str]:
         """Names of the probes that recorded anything, in the order they were attached."""

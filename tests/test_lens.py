@@ -45,7 +45,7 @@ class Counter(dl.Probe):
 def test_steps_are_counted_from_zero_and_probes_measure_at_zero_schedule_and_close(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=4)], basic=False) as lens:
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=4)], basic=False, budget=None) as lens:
         sgd_steps(model, loss_fn, batch, opt, lens, 10)
     run = dl.load_run(tmp_path)
     seen = run.series("counter", "step_seen")
@@ -61,7 +61,7 @@ def test_steps_are_counted_from_zero_and_probes_measure_at_zero_schedule_and_clo
 def test_close_does_not_measure_twice_at_a_step_already_measured(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=5)], basic=False)
+    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=5)], basic=False, budget=None)
     sgd_steps(model, loss_fn, batch, opt, lens, 10)
     lens.close()
     lens.close()
@@ -79,7 +79,7 @@ def test_schedules_at_and_log_are_honoured(tmp_path):
         name = "log_probe"
 
     probes = [AtProbe(at=[3, 7]), LogProbe(schedule=dl.schedules.log(1, per_decade=3))]
-    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=probes, basic=False) as lens:
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=probes, basic=False, budget=None) as lens:
         sgd_steps(model, loss_fn, batch, opt, lens, 25)
     run = dl.load_run(tmp_path)
     assert run.series("at_probe", "step_seen").index.tolist() == [0, 3, 7, 25]
@@ -91,7 +91,7 @@ def test_basic_probes_match_values_computed_by_hand(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     initial = [p.detach().clone() for p in model.parameters()]
     every_step = [type(p)(every=1) for p in dl.probes.basic()]
-    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=every_step)
+    lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=every_step, budget=None)
     sgd_steps(model, loss_fn, batch, opt, lens, 4)
     before = [p.detach().clone() for p in model.parameters()]
     sgd_steps(model, loss_fn, batch, opt, lens, 1)
@@ -131,7 +131,7 @@ class Exploding(dl.Probe):
 def test_a_failing_probe_never_stops_training_and_its_traceback_is_stored(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Exploding(fail_at={2, 5})]) as lens:
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Exploding(fail_at={2, 5})], budget=None) as lens:
         sgd_steps(model, loss_fn, batch, opt, lens, 8)
         assert lens.disabled == []
     run = dl.load_run(tmp_path)
@@ -149,7 +149,7 @@ def test_a_probe_failing_three_times_in_a_row_is_switched_off_with_a_warning(tmp
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="switched off"):
         with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path,
-                     probes=[Exploding(fail_at={3, 4, 5, 6})]) as lens:
+                     probes=[Exploding(fail_at={3, 4, 5, 6})], budget=None) as lens:
             sgd_steps(model, loss_fn, batch, opt, lens, 9)
             assert lens.disabled == ["exploding"]
     run = dl.load_run(tmp_path)
@@ -168,7 +168,7 @@ def test_a_probe_returning_garbage_is_a_recorded_failure(tmp_path):
             return {"bad": object()}
 
     model, loss_fn, batch = tiny_problem()
-    with dl.Lens(model, loss_fn, batch, run_dir=tmp_path, probes=[Garbage()], basic=False):
+    with dl.Lens(model, loss_fn, batch, run_dir=tmp_path, probes=[Garbage()], basic=False, budget=None):
         pass
     assert "return floats or arrays" in dl.load_run(tmp_path).events().message.iloc[0]
 
@@ -215,30 +215,30 @@ def test_a_run_killed_with_sigkill_keeps_every_step_that_step_returned_from(tmp_
     assert run.meta["status"] == "running"
     # the killed process released its lock: a new Lens may take over the directory
     model, loss_fn, batch = tiny_problem()
-    dl.Lens(model, loss_fn, batch, run_dir=run_dir, overwrite=True).close()
+    dl.Lens(model, loss_fn, batch, run_dir=run_dir, overwrite=True, budget=None).close()
 
 
 def test_model_without_trainable_parameters_is_a_clear_error(tmp_path):
     model, loss_fn, batch = tiny_problem()
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters.*unfreeze"):
-        dl.Lens(model, loss_fn, batch, run_dir=tmp_path)
+        dl.Lens(model, loss_fn, batch, run_dir=tmp_path, budget=None)
 
 
 def test_non_scalar_loss_is_a_clear_error(tmp_path):
     model, _, batch = tiny_problem()
     with pytest.raises(ValueError, match=r"shape \(32,\).*mean loss \(a scalar\)"):
-        dl.Lens(model, nn.CrossEntropyLoss(reduction="none"), batch, run_dir=tmp_path)
+        dl.Lens(model, nn.CrossEntropyLoss(reduction="none"), batch, run_dir=tmp_path, budget=None)
 
 
 def test_probe_batch_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
     model, loss_fn, _ = tiny_problem()
     with pytest.raises(ValueError, match="probe_batch does not fit the model.*RuntimeError"):
-        dl.Lens(model, loss_fn, (torch.randn(8, 5), torch.zeros(8, dtype=torch.long)), run_dir=tmp_path)
+        dl.Lens(model, loss_fn, (torch.randn(8, 5), torch.zeros(8, dtype=torch.long)), run_dir=tmp_path, budget=None)
     with pytest.raises(ValueError, match="probe_batch does not fit the loss"):
-        dl.Lens(model, loss_fn, (torch.randn(8, 4), torch.zeros(5, dtype=torch.long)), run_dir=tmp_path)
+        dl.Lens(model, loss_fn, (torch.randn(8, 4), torch.zeros(5, dtype=torch.long)), run_dir=tmp_path, budget=None)
     with pytest.raises(TypeError, match=r"pair \(inputs, targets\)"):
-        dl.Lens(model, loss_fn, torch.randn(8, 4), run_dir=tmp_path)
+        dl.Lens(model, loss_fn, torch.randn(8, 4), run_dir=tmp_path, budget=None)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -246,7 +246,7 @@ def test_unwritable_run_dir_is_a_clear_error_as_user(tmp_path):
     tmp_path.chmod(0o500)
     model, loss_fn, batch = tiny_problem()
     with pytest.raises(dl.RunError, match="cannot write the run directory"):
-        dl.Lens(model, loss_fn, batch, run_dir=tmp_path / "sub")
+        dl.Lens(model, loss_fn, batch, run_dir=tmp_path / "sub", budget=None)
 
 
 def test_run_dir_that_cannot_be_written_is_a_clear_error(tmp_path):
@@ -254,24 +254,24 @@ def test_run_dir_that_cannot_be_written_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     model, loss_fn, batch = tiny_problem()
     with pytest.raises(dl.RunError, match="cannot write the run directory.*writable|cannot write the run directory"):
-        dl.Lens(model, loss_fn, batch, run_dir=blocker / "run")
+        dl.Lens(model, loss_fn, batch, run_dir=blocker / "run", budget=None)
 
 
 def test_second_lens_on_a_directory_in_use_is_refused(tmp_path):
     model, loss_fn, batch = tiny_problem()
-    first = dl.Lens(model, loss_fn, batch, run_dir=tmp_path)
+    first = dl.Lens(model, loss_fn, batch, run_dir=tmp_path, budget=None)
     try:
         with pytest.raises(dl.RunInUseError, match="in use by another open Lens"):
-            dl.Lens(model, loss_fn, batch, run_dir=tmp_path, overwrite=True)
+            dl.Lens(model, loss_fn, batch, run_dir=tmp_path, overwrite=True, budget=None)
     finally:
         first.close()
     with pytest.raises(dl.RunError, match="already holds a run.*overwrite=True"):
-        dl.Lens(model, loss_fn, batch, run_dir=tmp_path)
+        dl.Lens(model, loss_fn, batch, run_dir=tmp_path, budget=None)
 
 
 def test_the_lock_is_also_held_against_another_process(tmp_path):
     model, loss_fn, batch = tiny_problem()
-    with dl.Lens(model, loss_fn, batch, run_dir=tmp_path):
+    with dl.Lens(model, loss_fn, batch, run_dir=tmp_path, budget=None):
         code = (
             "import sys, dynlens as dl\n"
             "try:\n    dl.store.RunWriter(sys.argv[1], overwrite=True)\n"
@@ -284,7 +284,7 @@ def test_the_lock_is_also_held_against_another_process(tmp_path):
 
 def test_step_after_close_and_bad_loss_are_clear_errors(tmp_path):
     model, loss_fn, batch = tiny_problem()
-    lens = dl.Lens(model, loss_fn, batch, run_dir=tmp_path)
+    lens = dl.Lens(model, loss_fn, batch, run_dir=tmp_path, budget=None)
     with pytest.raises(ValueError, match="scalar mean loss"):
         lens.step(loss=torch.ones(3))
     lens.close()
@@ -304,7 +304,7 @@ def test_probe_arguments_are_checked():
 def test_meta_records_config_model_optimizer_and_versions(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, name="exp", config={"lr": 3e-4, "obj": object()}):
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, name="exp", config={"lr": 3e-4, "obj": object()}, budget=None):
         pass
     meta = dl.load_run(tmp_path).meta
     assert meta["name"] == "exp" and meta["config"]["lr"] == 3e-4
@@ -319,7 +319,7 @@ def test_an_exception_in_the_training_loop_stops_the_run_without_final_measureme
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(KeyboardInterrupt):
-        with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=4)], basic=False) as lens:
+        with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[Counter(every=4)], basic=False, budget=None) as lens:
             sgd_steps(model, loss_fn, batch, opt, lens, 6)
             raise KeyboardInterrupt
     run = dl.load_run(tmp_path)
@@ -340,7 +340,7 @@ def test_a_compiled_model_keeps_training_on_its_compiled_code(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     with dl.Lens(compiled, nn.CrossEntropyLoss(), (x[:16], y[:16]), optimizer, run_dir=tmp_path,
-                 probes=[dl.probes.Hessian(every=2), dl.probes.Coherence(every=2)]) as lens:
+                 probes=[dl.probes.Hessian(every=2), dl.probes.Coherence(every=2)], budget=None) as lens:
         for _ in range(6):
             optimizer.zero_grad()
             loss = nn.CrossEntropyLoss()(compiled(x), y)

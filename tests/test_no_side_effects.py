@@ -49,7 +49,7 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, ch
     lens = None
     if with_lens:
         lens = dl.Lens(trained, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
-                       optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe())
+                       optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe(), budget=None)
     train(trained, optimizer, data, steps=30, lens=lens)
     if lens is not None:
         lens.close()
@@ -98,7 +98,7 @@ def test_the_test_can_fail_a_probe_that_moves_batchnorm_statistics_is_caught(tmp
     random.seed(0)
     np.random.seed(0)
     lens = dl.Lens(model, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
-                   optimizer=optimizer, run_dir=tmp_path / "b", probes=[Careless(every=3)])
+                   optimizer=optimizer, run_dir=tmp_path / "b", probes=[Careless(every=3)], budget=None)
     train(model, optimizer, image_data(), steps=30, lens=lens)
     lens.close()
     for a, b in zip(plain.parameters(), model.parameters()):

@@ -9,6 +9,7 @@ anything it raises.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,6 +43,12 @@ class Context:
             arrays use.
         layer_index: for each trainable parameter (in ``model.named_parameters()`` order), the
             index of its layer in ``layers``.
+        allowance: seconds this measurement may take within the Lens's time budget (+inf
+            without a budget; negative when the probes are over it, as at step 0). A probe
+            with optional parts (a trace, a stiffness matrix) runs them only when they fit.
+        memory: bytes of device memory this measurement may allocate beyond what is in use
+            (None: no limit). Measurements split their work to fit it, or raise
+            :class:`dynlens.budget.MemoryBudgetTooSmall` before allocating when they cannot.
     """
 
     model: nn.Module
@@ -54,6 +61,8 @@ class Context:
     group: Any = None
     layers: list[str] = field(default_factory=list)
     layer_index: list[int] = field(default_factory=list)
+    allowance: float = math.inf
+    memory: int | None = None
 
     @functools.cached_property
     def fn(self) -> ModelFunction:

@@ -34,7 +34,7 @@ def test_probe_records_every_statistic_of_the_measurement(tmp_path):
     model, x, y = setup()
     probe_batch = (x[:16], y[:16])
     with dl.Lens(model, nn.CrossEntropyLoss(), probe_batch, run_dir=tmp_path / "run",
-                 probes=[dl.probes.Coherence(every=2, chunk_size=5)], basic=False) as lens:
+                 probes=[dl.probes.Coherence(every=2, chunk_size=5)], basic=False, budget=None) as lens:
         train(model, x, y, 4, lens)
     run = dl.load_run(tmp_path / "run")
     assert list(run.series("coherence", "m_coherence").index) == [0, 2, 4]
@@ -60,7 +60,7 @@ def test_infinite_noise_scale_is_stored_and_read_back_as_inf(tmp_path):
         model.weight.fill_(1.0)
     batch = (torch.ones(2, 1), torch.tensor([[2.0], [0.0]]))
     lens = dl.Lens(model, nn.MSELoss(), batch, run_dir=tmp_path / "run",
-                   probes=[dl.probes.Coherence()], basic=False)
+                   probes=[dl.probes.Coherence()], basic=False, budget=None)
     lens.close()
     assert run_value(tmp_path / "run", "noise_scale") == np.inf
 
@@ -74,7 +74,7 @@ def test_attaching_the_probe_leaves_the_training_trajectory_bit_identical(tmp_pa
     train(model_a, x, y, 6)
     model_b, _, _ = setup()
     with dl.Lens(model_b, nn.CrossEntropyLoss(), (x[:12], y[:12]), run_dir=tmp_path / "run",
-                 probes=[dl.probes.Coherence(every=1, chunk_size=5)]) as lens:
+                 probes=[dl.probes.Coherence(every=1, chunk_size=5)], budget=None) as lens:
         train(model_b, x, y, 6, lens)
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -86,7 +86,7 @@ def test_train_mode_with_batchnorm_is_recorded_as_an_error_not_raised(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
     with dl.Lens(model, nn.CrossEntropyLoss(), batch, run_dir=tmp_path / "run",
-                 probes=[dl.probes.Coherence(mode="train")], basic=False):
+                 probes=[dl.probes.Coherence(mode="train")], basic=False, budget=None):
         pass
     events = dl.load_run(tmp_path / "run").events()
     assert events["message"].str.contains("ill-defined in train mode").any()
@@ -107,7 +107,7 @@ def test_large_probe_batches_keep_the_statistics_but_not_the_matrix(tmp_path, si
     model = nn.Linear(3, 2)
     batch = (torch.randn(size, 3), torch.randint(0, 2, (size,)))
     dl.Lens(model, nn.CrossEntropyLoss(), batch, run_dir=tmp_path / "run",
-            probes=[dl.probes.Coherence(chunk_size=size)], basic=False).close()
+            probes=[dl.probes.Coherence(chunk_size=size)], basic=False, budget=None).close()
     run = dl.load_run(tmp_path / "run")
     assert "stiffness" not in run.array_names("coherence")
     assert np.isfinite(run.series("coherence", "stiffness_within").iloc[-1])
@@ -122,7 +122,7 @@ def test_every_coherence_figure_draws_one_run_and_an_overlay_of_two(tmp_path):
         path = tmp_path / f"run{k}"
         with dl.Lens(model, nn.CrossEntropyLoss(), (x[:16], y[:16]), run_dir=path,
                      config={"batch_size": 8}, probes=[dl.probes.Coherence(every=2)],
-                     basic=False) as lens:
+                     basic=False, budget=None) as lens:
             train(model, x, y, 4, lens)
         paths.append(path)
     for fn in (plot_coherence, plot_noise_scale, plot_stiffness, plot_grad_norms):

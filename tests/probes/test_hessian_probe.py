@@ -52,7 +52,7 @@ def test_probe_records_eigenvalues_threshold_trace_and_density(tmp_path) -> None
     model, batch = _setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = dl.probes.Hessian(every=2, k=3, density=True, density_runs=2, density_iters=10, trace_samples=12)
-    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 2, lens)
         expected = dl.hessian_eigenvalues(model, LOSS, batch, k=3)
         lam_min = dl.hessian_eigenvalues(model, LOSS, batch, k=1, which="bottom", tol=1e-6).min
@@ -77,7 +77,7 @@ def test_adam_ratio_uses_the_preconditioned_sharpness(tmp_path) -> None:  # noqa
     model, batch = _setup()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
-    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 3, lens)
         expected = dl.hessian_eigenvalues(model, LOSS, batch, preconditioner=optimizer).max
     series = dl.load_run(tmp_path).series("hessian", "preconditioned_sharpness")
@@ -95,7 +95,7 @@ def test_probe_does_not_change_the_training_trajectory(tmp_path) -> None:  # noq
         if attach:
             probe = dl.probes.Hessian(every=2, k=2, density=True, density_runs=2, density_iters=5, trace_samples=8)
             with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
-                         probes=[probe]) as lens:
+                         probes=[probe], budget=None) as lens:
                 _train(model, optimizer, batch, 4, lens)
         else:
             _train(model, optimizer, batch, 4)
@@ -109,7 +109,7 @@ def test_non_finite_loss_is_recorded_as_an_event_and_training_goes_on(tmp_path) 
     x[0, 0] = float("inf")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with dl.Lens(model, LOSS, probe_batch=(x, y), optimizer=optimizer, run_dir=tmp_path,
-                 probes=[dl.probes.Hessian(every=1)]) as lens:
+                 probes=[dl.probes.Hessian(every=1)], budget=None) as lens:
         _train(model, optimizer, _setup()[1], 2, lens)
     events = dl.load_run(tmp_path).events()
     assert events["message"].str.contains("non-finite").any()
@@ -146,7 +146,7 @@ def test_sgd_groups_with_other_learning_rates_compare_the_lr_weighted_sharpness(
     optimizer = torch.optim.SGD([{"params": model[0].parameters()},
                                  {"params": model[2].parameters(), "lr": 0.02}], lr=0.1)
     probe = dl.probes.Hessian(every=2, lambda_min=False, trace_samples=240)  # 240/3 > P: exact trace
-    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 2, lens)
     dense = _dense_hessian(model, batch)
     scales = torch.cat([torch.ones(5 * 8 + 8), torch.full((8 * 3 + 3,), 0.2)])
@@ -168,7 +168,7 @@ def test_adam_holding_some_of_the_parameters_compares_only_what_it_moves(tmp_pat
     model, batch = _setup()
     optimizer = torch.optim.Adam(model[2].parameters(), lr=0.01)
     probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
-    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe]) as lens:
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 3, lens)
     precond = adam_preconditioner(optimizer, model)
     assert set(precond) == {"2.weight", "2.bias"}

@@ -1,0 +1,227 @@
+"""The cost control of a Lens: a time budget that defers due probes, a memory budget that bounds
+what a measurement may allocate, and the record of what every measurement cost.
+
+Time: ``share`` is the fraction of the run's wall time that all probes together may take. A due
+measurement runs when its predicted cost (the last measurement of that probe) fits,
+
+    probe_seconds + predicted <= share · (elapsed + predicted),
+
+i.e. when, after it, the probes' share of the wall time since the Lens was created would still
+be within the budget; otherwise it waits (a schedule then means "at most this often"). The
+measurements at step 0 run regardless: they are the initial state the run is compared with, and
+what they cost is paid back by the measurements deferred after them. ``share=None`` runs every
+probe exactly on schedule. The clock is the host's; the Lens synchronises the device only
+around measurements, so that between them the host's clock may run ahead of the device by the
+work queued on it, which makes the share read slightly high (deferring a little early), never low.
+
+Memory: ``memory_budget`` is the device memory the probes may take beyond the training's own
+peak: the process's peak stays within (training peak + budget). A measurement is told how much
+it may allocate beyond what is in use when it starts (:meth:`MemoryBudget.allowance`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "ProbeCost", "DEFAULT_BUDGET",
+           "DEFAULT_MEMORY_SHARE"]
+
+DEFAULT_BUDGET = 0.05
+# memory_budget=None on a GPU: the probes may add this share of the training's own peak
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+class MemoryBudgetTooSmall(Exception):
+    """Raised by a measurement, before it allocates anything, when even its smallest split does
+    not fit the memory it was allowed; the Lens then defers it (no failure is recorded)."""
+
+
+@dataclass
+class ProbeCost:
+    """What one probe has cost so far.
+
+    Fields:
+        measurements: measurements taken.
+        seconds: their total wall time (device synchronised before and after each).
+        deferred: due measurements the time budget postponed (each counted once).
+        peak_memory: the most device memory (bytes) a measurement took beyond what was in use
+            when it started; an upper bound when the measurement did not set the process's peak
+            (see :meth:`MemoryBudget.extra_peak`). None on the CPU.
+        products: Hessian-vector products taken, for probes that report them (``hvps``).
+        last_seconds: the last measurement's wall time: the prediction for the next one.
+    """
+
+    measurements: int = 0
+    seconds: float = 0.0
+    deferred: int = 0
+    peak_memory: int | None = None
+    products: float | None = None
+    last_seconds: float | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-friendly fields for the run's ``costs`` metadata."""
+        return {"measurements": self.measurements, "seconds": self.seconds,
+                "deferred": self.deferred, "peak_memory": self.peak_memory,
+                "products": self.products}
+
+
+class TimeBudget:
+    """Decides whether a measurement fits the time budget and keeps every probe's costs.
+
+    Args:
+        share: the fraction of wall time all probes together may take, in (0, 1); None for no
+            budget (every probe on schedule).
+        clock: a function returning seconds (``time.perf_counter``; tests pass a fake clock).
+    """
+
+    def __init__(self, share: float | None = DEFAULT_BUDGET,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
+            raise ValueError(
+                f"budget must be a fraction of wall time between 0 and 1 (e.g. 0.05 for 5%), or "
+                f"None to run every probe exactly on schedule; got {share!r}"
+            )
+        self.share = None if share is None else float(share)
+        self.clock = clock
+        self.start = clock()
+        self.probe_seconds = 0.0
+        self.costs: dict[str, ProbeCost] = {}
+
+    def elapsed(self) -> float:
+        """Wall seconds since the budget started (the Lens's creation)."""
+        return self.clock() - self.start
+
+    def allowance(self) -> float:
+        """Seconds a measurement may take now with the probes' share still within the budget
+        afterwards: x ≤ (share·elapsed − probe_seconds)/(1 − share); +inf without a budget,
+        negative when the probes are over it."""
+        if self.share is None:
+            return math.inf
+        return (self.share * self.elapsed() - self.probe_seconds) / (1 - self.share)
+
+    def predicted(self, probe: str) -> float:
+        """The predicted seconds of the probe's next measurement (its last one; 0 if none yet)."""
+        cost = self.costs.get(probe)
+        return 0.0 if cost is None or cost.last_seconds is None else cost.last_seconds
+
+    def fits(self, probe: str) -> bool:
+        """True if the probe's next measurement, as predicted, fits the budget now."""
+        return self.predicted(probe) <= self.allowance()
+
+    def cost(self, probe: str) -> ProbeCost:
+        """The probe's cost record (created empty on first use)."""
+        return self.costs.setdefault(probe, ProbeCost())
+
+    def charge(self, probe: str, seconds: float, peak_memory: int | None = None,
+               products: float | None = None) -> None:
+        """Record one measurement of ``probe``."""
+        cost = self.cost(probe)
+        cost.measurements += 1
+        cost.seconds += seconds
+        cost.last_seconds = seconds
+        self.probe_seconds += seconds
+        if peak_memory is not None:
+            cost.peak_memory = max(cost.peak_memory or 0, int(peak_memory))
+        if products is not None:
+            cost.products = (cost.products or 0.0) + float(products)
+
+    def defer(self, probe: str) -> None:
+        """Count one due measurement of ``probe`` postponed by the budget."""
+        self.cost(probe).deferred += 1
+
+    def record(self) -> dict[str, Any]:
+        """The run's ``costs`` metadata (read back by :meth:`dynlens.store.Run.costs`)."""
+        wall = self.elapsed()
+        return {
+            "budget": self.share,
+            "wall_seconds": wall,
+            "probe_seconds": self.probe_seconds,
+            "training_seconds": wall - self.probe_seconds,
+            "probes": {name: cost.as_record() for name, cost in self.costs.items()},
+        }
+
+
+class MemoryBudget:
+    """How much device memory a measurement may allocate: the process's peak stays within the
+    training's own peak plus the budget.
+
+    The training's peak is read from PyTorch's allocator (``torch.cuda.max_memory_allocated``,
+    never reset: that would change what the user reads) before measurements: when the process's
+    peak has risen since the probes last ran, training raised it. Before the first training step
+    (the measurements at step 0) the training's peak is estimated as what is in use plus a
+    gradient and one optimizer state per parameter. On the CPU there is no limit unless
+    ``memory_budget`` is given in bytes.
+
+    Args:
+        model_bytes: bytes of the trainable parameters.
+        device: the model's device.
+        budget: bytes, a fraction (0, 1] of the device's memory, or None (automatic:
+            ``DEFAULT_MEMORY_SHARE`` of the training's peak on a GPU; no limit on the CPU).
+    """
+
+    def __init__(self, model_bytes: int, device: torch.device, budget: float | int | None = None) -> None:
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+                raise ValueError(
+                    f"memory_budget must be a number of bytes (e.g. 2 * 2**30), a fraction of the "
+                    f"device's memory in (0, 1], or None for automatic; got {budget!r}"
+                )
+            if isinstance(budget, float) and budget <= 1:
+                if device.type != "cuda":
+                    raise ValueError(
+                        f"memory_budget={budget} is a fraction of device memory, which only a GPU "
+                        "has here; pass bytes on the CPU"
+                    )
+                budget = int(budget * torch.cuda.get_device_properties(device).total_memory)
+            budget = int(budget)
+        self.device = device
+        self.budget = budget
+        self.cuda = device.type == "cuda"
+        self.training_peak = 0
+        self._peak_after_probes = 0
+        if self.cuda:
+            # before any training step: what is in use, a gradient and one optimizer state
+            self.training_peak = torch.cuda.memory_allocated(device) + 2 * model_bytes
+
+    def note_probe_start(self) -> int | None:
+        """Called before measurements: updates the training's peak; returns the bytes in use."""
+        if not self.cuda:
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if peak > self._peak_after_probes:
+            self.training_peak = max(self.training_peak, peak)
+        return torch.cuda.memory_allocated(self.device)
+
+    def note_probe_end(self) -> None:
+        """Called after measurements: remembers the process's peak they may have set."""
+        if self.cuda:
+            self._peak_after_probes = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def extra(self) -> int | None:
+        """The bytes the probes may add to the training's peak (None: no limit)."""
+        if self.budget is not None:
+            return self.budget
+        return int(DEFAULT_MEMORY_SHARE * self.training_peak) if self.cuda else None
+
+    def allowance(self) -> int | None:
+        """Bytes a measurement starting now may allocate beyond what is in use (None: no limit)."""
+        extra = self.extra
+        if extra is None:
+            return None
+        in_use = torch.cuda.memory_allocated(self.device) if self.cuda else 0
+        ceiling = (self.training_peak if self.cuda else 0) + extra
+        return max(0, ceiling - in_use)
+
+    def extra_peak(self, in_use_before: int | None) -> int | None:
+        """The most a measurement that started with ``in_use_before`` bytes allocated beyond
+        them: exact when it set the process's peak, else an upper bound (the peak before it)."""
+        if not self.cuda or in_use_before is None:
+            return None
+        return max(0, torch.cuda.max_memory_allocated(self.device) - in_use_before)
