@@ -19,7 +19,8 @@ def _fmt(value: float) -> str:
 
 
 def show(run_dir: str, out=None) -> None:  # noqa: ANN001 - a text stream
-    """Print a terminal summary of a run: steps, probes and their latest values, events."""
+    """Print a terminal summary of a run: steps, probes and their latest values, events,
+    findings and, when the run recorded them, what each probe cost (time and deferrals)."""
     from dynlens.store import load_run
 
     out = out or sys.stdout
@@ -58,6 +59,19 @@ def show(run_dir: str, out=None) -> None:  # noqa: ANN001 - a text stream
     print(f"\nfindings {len(findings)}", file=out)
     for f in findings:
         print(f"  [{f.severity}] steps {f.steps[0]}-{f.steps[1]}: {f.title}", file=out)
+    record = meta.get("costs")
+    if isinstance(record, dict):
+        wall = float(record.get("wall_seconds") or 0.0)
+        spent = float(record.get("probe_seconds") or 0.0)
+        budget = record.get("budget")
+        print(f"\ncosts:   probes took {spent:.2f} s of {wall:.2f} s wall time"
+              + (f" ({spent / wall:.1%})" if wall > 0 else "")
+              + (f", budget {float(budget):.1%}" if budget is not None else ", no time budget"),
+              file=out)
+        for c in run.costs().itertuples(index=False):
+            share = "-" if math.isnan(c.share) else f"{c.share:.1%}"
+            print(f"  {c.probe:<20} {c.measurements} measurements, {c.seconds:.2f} s, {share}, "
+                  f"{c.deferred} deferred", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The self-contained HTML report: findings first, then one section per probe, then events.
+"""The self-contained HTML report: findings first, then one section per probe, then what
+dynlens cost the run (time and memory per probe, when the run recorded it), then events.
 
 Everything is in one file: figures are inline SVG (text kept as text, escaped by matplotlib;
 heat maps as ``data:`` PNG inside the SVG), the CSS is inline, and nothing refers to anything
@@ -204,6 +205,59 @@ def _run_header(run: Run, label: str, anchor: str) -> dict[str, Any]:
     }
 
 
+def _bytes(value: float) -> str:
+    """A byte count in binary units (B, KiB, MiB, GiB); "–" for NaN (not measured)."""
+    if math.isnan(value):
+        return "–"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _percent(fraction: float) -> str:
+    """A fraction as a percentage with one decimal ("–" for NaN)."""
+    return "–" if math.isnan(fraction) else f"{100 * fraction:.1f}%"
+
+
+def _seconds(value: float) -> str:
+    """Seconds to three significant digits without an exponent: whole seconds from 1000 s on,
+    "<0.001" below a millisecond."""
+    if 0 < value < 0.001:
+        return "<0.001"
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+def _costs(run: Run, label: str) -> dict[str, Any]:
+    """What dynlens cost one run, from its meta key ``costs``: ``summary``, one sentence (probe
+    time against wall time and the budgets), and ``rows``, one per probe (measurements, total
+    seconds, share of wall time, deferred measurements, peak extra memory, Hessian-vector
+    products). ``summary`` is None for a run written before costs were kept."""
+    record = run.meta.get("costs")
+    if not isinstance(record, dict):
+        return {"run": label, "summary": None, "rows": [], "products": False}
+    frame = run.costs()
+    wall = float(record.get("wall_seconds") or 0.0)
+    spent = record.get("probe_seconds")
+    spent = float(frame["seconds"].sum()) if spent is None else float(spent)
+    budget, memory_budget = record.get("budget"), record.get("memory_budget")
+    summary = (f"Probes took {_seconds(spent)} s of {_seconds(wall)} s wall time "
+               f"({_percent(spent / wall if wall > 0 else math.nan)}) against "
+               + (f"a budget of {100 * float(budget):.3g}%" if budget is not None
+                  else "no time budget (exact schedules)")
+               + (f", and a memory budget of {_bytes(float(memory_budget))}"
+                  if memory_budget is not None else "") + ".")
+    rows = [{
+        "probe": str(row.probe), "measurements": int(row.measurements),
+        "seconds": _seconds(row.seconds), "share": _percent(row.share),
+        "deferred": int(row.deferred), "peak_memory": _bytes(row.peak_memory),
+        "products": "–" if math.isnan(row.products) else f"{row.products:.0f}",
+    } for row in frame.itertuples(index=False)]
+    return {"run": label, "summary": summary, "rows": rows,
+            "products": bool(frame["products"].notna().any())}
+
+
 def _events(runs: Sequence[Run], labels: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for run, label in zip(runs, labels, strict=True):
@@ -251,7 +305,7 @@ def render_html(runs: RunLike | Sequence[RunLike], quiet: bool = False,
     findings = [findings[i] for i in order]
     finding_runs = [finding_runs[i] for i in order]
 
-    used: set[str] = {"findings", "events", "runs"}
+    used: set[str] = {"findings", "costs", "events", "runs"}
     sections: dict[str, _Section] = {}
     for probe, spec in plan:
         section = sections.get(probe)
@@ -290,9 +344,11 @@ def render_html(runs: RunLike | Sequence[RunLike], quiet: bool = False,
     counts = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
     headers = [_run_header(run, label, _anchor("run", label, used))
                for run, label in zip(runs, labels, strict=True)]
+    costs = [_costs(run, label) for run, label in zip(runs, labels, strict=True)]
     page = _environment().get_template("report.html.j2").render(
         title=" vs ".join(labels), runs=headers, findings=items, counts=counts,
         sections=list(sections.values()), events=_events(runs, labels),
+        costs=costs if any(c["summary"] is not None for c in costs) else [],
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         version=_version(),
     )

@@ -231,3 +231,119 @@ def test_progress_stream_is_configurable():
     bar.update("b")
     bar.close()
     assert "2/2" in stream.getvalue()
+
+
+COSTS = {
+    "budget": 0.05, "memory_budget": 3 * 2**30, "wall_seconds": 40.0, "training_seconds": 36.0,
+    "probe_seconds": 4.0,
+    "probes": {
+        "hessian": {"measurements": 5, "seconds": 3.0, "deferred": 12, "peak_memory": 5 * 2**20,
+                    "products": 30},
+        "grad_norm": {"measurements": 20, "seconds": 0.6, "deferred": 0, "peak_memory": None,
+                      "products": None},
+        EVIL: {"measurements": 2, "seconds": 0.4, "deferred": 3, "peak_memory": 1536,
+               "products": None},
+    },
+}
+
+
+def _write_costed_run(path, name: str, costs):
+    writer = RunWriter(path)
+    writer.set_meta({"name": name, "layers": ["0"], **({"costs": costs} if costs else {})})
+    for step in range(1, 20):
+        writer.scalar(step, "train", "loss", 1.0 / step)
+    writer.close()
+    return path
+
+
+def _costs_section(text: str) -> str:
+    return text.split('id="costs"', 1)[1].split("</section>", 1)[0]
+
+
+def _cells(section: str) -> list[list[str]]:
+    """The data rows of the tables in ``section`` as lists of cell texts (markup left escaped)."""
+    rows = re.findall(r"<tr>(<td.*?)</tr>", section, flags=re.S)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def costs_report(tmp_path_factory):
+    run_dir = _write_costed_run(tmp_path_factory.mktemp("c") / "run", "costed", COSTS)
+    return dl.report(run_dir, quiet=True)
+
+
+def test_costs_section_sits_after_the_probes_before_the_events_and_is_in_the_nav(costs_report):
+    text = open(costs_report, encoding="utf-8").read()
+    parser = _parse(costs_report)
+    assert "costs" in parser.ids
+    nav = text.split("<nav>", 1)[1].split("</nav>", 1)[0]
+    assert 'href="#costs"' in nav
+    assert text.index('id="probe-train"') < text.index('id="costs"') < text.index('id="events"')
+    assert "What dynlens cost this run" in _costs_section(text)
+
+
+def test_costs_section_states_probe_time_against_wall_time_and_the_budgets(costs_report):
+    section = _costs_section(open(costs_report, encoding="utf-8").read())
+    assert ("Probes took 4 s of 40 s wall time (10.0%) against a budget of 5%, "
+            "and a memory budget of 3.0 GiB.") in section
+
+
+def test_costs_table_has_one_row_per_probe_with_share_deferred_memory_and_products(costs_report):
+    rows = _cells(_costs_section(open(costs_report, encoding="utf-8").read()))
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&gt;&lt;img src=x onerror=alert(2)&gt;"
+    assert rows == [
+        ["hessian", "5", "3", "7.5%", "12", "5.0 MiB", "30"],
+        ["grad_norm", "20", "0.6", "1.5%", "0", "–", "–"],
+        [escaped, "2", "0.4", "1.0%", "3", "1.5 KiB", "–"],
+    ]
+
+
+def test_probe_names_in_the_costs_table_render_as_text(costs_report):
+    parser = _parse(costs_report)
+    assert [t for t, _ in parser.tags].count("script") == 0
+    assert all("onerror" not in a for _, a in parser.tags)
+    assert EVIL in "".join(parser.text)
+
+
+def test_a_run_without_costs_has_no_costs_section(spiky_report):
+    _, path = spiky_report
+    text = open(path, encoding="utf-8").read()
+    assert 'id="costs"' not in text and 'href="#costs"' not in text
+    assert "What dynlens cost" not in text
+
+
+def test_compared_runs_get_one_costs_table_each_and_an_unbudgeted_run_says_so(tmp_path):
+    exact = {**COSTS, "budget": None, "memory_budget": None, "probe_seconds": 1.0,
+             "probes": {"hessian": {"measurements": 4, "seconds": 1.0, "deferred": 0}}}
+    a = _write_costed_run(tmp_path / "a", "exact", exact)
+    b = _write_costed_run(tmp_path / "b", "old", None)
+    c = _write_costed_run(tmp_path / "c", "budgeted", COSTS)
+    section = _costs_section(open(dl.report([a, b, c], quiet=True), encoding="utf-8").read())
+    blocks = dict(re.findall(r"<h3>(.*?)</h3>(.*?)</div>", section, flags=re.S))
+    assert list(blocks) == ["exact", "old", "budgeted"]
+    assert ("Probes took 1 s of 40 s wall time (2.5%) against no time budget (exact schedules)."
+            in blocks["exact"])
+    assert "memory budget" not in blocks["exact"] and "<th>products</th>" not in blocks["exact"]
+    assert _cells(blocks["exact"]) == [["hessian", "4", "1", "2.5%", "0", "–"]]
+    assert "Not recorded" in blocks["old"] and "<table>" not in blocks["old"]
+    assert "against a budget of 5%" in blocks["budgeted"] and len(_cells(blocks["budgeted"])) == 3
+
+
+@pytest.mark.parametrize(("count", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (5 * 2**20, "5.0 MiB"), (3 * 2**30, "3.0 GiB"),
+    (2048 * 2**30, "2048.0 GiB"), (float("nan"), "–"),
+])
+def test_memory_is_shown_in_binary_units(count, text):
+    from dynlens.reports.html import _bytes
+
+    assert _bytes(float(count)) == text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.0, "0"), (1.83e-05, "<0.001"), (0.00614, "0.00614"), (3.0, "3"), (123.45, "123"),
+    (1234.4, "1234"),
+])
+def test_seconds_are_shown_without_an_exponent(seconds, text):
+    from dynlens.reports.html import _seconds
+
+    assert _seconds(seconds) == text
