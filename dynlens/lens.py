@@ -458,7 +458,8 @@ class Lens:
         in_use = self.memory.note_probe_start()
         ctx.allowance = self.budget.allowance()
         ctx.memory = self.memory.allowance()
-        start = time.perf_counter()
+        clock = self.budget.clock
+        start = clock()
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
         if isinstance(values, _OutOfMemory):
             values = self._retry_smaller(probe, ctx, values)
@@ -471,7 +472,7 @@ class Lens:
             self.budget.defer(probe.name)
             return False
         _synchronize(self.model_device)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use),
                            values.get("hvps") if isinstance(values, dict) else None)
         self.memory.note_probe_end()

@@ -1,0 +1,284 @@
+"""The cost control of the Lens: the time budget with a fake clock, deferral order, the costs it
+records, the memory allowance, and out-of-memory errors inside a probe."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynlens as dl
+from dynlens.budget import MemoryBudget, MemoryBudgetTooSmall, TimeBudget
+
+
+class FakeClock:
+    """A clock that moves only when told: training steps and measurements cost what a test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def tiny_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    return model, nn.CrossEntropyLoss(), (x, y)
+
+
+class Costly(dl.Probe):
+    """A probe whose measurement takes ``seconds`` on the fake clock."""
+
+    name = "slow"
+    pure = True
+
+    def __init__(self, clock: FakeClock, seconds: float, every: int) -> None:
+        super().__init__(every=every)
+        self.clock = clock
+        self.seconds = seconds
+        self.steps: list[int] = []
+        self.allowances: list[float] = []
+
+    def measure(self, ctx):
+        self.clock.advance(self.seconds)
+        self.steps.append(ctx.step)
+        self.allowances.append(ctx.allowance)
+        return {"value": 1.0}
+
+
+class Early(Costly):
+    name = "early"
+
+
+class Late(Costly):
+    name = "late"
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    """A fake clock that every Lens created in the test times itself with."""
+    fake = FakeClock()
+    monkeypatch.setattr(dl.lens, "TimeBudget", lambda share: TimeBudget(share, clock=fake))
+    return fake
+
+
+def lens_with_clock(tmp_path, probes, clock: FakeClock, budget):
+    model, loss_fn, batch = tiny_problem()
+    return dl.Lens(model, loss_fn, batch, run_dir=tmp_path, probes=probes, basic=False, budget=budget)
+
+
+def run_steps(lens, clock: FakeClock, steps: int, step_seconds: float) -> None:
+    for _ in range(steps):
+        clock.advance(step_seconds)
+        lens.step()
+
+
+def test_time_budget_rejects_shares_outside_zero_to_one():
+    for bad in (0, 1, 1.5, -0.1, "5%"):
+        with pytest.raises(ValueError, match="budget must be a fraction"):
+            TimeBudget(bad)
+
+
+def test_allowance_is_the_time_a_measurement_may_take_with_the_share_still_met():
+    clock = FakeClock()
+    budget = TimeBudget(0.1, clock=clock)
+    clock.advance(100.0)
+    budget.charge("p", 5.0)
+    # after x more seconds of probes: (5 + x) / (100 + x) <= 0.1  <=>  x <= 5 / 0.9
+    assert budget.allowance() == pytest.approx(5.0 / 0.9)
+    assert TimeBudget(None, clock=clock).allowance() == math.inf
+
+
+def test_a_probe_over_budget_is_deferred_and_the_total_share_stays_within_it(tmp_path, clock):
+    probe = Costly(clock, seconds=1.0, every=10)  # due every 10 steps of 0.1 s: 100% wanted
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    # step 0 ran regardless (the initial state), at a cost of 1 s
+    run_steps(lens, clock, 2000, 0.1)
+    lens.close()
+    wall = clock.now
+    spent = len(probe.steps) * 1.0
+    # every measurement after step 0 waited until it fit: the share overshoots by at most the
+    # measurement at step 0 and the one at close
+    assert spent / wall <= 0.05 + 1e-9
+    assert probe.steps[0] == 0 and len(probe.steps) >= 5
+    gaps = np.diff(probe.steps[:-1])
+    assert gaps.min() >= 10  # never more often than the schedule
+    costs = lens.costs().set_index("probe")
+    assert costs.loc["slow", "measurements"] == len(probe.steps)
+    assert costs.loc["slow", "seconds"] == pytest.approx(spent)
+    assert costs.loc["slow", "deferred"] > 0
+    assert costs.loc["slow", "share"] == pytest.approx(spent / wall)
+
+
+def test_without_a_budget_every_probe_runs_exactly_on_schedule(tmp_path, clock):
+    probe = Costly(clock, seconds=1.0, every=10)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=None)
+    run_steps(lens, clock, 100, 0.1)
+    lens.close()
+    assert probe.steps == list(range(0, 101, 10))
+    assert lens.costs().set_index("probe").loc["slow", "deferred"] == 0
+    assert all(a == math.inf for a in probe.allowances)
+
+
+def test_the_longest_waiting_probe_goes_first(tmp_path, clock):
+    # both cost 1 s; "early" fell due at step 10 and "late" at step 15: once there is budget for
+    # one measurement, it is "early"'s, though "late" comes first in the probe list
+    late = Late(clock, seconds=1.0, every=15)
+    early = Early(clock, seconds=1.0, every=10)
+    lens = lens_with_clock(tmp_path, [late, early], clock, budget=0.1)
+    # at step 0 both ran (2 s); the share comes back under 10% when 2 + 1 <= 0.1 (t + 1): t >= 29 s
+    run_steps(lens, clock, 500, 0.1)
+    first_after_start = sorted((s, n) for n, p in (("late", late), ("early", early)) for s in p.steps if s > 0)[0]
+    assert first_after_start[1] == "early"
+    assert late.steps[1] > early.steps[1]
+
+
+def test_costs_are_stored_with_the_run_and_read_back(tmp_path, clock):
+    probe = Costly(clock, seconds=0.5, every=5)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.2)
+    run_steps(lens, clock, 50, 0.1)
+    live = lens.costs()
+    lens.close()
+    run = dl.load_run(tmp_path)
+    stored = run.costs().set_index("probe")
+    assert stored.loc["slow", "measurements"] == len(probe.steps)
+    assert stored.loc["slow", "seconds"] == pytest.approx(0.5 * len(probe.steps))
+    assert run.meta["costs"]["budget"] == 0.2
+    assert run.meta["costs"]["wall_seconds"] == pytest.approx(clock.now)
+    assert live.set_index("probe").loc["slow", "deferred"] <= stored.loc["slow", "deferred"]
+    # the CPU has no device memory to report
+    assert math.isnan(stored.loc["slow", "peak_memory"])
+
+
+def test_optional_parts_see_a_negative_allowance_at_step_zero_under_a_budget(tmp_path, clock):
+    probe = Costly(clock, seconds=0.1, every=1000)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    lens.close()
+    assert probe.allowances[0] <= 0
+
+
+class OutOfMemoryOnce(dl.Probe):
+    """Raises the device's out-of-memory error unless given at most ``fits`` bytes."""
+
+    name = "hungry"
+    pure = True
+
+    def __init__(self, fits: int | None, every: int = 1) -> None:
+        super().__init__(every=every)
+        self.fits = fits
+        self.limits: list[int | None] = []
+
+    def measure(self, ctx):
+        self.limits.append(ctx.memory)
+        if self.fits is None or ctx.memory is None or ctx.memory > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return {"ok": 1.0}
+
+
+def test_an_out_of_memory_error_is_retried_with_half_the_memory_and_training_goes_on(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = OutOfMemoryOnce(fits=600)
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
+                 budget=None, memory_budget=1000) as lens:
+        x, y = batch
+        for _ in range(3):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            lens.step(loss=loss)
+        assert lens.disabled == []
+    run = dl.load_run(tmp_path)
+    # each measurement: the allowance (1000 bytes on the CPU), then half of it, which fits
+    assert probe.limits[:2] == [1000, 500]
+    assert run.series("hungry", "ok").index.tolist() == [0, 1, 2, 3]
+    assert run.events().empty
+
+
+def test_an_out_of_memory_error_twice_skips_the_measurement_with_a_warning(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = OutOfMemoryOnce(fits=None)
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
+                 budget=None, memory_budget=1000, max_failures=2) as lens:
+        x, y = batch
+        for _ in range(4):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            lens.step(loss=loss)
+        # out of memory is not the probe's failure: it is never switched off for it
+        assert lens.disabled == []
+    run = dl.load_run(tmp_path)
+    events = run.events()
+    assert set(events.level) == {"warning"}
+    assert events.message.str.contains("ran out of device memory").all()
+    assert sorted(events.step) == [0, 1, 2, 3, 4]
+    assert run.series("train", "loss").index.tolist() == [1, 2, 3, 4]
+    assert lens.costs().set_index("probe").loc["hungry", "deferred"] == 5
+
+
+class NeedsMemory(dl.Probe):
+    name = "needs_memory"
+    pure = True
+
+    def __init__(self) -> None:
+        super().__init__(every=1)
+        self.calls = 0
+
+    def measure(self, ctx):
+        self.calls += 1
+        if ctx.step == 0:
+            raise MemoryBudgetTooSmall("a product needs 3 GiB, 1 GiB allowed")
+        return {"ok": 1.0}
+
+
+def test_a_measurement_that_cannot_fit_its_memory_waits_without_failing(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = NeedsMemory()
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
+                 budget=None, memory_budget=10) as lens:
+        lens.step()
+        assert lens.disabled == []
+    run = dl.load_run(tmp_path)
+    assert run.series("needs_memory", "ok").index.tolist() == [1]
+    events = run.events()
+    assert events.level.tolist() == ["info"] and "waits for memory" in events.message[0]
+
+
+def test_memory_budget_refuses_nonsense_and_fractions_on_the_cpu():
+    for bad in (0, -5, "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget must be"):
+            MemoryBudget(100, torch.device("cpu"), bad)
+    with pytest.raises(ValueError, match="only a GPU"):
+        MemoryBudget(100, torch.device("cpu"), 0.5)
+    cpu = MemoryBudget(100, torch.device("cpu"), None)
+    assert cpu.allowance() is None
+    assert MemoryBudget(100, torch.device("cpu"), 4096).allowance() == 4096
+
+
+def test_a_cpu_loss_tensor_is_stored_at_every_step(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch
+    values = []
+    with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path) as lens:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            values.append(float(loss.detach()))
+            lens.step(loss=loss)
+    assert dl.load_run(tmp_path).series("train", "loss").tolist() == pytest.approx(values)
