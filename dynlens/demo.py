@@ -87,7 +87,7 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: in
     start = time.perf_counter()
     with dl.Lens(model, loss_fn, probe_batch=(x[:128], y[:128]), optimizer=optimizer,
                  run_dir=run_dir, probes=demo_probes(), name="demo: spirals MLP", config=config,
-                 overwrite=True) as lens:
+                 overwrite=True, budget=None) as lens:  # every probe on its schedule: a small, fast demo
         step = 0
         while step < steps:
             for idx in torch.randperm(len(y), generator=g).split(batch_size):

@@ -271,8 +271,13 @@ def _eager(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     torch >= 2.6: ``torch.compiler.set_stance("force_eager")``, which covers submodules wrapped by
     ``torch.compile`` and modules compiled in place (``module.compile()``). Before 2.6 only the
     in-place kind can be switched off (its ``_compiled_call_impl``, restored on exit); a submodule
-    wrapped by ``torch.compile`` still runs compiled there.
+    wrapped by ``torch.compile`` still runs compiled there. Nothing is switched (and dynamo is
+    not imported) when no compiler was used in the process.
     """
+    if "torch._dynamo" not in sys.modules:
+        # nothing in this process was compiled (torch.compile imports dynamo), and importing it
+        # for set_stance costs seconds: a model that is not compiled touches no compile machinery
+        return contextlib.nullcontext()
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is not None:
         return set_stance("force_eager")
@@ -546,6 +551,33 @@ class ModelFunction:
             randomness="different",
         )
         return fn(self._p(p), self.inputs, self.targets)
+
+    def activation_bytes(self, examples: int = 1) -> int:
+        """Bytes the autograd graph saves for a gradient of the loss on the first ``examples``
+        examples: the activations a backward pass keeps, counted once per storage, parameters
+        and buffers left out. One forward pass, nothing kept. Memory models multiply it (a
+        Hessian-vector product through the first-order graph holds about 3–4 times it per
+        example; ``benchmarks/RESULTS.md``)."""
+        examples = min(examples, self.size)
+        owned = {t.untyped_storage().data_ptr() for t in (*self.params.values(), *self.fixed.values(),
+                                                          *self.buffers.values())}
+        seen: set[int] = set()
+        total = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in owned and key not in seen:
+                seen.add(key)
+                total[0] += storage.nbytes()
+            return t
+
+        leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+        inputs = slice_examples(self.inputs, 0, examples)
+        targets = slice_examples(self.targets, 0, examples)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._loss_of(self.outputs(leaves, inputs), targets)
+        return total[0]
 
     # -- first order ----------------------------------------------------------------------
 

@@ -35,10 +35,9 @@ import datetime as _dt
 import os
 import platform
 import sys
-import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -417,7 +416,7 @@ class Lens:
         for probe in self.probes:
             if probe.name not in self._disabled and (probe.name in self._waiting or probe.due(nxt)):
                 ctx = ctx or self._context(None)
-                self._guarded(probe, "prepare", lambda p=probe: p.prepare(ctx))
+                self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
 
     def _exempt(self, probe: Probe) -> bool:
         """Probes that never wait for the budget: the basic ones (a few passes over the

@@ -58,7 +58,8 @@ def train(x, y, run_dir: Path, name: str, steps: int, batch_size: int = 32, lr: 
     g = torch.Generator().manual_seed(seed)
     with dl.Lens(model, loss_fn, probe_batch, optimizer=opt, run_dir=run_dir, name=name,
                  config={"batch_size": batch_size, "lr": lr, "labels": name},
-                 probes=[dl.probes.Coherence(every=every)], overwrite=True) as lens:
+                 probes=[dl.probes.Coherence(every=every, stiffness_every=1)], overwrite=True,
+                 budget=None) as lens:  # every scheduled measurement, stiffness included
         step = 0
         while step < steps:
             for idx in torch.randperm(len(y), generator=g).split(batch_size):

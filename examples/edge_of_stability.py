@@ -45,7 +45,7 @@ def main(steps: int = 1000, lr: float = 0.5, every: int = 10, run_dir: str | Non
     probe = dl.probes.Hessian(every=every, k=1, lambda_min=False, trace=False, tol=1e-3)
     with dl.Lens(model, loss_fn, probe_batch=(x, y), optimizer=optimizer, run_dir=run_dir,
                  name=f"edge-of-stability-lr{lr}", config={"lr": lr, "steps": steps, "full_batch": len(x)},
-                 probes=[probe]) as lens:
+                 probes=[probe], budget=None) as lens:  # sharpness at every scheduled step
         for _ in range(steps):
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)

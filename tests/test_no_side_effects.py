@@ -14,9 +14,14 @@ import dynlens as dl
 
 
 def every_probe() -> list[dl.Probe]:
-    """Every built-in probe (basic ones and all of probes.default()), on a dense schedule."""
+    """Every built-in probe (basic ones and all of probes.default()), on a dense schedule, with
+    their optional parts on dense sub-schedules too (the Hessian's λ_min, trace and density every
+    2nd measurement from warm-started eigenvectors, products over sub-batches of 5; stiffness
+    every 2nd)."""
     probes = [type(p)(every=4) for p in dl.probes.basic()]
-    probes += [type(p)(every=7) for p in dl.probes.default()]
+    options = {"hessian": {"extras_every": 2, "density": True, "density_iters": 8, "chunk_size": 5},
+               "coherence": {"stiffness_every": 2}}
+    probes += [type(p)(every=7, **options.get(p.name, {})) for p in dl.probes.default()]
     return probes
 
 
@@ -37,7 +42,8 @@ class _CheckpointedCNN(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=False)
 
 
-def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, checkpointed: bool = False):
+def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, checkpointed: bool = False,
+                budget: float | None = None):
     model = _CheckpointedCNN() if checkpointed else bn_dropout_cnn()
     optimizer = make_optimizer(kind, model)
     data = image_data()
@@ -49,7 +55,7 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, ch
     lens = None
     if with_lens:
         lens = dl.Lens(trained, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
-                       optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe(), budget=None)
+                       optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe(), budget=budget)
     train(trained, optimizer, data, steps=30, lens=lens)
     if lens is not None:
         lens.close()
@@ -59,10 +65,12 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, ch
     return model, optimizer, after
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "sgd-compiled", "adam-checkpointed"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "sgd-compiled", "adam-checkpointed", "sgd-budget"])
 def test_training_with_all_probes_is_bit_identical_to_training_without(kind, tmp_path):
     kind, _, variant = kind.partition("-")
-    options = {"compiled": variant == "compiled", "checkpointed": variant == "checkpointed"}
+    # "budget": the default time budget defers measurements (the loss of every step is kept)
+    options = {"compiled": variant == "compiled", "checkpointed": variant == "checkpointed",
+               "budget": 0.05 if variant == "budget" else None}
     plain, plain_opt, plain_rng = final_state(kind, tmp_path, with_lens=False, **options)
     watched, watched_opt, watched_rng = final_state(kind, tmp_path, with_lens=True, **options)
     for (name, a), (_, b) in zip(plain.named_parameters(), watched.named_parameters()):

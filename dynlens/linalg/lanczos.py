@@ -8,7 +8,10 @@ matrix-vector product. Every new vector is orthogonalised against *all* stored b
 by classical Gram-Schmidt done twice (one matmul each way per pass), which keeps V_m
 orthonormal to working precision and so avoids the spurious copies of converged eigenvalues
 that plain Lanczos produces. The tridiagonal eigenproblem is solved on the CPU in float64
-(``scipy.linalg.eigh_tridiagonal``); the basis lives on the operator's device and dtype.
+(``scipy.linalg.eigh_tridiagonal``). The basis has the operator's dtype and lives on the
+operator's device, or, when :func:`lanczos_eigsh` is given a ``memory`` limit it would break, in
+host memory: the products still run on the operator's device, one vector travelling each way a
+step, and the reorthogonalisation runs on the CPU.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class LanczosResult:
         ritz_values: all m Ritz values, ascending, float64 CPU tensor.
         tridiagonal: the tridiagonal matrix T_m (α, β).
         elapsed: wall-clock seconds.
+        basis_device: where the Lanczos basis ended up, as ``str(torch.device)``: the
+            operator's device, or ``"cpu"`` when it did not fit :func:`lanczos_eigsh`'s
+            ``memory`` (always ``"cpu"`` for a CPU operator); ``""`` if not recorded.
     """
 
     values: Tensor
@@ -82,6 +88,7 @@ class LanczosResult:
     ritz_values: Tensor
     tridiagonal: Tridiagonal
     elapsed: float
+    basis_device: str = ""
 
     @property
     def top(self) -> Tensor:
@@ -112,10 +119,15 @@ def _lanczos_step(
     columns), then orthogonalises w against all j+1 basis vectors of its own run by
     classical Gram-Schmidt twice, c = Q w, w ← w − Qᵀ c (this includes the α q_j and
     β q_{j−1} terms of the three-term recurrence). Returns α (b,) = q_jᵀ A q_j as the sum of
-    the two passes' coefficients on q_j, β (b,) = ‖w‖ and w (b, n), all on the device.
-    Inactive runs (``active[l]`` false) must have a zero current vector; they cost no product.
+    the two passes' coefficients on q_j, β (b,) = ‖w‖ and w (b, n), all on the basis's device.
+    Inactive runs (``active[l]`` false, ``active`` on the operator's device) must have a zero
+    current vector; they cost no product.
+
+    The basis may live on another device than the operator (host memory for a GPU operator):
+    q_j then travels to the operator's device for the product and A q_j back, and the
+    reorthogonalisation runs where the basis is.
     """
-    current = basis[:, j]
+    current = basis[:, j].to(op.device, non_blocking=True)
     if active is None:
         product = op.mv(current[0]).unsqueeze(0) if current.shape[0] == 1 else op.mm(current.T).T
     else:
@@ -123,8 +135,8 @@ def _lanczos_step(
         index = active.nonzero().squeeze(1)
         product[index] = op.mm(current[index].T).T
     krylov = basis[:, : j + 1]
-    w = product
-    alpha = torch.zeros(current.shape[0], dtype=current.dtype, device=current.device)
+    w = product.to(basis.device)
+    alpha = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
     for _ in range(2):
         coefficients = torch.bmm(krylov, w.unsqueeze(-1))
         w = w - torch.bmm(krylov.transpose(1, 2), coefficients).squeeze(-1)
@@ -204,12 +216,15 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def _restart_vector(
-    basis: Tensor, m: int, generator: torch.Generator, dtype: torch.dtype
+    basis: Tensor, m: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> Tensor | None:
-    """A random unit vector orthogonal to ``basis[0, :m]``, or ``None`` if it spans the space."""
+    """A random unit vector orthogonal to ``basis[0, :m]``, or ``None`` if it spans the space.
+
+    Drawn on ``device`` (the operator's), so that the draws do not depend on where the basis is.
+    """
     krylov = basis[0, :m]
     for _ in range(3):
-        v = gaussian_vector(basis.shape[2], generator, dtype, basis.device)
+        v = gaussian_vector(basis.shape[2], generator, dtype, device).to(basis.device)
         start = torch.linalg.vector_norm(v)
         for _ in range(2):
             v = v - krylov.T @ (krylov @ v)
@@ -217,6 +232,31 @@ def _restart_vector(
         if norm > math.sqrt(torch.finfo(dtype).eps) * start:
             return v / norm
     return None
+
+
+# A basis of at most this many bytes is allocated at the old fixed capacity (32 vectors or
+# 2·min_iters): growing it by doubling costs copies that are noticeable on small operators.
+_SMALL_BASIS_BYTES = 64 * 2**20
+
+
+def _empty_basis(capacity: int, op: LinearOperator, device: torch.device) -> Tensor:
+    """An uninitialised ``(1, capacity, n)`` basis on ``device``; in pinned host memory when it is
+    the CPU standing in for a CUDA operator's device (pinned copies to the GPU run at full speed)."""
+    pin = device.type == "cpu" and op.device.type == "cuda" and torch.cuda.is_available()
+    return torch.empty(1, capacity, op.size, dtype=op.dtype, device=device, pin_memory=pin)
+
+
+def _grown_basis(basis: Tensor, m: int, capacity: int, op: LinearOperator,
+                 memory: int | None) -> Tensor:
+    """``basis`` (full at m rows) copied into one of ``capacity`` rows: on the operator's device
+    while the old and the new basis together (both alive during the copy) fit ``memory``,
+    otherwise in host memory, where it then stays."""
+    vector_bytes = op.size * basis.element_size()
+    fits = memory is None or (m + capacity) * vector_bytes <= memory
+    device = op.device if basis.device.type == op.device.type and fits else torch.device("cpu")
+    grown = _empty_basis(capacity, op, device)
+    grown[:, :m] = basis
+    return grown
 
 
 def lanczos_eigsh(
@@ -228,6 +268,7 @@ def lanczos_eigsh(
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
     return_vectors: bool = False,
+    memory: int | None = None,
 ) -> LanczosResult:
     """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -267,10 +308,23 @@ def lanczos_eigsh(
             operator's device when that is not the CPU, see :func:`gaussian_vector`).
         generator: CPU ``torch.Generator`` for the start and restart vectors; default a fresh
             one seeded with 0. The global RNG is never used.
-        return_vectors: also return the Ritz vectors (n × len(values), on the op's device).
+        return_vectors: also return the Ritz vectors (n × len(values), on the op's device:
+            len(values) more vectors there, also when the basis was kept in host memory).
+        memory: bytes the basis may take on the operator's device (None: no limit). With
+            f = min(n, w + max(w, 3)) the fewest steps a run takes (above), the basis starts
+            at max(2f, 32) vectors when those take at most 64 MiB, else at f + 2, fewer if
+            ``memory`` holds fewer, and doubles when full (up to ``max_iters``). A basis that
+            would not fit, counting the moment of growth when the old and the new one are both
+            alive, is kept in host memory instead (pinned for a CUDA operator; ``memory=0``:
+            from the start): each step then copies one vector to the device and one back, and
+            the reorthogonalisation, 4·m·n multiply-adds at step m, runs on the CPU (bound by
+            host memory bandwidth; for large n it can take longer than the product itself).
+            :attr:`LanczosResult.basis_device` says where the basis ended up.
 
-    Cost: ``iterations`` matrix-vector products (≤ max_iters) and memory for
-    ``iterations`` + 1 vectors of size n on the operator's device.
+    Cost: ``iterations`` matrix-vector products (≤ max_iters); memory for the basis (at
+    least ``iterations`` vectors of size n, at most twice that while it grows: on the
+    operator's device within ``memory``, else in host memory) and a few more vectors of size
+    n on the operator's device for the product and the current vector.
 
     Returns:
         :class:`LanczosResult`.
@@ -288,6 +342,8 @@ def lanczos_eigsh(
         )
     if tol < 0:
         raise ValueError(f"tol must be nonnegative; got {tol}.")
+    if memory is not None and memory < 0:
+        raise ValueError(f"memory must be a nonnegative number of bytes or None; got {memory}.")
     wanted_count = min(n, 2 * k) if which == "both" else k
     if max_iters is None:
         max_iters = max(100, 4 * wanted_count + 20)
@@ -314,8 +370,15 @@ def lanczos_eigsh(
     if q_norm == 0:
         raise ValueError("v0 is the zero vector; pass a nonzero start vector or none.")
 
+    vector_bytes = n * op.dtype.itemsize
     capacity = min(max_iters, max(2 * min_iters, 32))
-    basis = torch.empty(1, capacity, n, dtype=op.dtype, device=op.device)
+    if capacity * vector_bytes > _SMALL_BASIS_BYTES:
+        capacity = min(max_iters, min_iters + 2)
+    on_device = True
+    if memory is not None and capacity * vector_bytes > memory:
+        on_device = memory >= vector_bytes  # then start with as many vectors as fit
+        capacity = memory // vector_bytes if on_device else capacity
+    basis = _empty_basis(capacity, op, op.device if on_device else torch.device("cpu"))
     basis[0, 0] = q / q_norm
     alphas: list[float] = []
     betas: list[float] = []
@@ -361,7 +424,7 @@ def lanczos_eigsh(
         if m >= max_iters:
             break
         if broke:
-            q = _restart_vector(basis, m, generator, op.dtype)
+            q = _restart_vector(basis, m, generator, op.dtype, op.device)
             if q is None:
                 converged = small
                 break
@@ -373,15 +436,13 @@ def lanczos_eigsh(
             betas.append(beta_j)
             q = w[0] / beta[0]
         if m == basis.shape[1]:
-            grown = torch.empty(1, min(2 * m, max_iters), n, dtype=op.dtype, device=op.device)
-            grown[:, :m] = basis
-            basis = grown
+            basis = _grown_basis(basis, m, min(2 * m, max_iters), op, memory)
         basis[0, m] = q
 
     ritz_vectors = None
     if return_vectors:
-        selected = torch.from_numpy(vectors_t[:, index]).to(device=op.device, dtype=op.dtype)
-        ritz_vectors = basis[0, :m].T @ selected
+        selected = torch.from_numpy(vectors_t[:, index]).to(device=basis.device, dtype=op.dtype)
+        ritz_vectors = (basis[0, :m].T @ selected).to(op.device)
     return LanczosResult(
         values=torch.from_numpy(theta[index].copy()),
         residuals=torch.from_numpy(residuals),
@@ -397,4 +458,5 @@ def lanczos_eigsh(
             beta=torch.tensor(betas, dtype=torch.float64),
         ),
         elapsed=time.perf_counter() - start_time,
+        basis_device=str(basis.device),
     )

@@ -400,19 +400,24 @@ class _Gradients:
 # ----------------------------------------------------------------------------- measurement
 
 
-def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False) -> int:
+def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False,
+                    memory: int | None = None) -> int:
     """A chunk size for m examples whose per-example gradients fit the memory budget: on CUDA
     ``CUDA_FREE_SHARE`` of the free memory (``torch.cuda.mem_get_info`` plus what the caching
     allocator holds unused), at most ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``, or without
-    ``pairs`` the smaller ``CPU_CACHE_BUDGET``. With ``pairs`` (stiffness over several chunks
-    holds two at a time) the budget is split in two. The batch is then cut into that many chunks
-    of equal size (no small remainder chunk)."""
+    ``pairs`` the smaller ``CPU_CACHE_BUDGET``; and at most half of ``memory`` (the bytes the
+    measurement may allocate, e.g. a Lens's memory budget; the other half is for the chunk's
+    activations). With ``pairs`` (stiffness over several chunks holds two at a time) the budget
+    is split in two. The batch is then cut into that many chunks of equal size (no small
+    remainder chunk)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = min(int(free * CUDA_FREE_SHARE), CUDA_BUDGET)
     else:
         budget = CPU_BUDGET if pairs else min(CPU_BUDGET, CPU_CACHE_BUDGET)
+    if memory is not None:
+        budget = min(budget, memory // 2)
     chunk = budget // bytes_per_example
     if pairs and chunk < m:
         chunk = budget // (2 * bytes_per_example)
@@ -474,6 +479,7 @@ def coherence_of(
     fallback: Fallback = "loop",
     hooks: bool | Literal["auto"] = "auto",
     graphs: bool | Literal["auto"] = "auto",
+    memory: int | None = None,
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
     :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
@@ -502,7 +508,7 @@ def coherence_of(
 
     def chunk_of(bytes_per_example: int) -> int:
         if chunk_size == "auto":
-            return auto_chunk_size(bytes_per_example, m, device, pairs=stiffness)
+            return auto_chunk_size(bytes_per_example, m, device, pairs=stiffness, memory=memory)
         return min(chunk_size, m)
 
     per_example = source.bytes_per_example()
@@ -1039,6 +1045,7 @@ def gradient_coherence(
     hooks: bool | Literal["auto"] = "auto",
     graphs: bool | Literal["auto"] = "auto",
     seed: int = 0,
+    memory: int | None = None,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
     class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
@@ -1116,6 +1123,8 @@ def gradient_coherence(
         batch: ``(inputs, targets)``.
         chunk_size: examples per vmap call (memory ∝ chunk_size), or "auto" (above).
         stiffness: compute the stiffness matrix (the only statistic needing pairs of examples).
+        memory: bytes the measurement may allocate (None: the rule above); with
+            ``chunk_size="auto"`` the per-example gradients of a chunk take at most half of it.
         mode: "eval" (default: BatchNorm running statistics, no dropout) or "train" (dropout with
             a fixed seed). Train mode with BatchNorm raises ValueError: with batch statistics an
             example's loss depends on the whole batch, so per-example gradients are ill-defined.
@@ -1140,5 +1149,5 @@ def gradient_coherence(
     with isolated(model, mode, seed):
         fn = ModelFunction(model, loss_fn, batch, seed=seed)
         return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
-                            fallback=fallback, hooks=hooks, graphs=graphs)
+                            fallback=fallback, hooks=hooks, graphs=graphs, memory=memory)
 

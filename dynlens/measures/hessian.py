@@ -23,6 +23,10 @@ models. ``hvp="forward_over_reverse"`` keeps no graph and costs about 3 gradient
 the default ``hvp="auto"`` times one product of each kind once per model and batch and takes
 the faster (on an H100 a ResNet-18's reused graph costs 4.8 gradients a product, because cuDNN
 runs a term of the convolutions' double backward with a slow kernel; forward-over-reverse 3.1).
+Bounded memory: ``chunk_size`` computes every product as the exact sum over sub-batches, holding
+the activations of one sub-batch at a time (:func:`curvature_operator`), and
+:func:`hessian_eigenvalues`'s ``memory`` keeps a Lanczos basis that would not fit on the device
+in host memory.
 
 Every measurement runs inside :func:`dynlens.functional.isolated`: the model's training flags,
 ``.grad``, buffers and the torch/CUDA/Python/NumPy random states are as before, and attention
@@ -41,6 +45,7 @@ from torch import Tensor, nn
 
 from dynlens.functional import (
     ModelFunction,
+    OutOfMemoryError,
     _widened,
     batch_size,
     flatten,
@@ -69,6 +74,7 @@ __all__ = [
     "hessian_density",
     "curvature_operator",
     "start_vector",
+    "warm_start_vector",
     "adam_preconditioner",
     "step_scales",
     "layer_blocks",
@@ -270,14 +276,42 @@ def curvature_operator(
     hvp: Method = "auto",
     preconditioner: Preconditioner = None,
     max_columns: int = 16,
+    *,
+    chunk_size: int | None = None,
 ) -> tuple[LinearOperator, Tensor]:
     """The curvature matrix of ``fn`` as a :class:`LinearOperator`, and the flat gradient ḡ.
 
     With a diagonal ``preconditioner`` P the operator is P^{-1/2} C P^{-1/2}, whose eigenvalues are
     those of P⁻¹C. Call inside :func:`isolated`. Building it costs one backward pass (with
     ``create_graph`` for ``hvp="reuse"``).
+
+    Sub-batched products: with ``chunk_size`` smaller than the batch's m examples, every product
+    and the gradient are the example-weighted sums over consecutive sub-batches s of at most
+    ``chunk_size`` examples, C v = Σ_s (m_s/m) C_s v and ḡ = Σ_s (m_s/m) ḡ_s, C_s the curvature of
+    the mean loss over sub-batch s. That is C itself (to rounding) for a loss that is the mean of
+    per-example losses; a loss that averages over counted targets (ignored targets, unequal counts
+    per example) is weighted by examples, not by counted targets, so C then differs from the
+    whole batch's. Activation memory is then that of ``chunk_size`` examples instead of m, and
+    each product costs the same passes over the m examples as one whole-batch product. Products
+    run forward-over-reverse on each sub-batch (``hvp="auto"`` included; Hessian products fall
+    back to the reused graph if a layer has no forward-mode derivative), keeping no graph between
+    products; ``hvp="reuse"`` builds each sub-batch's first-order graph anew for every call and
+    frees it before the next sub-batch (one extra backward pass per sub-batch and call, shared by
+    the columns of a ``matmat``). Train mode: dropout masks are drawn per sub-batch, so they
+    differ from the whole batch's (each set is an equally valid draw); a BatchNorm layer
+    normalising with batch statistics couples the examples, and is refused. The operator's
+    ``matvecs`` counts one product per vector, however many sub-batches it takes.
+
+    Raises:
+        ValueError: ``chunk_size`` < 1, or below m with BatchNorm using batch statistics; a
+            non-finite loss or gradient; a loss that is not twice differentiable.
     """
-    matvec, matmat, gradient = fn.curvature_products(curvature, hvp, max_columns)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of examples or None, got {chunk_size}")
+    if chunk_size is not None and chunk_size < fn.size:
+        matvec, matmat, gradient = _sub_batched_products(fn, curvature, hvp, max_columns, chunk_size)
+    else:
+        matvec, matmat, gradient = fn.curvature_products(curvature, hvp, max_columns)
     scale = _flat_preconditioner(preconditioner, fn)
     if scale is not None:
         scale = scale.rsqrt()
@@ -292,6 +326,88 @@ def curvature_operator(
     return LinearOperator(
         matvec=matvec, size=fn.num_params, dtype=gradient.dtype, device=gradient.device, matmat=matmat
     ), gradient
+
+
+def _batch_statistics_layers(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers that normalise with the statistics of the batch (train mode,
+    or no running statistics): they make each example's loss depend on the others."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (module.training or module.running_mean is None)]
+
+
+def _sub_batch_function(fn: ModelFunction, start: int, stop: int) -> ModelFunction:
+    """``fn`` restricted to examples ``start:stop``."""
+    sub = ModelFunction(fn.model, fn.loss_fn,
+                        (slice_examples(fn.inputs, start, stop), slice_examples(fn.targets, start, stop)),
+                        params=list(fn.params), seed=fn.seed)
+    # the same tensors as fn: a half-precision model's float32 copy and the buffer copies are
+    # then held once, not once per sub-batch
+    sub.params, sub.fixed, sub.buffers = fn.params, fn.fixed, fn.buffers
+    return sub
+
+
+def _rebuilt_graph_product(sub: ModelFunction, max_columns: int, vectors: Tensor) -> Tensor:
+    """H_s v (or H_s V) through a first-order graph of sub-batch s built for this call alone: it
+    is freed on return, so that one sub-batch's graph is alive at a time."""
+    single, block, _ = sub.curvature_products("hessian", "reuse", max_columns)
+    return single(vectors) if vectors.dim() == 1 else block(vectors)
+
+
+def _sub_batched_products(
+    fn: ModelFunction, curvature: Curvature, hvp: Method, max_columns: int, chunk_size: int
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor]:
+    """``(matvec, matmat, gradient)`` as sums over sub-batches (see :func:`curvature_operator`)."""
+    coupled = _batch_statistics_layers(fn.model)
+    if coupled:
+        raise ValueError(
+            f"chunk_size={chunk_size} splits the batch of {fn.size} examples, but the BatchNorm layers "
+            f"{coupled} normalise with the statistics of the whole batch (train mode, or no running "
+            "statistics), so its curvature is not a sum over sub-batches; measure in mode='eval' "
+            f"(running statistics), or pass chunk_size=None or at least {fn.size}"
+        )
+    if hvp not in ("auto", "reuse", "forward_over_reverse"):
+        raise ValueError(f"hvp must be 'auto', 'reuse' or 'forward_over_reverse', got {hvp!r}")
+    subs = [_sub_batch_function(fn, start, min(start + chunk_size, fn.size))
+            for start in range(0, fn.size, chunk_size)]
+    weights = [sub.size / fn.size for sub in subs]
+    # forward-over-reverse products keep no graph; building them costs one backward pass each
+    # (for the gradient and the checks of a finite, twice differentiable loss)
+    products: list[tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = []
+    gradient: Tensor | None = None
+    for weight, sub in zip(weights, subs, strict=True):
+        single, block, sub_gradient = sub.curvature_products(curvature, "forward_over_reverse", max_columns)
+        products.append((single, block))
+        gradient = sub_gradient.mul_(weight) if gradient is None else gradient.add_(sub_gradient, alpha=weight)
+        del sub_gradient
+    assert gradient is not None
+    method = [hvp if curvature == "hessian" else "forward_over_reverse"]
+
+    def summed(vectors: Tensor, rebuild: bool) -> Tensor:
+        total: Tensor | None = None
+        for weight, sub, (single, block) in zip(weights, subs, products, strict=True):
+            if rebuild:
+                part = _rebuilt_graph_product(sub, max_columns, vectors)
+            else:
+                part = single(vectors) if vectors.dim() == 1 else block(vectors)
+            total = part.mul_(weight) if total is None else total.add_(part, alpha=weight)
+        assert total is not None
+        return total
+
+    def product(vectors: Tensor) -> Tensor:
+        if method[0] != "auto":
+            return summed(vectors, rebuild=method[0] == "reuse")
+        try:
+            out = summed(vectors, rebuild=False)
+        except OutOfMemoryError:
+            raise
+        except RuntimeError:  # a backward formula without forward-mode derivative (mse_loss in torch 2.13)
+            method[0] = "reuse"
+            return summed(vectors, rebuild=True)
+        method[0] = "forward_over_reverse"
+        return out
+
+    return product, product, gradient
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -329,9 +445,48 @@ def start_vector(op: LinearOperator, gradient: Tensor, generator: torch.Generato
     return start
 
 
+# the Gaussian part of a warm start, relative to its unit warm direction
+_WARM_START_NOISE = 1e-3
+
+
+def warm_start_vector(op: LinearOperator, previous: Tensor, generator: torch.Generator) -> Tensor:
+    """A Lanczos start vector from earlier eigenvectors (a warm start): the columns of
+    ``previous`` summed and normalised, plus a Gaussian vector from ``generator`` of norm 1e-3.
+
+    ``previous`` is a flat vector (P,) or a block (P, j) of eigenvectors, for instance
+    ``Eigen.vectors`` of a measurement a few training steps earlier. The top eigenvectors move
+    little over a few steps, so the sum has a large component on each of the new top j and
+    Lanczos meets the tolerance in few products. The sum alone spans only the old directions,
+    though: an eigenvector that has since risen into the top (eigenvalues crossing) would be
+    missing from the Krylov space, entering only through rounding errors, and Lanczos would
+    return the next one in its place. The Gaussian part gives every eigenvector a nonzero
+    component while keeping the start within 1e-3 of the warm direction. That component is small
+    (about 1e-3/√P), so a new top eigenvector is found at a tight tolerance; at a loose one (1e-2)
+    the run may stop before it has grown, as from any start (``hessian_eigenvalues``'s ``tol``).
+
+    Raises:
+        ValueError: ``previous`` is not of shape (P,) or (P, j), or its columns sum to zero or to
+            a non-finite vector.
+    """
+    size = op.size
+    if previous.dim() not in (1, 2) or previous.shape[0] != size or previous.numel() == 0:
+        raise ValueError(
+            f"start must be a flat start vector of shape ({size},) or a block of earlier "
+            f"eigenvectors of shape ({size}, j), one row per parameter measured; got a tensor of "
+            f"shape {tuple(previous.shape)}"
+        )
+    direction = previous.reshape(size, -1).to(device=op.device, dtype=op.dtype).sum(dim=1)
+    norm = torch.linalg.vector_norm(direction)
+    if not bool(torch.isfinite(norm)) or not bool(norm > 0):
+        raise ValueError(f"the start vector's columns sum to a vector of norm {float(norm)}; pass "
+                         "nonzero, finite vectors (or start='auto')")
+    noise = gaussian_vector(size, generator, op.dtype, op.device)
+    return direction / norm + noise * (_WARM_START_NOISE / torch.linalg.vector_norm(noise))
+
+
 def _eigen_from_lanczos(fn: ModelFunction, op: LinearOperator, gradient: Tensor, k: int, which: str,
                         tol: float, max_iters: int | None, seed: int, return_vectors: bool,
-                        gradient_overlap: bool, start: str = "auto",
+                        gradient_overlap: bool, start: str | Tensor = "auto", memory: int | None = None,
                         ) -> tuple[Tensor, Tensor, Tensor | None, int, bool, float | None]:
     if k > op.size:
         raise ValueError(
@@ -339,11 +494,14 @@ def _eigen_from_lanczos(fn: ModelFunction, op: LinearOperator, gradient: Tensor,
             f"the number of parameters ({op.size})"
         )
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if start == "auto":
-        start = "gradient" if which == "top" else "random"
-    v0 = start_vector(op, gradient, generator) if start == "gradient" else None
+    if isinstance(start, Tensor):
+        v0: Tensor | None = warm_start_vector(op, start, generator)
+    else:
+        if start == "auto":
+            start = "gradient" if which == "top" else "random"
+        v0 = start_vector(op, gradient, generator) if start == "gradient" else None
     result = lanczos_eigsh(op, k=k, which=which, tol=tol, max_iters=max_iters, generator=generator,
-                           v0=v0, return_vectors=return_vectors or gradient_overlap)
+                           v0=v0, return_vectors=return_vectors or gradient_overlap, memory=memory)
     values, residuals, vectors = result.values, result.residuals, result.vectors
     if which == "bottom":
         values, residuals = values.flip(0), residuals.flip(0)
@@ -383,8 +541,10 @@ def hessian_eigenvalues(
     return_vectors: bool = False,
     gradient_overlap: bool = False,
     preconditioner: Preconditioner = None,
-    start: Literal["auto", "random", "gradient"] = "auto",
+    start: Literal["auto", "random", "gradient"] | Tensor = "auto",
     seed: int = 0,
+    chunk_size: int | None = None,
+    memory: int | None = None,
 ) -> Eigen | dict[str, Eigen]:
     """The k extreme eigenvalues of the Hessian of the mean loss on ``batch`` (METRICS.md §1).
 
@@ -421,12 +581,32 @@ def hessian_eigenvalues(
             optimizer whose state gives Adam's P): eigenvalues of P^{-1/2} H P^{-1/2}, i.e. of P⁻¹H.
         start: Lanczos's start vector: "gradient" (the unit gradient plus a unit Gaussian vector,
             :func:`start_vector`: during training the gradient lies mostly in the top
-            eigenspace, Gur-Ari et al. 2018), "random" (a Gaussian vector), or "auto" (the
-            default): "gradient" for ``which="top"``, else "random".
+            eigenspace, Gur-Ari et al. 2018), "random" (a Gaussian vector), "auto" (the
+            default): "gradient" for ``which="top"``, else "random"; or a tensor, for a warm
+            start: a flat vector (P,) or a block (P, j) of earlier eigenvectors (``vectors`` of
+            an earlier result with ``return_vectors=True``), whose columns are summed and
+            normalised, plus a Gaussian part of relative norm 1e-3 so that no eigenvector is
+            missing from the Krylov space (:func:`warm_start_vector`). Not with
+            ``params="per_layer"`` (one operator per layer).
         seed: seeds the start vector and, in train mode, dropout.
+        chunk_size: compute every product (and the gradient) as the example-weighted sum over
+            sub-batches of at most ``chunk_size`` examples, one sub-batch at a time, so that
+            activation memory is that of ``chunk_size`` examples, not of the whole batch. Exact
+            (to rounding) for a loss that is the mean of per-example losses; unlike
+            ``batch_size`` it does not change what is measured. Products then run
+            forward-over-reverse (``hvp="reuse"``: each sub-batch's graph is rebuilt for every
+            product). Refused in train mode for a model with BatchNorm, which couples the
+            examples. See :func:`curvature_operator`.
+        memory: bytes the Lanczos basis may take on the model's device (None: no limit); a
+            basis that would not fit lives in host memory instead, with the products still on
+            the device (:func:`dynlens.linalg.lanczos_eigsh`).
 
-    Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch; memory for the first-order
-    graph and about ``iterations`` vectors of P entries. A model with float16 or bfloat16
+    Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch (with ``chunk_size``: the
+    same passes over the examples, in sub-batches; with ``hvp="reuse"`` one more backward pass
+    per sub-batch and product); memory for the first-order graph (with ``chunk_size``, the
+    activations of one sub-batch at a time) and about ``iterations`` vectors of P entries for
+    the Lanczos basis (within ``memory`` on the device, else in host memory) plus
+    ``len(values)`` for ``return_vectors``. A model with float16 or bfloat16
     parameters is measured in float32 at its own weights (:class:`~dynlens.functional.ModelFunction`),
     so the vectors are float32 and cost 4 bytes an entry.
 
@@ -439,8 +619,17 @@ def hessian_eigenvalues(
     """
     _check_options(mode, curvature, hvp)
     model = unwrap_model(model)
-    if start not in ("auto", "random", "gradient"):
-        raise ValueError(f"start must be 'auto', 'random' or 'gradient', got {start!r}")
+    if isinstance(start, Tensor):
+        if isinstance(params, str):
+            raise ValueError(
+                "a tensor start (a warm start) is a vector of one operator's parameters, but "
+                "params='per_layer' measures one operator per layer; pass start='auto' there"
+            )
+    elif start not in ("auto", "random", "gradient"):
+        raise ValueError(
+            f"start must be 'auto', 'random', 'gradient' or a tensor (a start vector (P,) or earlier "
+            f"eigenvectors (P, j)), got {start!r}"
+        )
     if which not in ("top", "bottom", "both"):
         raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
     if k < 1:
@@ -454,10 +643,10 @@ def hessian_eigenvalues(
             vectors, overlap, iterations, size = None, None, 0, 0
             for sub in sub_batches:
                 fn = ModelFunction(model, loss_fn, sub, params=names, seed=seed)
-                op, gradient = curvature_operator(fn, curvature, hvp, preconditioner)
+                op, gradient = curvature_operator(fn, curvature, hvp, preconditioner, chunk_size=chunk_size)
                 values, residuals, vectors, iterations, ok, overlap = _eigen_from_lanczos(
                     fn, op, gradient, k, which, tol, max_iters, seed, return_vectors, gradient_overlap,
-                    start)
+                    start, memory)
                 rows.append(values)
                 all_residuals.append(residuals)
                 matvecs += op.matvecs
@@ -510,6 +699,7 @@ def hessian_trace(
     preconditioner: Preconditioner = None,
     max_columns: int = 16,
     seed: int = 0,
+    chunk_size: int | None = None,
 ) -> Estimate | dict[str, Estimate]:
     """tr(H) of the mean loss on ``batch`` by Hutch++ (default) or Hutchinson, Rademacher probes.
 
@@ -520,8 +710,11 @@ def hessian_trace(
 
     Args: as :func:`hessian_eigenvalues`; ``samples`` ≥ 4 (≥ 2 for Hutchinson) is the HVP budget,
     ``seed`` seeds the probe vectors. ``params="per_layer"`` gives one estimate per layer.
+    ``chunk_size``: every product as the sum over sub-batches of at most that many examples
+    (exact; activation memory of one sub-batch; see :func:`curvature_operator`).
 
-    Cost: ``samples`` HVPs and one backward pass.
+    Cost: ``samples`` HVPs and one backward pass (with ``chunk_size``, in sub-batches, and with
+    ``hvp="reuse"`` one more backward pass per sub-batch and block of ``max_columns`` products).
 
     Returns:
         :class:`Estimate` (value, stderr), or a dict of them by layer.
@@ -535,7 +728,7 @@ def hessian_trace(
         start = time.perf_counter()
         with isolated(model, mode, seed):
             fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
-            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max_columns)
+            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max_columns, chunk_size=chunk_size)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             estimator = hutch_plus_plus if method == "hutch++" else hutchinson
             result = estimator(op, samples=samples, generator=generator)
@@ -559,6 +752,7 @@ def hessian_density(
     preconditioner: Preconditioner = None,
     max_columns: int = 16,
     seed: int = 0,
+    chunk_size: int | None = None,
 ) -> SpectralDensity | dict[str, SpectralDensity]:
     """The spectral density of H by stochastic Lanczos quadrature (SLQ).
 
@@ -567,9 +761,12 @@ def hessian_density(
     first components of the tridiagonal eigenvectors over ``runs`` (Lin, Saad & Yang 2016;
     Ghorbani, Krishnan & Xiao 2019). Outliers are the nodes beyond the bulk (Papyan 2019).
 
-    Args: as :func:`hessian_eigenvalues`; ``seed`` seeds the start vectors.
+    Args: as :func:`hessian_eigenvalues`; ``seed`` seeds the start vectors. ``chunk_size``: every
+    product as the sum over sub-batches of at most that many examples (exact; activation memory
+    of one sub-batch; see :func:`curvature_operator`).
 
-    Cost: at most runs·iters HVPs and one backward pass; memory for runs·iters vectors of P.
+    Cost: at most runs·iters HVPs and one backward pass (with ``chunk_size``, in sub-batches);
+    memory for runs·iters vectors of P.
 
     Returns:
         :class:`dynlens.linalg.SpectralDensity` (nodes, weights summing to 1, matvecs, elapsed),
@@ -582,7 +779,8 @@ def hessian_density(
         start = time.perf_counter()
         with isolated(model, mode, seed):
             fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
-            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max(max_columns, runs))
+            op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max(max_columns, runs),
+                                       chunk_size=chunk_size)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             result = slq(op, runs=runs, iters=min(iters, op.size), generator=generator)
         return SpectralDensity(nodes=result.nodes, weights=result.weights, runs=result.runs,

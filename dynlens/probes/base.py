@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from dynlens import schedules
 from dynlens.functional import Mode, ModelFunction
 
-__all__ = ["Probe", "Context", "Values"]
+__all__ = ["Probe", "Context", "Values", "Occasional"]
 
 Values = Mapping[str, "float | int | np.ndarray | Tensor"]
 
@@ -85,6 +85,45 @@ class Context:
     def per_example_grads(self, chunk_size: int = 64):  # noqa: ANN201 - iterator of chunks
         """Per-example gradients of the probe batch in chunks: see ModelFunction.per_example_grads."""
         return self.fn.per_example_grads(chunk_size)
+
+
+class Occasional:
+    """An optional, costly part of a probe's measurement (λ_min, a trace, a stiffness matrix) on a
+    sparser sub-schedule: due at every ``every``-th measurement of its probe (and at the first),
+    and taken only when its predicted cost fits what the measurement may still spend
+    (``ctx.allowance``; without a time budget, always). A part that did not fit stays due, and is
+    taken at the next measurement that can afford it.
+
+    Call :meth:`tick` once per measurement, then :meth:`wanted`; :meth:`ran` after taking it.
+    """
+
+    def __init__(self, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"a sub-schedule needs a whole number of measurements >= 1, got {every!r}")
+        self.every = every
+        self.count = 0
+        self.last: int | None = None
+        self.seconds: float | None = None
+
+    def tick(self) -> None:
+        """Count one measurement of the probe."""
+        self.count += 1
+
+    @property
+    def due(self) -> bool:
+        """True when the part has not run in its last ``every`` measurements."""
+        return self.last is None or self.count - self.last >= self.every
+
+    def wanted(self, spent: float, allowance: float, predicted: float) -> bool:
+        """Due, and its cost (its last one, else ``predicted`` seconds) fits: ``spent`` seconds of
+        this measurement so far plus the part's within ``allowance``."""
+        cost = self.seconds if self.seconds is not None else predicted
+        return self.due and spent + cost <= allowance
+
+    def ran(self, seconds: float) -> None:
+        """Record that the part ran at this measurement and took ``seconds``."""
+        self.last = self.count
+        self.seconds = seconds
 
 
 class Probe:

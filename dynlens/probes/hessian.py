@@ -20,17 +20,25 @@ are group 0's.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+import time
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.functional import flatten
 from dynlens.linalg import LinearOperator, hutch_plus_plus, lanczos_eigsh, slq
-from dynlens.measures.hessian import curvature_operator, start_vector, step_scales
-from dynlens.probes.base import Context, Probe, Values
+from dynlens.measures.hessian import (
+    curvature_operator,
+    start_vector,
+    step_scales,
+    warm_start_vector,
+)
+from dynlens.probes.base import Context, Occasional, Probe, Values
 
-__all__ = ["Hessian", "stability_threshold"]
+__all__ = ["Hessian", "stability_threshold", "hvp_chunk_size"]
 
 MIN_ITERS_CAP = 50
 
@@ -56,8 +64,63 @@ def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, f
     return None
 
 
+# The memory of a Hessian-vector product through a first-order graph built for it, measured on
+# an H200 (benchmarks/results/explore_memory_h200.json): per example about 3.3 (ResNet-18) to
+# 4.2 (GPT-2-sized decoder) times the activations a gradient saves, plus about 3 vectors of P.
+# The probe also holds the running sum over sub-batches, the Lanczos vector and the gradient.
+ACTIVATION_FACTOR = 4.5
+FIXED_VECTORS = 6
+
+
+def hvp_chunk_size(num_params: int, itemsize: int, activation_bytes: int, examples: int,
+                   memory: int | None) -> tuple[int | None, int | None]:
+    """``(chunk_size, basis_memory)``: the most examples per sub-batch whose Hessian-vector
+    product fits ``memory`` bytes (None: the whole batch fits, or there is no limit), cut into
+    sub-batches of equal size, and the bytes left for the Lanczos basis on the device.
+
+    The model: a product over b examples takes ``FIXED_VECTORS`` vectors of P entries plus
+    ``ACTIVATION_FACTOR`` × b × ``activation_bytes`` (the activations a gradient of one example
+    saves, :meth:`dynlens.functional.ModelFunction.activation_bytes`).
+
+    Raises:
+        MemoryBudgetTooSmall: not even one example's product fits.
+    """
+    if memory is None:
+        return None, None
+    fixed = FIXED_VECTORS * num_params * itemsize
+    per_example = ACTIVATION_FACTOR * max(activation_bytes, 1)
+    fits = int((memory - fixed) // per_example)
+    if fits < 1:
+        raise MemoryBudgetTooSmall(
+            f"a Hessian-vector product on one example needs about {_gib(fixed + per_example)} and "
+            f"{_gib(max(memory, 0))} is allowed"
+        )
+    if fits >= examples:
+        return None, int(memory - fixed - per_example * examples)
+    pieces = -(-examples // fits)
+    chunk = -(-examples // pieces)
+    return chunk, int(memory - fixed - per_example * chunk)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 class Hessian(Probe):
-    """λ_max (``sharpness``), λ_2..λ_k, λ_min, tr(H) and the spectral density on the probe batch.
+    """Sharpness λ_max and the top-k eigenvalues at every measurement; λ_min, tr(H) and the
+    spectral density on a sparser sub-schedule; all on the probe batch, against the stability
+    threshold of the optimizer in use.
+
+    Tracking (what makes it cheap enough to leave on): Lanczos starts from the previous
+    measurement's top eigenvectors (``warm_start``; they are kept in host memory between
+    measurements) and stops at the tracking tolerance ``tol=1e-2`` (relative residual; the
+    eigenvalue's error is then about tol²·λ²/gap, far below 1%: measured in
+    ``benchmarks/RESULTS.md``). λ_min, the trace and the density are taken every
+    ``extras_every``-th measurement, and only when the Lens's time budget can afford them
+    (:class:`~dynlens.probes.base.Occasional`; their cost is predicted from the seconds a product
+    took in this measurement). Memory: under a Lens memory budget (``ctx.memory``) the products
+    are summed over sub-batches of the probe batch (exact, :func:`hvp_chunk_size` chooses the
+    size) and a Lanczos basis that does not fit the device stays in host memory.
 
     Args:
         every / at / schedule / mode: the schedule and mode (see :class:`Probe`).
@@ -67,18 +130,34 @@ class Hessian(Probe):
         density: also the SLQ density (``density_runs`` runs of ``density_iters`` steps),
             stored as the arrays ``density_nodes`` and ``density_weights``.
         tol, tol_min, max_iters: Lanczos settings (λ_min's run stops after ``max_iters`` or 50
-            steps, converged or not).
+            steps, converged or not). ``tol=1e-4`` gives eigenvalues to about 1e-7.
+        extras_every: λ_min, trace and density at every this many measurements (the first
+            included), when the time budget allows; 1 for every measurement.
+        warm_start: start Lanczos from the previous measurement's eigenvectors (else from the
+            gradient plus a Gaussian vector).
+        hvp: Hessian-vector products by "reuse" (the first-order graph, ~2 gradients a product;
+            needs no forward-mode derivatives and imports no compiler), "forward_over_reverse"
+            or "auto" (time both once; see :func:`dynlens.hessian_eigenvalues`).
+        chunk_size: examples per product pass: "auto" (the whole batch, or what fits the Lens's
+            memory budget), or a number.
+        seed: seeds the start vectors and the trace's probe vectors.
 
     Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
     optimizer's), ``sharpness_ratio`` (λ_max/threshold; for Adam, and for SGD whose groups'
     learning rates differ, the preconditioned sharpness over it), ``preconditioned_sharpness``
     (λ_max(SH), module docstring), ``trace``, ``trace_stderr``, ``sgd_trace_ratio`` (η·tr(H)/2,
     SGD; η₀·tr(SH)/2 across groups), ``density_nodes``/``density_weights`` (arrays), ``hvps``
-    (all products this measurement took) and ``residual_max`` (largest relative residual of the
-    top-k pairs).
+    (all products this measurement took), ``residual_max`` (largest relative residual of the
+    top-k pairs), ``warm_start`` (1 when Lanczos started from the previous eigenvectors),
+    ``eigenvector_overlap`` (|⟨v_prev, v⟩| of the top eigenvector with the previous one: how far
+    the top direction turned) and ``chunk_size`` (examples per product pass).
 
-    Cost per measurement: about (iterations of each Lanczos run + trace_samples +
-    density_runs·density_iters) HVPs, each about two gradients on the probe batch.
+    Cost per measurement: the top-k run's products (4–6 at ``tol=1e-2`` for k=1) plus one
+    gradient, each product about 2 gradients on the probe batch (more when the memory budget
+    splits the batch: each sub-batch's pass then runs alone); with the extras, about
+    50 + trace_samples + density_runs·density_iters more. Adam (and SGD whose groups' rates
+    differ) needs a second Lanczos run for the preconditioned sharpness. Measured in training
+    steps on the reference jobs in ``benchmarks/RESULTS.md``.
     """
 
     name = "hessian"
@@ -96,17 +175,26 @@ class Hessian(Probe):
         lambda_min: bool = True,
         trace: bool = True,
         density: bool = False,
-        tol: float = 1e-4,
+        tol: float = 1e-2,
         tol_min: float = 1e-2,
         max_iters: int | None = None,
         trace_samples: int = 30,
         density_runs: int = 4,
         density_iters: int = 60,
+        extras_every: int = 10,
+        warm_start: bool = True,
+        hvp: Literal["reuse", "forward_over_reverse", "auto"] = "reuse",
+        chunk_size: int | Literal["auto"] = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if hvp not in ("reuse", "forward_over_reverse", "auto"):
+            raise ValueError(f"hvp must be 'reuse', 'forward_over_reverse' or 'auto', got {hvp!r}")
+        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                     or chunk_size < 1):
+            raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
         self.k = k
         self.lambda_min = lambda_min
         self.trace = trace
@@ -117,33 +205,70 @@ class Hessian(Probe):
         self.trace_samples = trace_samples
         self.density_runs = density_runs
         self.density_iters = density_iters
+        self.extras_every = extras_every
+        self.warm_start = warm_start
+        self.hvp = hvp
+        self.chunk_size = chunk_size
         self.seed = seed
+        self._extras = {name: Occasional(extras_every) for name in ("lambda_min", "trace", "density")}
+        self._previous: dict[str, Tensor] = {}  # top eigenvectors by operator, on the host
+        self._activation_bytes: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "k": self.k, "trace": self.trace, "density": self.density,
-                "tol": self.tol}
+                "tol": self.tol, "extras_every": self.extras_every, "warm_start": self.warm_start,
+                "hvp": self.hvp, "chunk_size": self.chunk_size}
 
     def _generator(self, offset: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed + offset)
 
+    def _sizes(self, fn: Any, memory: int | None) -> tuple[int | None, int | None]:
+        if self.chunk_size != "auto":
+            return self.chunk_size, None
+        if memory is None:
+            return None, None
+        if self._activation_bytes is None:
+            self._activation_bytes = fn.activation_bytes(1)
+        itemsize = next(iter(fn.params.values())).element_size()
+        return hvp_chunk_size(fn.num_params, itemsize, self._activation_bytes, fn.size, memory)
+
+    def _top(self, key: str, op: LinearOperator, gradient: Tensor | None, k: int,
+             basis_memory: int | None, offset: int, values: dict[str, Any]) -> Any:
+        """The top-k run on ``op``, warm-started from the eigenvectors of the last measurement
+        (else from the gradient and a Gaussian vector, or a Gaussian vector alone)."""
+        generator = self._generator(offset)
+        previous = self._previous.get(key) if self.warm_start else None
+        if previous is not None and previous.shape[0] == op.size:
+            v0 = warm_start_vector(op, previous, generator)
+        else:
+            previous = None
+            v0 = None if gradient is None else start_vector(op, gradient, generator)
+        result = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters, v0=v0,
+                               generator=generator, return_vectors=self.warm_start, memory=basis_memory)
+        if self.warm_start and result.vectors is not None:
+            vectors = result.vectors.detach().to("cpu", copy=True)
+            if key == "hessian":
+                values["warm_start"] = float(previous is not None)
+                if previous is not None:
+                    values["eigenvector_overlap"] = float(
+                        (previous[:, 0].double() @ vectors[:, 0].double()).abs())
+            self._previous[key] = vectors
+        return result
+
     def measure(self, ctx: Context) -> Values:
+        began = time.perf_counter()
         fn = ctx.fn
-        op, gradient = curvature_operator(fn, "hessian", "auto", None, max_columns=16)
+        chunk, basis_memory = self._sizes(fn, ctx.memory)
+        op, gradient = curvature_operator(fn, "hessian", self.hvp, None, max_columns=16, chunk_size=chunk)
         k = min(self.k, op.size)
-        generator = self._generator(0)
-        top = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters,
-                            v0=start_vector(op, gradient, generator), generator=generator)
-        values: dict[str, Any] = {"sharpness": float(top.values[0])}
+        values: dict[str, Any] = {"chunk_size": float(chunk or fn.size)}
+        top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
+        del gradient
+        values["sharpness"] = float(top.values[0])
         for i in range(1, k):
             values[f"lambda_{i + 1}"] = float(top.values[i])
         relative = top.residuals / top.values.abs().clamp_min(1e-300)
         values["residual_max"] = float(relative.max())
-        if self.lambda_min:
-            # the bottom of the spectrum sits next to the dense bulk near 0 and converges slowly;
-            # a capped run gives an upper bound on λ_min that is good enough to spot a saddle
-            bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
-                                   max_iters=self.max_iters or MIN_ITERS_CAP, generator=self._generator(1))
-            values["lambda_min"] = float(bottom.values[0])
         extra_hvps = 0
         rule = stability_threshold(ctx.optimizer)
         lr = float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer is not None else math.nan
@@ -155,15 +280,34 @@ class Hessian(Probe):
             if scales is not None:
                 # on the same first-order graph: no second graph is built
                 root = flatten([scales[n] for n in fn.params]).to(op.device, op.dtype).sqrt()
+                del scales
                 scaled = LinearOperator(matvec=lambda v: root * op.matvec(root * v), size=op.size,
                                         dtype=op.dtype, device=op.device)
-                pre = lanczos_eigsh(scaled, k=1, which="top", tol=self.tol, max_iters=self.max_iters,
-                                    generator=self._generator(2))
+                pre = self._top("preconditioned", scaled, None, 1, basis_memory, 2, values)
                 values["preconditioned_sharpness"] = float(pre.values[0])
                 values["sharpness_ratio"] = float(pre.values[0]) / threshold
             elif kind != "adam":
                 values["sharpness_ratio"] = values["sharpness"] / threshold
-        if self.trace:
+        # the optional parts, when due and affordable: their cost from this measurement's products
+        per_product = (time.perf_counter() - began) / max(op.matvecs + (scaled.matvecs if scaled else 0), 1)
+        allowance = ctx.allowance
+
+        def wanted(name: str, enabled: bool, products: int) -> bool:
+            part = self._extras[name]
+            part.tick()
+            return enabled and part.wanted(time.perf_counter() - began, allowance, per_product * products)
+
+        if wanted("lambda_min", self.lambda_min, self.max_iters or MIN_ITERS_CAP):
+            # the bottom of the spectrum sits next to the dense bulk near 0 and converges slowly;
+            # a capped run gives an upper bound on λ_min that is good enough to spot a saddle
+            part_start = time.perf_counter()
+            bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
+                                   max_iters=self.max_iters or MIN_ITERS_CAP, generator=self._generator(1),
+                                   memory=basis_memory)
+            values["lambda_min"] = float(bottom.values[0])
+            self._extras["lambda_min"].ran(time.perf_counter() - part_start)
+        if wanted("trace", self.trace, self.trace_samples * (2 if scaled is not None else 1)):
+            part_start = time.perf_counter()
             estimate = hutch_plus_plus(op, samples=self.trace_samples, generator=self._generator(3))
             values["trace"] = estimate.value
             values["trace_stderr"] = estimate.stderr
@@ -172,12 +316,15 @@ class Hessian(Probe):
                 weighted = estimate if scaled is None else hutch_plus_plus(
                     scaled, samples=self.trace_samples, generator=self._generator(3))
                 values["sgd_trace_ratio"] = lr * weighted.value / 2
+            self._extras["trace"].ran(time.perf_counter() - part_start)
         if scaled is not None:
             extra_hvps = scaled.matvecs
-        if self.density:
+        if wanted("density", self.density, self.density_runs * self.density_iters):
+            part_start = time.perf_counter()
             density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),
                           generator=self._generator(4))
             values["density_nodes"] = density.nodes.numpy().astype(np.float64)
             values["density_weights"] = density.weights.numpy().astype(np.float64)
+            self._extras["density"].ran(time.perf_counter() - part_start)
         values["hvps"] = float(op.matvecs + extra_hvps)
         return values

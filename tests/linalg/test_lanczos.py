@@ -208,3 +208,77 @@ def test_no_stop_before_a_krylov_space_of_2k_plus_1_dimensions(k, floor):
     result = lanczos_eigsh(dense_operator(a), k=k, tol=1e-6, v0=v0)
     assert result.converged and result.matvecs == floor
     assert relative_error(result.values, np.sort(SPREAD)[::-1][:k]) <= 1e-8
+
+
+# ----------------------------------------------------------------------------- a memory limit
+
+
+def _same_run(first, second):
+    """Two runs took the same steps and found the same pairs, to rounding."""
+    assert first.iterations == second.iterations and first.restarts == second.restarts
+    np.testing.assert_allclose(first.values.numpy(), second.values.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(first.residuals.numpy(), second.residuals.numpy(), rtol=1e-9, atol=1e-12)
+    if first.vectors is not None:
+        torch.testing.assert_close(first.vectors.cpu(), second.vectors.cpu(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["top", "bottom", "both"])
+def test_a_basis_in_host_memory_gives_the_values_of_the_default_basis(which):
+    """memory=0: no basis vector may live on the operator's device, so the basis is kept in host
+    memory from the start; the products and the reorthogonalisation are the same arithmetic."""
+    a = matrix_with_spectrum(SPREAD)
+    default = lanczos_eigsh(dense_operator(a), k=4, which=which, tol=1e-10, return_vectors=True)
+    host = lanczos_eigsh(dense_operator(a), k=4, which=which, tol=1e-10, return_vectors=True, memory=0)
+    assert host.basis_device == default.basis_device == "cpu"
+    assert host.converged
+    _same_run(host, default)
+
+
+def test_a_basis_that_outgrows_the_memory_limit_moves_to_host_memory_and_gives_the_same_values():
+    """The limit holds the first 12 vectors; the run takes more steps, so the basis must grow
+    past it (12 + 24 vectors alive while it grows) and continue in host memory."""
+    a = matrix_with_spectrum(SPREAD)
+    vector_bytes = a.shape[0] * a.element_size()
+    default = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, return_vectors=True)
+    limited = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, return_vectors=True, memory=12 * vector_bytes)
+    assert limited.iterations > 12 and limited.converged
+    _same_run(limited, default)
+    assert relative_error(limited.values, np.sort(SPREAD)[::-1][:5]) <= 1e-8
+
+
+def test_a_host_basis_restarts_after_breakdown_like_the_default_basis():
+    spectrum = np.array([5.0] * 3 + [2.0] * 20 + [1.0] * 27)
+    op = dense_operator(matrix_with_spectrum(spectrum))
+    default = lanczos_eigsh(op, k=3, tol=1e-8)
+    host = lanczos_eigsh(op, k=3, tol=1e-8, memory=0)
+    assert host.restarts >= 1
+    _same_run(host, default)
+
+
+def test_a_negative_memory_limit_raises():
+    with pytest.raises(ValueError, match="memory"):
+        lanczos_eigsh(dense_operator(torch.eye(4, dtype=torch.float64)), memory=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_basis_stays_within_the_memory_limit_and_moves_to_pinned_host_memory():
+    """The oracle is the same run with the basis on the GPU; the device's peak allocation during
+    the limited run stays within the limit plus a few working vectors."""
+    n = 4096
+    spectrum = np.concatenate([[30.0, 28.0, 26.0, 25.0, 24.0], np.linspace(-1.0, 10.0, n - 5)])
+    a = matrix_with_spectrum(spectrum).cuda()
+    vector_bytes = n * a.element_size()
+    free = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, return_vectors=True)
+    assert free.basis_device == "cuda:0" and free.iterations > 10
+    for memory in (0, 10 * vector_bytes):
+        op = dense_operator(a)  # its symmetry check takes n² entries on the device
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        limited = lanczos_eigsh(op, k=5, tol=1e-10, return_vectors=True, memory=memory)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base <= memory + 16 * vector_bytes
+        assert limited.basis_device == "cpu" and limited.vectors.device.type == "cuda"
+        _same_run(limited, free)
+    roomy = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, memory=1000 * vector_bytes)
+    assert roomy.basis_device == "cuda:0"

@@ -14,6 +14,7 @@ from torch import nn
 
 import dynlens as dl
 from dynlens.functional import ModelFunction, isolated
+from dynlens.measures.hessian import curvature_operator
 
 # ----------------------------------------------------------------------------- models
 
@@ -329,6 +330,158 @@ def test_adam_preconditioner_of_parameters_adam_does_not_move_is_a_clear_error()
         dl.hessian_eigenvalues(model, LOSS, (x, y), preconditioner=optimizer)
     found = dl.hessian_eigenvalues(model, LOSS, (x, y), preconditioner=optimizer, params=["4.weight", "4.bias"])
     assert found.converged and found.max > 0
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def _operators(make, curvature: str, chunk_size: int | None, hvp: str = "auto", loss=LOSS):
+    model, batch = make()
+    with isolated(model):
+        fn = ModelFunction(model, loss, batch)
+        op, gradient = curvature_operator(fn, curvature, hvp, chunk_size=chunk_size)
+        g = torch.Generator().manual_seed(5)
+        block = torch.randn(fn.num_params, 3, generator=g, dtype=torch.float64)
+        return op.mv(block[:, 0]), op.mm(block), gradient, op.matvecs
+
+
+def _relative_distance(found: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((found - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn_batchnorm_eval"])
+def test_sub_batched_products_and_gradient_equal_the_whole_batch_ones(make, curvature: str) -> None:
+    """Batches of 24 and 12 examples in sub-batches of at most 5 (the last one smaller): each
+    product is Σ_s (m_s/m) C_s v, which is C v for a mean of per-example losses."""
+    whole_mv, whole_mm, whole_gradient, _ = _operators(make, curvature, None)
+    mv, mm, gradient, matvecs = _operators(make, curvature, 5)
+    assert _relative_distance(mv, whole_mv) < 1e-10
+    assert _relative_distance(mm, whole_mm) < 1e-10
+    assert _relative_distance(gradient, whole_gradient) < 1e-10
+    assert matvecs == 1 + 3  # one product a vector, however many sub-batches it takes
+
+
+@pytest.mark.parametrize("hvp", ["reuse", "forward_over_reverse"])
+def test_sub_batched_hessian_products_of_either_method_match_the_dense_hessian(hvp: str) -> None:
+    """hvp="reuse" rebuilds each sub-batch's graph for every product; the oracle is the dense
+    Hessian of the whole batch."""
+    model, batch = _mlp()
+    matrix = dense_hessian(model, batch)
+    mv, mm, _, _ = _operators(_mlp, "hessian", 7, hvp=hvp)
+    block = torch.randn(matrix.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert _relative_distance(mv, matrix @ block[:, 0]) < 1e-10
+    assert _relative_distance(mm, matrix @ block) < 1e-10
+
+
+def test_sub_batched_products_of_a_loss_without_forward_mode_derivative_use_the_reused_graph() -> None:
+    """torch 2.13 has no forward-mode derivative of mse_loss's backward; hvp="auto" then falls
+    back to a reused graph per sub-batch and product."""
+
+    def regression():
+        model, (x, _) = _mlp()
+        return model, (x, torch.randn(len(x), 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+
+    whole_mv, whole_mm, _, _ = _operators(regression, "hessian", None, loss=nn.MSELoss())
+    mv, mm, _, _ = _operators(regression, "hessian", 5, loss=nn.MSELoss())
+    assert _relative_distance(mv, whole_mv) < 1e-10 and _relative_distance(mm, whole_mm) < 1e-10
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn_batchnorm_eval"])
+def test_eigenvalues_with_chunk_size_match_the_dense_hessian(make) -> None:
+    model, batch = make()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batch)).flip(0)[:3]
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=3, chunk_size=5)
+    assert found.converged and _relative_error(found.values, exact) < 1e-4
+
+
+def test_trace_and_density_with_chunk_size_equal_the_whole_batch_ones() -> None:
+    """The same probe vectors through the same operator (to rounding) give the same estimates."""
+    model, batch = _mlp()
+    whole = dl.hessian_trace(model, LOSS, batch, samples=12)
+    chunked = dl.hessian_trace(model, LOSS, batch, samples=12, chunk_size=5)
+    assert chunked.matvecs == whole.matvecs == 12
+    assert abs(chunked.value - whole.value) < 1e-10 * abs(whole.value)
+    density = dl.hessian_density(model, LOSS, batch, runs=2, iters=8)
+    chunked_density = dl.hessian_density(model, LOSS, batch, runs=2, iters=8, chunk_size=5)
+    assert chunked_density.matvecs == density.matvecs
+    torch.testing.assert_close(chunked_density.nodes, density.nodes, rtol=1e-8, atol=1e-10)
+
+
+def test_chunk_size_in_train_mode_with_batchnorm_is_refused_with_advice() -> None:
+    """Batch statistics make every example's loss depend on the others: no sum over sub-batches."""
+    model, batch = _cnn()
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['1', '4'\].*mode='eval'"):
+        dl.hessian_eigenvalues(model, LOSS, batch, mode="train", chunk_size=5)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        dl.hessian_trace(model, LOSS, batch, mode="train", chunk_size=5)
+    whole = dl.hessian_eigenvalues(model, LOSS, batch, mode="train")
+    one_chunk = dl.hessian_eigenvalues(model, LOSS, batch, mode="train", chunk_size=12)  # no split
+    assert torch.equal(whole.values, one_chunk.values)
+    with pytest.raises(ValueError, match="chunk_size"):
+        dl.hessian_eigenvalues(model, LOSS, batch, chunk_size=0)
+
+
+def test_a_lanczos_basis_in_host_memory_gives_the_same_eigenvalues() -> None:
+    model, batch = _mlp()
+    default = dl.hessian_eigenvalues(model, LOSS, batch, k=3)
+    host = dl.hessian_eigenvalues(model, LOSS, batch, k=3, memory=0)
+    assert host.matvecs == default.matvecs
+    torch.testing.assert_close(host.values, default.values, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def test_a_warm_start_from_earlier_eigenvectors_needs_no_more_products_than_a_cold_start() -> None:
+    """After 5 SGD steps the top-3 eigenvectors of the step before start Lanczos; at tol=1e-2
+    λ_max is within tol of the tol=1e-8 value, in no more products than a cold start."""
+    model, (x, y) = _mlp()
+    before = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, return_vectors=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        LOSS(model(x), y).backward()
+        optimizer.step()
+    exact = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, tol=1e-8)
+    cold = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, tol=1e-2)
+    warm = dl.hessian_eigenvalues(model, LOSS, (x, y), k=3, tol=1e-2, start=before.vectors)
+    assert warm.converged and abs(warm.max - exact.max) <= 1e-2 * exact.max
+    assert warm.matvecs <= cold.matvecs
+    # a single earlier eigenvector is a start too
+    single = dl.hessian_eigenvalues(model, LOSS, (x, y), k=1, tol=1e-2, start=before.vectors[:, 0])
+    assert abs(single.max - exact.max) <= 1e-2 * exact.max
+
+
+def test_a_warm_start_keeps_a_small_gaussian_part_so_no_eigenvector_is_missing(monkeypatch) -> None:
+    """A start orthogonal to the top eigenvector (the 2nd to 4th eigenvectors plus some of the
+    rest, so that the Krylov space never becomes invariant) would never find it: without the
+    Gaussian part Lanczos converges to λ_2 instead. The part of relative norm 1e-3 brings the top
+    eigenvector in."""
+    import dynlens.measures.hessian as hessian
+
+    model, batch = _mlp()
+    exact, vectors = torch.linalg.eigh(dense_hessian(model, batch))
+    rest = vectors[:, :-4] @ torch.randn(len(exact) - 4, generator=torch.Generator().manual_seed(3),
+                                         dtype=torch.float64)
+    start = vectors[:, -4:-1].sum(1) + 1e-2 * rest / rest.norm()
+    found = dl.hessian_eigenvalues(model, LOSS, batch, k=1, tol=1e-6, start=start)
+    assert abs(found.max - float(exact[-1])) < 1e-6 * float(exact[-1])
+    monkeypatch.setattr(hessian, "_WARM_START_NOISE", 0.0)
+    missed = dl.hessian_eigenvalues(model, LOSS, batch, k=1, tol=1e-6, start=start)
+    assert abs(missed.max - float(exact[-2])) < 1e-6 * float(exact[-2])
+
+
+def test_a_warm_start_of_the_wrong_shape_is_a_clear_error() -> None:
+    model, batch = _mlp()
+    size = sum(p.numel() for p in model.parameters())
+    for bad in (torch.ones(size + 1), torch.ones(size, 2, 1), torch.ones(2, size)):
+        with pytest.raises(ValueError, match=rf"shape \({size},\) or .* \({size}, j\)"):
+            dl.hessian_eigenvalues(model, LOSS, batch, start=bad)
+    with pytest.raises(ValueError, match="zero"):
+        dl.hessian_eigenvalues(model, LOSS, batch, start=torch.zeros(size))
+    with pytest.raises(ValueError, match="per_layer"):
+        dl.hessian_eigenvalues(model, LOSS, batch, start=torch.ones(size), params="per_layer")
 
 
 # ----------------------------------------------------------------------------- no side effects

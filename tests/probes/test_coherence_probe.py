@@ -34,7 +34,8 @@ def test_probe_records_every_statistic_of_the_measurement(tmp_path):
     model, x, y = setup()
     probe_batch = (x[:16], y[:16])
     with dl.Lens(model, nn.CrossEntropyLoss(), probe_batch, run_dir=tmp_path / "run",
-                 probes=[dl.probes.Coherence(every=2, chunk_size=5)], basic=False, budget=None) as lens:
+                 probes=[dl.probes.Coherence(every=2, chunk_size=5, stiffness_every=1)], basic=False,
+                 budget=None) as lens:
         train(model, x, y, 4, lens)
     run = dl.load_run(tmp_path / "run")
     assert list(run.series("coherence", "m_coherence").index) == [0, 2, 4]
@@ -52,6 +53,39 @@ def test_probe_records_every_statistic_of_the_measurement(tmp_path):
     np.testing.assert_allclose(per_class, [expected.per_class[int(c)] for c in classes], rtol=1e-6)
     assert run.arrays("coherence", "stiffness")[-1][1].shape == (16, 16)
     assert run.series("coherence", "vmap_fallback").eq(0).all()
+
+
+def test_stiffness_runs_on_its_sparser_sub_schedule(tmp_path):
+    model, x, y = setup()
+    probe_batch = (x[:16], y[:16])
+    with dl.Lens(model, nn.CrossEntropyLoss(), probe_batch, run_dir=tmp_path / "run",
+                 probes=[dl.probes.Coherence(every=1, stiffness_every=3)], basic=False, budget=None) as lens:
+        train(model, x, y, 7, lens)
+    run = dl.load_run(tmp_path / "run")
+    assert list(run.series("coherence", "m_coherence").index) == list(range(8))
+    # the 1st, 4th and 7th measurements (steps 0, 3, 6) carry the stiffness statistics
+    assert list(run.series("coherence", "stiffness_within").index) == [0, 3, 6]
+    assert [s for s, _ in run.arrays("coherence", "stiffness")] == [0, 3, 6]
+    expected = dl.gradient_coherence(model, nn.CrossEntropyLoss(), probe_batch)
+    np.testing.assert_allclose(run.series("coherence", "m_coherence").iloc[-1], expected.m_coherence, rtol=1e-6)
+
+
+def test_stiffness_waits_while_the_time_budget_cannot_afford_it(tmp_path):
+    model, x, y = setup()
+    probe = dl.probes.Coherence(every=1, stiffness_every=1)
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x[:16], y[:16]), run_dir=tmp_path / "run",
+                 probes=[probe], basic=False, budget=None) as lens:
+        lens.step()
+    # at step 0 under a budget the allowance is negative: the plain statistics only
+    from dynlens.probes.base import Context
+
+    ctx = Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x[:16], y[:16]),
+                  optimizer=None, step=5, allowance=-1.0)
+    values = dl.probes.Coherence(stiffness_every=1).measure(ctx)
+    assert "m_coherence" in values and "stiffness_within" not in values
+    assert "stiffness_within" in dl.probes.Coherence(stiffness_every=1).measure(
+        Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x[:16], y[:16]),
+                optimizer=None, step=5))
 
 
 def test_infinite_noise_scale_is_stored_and_read_back_as_inf(tmp_path):
@@ -121,7 +155,7 @@ def test_every_coherence_figure_draws_one_run_and_an_overlay_of_two(tmp_path):
         model, x, y = setup(seed=k)
         path = tmp_path / f"run{k}"
         with dl.Lens(model, nn.CrossEntropyLoss(), (x[:16], y[:16]), run_dir=path,
-                     config={"batch_size": 8}, probes=[dl.probes.Coherence(every=2)],
+                     config={"batch_size": 8}, probes=[dl.probes.Coherence(every=2, stiffness_every=1)],
                      basic=False, budget=None) as lens:
             train(model, x, y, 4, lens)
         paths.append(path)

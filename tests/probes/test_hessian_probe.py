@@ -12,7 +12,13 @@ from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
-from dynlens.probes.hessian import stability_threshold
+from dynlens.probes.base import Context
+from dynlens.probes.hessian import (
+    ACTIVATION_FACTOR,
+    FIXED_VECTORS,
+    hvp_chunk_size,
+    stability_threshold,
+)
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -51,7 +57,8 @@ def test_stability_threshold_follows_the_optimizer(make, expected) -> None:  # n
 def test_probe_records_eigenvalues_threshold_trace_and_density(tmp_path) -> None:  # noqa: ANN001
     model, batch = _setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    probe = dl.probes.Hessian(every=2, k=3, density=True, density_runs=2, density_iters=10, trace_samples=12)
+    probe = dl.probes.Hessian(every=2, k=3, density=True, density_runs=2, density_iters=10, trace_samples=12,
+                              tol=1e-4, extras_every=1)
     with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 2, lens)
         expected = dl.hessian_eigenvalues(model, LOSS, batch, k=3)
@@ -76,7 +83,7 @@ def test_probe_records_eigenvalues_threshold_trace_and_density(tmp_path) -> None
 def test_adam_ratio_uses_the_preconditioned_sharpness(tmp_path) -> None:  # noqa: ANN001
     model, batch = _setup()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
+    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False, tol=1e-4)
     with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 3, lens)
         expected = dl.hessian_eigenvalues(model, LOSS, batch, preconditioner=optimizer).max
@@ -85,6 +92,81 @@ def test_adam_ratio_uses_the_preconditioned_sharpness(tmp_path) -> None:  # noqa
     assert math.isclose(series[3], expected, rel_tol=1e-6)
     ratio = dl.load_run(tmp_path).series("hessian", "sharpness_ratio")
     assert math.isclose(ratio[3], expected / 3800.0, rel_tol=1e-6)
+
+
+def test_tracked_sharpness_at_the_default_tolerance_is_within_its_stated_error(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=2, k=2)], budget=None) as lens:
+        _train(model, optimizer, batch, 6, lens)
+        exact = dl.hessian_eigenvalues(model, LOSS, batch, k=2, tol=1e-10)
+    scalars = dl.load_run(tmp_path).scalars("hessian")
+    at = scalars.query("step == 6").set_index("name")["value"]
+    # tol=1e-2 on the residual: the eigenvalue's error is about tol²·λ, far below 1%
+    assert abs(at["sharpness"] - exact.max) <= 1e-3 * exact.max
+    assert at["residual_max"] <= 1e-2
+    warm = scalars.query("name == 'warm_start'").set_index("step")["value"]
+    assert warm[0] == 0 and (warm.drop(0) == 1).all()  # from the previous eigenvectors after the first
+    overlap = scalars.query("name == 'eigenvector_overlap'")["value"]
+    assert ((overlap > 0.5) & (overlap <= 1 + 1e-9)).all()
+
+
+def test_lambda_min_and_trace_follow_their_sparser_sub_schedule(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=1, extras_every=3)], budget=None) as lens:
+        _train(model, optimizer, batch, 6, lens)
+    run = dl.load_run(tmp_path)
+    assert run.series("hessian", "sharpness").index.tolist() == list(range(7))
+    # measurements 1, 4, 7 (steps 0, 3, 6) take λ_min and the trace
+    assert run.series("hessian", "lambda_min").index.tolist() == [0, 3, 6]
+    assert run.series("hessian", "trace").index.tolist() == [0, 3, 6]
+
+
+def test_extras_wait_while_the_time_budget_cannot_afford_them() -> None:
+    model, batch = _setup()
+    probe = dl.probes.Hessian(extras_every=1)
+    ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=0, allowance=-1.0)
+    values = probe.measure(ctx)
+    assert "sharpness" in values and "trace" not in values and "lambda_min" not in values
+    ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=1)
+    values = probe.measure(ctx)
+    assert "trace" in values and "lambda_min" in values
+
+
+def test_under_a_memory_budget_products_are_summed_over_sub_batches_with_the_same_result(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    model = model.double()
+    batch = (batch[0].double(), batch[1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fn_bytes = dl.functional.ModelFunction(model, LOSS, batch).activation_bytes(1)
+    params = sum(p.numel() for p in model.parameters())
+    # room for the fixed vectors and about 5 examples' activations: the batch of 32 is split
+    memory = int(FIXED_VECTORS * params * 8 + ACTIVATION_FACTOR * fn_bytes * 5.5)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=2, tol=1e-8, trace=False, lambda_min=False)],
+                 budget=None, memory_budget=memory) as lens:
+        _train(model, optimizer, batch, 2, lens)
+        exact = dl.hessian_eigenvalues(model, LOSS, batch, tol=1e-10).max
+    at = dl.load_run(tmp_path).scalars("hessian").query("step == 2").set_index("name")["value"]
+    assert at["chunk_size"] <= 6
+    assert at["sharpness"] == pytest.approx(exact, rel=1e-9)
+
+
+def test_hvp_chunk_size_fits_the_memory_model_and_refuses_what_cannot_fit() -> None:
+    from dynlens.budget import MemoryBudgetTooSmall
+
+    vector = 1000 * 4
+    fixed = FIXED_VECTORS * vector
+    # 10 examples fit, the batch has 32: 4 equal pieces of 8
+    chunk, basis = hvp_chunk_size(1000, 4, 100, 32, int(fixed + ACTIVATION_FACTOR * 100 * 10))
+    assert chunk == 8 and basis == int(ACTIVATION_FACTOR * 100 * 2)
+    assert hvp_chunk_size(1000, 4, 100, 32, None) == (None, None)
+    assert hvp_chunk_size(1000, 4, 100, 32, 10**9)[0] is None  # the whole batch fits
+    with pytest.raises(MemoryBudgetTooSmall, match="needs about"):
+        hvp_chunk_size(1000, 4, 100, 32, fixed)
 
 
 def test_probe_does_not_change_the_training_trajectory(tmp_path) -> None:  # noqa: ANN001
@@ -145,7 +227,7 @@ def test_sgd_groups_with_other_learning_rates_compare_the_lr_weighted_sharpness(
     model, batch = _setup()
     optimizer = torch.optim.SGD([{"params": model[0].parameters()},
                                  {"params": model[2].parameters(), "lr": 0.02}], lr=0.1)
-    probe = dl.probes.Hessian(every=2, lambda_min=False, trace_samples=240)  # 240/3 > P: exact trace
+    probe = dl.probes.Hessian(every=2, lambda_min=False, trace_samples=240, tol=1e-4, extras_every=1)  # 240/3 > P: exact trace
     with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 2, lens)
     dense = _dense_hessian(model, batch)
@@ -167,7 +249,7 @@ def test_adam_holding_some_of_the_parameters_compares_only_what_it_moves(tmp_pat
 
     model, batch = _setup()
     optimizer = torch.optim.Adam(model[2].parameters(), lr=0.01)
-    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False)
+    probe = dl.probes.Hessian(every=3, trace=False, lambda_min=False, tol=1e-4)
     with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path, probes=[probe], budget=None) as lens:
         _train(model, optimizer, batch, 3, lens)
     precond = adam_preconditioner(optimizer, model)
