@@ -61,8 +61,9 @@ def demo_probes() -> list:
     from dynlens import probes
 
     basic = [type(p)(every=10) for p in probes.basic()]
-    return basic + [probes.Hessian(every=25, k=3, density=True) if p.name == "hessian" else type(p)(every=25)
-                    for p in probes.default()]
+    chosen = {"hessian": probes.Hessian(every=25, k=3, density=True, extras_every=1),
+              "coherence": probes.Coherence(every=25, stiffness_every=1)}
+    return basic + [chosen.get(p.name) or type(p)(every=25) for p in probes.default()]
 
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: int = 64,
