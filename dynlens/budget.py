@@ -189,13 +189,19 @@ class MemoryBudget:
             # before any training step: what is in use, a gradient and one optimizer state
             self.training_peak = torch.cuda.memory_allocated(device) + 2 * model_bytes
 
+    def observe(self) -> None:
+        """Update the training's peak: when the process's peak has risen since the probes last
+        ran, training raised it. A host-side read of the allocator's counters (no device sync)."""
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if peak > self._peak_after_probes:
+                self.training_peak = max(self.training_peak, peak)
+
     def note_probe_start(self) -> int | None:
-        """Called before measurements: updates the training's peak; returns the bytes in use."""
+        """Called before a measurement: updates the training's peak; returns the bytes in use."""
         if not self.cuda:
             return None
-        peak = torch.cuda.max_memory_allocated(self.device)
-        if peak > self._peak_after_probes:
-            self.training_peak = max(self.training_peak, peak)
+        self.observe()
         return torch.cuda.memory_allocated(self.device)
 
     def note_probe_end(self) -> None:

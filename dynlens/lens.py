@@ -312,6 +312,7 @@ class Lens:
         self._disabled: set[str] = set()
         self._last_measured = {p.name: -1 for p in self.probes}
         self._waiting: dict[str, int] = {}  # probe -> the step it fell due, while it waits
+        self._memory_wait: dict[str, int] = {}  # probe -> the allowance (bytes) it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         ctx = self._context(loss=None)
@@ -431,6 +432,10 @@ class Lens:
             probe = self.probes[order[name]]
             if name in self._disabled:
                 del self._waiting[name]
+            elif name in self._memory_wait and not (probe.due(ctx.step) or self._more_memory(name)):
+                # nothing has changed since it could not fit: no sync, no retry before its
+                # schedule comes round again or training shows a higher peak
+                continue
             elif initial or self._exempt(probe) or self.budget.fits(name):
                 runnable.append(probe)
             elif self._waiting[name] == ctx.step:
@@ -463,13 +468,15 @@ class Lens:
         if isinstance(values, _OutOfMemory):
             values = self._retry_smaller(probe, ctx, values)
         elif isinstance(values, _TooLittleMemory):
-            # nothing was computed: it waits until training's own peak leaves it room
+            # nothing was computed: it waits until training's own peak leaves it more room
             self._last_measured[probe.name] = -1
             self._waiting.setdefault(probe.name, ctx.step)
-            if self.budget.cost(probe.name).deferred == 0:
+            if probe.name not in self._memory_wait:
                 self.writer.event(ctx.step, "info", probe.name, values.message)
+            self._memory_wait[probe.name] = ctx.memory or 0
             self.budget.defer(probe.name)
             return False
+        self._memory_wait.pop(probe.name, None)
         _synchronize(self.model_device)
         seconds = clock() - start
         self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use),
@@ -478,6 +485,13 @@ class Lens:
         if values is not None and self._record(ctx.step, probe, values, seconds):
             self._failures[probe.name] = 0
         return True
+
+    def _more_memory(self, name: str) -> bool:
+        """Whether a probe that could not fit its memory allowance now has more (a tenth more)
+        to try with: training has since shown a higher peak of its own."""
+        self.memory.observe()
+        allowance = self.memory.allowance()
+        return allowance is None or allowance > 1.1 * self._memory_wait[name]
 
     def _retry_smaller(self, probe: Probe, ctx: Context, first: _OutOfMemory) -> Any:
         """After an out-of-memory error: release the memory, try once with half the allowance,

@@ -232,8 +232,8 @@ class NeedsMemory(dl.Probe):
     name = "needs_memory"
     pure = True
 
-    def __init__(self) -> None:
-        super().__init__(every=1)
+    def __init__(self, every: int = 1) -> None:
+        super().__init__(every=every)
         self.calls = 0
 
     def measure(self, ctx):
@@ -252,9 +252,24 @@ def test_a_measurement_that_cannot_fit_its_memory_waits_without_failing(tmp_path
         lens.step()
         assert lens.disabled == []
     run = dl.load_run(tmp_path)
+    # retried when its schedule came round again (step 1), with no more memory than before
+    assert probe.calls == 2
     assert run.series("needs_memory", "ok").index.tolist() == [1]
     events = run.events()
     assert events.level.tolist() == ["info"] and "waits for memory" in events.message[0]
+
+
+def test_a_probe_waiting_for_memory_is_not_retried_before_its_schedule_comes_round(tmp_path):
+    model, loss_fn, batch = tiny_problem()
+    probe = NeedsMemory(every=5)  # cannot fit at step 0 only
+    lens = dl.Lens(model, loss_fn, batch, run_dir=tmp_path, probes=[probe], basic=False,
+                   budget=None, memory_budget=10)
+    for _ in range(12):
+        lens.step()
+    lens.close()
+    # step 0 did not fit; the retry waited for the schedule (step 5), not every step
+    assert probe.calls == 4  # steps 0, 5, 10 and 12 (close)
+    assert dl.load_run(tmp_path).series("needs_memory", "ok").index.tolist() == [5, 10, 12]
 
 
 def test_memory_budget_refuses_nonsense_and_fractions_on_the_cpu():
