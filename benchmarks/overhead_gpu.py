@@ -92,7 +92,8 @@ def train_step(model, loss_fn, optimizer, batch, device: str):
     return loss
 
 
-def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir: str) -> dict[str, Any]:
+def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir: str,
+        budget: float | None = 0.05) -> dict[str, Any]:
     model, loss_fn, optimizer, data = build(job, device, smoke)
     for i in range(3):  # warm-up (cuDNN, allocator) on a throwaway copy of the state
         train_step(model, loss_fn, optimizer, data[i], device)
@@ -110,7 +111,7 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
     lens = None
     if with_lens:
         lens = dl.Lens(model, loss_fn, probe_batch=data[0], optimizer=optimizer, run_dir=run_dir,
-                       probes="default", overwrite=True)
+                       probes="default", overwrite=True, budget=budget)
 
     def keep_if_measured() -> None:
         """A copy of the state right after a new Hessian measurement (its time left out)."""
@@ -208,7 +209,23 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models and 60 steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="override the job's steps")
+    parser.add_argument("--budget", default="0.05", help="the Lens's time budget ('none': exact schedules)")
+    parser.add_argument("--skip-basic", action="store_true", help="skip the lens.step() overhead blocks")
+    parser.add_argument("--trace-imports", action="store_true",
+                        help="print the stack that first imports torch._dynamo (seconds on first use)")
     args = parser.parse_args()
+    budget = None if args.budget == "none" else float(args.budget)
+    if args.trace_imports:
+        import importlib.abc
+        import traceback
+
+        class _Trace(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201
+                if name == "torch._dynamo":
+                    traceback.print_stack(limit=20)
+                return None
+
+        sys.meta_path.insert(0, _Trace())
     out_dir = os.environ.get("OUT", ".")
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -219,9 +236,10 @@ def main() -> None:
         steps = args.steps or (60 if args.smoke else JOBS[job]["steps"])
         with tempfile.TemporaryDirectory() as tmp:
             plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"))
-            watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"))
-            basic = lens_step_overhead(job, args.device, args.smoke, 20 if args.smoke else 200,
-                                       2 if args.smoke else 5, os.path.join(tmp, "basic"))
+            watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget)
+            basic = None if args.skip_basic else lens_step_overhead(
+                job, args.device, args.smoke, 20 if args.smoke else 200, 2 if args.smoke else 5,
+                os.path.join(tmp, "basic"))
         step_seconds = plain["seconds"] / steps
         summary = {
             "steps": steps, "step_ms": step_seconds * 1e3,
