@@ -93,7 +93,7 @@ def train_step(model, loss_fn, optimizer, batch, device: str):
 
 
 def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir: str,
-        budget: float | None = 0.05) -> dict[str, Any]:
+        budget: float | None = 0.05, probes: str = "default") -> dict[str, Any]:
     model, loss_fn, optimizer, data = build(job, device, smoke)
     for i in range(3):  # warm-up (cuDNN, allocator) on a throwaway copy of the state
         train_step(model, loss_fn, optimizer, data[i], device)
@@ -111,7 +111,7 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
     lens = None
     if with_lens:
         lens = dl.Lens(model, loss_fn, probe_batch=data[0], optimizer=optimizer, run_dir=run_dir,
-                       probes="default", overwrite=True, budget=budget)
+                       probes=_probes(probes), overwrite=True, budget=budget)
 
     def keep_if_measured() -> None:
         """A copy of the state right after a new Hessian measurement (its time left out)."""
@@ -164,11 +164,25 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
                                            chunk_size=chunk_size if chunk_size and chunk_size < _size(data[0]) else None)
             result["last_tracked"]["exact"] = exact.max
             result["last_tracked"]["relative_error"] = abs(float(last.value) - exact.max) / abs(exact.max)
-        first = saved.scalars("lens").query("step == 0")
+        timed = saved.scalars("lens")
+        result["measurements"] = {
+            name.removeprefix("seconds/"): [[int(st), float(v)] for st, v in zip(group.step, group.value, strict=True)]
+            for name, group in timed.groupby("name")}
+        hvps = saved.scalars("hessian", "hvps")
+        result["hessian_hvps"] = [[int(st), float(v)] for st, v in zip(hvps.step, hvps.value, strict=True)]
+        first = timed.query("step == 0")
         result["first_measurements"] = {name.removeprefix("seconds/"): float(value)
                                         for name, value in zip(first.name, first.value, strict=True)}
         saved.close()
     return result
+
+
+def _probes(names: str) -> Any:
+    """``"default"``, or the default probes of the given comma-separated names."""
+    if names == "default":
+        return "default"
+    wanted = names.split(",")
+    return [p for p in dl.probes.default() if p.name in wanted]
 
 
 def _size(batch) -> int:
@@ -210,6 +224,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="override the job's steps")
     parser.add_argument("--budget", default="0.05", help="the Lens's time budget ('none': exact schedules)")
+    parser.add_argument("--probes", default="default", help="'default', or names of default probes")
     parser.add_argument("--skip-basic", action="store_true", help="skip the lens.step() overhead blocks")
     parser.add_argument("--trace-imports", action="store_true",
                         help="print the stack that first imports torch._dynamo (seconds on first use)")
@@ -236,7 +251,8 @@ def main() -> None:
         steps = args.steps or (60 if args.smoke else JOBS[job]["steps"])
         with tempfile.TemporaryDirectory() as tmp:
             plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"))
-            watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget)
+            watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget,
+                          args.probes)
             basic = None if args.skip_basic else lens_step_overhead(
                 job, args.device, args.smoke, 20 if args.smoke else 200, 2 if args.smoke else 5,
                 os.path.join(tmp, "basic"))

@@ -53,6 +53,8 @@ from dynlens.functional import (
     check_loss,
     isolated,
     model_device,
+    slice_examples,
+    split_batch,
     to_device,
     unwrap_model,
 )
@@ -326,9 +328,26 @@ class Lens:
     # ------------------------------------------------------------------ construction helpers
 
     def _check_probe_batch(self) -> int:
-        """Evaluate the loss on the probe batch once, turning failures into clear errors; return
-        the probe batch's number of examples."""
-        fn = ModelFunction(self.model, self.loss_fn, self.probe_batch)
+        """Evaluate the loss on the probe batch's first two examples (the whole batch if that
+        fails, for the error to be the batch's own), turning failures into clear errors; return
+        the probe batch's number of examples. Two examples: a whole batch's activations would
+        raise the process's peak memory above what training needs before any training step, and
+        the Lens reads training's peak from that counter (:class:`dynlens.budget.MemoryBudget`)."""
+        whole = ModelFunction(self.model, self.loss_fn, self.probe_batch)
+        inputs, targets = split_batch(self.probe_batch)
+        if isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] != whole.size:
+            raise ValueError(
+                f"probe_batch does not fit the loss: its inputs hold {whole.size} examples and its "
+                f"targets {targets.shape[0]}; pass probe_batch=(inputs, targets) with one target per "
+                "example along the first dimension")
+        pair = (slice_examples(inputs, 0, 2), slice_examples(targets, 0, 2))
+        try:
+            self._evaluate(ModelFunction(self.model, self.loss_fn, pair))
+        except ValueError:
+            self._evaluate(whole)
+        return whole.size
+
+    def _evaluate(self, fn: ModelFunction) -> None:
         with isolated(self.model, "eval", self.seed), torch.no_grad():
             try:
                 outputs = fn.outputs()
@@ -347,7 +366,6 @@ class Lens:
                     f"{type(err).__name__}: {err}. Check the targets in probe_batch=(inputs, targets)"
                 ) from err
             check_loss(value)
-        return fn.size
 
     def _resolve_probes(self, probes: Sequence[Probe] | str | None, basic: bool) -> list[Probe]:
         if isinstance(probes, str):

@@ -12,7 +12,18 @@ from dynlens.measures.hessian import curvature_operator
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_graphed_sub_batch_products_equal_the_whole_batch_product():
+def test_graphed_sub_batch_products_equal_the_whole_batch_product(monkeypatch):
+    import dynlens.measures.hessian as hessian
+
+    recorded = []
+
+    class Counting(hessian.GraphCache):
+        def record(self, key, inputs, body):
+            result = super().record(key, inputs, body)
+            recorded.append((key, result is not None, dict(self.failed)))
+            return result
+
+    monkeypatch.setattr(hessian, "GraphCache", Counting)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).cuda()
@@ -27,5 +38,7 @@ def test_graphed_sub_batch_products_equal_the_whole_batch_product():
             got = split.matvec(v)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(split_gradient, gradient, rtol=1e-4, atol=1e-7)
+        # one shape of sub-batch: recorded once (at its second sight), replayed after
+        assert [ok for _, ok, _ in recorded] == [True], recorded
         w = torch.randn(fn.num_params, device="cuda")
         torch.testing.assert_close(split.matvec(w), whole.matvec(w), rtol=1e-4, atol=1e-6)
