@@ -210,7 +210,8 @@ class Hessian(Probe):
         self.hvp = hvp
         self.chunk_size = chunk_size
         self.seed = seed
-        self._extras = {name: Occasional(extras_every) for name in ("lambda_min", "trace", "density")}
+        self._extras = {name: Occasional(extras_every)
+                        for name in ("sharpness", "lambda_min", "trace", "density")}
         self._previous: dict[str, Tensor] = {}  # top eigenvectors by operator, on the host
         self._activation_bytes: int | None = None
 
@@ -265,14 +266,6 @@ class Hessian(Probe):
         op, gradient = curvature_operator(fn, "hessian", self.hvp, None, max_columns=columns, chunk_size=chunk)
         k = min(self.k, op.size)
         values: dict[str, Any] = {"chunk_size": float(chunk or fn.size)}
-        top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
-        del gradient
-        values["sharpness"] = float(top.values[0])
-        for i in range(1, k):
-            values[f"lambda_{i + 1}"] = float(top.values[i])
-        relative = top.residuals / top.values.abs().clamp_min(1e-300)
-        values["residual_max"] = float(relative.max())
-        extra_hvps = 0
         rule = stability_threshold(ctx.optimizer)
         lr = float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer is not None else math.nan
         scaled = None  # S^{1/2} H S^{1/2}, S the optimizer's steps relative to group 0's (step_scales)
@@ -289,17 +282,32 @@ class Hessian(Probe):
                 pre = self._top("preconditioned", scaled, None, 1, basis_memory, 2, values)
                 values["preconditioned_sharpness"] = float(pre.values[0])
                 values["sharpness_ratio"] = float(pre.values[0]) / threshold
-            elif kind != "adam":
-                values["sharpness_ratio"] = values["sharpness"] / threshold
-        # the optional parts, when due and affordable: their cost from this measurement's products
-        per_product = (time.perf_counter() - began) / max(op.matvecs + (scaled.matvecs if scaled else 0), 1)
         allowance = ctx.allowance
+
+        def per_product() -> float:
+            products = op.matvecs + (scaled.matvecs if scaled is not None else 0)
+            return (time.perf_counter() - began) / max(products, 1)
 
         def wanted(name: str, enabled: bool, products: int) -> bool:
             part = self._extras[name]
             part.tick()
-            return enabled and part.wanted(time.perf_counter() - began, allowance, per_product * products)
+            return enabled and part.wanted(time.perf_counter() - began, allowance, per_product() * products)
 
+        # λ_max of H itself: where the compared sharpness is the preconditioned one (Adam, or
+        # groups with other rates), it is an optional part like λ_min; otherwise it is the measurement
+        if scaled is None or wanted("sharpness", True, 2 * k + 4):
+            part_start = time.perf_counter()
+            top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
+            values["sharpness"] = float(top.values[0])
+            for i in range(1, k):
+                values[f"lambda_{i + 1}"] = float(top.values[i])
+            relative = top.residuals / top.values.abs().clamp_min(1e-300)
+            values["residual_max"] = float(relative.max())
+            if scaled is None and rule is not None and rule[0] != "adam":
+                values["sharpness_ratio"] = values["sharpness"] / rule[1]
+            if scaled is not None:
+                self._extras["sharpness"].ran(time.perf_counter() - part_start)
+        del gradient
         if wanted("lambda_min", self.lambda_min, self.max_iters or MIN_ITERS_CAP):
             # the bottom of the spectrum sits next to the dense bulk near 0 and converges slowly;
             # a capped run gives an upper bound on λ_min that is good enough to spot a saddle
@@ -320,8 +328,7 @@ class Hessian(Probe):
                     scaled, samples=self.trace_samples, generator=self._generator(3))
                 values["sgd_trace_ratio"] = lr * weighted.value / 2
             self._extras["trace"].ran(time.perf_counter() - part_start)
-        if scaled is not None:
-            extra_hvps = scaled.matvecs
+        extra_hvps = scaled.matvecs if scaled is not None else 0
         if wanted("density", self.density, self.density_runs * self.density_iters):
             part_start = time.perf_counter()
             density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),

@@ -94,6 +94,19 @@ def test_adam_ratio_uses_the_preconditioned_sharpness(tmp_path) -> None:  # noqa
     assert math.isclose(ratio[3], expected / 3800.0, rel_tol=1e-6)
 
 
+def test_under_adam_the_preconditioned_sharpness_is_tracked_and_raw_sharpness_is_sparser(tmp_path) -> None:  # noqa: ANN001
+    model, batch = _setup()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with dl.Lens(model, LOSS, probe_batch=batch, optimizer=optimizer, run_dir=tmp_path,
+                 probes=[dl.probes.Hessian(every=1, extras_every=3, trace=False, lambda_min=False)],
+                 budget=None) as lens:
+        _train(model, optimizer, batch, 6, lens)
+    run = dl.load_run(tmp_path)
+    assert run.series("hessian", "preconditioned_sharpness").index.tolist() == [1, 2, 3, 4, 5, 6]
+    # before Adam's first step λ_max(H) is the measurement; after, every 3rd measurement
+    assert run.series("hessian", "sharpness").index.tolist() == [0, 1, 4]
+
+
 def test_tracked_sharpness_at_the_default_tolerance_is_within_its_stated_error(tmp_path) -> None:  # noqa: ANN001
     model, batch = _setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
