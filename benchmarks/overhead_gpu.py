@@ -138,6 +138,8 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
     sync(device)
     result["seconds"] = time.perf_counter() - start - excluded
     result["excluded_snapshot_seconds"] = excluded
+    if lens is not None:
+        keep_if_measured()  # a measurement at close()
     result["peak_memory"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
     if lens is not None:
         costs = lens.costs()
@@ -164,6 +166,23 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
                                            chunk_size=chunk_size if chunk_size and chunk_size < _size(data[0]) else None)
             result["last_tracked"]["exact"] = exact.max
             result["last_tracked"]["relative_error"] = abs(float(last.value) - exact.max) / abs(exact.max)
+            # the same measurement with TF32 products (Hessian(precision="tf32")): its error
+            from dynlens.probes.base import Context
+
+            for precision in ("float32", "tf32"):
+                ctx = Context(model=model, loss_fn=loss_fn, probe_batch=data[0], optimizer=None, step=0,
+                              memory=lens.memory.allowance())
+                probe = dl.probes.Hessian(precision=precision, tol=1e-6, lambda_min=False, trace=False,
+                                          warm_start=False)
+                sync(device)
+                began = time.perf_counter()
+                with dl.functional.isolated(model):
+                    measured = probe.measure(ctx)
+                sync(device)
+                result["last_tracked"][precision] = {
+                    "sharpness": measured["sharpness"], "seconds": time.perf_counter() - began,
+                    "hvps": measured["hvps"],
+                    "relative_error": abs(measured["sharpness"] - exact.max) / abs(exact.max)}
         timed = saved.scalars("lens")
         result["measurements"] = {
             name.removeprefix("seconds/"): [[int(st), float(v)] for st, v in zip(group.step, group.value, strict=True)]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from dynlens.budget import MemoryBudgetTooSmall
-from dynlens.functional import flatten
+from dynlens.functional import _attributes_set, flatten
 from dynlens.linalg import LinearOperator, hutch_plus_plus, lanczos_eigsh, slq
 from dynlens.measures.hessian import (
     curvature_operator,
@@ -140,6 +140,10 @@ class Hessian(Probe):
             or "auto" (time both once; see :func:`dynlens.hessian_eigenvalues`).
         chunk_size: examples per product pass: "auto" (the whole batch, or what fits the Lens's
             memory budget), or a number.
+        precision: "float32" (default: TF32 off, as in every measurement) or "tf32": matrix
+            products and convolutions on a GPU's TF32 tensor cores, faster at about 1e-3
+            relative error per product (measured on λ_max in ``benchmarks/RESULTS.md``); no
+            effect on the CPU.
         seed: seeds the start vectors and the trace's probe vectors.
 
     Records: ``sharpness``, ``lambda_2``..``lambda_k``, ``lambda_min``, ``threshold`` (the
@@ -185,6 +189,7 @@ class Hessian(Probe):
         warm_start: bool = True,
         hvp: Literal["reuse", "forward_over_reverse", "auto"] = "reuse",
         chunk_size: int | Literal["auto"] = "auto",
+        precision: Literal["float32", "tf32"] = "float32",
         seed: int = 0,
     ) -> None:
         super().__init__(every=every, at=at, schedule=schedule, mode=mode)
@@ -195,6 +200,9 @@ class Hessian(Probe):
         if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                      or chunk_size < 1):
             raise ValueError(f"chunk_size must be 'auto' or a positive number of examples, got {chunk_size!r}")
+        if precision not in ("float32", "tf32"):
+            raise ValueError(f"precision must be 'float32' or 'tf32', got {precision!r}")
+        self.precision = precision
         self.k = k
         self.lambda_min = lambda_min
         self.trace = trace
@@ -218,7 +226,7 @@ class Hessian(Probe):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "k": self.k, "trace": self.trace, "density": self.density,
                 "tol": self.tol, "extras_every": self.extras_every, "warm_start": self.warm_start,
-                "hvp": self.hvp, "chunk_size": self.chunk_size}
+                "hvp": self.hvp, "chunk_size": self.chunk_size, "precision": self.precision}
 
     def _generator(self, offset: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed + offset)
@@ -257,6 +265,12 @@ class Hessian(Probe):
         return result
 
     def measure(self, ctx: Context) -> Values:
+        tf32 = self.precision == "tf32"
+        with _attributes_set([(torch.backends.cudnn, "allow_tf32", tf32),
+                              (torch.backends.cuda.matmul, "allow_tf32", tf32)]):
+            return self._measure(ctx)
+
+    def _measure(self, ctx: Context) -> Values:
         began = time.perf_counter()
         fn = ctx.fn
         chunk, basis_memory = self._sizes(fn, ctx.memory)

@@ -42,3 +42,17 @@ def test_graphed_sub_batch_products_equal_the_whole_batch_product(monkeypatch):
         assert [ok for _, ok, _ in recorded] == [True], recorded
         w = torch.randn(fn.num_params, device="cuda")
         torch.testing.assert_close(split.matvec(w), whole.matvec(w), rtol=1e-4, atol=1e-6)
+
+
+def test_tf32_products_give_sharpness_within_their_stated_error():
+    import dynlens as dl
+    from dynlens.probes.base import Context
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 16 * 16, 10)).cuda()
+    batch = (torch.randn(64, 3, 16, 16).cuda(), torch.randint(0, 10, (64,)).cuda())
+    ctx = Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=batch, optimizer=None, step=0)
+    fast = dl.probes.Hessian(precision="tf32", tol=1e-6, trace=False, lambda_min=False).measure(ctx)
+    exact = dl.probes.Hessian(tol=1e-6, trace=False, lambda_min=False).measure(ctx)
+    assert fast["sharpness"] == pytest.approx(exact["sharpness"], rel=1e-2)

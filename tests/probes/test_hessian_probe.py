@@ -168,6 +168,18 @@ def test_under_a_memory_budget_products_are_summed_over_sub_batches_with_the_sam
     assert at["sharpness"] == pytest.approx(exact, rel=1e-9)
 
 
+def test_precision_is_checked_and_leaves_the_settings_as_they_were() -> None:
+    with pytest.raises(ValueError, match="precision must be"):
+        dl.probes.Hessian(precision="bfloat16")
+    model, batch = _setup()
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=0)
+    fast = dl.probes.Hessian(precision="tf32", tol=1e-8, trace=False, lambda_min=False).measure(ctx)
+    exact = dl.probes.Hessian(tol=1e-8, trace=False, lambda_min=False).measure(ctx)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert fast["sharpness"] == pytest.approx(exact["sharpness"], rel=1e-6)  # the CPU has no TF32
+
+
 def test_hvp_chunk_size_fits_the_memory_model_and_refuses_what_cannot_fit() -> None:
     from dynlens.budget import MemoryBudgetTooSmall
 
