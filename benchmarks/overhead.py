@@ -6,6 +6,12 @@ every step) in every other block, so that machine noise hits both alike, and rep
 (median block time with Lens) / (median block time without) − 1. Target: at most 3%.
 
     python benchmarks/overhead.py [--steps 200] [--repeats 7]
+    python benchmarks/overhead.py --budget-run 4000     # the time budget with every probe
+
+``--budget-run N``: the MLP trained N steps without dynlens, then again from the same start with
+``Lens(probes="default")`` at the default budget (5% of wall time), the Lens's creation (its
+step-0 measurements) and ``close()`` included: the total wall time's ratio, and each probe's
+measurements and share (``lens.costs()``).
 """
 
 from __future__ import annotations
@@ -75,14 +81,43 @@ def measure(make, shape, steps: int, repeats: int) -> dict:
     return {"step_ms": p * 1e3, "step_with_lens_ms": w * 1e3, "overhead": w / p - 1}
 
 
+def budget_run(steps: int) -> dict:
+    """Total wall time of ``steps`` MLP steps with every probe at the default budget, over without."""
+    loss_fn = nn.CrossEntropyLoss()
+    times = {}
+    costs = None
+    for with_lens in (False, True):
+        torch.manual_seed(0)
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            lens = dl.Lens(model, loss_fn, (x, y), opt, run_dir=tmp, probes="default") if with_lens else None
+            block(model, opt, x, y, steps, lens)
+            if lens is not None:
+                lens.close()
+                costs = lens.costs()
+            times[with_lens] = time.perf_counter() - start
+    return {"steps": steps, "seconds": times[False], "seconds_with_lens": times[True],
+            "overhead": times[True] / times[False] - 1,
+            "costs": costs[["probe", "measurements", "seconds", "share", "deferred"]].to_dict("records")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--budget-run", type=int, default=0, help="steps of the budget run (0: skip)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.budget_run:
+        print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "budget_run": budget_run(args.budget_run)},
+                         indent=2))
+        return
     results = {name: measure(make, shape, args.steps, args.repeats) for name, (make, shape) in CASES.items()}
     print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "results": results}, indent=2))

@@ -51,8 +51,9 @@ class ProbeCost:
         seconds: their total wall time (device synchronised before and after each).
         deferred: due measurements the time budget postponed (each counted once).
         peak_memory: the most device memory (bytes) a measurement took beyond what was in use
-            when it started; an upper bound when the measurement did not set the process's peak
-            (see :meth:`MemoryBudget.extra_peak`). None on the CPU.
+            when it started, over the measurements that raised the process's peak (where the
+            allocator's counter shows it exactly; :meth:`MemoryBudget.extra_peak`). None on the
+            CPU, and where every measurement stayed below an earlier peak.
         products: Hessian-vector products taken, for probes that report them (``hvps``).
         last_seconds: the last measurement's wall time: the prediction for the next one.
     """
@@ -225,9 +226,16 @@ class MemoryBudget:
         ceiling = (self.training_peak if self.cuda else 0) + extra
         return max(0, ceiling - in_use)
 
-    def extra_peak(self, in_use_before: int | None) -> int | None:
-        """The most a measurement that started with ``in_use_before`` bytes allocated beyond
-        them: exact when it set the process's peak, else an upper bound (the peak before it)."""
-        if not self.cuda or in_use_before is None:
+    def extra_peak(self, in_use_before: int | None, peak_before: int | None) -> int | None:
+        """The most a measurement that started with ``in_use_before`` bytes allocated took beyond
+        them, where it raised the process's peak (``peak_before``): then the counter shows it
+        exactly. None where it stayed below the earlier peak (it took at most that peak minus
+        what was in use; the counter is never reset, so nothing more precise can be read)."""
+        if not self.cuda or in_use_before is None or peak_before is None:
             return None
-        return max(0, torch.cuda.max_memory_allocated(self.device) - in_use_before)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return peak - in_use_before if peak > peak_before else None
+
+    def peak(self) -> int | None:
+        """The process's peak allocated device memory so far (None on the CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None

@@ -478,6 +478,7 @@ class Lens:
             return False
         self._last_measured[probe.name] = ctx.step
         in_use = self.memory.note_probe_start()
+        peak_before = self.memory.peak()
         ctx.allowance = self.budget.allowance()
         ctx.memory = self.memory.allowance()
         clock = self.budget.clock
@@ -497,7 +498,7 @@ class Lens:
         self._memory_wait.pop(probe.name, None)
         _synchronize(self.model_device)
         seconds = clock() - start
-        self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use),
+        self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use, peak_before),
                            values.get("hvps") if isinstance(values, dict) else None)
         self.memory.note_probe_end()
         if values is not None and self._record(ctx.step, probe, values, seconds):
@@ -626,8 +627,8 @@ class Lens:
         ``measurements``, ``seconds`` (their wall time, the device synchronised around each),
         ``share`` (of the run's wall time since the Lens was created), ``deferred`` (due
         measurements the time budget postponed), ``peak_memory`` (bytes: the most a
-        measurement's allocations reached beyond what was in use when it started, at most; NaN
-        on the CPU) and ``products`` (Hessian-vector products, where a probe reports them)."""
+        measurement's allocations reached beyond what was in use when it started, among those
+        that raised the process's peak; NaN where none did, and on the CPU) and ``products`` (Hessian-vector products, where a probe reports them)."""
         return costs_frame(self._cost_record())
 
     # ------------------------------------------------------------------ closing

@@ -76,8 +76,9 @@ def costs_frame(costs: Mapping[str, Any] | None) -> pd.DataFrame:
     run's meta key ``costs``): one row per probe with ``measurements`` (how many it took),
     ``seconds`` (their total wall time), ``share`` (seconds over the run's wall time so far),
     ``deferred`` (due measurements the time budget postponed or skipped), ``peak_memory`` (the
-    most device memory, bytes, one measurement took beyond what was in use before it; NaN on the
-    CPU) and ``products`` (Hessian-vector products, where the probe reports them)."""
+    most device memory, bytes, one measurement took beyond what was in use before it, among the
+    measurements that raised the process's peak, where the allocator shows it exactly; NaN
+    where none did, and on the CPU) and ``products`` (Hessian-vector products, where the probe reports them)."""
     costs = costs or {}
     wall = float(costs.get("wall_seconds") or 0.0)
     rows = []
