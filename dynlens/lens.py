@@ -433,6 +433,8 @@ class Lens:
     def _prepare_next(self, ctx: Context | None = None) -> None:
         nxt = self.step_count + 1
         for probe in self.probes:
+            if type(probe).prepare is Probe.prepare:
+                continue  # nothing to prepare: no isolation entered on every step a probe waits
             if probe.name not in self._disabled and (probe.name in self._waiting or probe.due(nxt)):
                 ctx = ctx or self._context(None)
                 self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
@@ -446,6 +448,7 @@ class Lens:
         """Run the waiting probes that the budget allows, the longest-waiting first."""
         order = {p.name: i for i, p in enumerate(self.probes)}
         runnable = []
+        blocked = False  # the longest-waiting probe that does not fit holds back those behind it
         for name in sorted(self._waiting, key=lambda n: (self._waiting[n], order[n])):
             probe = self.probes[order[name]]
             if name in self._disabled:
@@ -454,10 +457,14 @@ class Lens:
                 # nothing has changed since it could not fit: no sync, no retry before its
                 # schedule comes round again or training shows a higher peak
                 continue
-            elif initial or self._exempt(probe) or self.budget.fits(name):
+            elif initial or self._exempt(probe) or (not blocked and self.budget.fits(name)):
                 runnable.append(probe)
-            elif self._waiting[name] == ctx.step:
-                self.budget.defer(name)  # counted once, when it first has to wait
+            else:
+                # were cheaper probes behind it let through, they would spend the budget as fast
+                # as it accrues and a costly probe would never run
+                blocked = True
+                if self._waiting[name] == ctx.step:
+                    self.budget.defer(name)  # counted once, when it first has to wait
         if not runnable:
             return
         _synchronize(self.model_device)  # measurements are timed alone; the loss copies have landed
@@ -465,10 +472,13 @@ class Lens:
         if loss is not None:
             ctx.loss = float(loss)
         measured = False
+        blocked = False
         for probe in runnable:
-            if self._exempt(probe) or initial or self.budget.fits(probe.name):
+            if self._exempt(probe) or initial or (not blocked and self.budget.fits(probe.name)):
                 del self._waiting[probe.name]
                 measured |= self._measure(probe, ctx)
+            else:
+                blocked = True
         if measured:
             self.writer.set_meta({"costs": self._cost_record()})
 

@@ -141,6 +141,23 @@ def test_the_longest_waiting_probe_goes_first(tmp_path, clock):
     assert late.steps[1] > early.steps[1]
 
 
+class Cheap(Costly):
+    name = "cheap"
+
+
+def test_a_costly_probe_is_not_starved_by_cheaper_ones_behind_it(tmp_path, clock):
+    # "cheap" (0.1 s, due every 5 steps) would fit the budget as soon as it accrues; "slow" (2 s)
+    # needs it to build up: the longest-waiting probe holds back those behind it
+    slow = Costly(clock, seconds=2.0, every=10)
+    cheap = Cheap(clock, seconds=0.1, every=5)
+    lens = lens_with_clock(tmp_path, [slow, cheap], clock, budget=0.05)
+    run_steps(lens, clock, 3000, 0.1)
+    lens.close()
+    assert len(slow.steps) >= 5
+    spent = 2.0 * len(slow.steps) + 0.1 * len(cheap.steps)
+    assert spent / clock.now <= 0.05 + 2.1 / clock.now  # within the budget, but for the close
+
+
 def test_costs_are_stored_with_the_run_and_read_back(tmp_path, clock):
     probe = Costly(clock, seconds=0.5, every=5)
     lens = lens_with_clock(tmp_path, [probe], clock, budget=0.2)
