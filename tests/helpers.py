@@ -99,3 +99,21 @@ def counting_backend(compiles: list[int], runs: list[int]):
         return run
     return backend
 
+
+def tiny_problem(seed: int = 0):
+    """A two-layer ReLU network on 32 Gaussian examples of 3 classes: (model, loss_fn, batch)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    return model, nn.CrossEntropyLoss(), (x, y)
+
+
+def sgd_steps(model, loss_fn, batch, optimizer, lens, steps: int) -> None:
+    """``steps`` full-batch optimizer steps on ``batch``, each followed by ``lens.step(loss=...)``."""
+    x, y = batch
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        lens.step(loss=loss)

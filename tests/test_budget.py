@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers import sgd_steps, tiny_problem
 
 import dynlens as dl
 from dynlens.budget import MemoryBudget, MemoryBudgetTooSmall, TimeBudget
@@ -25,13 +25,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def tiny_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    return model, nn.CrossEntropyLoss(), (x, y)
 
 
 class Costly(dl.Probe):
@@ -206,13 +199,7 @@ def test_an_out_of_memory_error_is_retried_with_half_the_memory_and_training_goe
     probe = OutOfMemoryOnce(fits=600)
     with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
                  budget=None, memory_budget=1000) as lens:
-        x, y = batch
-        for _ in range(3):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            lens.step(loss=loss)
+        sgd_steps(model, loss_fn, batch, opt, lens, 3)
         assert lens.disabled == []
     run = dl.load_run(tmp_path)
     # each measurement: the allowance (1000 bytes on the CPU), then half of it, which fits
@@ -227,13 +214,7 @@ def test_an_out_of_memory_error_twice_skips_the_measurement_with_a_warning(tmp_p
     probe = OutOfMemoryOnce(fits=None)
     with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
                  budget=None, memory_budget=1000, max_failures=2) as lens:
-        x, y = batch
-        for _ in range(4):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            lens.step(loss=loss)
+        sgd_steps(model, loss_fn, batch, opt, lens, 4)
         # out of memory is not the probe's failure: it is never switched off for it
         assert lens.disabled == []
     run = dl.load_run(tmp_path)

@@ -11,27 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import UserNet, counting_backend
+from helpers import UserNet, counting_backend, sgd_steps, tiny_problem
 from torch import nn
 
 import dynlens as dl
-
-
-def tiny_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    return model, nn.CrossEntropyLoss(), (x, y)
-
-
-def sgd_steps(model, loss_fn, batch, optimizer, lens, steps):
-    x, y = batch
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        lens.step(loss=loss)
 
 
 class Counter(dl.Probe):
