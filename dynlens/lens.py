@@ -173,6 +173,23 @@ def _basic_probes() -> list[Probe]:
     return probes.basic()
 
 
+def _to_host(measurements: list[Any]) -> None:
+    """Replace the floating-point device tensors in each measurement's dict by float64 NumPy
+    values (0-dim ones by floats), all copied to the host in one transfer: one wait for the
+    device per step, however many probes and values."""
+    found = [(values, name, value) for values in measurements if isinstance(values, dict)
+             for name, value in values.items()
+             if isinstance(value, Tensor) and value.device.type != "cpu" and value.is_floating_point()]
+    for device in {value.device for _, _, value in found}:
+        on_device = [item for item in found if item[2].device == device]
+        host = torch.cat([v.detach().reshape(-1).to(torch.float64) for _, _, v in on_device]).cpu().numpy()
+        offset = 0
+        for values, name, value in on_device:
+            part = host[offset:offset + value.numel()].reshape(value.shape)
+            offset += value.numel()
+            values[name] = float(part) if value.dim() == 0 else part
+
+
 class _TooLittleMemory:
     """A measurement that declined to start: its memory allowance could not hold it."""
 
@@ -467,26 +484,41 @@ class Lens:
                     self.budget.defer(name)  # counted once, when it first has to wait
         if not runnable:
             return
-        _synchronize(self.model_device)  # measurements are timed alone; the loss copies have landed
-        self._device_scalars.collect(block=True)
-        if loss is not None:
-            ctx.loss = float(loss)
-        measured = False
+        timed = any(not self._exempt(p) for p in runnable)
+        if timed:
+            _synchronize(self.model_device)  # measurements are timed alone; the losses have landed
+            if loss is not None:
+                ctx.loss = float(loss)
+        self._device_scalars.collect(block=timed)
+        records: list[tuple[Probe, Any, float]] = []
         blocked = False
         for probe in runnable:
             if self._exempt(probe) or initial or (not blocked and self.budget.fits(probe.name)):
                 del self._waiting[probe.name]
-                measured |= self._measure(probe, ctx)
+                self._measure(probe, ctx, records)
             else:
                 blocked = True
-        if measured:
+        _to_host([values for _, values, _ in records])
+        for probe, values, seconds in records:
+            if self._record(ctx.step, probe, values, seconds):
+                self._failures[probe.name] = 0
+        if records:
             self.writer.set_meta({"costs": self._cost_record()})
 
-    def _measure(self, probe: Probe, ctx: Context) -> bool:
-        """Take one measurement of ``probe`` (timed, memory-bounded, OOM-guarded); True if it ran."""
+    def _measure(self, probe: Probe, ctx: Context, records: list[tuple[Probe, Any, float]]) -> None:
+        """Take one measurement of ``probe`` (timed, memory-bounded, OOM-guarded) and append
+        ``(probe, values, seconds)`` to ``records`` if it produced values. The basic probes
+        (:meth:`_exempt`) are neither synchronised nor timed: their cost is part of
+        ``lens.step()``'s own, measured in benchmarks/RESULTS.md."""
         if probe.name in self._disabled or self._last_measured[probe.name] == ctx.step:
-            return False
+            return
         self._last_measured[probe.name] = ctx.step
+        if self._exempt(probe):
+            values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
+            self.budget.charge(probe.name, 0.0)
+            if values is not None:
+                records.append((probe, values, 0.0))
+            return
         in_use = self.memory.note_probe_start()
         peak_before = self.memory.peak()
         ctx.allowance = self.budget.allowance()
@@ -504,16 +536,15 @@ class Lens:
                 self.writer.event(ctx.step, "info", probe.name, values.message)
             self._memory_wait[probe.name] = ctx.memory or 0
             self.budget.defer(probe.name)
-            return False
+            return
         self._memory_wait.pop(probe.name, None)
         _synchronize(self.model_device)
         seconds = clock() - start
         self.budget.charge(probe.name, seconds, self.memory.extra_peak(in_use, peak_before),
                            values.get("hvps") if isinstance(values, dict) else None)
         self.memory.note_probe_end()
-        if values is not None and self._record(ctx.step, probe, values, seconds):
-            self._failures[probe.name] = 0
-        return True
+        if values is not None:
+            records.append((probe, values, seconds))
 
     def _more_memory(self, name: str) -> bool:
         """Whether a probe that could not fit its memory allowance now has more (a tenth more)

@@ -54,6 +54,32 @@ def test_lens_step_never_synchronises_with_the_gpu_and_keeps_every_loss(tmp_path
     assert stored.tolist() == pytest.approx([float(v) for v in losses], rel=0, abs=0)
 
 
+def test_the_basic_probes_wait_for_the_gpu_once_per_measurement_step(tmp_path):
+    import warnings
+
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batch = data()
+    lens = dl.Lens(model, nn.CrossEntropyLoss(), batch, optimizer, run_dir=tmp_path, budget=None)
+    for _ in range(49):
+        lens.step(loss=step(model, optimizer, batch))
+    loss = step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lens.step(loss=loss)  # step 50: the four basic probes are due
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lens.close()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    run = dl.load_run(tmp_path)
+    norm = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters()))
+    assert run.series("param_norm", "total")[50] == pytest.approx(float(norm), rel=1e-9)
+
+
 class Greedy(dl.Probe):
     """Allocates more than the process may have: a real CUDA out-of-memory error."""
 

@@ -6,11 +6,14 @@ the optimizer step.
 
 Each records a total (over all trainable parameters) and an array ``per_layer`` (one entry per
 layer, in the order of the run's ``layers`` metadata; a layer is the module owning a parameter).
-Norms use ``torch._foreach_norm`` over all parameter tensors at once: one pass, one sync.
+Norms use ``torch._foreach_norm`` over all parameter tensors at once (one pass) and stay on the
+device: the Lens copies the values of every basic probe measured at a step to the host together,
+one transfer (and one wait for the device) per step.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -25,15 +28,21 @@ def _trainable(ctx: Context) -> list[Tensor]:
     return [p.detach() for p in ctx.model.parameters() if p.requires_grad]
 
 
-def _norms(tensors: list[Tensor], ctx: Context) -> tuple[float, Tensor]:
-    """(total 2-norm, per-layer 2-norms as float64 CPU) of a list of tensors aligned with
-    ``ctx.layer_index``."""
+@functools.lru_cache(maxsize=8)
+def _layer_index(layer_index: tuple[int, ...], device: torch.device) -> Tensor:
+    """The layer index as a device tensor, made once (a copy from the host waits for the device)."""
+    return torch.tensor(layer_index, device=device)
+
+
+def _norms(tensors: list[Tensor], ctx: Context) -> tuple[Tensor, Tensor]:
+    """(total 2-norm, per-layer 2-norms), float64 tensors on the parameters' device, of a list
+    of tensors aligned with ``ctx.layer_index``. Nothing is read back here: the Lens brings
+    every basic probe's values to the host in one transfer."""
     squares = torch.stack([n.double() for n in torch._foreach_norm(tensors)]) ** 2
-    index = torch.tensor(ctx.layer_index, device=squares.device)
+    index = _layer_index(tuple(ctx.layer_index), squares.device)
     per_layer = torch.zeros(len(ctx.layers), dtype=torch.float64, device=squares.device)
     per_layer.index_add_(0, index, squares)
-    per_layer = per_layer.cpu()
-    return float(per_layer.sum().sqrt()), per_layer.sqrt()
+    return per_layer.sum().sqrt(), per_layer.sqrt()
 
 
 class _Basic(Probe):
@@ -60,7 +69,7 @@ class GradNorm(_Basic):
             return {}
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         total, per_layer = _norms(grads, ctx)
-        return {"total": total, "per_layer": per_layer.numpy()}
+        return {"total": total, "per_layer": per_layer}
 
 
 class ParamNorm(_Basic):
@@ -70,7 +79,7 @@ class ParamNorm(_Basic):
 
     def measure(self, ctx: Context) -> Values:
         total, per_layer = _norms(_trainable(ctx), ctx)
-        return {"total": total, "per_layer": per_layer.numpy()}
+        return {"total": total, "per_layer": per_layer}
 
 
 class UpdateSize(_Basic):
@@ -105,8 +114,8 @@ class UpdateSize(_Basic):
         torch._foreach_sub_(self._previous, _trainable(ctx))  # θ_{t−1} − θ_t: the same norm
         self._previous_step = -1  # the copy is spent
         total, per_layer = _norms(self._previous, ctx)
-        return {"total": total, "relative": total / before if before > 0 else float("nan"),
-                "per_layer": per_layer.numpy()}
+        relative = torch.where(before > 0, total / before, torch.full_like(total, float("nan")))
+        return {"total": total, "relative": relative, "per_layer": per_layer}
 
 
 class DistanceFromInit(_Basic):
@@ -120,17 +129,17 @@ class DistanceFromInit(_Basic):
     def setup(self, ctx: Context) -> None:
         self._initial = [p.clone() for p in _trainable(ctx)]
         self._scratch = [torch.empty_like(p) for p in self._initial]
-        _, self._initial_per_layer = _norms(self._initial, ctx)
-        self._initial_total = float(self._initial_per_layer.square().sum().sqrt())
+        initial_total, self._initial_per_layer = _norms(self._initial, ctx)
+        self._initial_total = float(initial_total)  # once, at setup
 
     def measure(self, ctx: Context) -> Values:
         torch._foreach_copy_(self._scratch, _trainable(ctx))
         torch._foreach_sub_(self._scratch, self._initial)
         total, per_layer = _norms(self._scratch, ctx)
-        scale = self._initial_per_layer.clone()
+        scale = self._initial_per_layer
         relative = torch.where(scale > 0, per_layer / scale, torch.full_like(scale, float("nan")))
         return {
             "relative": total / self._initial_total if self._initial_total > 0 else float("nan"),
             "absolute": total,
-            "per_layer": relative.numpy(),
+            "per_layer": relative,
         }
