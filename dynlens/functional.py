@@ -559,8 +559,11 @@ class ModelFunction:
         Hessian-vector product through the first-order graph holds about 3–4 times it per
         example; ``benchmarks/RESULTS.md``)."""
         examples = min(examples, self.size)
-        owned = {t.untyped_storage().data_ptr() for t in (*self.params.values(), *self.fixed.values(),
-                                                          *self.buffers.values())}
+        # the model's own tensors and the batch are held anyway (a slice of the batch shares
+        # the whole batch's storage)
+        held = [*self.params.values(), *self.fixed.values(), *self.buffers.values(),
+                *(t for t in (self.inputs, self.targets) if isinstance(t, Tensor))]
+        owned = {t.untyped_storage().data_ptr() for t in held}
         seen: set[int] = set()
         total = [0]
 
@@ -570,7 +573,9 @@ class ModelFunction:
             if key not in owned and key not in seen:
                 seen.add(key)
                 total[0] += storage.nbytes()
-            return t
+            # a detached alias: returning the tensor itself would tie the graph into a
+            # reference cycle that kept one example's activations alive after every call
+            return t.detach()
 
         leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
         inputs = slice_examples(self.inputs, 0, examples)
