@@ -15,29 +15,35 @@ Definitions (METRICS.md §2; m examples, ḡ = (1/m) Σ g_i):
 
 Everything except stiffness is accumulated chunk by chunk from Σ g_i, the centred sums of
 squares Σ (g_i − ḡ)² (elementwise, merged across chunks by Chan et al.'s parallel update) and
-the norms ‖g_i‖², so that no more than one chunk of per-example gradients is held at once.
+the norms ‖g_i‖², so that no more than one chunk of per-example gradients is held at once, and
+of a hooked chunk one layer's: a chunk's gradients come as a stream of groups (:class:`_Gradients`)
+that :class:`_Sums` reduces and frees one by one. :func:`memory_model` predicts the peak, which
+``memory=`` bounds.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dynlens import cudagraphs
+from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.functional import (
     Mode,
     ModelFunction,
     OutOfMemoryError,
     _example_dims,
+    batch_size,
     example_losses,
     isolated,
     slice_examples,
@@ -45,7 +51,8 @@ from dynlens.functional import (
 )
 from dynlens.measures.layer_grads import BiasOf, HookedLayer, Outer, Rep, hookable_layers
 
-__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "VmapUnsupportedError"]
+__all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "memory_model", "MemoryModel",
+           "VmapUnsupportedError"]
 
 Fallback = Literal["loop", "error"]
 ChunkSize = int | Literal["auto"]
@@ -78,6 +85,13 @@ CPU_BUDGET = 256 * 2**20
 # took 86 ms in chunks of 86 to 128 examples against 172 ms for the whole batch of 256, while
 # LeNet-5 (130 KiB) and an MLP (14 KiB) were fastest in one chunk.
 CPU_CACHE_BUDGET = 64 * 2**20
+# Per-parameter work on a chunk is done in blocks of at most this many entries of a parameter
+# tensor (the moments' float64 scratch, the class sums), so that no temporary grows with the
+# largest tensor (a GPT-2 embedding has 38.6M entries).
+BLOCK = 2**22
+# The class sums of a chunk, (classes in it) × (entries of a parameter tensor), in blocks of at
+# most this many numbers.
+CLASS_BLOCK = 2**20
 
 
 class VmapUnsupportedError(RuntimeError):
@@ -211,11 +225,34 @@ class _NotFactorable(Exception):
     path is used)."""
 
 
+def _restricted(fn: ModelFunction, params: Sequence[str] | None = None, batch: tuple[Any, Any] | None = None,
+                size: int | None = None) -> ModelFunction:
+    """``fn`` differentiating only ``params`` (the others held fixed), or on the examples
+    ``batch`` (``size`` of them): a shallow copy sharing every tensor. A new ModelFunction would
+    copy the buffers again, and for a half-precision model widen every parameter again."""
+    new = copy.copy(fn)
+    if params is not None:
+        new.params = {n: fn.params[n] for n in params}
+        new.fixed = {**fn.fixed, **{n: t for n, t in fn.params.items() if n not in new.params}}
+    if batch is not None:
+        new.inputs, new.targets = batch
+        new.size = size
+    return new
+
+
+Group = list[tuple[int, Rep]]  # (index of the parameter in fn.params, its per-example gradients)
+
+
 class _Gradients:
-    """Per-example gradients of any example range, one representation per parameter tensor (in
-    ``fn.params`` order): an (n, P_k) matrix in the parameters' dtype (by vmap, the loop, or a
-    layer's hook rule), or for the weights of linear layers on (batch, features) inputs the
-    factors of g_i = δ_i a_iᵀ (:class:`Outer`; their biases :class:`BiasOf`).
+    """Per-example gradients of any example range, one representation per parameter tensor: an
+    (n, P_k) matrix in the parameters' dtype (by vmap, the loop, or a layer's hook rule), or for
+    the weights of linear layers on (batch, features) inputs the factors of g_i = δ_i a_iᵀ
+    (:class:`Outer`; their biases :class:`BiasOf`). A chunk comes as a stream of groups, one per
+    hooked layer and then one for the parameters taken by vmap, so that the consumer can reduce
+    and free each before the next is formed: at most one hooked layer's gradients exist at a time.
+
+    The examples are taken in batch order, or in ``order`` (a device index of the batch) when it
+    is set: coherence sorts them by class when per-class sums must be carried across chunks.
 
     The hooked path (:mod:`dynlens.measures.layer_grads`) is checked without waiting on the
     device: each chunk's batched per-example losses of a few examples are compared with those
@@ -229,6 +266,8 @@ class _Gradients:
         self.fallback = fallback
         self.method = "vmap"
         self.notes: list[str] = []
+        self.order: Tensor | None = None
+        self.index = {name: k for k, name in enumerate(fn.params)}
         self.layers: list[HookedLayer] = hookable_layers(fn.model, fn.params) if hooks is not False else []
         hooked = sum(fn.params[p].numel() for layer in self.layers for p in layer.params)
         if hooked < HOOKED_SHARE * fn.num_params:
@@ -238,8 +277,7 @@ class _Gradients:
             taken = {p for layer in self.layers for p in layer.params}
             rest = [n for n in fn.params if n not in taken]
             if rest:
-                self.rest = ModelFunction(fn.model, fn.loss_fn, (fn.inputs, fn.targets), params=rest,
-                                          seed=fn.seed)
+                self.rest = _restricted(fn, rest)
 
     @property
     def hooked(self) -> bool:
@@ -252,9 +290,9 @@ class _Gradients:
         return "hooks" + (f" + {self.method}" if self.rest is not None else "")
 
     def bytes_per_example(self) -> int:
-        """An estimate of one example's memory: P_k entries in the parameters' dtype per
-        parameter by vmap; for a hooked layer its input, output gradient and representation
-        (:meth:`HookedLayer.bytes_per_example`)."""
+        """An estimate of one example's per-example gradients, for the chunk size's speed rule:
+        P_k entries in the parameters' dtype per parameter by vmap; for a hooked layer its input,
+        output gradient and representation (:meth:`HookedLayer.bytes_per_example`)."""
         taken = {p for layer in self.layers for p in layer.params}
         total = sum(t.numel() * t.element_size() for n, t in self.fn.params.items() if n not in taken)
         total += sum(layer.bytes_per_example() for layer in self.layers)
@@ -282,13 +320,26 @@ class _Gradients:
         (one device-to-host read)."""
         return self.agrees is None or bool(self.agrees)
 
-    def _reference_losses(self, start: int, stop: int, step: int) -> Tensor:
-        """ℓ_i of the checked examples start, start + step, ... < stop, each evaluated alone
-        (vmap): the batched forward must match them. A layer that mixes examples changes every
-        example's loss; Python control flow on tensor values, which the batched forward would
-        take for the whole batch, makes vmap fail."""
+    def _examples(self, start: int, stop: int) -> tuple[Any, Any]:
+        """Inputs and targets of examples start:stop (views), or of those positions of ``order``."""
         fn = self.fn
-        x, y = slice_examples(fn.inputs, start, stop, step), slice_examples(fn.targets, start, stop, step)
+        if self.order is None:
+            return slice_examples(fn.inputs, start, stop), slice_examples(fn.targets, start, stop)
+        index = self.order[start:stop]
+
+        def take(t: Any) -> Any:
+            return t.index_select(0, index) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+        return tree_map(take, fn.inputs), tree_map(take, fn.targets)
+
+    def _reference_losses(self, x: Any, y: Any, step: int) -> Tensor:
+        """ℓ_i of the checked examples 0, step, 2·step, ... of the chunk (x, y), each evaluated
+        alone (vmap): the batched forward must match them. A layer that mixes examples changes
+        every example's loss; Python control flow on tensor values, which the batched forward
+        would take for the whole batch, makes vmap fail."""
+        fn = self.fn
+        n = batch_size(x)
+        x, y = slice_examples(x, 0, n, step), slice_examples(y, 0, n, step)
         try:
             alone = torch.func.vmap(fn._example_loss, in_dims=(None, _example_dims(x), _example_dims(y)),
                                     randomness="different")
@@ -298,36 +349,36 @@ class _Gradients:
         except Exception as err:  # noqa: BLE001 - the dense path reports or works around it
             raise _NotFactorable(f"{type(err).__name__} evaluating examples alone") from err
 
-    def chunk(self, start: int, stop: int) -> list[Rep]:
-        """The chunk's representations; raises :class:`_NotFactorable` when the hooked layers'
-        gradients cannot be taken from one batched pass (the caller drops the hooks and starts
-        over)."""
+    def chunk(self, start: int, stop: int) -> Iterator[Group]:
+        """The chunk's per-example gradients as a stream of groups (see the class); the hooked
+        path raises :class:`_NotFactorable` when the hooked layers' gradients cannot be taken from
+        one batched pass (the caller drops the hooks and starts over)."""
+        x, y = self._examples(start, stop)
         if self.layers:
-            return self._hooked(start, stop)
-        return list(self._dense(self.fn, start, stop).values())
+            return self._hooked(x, y, stop - start)
+        return iter([self._dense(self.fn, x, y, stop - start)])
 
-    def _dense(self, fn: ModelFunction, start: int, stop: int) -> dict[str, Tensor]:
+    def _dense(self, fn: ModelFunction, x: Any, y: Any, n: int) -> Group:
+        fn = _restricted(fn, batch=(x, y), size=n)
         if self.method != "loop":
             try:
-                grads = fn.per_example_grads_of(start, stop)
+                grads = fn.per_example_grads_of(0, n)
             except OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - any vmap failure is reported or worked around
                 self._vmap_failed(err)
-                grads = fn.per_example_grads_loop(start, stop)
+                grads = fn.per_example_grads_loop(0, n)
         else:
-            grads = fn.per_example_grads_loop(start, stop)
-        n = stop - start
-        return {name: g.reshape(n, -1) for name, g in grads.items()}
+            grads = fn.per_example_grads_loop(0, n)
+        return [(self.index[name], grads.pop(name).reshape(n, -1)) for name in list(grads)]
 
-    def _hooked(self, start: int, stop: int) -> list[Rep]:
+    def _hooked(self, x: Any, y: Any, n: int) -> Iterator[Group]:
         """One batched forward with hooks on the layers, the per-example losses
         (:func:`dynlens.functional.example_losses`), one backward to the layers' outputs: their
-        inputs and δ_i, from which each layer's rule gives the per-example gradients. The other
-        parameters' by vmap."""
-        fn, n = self.fn, stop - start
-        x = slice_examples(fn.inputs, start, stop)
-        y = slice_examples(fn.targets, start, stop)
+        inputs and δ_i, from which each layer's rule gives its per-example gradients, one layer
+        at a time. Then the check against examples evaluated alone, and the other parameters'
+        gradients by vmap (a pass of its own, after this one's tensors are freed)."""
+        fn = self.fn
         records: dict[str, list[tuple[Tensor, Tensor] | None]] = {layer.name: [] for layer in self.layers}
 
         def recorder(layer: HookedLayer) -> Callable[..., Tensor | None]:
@@ -360,23 +411,29 @@ class _Gradients:
 
         with torch.enable_grad():
             losses = example_losses(fn.loss_fn, out, y)
+        del out
+        saved: list[Tensor | None] = [records[layer.name][0][0] for layer in self.layers]
+        outputs = [records[layer.name][0][1] for layer in self.layers]
+        records.clear()
+        with torch.enable_grad():
+            deltas: list[Tensor | None] = list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
+        deltas = [torch.zeros_like(z) if d is None else d.detach() for z, d in zip(outputs, deltas, strict=True)]
+        losses = losses.detach()
+        del outputs
+        for k, layer in enumerate(self.layers):
+            reps = layer.gradients(saved[k], deltas[k], n)
+            saved[k] = deltas[k] = None
+            yield [(self.index[name], reps.pop(name)) for name in list(reps)]
+        # the check last, when this pass's tensors are freed: its forward then adds to nothing
         step = -(-n // CHECKED_EXAMPLES)
-        reference = self._reference_losses(start, stop, step)
+        reference = self._reference_losses(x, y, step)
         # rounding differs between a batch and one example: 1e-10 in float64, 1e-4 in float32,
         # 8 units of the last place in 16-bit types (a layer mixing examples changes far more)
         tolerance = 1e-10 if losses.dtype == torch.float64 else max(1e-4, 8 * torch.finfo(losses.dtype).eps)
-        agrees = torch.isclose(losses.detach()[::step], reference, rtol=tolerance, atol=tolerance).all()
+        agrees = torch.isclose(losses[::step], reference, rtol=tolerance, atol=tolerance).all()
         self.agrees = agrees if self.agrees is None else self.agrees & agrees
-        outputs = [records[layer.name][0][1] for layer in self.layers]
-        with torch.enable_grad():
-            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-        reps: dict[str, Rep] = {}
-        for layer, z, delta in zip(self.layers, outputs, deltas, strict=True):
-            delta = torch.zeros_like(z) if delta is None else delta.detach()
-            reps.update(layer.gradients(records[layer.name][0][0], delta, n))
         if self.rest is not None:
-            reps.update(self._dense(self.rest, start, stop))
-        return [reps[name] for name in fn.params]
+            yield self._dense(self.rest, x, y, n)
 
     def _vmap_failed(self, err: BaseException) -> None:
         where = _failing_module(self.fn.model, err)
@@ -397,68 +454,321 @@ class _Gradients:
         warnings.warn(f"dynlens: {note}", RuntimeWarning, stacklevel=4)
 
 
-# ----------------------------------------------------------------------------- measurement
+# ----------------------------------------------------------------------------- memory
 
 
-def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False,
-                    memory: int | None = None) -> int:
-    """A chunk size for m examples whose per-example gradients fit the memory budget: on CUDA
-    ``CUDA_FREE_SHARE`` of the free memory (``torch.cuda.mem_get_info`` plus what the caching
-    allocator holds unused), at most ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``, or without
-    ``pairs`` the smaller ``CPU_CACHE_BUDGET``; and at most half of ``memory`` (the bytes the
-    measurement may allocate, e.g. a Lens's memory budget; the other half is for the chunk's
-    activations). With ``pairs`` (stiffness over several chunks holds two at a time) the budget
-    is split in two. The batch is then cut into that many chunks of equal size (no small
-    remainder chunk)."""
+def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs: bool = False) -> int:
+    """The chunk size of ``chunk_size="auto"`` for speed, m examples whose per-example gradients
+    take ``bytes_per_example`` each: on CUDA ``CUDA_FREE_SHARE`` of the free memory
+    (``torch.cuda.mem_get_info`` plus what the caching allocator holds unused), at most
+    ``CUDA_BUDGET``; elsewhere ``CPU_BUDGET``, or without ``pairs`` the smaller
+    ``CPU_CACHE_BUDGET``. With ``pairs`` (stiffness over several chunks holds two at a time) the
+    budget is split in two. The batch is then cut into that many chunks of equal size (no small
+    remainder chunk). A memory limit is applied on top (:func:`memory_model`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = min(int(free * CUDA_FREE_SHARE), CUDA_BUDGET)
     else:
         budget = CPU_BUDGET if pairs else min(CPU_BUDGET, CPU_CACHE_BUDGET)
-    if memory is not None:
-        budget = min(budget, memory // 2)
     chunk = budget // bytes_per_example
     if pairs and chunk < m:
         chunk = budget // (2 * bytes_per_example)
+    return _equal_chunks(max(1, chunk), m)
+
+
+def _equal_chunks(chunk: int, m: int) -> int:
+    """The size of equal chunks, at most ``chunk``, that cut m examples into as few as ``chunk`` allows."""
     chunk = int(max(1, min(m, chunk)))
     pieces = -(-m // chunk)
     return -(-m // pieces)
 
 
+# The memory model (memory_model): a pass over a chunk holds up to this many times the
+# activations a gradient of its examples saves (_footprint), besides the output gradients and
+# per-example gradients it forms. Measured with benchmarks/coherence_memory.py, beyond those:
+# the hooked pass of a GPT-2-sized decoder (width 128, CPU) 1.1 times, of a ResNet-18 (width 16)
+# less than once; vmap of grad 1.8 times (the ResNet-18, CPU), 2.5 (the small decoder, CPU) and
+# 2.35 (GPT-2 124M, 512 tokens, H200: its tied embedding's per-example gradients are formed
+# twice and added).
+HOOKS_ACTIVATIONS = 1.5
+VMAP_ACTIVATIONS = 3.0
+# On CUDA the caching allocator rounds blocks up (to 512 bytes, and a large one may keep up to
+# 1 MiB of its segment) and cuDNN and cuBLAS take workspaces: the model's estimate is raised by
+# this share, plus the fixed reserve, before it is compared with the limit. On an H200 the
+# measured peaks of the reference jobs were 0.6 (ResNet-18) and 0.8 (GPT-2) of the estimate.
+CUDA_MARGIN = 0.1
+CUDA_RESERVE = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The most bytes a coherence measurement holds at once beyond what was allocated before it,
+    for chunks of n examples (:meth:`peak`):
+
+        peak(n) = max(fixed + n · per_example + min(min(C, n) · per_class, class_cap), finish)
+        peak(m) = max(whole, finish)                 (one chunk of the whole batch)
+
+    on CUDA raised by ``margin``. Built by :func:`memory_model`.
+
+    Attributes:
+        fixed: bytes that do not grow with the chunk: the float64 mean and centred sum of squares
+            of every parameter entry (16 bytes each), ‖g_i‖², the moments' scratch of one block
+            of a parameter tensor (float64) and its temporaries, a factored layer's float32 sums;
+            with classes the running sum of the class that goes on into the next chunk (8 bytes
+            per entry: the examples are sorted by class, so one class at a time is open); with
+            stiffness the m × m Gram matrix and its by-products.
+        per_example: bytes per example of the chunk, the larger of its passes: the activations a
+            gradient saves (:meth:`~dynlens.functional.ModelFunction.activation_bytes`) times
+            ``HOOKS_ACTIVATIONS``, every hooked layer's output gradient and the largest layer's
+            per-example gradients (hooked pass); the activations times ``VMAP_ACTIVATIONS`` and
+            the per-example gradients of every parameter vmap takes (they come together); with
+            stiffness over several chunks the representations of two chunks.
+        classes: C, the number of classes (0 without per-class statistics).
+        per_class: bytes of one class's sums over a parameter tensor (the largest), in the
+            parameters' dtype and float64, squared; a chunk holds at most min(C, n) classes.
+        class_cap: the most those sums take (they are formed in blocks of ``CLASS_BLOCK`` numbers).
+        whole: the peak for one chunk of all m examples (no class carried, one chunk held).
+        finish: the reduction after the last chunk (the accumulators and the GSNR's mask).
+        margin: (share, bytes) added on CUDA: ``CUDA_MARGIN`` and ``CUDA_RESERVE``.
+    """
+
+    fixed: int
+    per_example: int
+    classes: int
+    per_class: int
+    class_cap: int
+    whole: int
+    finish: int
+    margin: tuple[float, int] = (0.0, 0)
+
+    def peak(self, chunk: int, m: int) -> int:
+        """The predicted peak (bytes, the margin included) for chunks of ``chunk`` of m examples."""
+        if chunk >= m:
+            raw = self.whole
+        else:
+            raw = (self.fixed + chunk * self.per_example
+                   + min(min(self.classes, chunk) * self.per_class, self.class_cap))
+        return int(max(raw, self.finish) * (1 + self.margin[0])) + self.margin[1]
+
+    def largest_chunk(self, memory: int, m: int) -> int:
+        """The most examples per chunk whose peak fits ``memory`` bytes (0 if not even one)."""
+        if self.peak(m, m) <= memory:
+            return m
+        low, high = 0, m - 1  # peak grows with the chunk: bisect for the last that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.peak(middle, m) <= memory:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+
+def _footprint(fn: ModelFunction) -> tuple[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """(bytes a gradient saves for one example, {hookable layer: (its input's shape, its output's
+    shape) for that example}): one forward pass of one example, nothing kept.
+
+    The bytes are counted as :meth:`~dynlens.functional.ModelFunction.activation_bytes` counts
+    them (each storage the graph saves once, parameters and buffers left out), and the batch left
+    out too (a saved input is a view of the whole batch's storage, allocated before the
+    measurement), with the saved tensors packed detached: packed as they are, a saved output
+    refers to the node that saves it, a cycle that keeps the graph alive after the pass."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    batch = [t for t in tree_flatten((fn.inputs, fn.targets))[0] if isinstance(t, Tensor)]
+    owned = {t.untyped_storage().data_ptr() for t in (*fn.params.values(), *fn.fixed.values(),
+                                                      *fn.buffers.values(), *batch)}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t.detach()
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(recorder(layer.name))
+               for layer in hookable_layers(fn.model, fn.params)]
+    leaves = {n: t.detach().requires_grad_(True) for n, t in fn.params.items()}
+    x, y = slice_examples(fn.inputs, 0, 1), slice_examples(fn.targets, 0, 1)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn._loss_of(fn.outputs(leaves, x), y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total, shapes
+
+
+def _memory_model(source: _Gradients, footprint: tuple[int, dict], m: int, stiffness: bool,
+                  classes: int) -> MemoryModel:
+    """:class:`MemoryModel` of measuring ``source``'s model on m examples (``classes`` labels, 0
+    without per-class statistics), from its :func:`_footprint`."""
+    fn = source.fn
+    activation, shapes = footprint
+    itemsize = max(t.element_size() for t in fn.params.values())
+    # a chunk's examples, gathered when they are taken in class order
+    examples = sum(t.numel() * t.element_size() for t in tree_flatten((fn.inputs, fn.targets))[0]
+                   if isinstance(t, Tensor)) // max(fn.size, 1)
+    total = fn.num_params
+    largest = max(t.numel() for t in fn.params.values())
+    block = min(largest, BLOCK)
+    taken = {p for layer in source.layers for p in layer.params}
+    by_vmap = sum(t.numel() for n, t in fn.params.items() if n not in taken) * itemsize
+    # the hooked pass: the backward pass holds the activations and the output gradients made so
+    # far; then layer k's gradients are formed while the output gradients and inputs of the
+    # layers after it are still held (and for stiffness the earlier layers' gradients)
+    layers = [layer.memory(*shapes.get(layer.name, ((1, 0), (1, 0))), itemsize, fn.device)
+              for layer in source.layers]
+    held = sum(layer.held for layer in layers)
+    kept = sum(layer.kept for layer in layers)
+    reducing = 0
+    for k, layer in enumerate(layers):
+        earlier = sum(other.kept for other in layers[:k]) if stiffness else 0
+        later = sum(other.held + other.saved for other in layers[k:])
+        reducing = max(reducing, earlier + later + layer.working)
+    factored = max([fn.params[layer.weight].numel() for layer in source.layers
+                    if layer.kind == "linear" and layer.weight is not None
+                    and len(shapes.get(layer.name, ((),))[0]) == 2] or [0])
+    kept_all = kept + by_vmap
+    # a chunk's moments: one block of float64 scratch (2 × 8 bytes; a factored layer is one
+    # block) and of temporaries in the parameters' dtype (2 × itemsize); a factored layer's float32
+    # sums (3 × 4 bytes)
+    fixed = 16 * total + 16 * m + 16 * max(block, factored) + 2 * itemsize * block + 12 * factored
+    per_class = (itemsize + 16) * largest if classes else 0
+    class_cap = (itemsize + 16) * CLASS_BLOCK
+    whole = fixed + min(classes * per_class, class_cap)
+    if classes:
+        fixed += 8 * total
+    if stiffness:
+        fixed += 4 * 8 * m * m  # the Gram matrix, its cosines, weights and one more product
+        whole += 4 * 8 * m * m
+    passes = [0.0]
+    if by_vmap or not source.layers:  # vmap, or the loop's rows and their stack (after the hooked
+        # layers, whose gradients stiffness keeps)
+        passes += [VMAP_ACTIVATIONS * activation + by_vmap + (kept if stiffness else 0),
+                   2 * by_vmap + (kept if stiffness else 0)]
+    if source.layers:
+        passes += [HOOKS_ACTIVATIONS * activation + held, reducing]
+        passes.append(activation)  # the check of examples evaluated alone, a forward pass
+    per_example = int(max(passes)) + examples
+    whole += m * per_example
+    if stiffness:
+        per_example += kept_all  # the chunk held while the others are formed
+    margin = (CUDA_MARGIN, CUDA_RESERVE) if fn.device.type == "cuda" else (0.0, 0)
+    return MemoryModel(int(fixed), per_example, classes, per_class, class_cap, int(whole),
+                       17 * total + 16 * m, margin)
+
+
+def memory_model(fn: ModelFunction, *, stiffness: bool = True, hooks: bool | Literal["auto"] = "auto",
+                 classes: Tensor | Sequence[int] | np.ndarray | bool | None = None) -> MemoryModel:
+    """The :class:`MemoryModel` of :func:`coherence_of` on ``fn``'s batch with these options:
+    what ``memory=`` is checked against. Cost: one forward pass of one example."""
+    source = _Gradients(fn, "loop", hooks)
+    labels = _resolve_classes(fn, classes, fn.size)
+    count = 0 if labels is None else len(torch.unique(labels))
+    return _memory_model(source, _footprint(fn), fn.size, stiffness, count)
+
+
+def _too_small(plan: MemoryModel, memory: int, m: int) -> MemoryBudgetTooSmall:
+    need = plan.peak(1, m)
+    return MemoryBudgetTooSmall(
+        f"gradient coherence needs about {_gib(need)} on one example at a time "
+        f"({_gib(plan.fixed)} for the sums over all parameters, {_gib(plan.per_example)} per example "
+        f"of a chunk) and {_gib(max(memory, 0))} is allowed; allow more memory (memory_budget=), "
+        "turn stiffness off, or measure fewer parameters"
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class _Part:
+    """One chunk of a batch sorted by class: its classes lo, ..., lo + classes − 1 (each has
+    examples in it), whether the first began in the chunk before and the last goes on into the
+    next, its rows' one-hot class matrix (n, classes) by dtype and its layout for factored layers
+    (:meth:`_Classes.layout`)."""
+
+    lo: int
+    classes: int
+    carried_in: bool
+    continues: bool
+    onehot: dict[torch.dtype, Tensor]
+    layout: tuple[Tensor, Any] | None
+
+
 @dataclass
 class _Classes:
     """Class labels of the batch: the sorted label values, each example's class index (on the
-    device and on the host), and per chunk the layout that sums a factored layer by class."""
+    device and on the host), the layout that sums a factored layer by class in a chunk of the
+    whole batch, and for a batch measured in chunks sorted by class the order and each chunk's
+    :class:`_Part`."""
 
     values: Tensor
     index: Tensor
     host_index: np.ndarray
     onehot: dict[torch.dtype, Tensor] = field(default_factory=dict)
     layouts: dict[tuple[int, int], tuple[Tensor, Any]] = field(default_factory=dict)
+    order: Tensor | None = None
+    parts: dict[tuple[int, int], _Part] = field(default_factory=dict)
 
-    def prepare(self, bounds: list[tuple[int, int]], dtypes: set[torch.dtype], factored: bool) -> None:
+    def prepare(self, bounds: list[tuple[int, int]], dtypes: set[torch.dtype], factored: bool,
+                by_class: bool) -> None:
         """Make every device tensor the chunks need before the first chunk is queued: copies
-        from the host made inside the loop would wait for the device to finish its queue."""
-        for dtype in dtypes:
-            self.onehot_as(dtype)
-        if factored:
-            for start, stop in bounds:
-                if (start, stop) not in self.layouts:
-                    self.layouts[start, stop] = self.layout(start, stop)
+        from the host made inside the loop would wait for the device to finish its queue.
+        ``by_class``: the chunks are of the batch sorted by class."""
+        device, classes = self.index.device, len(self.values)
+        if not by_class:
+            for dtype in dtypes:
+                self.onehot_as(dtype)
+            if factored:
+                for start, stop in bounds:
+                    if (start, stop) not in self.layouts:
+                        self.layouts[start, stop] = self.layout(self.host_index[start:stop], classes)
+            return
+        order = np.argsort(self.host_index, kind="stable")
+        if self.order is None:
+            self.order = torch.as_tensor(order, device=device)
+        ranks = self.host_index[order]
+        for start, stop in bounds:
+            if (start, stop) in self.parts:
+                continue
+            lo = int(ranks[start])
+            local = ranks[start:stop] - lo
+            count = int(local[-1]) + 1
+            rows = torch.as_tensor(local, device=device)
+            self.parts[start, stop] = _Part(
+                lo, count, start > 0 and ranks[start - 1] == lo,
+                stop < len(ranks) and ranks[stop] == ranks[stop - 1],
+                {dtype: torch.nn.functional.one_hot(rows, count).to(dtype) for dtype in dtypes},
+                self.layout(local, count) if factored else None)
 
     def onehot_as(self, dtype: torch.dtype) -> Tensor:
         if dtype not in self.onehot:
             self.onehot[dtype] = torch.nn.functional.one_hot(self.index, len(self.values)).to(dtype)
         return self.onehot[dtype]
 
-    def layout(self, start: int, stop: int) -> tuple[Tensor, int] | tuple[Tensor, list[int]]:
-        """How to sum a factored chunk by class with few kernels. Balanced enough (C × the
-        largest class ≤ 2n): (an index of shape (C, L) into the chunk's rows, padded with n, a
-        zero row; L). Otherwise: (the order that sorts the chunk by class, the class sizes).
-        Built from the host copy of the labels: no device sync."""
-        index = self.host_index[start:stop]
-        n, classes = stop - start, len(self.values)
+    def layout(self, index: np.ndarray, classes: int) -> tuple[Tensor, int] | tuple[Tensor, list[int]]:
+        """How to sum a factored chunk whose rows have the class indices ``index`` (of
+        ``classes``) by class with few kernels. Balanced enough (C × the largest class ≤ 2n): (an
+        index of shape (C, L) into the chunk's rows, padded with n, a zero row; L). Otherwise:
+        (the order that sorts the chunk by class, the class sizes). Built on the host: no device
+        sync."""
+        n = len(index)
         sizes = np.bincount(index, minlength=classes)
         order = np.argsort(index, kind="stable")
         if classes * sizes.max() > 2 * n:
@@ -506,18 +816,32 @@ def coherence_of(
     layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
     sizes = [t.numel() for t in fn.params.values()]
 
-    def chunk_of(bytes_per_example: int) -> int:
-        if chunk_size == "auto":
-            return auto_chunk_size(bytes_per_example, m, device, pairs=stiffness, memory=memory)
-        return min(chunk_size, m)
+    footprint = None  # measured once, when memory is limited
 
-    per_example = source.bytes_per_example()
-    chunk = chunk_of(per_example)
+    def chunk_of() -> int:
+        """The chunk size: "auto"'s speed rule or the given size, at most what fits ``memory``
+        (then in equal parts), or MemoryBudgetTooSmall before anything is allocated."""
+        nonlocal footprint
+        if chunk_size == "auto":
+            chunk = auto_chunk_size(source.bytes_per_example(), m, device, pairs=stiffness)
+        else:
+            chunk = min(chunk_size, m)
+        if memory is None:
+            return chunk
+        if footprint is None:
+            footprint = _footprint(fn)
+        plan = _memory_model(source, footprint, m, stiffness, 0 if group is None else len(group.values))
+        fits = plan.largest_chunk(memory, m)
+        if fits < 1:
+            raise _too_small(plan, memory, m)
+        return chunk if chunk <= fits else _equal_chunks(fits, m)
+
+    chunk = chunk_of()
     if hooks == "auto" and source.pairs_prefer_vmap(chunk, m, stiffness):
         source.drop_hooks()
         hooks = False
-        per_example = source.bytes_per_example()
-        chunk = chunk_of(per_example)
+        chunk = chunk_of()
+    per_example = source.bytes_per_example()
     packed = stiff = key = None
     if _graphable(fn, graphs, chunk, per_example, stiffness):
         key = _graph_key(fn, chunk, stiffness, hooks, fallback, None if labels is None else host_labels)
@@ -535,7 +859,7 @@ def coherence_of(
             except _NotFactorable as err:
                 why = str(err)
             source.drop_hooks(why)
-            chunk = chunk_of(source.bytes_per_example())
+            chunk = chunk_of()
         packed, stiff = _reduce(sums, sizes, layer_index, len(layers), group, m)
         method, notes = source.description, list(source.notes)
         if key is not None and source.hooked == hooked and source.method != "loop":
@@ -673,7 +997,9 @@ def _graphed(fn: ModelFunction, key: tuple, group: _Classes | None, chunk: int, 
     hit = cudagraphs.graphs().replay(key, inputs)
     if hit is None and key in cudagraphs.graphs().seen and key not in cudagraphs.graphs().failed:
         if group is not None:  # host-to-device copies cannot be recorded: make them first
-            group.prepare(_chunk_bounds(fn.size, chunk), {t.dtype for t in fn.params.values()}, True)
+            bounds = _chunk_bounds(fn.size, chunk)
+            group.prepare(bounds, {t.dtype for t in fn.params.values()}, True,
+                          _sorted_by_class(group, len(bounds), stiffness))
         hit = cudagraphs.graphs().record(key, inputs, body)
     if hit is None:
         return None, None, None, None
@@ -688,6 +1014,12 @@ def _chunk_bounds(m: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, m)) for start in range(0, m, chunk)]
 
 
+def _sorted_by_class(group: _Classes | None, chunks: int, stiffness: bool) -> bool:
+    """Whether the batch is measured sorted by class: per-class sums must then be carried across
+    chunks (with stiffness the per-class norms come from the Gram matrix)."""
+    return group is not None and chunks > 1 and not stiffness
+
+
 def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
                 stiffness: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """One pass over the batch in chunks, all on the device with no host sync: (mean, centred
@@ -695,76 +1027,160 @@ def _accumulate(source: _Gradients, chunk_size: int, group: _Classes | None,
 
     The per-class norms come from the Gram matrix when stiffness asks for it (block sums),
     from the class blocks of each factored layer's Gram matrix when the batch is one chunk, and
-    otherwise from per-class sums Σ_{i∈c} g_i carried across chunks."""
+    otherwise from per-class sums Σ_{i∈c} g_i over the batch sorted by class, so that one class
+    at a time is carried from a chunk into the next."""
     fn = source.fn
-    m, device, f64 = fn.size, fn.device, torch.float64
-    # float64 accumulators, one entry per parameter entry (the sums of each chunk are taken in
-    # the parameters' dtype, which for float64 models makes everything float64). They start as
-    # the first chunk's values (what adding them to zeros would give, without filling zeros).
-    count = 0
-    mean = centred = None  # centred: Σ_i (g_ik − ḡ_k)², elementwise
-    sq_norms = torch.empty(m, dtype=f64, device=device)
-    class_sums: list[Tensor] = []
-    class_norms = None
-    gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
-    bounds = _chunk_bounds(m, chunk_size)
-    sizes = [t.numel() for t in fn.params.values()]
-    total_size = sum(sizes)
-    offsets = np.cumsum([0, *sizes]).tolist()
-    slices = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-    chunk_mean = chunk_centred = None
-    by_blocks = group is not None and gram is None and len(bounds) == 1
+    bounds = _chunk_bounds(fn.size, chunk_size)
+    by_class = _sorted_by_class(group, len(bounds), stiffness)
     if group is not None:
-        group.prepare(bounds, {t.dtype for t in fn.params.values()}, source.hooked)
-
+        group.prepare(bounds, {t.dtype for t in fn.params.values()}, source.hooked, by_class)
+    source.order = group.order if by_class else None
+    sums = _Sums(fn, group, len(bounds), stiffness, by_class)
     for a, (start, stop) in enumerate(bounds):
-        chunk = source.chunk(start, stop)
-        n = stop - start
-        sq_norms[start:stop] = _sq_norms(chunk)
-        if by_blocks:
-            layout = group.layouts.get((start, stop))
-            onehot = group.onehot_as
-            class_norms = sum(_class_norm(rep, None if isinstance(rep, Outer) else onehot(_dtype(rep)), layout)
-                              for rep in chunk)
-        elif group is not None and gram is None:
-            layout = group.layouts.get((start, stop))
-            for k, rep in enumerate(chunk):
-                onehot = None if isinstance(rep, Outer) else group.onehot_as(_dtype(rep))[start:stop]
-                sums = _class_sum(rep, onehot, layout)
-                if a == 0:
-                    class_sums.append(sums)
-                else:
-                    class_sums[k] += sums
-        if gram is not None:
-            gram[start:stop, start:stop] = _dot(chunk, chunk)
+        if sums.gram is None:
+            for piece in source.chunk(start, stop):
+                sums.add(piece, start, stop)
+        else:
+            chunk = _in_order(source.chunk(start, stop), len(fn.params))
+            sums.gram[start:stop, start:stop] = _dot(chunk, chunk)
             for other_start, other_stop in bounds[a + 1:]:
-                block = _dot(chunk, source.chunk(other_start, other_stop))
-                gram[start:stop, other_start:other_stop] = block
-                gram[other_start:other_stop, start:stop] = block.T
-        # Last (dense chunks are centred in place, so nothing may read them afterwards): merge the
-        # chunk's mean and centred sum of squares into the running ones (Chan et al.).
-        # The first chunk's moments are written straight into the accumulators, later ones into
-        # scratch vectors (no P-sized temporaries per chunk: on the CPU each costs page faults).
-        if mean is None:
-            mean, centred = torch.empty(total_size, dtype=f64, device=device), torch.empty(total_size, dtype=f64, device=device)
-            chunk_mean, chunk_centred = mean, centred
-        elif chunk_mean is mean:
-            chunk_mean, chunk_centred = torch.empty_like(mean), torch.empty_like(centred)
-        for rep, where in zip(chunk, slices, strict=True):
-            _moments(rep, n, chunk_mean[where], chunk_centred[where])
-        if chunk_mean is not mean:
-            total = count + n
-            difference = chunk_mean.sub_(mean)
-            centred.add_(chunk_centred).addcmul_(difference, difference, value=count * n / total)
-            mean.add_(difference, alpha=n / total)
-        count += n
-        del chunk
-    if class_sums:
-        class_norms = sum(c.square().sum(dim=1) for c in class_sums)
-    elif group is not None and gram is not None:
-        onehot = group.onehot_as(f64)
-        class_norms = ((onehot.T @ gram) * onehot.T).sum(dim=1)
-    return mean, centred, sq_norms, class_norms, gram
+                block = _dot(chunk, _in_order(source.chunk(other_start, other_stop), len(fn.params)))
+                sums.gram[start:stop, other_start:other_stop] = block
+                sums.gram[other_start:other_stop, start:stop] = block.T
+            # last: dense chunks are centred in place, so nothing may read them afterwards
+            sums.add(list(enumerate(chunk)), start, stop)
+            del chunk
+        sums.count += stop - start  # the chunk is merged: the next one's moments are merged into it
+    return sums.result()
+
+
+def _in_order(pieces: Iterator[Group], count: int) -> list[Rep]:
+    """A chunk's representations in ``fn.params`` order."""
+    reps: list[Any] = [None] * count
+    for piece in pieces:
+        for k, rep in piece:
+            reps[k] = rep
+    return reps
+
+
+class _Sums:
+    """The running sums of one pass over the batch, on the device in float64: the mean and the
+    centred sum of squares Σ_i (g_ik − ḡ_k)² of every parameter entry, ‖g_i‖², ‖Σ_{i∈c} g_i‖² per
+    class, the Gram matrix. Filled one group of a chunk at a time (:meth:`add`), each group
+    reduced, parameter tensor by parameter tensor, before the next is formed.
+
+    A chunk's mean and centred sum of one parameter tensor are merged into the running ones by
+    Chan et al.'s parallel update, in blocks of at most ``BLOCK`` entries through one float64
+    scratch pair; the first chunk's are written straight into the accumulators (what adding them
+    to zeros would give)."""
+
+    def __init__(self, fn: ModelFunction, group: _Classes | None, chunks: int, stiffness: bool,
+                 by_class: bool) -> None:
+        m, device, f64 = fn.size, fn.device, torch.float64
+        sizes = [t.numel() for t in fn.params.values()]
+        offsets = np.cumsum([0, *sizes]).tolist()
+        self.slices = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        self.total = offsets[-1]
+        self.mean = self.centred = self.carry = self.scratch = None
+        self.sq_norms = torch.zeros(m, dtype=f64, device=device)
+        self.gram = torch.empty(m, m, dtype=f64, device=device) if stiffness else None
+        self.group = group
+        self.whole_by_class = group is not None and chunks == 1 and not stiffness
+        self.by_class = by_class
+        counted = self.whole_by_class or by_class
+        self.class_norms = torch.zeros(len(group.values), dtype=f64, device=device) if counted else None
+        self.block = min(max(sizes), BLOCK)
+        self.count = 0
+
+    def add(self, piece: Group, start: int, stop: int) -> None:
+        """Reduce one group of the chunk start:stop (positions in the order the examples are
+        taken) into the sums, emptying the list: dense representations are centred in place."""
+        n = stop - start
+        if self.mean is None:  # once the first pass has freed its temporaries
+            self.mean = torch.empty(self.total, dtype=torch.float64, device=self.sq_norms.device)
+            self.centred = torch.empty_like(self.mean)
+        self.sq_norms[start:stop] += _sq_norms([rep for _, rep in piece])
+        part = self.group.parts[start, stop] if self.by_class else None
+        while piece:
+            k, rep = piece.pop()
+            if self.whole_by_class:
+                onehot = None if isinstance(rep, Outer) else self.group.onehot_as(_dtype(rep))
+                layout = self.group.layouts.get((start, stop))
+                for _, _, block in _blocks(rep, max(1, CLASS_BLOCK // len(self.group.values)), factored=False):
+                    self.class_norms += _class_norm(block, onehot, layout)
+            elif part is not None:
+                self._class_sums(k, rep, part)
+            self._moments(k, rep, n)
+
+    def _class_sums(self, k: int, rep: Rep, part: _Part) -> None:
+        """Add the chunk's Σ_{i∈c} g_i of parameter k to the class carried in, square those of the
+        classes that end in this chunk into their norms and carry the last one if it goes on."""
+        where = self.slices[k]
+        if self.carry is None and (part.carried_in or part.continues):
+            self.carry = torch.empty_like(self.mean)
+        carry = None if self.carry is None else self.carry[where]
+        onehot = None if isinstance(rep, Outer) else part.onehot[_dtype(rep)]
+        done = part.classes - part.continues
+        for a, b, block in _blocks(rep, max(1, CLASS_BLOCK // part.classes)):
+            sums = _class_sum(block, onehot, part.layout)
+            if part.carried_in:
+                sums[0] += carry[a:b]
+            if done:
+                self.class_norms[part.lo:part.lo + done] += sums[:done].square().sum(dim=1)
+            if part.continues:
+                carry[a:b] = sums[-1]
+
+    def _moments(self, k: int, rep: Rep, n: int) -> None:
+        """Merge the chunk's mean and centred sum of squares of parameter k into the running ones."""
+        where = self.slices[k]
+        mean, centred = self.mean[where], self.centred[where]
+        writable = isinstance(rep, Tensor) and rep.is_contiguous()
+        for a, b, block in _blocks(rep, BLOCK, factored=False):
+            if self.count == 0:
+                _moments(block, n, mean[a:b], centred[a:b], writable)
+                continue
+            if self.scratch is None or self.scratch.shape[1] < b - a:  # or a factored layer larger than a block
+                self.scratch = None
+                self.scratch = torch.empty(2, max(b - a, self.block), dtype=self.mean.dtype, device=self.mean.device)
+            chunk_mean, chunk_centred = self.scratch[0, :b - a], self.scratch[1, :b - a]
+            _moments(block, n, chunk_mean, chunk_centred, writable)
+            total = self.count + n
+            difference = chunk_mean.sub_(mean[a:b])
+            centred[a:b].add_(chunk_centred).addcmul_(difference, difference, value=self.count * n / total)
+            mean[a:b].add_(difference, alpha=n / total)
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(mean, centred sums, ‖g_i‖² in batch order, class norms or None, Gram or None)."""
+        sq_norms, class_norms = self.sq_norms, self.class_norms
+        if self.by_class:  # back from class order
+            sq_norms = torch.empty_like(sq_norms).index_copy_(0, self.group.order, sq_norms)
+        if self.group is not None and self.gram is not None:
+            onehot = self.group.onehot_as(torch.float64)
+            class_norms = ((onehot.T @ self.gram) * onehot.T).sum(dim=1)
+        return self.mean, self.centred, sq_norms, class_norms, self.gram
+
+
+def _blocks(rep: Rep, width: int, factored: bool = True) -> Iterator[tuple[int, int, Rep]]:
+    """(start, stop, the representation of entries start:stop) of a parameter's flattened entries
+    in blocks of about ``width``: column blocks of a dense (n, P_k) chunk, blocks of whole rows
+    of a factored layer's (out, in) grid (whole when not ``factored``: its float32 resummation
+    decides per layer)."""
+    if isinstance(rep, Outer):
+        rows, columns = rep.delta.shape[1], rep.inputs.shape[1]
+        step = rows if not factored else max(1, width // columns)
+        for r in range(0, rows, step):
+            stop = min(r + step, rows)
+            block = rep if step >= rows else Outer(rep.delta[:, r:stop], rep.inputs, rep.bias)
+            yield r * columns, stop * columns, block
+        return
+    matrix = rep.delta if isinstance(rep, BiasOf) else rep
+    size = matrix.shape[1]
+    if size <= width:
+        yield 0, size, rep
+        return
+    for a in range(0, size, width):
+        b = min(a + width, size)
+        yield a, b, BiasOf(matrix[:, a:b]) if isinstance(rep, BiasOf) else matrix[:, a:b]
 
 
 def _dtype(rep: Rep) -> torch.dtype:
@@ -844,21 +1260,19 @@ def _class_norm(rep: Rep, onehot: Tensor | None, layout: tuple[Tensor, Any] | No
     return torch.stack(out)
 
 
-def _moments(rep: Rep, n: int, mean: Tensor, centred: Tensor) -> None:
+def _moments(rep: Rep, n: int, mean: Tensor, centred: Tensor, writable: bool) -> None:
     """Write the chunk's mean and centred sum of squares Σ_i (g_i − mean)² of one parameter tensor
-    into the float64 vectors ``mean`` and ``centred`` (P_k entries each). A dense chunk is
-    centred in place (vmap may return expanded zeros, which are copied); torch.var_mean is several
-    times slower on the CPU for reductions over dim 0."""
+    (or a block of its entries) into the float64 vectors ``mean`` and ``centred``. A dense chunk
+    is centred in place when ``writable`` (vmap may return expanded zeros, which are copied, and
+    a bias's δ is shared with its weight's factors); torch.var_mean is several times slower on
+    the CPU for reductions over dim 0."""
     if isinstance(rep, Outer):
         _factored_moments(rep, n, mean, centred)
         return
     if isinstance(rep, BiasOf):
-        rep = rep.delta
-        chunk_mean = rep.mean(dim=0)
-        deviations = rep - chunk_mean  # δ is shared with the weight's Outer
-    else:
-        chunk_mean = rep.mean(dim=0)
-        deviations = rep.sub_(chunk_mean) if rep.is_contiguous() else rep - chunk_mean
+        rep, writable = rep.delta, False
+    chunk_mean = rep.mean(dim=0)
+    deviations = rep.sub_(chunk_mean) if writable else rep - chunk_mean
     mean.copy_(chunk_mean)
     centred.copy_(deviations.square_().sum(dim=0))
 
@@ -1053,23 +1467,32 @@ def gradient_coherence(
     The per-example gradients g_i = ∇ℓ_i come from layer hooks (below) or ``torch.func``
     (``vmap`` of ``grad``) in chunks of ``chunk_size`` examples. ``chunk_size="auto"`` (the
     default) takes the largest chunk, up to the whole batch, whose per-example gradients fit a
-    memory budget: chunk × (the parameters by vmap × their element size + an estimate per hooked
-    layer of its input and output gradient) bytes, against a quarter of the free GPU memory
-    (``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve), at most 2 GiB, on
-    CUDA, and on the CPU 256 MiB with stiffness and 64 MiB without it (a working set the caches
-    can hold: the chunks are faster); halved when stiffness needs two chunks at once; the batch
-    is then cut into chunks of equal size. The chunk's
-    activations are not counted: pass an integer for models whose activations dwarf their
-    parameters. Few chunks matter on a GPU, where each chunk costs a fixed number of kernel
-    launches. Each chunk is reduced per parameter tensor in the
-    parameters' dtype (mean, centred sum of squares Σ (g_i − chunk mean)², the norms ‖g_i‖²) and merged into float64 running sums across chunks (Chan et al.'s parallel update),
-    so a float64 model is measured in float64 throughout. Peak memory grows with the chunk
-    (chunk_size × P numbers for P parameters, plus temporaries of the largest parameter tensor),
-    never with m. Per-class m-coherence keeps one
-    float64 sum per class present (C × P). Stiffness needs the m × m Gram matrix g_i·g_j, built
-    block by block: two chunks are held at a time and each pair of chunks is visited once, which
-    recomputes later chunks (n(n−1)/2 extra chunk passes for n = ⌈m/chunk_size⌉; none when
-    chunk_size ≥ m).
+    budget for speed: chunk × (the parameters by vmap × their element size + an estimate per
+    hooked layer of its input and output gradient) bytes, against a quarter of the free GPU
+    memory (``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve), at most
+    2 GiB, on CUDA, and on the CPU 256 MiB with stiffness and 64 MiB without it (a working set
+    the caches can hold: the chunks are faster); halved when stiffness needs two chunks at once;
+    the batch is then cut into chunks of equal size. Few chunks matter on a GPU, where each chunk
+    costs a fixed number of kernel launches.
+
+    Memory: with ``memory`` given, the chunk (an explicit ``chunk_size`` too) is at most the
+    largest whose predicted peak fits it (:func:`memory_model`: a fixed part plus a part per
+    example of the chunk, activations included; measured peaks were 0.6 to 0.9 of it), or
+    :class:`dynlens.budget.MemoryBudgetTooSmall` is raised before anything is allocated. The
+    fixed part is 16 bytes per parameter entry (the float64 running mean and centred sum of
+    squares; 24 with per-class statistics over several chunks) plus a block of scratch: each
+    chunk is reduced per parameter tensor, in blocks of at most ``BLOCK`` entries, in the
+    parameters' dtype (mean, centred sum of squares Σ (g_i − chunk mean)², the norms ‖g_i‖²) and
+    merged into the float64 running sums (Chan et al.'s parallel update), so a float64 model is
+    measured in float64 throughout. Per example: one pass's activations and the per-example
+    gradients of the largest hooked layer (the layers' gradients are formed and reduced one
+    layer at a time, and the parameters vmap takes after the hooked pass has freed its tensors),
+    or by vmap those of all its parameters. Per-class m-coherence over several chunks measures
+    the batch sorted by class (the results are in batch order), so that one class's float64 sum
+    Σ_{i∈c} g_i at a time is carried from a chunk into the next. Stiffness needs the m × m Gram
+    matrix g_i·g_j, built block by block: two chunks' gradients are held at a time and each pair
+    of chunks is visited once, which recomputes later chunks (n(n−1)/2 extra chunk passes for
+    n = ⌈m/chunk_size⌉; none when chunk_size ≥ m).
 
     Cost: one forward and backward pass over the batch, vectorised (plus the stiffness passes).
     The chunks are reduced on the device without waiting on it; the results come to the host
@@ -1123,8 +1546,10 @@ def gradient_coherence(
         batch: ``(inputs, targets)``.
         chunk_size: examples per vmap call (memory ∝ chunk_size), or "auto" (above).
         stiffness: compute the stiffness matrix (the only statistic needing pairs of examples).
-        memory: bytes the measurement may allocate (None: the rule above); with
-            ``chunk_size="auto"`` the per-example gradients of a chunk take at most half of it.
+        memory: bytes the measurement may allocate beyond what is in use when it starts (None:
+            no limit): the chunks are cut to fit it, or MemoryBudgetTooSmall is raised when one
+            example does not (Memory, above). Sizing the chunks costs a forward pass of one
+            example.
         mode: "eval" (default: BatchNorm running statistics, no dropout) or "train" (dropout with
             a fixed seed). Train mode with BatchNorm raises ValueError: with batch statistics an
             example's loss depends on the whole batch, so per-example gradients are ill-defined.

@@ -22,6 +22,7 @@ evaluates each example on its own (no layer mixing examples) is the caller's to 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from dynlens.convgrad import weight_gradient
 
-__all__ = ["Outer", "BiasOf", "HookedLayer", "hookable_layers"]
+__all__ = ["Outer", "BiasOf", "HookedLayer", "LayerMemory", "hookable_layers"]
 
 
 @dataclass
@@ -146,6 +147,53 @@ class HookedLayer:
         # a convolution: the weight's gradient plus a rough input and output gradient size
         return (module.weight.numel() + (module.in_channels + module.out_channels) * 1024) * size
 
+    def memory(self, inputs: tuple[int, ...], outputs: tuple[int, ...], itemsize: int,
+               device: torch.device) -> LayerMemory:
+        """Bytes per example of this layer's rule on ``device`` (:class:`LayerMemory`), from the
+        shapes of one example's input and output (batch dimension included), entries of
+        ``itemsize`` bytes."""
+        n_in, n_out = math.prod(inputs[1:]), math.prod(outputs[1:])
+        module = self.module
+        params = sum(getattr(module, attr).numel() for attr, name in (("weight", self.weight), ("bias", self.bias))
+                     if name is not None)
+        if self.kind == "batchnorm":
+            return LayerMemory((n_out + n_in) * itemsize, 0, (params + n_out) * itemsize, params * itemsize)
+        if self.kind == "linear" and len(inputs) == 2:
+            return LayerMemory(n_out * itemsize, n_in * itemsize, 0, (n_in + n_out) * itemsize)
+        working = params
+        if self.kind == "conv" and self.weight is not None:
+            if _conv_rule(module, device) == "grouped":
+                # measured on the CPU (oneDNN): the weight gradients three times over, in blocked
+                # layouts and reordered, besides copies of the folded input and output gradient
+                working += 2 * module.weight.numel() + n_in + n_out
+            else:  # the patches, and the input padded
+                padded = math.prod(size + 2 * pad for size, pad in zip(inputs[2:], module.padding, strict=True))
+                working += (module.in_channels * math.prod(module.kernel_size) * math.prod(outputs[2:])
+                            + inputs[1] * padded)
+        return LayerMemory(n_out * itemsize, n_in * itemsize, working * itemsize, params * itemsize)
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes per example that a hooked layer's rule holds (:meth:`HookedLayer.memory`).
+
+    Attributes:
+        held: from the backward pass until the layer's turn, beyond the activations: its output
+            gradient δ_i (and BatchNorm's normalised input x̂_i, made in the forward pass).
+        saved: its input, an activation the rule keeps after the backward pass has freed the
+            others (none for BatchNorm, which keeps x̂_i instead).
+        working: while its gradients are formed and reduced: the dense per-example gradients and
+            a convolution's patches (the unfold rule's copy; the grouped rule's kernel is counted
+            alike) or BatchNorm's δ_i x̂_i; nothing for a factored linear layer.
+        kept: its representation, what a chunk held for stiffness keeps: the dense gradients, or a
+            factored layer's input and output gradient.
+    """
+
+    held: int
+    saved: int
+    working: int
+    kept: int
+
 
 # How a convolution's per-example weight gradients are computed: "grouped" (one grouped
 # convolution, the batch folded into the channels) or "unfold" (the input patches as a strided
@@ -158,13 +206,17 @@ CONV_RULE = "auto"
 PATCH_CHANNELS = 3
 
 
+def _conv_rule(module: nn.Module, device: torch.device) -> str:
+    """The rule ``CONV_RULE`` resolves to for this convolution on ``device``."""
+    if CONV_RULE != "auto":
+        return CONV_RULE
+    few = module.in_channels // module.groups <= PATCH_CHANNELS
+    return "unfold" if device.type != "cpu" or few else "grouped"
+
+
 def _conv_weight_grads(module: nn.Module, x: Tensor, delta: Tensor, n: int) -> Tensor:
     """(n, weight.numel()): each example's weight gradient of a Conv1d/Conv2d (see ``CONV_RULE``)."""
-    rule = CONV_RULE
-    if rule == "auto":
-        few = module.in_channels // module.groups <= PATCH_CHANNELS
-        rule = "unfold" if x.device.type != "cpu" or few else "grouped"
-    if rule == "grouped":
+    if _conv_rule(module, x.device) == "grouped":
         return _grouped_weight_grads(module, x, delta, n)
     return _unfolded_weight_grads(module, x, delta, n)
 

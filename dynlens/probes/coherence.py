@@ -37,9 +37,13 @@ class Coherence(Probe):
     Args:
         every / at / schedule / mode: see :class:`dynlens.Probe` (mode="train" with BatchNorm
             is refused: per-example gradients are ill-defined with batch statistics).
-        chunk_size: examples per vmap call (peak memory ∝ chunk_size × parameters), or "auto"
-            (default): the largest chunk up to the probe batch whose per-example gradients fit
-            a memory budget (see :func:`dynlens.gradient_coherence`).
+        chunk_size: examples per pass, or "auto" (default): the largest chunk up to the probe
+            batch whose per-example gradients fit a budget for speed (see
+            :func:`dynlens.gradient_coherence`). Either way at most the chunk whose predicted
+            peak fits the measurement's memory allowance (``ctx.memory``; about 16 bytes per
+            parameter, 24 with classes, plus a pass's activations and gradients per example);
+            when not even one example fits, the measurement waits
+            (:class:`dynlens.budget.MemoryBudgetTooSmall`).
         stiffness: compute the stiffness statistics (the m×m Gram matrix).
         stiffness_every: with stiffness, compute it at every this many measurements (the first
             included), and only when its predicted cost fits the time budget's allowance

@@ -164,3 +164,39 @@ def test_every_coherence_figure_draws_one_run_and_an_overlay_of_two(tmp_path):
             fig = fn(runs, findings=[])
             assert fig is not None and fig.axes, fn.__name__
     assert plot_stiffness(paths[0], steps=[2]).axes[0].get_title() == "step 2"
+
+
+def test_the_probe_fits_its_chunks_to_the_memory_it_is_allowed_and_refuses_less_than_one_example():
+    from dynlens.budget import MemoryBudgetTooSmall
+    from dynlens.functional import ModelFunction, isolated
+    from dynlens.measures.coherence import memory_model
+    from dynlens.probes.base import Context
+
+    model, x, y = setup()
+    batch, loss_fn = (x[:16], y[:16]), nn.CrossEntropyLoss()
+    with isolated(model):
+        plan = memory_model(ModelFunction(model, loss_fn, batch), stiffness=False)
+
+    def measure(memory):
+        ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=0,
+                      allowance=-1.0, memory=memory)  # no time for stiffness
+        with isolated(model):
+            return dl.probes.Coherence().measure(ctx)
+
+    values = measure(plan.peak(4, 16))
+    expected = dl.gradient_coherence(model, loss_fn, batch, stiffness=False)
+    np.testing.assert_allclose(values["m_coherence"], expected.m_coherence, rtol=1e-5)
+    np.testing.assert_allclose(values["per_class"], [expected.per_class[int(c)] for c in values["classes"]],
+                               rtol=1e-5)
+    with pytest.raises(MemoryBudgetTooSmall, match="needs about"):
+        measure(plan.peak(1, 16) - 1)
+
+
+def test_a_lens_whose_memory_budget_holds_no_example_defers_the_probe_with_a_note(tmp_path):
+    model, x, y = setup()
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x[:16], y[:16]), run_dir=tmp_path / "run",
+                 probes=[dl.probes.Coherence(every=1)], basic=False, budget=None, memory_budget=1024) as lens:
+        train(model, x, y, 2, lens)
+    run = dl.load_run(tmp_path / "run")
+    assert run.series("coherence", "m_coherence").empty
+    assert run.events()["message"].str.contains("coherence waits for memory").any()
