@@ -93,7 +93,7 @@ def train_step(model, loss_fn, optimizer, batch, device: str):
 
 
 def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir: str,
-        budget: float | None = 0.05, probes: str = "default") -> dict[str, Any]:
+        budget: float | None = 0.05, probes: str = "default", precision_check: bool = True) -> dict[str, Any]:
     model, loss_fn, optimizer, data = build(job, device, smoke)
     for i in range(3):  # warm-up (cuDNN, allocator) on a throwaway copy of the state
         train_step(model, loss_fn, optimizer, data[i], device)
@@ -169,7 +169,7 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
             # the same measurement with TF32 products (Hessian(precision="tf32")): its error
             from dynlens.probes.base import Context
 
-            for precision in ("float32", "tf32"):
+            for precision in ("float32", "tf32") if precision_check else ():
                 ctx = Context(model=model, loss_fn=loss_fn, probe_batch=data[0], optimizer=None, step=0,
                               memory=lens.memory.allowance())
                 probe = dl.probes.Hessian(precision=precision, tol=1e-6, lambda_min=False, trace=False,
@@ -244,6 +244,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the job's steps")
     parser.add_argument("--budget", default="0.05", help="the Lens's time budget ('none': exact schedules)")
     parser.add_argument("--probes", default="default", help="'default', or names of default probes")
+    parser.add_argument("--no-precision-check", action="store_true",
+                        help="skip measuring λ_max again with float32 and TF32 products at the end")
+    parser.add_argument("--basic-steps", type=int, default=200, help="steps of a lens.step() overhead block")
+    parser.add_argument("--basic-rounds", type=int, default=5, help="rounds of lens.step() overhead blocks")
     parser.add_argument("--skip-basic", action="store_true", help="skip the lens.step() overhead blocks")
     parser.add_argument("--trace-imports", action="store_true",
                         help="print the stack that first imports torch._dynamo (seconds on first use)")
@@ -271,10 +275,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"))
             watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget,
-                          args.probes)
+                          args.probes, not args.no_precision_check)
             basic = None if args.skip_basic else lens_step_overhead(
-                job, args.device, args.smoke, 20 if args.smoke else 200, 2 if args.smoke else 5,
-                os.path.join(tmp, "basic"))
+                job, args.device, args.smoke, 20 if args.smoke else args.basic_steps,
+                2 if args.smoke else args.basic_rounds, os.path.join(tmp, "basic"))
         step_seconds = plain["seconds"] / steps
         summary = {
             "steps": steps, "step_ms": step_seconds * 1e3,
