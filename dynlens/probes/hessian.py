@@ -67,18 +67,21 @@ def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, f
 # The memory of a Hessian-vector product through a first-order graph built for it, measured on
 # an H200 (benchmarks/results/explore_memory_h200.json): per example about 3.3 (ResNet-18) to
 # 4.2 (GPT-2-sized decoder) times the activations a gradient saves, plus about 3 vectors of P.
-# The probe also holds the running sum over sub-batches, the Lanczos vector and the gradient.
+# The probe also holds the running sum over sub-batches, the Lanczos vector and the gradient;
+# a preconditioned operator (Adam) three more: S^{1/2}, and S^{1/2}v and H S^{1/2}v in flight
+# (without them the decoder's measurement reached 6.96 GiB against an allowance of 5.4).
 ACTIVATION_FACTOR = 4.5
 FIXED_VECTORS = 6
+PRECONDITIONED_VECTORS = 3
 
 
 def hvp_chunk_size(num_params: int, itemsize: int, activation_bytes: int, examples: int,
-                   memory: int | None) -> tuple[int | None, int | None]:
+                   memory: int | None, vectors: int = FIXED_VECTORS) -> tuple[int | None, int | None]:
     """``(chunk_size, basis_memory)``: the most examples per sub-batch whose Hessian-vector
     product fits ``memory`` bytes (None: the whole batch fits, or there is no limit), cut into
     sub-batches of equal size, and the bytes left for the Lanczos basis on the device.
 
-    The model: a product over b examples takes ``FIXED_VECTORS`` vectors of P entries plus
+    The model: a product over b examples takes ``vectors`` vectors of P entries plus
     ``ACTIVATION_FACTOR`` × b × ``activation_bytes`` (the activations a gradient of one example
     saves, :meth:`dynlens.functional.ModelFunction.activation_bytes`).
 
@@ -87,7 +90,7 @@ def hvp_chunk_size(num_params: int, itemsize: int, activation_bytes: int, exampl
     """
     if memory is None:
         return None, None
-    fixed = FIXED_VECTORS * num_params * itemsize
+    fixed = vectors * num_params * itemsize
     per_example = ACTIVATION_FACTOR * max(activation_bytes, 1)
     fits = int((memory - fixed) // per_example)
     if fits < 1:
@@ -231,7 +234,7 @@ class Hessian(Probe):
     def _generator(self, offset: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed + offset)
 
-    def _sizes(self, fn: Any, memory: int | None) -> tuple[int | None, int | None]:
+    def _sizes(self, fn: Any, memory: int | None, preconditioned: bool) -> tuple[int | None, int | None]:
         if self.chunk_size != "auto":
             return self.chunk_size, None
         if memory is None:
@@ -239,7 +242,8 @@ class Hessian(Probe):
         if self._activation_bytes is None:
             self._activation_bytes = fn.activation_bytes(1)
         itemsize = next(iter(fn.params.values())).element_size()
-        return hvp_chunk_size(fn.num_params, itemsize, self._activation_bytes, fn.size, memory)
+        vectors = FIXED_VECTORS + (PRECONDITIONED_VECTORS if preconditioned else 0)
+        return hvp_chunk_size(fn.num_params, itemsize, self._activation_bytes, fn.size, memory, vectors)
 
     def _top(self, key: str, op: LinearOperator, gradient: Tensor | None, k: int,
              basis_memory: int | None, offset: int, values: dict[str, Any]) -> Any:
@@ -273,20 +277,20 @@ class Hessian(Probe):
     def _measure(self, ctx: Context) -> Values:
         began = time.perf_counter()
         fn = ctx.fn
-        chunk, basis_memory = self._sizes(fn, ctx.memory)
+        rule = stability_threshold(ctx.optimizer)
+        scales = step_scales(ctx.optimizer, ctx.model, list(fn.params)) if rule is not None else None
+        chunk, basis_memory = self._sizes(fn, ctx.memory, scales is not None)
         # under a memory limit, one column a product: a batched product of c columns holds c
         # times the activations (the trace's 16 columns took 45 GiB on the decoder)
         columns = 16 if ctx.memory is None else 1
         op, gradient = curvature_operator(fn, "hessian", self.hvp, None, max_columns=columns, chunk_size=chunk)
         k = min(self.k, op.size)
         values: dict[str, Any] = {"chunk_size": float(chunk or fn.size)}
-        rule = stability_threshold(ctx.optimizer)
         lr = float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer is not None else math.nan
         scaled = None  # S^{1/2} H S^{1/2}, S the optimizer's steps relative to group 0's (step_scales)
         if rule is not None:
             kind, threshold = rule
             values["threshold"] = threshold
-            scales = step_scales(ctx.optimizer, ctx.model, list(fn.params))
             if scales is not None:
                 # on the same first-order graph: no second graph is built
                 root = flatten([scales[n] for n in fn.params]).to(op.device, op.dtype).sqrt()

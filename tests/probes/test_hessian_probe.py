@@ -192,6 +192,10 @@ def test_hvp_chunk_size_fits_the_memory_model_and_refuses_what_cannot_fit() -> N
     assert hvp_chunk_size(1000, 4, 100, 32, 10**9)[0] is None  # the whole batch fits
     with pytest.raises(MemoryBudgetTooSmall, match="needs about"):
         hvp_chunk_size(1000, 4, 100, 32, fixed)
+    # a preconditioned operator's three vectors more: the same memory holds 10 examples, not 32
+    memory = int((FIXED_VECTORS + 3) * vector + ACTIVATION_FACTOR * 100 * 10)
+    assert hvp_chunk_size(1000, 4, 100, 32, memory)[0] is None
+    assert hvp_chunk_size(1000, 4, 100, 32, memory, FIXED_VECTORS + 3)[0] == 8
 
 
 def test_probe_does_not_change_the_training_trajectory(tmp_path) -> None:  # noqa: ANN001
