@@ -81,12 +81,13 @@ def measure(make, shape, steps: int, repeats: int) -> dict:
     return {"step_ms": p * 1e3, "step_with_lens_ms": w * 1e3, "overhead": w / p - 1}
 
 
-def budget_run(steps: int) -> dict:
-    """Total wall time of ``steps`` MLP steps with every probe at the default budget, over without."""
+def budget_run(steps: int, repeats: int = 3) -> dict:
+    """Total wall time of ``steps`` MLP steps with every probe at the default budget, over without
+    (runs alternating, ``repeats`` pairs, medians: this VM's speed drifts by tens of percent)."""
     loss_fn = nn.CrossEntropyLoss()
-    times = {}
+    times: dict[bool, list[float]] = {False: [], True: []}
     costs = None
-    for with_lens in (False, True):
+    for with_lens in (False, True) * repeats:
         torch.manual_seed(0)
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
         model = mlp()
@@ -98,9 +99,10 @@ def budget_run(steps: int) -> dict:
             if lens is not None:
                 lens.close()
                 costs = lens.costs()
-            times[with_lens] = time.perf_counter() - start
+            times[with_lens].append(time.perf_counter() - start)
+    plain, watched = statistics.median(times[False]), statistics.median(times[True])
     return {"steps": steps, "seconds": times[False], "seconds_with_lens": times[True],
-            "overhead": times[True] / times[False] - 1,
+            "overhead": watched / plain - 1,
             "costs": costs[["probe", "measurements", "seconds", "share", "deferred"]].to_dict("records")}
 
 

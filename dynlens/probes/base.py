@@ -36,7 +36,8 @@ class Context:
         probe_batch: the fixed ``(inputs, targets)`` measured on, on the model's device.
         optimizer: the training optimizer, or None.
         step: optimizer steps taken so far (0 = the initial state).
-        loss: the training loss passed to ``lens.step(loss=...)``, or None.
+        loss: the training loss passed to ``lens.step(loss=...)``, or None (also for a loss on
+            the GPU at a step where only the basic probes run: reading it would wait for the GPU).
         seed: the seed of dropout in ``mode="train"`` measurements.
         group: the ``torch.distributed`` process group of a distributed run, else None.
         layers: the layer (module) names of the trainable parameters, in the order per-layer
