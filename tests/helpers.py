@@ -109,11 +109,13 @@ def tiny_problem(seed: int = 0):
 
 
 def sgd_steps(model, loss_fn, batch, optimizer, lens, steps: int) -> None:
-    """``steps`` full-batch optimizer steps on ``batch``, each followed by ``lens.step(loss=...)``."""
+    """``steps`` full-batch optimizer steps on ``batch``, each followed by ``lens.step(loss=...)``
+    (no Lens: ``lens=None``)."""
     x, y = batch
     for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        lens.step(loss=loss)
+        if lens is not None:
+            lens.step(loss=loss)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import sgd_steps, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
@@ -31,14 +31,7 @@ def _setup(seed: int = 0) -> tuple[nn.Module, tuple]:
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, steps: int, lens=None) -> None:  # noqa: ANN001
-    x, y = batch
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = LOSS(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if lens is not None:
-            lens.step(loss=loss)
+    sgd_steps(model, LOSS, batch, optimizer, lens, steps)
 
 
 @pytest.mark.parametrize(("make", "expected"), [
