@@ -330,14 +330,14 @@ class Lens:
         self._failures = {p.name: 0 for p in self.probes}
         self._disabled: set[str] = set()
         self._last_measured = {p.name: -1 for p in self.probes}
-        self._waiting: dict[str, int] = {}  # probe -> the step it fell due, while it waits
+        # probe -> the step it fell due, while it waits: every probe at step 0
+        self._waiting: dict[str, int] = {p.name: 0 for p in self.probes}
         self._memory_wait: dict[str, int] = {}  # probe -> the allowance (bytes) it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
-        ctx = self._context(loss=None)
+        ctx = self._context()
         for probe in self.probes:
             self._guarded(probe, "setup", lambda p=probe: p.setup(ctx))
-        self._waiting = {p.name: 0 for p in self.probes}
         self._run_due(ctx, initial=True)
         self._prepare_next(ctx)
         self.writer.commit()
@@ -407,11 +407,12 @@ class Lens:
 
     # ------------------------------------------------------------------ the step
 
-    def _context(self, loss: Tensor | float | None) -> Context:
+    def _context(self) -> Context:
+        """The context of the current step; its ``loss`` is set when a timed probe runs
+        (reading a GPU loss waits for the device)."""
         return Context(
             model=self.model, loss_fn=self.loss_fn, probe_batch=self.probe_batch,
-            optimizer=self.optimizer, step=self.step_count,
-            loss=float(loss) if loss is not None else None, seed=self.seed,
+            optimizer=self.optimizer, step=self.step_count, seed=self.seed,
             layers=self.layers, layer_index=self.layer_index,
         )
 
@@ -443,7 +444,7 @@ class Lens:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
         if self._waiting:
-            self._run_due(self._context(None), loss=value)
+            self._run_due(self._context(), loss=value)
         self._prepare_next()
         self.writer.commit()
 
@@ -453,7 +454,7 @@ class Lens:
             if type(probe).prepare is Probe.prepare:
                 continue  # nothing to prepare: no isolation entered on every step a probe waits
             if probe.name not in self._disabled and (probe.name in self._waiting or probe.due(nxt)):
-                ctx = ctx or self._context(None)
+                ctx = ctx or self._context()
                 self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
 
     def _exempt(self, probe: Probe) -> bool:
@@ -693,7 +694,7 @@ class Lens:
                 for probe in self.probes:
                     if self._last_measured[probe.name] != self.step_count:
                         self._waiting.setdefault(probe.name, self.step_count)
-                self._run_due(self._context(None))
+                self._run_due(self._context())
             self._device_scalars.collect(block=True)
             self.writer.set_meta({"costs": self._cost_record()})
             self.writer.set_meta({"status": status, "steps": self.step_count,

@@ -403,8 +403,8 @@ class _GraphedProducts:
             parts = list(unflatten(vector, fn.params).values())
             products = torch.autograd.grad([grads[i] for i in used], leaf_list, [parts[i] for i in used],
                                            allow_unused=True)
-        return torch.cat([(torch.zeros_like(t) if h is None else h).reshape(-1)
-                          for t, h in zip(leaf_list, products, strict=True)]), None
+        return flatten([torch.zeros_like(t) if h is None else h
+                        for t, h in zip(leaf_list, products, strict=True)]), None
 
 
 def _sub_batched_products(

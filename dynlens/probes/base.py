@@ -8,9 +8,11 @@ anything it raises.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -95,7 +97,8 @@ class Occasional:
     (``ctx.allowance``; without a time budget, always). A part that did not fit stays due, and is
     taken at the next measurement that can afford it.
 
-    Call :meth:`tick` once per measurement, then :meth:`wanted`; :meth:`ran` after taking it.
+    Call :meth:`tick` once per measurement, then :meth:`wanted`; take the part inside
+    :meth:`timed` (or call :meth:`ran` with its seconds).
     """
 
     def __init__(self, every: int) -> None:
@@ -125,6 +128,13 @@ class Occasional:
         """Record that the part ran at this measurement and took ``seconds``."""
         self.last = self.count
         self.seconds = seconds
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Take the part inside: records that it ran, and its wall time, when the body returns."""
+        start = time.perf_counter()
+        yield
+        self.ran(time.perf_counter() - start)
 
 
 class Probe:

@@ -19,6 +19,7 @@ are group 0's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, ClassVar, Literal
@@ -302,9 +303,12 @@ class Hessian(Probe):
                 values["sharpness_ratio"] = float(pre.values[0]) / threshold
         allowance = ctx.allowance
 
+        def products() -> int:
+            # scaled's matvec calls op's function directly: its products are not in op.matvecs
+            return op.matvecs + (scaled.matvecs if scaled is not None else 0)
+
         def per_product() -> float:
-            products = op.matvecs + (scaled.matvecs if scaled is not None else 0)
-            return (time.perf_counter() - began) / max(products, 1)
+            return (time.perf_counter() - began) / max(products(), 1)
 
         def wanted(name: str, enabled: bool, products: int) -> bool:
             part = self._extras[name]
@@ -314,8 +318,8 @@ class Hessian(Probe):
         # λ_max of H itself: where the compared sharpness is the preconditioned one (Adam, or
         # groups with other rates), it is an optional part like λ_min; otherwise it is the measurement
         if scaled is None or wanted("sharpness", True, 2 * k + 4):
-            part_start = time.perf_counter()
-            top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
+            with self._extras["sharpness"].timed() if scaled is not None else contextlib.nullcontext():
+                top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
             values["sharpness"] = float(top.values[0])
             for i in range(1, k):
                 values[f"lambda_{i + 1}"] = float(top.values[i])
@@ -323,36 +327,30 @@ class Hessian(Probe):
             values["residual_max"] = float(relative.max())
             if scaled is None and rule is not None and rule[0] != "adam":
                 values["sharpness_ratio"] = values["sharpness"] / rule[1]
-            if scaled is not None:
-                self._extras["sharpness"].ran(time.perf_counter() - part_start)
         del gradient
         if wanted("lambda_min", self.lambda_min, self.max_iters or MIN_ITERS_CAP):
             # the bottom of the spectrum sits next to the dense bulk near 0 and converges slowly;
             # a capped run gives an upper bound on λ_min that is good enough to spot a saddle
-            part_start = time.perf_counter()
-            bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
-                                   max_iters=self.max_iters or MIN_ITERS_CAP, generator=self._generator(1),
-                                   memory=basis_memory)
+            with self._extras["lambda_min"].timed():
+                bottom = lanczos_eigsh(op, k=1, which="bottom", tol=self.tol_min,
+                                       max_iters=self.max_iters or MIN_ITERS_CAP,
+                                       generator=self._generator(1), memory=basis_memory)
             values["lambda_min"] = float(bottom.values[0])
-            self._extras["lambda_min"].ran(time.perf_counter() - part_start)
         if wanted("trace", self.trace, self.trace_samples * (2 if scaled is not None else 1)):
-            part_start = time.perf_counter()
-            estimate = hutch_plus_plus(op, samples=self.trace_samples, generator=self._generator(3))
+            with self._extras["trace"].timed():
+                estimate = hutch_plus_plus(op, samples=self.trace_samples, generator=self._generator(3))
+                if isinstance(ctx.optimizer, torch.optim.SGD):
+                    # η₀·tr(SH)/2: with one learning rate tr(H) itself, else a trace of its own
+                    weighted = estimate if scaled is None else hutch_plus_plus(
+                        scaled, samples=self.trace_samples, generator=self._generator(3))
+                    values["sgd_trace_ratio"] = lr * weighted.value / 2
             values["trace"] = estimate.value
             values["trace_stderr"] = estimate.stderr
-            if isinstance(ctx.optimizer, torch.optim.SGD):
-                # η₀·tr(SH)/2: with one learning rate tr(H) itself, else a trace of its own
-                weighted = estimate if scaled is None else hutch_plus_plus(
-                    scaled, samples=self.trace_samples, generator=self._generator(3))
-                values["sgd_trace_ratio"] = lr * weighted.value / 2
-            self._extras["trace"].ran(time.perf_counter() - part_start)
-        extra_hvps = scaled.matvecs if scaled is not None else 0
         if wanted("density", self.density, self.density_runs * self.density_iters):
-            part_start = time.perf_counter()
-            density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),
-                          generator=self._generator(4))
+            with self._extras["density"].timed():
+                density = slq(op, runs=self.density_runs, iters=min(self.density_iters, op.size),
+                              generator=self._generator(4))
             values["density_nodes"] = density.nodes.numpy().astype(np.float64)
             values["density_weights"] = density.weights.numpy().astype(np.float64)
-            self._extras["density"].ran(time.perf_counter() - part_start)
-        values["hvps"] = float(op.matvecs + extra_hvps)
+        values["hvps"] = float(products())
         return values
