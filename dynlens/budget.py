@@ -35,6 +35,8 @@ __all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "ProbeCost", "D
 DEFAULT_BUDGET = 0.05
 # memory_budget=None on a GPU: the probes may add this share of the training's own peak
 DEFAULT_MEMORY_SHARE = 0.5
+# the share of a GPU measurement's memory allowance kept back (MemoryBudget.allowance)
+MEMORY_MARGIN = 0.05
 
 
 class MemoryBudgetTooSmall(Exception):
@@ -106,14 +108,17 @@ class TimeBudget:
             return math.inf
         return (self.share * self.elapsed() - self.probe_seconds) / (1 - self.share)
 
-    def predicted(self, probe: str) -> float:
-        """The predicted seconds of the probe's next measurement (its last one; 0 if none yet)."""
+    def predicted(self, probe: str, predict: Callable[[float], float] | None = None) -> float:
+        """The predicted seconds of the probe's next measurement: its last one's, passed through
+        ``predict`` when given (:meth:`dynlens.Probe.predicted_seconds`); 0 if none yet."""
         cost = self.costs.get(probe)
-        return 0.0 if cost is None or cost.last_seconds is None else cost.last_seconds
+        if cost is None or cost.last_seconds is None:
+            return 0.0
+        return cost.last_seconds if predict is None else float(predict(cost.last_seconds))
 
-    def fits(self, probe: str) -> bool:
+    def fits(self, probe: str, predict: Callable[[float], float] | None = None) -> bool:
         """True if the probe's next measurement, as predicted, fits the budget now."""
-        return self.predicted(probe) <= self.allowance()
+        return self.predicted(probe, predict) <= self.allowance()
 
     def cost(self, probe: str) -> ProbeCost:
         """The probe's cost record (created empty on first use)."""
@@ -185,6 +190,7 @@ class MemoryBudget:
         self.budget = budget
         self.cuda = device.type == "cuda"
         self.training_peak = 0
+        self.retained = 0
         self._peak_after_probes = 0
         if self.cuda:
             # before any training step: what is in use, a gradient and one optimizer state
@@ -196,7 +202,21 @@ class MemoryBudget:
         if self.cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             if peak > self._peak_after_probes:
-                self.training_peak = max(self.training_peak, peak)
+                # the probes' own lasting state (retained) was held through training's peak too
+                self.training_peak = max(self.training_peak, peak - self.retained)
+
+    def in_use(self) -> int | None:
+        """The bytes allocated on the device now (None on the CPU): pass it to :meth:`retain`
+        after the Lens's own code has run."""
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def retain(self, before: int | None) -> None:
+        """Count what the Lens's code since ``before = in_use()`` kept allocated (the probes'
+        lasting state: a copy of the initial parameters, the previous ones, its buffers; less
+        what it gave back) as the probes', not training's: the training's peak is the process's
+        minus it, and the allowance leaves room for it."""
+        if self.cuda and before is not None:
+            self.retained = max(0, self.retained + torch.cuda.memory_allocated(self.device) - before)
 
     def note_probe_start(self) -> int | None:
         """Called before a measurement: updates the training's peak; returns the bytes in use."""
@@ -222,9 +242,13 @@ class MemoryBudget:
         extra = self.extra
         if extra is None:
             return None
-        in_use = torch.cuda.memory_allocated(self.device) if self.cuda else 0
-        ceiling = (self.training_peak if self.cuda else 0) + extra
-        return max(0, ceiling - in_use)
+        if not self.cuda:
+            return max(0, extra)
+        # the ceiling is the training's own peak plus the budget; what is in use includes the
+        # probes' retained state. A share is kept back for the allocator's rounding and the
+        # measurements' memory models (the Hessian's overshot its plan by 4% on a ResNet-18)
+        ceiling = self.training_peak + extra
+        return max(0, int((ceiling - torch.cuda.memory_allocated(self.device)) * (1 - MEMORY_MARGIN)))
 
     def extra_peak(self, in_use_before: int | None, peak_before: int | None) -> int | None:
         """The most a measurement that started with ``in_use_before`` bytes allocated took beyond

@@ -335,11 +335,13 @@ class Lens:
         self._memory_wait: dict[str, int] = {}  # probe -> the allowance (bytes) it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
+        before = self.memory.in_use()
         ctx = self._context()
         for probe in self.probes:
             self._guarded(probe, "setup", lambda p=probe: p.setup(ctx))
         self._run_due(ctx, initial=True)
         self._prepare_next(ctx)
+        self.memory.retain(before)
         self.writer.commit()
 
     # ------------------------------------------------------------------ construction helpers
@@ -443,9 +445,11 @@ class Lens:
         for probe in self.probes:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
+        before = self.memory.in_use()
         if self._waiting:
             self._run_due(self._context(), loss=value)
         self._prepare_next()
+        self.memory.retain(before)
         self.writer.commit()
 
     def _prepare_next(self, ctx: Context | None = None) -> None:
@@ -475,7 +479,7 @@ class Lens:
                 # nothing has changed since it could not fit: no sync, no retry before its
                 # schedule comes round again or training shows a higher peak
                 continue
-            elif initial or self._exempt(probe) or (not blocked and self.budget.fits(name)):
+            elif initial or self._exempt(probe) or (not blocked and self.budget.fits(name, probe.predicted_seconds)):
                 runnable.append(probe)
             else:
                 # were cheaper probes behind it let through, they would spend the budget as fast
@@ -494,7 +498,7 @@ class Lens:
         records: list[tuple[Probe, Any, float]] = []
         blocked = False
         for probe in runnable:
-            if self._exempt(probe) or initial or (not blocked and self.budget.fits(probe.name)):
+            if self._exempt(probe) or initial or (not blocked and self.budget.fits(probe.name, probe.predicted_seconds)):
                 del self._waiting[probe.name]
                 self._measure(probe, ctx, records)
             else:

@@ -295,3 +295,58 @@ def test_a_cpu_loss_tensor_is_stored_at_every_step(tmp_path):
             values.append(float(loss.detach()))
             lens.step(loss=loss)
     assert dl.load_run(tmp_path).series("train", "loss").tolist() == pytest.approx(values)
+
+
+class ColdThenWarm(Costly):
+    """The first measurement costs 10 s (a cold start), the later ones 1 s, and it says so."""
+
+    name = "cold"
+
+    def measure(self, ctx):
+        self.seconds = 10.0 if not self.steps else 1.0
+        return super().measure(ctx)
+
+    def predicted_seconds(self, last: float) -> float:
+        return last / 10 if len(self.steps) == 1 else last
+
+
+def test_a_probe_predicting_a_cheaper_next_measurement_is_scheduled_by_its_prediction(tmp_path, clock):
+    plain = Costly(clock, seconds=10.0, every=10)
+    predicting = ColdThenWarm(clock, seconds=10.0, every=10)
+    for probe in (plain, predicting):
+        lens = lens_with_clock(tmp_path / probe.name, [probe], clock, budget=0.05)
+        run_steps(lens, clock, 3000, 0.1)
+        lens.close()
+    # wall time at step n: 10 s (step 0) + 0.1 n. A 10 s measurement fits the 5% share once
+    # 0.05·wall − 10 ≥ 10·0.95, at n ≥ 3900: never in 3000 steps
+    assert plain.steps == [0]
+    # predicted at 1 s it fits at 0.05·wall − 10 ≥ 0.95, n ≥ 2090; the next once
+    # 0.05·(11 + 0.1 n) − 11 ≥ 0.95, n ≥ 2280
+    assert predicting.steps[:3] == [0, 2090, 2280]
+    budget = TimeBudget(0.05, clock=clock)
+    budget.charge("p", 10.0)
+    assert budget.predicted("p") == 10.0
+    assert budget.predicted("p", lambda last: last / 4) == 2.5
+
+
+def test_the_memory_budget_counts_the_probes_lasting_state_as_theirs_not_trainings(monkeypatch):
+    counters = {"allocated": 1000, "peak": 1000}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: counters["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
+    budget = MemoryBudget(model_bytes=100, device=torch.device("cuda"), budget=None)
+    assert budget.training_peak == 1200  # before any step: in use plus a gradient and a state
+    before = budget.in_use()
+    counters["allocated"] += 300  # the Lens keeps 300 bytes (a copy of the parameters)
+    counters["peak"] = 1300
+    budget.retain(before)
+    assert budget.retained == 300
+    budget.note_probe_end()
+    counters["peak"] = 3300  # training's own peak of 3000, with the 300 held throughout
+    budget.observe()
+    assert budget.training_peak == 3000
+    # the process may reach 1.5 × 3000; 1300 are in use; 5% of the rest is kept back
+    assert budget.allowance() == int((4500 - 1300) * 0.95)
+    before = budget.in_use()
+    counters["allocated"] -= 300  # the copy is given back
+    budget.retain(before)
+    assert budget.retained == 0

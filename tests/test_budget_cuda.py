@@ -77,7 +77,8 @@ def test_the_basic_probes_wait_for_the_gpu_once_per_measurement_step(tmp_path):
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     run = dl.load_run(tmp_path)
     norm = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters()))
-    assert run.series("param_norm", "total")[50] == pytest.approx(float(norm), rel=1e-9)
+    # each tensor's norm is a float32 reduction (torch._foreach_norm), summed in float64
+    assert run.series("param_norm", "total")[50] == pytest.approx(float(norm), rel=1e-6)
 
 
 class Greedy(dl.Probe):

@@ -193,6 +193,13 @@ class Probe:
         """Measure and return ``{name: float or array}``; raise on failure (the Lens records it)."""
         raise NotImplementedError(f"{type(self).__name__}.measure(ctx) is not implemented")
 
+    def predicted_seconds(self, last: float) -> float:
+        """The seconds the next measurement should take, given that the last one took ``last``:
+        the Lens's time budget defers a measurement whose prediction does not fit. The default
+        is ``last``; a probe whose measurements differ in cost predictably (a first one that
+        pays for a cold start) says so here."""
+        return last
+
     def describe(self) -> dict[str, Any]:
         """The probe's settings as JSON-friendly values (shown in the report)."""
         return {"class": type(self).__name__, "schedule": repr(self.schedule), "mode": self.mode}

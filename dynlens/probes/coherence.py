@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import ClassVar
@@ -9,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from dynlens.functional import Mode, _synchronize
-from dynlens.measures.coherence import ChunkSize, Fallback, check_mode, coherence_of
+from dynlens.measures.coherence import ChunkSize, Fallback, check_mode, coherence_of, memory_model
 from dynlens.probes.base import Context, Occasional, Probe, Values
 
 __all__ = ["Coherence"]
@@ -54,7 +55,10 @@ class Coherence(Probe):
         hooks: per-example gradients of Linear, Conv and BatchNorm layers from layer hooks, True, False or "auto" (see
             gradient_coherence).
         graphs: on CUDA, replay the measurement from a CUDA graph, True, False or "auto" (see
-            gradient_coherence).
+            gradient_coherence). A graph keeps its memory between measurements, where training
+            would feel it; so under a Lens memory budget (``ctx.memory`` set, automatic on a
+            GPU) "auto" measures without graphs (on an H200 the graphs of a ResNet-18 took the
+            Hessian probe's allowance from 1.0 to 0.2 GiB over four measurements).
     """
 
     name = "coherence"
@@ -93,17 +97,37 @@ class Coherence(Probe):
                 "stiffness_every": self._stiffness.every,
                 "fallback": self.fallback, "hooks": self.hooks, "graphs": self.graphs}
 
+    def _graphs(self, ctx: Context) -> bool | str:
+        """The ``graphs`` option for this measurement: "auto" is off under a memory limit."""
+        return False if self.graphs == "auto" and ctx.memory is not None else self.graphs
+
+    def _stiffness_factor(self, ctx: Context) -> float:
+        """The first stiffness measurement's predicted cost over a plain one's: the 8× seen on
+        GPUs when the batch fits one chunk; when the memory allowance splits it into n chunks,
+        every pair of chunks is one more pass, so 8·n(n−1)/2 (on an H200 a ResNet-18 split into
+        32 chunks took 250 s against 1 s plain: 8× would have let that through)."""
+        if ctx.memory is None or not self._stiffness.due:
+            return 8.0
+        m = ctx.fn.size
+        with contextlib.suppress(Exception):  # a model the plan cannot be made for: assume one chunk
+            chunk = memory_model(ctx.fn, stiffness=True, hooks=self.hooks,
+                                 classes=self.classes).largest_chunk(ctx.memory, m)
+            if chunk < 1:
+                return math.inf
+            n = -(-m // chunk)
+            return 8.0 * max(1, n * (n - 1) // 2)
+        return 8.0
+
     def measure(self, ctx: Context) -> Values:
         check_mode(ctx.model, self.mode)
         self._stiffness.tick()
-        # stiffness's first cost is unknown: predict the 8× of a plain measurement seen on GPUs
         plain = self._plain_seconds
         stiffness = self.stiffness and self._stiffness.wanted(
-            0.0, ctx.allowance, math.inf if plain is None else 8 * plain)
+            0.0, ctx.allowance, math.inf if plain is None else plain * self._stiffness_factor(ctx))
         start = time.perf_counter()
         r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=stiffness,
                          classes=self.classes, fallback=self.fallback,
-                         hooks=self.hooks, graphs=self.graphs, memory=ctx.memory)
+                         hooks=self.hooks, graphs=self._graphs(ctx), memory=ctx.memory)
         _synchronize(ctx.fn.device)
         seconds = time.perf_counter() - start
         if stiffness:

@@ -42,6 +42,9 @@ from dynlens.probes.base import Context, Occasional, Probe, Values
 __all__ = ["Hessian", "stability_threshold", "hvp_chunk_size"]
 
 MIN_ITERS_CAP = 50
+# products of a warm-started λ_max run at the tracking tolerance (4–6 measured): the cost a
+# measurement after a cold start is predicted at (Hessian.predicted_seconds)
+WARM_PRODUCTS = 6
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, float] | None:
@@ -226,6 +229,10 @@ class Hessian(Probe):
                         for name in ("sharpness", "lambda_min", "trace", "density")}
         self._previous: dict[str, Tensor] = {}  # top eigenvectors by operator, on the host
         self._activation_bytes: int | None = None
+        # the last measurement's products, its compared run's, and whether that one started cold
+        self._last_products = 0
+        self._base_products = 0
+        self._cold_base = False
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "k": self.k, "trace": self.trace, "density": self.density,
@@ -247,9 +254,10 @@ class Hessian(Probe):
         return hvp_chunk_size(fn.num_params, itemsize, self._activation_bytes, fn.size, memory, vectors)
 
     def _top(self, key: str, op: LinearOperator, gradient: Tensor | None, k: int,
-             basis_memory: int | None, offset: int, values: dict[str, Any]) -> Any:
+             basis_memory: int | None, offset: int, values: dict[str, Any], compared: bool = False) -> Any:
         """The top-k run on ``op``, warm-started from the eigenvectors of the last measurement
-        (else from the gradient and a Gaussian vector, or a Gaussian vector alone)."""
+        (else from the gradient and a Gaussian vector, or a Gaussian vector alone). ``compared``:
+        the run the threshold is compared with, whose cost :meth:`predicted_seconds` reads."""
         generator = self._generator(offset)
         previous = self._previous.get(key) if self.warm_start else None
         if previous is not None and previous.shape[0] == op.size:
@@ -259,6 +267,8 @@ class Hessian(Probe):
             v0 = None if gradient is None else start_vector(op, gradient, generator)
         result = lanczos_eigsh(op, k=k, which="top", tol=self.tol, max_iters=self.max_iters, v0=v0,
                                generator=generator, return_vectors=self.warm_start, memory=basis_memory)
+        if compared:
+            self._base_products, self._cold_base = result.matvecs, previous is None
         if self.warm_start and result.vectors is not None:
             vectors = result.vectors.detach().to("cpu", copy=True)
             if key == "hessian":
@@ -268,6 +278,20 @@ class Hessian(Probe):
                         (previous[:, 0].double() @ vectors[:, 0].double()).abs())
             self._previous[key] = vectors
         return result
+
+    def predicted_seconds(self, last: float) -> float:
+        """The next measurement's seconds without its optional parts (they run only when the
+        allowance left holds them): the last one's seconds per product times the products of its
+        compared run (λ_max, or the preconditioned λ_max), plus one for the gradient and the
+        sub-batches' set-up. When that run started cold and the next starts warm, it is taken
+        as ``WARM_PRODUCTS`` (a cold run took 8–11 products on the reference jobs, a warm one
+        4–6: ``benchmarks/RESULTS.md``)."""
+        if self._last_products == 0:
+            return last
+        base = self._base_products
+        if self.warm_start and self._cold_base:
+            base = min(base, WARM_PRODUCTS)
+        return last * min(1.0, (base + 1) / (self._last_products + 1))
 
     def measure(self, ctx: Context) -> Values:
         tf32 = self.precision == "tf32"
@@ -298,7 +322,7 @@ class Hessian(Probe):
                 del scales
                 scaled = LinearOperator(matvec=lambda v: root * op.matvec(root * v), size=op.size,
                                         dtype=op.dtype, device=op.device)
-                pre = self._top("preconditioned", scaled, None, 1, basis_memory, 2, values)
+                pre = self._top("preconditioned", scaled, None, 1, basis_memory, 2, values, compared=True)
                 values["preconditioned_sharpness"] = float(pre.values[0])
                 values["sharpness_ratio"] = float(pre.values[0]) / threshold
         allowance = ctx.allowance
@@ -319,7 +343,7 @@ class Hessian(Probe):
         # groups with other rates), it is an optional part like λ_min; otherwise it is the measurement
         if scaled is None or wanted("sharpness", True, 2 * k + 4):
             with self._extras["sharpness"].timed() if scaled is not None else contextlib.nullcontext():
-                top = self._top("hessian", op, gradient, k, basis_memory, 0, values)
+                top = self._top("hessian", op, gradient, k, basis_memory, 0, values, compared=scaled is None)
             values["sharpness"] = float(top.values[0])
             for i in range(1, k):
                 values[f"lambda_{i + 1}"] = float(top.values[i])
@@ -353,4 +377,5 @@ class Hessian(Probe):
             values["density_nodes"] = density.nodes.numpy().astype(np.float64)
             values["density_weights"] = density.weights.numpy().astype(np.float64)
         values["hvps"] = float(products())
+        self._last_products = products()
         return values

@@ -200,3 +200,48 @@ def test_a_lens_whose_memory_budget_holds_no_example_defers_the_probe_with_a_not
     run = dl.load_run(tmp_path / "run")
     assert run.series("coherence", "m_coherence").empty
     assert run.events()["message"].str.contains("coherence waits for memory").any()
+
+
+@pytest.mark.parametrize(("graphs", "memory", "expected"), [
+    ("auto", None, "auto"), ("auto", 2**30, False), (True, 2**30, True), (False, None, False)])
+def test_cuda_graphs_which_keep_their_memory_are_off_by_default_under_a_memory_limit(
+        monkeypatch, graphs, memory, expected):
+    import dynlens.probes.coherence as probe_module
+    from dynlens.probes.base import Context
+
+    seen = []
+    real = probe_module.coherence_of
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["graphs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "coherence_of", spy)
+    model, x, y = setup()
+    ctx = Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x[:16], y[:16]), optimizer=None,
+                  step=0, memory=memory)
+    dl.probes.Coherence(graphs=graphs).measure(ctx)
+    assert seen == [expected]
+
+
+def test_stiffness_over_several_chunks_is_predicted_to_cost_a_pass_per_pair_of_chunks():
+    from dynlens.functional import ModelFunction, isolated
+    from dynlens.measures.coherence import memory_model
+    from dynlens.probes.base import Context
+
+    model, x, y = setup()
+    batch, loss_fn = (x[:16], y[:16]), nn.CrossEntropyLoss()
+    with isolated(model):
+        plan = memory_model(ModelFunction(model, loss_fn, batch), stiffness=True)
+    probe = dl.probes.Coherence()
+    probe._stiffness.tick()
+
+    def factor(memory):
+        ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=0, memory=memory)
+        with isolated(model):
+            return probe._stiffness_factor(ctx)
+
+    assert factor(None) == 8.0
+    assert factor(plan.peak(16, 16)) == 8.0  # one chunk
+    assert factor(plan.peak(4, 16)) == 8.0 * 6  # four chunks: six pairs
+    assert factor(plan.peak(1, 16) - 1) == float("inf")

@@ -16,6 +16,7 @@ from dynlens.probes.base import Context
 from dynlens.probes.hessian import (
     ACTIVATION_FACTOR,
     FIXED_VECTORS,
+    WARM_PRODUCTS,
     hvp_chunk_size,
     stability_threshold,
 )
@@ -140,6 +141,20 @@ def test_extras_wait_while_the_time_budget_cannot_afford_them() -> None:
     ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=1)
     values = probe.measure(ctx)
     assert "trace" in values and "lambda_min" in values
+
+
+def test_after_a_cold_start_the_next_measurement_is_predicted_at_a_warm_starts_cost() -> None:
+    model, batch = _setup()
+    probe = dl.probes.Hessian(tol=1e-6)  # extras at the first measurement only
+    ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=0)
+    first = probe.measure(ctx)
+    assert "trace" in first and first["hvps"] > 30  # cold λ_max, λ_min and the trace
+    # the next one: λ_max alone, warm: at most WARM_PRODUCTS products and the set-up
+    assert probe.predicted_seconds(1.0) <= (WARM_PRODUCTS + 1) / (first["hvps"] + 1)
+    second = probe.measure(Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=1))
+    assert second["warm_start"] == 1.0 and "trace" not in second
+    assert probe.predicted_seconds(1.0) == 1.0  # λ_max was all of it: its own cost
+    assert dl.probes.Hessian().predicted_seconds(2.5) == 2.5  # nothing measured yet
 
 
 def test_under_a_memory_budget_products_are_summed_over_sub_batches_with_the_same_result(tmp_path) -> None:  # noqa: ANN001
