@@ -137,6 +137,12 @@ class TimeBudget:
         if products is not None:
             cost.products = (cost.products or 0.0) + float(products)
 
+    def spend(self, probe: str, seconds: float) -> None:
+        """Count ``seconds`` the probe took without measuring (it declined for lack of memory
+        after planning): they are wall time the budget must hold too."""
+        self.cost(probe).seconds += seconds
+        self.probe_seconds += seconds
+
     def defer(self, probe: str) -> None:
         """Count one due measurement of ``probe`` postponed by the budget."""
         self.cost(probe).deferred += 1
@@ -151,6 +157,20 @@ class TimeBudget:
             "training_seconds": wall - self.probe_seconds,
             "probes": {name: cost.as_record() for name, cost in self.costs.items()},
         }
+
+
+def _counters(device: torch.device) -> tuple[int, int]:
+    """``(allocated, peak allocated)`` bytes on a CUDA device, read from the allocator's counters
+    directly: ``torch.cuda.memory_allocated`` builds and flattens every allocator statistic in
+    Python, 0.45 ms a call on an H200's host, and the Lens reads these at every step (a
+    cProfile of 2,000 ResNet-18 steps found 3.6 s in it, 16% of the training's time). Falls back
+    to the public functions where the private accessor differs."""
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stats = torch._C._cuda_memoryStats(index)["allocated_bytes"]["all"]
+        return int(stats["current"]), int(stats["peak"])
+    except Exception:  # noqa: BLE001 - another torch's layout: the public, slower path
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
 
 
 class MemoryBudget:
@@ -194,13 +214,13 @@ class MemoryBudget:
         self._peak_after_probes = 0
         if self.cuda:
             # before any training step: what is in use, a gradient and one optimizer state
-            self.training_peak = torch.cuda.memory_allocated(device) + 2 * model_bytes
+            self.training_peak = _counters(device)[0] + 2 * model_bytes
 
     def observe(self) -> None:
         """Update the training's peak: when the process's peak has risen since the probes last
         ran, training raised it. A host-side read of the allocator's counters (no device sync)."""
         if self.cuda:
-            peak = torch.cuda.max_memory_allocated(self.device)
+            peak = _counters(self.device)[1]
             if peak > self._peak_after_probes:
                 # the probes' own lasting state (retained) was held through training's peak too
                 self.training_peak = max(self.training_peak, peak - self.retained)
@@ -208,7 +228,7 @@ class MemoryBudget:
     def in_use(self) -> int | None:
         """The bytes allocated on the device now (None on the CPU): pass it to :meth:`retain`
         after the Lens's own code has run."""
-        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+        return _counters(self.device)[0] if self.cuda else None
 
     def retain(self, before: int | None) -> None:
         """Count what the Lens's code since ``before = in_use()`` kept allocated (the probes'
@@ -216,19 +236,19 @@ class MemoryBudget:
         what it gave back) as the probes', not training's: the training's peak is the process's
         minus it, and the allowance leaves room for it."""
         if self.cuda and before is not None:
-            self.retained = max(0, self.retained + torch.cuda.memory_allocated(self.device) - before)
+            self.retained = max(0, self.retained + _counters(self.device)[0] - before)
 
     def note_probe_start(self) -> int | None:
         """Called before a measurement: updates the training's peak; returns the bytes in use."""
         if not self.cuda:
             return None
         self.observe()
-        return torch.cuda.memory_allocated(self.device)
+        return _counters(self.device)[0]
 
     def note_probe_end(self) -> None:
         """Called after measurements: remembers the process's peak they may have set."""
         if self.cuda:
-            self._peak_after_probes = torch.cuda.max_memory_allocated(self.device)
+            self._peak_after_probes = _counters(self.device)[1]
 
     @property
     def extra(self) -> int | None:
@@ -248,7 +268,7 @@ class MemoryBudget:
         # probes' retained state. A share is kept back for the allocator's rounding and the
         # measurements' memory models (the Hessian's overshot its plan by 4% on a ResNet-18)
         ceiling = self.training_peak + extra
-        return max(0, int((ceiling - torch.cuda.memory_allocated(self.device)) * (1 - MEMORY_MARGIN)))
+        return max(0, int((ceiling - _counters(self.device)[0]) * (1 - MEMORY_MARGIN)))
 
     def extra_peak(self, in_use_before: int | None, peak_before: int | None) -> int | None:
         """The most a measurement that started with ``in_use_before`` bytes allocated took beyond
@@ -257,9 +277,9 @@ class MemoryBudget:
         what was in use; the counter is never reset, so nothing more precise can be read)."""
         if not self.cuda or in_use_before is None or peak_before is None:
             return None
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = _counters(self.device)[1]
         return peak - in_use_before if peak > peak_before else None
 
     def peak(self) -> int | None:
         """The process's peak allocated device memory so far (None on the CPU)."""
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        return _counters(self.device)[1] if self.cuda else None

@@ -204,6 +204,9 @@ class _OutOfMemory:
         self.message = message
 
 
+_IDLE = object()  # Lens._held_before when the probes have not worked this step
+
+
 def _release_memory(device: torch.device) -> None:
     """Give the memory of a failed measurement back: collect its tensors' cycles, and on a GPU
     return the cached blocks to the device so that a retry can use them."""
@@ -333,7 +336,9 @@ class Lens:
         # probe -> the step it fell due, while it waits: every probe at step 0
         self._waiting: dict[str, int] = {p.name: 0 for p in self.probes}
         self._memory_wait: dict[str, int] = {}  # probe -> the allowance (bytes) it did not fit
+        self._memory_wait_peak: dict[str, int] = {}  # probe -> training's peak when it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
+        self._held_before: Any = _IDLE  # device memory in use when the probes began this step
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         before = self.memory.in_use()
         ctx = self._context()
@@ -445,11 +450,12 @@ class Lens:
         for probe in self.probes:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
-        before = self.memory.in_use()
         if self._waiting:
             self._run_due(self._context(), loss=value)
         self._prepare_next()
-        self.memory.retain(before)
+        if self._held_before is not _IDLE:
+            self.memory.retain(self._held_before)  # what the probes kept since they began
+            self._held_before = _IDLE
         self.writer.commit()
 
     def _prepare_next(self, ctx: Context | None = None) -> None:
@@ -458,8 +464,16 @@ class Lens:
             if type(probe).prepare is Probe.prepare:
                 continue  # nothing to prepare: no isolation entered on every step a probe waits
             if probe.name not in self._disabled and (probe.name in self._waiting or probe.due(nxt)):
+                self._probes_begin()
                 ctx = ctx or self._context()
                 self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
+
+    def _probes_begin(self) -> None:
+        """Note the device memory in use before the probes' first work of this step (read only at
+        steps where they work: an allocator read costs host time), for ``step()`` to count what
+        they kept (:meth:`dynlens.budget.MemoryBudget.retain`)."""
+        if self._held_before is _IDLE:
+            self._held_before = self.memory.in_use()
 
     def _exempt(self, probe: Probe) -> bool:
         """Probes that never wait for the budget: the basic ones (a few passes over the
@@ -489,6 +503,7 @@ class Lens:
                     self.budget.defer(name)  # counted once, when it first has to wait
         if not runnable:
             return
+        self._probes_begin()
         timed = any(not self._exempt(p) for p in runnable)
         if timed:
             _synchronize(self.model_device)  # measurements are timed alone; the losses have landed
@@ -540,7 +555,9 @@ class Lens:
             if probe.name not in self._memory_wait:
                 self.writer.event(ctx.step, "info", probe.name, values.message)
             self._memory_wait[probe.name] = ctx.memory or 0
+            self._memory_wait_peak[probe.name] = self.memory.training_peak
             self.budget.defer(probe.name)
+            self.budget.spend(probe.name, clock() - start)  # its planning took wall time too
             return
         self._memory_wait.pop(probe.name, None)
         _synchronize(self.model_device)
@@ -555,6 +572,8 @@ class Lens:
         """Whether a probe that could not fit its memory allowance now has more (a tenth more)
         to try with: training has since shown a higher peak of its own."""
         self.memory.observe()
+        if self.memory.cuda and self.memory.training_peak <= self._memory_wait_peak.get(name, -1):
+            return False  # one allocator read a step while it waits
         allowance = self.memory.allowance()
         return allowance is None or allowance > 1.1 * self._memory_wait[name]
 

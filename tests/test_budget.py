@@ -330,9 +330,10 @@ def test_a_probe_predicting_a_cheaper_next_measurement_is_scheduled_by_its_predi
 
 
 def test_the_memory_budget_counts_the_probes_lasting_state_as_theirs_not_trainings(monkeypatch):
+    import dynlens.budget as budget_module
+
     counters = {"allocated": 1000, "peak": 1000}
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: counters["allocated"])
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
+    monkeypatch.setattr(budget_module, "_counters", lambda device: (counters["allocated"], counters["peak"]))
     budget = MemoryBudget(model_bytes=100, device=torch.device("cuda"), budget=None)
     assert budget.training_peak == 1200  # before any step: in use plus a gradient and a state
     before = budget.in_use()
@@ -350,3 +351,25 @@ def test_the_memory_budget_counts_the_probes_lasting_state_as_theirs_not_trainin
     counters["allocated"] -= 300  # the copy is given back
     budget.retain(before)
     assert budget.retained == 0
+
+
+class PlansThenDeclines(Costly):
+    """Spends ``seconds`` planning, then finds that its measurement does not fit the memory."""
+
+    name = "declines"
+
+    def measure(self, ctx):
+        self.clock.advance(self.seconds)
+        raise MemoryBudgetTooSmall("a product needs 3 GiB, 1 GiB allowed")
+
+
+def test_the_time_a_probe_spends_before_declining_for_memory_is_charged_to_the_budget(tmp_path, clock):
+    probe = PlansThenDeclines(clock, seconds=2.0, every=10)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    run_steps(lens, clock, 1000, 0.1)
+    lens.close()
+    cost = lens.costs().set_index("probe").loc["declines"]
+    assert cost["measurements"] == 0 and cost["seconds"] >= 2.0 * 2
+    assert lens.budget.probe_seconds == pytest.approx(cost["seconds"])
+    # retried only while the budget could pay for it: over by at most the attempt at step 0
+    assert cost["seconds"] / clock.now <= 0.05 + 2.0 / clock.now

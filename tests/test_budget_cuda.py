@@ -134,7 +134,9 @@ def test_the_hessian_probe_stays_within_its_memory_budget_and_matches_the_whole_
     training_peak = lens.memory.training_peak
     probe_peak = torch.cuda.max_memory_allocated()
     lens.close()
-    at = dl.load_run(tmp_path).scalars("hessian").query("step == 2").set_index("name")["value"]
+    run = dl.load_run(tmp_path)
+    at = run.scalars("hessian").query("step == 2").set_index("name")["value"]
+    assert "chunk_size" in at, run.events().message.tolist()
     assert at["chunk_size"] < 256  # the batch was split to fit
     assert probe_peak <= max(training_peak, in_use) + budget
     exact = dl.hessian_eigenvalues(model, nn.CrossEntropyLoss(), batch, tol=1e-8)
