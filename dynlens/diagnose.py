@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dynlens.probes.base import Probe, probe_name
 from dynlens.store import Run
 
-__all__ = ["Finding", "rule", "diagnose", "SEVERITIES", "registered_rules"]
+__all__ = ["Finding", "rule", "diagnose", "SEVERITIES", "registered_rules", "rule_probe"]
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
@@ -47,16 +48,33 @@ class Finding:
 
 Rule = Callable[[Run], Iterable[Finding]]
 _RULES: dict[str, Rule] = {}
+_RULE_PROBES: dict[str, str | None] = {}
 
 
-def rule(name: str) -> Callable[[Rule], Rule]:
-    """Register a diagnosis rule under ``name`` (decorator). Re-registering replaces it."""
+def rule(name: str, probe: str | type[Probe] | None = None) -> Callable[[Rule], Rule]:
+    """Register a diagnosis rule under ``name`` (decorator). Re-registering replaces it.
+
+    ``probe`` is the probe whose records the rule reads: its class (``probe=Hessian``) or name.
+    Its findings that name no probe are that probe's (the report links them to its section and
+    marks them on its figures); a rule over several probes passes None and names each finding's.
+
+    Raises:
+        ValueError: ``probe`` names no probe that exists (:func:`dynlens.probes.base.probe_name`).
+    """
+    probe_name_ = None if probe is None else probe_name(probe)
 
     def register(fn: Rule) -> Rule:
         _RULES[name] = fn
+        _RULE_PROBES[name] = probe_name_
         return fn
 
     return register
+
+
+def rule_probe(name: str) -> str | None:
+    """The probe the rule ``name`` was registered for (None: several, or none)."""
+    registered_rules()
+    return _RULE_PROBES.get(name)
 
 
 def registered_rules() -> dict[str, Rule]:
@@ -78,7 +96,7 @@ def diagnose(run: Run | str) -> list[Finding]:
     for name, fn in registered_rules().items():
         try:
             for finding in fn(run):
-                findings.append(finding if finding.rule else _with_rule(finding, name))
+                findings.append(_completed(finding, name, _RULE_PROBES.get(name)))
         except Exception as err:  # noqa: BLE001 - one broken rule must not hide the others
             findings.append(Finding(
                 title=f"Diagnosis rule {name!r} failed", severity="info", steps=(0, run.last_step),
@@ -89,7 +107,11 @@ def diagnose(run: Run | str) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), f.steps[0]))
 
 
-def _with_rule(finding: Finding, name: str) -> Finding:
+def _completed(finding: Finding, name: str, probe: str | None) -> Finding:
+    """The finding with the rule's name, and its probe where it names none."""
     from dataclasses import replace
 
-    return replace(finding, rule=name)
+    if finding.rule and (finding.probe is not None or probe is None):
+        return finding
+    return replace(finding, rule=finding.rule or name,
+                   probe=finding.probe if finding.probe is not None else probe)

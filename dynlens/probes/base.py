@@ -23,7 +23,12 @@ from torch import Tensor, nn
 from dynlens import schedules
 from dynlens.functional import Mode, ModelFunction
 
-__all__ = ["Probe", "Context", "Values", "Occasional"]
+__all__ = ["Probe", "Context", "Values", "Occasional", "TRAINING", "LENS", "probe_names", "probe_name"]
+
+# the records the Lens writes beside the probes': the training loss and learning rates, and the
+# Lens's own (each measurement's seconds)
+TRAINING = "train"
+LENS = "lens"
 
 Values = Mapping[str, "float | int | np.ndarray | Tensor"]
 
@@ -206,3 +211,36 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, schedule={self.schedule!r})"
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def probe_names() -> set[str]:
+    """Every name records can be stored under: each defined probe class's ``name`` (built-in or
+    the user's) and the Lens's own :data:`TRAINING` and :data:`LENS`."""
+    return {TRAINING, LENS} | {sub.name for sub in _subclasses(Probe) if sub.name}
+
+
+def probe_name(probe: str | type[Probe] | Probe) -> str:
+    """The records' name of ``probe`` (a probe class, an instance, or a name), checked against
+    :func:`probe_names`: a rule or figure registered for a misspelt probe fails here, where it
+    is written, instead of silently never matching.
+
+    Raises:
+        ValueError: no probe of that name is defined.
+    """
+    name = probe.name if isinstance(probe, Probe) or (isinstance(probe, type) and issubclass(probe, Probe)) \
+        else probe
+    if not isinstance(name, str):
+        raise TypeError(f"a probe is named by its class, an instance or its name; got {probe!r}")
+    known = probe_names()
+    if name not in known:
+        raise ValueError(
+            f"no probe is named {name!r}; the names defined are {sorted(known)}. Import the probe's "
+            "class and pass it (or its .name) instead of spelling the name again"
+        )
+    return name

@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dynlens.diagnose import Finding
+from dynlens.probes.base import TRAINING
+from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
@@ -59,70 +61,70 @@ def _panels(title: str, runs: Sequence[Run], findings: Sequence[Finding], probe:
             log_scale_if_spans_decades(ax, values)
             ax.set_ylabel(ylabel)
             mark_findings(ax, findings, probe)
-            if probe != "train":
-                mark_findings(ax, [f for f in findings if f.probe == "train"], "train")
+            if probe != TRAINING:
+                mark_findings(ax, findings, TRAINING)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best")
     return fig
 
 
-@figure("train", "Training loss and learning rate")
+@figure(TRAINING, "Training loss and learning rate")
 def plot_loss(runs: RunLike | Sequence[RunLike],
               findings: Sequence[Finding] | None = None) -> Figure | None:
     """Training loss (the loss passed to ``Lens.step``, per optimizer step) and, below it, the
     learning rate of each parameter group."""
     runs, findings = runs_and_findings(runs, findings)
-    panels = [("train", "loss", "training loss")]
-    lr_names = sorted({n for run in runs for n in run.scalar_names("train") if n.startswith("lr")})
-    panels += [("train", n, "learning rate" if n == "lr" else f"learning rate ({n[3:]})")
+    panels = [(TRAINING, "loss", "training loss")]
+    lr_names = sorted({n for run in runs for n in run.scalar_names(TRAINING) if n.startswith("lr")})
+    panels += [(TRAINING, n, "learning rate" if n == "lr" else f"learning rate ({n[3:]})")
                for n in lr_names]
-    return _panels("Training loss", runs, findings, "train", panels)
+    return _panels("Training loss", runs, findings, TRAINING, panels)
 
 
-@figure("grad_norm", "Gradient norm")
+@figure(GradNorm, "Gradient norm")
 def plot_grad_norm(runs: RunLike | Sequence[RunLike],
                    findings: Sequence[Finding] | None = None) -> Figure | None:
     """Euclidean norm of the gradient over all trainable parameters, ‖∇L‖₂."""
     runs, findings = runs_and_findings(runs, findings)
-    return _panels("Gradient norm", runs, findings, "grad_norm",
-                   [("grad_norm", "total", "‖gradient‖₂")])
+    return _panels("Gradient norm", runs, findings, GradNorm.name,
+                   [(GradNorm.name, "total", "‖gradient‖₂")])
 
 
-@figure("param_norm", "Parameter norm")
+@figure(ParamNorm, "Parameter norm")
 def plot_param_norm(runs: RunLike | Sequence[RunLike],
                     findings: Sequence[Finding] | None = None) -> Figure | None:
     """Euclidean norm of all trainable parameters, ‖θ‖₂."""
     runs, findings = runs_and_findings(runs, findings)
-    return _panels("Parameter norm", runs, findings, "param_norm",
-                   [("param_norm", "total", "‖θ‖₂")])
+    return _panels("Parameter norm", runs, findings, ParamNorm.name,
+                   [(ParamNorm.name, "total", "‖θ‖₂")])
 
 
-@figure("update_size", "Update size")
+@figure(UpdateSize, "Update size")
 def plot_update_size(runs: RunLike | Sequence[RunLike],
                      findings: Sequence[Finding] | None = None) -> Figure | None:
     """Size of each optimizer step, ‖θ_t − θ_{t−1}‖₂, and relative to ‖θ_{t−1}‖₂."""
     runs, findings = runs_and_findings(runs, findings)
-    return _panels("Update size", runs, findings, "update_size",
-                   [("update_size", "total", "‖Δθ‖₂"),
-                    ("update_size", "relative", "‖Δθ‖₂ / ‖θ‖₂")])
+    return _panels("Update size", runs, findings, UpdateSize.name,
+                   [(UpdateSize.name, "total", "‖Δθ‖₂"),
+                    (UpdateSize.name, "relative", "‖Δθ‖₂ / ‖θ‖₂")])
 
 
-@figure("distance_from_init", "Distance from initialisation")
+@figure(DistanceFromInit, "Distance from initialisation")
 def plot_distance_from_init(runs: RunLike | Sequence[RunLike],
                             findings: Sequence[Finding] | None = None) -> Figure | None:
     """Distance from the initial parameters, ‖θ_t − θ_0‖₂, absolute and relative to ‖θ_0‖₂
     (Chizat et al. 2019: small relative change = lazy regime)."""
     runs, findings = runs_and_findings(runs, findings)
-    return _panels("Distance from initialisation", runs, findings, "distance_from_init",
-                   [("distance_from_init", "relative", "‖θ − θ₀‖₂ / ‖θ₀‖₂"),
-                    ("distance_from_init", "absolute", "‖θ − θ₀‖₂")])
+    return _panels("Distance from initialisation", runs, findings, DistanceFromInit.name,
+                   [(DistanceFromInit.name, "relative", "‖θ − θ₀‖₂ / ‖θ₀‖₂"),
+                    (DistanceFromInit.name, "absolute", "‖θ − θ₀‖₂")])
 
 
 _PER_LAYER_LABELS = {
-    "grad_norm": "‖gradient‖₂ per layer",
-    "param_norm": "‖θ‖₂ per layer",
-    "update_size": "‖Δθ‖₂ per layer",
-    "distance_from_init": "‖θ − θ₀‖₂ / ‖θ₀‖₂ per layer",
+    GradNorm.name: "‖gradient‖₂ per layer",
+    ParamNorm.name: "‖θ‖₂ per layer",
+    UpdateSize.name: "‖Δθ‖₂ per layer",
+    DistanceFromInit.name: "‖θ − θ₀‖₂ / ‖θ₀‖₂ per layer",
 }
 
 
@@ -195,5 +197,5 @@ def _per_layer_figure(probe: str):
     return draw
 
 
-for _probe in ("grad_norm", "param_norm", "update_size", "distance_from_init"):
-    figure(_probe, "Per layer")(_per_layer_figure(_probe))
+for _probe in (GradNorm, ParamNorm, UpdateSize, DistanceFromInit):
+    figure(_probe, "Per layer")(_per_layer_figure(_probe.name))

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dynlens.diagnose import Finding
+from dynlens.probes.coherence import Coherence
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
@@ -33,7 +34,7 @@ from dynlens.store import Run
 
 __all__ = ["plot_coherence", "plot_noise_scale", "plot_stiffness", "plot_grad_norms"]
 
-PROBE = "coherence"
+PROBE = Coherence.name
 MAX_CLASS_LINES = 10
 MAX_MATRIX_STEPS = 3
 TOP_EXAMPLES = 15

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from dynlens.diagnose import Finding
 from dynlens.linalg import smooth_density
+from dynlens.probes.hessian import Hessian
 from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
@@ -32,7 +33,7 @@ from dynlens.store import Run
 
 __all__ = ["plot_sharpness", "plot_density", "plot_trace", "density_outliers"]
 
-PROBE = "hessian"
+PROBE = Hessian.name
 MAX_DENSITY_STEPS = 3
 GRID_POINTS = 800
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynlens.diagnose import Finding
+from dynlens.probes.base import Probe, probe_name
 from dynlens.store import Run
 
 __all__ = ["figure", "figures_for", "FigureSpec"]
@@ -32,8 +33,14 @@ class FigureSpec:
 _FIGURES: list[FigureSpec] = []
 
 
-def figure(probe: str, title: str) -> Callable[[FigureFn], FigureFn]:
-    """Register ``fn(runs, findings) -> Figure | None`` as a figure of ``probe``'s section."""
+def figure(probe: str | type[Probe], title: str) -> Callable[[FigureFn], FigureFn]:
+    """Register ``fn(runs, findings) -> Figure | None`` as a figure of ``probe``'s section
+    (``probe``: the probe's class, e.g. ``figure(Hessian, "Sharpness")``, or its name).
+
+    Raises:
+        ValueError: ``probe`` names no probe that exists (:func:`dynlens.probes.base.probe_name`).
+    """
+    probe = probe_name(probe)
 
     def register(fn: FigureFn) -> FigureFn:
         _FIGURES[:] = [f for f in _FIGURES if not (f.probe == probe and f.title == title)]

@@ -172,13 +172,14 @@ def plot_series(ax: Axes, runs: Sequence[Run], probe: str, name: str, label: str
 
 def mark_findings(ax: Axes, findings: Sequence[Finding], probe: str | None = None) -> None:
     """Mark on ``ax`` the steps where findings fire (call it after plotting the data): a dashed
-    line at a single step or a short range, a shaded span over a longer range, coloured by severity. ``probe`` keeps only that probe's findings (and
-    those of no probe); ``None`` marks all."""
+    line at a single step or a short range, a shaded span over a longer range, coloured by
+    severity. ``probe`` keeps only that probe's findings (a finding of no probe belongs to no
+    figure: its rule reads several probes' records); ``None`` marks all."""
     seen: set[str] = set()
     low, high = ax.get_xlim()
     narrow = 0.005 * abs(high - low)  # a span thinner than this would not show: draw a line
     for f in findings:
-        if probe is not None and f.probe not in (probe, None):
+        if probe is not None and f.probe != probe:
             continue
         color = SEVERITY_COLORS.get(f.severity, "#7F8C8D")
         label = None if f.severity in seen else f"{f.severity} finding"

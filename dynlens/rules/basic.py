@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from dynlens.diagnose import Finding, rule
+from dynlens.probes.base import TRAINING
+from dynlens.probes.basic import GradNorm, ParamNorm
 from dynlens.store import Run
 
 SPIKE_FACTOR = 3.0
@@ -54,13 +56,13 @@ def _g(x: float) -> float:
     return float(f"{float(x):.4g}")
 
 
-@rule("loss_spike")
+@rule("loss_spike", probe=TRAINING)
 def loss_spike(run: Run) -> Iterator[Finding]:
     """Steps whose loss exceeds SPIKE_FACTOR × the running median of the SPIKE_WINDOW losses
     before them (at least SPIKE_MIN_HISTORY of them, median > 0). Nearby spike steps (within
     SPIKE_MERGE_GAP) form one episode; the MAX_SPIKE_FINDINGS largest episodes are reported,
     the rest summarised in one finding."""
-    loss = run.series("train", "loss")
+    loss = run.series(TRAINING, "loss")
     if len(loss) <= SPIKE_MIN_HISTORY:
         return
     finite = loss.where(np.isfinite(loss))
@@ -78,7 +80,7 @@ def loss_spike(run: Run) -> Iterator[Finding]:
         where = f"step {first}" if first == last else f"steps {first}–{last}"
         yield Finding(
             title=f"Loss spike at {where}: {peak_ratio:.1f}× the running median",
-            severity="warning", steps=(first, last), probe="train",
+            severity="warning", steps=(first, last), probe=TRAINING,
             evidence={"peak_step": peak, "loss": _g(loss[peak]),
                       "running_median": _g(median[peak]), "ratio": _g(peak_ratio),
                       "threshold_factor": SPIKE_FACTOR, "window_steps": SPIKE_WINDOW},
@@ -95,7 +97,7 @@ def loss_spike(run: Run) -> Iterator[Finding]:
         yield Finding(
             title=f"{len(rest)} more loss spikes (smaller than those above)",
             severity="info", steps=(min(e[1] for e in rest), max(e[2] for e in rest)),
-            probe="train",
+            probe=TRAINING,
             evidence={"episodes": len(rest), "spike_steps": int(sum(1 for _ in spikes.index)),
                       "largest_ratio": _g(rest[0][0]), "threshold_factor": SPIKE_FACTOR},
             reference=_SPIKE_REFERENCE,
@@ -103,11 +105,11 @@ def loss_spike(run: Run) -> Iterator[Finding]:
         )
 
 
-@rule("divergence")
+@rule("divergence", probe=TRAINING)
 def divergence(run: Run) -> Iterator[Finding]:
     """NaN or Inf in the training loss, the total gradient norm or the total parameter norm."""
-    checks = [("train", "loss", "loss"), ("grad_norm", "total", "gradient norm"),
-              ("param_norm", "total", "parameter norm")]
+    checks = [(TRAINING, "loss", "loss"), (GradNorm.name, "total", "gradient norm"),
+              (ParamNorm.name, "total", "parameter norm")]
     bad: list[tuple[int, str, int, pd.Series]] = []
     for probe, name, label in checks:
         series = run.series(probe, name)
@@ -128,7 +130,7 @@ def divergence(run: Run) -> Iterator[Finding]:
         evidence[f"nonfinite_{other.replace(' ', '_')}_records"] = other_count
     yield Finding(
         title=f"Training diverged: {label} is NaN/Inf from step {first}",
-        severity="critical", steps=(first, run.last_step), probe="train",
+        severity="critical", steps=(first, run.last_step), probe=TRAINING,
         evidence=evidence,
         reference="dynlens check (IEEE 754 non-finite values); see Wortsman et al. 2023 for "
                   "the usual causes in Transformers",
@@ -140,15 +142,15 @@ def divergence(run: Run) -> Iterator[Finding]:
     )
 
 
-@rule("stalled_training")
+@rule("stalled_training", probe=TRAINING)
 def stalled_training(run: Run) -> Iterator[Finding]:
     """Windows of a tenth of the run (at least 50 loss records) where the loss median changes by
     less than STALL_CHANGE (relative) between the first and last quarter of the window, the
     loss is above a tenth of its initial value, and the gradient norm's median is at least a
     tenth of its early median. Consecutive stalled windows are merged into one finding."""
-    loss = run.series("train", "loss")
+    loss = run.series(TRAINING, "loss")
     loss = loss[np.isfinite(loss.to_numpy())]
-    grad = run.series("grad_norm", "total")
+    grad = run.series(GradNorm.name, "total")
     grad = grad[np.isfinite(grad.to_numpy())]
     n = len(loss)
     width = max(50, n // 10)
@@ -185,7 +187,7 @@ def stalled_training(run: Run) -> Iterator[Finding]:
     for first, last, change, tail, g_median in merged:
         yield Finding(
             title=f"Training stalled from step {first} to {last}: flat loss, gradient still large",
-            severity="warning", steps=(int(first), int(last)), probe="train",
+            severity="warning", steps=(int(first), int(last)), probe=TRAINING,
             evidence={"relative_loss_change": _g(change), "loss": _g(tail),
                       "initial_loss": _g(initial), "grad_norm_median": _g(g_median),
                       "early_grad_norm_median": _g(grad_early),
@@ -201,11 +203,11 @@ def stalled_training(run: Run) -> Iterator[Finding]:
         )
 
 
-@rule("gradient_norm")
+@rule("gradient_norm", probe=GradNorm)
 def gradient_norm(run: Run) -> Iterator[Finding]:
     """Exploding (above EXPLODE_FACTOR × the early median) or vanishing (below VANISH_FACTOR ×
     the early median while the loss is above a tenth of its start) total gradient norm."""
-    grad = run.series("grad_norm", "total")
+    grad = run.series(GradNorm.name, "total")
     grad = grad[np.isfinite(grad.to_numpy())]
     if len(grad) < 10:
         return
@@ -218,7 +220,7 @@ def gradient_norm(run: Run) -> Iterator[Finding]:
         yield Finding(
             title=f"Exploding gradient norm: {grad[peak] / early:.3g}× its early value at step {peak}",
             severity="critical" if grad[peak] > 1e2 * EXPLODE_FACTOR * early else "warning",
-            steps=(int(high.index[0]), int(high.index[-1])), probe="grad_norm",
+            steps=(int(high.index[0]), int(high.index[-1])), probe=GradNorm.name,
             evidence={"peak_step": peak, "grad_norm": _g(grad[peak]), "early_median": _g(early),
                       "ratio": _g(grad[peak] / early), "steps_above": len(high),
                       "threshold_factor": EXPLODE_FACTOR},
@@ -229,7 +231,7 @@ def gradient_norm(run: Run) -> Iterator[Finding]:
     low = grad[grad < VANISH_FACTOR * early]
     if low.empty:
         return
-    loss = run.series("train", "loss")
+    loss = run.series(TRAINING, "loss")
     loss = loss[np.isfinite(loss.to_numpy())]
     if len(loss):
         initial = float(np.median(loss.to_numpy()[: max(len(loss) // 10, 1)]))
@@ -239,7 +241,7 @@ def gradient_norm(run: Run) -> Iterator[Finding]:
         return
     yield Finding(
         title=f"Vanishing gradient norm from step {int(low.index[0])} while the loss is still high",
-        severity="warning", steps=(int(low.index[0]), int(low.index[-1])), probe="grad_norm",
+        severity="warning", steps=(int(low.index[0]), int(low.index[-1])), probe=GradNorm.name,
         evidence={"first_step": int(low.index[0]), "grad_norm_min": _g(low.min()),
                   "early_median": _g(early), "ratio": _g(low.min() / early),
                   "steps_below": len(low), "threshold_factor": VANISH_FACTOR},

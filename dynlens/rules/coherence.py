@@ -24,9 +24,11 @@ import numpy as np
 import pandas as pd
 
 from dynlens.diagnose import Finding, rule
+from dynlens.probes.base import TRAINING
+from dynlens.probes.coherence import Coherence
 from dynlens.store import Run
 
-PROBE = "coherence"
+PROBE = Coherence.name
 COLLAPSE_LIMIT = 2.0
 COLLAPSE_FACTOR = 3.0
 LOSS_FALL = 0.10
@@ -64,7 +66,7 @@ def _loss_between(loss: pd.Series, first: int, last: int) -> float:
     return float(window.mean()) if len(window) else math.nan
 
 
-@rule("coherence_collapse")
+@rule("coherence_collapse", probe=Coherence)
 def coherence_collapse(run: Run) -> Iterator[Finding]:
     """m-coherence collapsed toward the orthogonal limit while the training loss still falls."""
     coherence = run.series(PROBE, "m_coherence").dropna()
@@ -86,7 +88,7 @@ def coherence_collapse(run: Run) -> Iterator[Finding]:
         return
     first, last = int(steps[start]), int(steps[-1])
     span = max((last - first) // 4, 1)
-    loss = run.series("train", "loss")
+    loss = run.series(TRAINING, "loss")
     loss_start = _loss_between(loss, first, first + span)
     loss_end = _loss_between(loss, last - span, last)
     if not (math.isfinite(loss_start) and math.isfinite(loss_end)) or loss_end > (1 - LOSS_FALL) * loss_start:
@@ -132,7 +134,7 @@ def _batch_size(run: Run) -> int | None:
     return None
 
 
-@rule("batch_vs_noise_scale")
+@rule("batch_vs_noise_scale", probe=Coherence)
 def batch_vs_noise_scale(run: Run) -> Iterator[Finding]:
     """The training batch size is far from the gradient noise scale (critical batch size)."""
     batch = _batch_size(run)
@@ -187,7 +189,7 @@ def batch_vs_noise_scale(run: Run) -> Iterator[Finding]:
         )
 
 
-@rule("dominant_examples")
+@rule("dominant_examples", probe=Coherence)
 def dominant_examples(run: Run) -> Iterator[Finding]:
     """A few probe examples carry most of the per-example gradient energy Σ‖g_i‖²."""
     records = run.arrays(PROBE, "grad_norms")

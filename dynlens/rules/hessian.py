@@ -26,9 +26,10 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from dynlens.diagnose import Finding, rule
+from dynlens.probes.hessian import Hessian
 from dynlens.store import Run
 
-PROBE = "hessian"
+PROBE = Hessian.name
 SHARPENING_FACTOR = 1.5
 SHARPENING_TREND = 0.8
 SHARPENING_MIN_MEASUREMENTS = 4
@@ -98,7 +99,7 @@ def _eos_windows(ratio: pd.Series) -> list[tuple[int, int]]:
     return stretches
 
 
-@rule("progressive_sharpening")
+@rule("progressive_sharpening", probe=Hessian)
 def progressive_sharpening(run: Run) -> Iterator[Finding]:
     """λ_max grows steadily before the edge of stability (Cohen et al. 2021; module docstring)."""
     sharpness = _series(run, "sharpness")
@@ -132,7 +133,7 @@ def progressive_sharpening(run: Run) -> Iterator[Finding]:
     )
 
 
-@rule("edge_of_stability")
+@rule("edge_of_stability", probe=Hessian)
 def edge_of_stability(run: Run) -> Iterator[Finding]:
     """λ_max hovers within 10% of the stability threshold for a sustained window (Cohen et al.
     2021, 2022); the finding names the step it began."""
@@ -167,7 +168,7 @@ def edge_of_stability(run: Run) -> Iterator[Finding]:
     )
 
 
-@rule("sharpness_far_above_threshold")
+@rule("sharpness_far_above_threshold", probe=Hessian)
 def sharpness_far_above_threshold(run: Run) -> Iterator[Finding]:
     """λ_max well above the stability threshold: the steps are unstable along the top eigenvector."""
     ratio = _series(run, "sharpness_ratio")
@@ -194,7 +195,7 @@ def sharpness_far_above_threshold(run: Run) -> Iterator[Finding]:
     )
 
 
-@rule("negative_curvature")
+@rule("negative_curvature", probe=Hessian)
 def negative_curvature(run: Run) -> Iterator[Finding]:
     """A large negative eigenvalue at consecutive measurements: a saddle region."""
     lam_min = _series(run, "lambda_min")
