@@ -32,7 +32,7 @@ def main() -> None:
     y = torch.randint(0, 10, (512,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    probes = [type(p)(every=10) for p in dl.probes.default()]
+    probes = [p.with_schedule(every=10) for p in dl.probes.default()]
     with tempfile.TemporaryDirectory() as tmp:
         lens = dl.Lens(model, loss_fn, (x[:128].cpu(), y[:128].cpu()), opt, run_dir=tmp, probes=probes)
         steps, start = 0, time.perf_counter()

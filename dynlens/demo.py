@@ -60,10 +60,10 @@ def demo_probes() -> list:
     3 eigenvalues and the density."""
     from dynlens import probes
 
-    basic = [type(p)(every=10) for p in probes.basic()]
+    basic = [p.with_schedule(every=10) for p in probes.basic()]
     chosen = {"hessian": probes.Hessian(every=25, k=3, density=True, extras_every=1),
               "coherence": probes.Coherence(every=25, stiffness_every=1)}
-    return basic + [chosen.get(p.name) or type(p)(every=25) for p in probes.default()]
+    return basic + [chosen.get(p.name) or p.with_schedule(every=25) for p in probes.default()]
 
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: int = 64,

@@ -73,7 +73,7 @@ def test_basic_probes_match_values_computed_by_hand(tmp_path):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     initial = [p.detach().clone() for p in model.parameters()]
-    every_step = [type(p)(every=1) for p in dl.probes.basic()]
+    every_step = [p.with_schedule(every=1) for p in dl.probes.basic()]
     lens = dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=every_step, budget=None)
     sgd_steps(model, loss_fn, batch, opt, lens, 4)
     before = [p.detach().clone() for p in model.parameters()]
@@ -165,7 +165,7 @@ CHILD = textwrap.dedent("""
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     lens = dl.Lens(model, nn.CrossEntropyLoss(), (x, y), opt, run_dir=sys.argv[1],
-                   probes=[type(p)(every=10) for p in dl.probes.basic()])
+                   probes=[p.with_schedule(every=10) for p in dl.probes.basic()])
     step = 0
     while True:
         opt.zero_grad(); loss = nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()

@@ -18,7 +18,7 @@ def every_probe() -> list[dl.Probe]:
     their optional parts on dense sub-schedules too (the Hessian's λ_min, trace and density every
     2nd measurement from warm-started eigenvectors, products over sub-batches of 5; stiffness
     every 2nd)."""
-    probes = [type(p)(every=4) for p in dl.probes.basic()]
+    probes = [p.with_schedule(every=4) for p in dl.probes.basic()]
     options = {"hessian": {"extras_every": 2, "density": True, "density_iters": 8, "chunk_size": 5},
                "coherence": {"stiffness_every": 2}}
     probes += [type(p)(every=7, **options.get(p.name, {})) for p in dl.probes.default()]

@@ -9,6 +9,7 @@ anything it raises.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -153,9 +154,12 @@ class Probe:
     Class attributes a subclass may set:
         name: the probe's name in the run database (required).
         default_every: the ``every`` used when no schedule is given.
-        pure: True if ``measure`` computes only through ``ctx.fn`` (the functional helpers) and
-            so cannot touch ``.grad`` or buffers; the Lens then skips protecting them. Leave it
-            False for probes that call the model directly.
+        pure: True if ``measure`` never writes to the model: it may read ``ctx.model``'s
+            parameters (the basic probes take their norms) and compute through ``ctx.fn`` (the
+            functional helpers, which leave ``.grad`` and buffers alone), but it never runs the
+            model itself, calls ``backward()`` or changes a buffer. The Lens then skips setting
+            ``.grad`` aside and restoring the buffers around it. Leave it False for probes that
+            call the model directly.
         isolate: run inside :func:`dynlens.functional.isolated` (mode, RNG and attention kernel
             restored). Only probes that never run the model may set it False.
         timed: record the seconds each measurement took (as ``lens/seconds/<name>``).
@@ -183,6 +187,21 @@ class Probe:
             if mode not in ("eval", "train"):
                 raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
             self.mode = mode
+
+    def with_schedule(self, every: int | None = None, at: Iterable[int] | None = None,
+                      schedule: schedules.Schedule | None = None) -> Probe:
+        """A copy of this probe with another schedule and every other setting kept (rebuilding it
+        as ``type(p)(every=N)`` would drop the settings it was made with, such as those of
+        :func:`dynlens.probes.default`). The copy starts with no state of its own: take it
+        before attaching the probe to a Lens.
+
+        Raises:
+            ValueError: the schedule is not one of ``every=``, ``at=`` or ``schedule=``.
+        """
+        copied = copy.copy(self)
+        copied.__dict__ = copy.deepcopy(self.__dict__)
+        copied.schedule = schedules.resolve(every, at, schedule, default=type(self).default_every)
+        return copied
 
     def due(self, step: int) -> bool:
         """True if this probe measures at ``step`` (step 0 and close() are added by the Lens)."""

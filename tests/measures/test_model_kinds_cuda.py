@@ -54,7 +54,7 @@ def test_an_inductor_compiled_model_is_measured_as_its_eager_module_and_trains_o
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with tempfile.TemporaryDirectory() as tmp:
         with dl.Lens(compiled, LOSS, batch, optimizer, run_dir=tmp,
-                     probes=[type(p)(every=2) for p in dl.probes.default()], budget=None) as lens:
+                     probes=[p.with_schedule(every=2) for p in dl.probes.default()], budget=None) as lens:
             compiled.train()
             for _ in range(4):
                 optimizer.zero_grad()
