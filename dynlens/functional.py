@@ -1,20 +1,20 @@
 """The model as a function: (model, loss_fn, batch) turned into pure functions of a parameter dict.
 
-Everything above this layer (measurements, probes, the Lens) computes through here, so this is
-where the "no side effects" promise is kept:
+Everything above this layer (measurements, probes, the Lens) computes through
+:class:`ModelFunction`, so this is where the "no side effects" promise is kept:
 
 * parameters are read through ``detach()`` views and differentiated with ``torch.func`` or
   ``torch.autograd.grad`` on fresh leaves, never ``backward()``: a parameter's ``.grad`` is never
   written;
 * buffers are passed to ``functional_call`` as copies, so BatchNorm running statistics never move;
-* :func:`isolated` puts the model in eval mode (or train mode on request) and restores every
-  module's ``training`` flag, forks the torch CPU/CUDA, Python and NumPy random states (dropout in
-  ``mode="train"`` uses a fixed seed), and selects the math kernel of scaled-dot-product attention,
-  the only one with second derivatives.
+* the methods run inside :func:`dynlens.isolation.isolated`, which puts the model in eval mode
+  (or train mode on request), forks the random states and switches what would make second
+  derivatives inexact or impossible, restoring all of it on exit.
 
-A batch is ``(inputs, targets)``: ``inputs`` is a Tensor (``model(x)``), a tuple (``model(*x)``) or a
-dict (``model(**x)``). ``loss_fn(outputs, targets)`` returns the mean loss; the loss of one example
-is ``loss_fn`` applied to a batch of one, vectorised with ``vmap``.
+The layer's other modules: :mod:`dynlens.batches` (a batch is ``(inputs, targets)``; the loss of
+one example), :mod:`dynlens.parameters` (parameters by name, flat vectors, the module that owns a
+parameter) and :mod:`dynlens.isolation`. Their names used across the project are re-exported
+here, so ``from dynlens.functional import isolated, split_batch, flatten`` keeps working.
 
 HVP means Hessian-vector product, GGN the generalised Gauss-Newton matrix J^T (d^2 loss/d f^2) J,
 JVP/VJP Jacobian-vector and vector-Jacobian products of the model outputs.
@@ -23,26 +23,45 @@ JVP/VJP Jacobian-vector and vector-Jacobian products of the model outputs.
 from __future__ import annotations
 
 import contextlib
-import math
-import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
 
+from dynlens.batches import (
+    _example_dims,
+    _unreduced,  # noqa: F401 - re-exported: tests/test_functional.py
+    _unsqueeze,
+    _widened,
+    _widened_tree,
+    batch_size,
+    call_model,
+    check_loss,
+    example_losses,
+    slice_examples,
+    split_batch,
+    to_device,
+)
 from dynlens.convgrad import fast_conv_second_order
+from dynlens.isolation import (
+    Mode,  # noqa: F401 - re-exported: the probes
+    _attributes_set,  # noqa: F401 - re-exported: dynlens.probes.hessian
+    _seed_generators,
+    _weight_norm_composite,  # noqa: F401 - re-exported: benchmarks/second_derivatives.py
+    isolated,
+)
 from dynlens.linalg.operator import gaussian_vector
-
-Params = dict[str, Tensor]
-Mode = Literal["eval", "train"]
+from dynlens.parameters import (
+    Params,
+    flatten,
+    model_device,
+    trainable_parameters,
+    unflatten,
+    unwrap_model,
+)
 
 __all__ = [
     "ModelFunction",
@@ -61,314 +80,6 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """Return ``(inputs, targets)`` of a batch, with an error that says what a batch must be."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"a batch must be a pair (inputs, targets); got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + ". Pass probe_batch=(x, y) where model(x) gives the outputs and loss_fn(outputs, y) the loss."
-    )
-
-
-def call_model(model: Callable[..., Any], inputs: Any) -> Any:
-    """Call ``model`` on ``inputs`` by the convention of DESIGN.md: Tensor, tuple or dict."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
-def batch_size(inputs: Any) -> int:
-    """Number of examples in ``inputs``: the leading dimension of its first tensor."""
-    leaves = [x for x in tree_flatten(inputs)[0] if isinstance(x, Tensor)]
-    if not leaves or leaves[0].dim() == 0:
-        raise ValueError(
-            "the batch inputs hold no tensor with a batch dimension; pass tensors whose first "
-            "dimension indexes the examples"
-        )
-    return int(leaves[0].shape[0])
-
-
-def to_device(tree: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; other leaves stay as they are."""
-    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _widened(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is a half-precision float tensor (a copy), else ``t`` itself."""
-    return t.float() if t.dtype in _HALF else t
-
-
-def _widened_tree(tree: Any) -> Any:
-    return tree_map(lambda x: _widened(x) if isinstance(x, Tensor) else x, tree)
-
-
-def slice_examples(tree: Any, start: int, stop: int, step: int = 1) -> Any:
-    """Examples ``start:stop:step`` of every tensor leaf with a leading batch dimension."""
-    return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
-
-
-def _example_dims(tree: Any) -> Any:
-    """``vmap`` in_dims for a batch: 0 for tensors with a batch dimension, None elsewhere."""
-    return tree_map(lambda x: 0 if isinstance(x, Tensor) and x.dim() > 0 else None, tree)
-
-
-def _unsqueeze(tree: Any) -> Any:
-    return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, tree)
-
-
-def check_loss(value: Any) -> Tensor:
-    """Return ``value`` if it is a scalar tensor, else raise an error saying what loss_fn must return."""
-    if not isinstance(value, Tensor) or value.dim() != 0:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"loss_fn returned shape {shape}; dynlens needs the mean loss (a scalar) — pass "
-            "nn.CrossEntropyLoss() with its default reduction, or a function that returns .mean()"
-        )
-    return value
-
-
-# Loss modules whose reduction="none" gives each example's loss elementwise: with the mean (sum)
-# reduction, the loss of one example alone is the mean (sum) of its elements.
-_ELEMENTWISE_LOSSES: dict[type, Callable[[Any, Tensor, Tensor], Tensor]] = {
-    nn.MSELoss: lambda f, o, t: F.mse_loss(o, t, reduction="none"),
-    nn.L1Loss: lambda f, o, t: F.l1_loss(o, t, reduction="none"),
-    nn.SmoothL1Loss: lambda f, o, t: F.smooth_l1_loss(o, t, reduction="none", beta=f.beta),
-    nn.HuberLoss: lambda f, o, t: F.huber_loss(o, t, reduction="none", delta=f.delta),
-    nn.BCEWithLogitsLoss: lambda f, o, t: F.binary_cross_entropy_with_logits(o, t, reduction="none",
-                                                                            pos_weight=f.pos_weight),
-    nn.BCELoss: lambda f, o, t: F.binary_cross_entropy(o, t, reduction="none"),
-}
-
-
-def _unreduced(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor) -> Tensor | None:
-    """Each example's loss from one call of ``loss_fn``'s unreduced form, for the torch loss
-    modules whose unreduced values give it exactly; None for anything else."""
-    reduction = getattr(loss_fn, "reduction", None)
-    if reduction not in ("mean", "sum") or getattr(loss_fn, "weight", None) is not None:
-        return None
-    kind = type(loss_fn)
-    if kind in (nn.CrossEntropyLoss, nn.NLLLoss) and outputs.dim() == 2:
-        if targets.dim() == 1 and not targets.is_floating_point():
-            if kind is nn.CrossEntropyLoss:
-                values = F.cross_entropy(outputs, targets, reduction="none", ignore_index=loss_fn.ignore_index,
-                                         label_smoothing=loss_fn.label_smoothing)
-            else:
-                values = F.nll_loss(outputs, targets, reduction="none", ignore_index=loss_fn.ignore_index)
-            if reduction == "mean":  # an example alone whose target is ignored: the mean of nothing
-                values = values.masked_fill(targets == loss_fn.ignore_index, math.nan)
-            return values
-        if kind is nn.CrossEntropyLoss and targets.shape == outputs.shape:  # class probabilities
-            return F.cross_entropy(outputs, targets, reduction="none", label_smoothing=loss_fn.label_smoothing)
-        return None
-    if kind in _ELEMENTWISE_LOSSES and targets.shape == outputs.shape:
-        values = _ELEMENTWISE_LOSSES[kind](loss_fn, outputs, targets).reshape(outputs.shape[0], -1)
-        return values.mean(dim=1) if reduction == "mean" else values.sum(dim=1)
-    return None
-
-
-def example_losses(loss_fn: Callable[..., Any], outputs: Tensor, targets: Any) -> Tensor:
-    """(ℓ_1, ..., ℓ_n): ``loss_fn`` of each example alone, from batched ``outputs`` (n, ...) and
-    ``targets``. The torch loss modules with the mean or sum reduction and no class weights
-    (cross-entropy, NLL, MSE, L1, smooth L1, Huber, binary cross-entropy) are evaluated once
-    unreduced; any other ``loss_fn`` by ``vmap`` over the examples (each a batch of one)."""
-    if isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] == outputs.shape[0]:
-        values = _unreduced(loss_fn, outputs, targets)
-        if values is not None:
-            return values
-
-    def one(o: Tensor, t: Any) -> Tensor:
-        return check_loss(loss_fn(o.unsqueeze(0), _unsqueeze(t)))
-
-    return vmap(one, in_dims=(0, _example_dims(targets)))(outputs, targets)
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def trainable_parameters(model: nn.Module) -> Params:
-    """The model's trainable parameters by name (shared weights appear once)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def flatten(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors (a dict's values in order, or a sequence) into one flat vector."""
-    values = tensors.values() if isinstance(tensors, Mapping) else tensors
-    return torch.cat([t.reshape(-1) for t in values])
-
-
-def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Split a flat vector into a dict shaped like ``like`` (views into ``vector``)."""
-    out: Params = {}
-    offset = 0
-    for name, t in like.items():
-        n = t.numel()
-        out[name] = vector[offset : offset + n].view_as(t)
-        offset += n
-    if offset != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} entries; the parameters have {offset}")
-    return out
-
-
-# ----------------------------------------------------------------------------- isolation
-
-
-@contextlib.contextmanager
-def _attributes_set(changes: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
-    """``setattr(owner, name, value)`` for each change inside, every original value restored on
-    exit (also when the body raises): how a measurement switches torch's settings and functions."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
-    try:
-        for owner, name, value in changes:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, original in reversed(originals):
-            setattr(owner, name, original)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """``model`` without the wrappers that run it differently from its own ``forward``.
-
-    Strips ``torch.compile``'s ``OptimizedModule`` (compiled code has no double backward),
-    ``nn.DataParallel`` (which scatters the inputs over replicas that do not see the parameters a
-    measurement substitutes) and ``DistributedDataParallel`` (whose forward synchronises buffers
-    across ranks), at any depth of nesting. The module returned holds the very same parameters and
-    buffers, so measuring it measures the model; its parameter names are those of the user's own
-    module, without the wrappers' ``_orig_mod.`` and ``module.`` prefixes.
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _eager(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """Run compiled modules inside ``model`` eagerly (their compiled code has no double backward).
-
-    torch >= 2.6: ``torch.compiler.set_stance("force_eager")``, which covers submodules wrapped by
-    ``torch.compile`` and modules compiled in place (``module.compile()``). Before 2.6 only the
-    in-place kind can be switched off (its ``_compiled_call_impl``, restored on exit); a submodule
-    wrapped by ``torch.compile`` still runs compiled there. Nothing is switched (and dynamo is
-    not imported) when no compiler was used in the process.
-    """
-    if "torch._dynamo" not in sys.modules:
-        # nothing in this process was compiled (torch.compile imports dynamo), and importing it
-        # for set_stance costs seconds: a model that is not compiled touches no compile machinery
-        return contextlib.nullcontext()
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is not None:
-        return set_stance("force_eager")
-    return _attributes_set([(m, "_compiled_call_impl", None) for m in model.modules()
-                            if getattr(m, "_compiled_call_impl", None) is not None])
-
-
-class _RunDirectly:
-    """Stands in for ``torch.utils.checkpoint.CheckpointFunction``: runs the function as is."""
-
-    @staticmethod
-    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
-        return function(*args)
-
-
-def _no_checkpoint(*args: Any, **kwargs: Any) -> Iterator[None]:
-    """Stands in for ``torch.utils.checkpoint._checkpoint_without_reentrant_generator``, whose
-    caller runs the function between two steps of it: here, steps that do nothing."""
-    yield
-
-
-def _checkpoints_run_directly() -> contextlib.AbstractContextManager[Any]:
-    """Run the blocks of activation checkpointing (``torch.utils.checkpoint.checkpoint``) as
-    plain calls. The reentrant kind (``use_reentrant=True``, torch's default before 2.4) refuses
-    ``torch.autograd.grad``, with which every measurement differentiates, and has no second
-    derivative; the non-reentrant kind recomputes its block in the backward pass, where the layer
-    hooks of the per-example gradients are gone. Checkpointing saves memory without changing a
-    value, and a measurement on a probe batch needs no saving. ``checkpoint`` looks both names up
-    when it is called, so calls through a name imported earlier are covered; both are restored
-    on exit."""
-    module = torch.utils.checkpoint
-    stand_ins = {"CheckpointFunction": _RunDirectly, "_checkpoint_without_reentrant_generator": _no_checkpoint}
-    return _attributes_set([(module, name, stand_in) for name, stand_in in stand_ins.items()
-                            if hasattr(module, name)])
-
-
-def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
-    """``torch._weight_norm`` from elementary operations: g·v/‖v‖ (the norm over every dimension
-    but ``dim``), the formula of its own non-fused branch."""
-    return v * (g / torch.norm_except_dim(v, 2, dim))
-
-
-def _weight_norm_composite() -> contextlib.AbstractContextManager[Any]:
-    """Weight normalisation from elementary operations inside a measurement.
-
-    The fused kernel (``_weight_norm_interface``) behind ``torch._weight_norm``, which both
-    ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``
-    call, has a wrong second derivative: its double backward holds the saved norms constant, and
-    Hessian-vector products through it were off by 30 to 50% (torch 2.3, 2.11 and 2.13, against
-    finite differences of the gradient; tests/test_functional.py). It has no forward-mode
-    derivative either. The composite formula has the same values and exact derivatives of every
-    order. Both names are swapped (the older hook imported its own) and restored on exit."""
-    import torch.nn.utils.weight_norm  # noqa: F401 - the module, for the name it imported
-
-    owners = [torch, sys.modules.get("torch.nn.utils.weight_norm")]
-    return _attributes_set([(owner, "_weight_norm", _composite_weight_norm) for owner in owners
-                            if hasattr(owner, "_weight_norm")])
-
-
-def _native_recurrent_kernels(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """cuDNN off for a CUDA model with recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``).
-
-    cuDNN's RNN backward runs only in training mode ("cudnn RNN backward can only be called in
-    training mode"), so a measurement in eval mode could not even take a gradient, and it has no
-    double backward. PyTorch's native kernels have both (Hessian-vector products within 3e-9 of
-    finite differences on an H100: ``benchmarks/second_derivatives.py``). The flag is global, so
-    the model's convolutions run without cuDNN too during the measurement; restored on exit."""
-    recurrent = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
-    return _attributes_set([(torch.backends.cudnn, "enabled", False)] if recurrent else [])
-
-
-@contextlib.contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
-    """Autocast off on the CPU and the model's device: a measurement taken inside the user's
-    ``torch.autocast`` block would run its matrix products in 16 bits (eigenvalues 1e-3 off while
-    Lanczos reported residuals of 1e-5)."""
-    with contextlib.ExitStack() as stack:
-        for kind in dict.fromkeys(("cpu", device.type)):
-            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
-        yield
-
-
-def _sdpa_math_kernel() -> contextlib.AbstractContextManager[Any]:
-    """Select the math kernel of scaled-dot-product attention (fused kernels have no 2nd derivative)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3 has no selector; its default kernels are then used
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 _FASTEST_HVP: dict[tuple, str] = {}
 
 # The out-of-memory error of any device: torch.OutOfMemoryError from torch 2.5, before that the
@@ -377,59 +88,9 @@ OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cud
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for off CUDA): timings include it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _seed_generators(device: torch.device, seed: int) -> None:
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-
-
-@contextlib.contextmanager
-def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[None]:
-    """Run a measurement on ``model`` with no trace left behind.
-
-    Inside: every module is in ``mode`` ("eval": BatchNorm uses running statistics and dropout is
-    off; "train": batch statistics and dropout with the fixed ``seed``), the torch CPU and CUDA
-    generators are seeded with ``seed``, attention uses the math kernel, compiled modules run
-    eagerly (:func:`_eager`), activation checkpoints run as plain calls
-    (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
-    operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
-    recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`),
-    autocast is off (:func:`_full_precision`), and TF32 is off (cuDNN convolutions use it by
-    default; its ~1e-3 relative error would bound every eigenvalue's accuracy). On exit the
-    modules' ``training`` flags, the TF32 and cuDNN settings, the compiler's stance, the
-    checkpoint and weight-norm functions and the torch, CUDA, Python ``random`` and NumPy random
-    states are restored exactly, also when the body raises. The settings and functions are
-    process-wide: another thread training at the same moment would see them (the values are the
-    same, the rounding and speed may differ).
-    """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    flags = [(m, m.training) for m in model.modules()]
-    device = model_device(model)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=cuda, enabled=True):
-            _seed_generators(device, seed)
-            model.train(mode == "train")
-            # TF32 (cuDNN's default for convolutions) carries ~1e-3 relative error into every
-            # product: no eigensolver converges below it. Measurements run in full float32.
-            no_tf32 = _attributes_set([(torch.backends.cudnn, "allow_tf32", False),
-                                       (torch.backends.cuda.matmul, "allow_tf32", False)])
-            with no_tf32, _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), \
-                    _weight_norm_composite(), _native_recurrent_kernels(model, device), _full_precision(device):
-                yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 # ----------------------------------------------------------------------------- the function
