@@ -58,15 +58,11 @@ from dynlens.functional import (
     to_device,
     unwrap_model,
 )
-from dynlens.probes.base import Context, Probe
+from dynlens.parameters import layer_of
+from dynlens.probes.base import LENS, TRAINING, Context, Labelled, Probe
 from dynlens.store import RunWriter, costs_frame
 
 __all__ = ["Lens"]
-
-
-def _layer_of(param_name: str) -> str:
-    """The module that owns a parameter: 'encoder.0.weight' -> 'encoder.0'; 'scale' -> 'scale'."""
-    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
 def _model_summary(model: nn.Module) -> dict[str, Any]:
@@ -299,8 +295,8 @@ class Lens:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.memory = MemoryBudget(sum(p.numel() * p.element_size() for _, p in trainable),
                                    model_device(model), memory_budget)
-        self.layers: list[str] = list(dict.fromkeys(_layer_of(n) for n, _ in trainable))
-        self.layer_index = [self.layers.index(_layer_of(n)) for n, _ in trainable]
+        self.layers: list[str] = list(dict.fromkeys(layer_of(n) for n, _ in trainable))
+        self.layer_index = [self.layers.index(layer_of(n)) for n, _ in trainable]
 
         if run_dir is None:
             run_dir = os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -437,16 +433,16 @@ class Lens:
         self.step_count += 1
         step = self.step_count
         if isinstance(value, Tensor):
-            self._device_scalars.add(step, "train", "loss", value)
+            self._device_scalars.add(step, TRAINING, "loss", value)
         elif value is not None:
-            self.writer.step_scalar(step, "train", "loss", value)
+            self.writer.step_scalar(step, TRAINING, "loss", value)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
                 lr = group.get("lr")
                 if isinstance(lr, Tensor):
                     lr = lr.item()
                 if lr is not None:
-                    self.writer.step_scalar(step, "train", "lr" if i == 0 else f"lr/{i}", float(lr))
+                    self.writer.step_scalar(step, TRAINING, "lr" if i == 0 else f"lr/{i}", float(lr))
         for probe in self.probes:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
@@ -657,6 +653,9 @@ class Lens:
             return False
         try:
             for name, value in values.items():
+                if isinstance(value, Labelled):
+                    self.writer.array_labels(step, probe.name, str(name), value.labels)
+                    value = value.values
                 if isinstance(value, Tensor):
                     value = value.detach().cpu()
                     value = value.item() if value.dim() == 0 else value.double().numpy() if value.is_floating_point() else value.numpy()
@@ -674,7 +673,7 @@ class Lens:
             self._fail(probe, "measure", err)
             return False
         if probe.timed:
-            self.writer.scalar(step, "lens", f"seconds/{probe.name}", seconds)
+            self.writer.scalar(step, LENS, f"seconds/{probe.name}", seconds)
         return True
 
     # ------------------------------------------------------------------ costs

@@ -10,6 +10,7 @@ from dynlens.probes.base import Context, Probe
 from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
 from dynlens.probes.coherence import Coherence
 from dynlens.probes.hessian import Hessian
+from dynlens.probes.weight_spectrum import WeightSpectrum
 
 __all__ = [
     "Probe",
@@ -20,16 +21,18 @@ __all__ = [
     "DistanceFromInit",
     "Hessian",
     "Coherence",
+    "WeightSpectrum",
     "basic",
     "default",
 ]
 
 
 def basic() -> list[Probe]:
-    """New instances of the basic probes, each measuring at every step."""
+    """New instances of the basic probes (every 50 steps by default: a few passes over the
+    parameters each)."""
     return [GradNorm(), ParamNorm(), UpdateSize(), DistanceFromInit()]
 
 
 def default() -> list[Probe]:
     """New instances of every built-in probe beyond the basic ones, with their default schedules."""
-    return [Hessian(), Coherence()]
+    return [Hessian(), Coherence(), WeightSpectrum()]

@@ -24,14 +24,41 @@ from torch import Tensor, nn
 from dynlens import schedules
 from dynlens.functional import Mode, ModelFunction
 
-__all__ = ["Probe", "Context", "Values", "Occasional", "TRAINING", "LENS", "probe_names", "probe_name"]
+__all__ = ["Probe", "Context", "Values", "Labelled", "Occasional", "TRAINING", "LENS", "probe_names", "probe_name"]
 
 # the records the Lens writes beside the probes': the training loss and learning rates, and the
 # Lens's own (each measurement's seconds)
 TRAINING = "train"
 LENS = "lens"
 
-Values = Mapping[str, "float | int | np.ndarray | Tensor"]
+Values = Mapping[str, "float | int | np.ndarray | Tensor | Labelled"]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """An array whose entries carry their own labels, one per entry along its first axis: a
+    value per weight matrix, per parameter tensor or per example, where the run's list of layers
+    (``ctx.layers``, what an unlabelled per-layer array lines up with) does not fit. The Lens
+    stores the labels with the array (only when they change) and the report uses them.
+
+    Raises:
+        ValueError: the labels are not one per entry of the first axis, or not all strings.
+    """
+
+    values: np.ndarray | Tensor
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        labels = tuple(self.labels)
+        if not all(isinstance(label, str) for label in labels):
+            raise ValueError(f"labels must be strings; got {[type(x).__name__ for x in labels][:5]}")
+        shape = tuple(self.values.shape)
+        if not shape or shape[0] != len(labels):
+            raise ValueError(
+                f"a labelled array needs one label per entry of its first axis: the array has shape "
+                f"{shape} and {len(labels)} labels were given"
+            )
+        object.__setattr__(self, "labels", labels)
 
 
 @dataclass

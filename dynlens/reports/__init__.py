@@ -25,6 +25,7 @@ from dynlens.reports.coherence import (
 from dynlens.reports.hessian import plot_density, plot_sharpness, plot_trace
 from dynlens.reports.html import Report, render_html, report
 from dynlens.reports.registry import figure, figures_for
+from dynlens.reports.weight_spectrum import plot_stable_rank, plot_top_singular_value
 
 __all__ = [
     "report", "Report", "render_html", "figure", "figures_for",
@@ -32,4 +33,5 @@ __all__ = [
     "plot_distance_from_init", "plot_per_layer",
     "plot_coherence", "plot_noise_scale", "plot_stiffness", "plot_grad_norms",
     "plot_sharpness", "plot_density", "plot_trace",
+    "plot_top_singular_value", "plot_stable_rank",
 ]

@@ -130,9 +130,15 @@ _PER_LAYER_LABELS = {
 
 def plot_per_layer(runs: RunLike | Sequence[RunLike], probe: str,
                    findings: Sequence[Finding] | None = None,
-                   name: str = "per_layer") -> Figure | None:
-    """The per-layer array ``probe/name`` over steps, one panel per run: one line per layer
-    (up to 10 layers), else a heat map of log10 of the values (layers × steps)."""
+                   name: str = "per_layer", ylabel: str | None = None) -> Figure | None:
+    """The per-layer array ``probe/name`` over steps, one panel per run: one line per entry
+    (up to 10), else a heat map of log10 of the values (entries × steps). Entries are named by
+    the array's own labels (:class:`dynlens.probes.base.Labelled`), else by the run's layers.
+
+    Raises:
+        ValueError: an unlabelled array's length differs from the run's number of layers (the
+            probe must label it: which entry is which cannot be guessed).
+    """
     runs, findings = runs_and_findings(runs, findings)
     stacks = []
     for run in runs:
@@ -143,20 +149,26 @@ def plot_per_layer(runs: RunLike | Sequence[RunLike], probe: str,
     if not stacks:
         return None
     labels = dict(zip([id(r) for r in runs], run_labels(runs), strict=True))
-    ylabel = _PER_LAYER_LABELS.get(probe, f"{probe} {name}")
+    ylabel = ylabel or _PER_LAYER_LABELS.get(probe, f"{probe} {name}")
     with report_style():
         fig, axes = new_figure(f"{ylabel.split(' per layer')[0]}: per layer", nrows=len(stacks),
                                height=3.0)
         for ax, (run, steps, values) in zip(axes[:, 0], stacks, strict=True):
-            layers = list(run.meta.get("layers") or [])
+            own = run.array_labels(probe, name)
+            layers = list(own if own is not None else run.meta.get("layers") or [])
             if len(layers) != values.shape[1]:
-                layers = [str(i) for i in range(values.shape[1])]
+                raise ValueError(
+                    f"{probe}/{name} has {values.shape[1]} entries a step and the run "
+                    f"{'labels them' if own is not None else 'has layers'} {len(layers)}: "
+                    "a probe's array that does not line up with the run's layers must carry its "
+                    "own labels (return dl.probes.base.Labelled(values, labels))")
             if len(layers) <= MAX_LAYER_LINES:
                 for i, layer in enumerate(layers):
                     plot_line(ax, steps, values[:, i], label=layer or "(root)",
                               color=COLORS[i % len(COLORS)])
                 log_scale_if_spans_decades(ax, values)
-                ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), title="layer")
+                ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5),
+                          title="layer" if own is None else None)
                 ax.set_ylabel(ylabel)
             else:
                 _heatmap(fig, ax, steps, values, layers)
