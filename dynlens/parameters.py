@@ -1,10 +1,11 @@
-"""A model's parameters by name: which are trained, where they live, under which names, and the
-flat vectors the linear algebra works on.
+"""A model's parameters by name: which are trained, where they live, which module owns each, and
+the flat vectors the linear algebra works on.
 
 Measurements differentiate the trainable parameters as a dict ``{name: tensor}`` in
 ``named_parameters`` order (:data:`Params`); Lanczos and the trace estimators see them as one
 flat vector (:func:`flatten`, :func:`unflatten`). The names are those of the user's own module:
-:func:`unwrap_model` strips the ``torch.compile`` and data-parallel wrappers first.
+:func:`unwrap_model` strips the ``torch.compile`` and data-parallel wrappers first. Statistics
+reported per layer group the parameters by the module that owns them (:func:`layer_of`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "trainable_parameters",
     "model_device",
     "unwrap_model",
+    "layer_of",
     "flatten",
     "unflatten",
 ]
@@ -58,6 +60,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def layer_of(name: str) -> str:
+    """The module that owns a parameter, by its name: ``"encoder.0.weight"`` -> ``"encoder.0"``;
+    a parameter of the model itself keeps its name (``"scale"`` -> ``"scale"``). Per-layer
+    statistics (coherence's GSNR, the Hessian's layer blocks, the basic probes' norms through the
+    Lens's layer index) group parameters by it."""
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def flatten(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:

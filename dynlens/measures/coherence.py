@@ -60,7 +60,7 @@ from dynlens.measures._coherence_sources import (
     _Gradients,
     _NotFactorable,
 )
-from dynlens.parameters import unwrap_model
+from dynlens.parameters import layer_of, unwrap_model
 
 __all__ = ["Coherence", "gradient_coherence", "coherence_of", "auto_chunk_size", "memory_model", "MemoryModel",
            "VmapUnsupportedError"]
@@ -168,10 +168,6 @@ class Coherence:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _layer_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def _batchnorm_layers(model: nn.Module) -> list[str]:
     return [n or type(m).__name__ for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -272,9 +268,9 @@ def coherence_of(
         values, index = torch.unique(host_labels, return_inverse=True)
         group = _Classes(values, index.to(device), index.numpy())
 
-    layer_of = [_layer_of(name) for name in names]
-    layers = list(dict.fromkeys(layer_of))
-    layer_index = torch.tensor([layers.index(layer) for layer in layer_of], device=device)
+    owners = [layer_of(name) for name in names]
+    layers = list(dict.fromkeys(owners))
+    layer_index = torch.tensor([layers.index(layer) for layer in owners], device=device)
     sizes = [t.numel() for t in fn.params.values()]
     blocks = BlockSizes(BLOCK, CLASS_BLOCK)
 

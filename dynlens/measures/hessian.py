@@ -67,6 +67,7 @@ from dynlens.linalg import (
     lanczos_eigsh,
     slq,
 )
+from dynlens.parameters import layer_of
 
 __all__ = [
     "Eigen",
@@ -172,8 +173,7 @@ def layer_blocks(model: nn.Module) -> dict[str, list[str]]:
     ``"0.bias"`` form layer ``"0"``), in ``named_parameters`` order; tied weights count once."""
     blocks: dict[str, list[str]] = {}
     for name in trainable_parameters(unwrap_model(model)):
-        layer = name.rsplit(".", 1)[0] if "." in name else name
-        blocks.setdefault(layer, []).append(name)
+        blocks.setdefault(layer_of(name), []).append(name)
     return blocks
 
 
