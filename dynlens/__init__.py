@@ -1,6 +1,7 @@
 """dynlens: probes that watch a PyTorch model train and say what its training dynamics are doing.
 
-See DESIGN.md for the public API; the most used names are re-exported here::
+The public API is the names below (``dl.<name>``) and the subpackages ``dl.probes``,
+``dl.reports``, ``dl.measures``, ``dl.linalg`` and ``dl.schedules``; the most used::
 
     import dynlens as dl
     lens = dl.Lens(model, loss_fn, probe_batch=(x, y), optimizer=opt, run_dir="runs/exp1")

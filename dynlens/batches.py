@@ -1,4 +1,4 @@
-"""Batches and their losses, by the conventions of DESIGN.md.
+"""Batches and their losses: the conventions every measurement and the Lens follow.
 
 A batch is ``(inputs, targets)``: ``inputs`` is a Tensor (``model(x)``), a tuple (``model(*x)``) or a
 dict (``model(**x)``), and the leading dimension of its tensors indexes the examples.
@@ -42,7 +42,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
-    """Call ``model`` on ``inputs`` by the convention of DESIGN.md: Tensor, tuple or dict."""
+    """Call ``model`` on ``inputs`` by the batch convention: a Tensor as ``model(x)``, a tuple as
+    ``model(*x)``, a dict as ``model(**x)``."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple):

@@ -1,6 +1,6 @@
 """Measurement isolation: what :func:`isolated` switches while a measurement runs, and restores.
 
-A measurement leaves no trace on training (DESIGN.md, promise 1), and it must compute exact
+A measurement leaves no trace on training (the first of the Lens's promises, README), and it must compute exact
 second derivatives on any model the user trains. Inside :func:`isolated` the model is in eval
 mode (or train mode with a fixed dropout seed), the random states are forked, and torch's
 settings and functions that would make a measurement inexact or impossible are switched, each

@@ -1,6 +1,6 @@
 """Gradient coherence: statistics of the per-example gradients g_i = ∇ℓ_i on one batch.
 
-Definitions (METRICS.md §2; m examples, ḡ = (1/m) Σ g_i):
+Definitions (m examples, ḡ = (1/m) Σ g_i; each with the paper it comes from):
 
 * coherence α = ‖ḡ‖² / ((1/m) Σ ‖g_i‖²) and its orthogonal limit α⊥ = 1/m; m-coherence
   α/α⊥ = ‖Σ g_i‖² / Σ ‖g_i‖², about how many examples a step on one example helps
@@ -469,7 +469,7 @@ def gradient_coherence(
     memory: int | None = None,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
-    class), stiffness, GSNR and the gradient noise scale (METRICS.md §2).
+    class), stiffness, GSNR and the gradient noise scale (defined in this module's docstring).
 
     The per-example gradients g_i = ∇ℓ_i come from layer hooks (below) or ``torch.func``
     (``vmap`` of ``grad``) in chunks of ``chunk_size`` examples. ``chunk_size="auto"`` (the

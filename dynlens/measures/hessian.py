@@ -1,6 +1,6 @@
 """Hessian spectra: extreme eigenvalues (sharpness), trace and spectral density, matrix-free.
 
-Definitions in METRICS.md §1. H = ∇²L is the Hessian of the mean loss on the batch with respect
+H = ∇²L is the Hessian of the mean loss on the batch with respect
 to the chosen parameters; ``curvature="ggn"`` measures the generalised Gauss-Newton matrix
 G = Jᵀ (∇²_f loss) J instead (PSD for convex losses). HVP = Hessian-vector product.
 
@@ -603,7 +603,7 @@ def hessian_eigenvalues(
     chunk_size: int | None = None,
     memory: int | None = None,
 ) -> Eigen | dict[str, Eigen]:
-    """The k extreme eigenvalues of the Hessian of the mean loss on ``batch`` (METRICS.md §1).
+    """The k extreme eigenvalues of the Hessian of the mean loss on ``batch``.
 
     Lanczos with full reorthogonalisation from the gradient plus a Gaussian vector (seeded with
     ``seed``; a Gaussian vector alone for the bottom of the spectrum, see ``start``),

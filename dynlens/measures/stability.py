@@ -1,6 +1,6 @@
 """Stability of training: the Hessian's extreme eigenvalues, trace and density on a batch, tracked
-between measurements, against the stability threshold of the optimizer in use (METRICS.md §1:
-the edge of stability).
+between measurements, against the stability threshold of the optimizer in use (the edge of stability: Cohen et
+al. 2021 and 2022).
 
 Thresholds, read from the optimizer's own hyperparameters (first parameter group) and state:
 

@@ -17,7 +17,8 @@ __all__ = ["Coherence"]
 
 
 class Coherence(Probe):
-    """Records :func:`dynlens.gradient_coherence` of the probe batch (METRICS.md §2).
+    """Records :func:`dynlens.gradient_coherence` of the probe batch (its definitions and papers are
+    in :mod:`dynlens.measures.coherence`).
 
     Scalars: ``alpha``, ``alpha_orthogonal`` (1/m), ``m_coherence``, ``stiffness_within``,
     ``stiffness_between``, ``stiffness_mean``, ``gsnr``, ``gsnr_excluded``, ``noise_scale``

@@ -1,5 +1,5 @@
 """The Hessian probe: sharpness, the top-k and bottom eigenvalues, trace and density over training,
-against the stability threshold of the optimizer in use (METRICS.md §1). The measurement and
+against the stability threshold of the optimizer in use (the edge of stability). The measurement and
 its thresholds are :mod:`dynlens.measures.stability`'s; the probe keeps the eigenvectors between
 measurements (the warm start), runs the optional parts on their sub-schedules within the time
 budget, and records.

@@ -6,8 +6,8 @@
 * ``stalled_training``: the loss stays flat (its median changes by less than 1 % across a window
   of a tenth of the run) while the gradient norm stays at least a tenth of its early value and
   the loss is far from zero (dynlens heuristic).
-* ``exploding_gradient`` / ``vanishing_gradient``: the total gradient norm rises above 100 times,
-  or falls below 1/1000 of, its median over the first tenth of the run (Pascanu, Mikolov &
+* ``gradient_norm`` (exploding or vanishing gradients): the total gradient norm rises above 100
+  times, or falls below 1/1000 of, its median over the first tenth of the run (Pascanu, Mikolov &
   Bengio 2013); vanishing only counts while the loss is still above a tenth of its start.
 * ``probe_failures``: a probe that raised (error events) or was switched off (warning events).
 """
@@ -88,7 +88,7 @@ def loss_spike(run: Run) -> Iterator[Finding]:
             suggestion=(
                 "Lower the learning rate or lengthen warmup; clip the gradient norm; with Adam, "
                 "try a larger epsilon or a smaller beta2. Check whether a few examples drive the "
-                "spike (dl.probes.OpposingSignals) and whether sharpness crossed 2/lr "
+                "spike (the coherence probe's largest per-example gradient norms) and whether sharpness crossed 2/lr "
                 "(dl.probes.Hessian)."
             ),
         )
@@ -280,7 +280,7 @@ def probe_failures(run: Run) -> Iterator[Finding]:
             title=title, severity="warning", steps=(first, last), probe=str(probe),
             evidence={"probe": str(probe), "errors": len(errors),
                       "switched_off": not off.empty, "first_error": message[:500]},
-            reference="dynlens fail-safe probes (DESIGN.md, promise 2)",
+            reference="dynlens: a probe that raises is recorded and switched off, training goes on (dynlens.lens)",
             suggestion="Read the traceback in the Events section; fix the cause (for example, "
                        "out of memory: a smaller probe_batch or a sparser schedule) and rerun. "
                        "Its measurements are missing for the failed steps.",

@@ -1,4 +1,4 @@
-"""Diagnosis rules over the Hessian probe (``hessian``; METRICS.md §1).
+"""Diagnosis rules over the Hessian probe (``hessian``; definitions in :mod:`dynlens.measures.stability`).
 
 The ratio r = ``sharpness_ratio`` is λ_max over the optimizer's stability threshold (2/η for
 gradient descent, (2+2β)/η with momentum; for Adam the preconditioned sharpness over
