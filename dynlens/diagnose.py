@@ -7,6 +7,7 @@ the measure, probe and figure modules) and are all imported by ``dynlens.rules``
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from dynlens.probes.base import Probe, probe_name
 from dynlens.store import Run
 
-__all__ = ["Finding", "rule", "diagnose", "SEVERITIES", "registered_rules", "rule_probe"]
+__all__ = ["Finding", "rule", "diagnose", "SEVERITIES", "registered_rules", "rule_probe", "evidence_number"]
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
@@ -44,6 +45,12 @@ class Finding:
     suggestion: str = ""
     probe: str | None = None
     rule: str = ""
+
+
+def evidence_number(x: float) -> float:
+    """A number for a finding's evidence: rounded to 4 significant digits (inf and nan kept)."""
+    x = float(x)
+    return x if not math.isfinite(x) else float(f"{x:.4g}")
 
 
 Rule = Callable[[Run], Iterable[Finding]]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dynlens.diagnose import Finding, rule
+from dynlens.diagnose import evidence_number as _g
 from dynlens.probes.base import TRAINING
 from dynlens.probes.basic import GradNorm, ParamNorm
 from dynlens.store import Run
@@ -50,10 +51,6 @@ def _episodes(steps: np.ndarray, gap: int) -> list[tuple[int, int, np.ndarray]]:
     breaks = np.flatnonzero(np.diff(steps) > gap) + 1
     return [(int(g[0]), int(g[-1]), g) for g in np.split(steps, breaks)]
 
-
-def _g(x: float) -> float:
-    """A float rounded to 4 significant digits for evidence."""
-    return float(f"{float(x):.4g}")
 
 
 @rule("loss_spike", probe=TRAINING)

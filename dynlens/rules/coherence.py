@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dynlens.diagnose import Finding, rule
+from dynlens.diagnose import evidence_number as _g
 from dynlens.probes.base import TRAINING
 from dynlens.probes.coherence import Coherence
 from dynlens.store import Run
@@ -52,11 +53,6 @@ _DOMINANT_REFERENCE = (
     "Are Created Equal\""
 )
 
-
-def _g(x: float) -> float:
-    """A float rounded to 4 significant digits for evidence (inf and nan kept)."""
-    x = float(x)
-    return x if not math.isfinite(x) else float(f"{x:.4g}")
 
 
 def _loss_between(loss: pd.Series, first: int, last: int) -> float:

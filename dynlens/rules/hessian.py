@@ -18,7 +18,6 @@ gradient descent, (2+2β)/η with momentum; for Adam the preconditioned sharpnes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,6 +25,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from dynlens.diagnose import Finding, rule
+from dynlens.diagnose import evidence_number as _g
 from dynlens.probes.hessian import Hessian
 from dynlens.store import Run
 
@@ -55,11 +55,6 @@ _SADDLE = (
     "Over-Parametrized Neural Networks\""
 )
 
-
-def _g(x: float) -> float:
-    """A float rounded to 4 significant digits for evidence (inf and nan kept)."""
-    x = float(x)
-    return x if not math.isfinite(x) else float(f"{x:.4g}")
 
 
 def _series(run: Run, name: str) -> pd.Series:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dynlens.diagnose import Finding, rule
+from dynlens.diagnose import Finding, evidence_number, rule
 from dynlens.probes.weight_spectrum import WeightSpectrum
 from dynlens.store import Run
 
@@ -50,8 +50,8 @@ def stable_rank_collapse(run: Run) -> Iterator[Finding]:
             title=f"Stable rank of {name} fell from {first:.3g} to {lowest:.3g}",
             severity="warning",
             steps=(int(steps[finite][0]), int(steps[lowest_at])),
-            evidence={"matrix": name, "first": round(first, 4), "lowest": round(lowest, 4),
-                      "lowest_step": int(steps[lowest_at]), "fraction": round(lowest / first, 4)},
+            evidence={"matrix": name, "first": evidence_number(first), "lowest": evidence_number(lowest),
+                      "lowest_step": int(steps[lowest_at]), "fraction": evidence_number(lowest / first)},
             reference=_REFERENCE,
             suggestion=(
                 "The matrix now acts mostly along a few directions. If that was not expected, try "
