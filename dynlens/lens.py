@@ -342,6 +342,7 @@ class Lens:
             self._guarded(probe, "setup", lambda p=probe: p.setup(ctx))
         self._run_due(ctx, initial=True)
         self._prepare_next(ctx)
+        self._write_notes()
         self.memory.retain(before)
         self.writer.commit()
 
@@ -464,6 +465,13 @@ class Lens:
                 ctx = ctx or self._context()
                 self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
 
+    def _write_notes(self) -> None:
+        """Write the probes' notes (:meth:`dynlens.Probe.note`) to the metadata when one changed."""
+        if any(getattr(p, "_notes_changed", False) for p in self.probes):
+            self.writer.set_meta({"notes": {p.name: p.notes for p in self.probes if getattr(p, "notes", None)}})
+            for p in self.probes:
+                p._notes_changed = False
+
     def _probes_begin(self) -> None:
         """Note the device memory in use before the probes' first work of this step (read only at
         steps where they work: an allocator read costs host time), for ``step()`` to count what
@@ -520,6 +528,7 @@ class Lens:
                 self._failures[probe.name] = 0
         if records:
             self.writer.set_meta({"costs": self._cost_record()})
+        self._write_notes()
 
     def _measure(self, probe: Probe, ctx: Context, records: list[tuple[Probe, Any, float]]) -> None:
         """Take one measurement of ``probe`` (timed, memory-bounded, OOM-guarded) and append

@@ -333,3 +333,24 @@ def test_a_compiled_model_keeps_training_on_its_compiled_code(tmp_path):
     assert len(compiles) == 1 and len(runs) == 6
     run = dl.load_run(tmp_path)
     assert run.events().empty and len(run.series("hessian", "sharpness")) == 4
+
+
+def test_a_probe_notes_what_it_learns_into_the_run_metadata_after_setup(tmp_path):
+    class Noting(dl.Probe):
+        name = "noting"
+
+        def setup(self, ctx):
+            self.note("found", ["a", "b"])
+
+        def measure(self, ctx):
+            if ctx.step == 2:
+                self.note("fell_back_at", ctx.step)
+            return {"value": float(ctx.step)}
+
+    model, loss_fn, batch = tiny_problem()
+    with dl.Lens(model, loss_fn, batch, run_dir=tmp_path, probes=[Noting(every=1)], basic=False, budget=None) as lens:
+        lens.step()
+        assert dl.load_run(tmp_path).meta["notes"] == {"noting": {"found": ["a", "b"]}}
+        lens.step()
+        lens.step()
+    assert dl.load_run(tmp_path).meta["notes"] == {"noting": {"found": ["a", "b"], "fell_back_at": 2}}

@@ -214,6 +214,16 @@ class Probe:
             if mode not in ("eval", "train"):
                 raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
             self.mode = mode
+        self.notes: dict[str, Any] = {}
+        self._notes_changed = False
+
+    def note(self, key: str, value: Any) -> None:
+        """Keep ``value`` (JSON-friendly: numbers, strings, lists, dicts) in the run's metadata
+        under this probe, ``run.meta["notes"][name][key]``: what a probe learns once or rarely
+        (the matrices it found, the method it fell back to) and need not record every step. Call
+        it from ``setup``, ``prepare`` or ``measure``; the Lens writes the notes after the call."""
+        self.notes[str(key)] = value
+        self._notes_changed = True
 
     def with_schedule(self, every: int | None = None, at: Iterable[int] | None = None,
                       schedule: schedules.Schedule | None = None) -> Probe:
