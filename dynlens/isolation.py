@@ -10,6 +10,8 @@ by its own small context manager below:
 * activation checkpoints run as plain calls (:func:`_checkpoints_run_directly`);
 * weight normalisation is computed from elementary operations (:func:`_weight_norm_composite`:
   the fused kernel's second derivative is wrong);
+* hardsigmoid and embedding bags are computed as composite operations
+  (:func:`dynlens.composites.composite_layers`: their kernels have no double backward);
 * recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`: cuDNN's
   have no double backward and no backward in eval mode);
 * autocast is off (:func:`_full_precision`) and so is TF32, so products are exact to float32;
@@ -33,6 +35,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dynlens.composites import composite_layers
 from dynlens.parameters import model_device
 
 Mode = Literal["eval", "train"]
@@ -176,6 +179,8 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
     eagerly (:func:`_eager`), activation checkpoints run as plain calls
     (:func:`_checkpoints_run_directly`), weight normalisation is computed from elementary
     operations (:func:`_weight_norm_composite`: the fused kernel's second derivative is wrong),
+    hardsigmoid and embedding bags likewise (:func:`dynlens.composites.composite_layers`: their
+    kernels have no double backward),
     recurrent layers on CUDA run PyTorch's own kernels (:func:`_native_recurrent_kernels`),
     autocast is off (:func:`_full_precision`), and TF32 is off (cuDNN convolutions use it by
     default; its ~1e-3 relative error would bound every eigenvalue's accuracy). On exit the
@@ -201,7 +206,8 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             no_tf32 = _attributes_set([(torch.backends.cudnn, "allow_tf32", False),
                                        (torch.backends.cuda.matmul, "allow_tf32", False)])
             with no_tf32, _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), \
-                    _weight_norm_composite(), _native_recurrent_kernels(model, device), _full_precision(device):
+                    _weight_norm_composite(), composite_layers(), _native_recurrent_kernels(model, device), \
+                    _full_precision(device):
                 yield
     finally:
         for module, flag in flags:

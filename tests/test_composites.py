@@ -1,0 +1,164 @@
+"""Layers without a second derivative in PyTorch (nn.Hardsigmoid, nn.EmbeddingBag) measured
+through composites of equal value: the composites against the kernels, the Hessian against a
+dense one, coherence against the per-example loop, and training left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import sgd_steps
+from torch import nn
+
+import dynlens as dl
+from dynlens.composites import composite_layers, embedding_bag, hardsigmoid
+from dynlens.functional import isolated
+
+
+def _value_and_grad(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*tensors)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    grads = torch.autograd.grad(out, [t for t in tensors if t.requires_grad], cotangent)
+    return out, grads
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hardsigmoid_composite_equals_the_kernel_and_its_first_derivative(inplace):
+    x = torch.randn(1000, dtype=torch.float64) * 4
+    x = x[(x.abs() - 3).abs() > 1e-6]  # away from the kinks at ±3
+    run = (lambda t: F.hardsigmoid(t.clone(), inplace)), (lambda t: hardsigmoid(t.clone(), inplace))
+    (a, (ga,)), (b, (gb,)) = (_value_and_grad(f, x) for f in run)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    # the derivative: 1/6 between the kinks, else 0 (the cotangent is the seeded Gaussian)
+    cotangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    torch.testing.assert_close(gb, cotangent * ((x.abs() < 3).double() / 6), rtol=0, atol=1e-15)
+    # the kernel's backward multiplies by a float32 1/6 (3e-8 relative): equal to that
+    torch.testing.assert_close(gb, ga, rtol=1e-7, atol=0)
+
+
+BAGS = [
+    ({"mode": "sum"}, "2d"), ({"mode": "mean"}, "2d"), ({"mode": "max"}, "2d"),
+    ({"mode": "sum"}, "offsets"), ({"mode": "mean"}, "offsets"), ({"mode": "max"}, "offsets"),
+    ({"mode": "sum", "include_last_offset": True}, "offsets"),
+    ({"mode": "mean", "include_last_offset": True}, "offsets"),
+    ({"mode": "sum"}, "weights"), ({"mode": "sum"}, "weights-2d"),
+    ({"mode": "mean", "padding_idx": 2}, "2d"), ({"mode": "sum", "padding_idx": 2}, "offsets"),
+    ({"mode": "max", "padding_idx": 2}, "offsets"), ({"mode": "mean"}, "empty-bag"),
+]
+
+
+@pytest.mark.parametrize(("options", "layout"), BAGS)
+def test_embedding_bag_composite_equals_the_kernel_and_its_first_derivative(options, layout):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    if layout in ("2d", "weights-2d"):
+        indices, offsets = torch.randint(0, 10, (5, 3), generator=g), None
+    else:
+        indices = torch.randint(0, 10, (12,), generator=g)
+        indices[[1, 5]] = 2  # padding_idx's rows appear
+        offsets = torch.tensor([0, 3, 3, 7, 12] if layout == "empty-bag" else [0, 3, 4, 9])
+        if options.get("include_last_offset"):
+            offsets = torch.cat([offsets, torch.tensor([12])])
+    weights = (torch.rand(indices.shape, generator=g, dtype=torch.float64) if layout.startswith("weights")
+               else None)
+
+    def kernel(w, *psw):
+        return F.embedding_bag(indices, w, offsets, per_sample_weights=psw[0] if psw else None, **options)
+
+    def composite(w, *psw):
+        return embedding_bag(indices, w, offsets, per_sample_weights=psw[0] if psw else None, **options)
+
+    tensors = [weight] + ([weights] if weights is not None else [])
+    (a, ga), (b, gb) = _value_and_grad(kernel, *tensors), _value_and_grad(composite, *tensors)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    for x, y in zip(gb, ga, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+class Recommender(nn.Module):
+    """An embedding bag feeding a squeeze-excitation-like gate (hardsigmoid) and hardswish."""
+
+    def __init__(self, mode: str = "mean") -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 5, mode=mode)
+        self.gate = nn.Sequential(nn.Linear(5, 5), nn.Hardsigmoid())
+        self.head = nn.Sequential(nn.Linear(5, 6), nn.Hardswish(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        h = self.bag(x)
+        return self.head(h * self.gate(h))
+
+
+def _problem(mode: str = "mean"):
+    torch.manual_seed(0)
+    model = Recommender(mode).double()
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randint(0, 12, (16, 4), generator=g), torch.randint(0, 3, (16,), generator=g))
+
+
+def _dense_hessian(model, batch) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(vector):
+        pieces, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            pieces[name] = vector[offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return F.cross_entropy(torch.func.functional_call(model, pieces, (batch[0],)), batch[1])
+
+    with composite_layers():  # the kernels have no double backward: the oracle needs them too
+        return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_hessian_of_a_model_with_embedding_bag_hardsigmoid_and_hardswish_matches_a_dense_one(mode):
+    model, batch = _problem(mode)
+    exact = _dense_hessian(model, batch)
+    top = dl.hessian_eigenvalues(model, nn.CrossEntropyLoss(), batch, k=2, tol=1e-10)
+    bottom = dl.hessian_eigenvalues(model, nn.CrossEntropyLoss(), batch, k=1, which="bottom", tol=1e-10)
+    torch.testing.assert_close(top.values, exact[-2:].flip(0), rtol=1e-6, atol=1e-10)
+    assert float(bottom.values[0]) == pytest.approx(float(exact[0]), rel=1e-6, abs=1e-10)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    first = torch.autograd.grad(F.hardsigmoid(x).sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="not implemented"):  # the kernel alone fails
+        torch.autograd.grad(first.sum(), x)
+
+
+def test_coherence_through_the_composites_matches_the_per_example_loop():
+    model, batch = _problem("sum")
+    result = dl.gradient_coherence(model, nn.CrossEntropyLoss(), batch, stiffness=False)
+    grads = []
+    for i in range(len(batch[1])):
+        model.zero_grad()
+        F.cross_entropy(model(batch[0][i:i + 1]), batch[1][i:i + 1]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad()
+    stacked = torch.stack(grads)
+    alpha = float((stacked.mean(0) ** 2).sum() / (stacked**2).sum(1).mean())
+    assert result.alpha == pytest.approx(alpha, rel=1e-8)
+
+
+def test_the_composites_are_in_place_only_inside_a_measurement_and_training_is_bit_identical(tmp_path):
+    original = F.hardsigmoid, F.embedding_bag
+    model, batch = _problem()
+    with isolated(model):
+        assert F.hardsigmoid is hardsigmoid and F.embedding_bag is embedding_bag
+    assert (F.hardsigmoid, F.embedding_bag) == original
+
+    def train(lens_dir):
+        model, batch = _problem()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        lens = None if lens_dir is None else dl.Lens(
+            model, nn.CrossEntropyLoss(), batch, optimizer, run_dir=lens_dir, budget=None,
+            probes=[p.with_schedule(every=2) for p in dl.probes.default()])
+        sgd_steps(model, nn.CrossEntropyLoss(), batch, optimizer, lens, 5)
+        if lens is not None:
+            lens.close()
+            assert dl.load_run(lens_dir).events().query("level == 'error'").empty
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(None), train(tmp_path), strict=True):
+        assert torch.equal(a, b)
