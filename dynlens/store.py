@@ -30,7 +30,7 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,7 @@ class RunWriter:
         self._scalars: list[tuple[int, str, str, float | None]] = []
         self._arrays: list[tuple[int, str, str, str, str, bytes]] = []
         self._events: list[tuple[int | None, float, str, str | None, str, str | None]] = []
+        self._labels: dict[str, dict[str, list[list[Any]]]] = {}  # probe -> name -> [[step, labels]]
         self.closed = False
         self.set_meta({"schema_version": SCHEMA_VERSION})
         self.commit()
@@ -228,6 +229,17 @@ class RunWriter:
     def array(self, step: int, probe: str, name: str, value: np.ndarray) -> None:
         """Queue one array, stored as raw bytes + dtype + shape."""
         self._arrays.append((step, probe, name, *encode_array(value)))
+
+    def array_labels(self, step: int, probe: str, name: str, labels: Sequence[str]) -> None:
+        """Label the entries of the array ``probe/name`` from ``step`` on (one label per entry
+        of its first axis). Stored in the run's metadata (``array_labels``) only when they
+        differ from the array's current labels; read back by :meth:`Run.array_labels`."""
+        labels = [str(label) for label in labels]
+        history = self._labels.setdefault(probe, {}).setdefault(name, [])
+        if history and history[-1][1] == labels:
+            return
+        history.append([int(step), labels])
+        self.set_meta({"array_labels": self._labels})
 
     def event(self, step: int | None, level: str, probe: str | None, message: str,
               traceback: str | None = None) -> None:
@@ -412,6 +424,17 @@ class Run:
             (probe, name),
         )
         return [(int(s), decode_array(d, sh, b)) for s, d, sh, b in rows]
+
+    def array_labels(self, probe: str, name: str, step: int | None = None) -> list[str] | None:
+        """The labels of the array ``probe/name``'s entries at ``step`` (default: the latest),
+        or None when the probe stored it unlabelled (a per-layer array lines up with the run's
+        ``layers``)."""
+        history = (self.meta.get("array_labels") or {}).get(probe, {}).get(name) or []
+        found = None
+        for since, labels in history:
+            if step is None or since <= step:
+                found = list(labels)
+        return found
 
     def array_names(self, probe: str) -> list[str]:
         """The names of the arrays a probe stored."""
