@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dynlens as dl
-from dynlens.store import RunWriter, decode_array
+from dynlens.store import Run, RunWriter, decode_array
 
 
 def test_scalars_arrays_events_and_meta_round_trip(tmp_path):
@@ -148,3 +148,72 @@ def test_closing_while_a_reader_is_open_loses_nothing(tmp_path):
     assert run.series("p", "x").tolist() == [2.0]
     run.close()
     assert dl.load_run(tmp_path).series("p", "x").tolist() == [2.0]
+
+
+def _logged_run(path):
+    w = RunWriter(path)
+    for step in range(1, 4):
+        w.step_scalar(step, "train", "loss", 1.0 / step)
+        w.scalar(step, "p", "x", float(step))
+        w.commit()
+    w.close()
+    return dl.load_run(path)
+
+
+def test_probes_and_last_step_read_the_step_log_once_until_refresh(tmp_path, monkeypatch):
+    run = _logged_run(tmp_path)
+
+    def read_everything():
+        assert run.probes() == ["p", "train"] and run.last_step == 3
+        assert run.scalar_names("train") == ["loss"] and len(run.series("train", "loss")) == 3
+
+    read_everything()
+    reads, queries = [], []
+    read_step_log, query = Run._read_step_log, Run._query
+    monkeypatch.setattr(Run, "_read_step_log", lambda self: reads.append(1) or read_step_log(self))
+    monkeypatch.setattr(Run, "_query", lambda self, sql, params=(): queries.append(sql) or query(self, sql, params))
+    for _ in range(3):
+        read_everything()
+    assert reads == []
+    assert set(queries) == {"PRAGMA data_version"}  # the check that nothing was committed since
+    run.refresh()
+    assert run.probes() == ["p", "train"] and reads == [1]
+
+
+def test_what_the_writer_commits_later_is_seen_without_refresh(tmp_path):
+    w = RunWriter(tmp_path)
+    w.step_scalar(1, "train", "loss", 1.0)
+    w.commit()
+    run = dl.load_run(tmp_path)
+    assert run.probes() == ["train"] and run.last_step == 1
+    w.step_scalar(2, "train", "loss", 0.5)
+    w.commit()
+    assert run.last_step == 2 and run.series("train", "loss").tolist() == [1.0, 0.5]
+    w.scalar(3, "p", "x", 1.0)
+    w.commit()
+    assert run.probes() == ["p", "train"] and run.last_step == 3
+    w.close()
+
+
+def test_a_series_changed_by_its_caller_leaves_the_run_unchanged(tmp_path):
+    run = _logged_run(tmp_path)
+    series = run.series("train", "loss")
+    series[1] = 99.0
+    run.scalar_names("p").append("y")
+    run.probes().clear()
+    assert run.series("train", "loss")[1] == 1.0
+    assert run.scalar_names("p") == ["x"] and run.probes() == ["p", "train"]
+
+
+def test_arrays_of_one_shape_decode_as_separate_writable_arrays(tmp_path):
+    w = RunWriter(tmp_path)
+    for step in range(3):
+        w.array(step, "p", "m", np.full((2, 2), step, dtype=np.float32))
+    w.array(3, "p", "m", np.arange(3, dtype=np.int64))
+    w.close()
+    run = dl.load_run(tmp_path)
+    values = run.arrays("p", "m")
+    assert [s for s, _ in values] == [0, 1, 2, 3]
+    assert [(v.dtype, v.shape) for _, v in values] == [(np.float32, (2, 2))] * 3 + [(np.int64, (3,))]
+    values[0][1][0, 0] = 7.0
+    assert values[1][1][0, 0] == 1.0 and run.arrays("p", "m")[0][1][0, 0] == 0.0
