@@ -1,11 +1,23 @@
-"""Small models and training loops shared by the tests (import as ``from helpers import ...``)."""
+"""Small models, training loops and the fake-run writer shared by the tests (import as
+``from helpers import ...``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import dynlens as dl
+from dynlens.store import RunWriter
+
+LAYERS = ["0", "2", "4"]
+BASIC_PROBES = ["train", "grad_norm", "param_norm", "update_size", "distance_from_init"]
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +131,126 @@ def sgd_steps(model, loss_fn, batch, optimizer, lens, steps: int) -> None:
         optimizer.step()
         if lens is not None:
             lens.step(loss=loss)
+
+
+def clean_loss(steps: int, seed: int = 0) -> np.ndarray:
+    """A smoothly decaying loss with a little noise, for steps 1..steps."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(1, steps + 1)
+    return 2.3 * np.exp(-s / (steps / 3)) + 0.05 + 0.01 * rng.standard_normal(steps) ** 2
+
+
+def write_run(path: Path | str, steps: int = 400, *, loss: np.ndarray | None = None,
+              grad_norm: np.ndarray | None = None, basic: bool = True,
+              measurements: Mapping[str, Mapping[int, Mapping[str, Any]]] | None = None,
+              name: str = "synthetic", config: dict[str, Any] | None = None,
+              model_class: str = "MLP", optimizer: str = "SGD", lr: float = 0.1,
+              layers: Sequence[str] = LAYERS,
+              events: Sequence[tuple[int, str, str, str, str | None]] = (),
+              costs: dict[str, Any] | None = None, status: str = "finished", seed: int = 0) -> Path:
+    """Write a fake run as the Lens records one (for rule and report tests); return its path.
+
+    * train/loss (``loss``, length ``steps``; default :func:`clean_loss`) and train/lr (``lr``)
+      at steps 1..steps, in the step log;
+    * with ``basic``, every basic probe at every step 0..steps: totals (grad_norm from
+      ``grad_norm``, length ``steps + 1``; default about 1) and per_layer arrays, one entry per
+      layer of ``layers``;
+    * ``measurements``: any other probe's records, ``{probe: {step: {name: value}}}``, a number
+      stored as a scalar and an array as an array (as the Lens stores a probe's values);
+    * ``events``: (step, level, probe, message, traceback);
+    * the metadata a Lens writes (name, config, model, optimizer with learning rate ``lr``,
+      layers, probes, versions, start, status), and ``costs`` when given.
+
+    One commit per step, as the Lens commits.
+    """
+    rng = np.random.default_rng(seed)
+    loss = clean_loss(steps, seed) if loss is None else np.asarray(loss, dtype=float)
+    if grad_norm is None:
+        grad_norm = 1.0 + 0.05 * rng.standard_normal(steps + 1)
+    measurements = measurements or {}
+    probes = (BASIC_PROBES if basic else ["train"]) + list(measurements)
+    writer = RunWriter(path, overwrite=True)
+    writer.set_meta({
+        "name": name, "config": config if config is not None else {"lr": lr, "batch": 32},
+        "model": {"class": model_class, "parameters": 1234, "trainable_parameters": 1234,
+                  "tensors": [{"name": f"{layer}.weight", "shape": [4, 4], "dtype": "float32",
+                               "trainable": True} for layer in layers],
+                  "buffers": 0, "device": "cpu", "text": f"{model_class}(\n  (0): Linear()\n)"},
+        "optimizer": {"class": optimizer, "defaults": {"lr": lr}, "param_groups": 1},
+        "layers": list(layers),
+        "probes": [{"name": p, "class": p.title(), "schedule": "every 1", "mode": "eval"}
+                   for p in probes],
+        "versions": {"dynlens": dl.__version__}, "started": "2025-01-01T00:00:00+00:00",
+        "status": status, **({"costs": costs} if costs is not None else {}),
+    })
+    at_steps = sorted({*range(steps + 1), *(s for by_step in measurements.values() for s in by_step)})
+    for step in at_steps:
+        if 1 <= step <= steps:
+            writer.step_scalar(step, "train", "loss", loss[step - 1])
+            writer.step_scalar(step, "train", "lr", lr)
+        if basic and step <= steps:
+            _write_basic_probes(writer, step, float(grad_norm[step]), len(layers))
+        for probe, by_step in measurements.items():
+            for key, value in by_step.get(step, {}).items():
+                if isinstance(value, np.ndarray):
+                    writer.array(step, probe, key, value)
+                else:
+                    writer.scalar(step, probe, key, float(value))
+        for e_step, level, probe, message, traceback in events:
+            if e_step == step:
+                writer.event(step, level, probe, message, traceback)
+        writer.commit()
+    writer.close()
+    return Path(path)
+
+
+def _write_basic_probes(writer: RunWriter, step: int, g: float, layers: int) -> None:
+    """One measurement of every basic probe at ``step``: gradient norm ``g``, a parameter norm
+    growing from 10 by 0.001 a step, updates of 0.1 g, a steadily growing distance."""
+    shares = np.resize([0.5, 0.7], layers)
+    param = 10.0 + 0.001 * (step + 1)
+    update = 0.1 * g if step else 0.0
+    writer.scalar(step, "grad_norm", "total", g)
+    writer.array(step, "grad_norm", "per_layer", g * shares)
+    writer.scalar(step, "param_norm", "total", param)
+    writer.array(step, "param_norm", "per_layer", param * shares)
+    writer.scalar(step, "update_size", "total", update)
+    writer.scalar(step, "update_size", "relative", update / param)
+    writer.array(step, "update_size", "per_layer", update * shares)
+    writer.scalar(step, "distance_from_init", "absolute", 0.01 * step)
+    writer.scalar(step, "distance_from_init", "relative", 0.001 * step)
+    writer.array(step, "distance_from_init", "per_layer", 0.001 * step * shares)
+
+
+def hessian_run(path: Path | str, sharpness: Sequence[float], threshold: float = 4.0,
+                lambda_min: Sequence[float] | None = None, optimizer: str = "SGD", every: int = 10,
+                density: bool = False) -> dl.Run:
+    """Write and open a run whose Hessian probe measured ``sharpness`` at steps 0, every, 2 every, ...
+    against the stability threshold ``threshold`` (an optimizer at learning rate 2/threshold):
+    the ratio, the trace (10 λ_max, stderr 0.5), ``lambda_min`` when given, and with ``density``
+    a spectral density of a bulk near 0 and two outliers (λ_max and λ_max/2). An Adam optimizer
+    also records the sharpness as the preconditioned one."""
+    rng = np.random.default_rng(0)
+    records: dict[int, dict[str, Any]] = {}
+    for i, value in enumerate(sharpness):
+        values: dict[str, Any] = {"sharpness": value, "threshold": threshold,
+                                  "sharpness_ratio": value / threshold, "trace": 10 * value,
+                                  "trace_stderr": 0.5}
+        if optimizer.startswith("Adam"):
+            values["preconditioned_sharpness"] = value
+        if lambda_min is not None:
+            values["lambda_min"] = lambda_min[i]
+        if density:
+            values["density_nodes"] = np.concatenate([rng.normal(0, 0.05, 40), [value, value / 2]])
+            values["density_weights"] = np.concatenate([np.full(40, 0.999 / 40), [0.0005, 0.0005]])
+        records[i * every] = values
+    return dl.load_run(write_run(path, every * (len(sharpness) - 1), basic=False, optimizer=optimizer,
+                                 lr=2 / threshold, measurements={"hessian": records}))
+
+
+def sharpening_then_eos() -> list[float]:
+    """27 sharpness values against a threshold of 4: a rise from 1 to 3.5, then hovering at the
+    edge of stability (within 4% of 4)."""
+    rise = list(np.linspace(1.0, 3.5, 12))
+    hover = [4.0 * (1 + 0.04 * np.sin(i)) for i in range(15)]
+    return rise + hover

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+from helpers import write_run
+
 import dynlens as dl
 from dynlens.cli import main
 
@@ -58,14 +61,7 @@ def test_show_and_report_of_a_missing_run_exit_with_a_message(tmp_path, capsys):
 
 
 def _write_run(path, costs=None):
-    from dynlens.store import RunWriter
-
-    writer = RunWriter(path)
-    writer.set_meta({"name": "costed", **({"costs": costs} if costs else {})})
-    for step in range(1, 4):
-        writer.scalar(step, "train", "loss", 1.0 / step)
-    writer.close()
-    return path
+    return write_run(path, 3, loss=1.0 / np.arange(1, 4), basic=False, name="costed", costs=costs)
 
 
 def test_show_prints_what_each_probe_cost_after_the_findings(tmp_path, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_diagnose import clean_loss, write_synthetic_run
+from helpers import clean_loss, write_run
 
 import dynlens as dl
 
@@ -62,7 +62,7 @@ def report_path(tmp_path_factory):
     loss[1400:] = np.nan
     events = [(4, "error", "hessian", "RuntimeError: out of memory",
                "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: out of memory")]
-    run_dir = write_synthetic_run(tmp_path_factory.mktemp("b") / "run", steps=1500, loss=loss,
+    run_dir = write_run(tmp_path_factory.mktemp("b") / "run", steps=1500, loss=loss,
                                   name="browser-check <b>run</b>", events=events)
     return dl.report(run_dir, quiet=True)
 

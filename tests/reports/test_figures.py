@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import clean_loss, hessian_run, sharpening_then_eos, write_run
 from matplotlib.figure import Figure
-from test_diagnose import clean_loss, write_synthetic_run
 
 import dynlens as dl
 from dynlens import reports
@@ -17,7 +17,7 @@ from dynlens.reports.style import STEP_LABEL, downsample
 def run_dir(tmp_path_factory):
     loss = np.geomspace(3.0, 1e-3, 500)
     loss[300] = 1.0
-    return write_synthetic_run(tmp_path_factory.mktemp("f") / "run", steps=500, loss=loss)
+    return write_run(tmp_path_factory.mktemp("f") / "run", steps=500, loss=loss)
 
 
 @pytest.mark.parametrize("fn", [reports.plot_loss, reports.plot_grad_norm, reports.plot_param_norm,
@@ -48,19 +48,16 @@ def test_per_layer_view_draws_one_line_per_layer(run_dir):
 
 
 def test_many_layers_become_a_heat_map(tmp_path):
-    writer = dl.store.RunWriter(tmp_path / "deep")
-    writer.set_meta({"name": "deep", "layers": [f"block{i}" for i in range(40)]})
-    for step in range(50):
-        writer.array(step, "grad_norm", "per_layer", np.geomspace(1, 1e-4, 40) * (step + 1))
-    writer.close()
-    fig = reports.plot_per_layer(tmp_path / "deep", "grad_norm", findings=[])
+    per_layer = {step: {"per_layer": np.geomspace(1, 1e-4, 40) * (step + 1)} for step in range(50)}
+    run_dir = write_run(tmp_path / "deep", 49, basic=False, name="deep",
+                        layers=[f"block{i}" for i in range(40)], measurements={"grad_norm": per_layer})
+    fig = reports.plot_per_layer(run_dir, "grad_norm", findings=[])
     assert fig.axes[0].get_images()
 
 
 def test_figures_of_a_run_without_the_probe_are_none(tmp_path):
-    writer = dl.store.RunWriter(tmp_path / "empty")
-    writer.close()
-    assert reports.plot_grad_norm(tmp_path / "empty", findings=[]) is None
+    run_dir = write_run(tmp_path / "empty", 0, basic=False)
+    assert reports.plot_grad_norm(run_dir, findings=[]) is None
 
 
 def test_every_basic_probe_has_registered_figures():
@@ -83,3 +80,22 @@ def test_figure_functions_leave_global_rcparams_alone(run_dir):
     before = dict(matplotlib.rcParams)
     reports.plot_loss(run_dir)
     assert dict(matplotlib.rcParams) == before
+
+
+@pytest.mark.parametrize("name", ["plot_sharpness", "plot_density", "plot_trace"])
+def test_hessian_figures_draw_one_and_several_runs(tmp_path, name):
+    from dynlens.reports import hessian as figures
+
+    a = hessian_run(tmp_path / "a", sharpening_then_eos(), lambda_min=[-0.1] * 27, density=True)
+    b = hessian_run(tmp_path / "b", [1.0] * 27, density=True)
+    fn = getattr(figures, name)
+    assert fn([a]) is not None
+    assert fn([a, b], []) is not None
+
+
+def test_density_outliers_are_the_nodes_beyond_the_bulk():
+    from dynlens.reports.hessian import density_outliers
+
+    nodes = np.concatenate([np.linspace(-0.1, 0.1, 50), [3.0, 5.0]])
+    weights = np.concatenate([np.full(50, 0.998 / 50), [0.001, 0.001]])
+    assert density_outliers(nodes, weights).nonzero()[0].tolist() == [50, 51]

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from test_diagnose import BASIC_PROBES, clean_loss, write_synthetic_run
+from helpers import BASIC_PROBES, clean_loss, write_run
 
 import dynlens as dl
 from dynlens.reports.cli import add_report_command
@@ -49,7 +49,7 @@ def spiky_report(tmp_path_factory):
     loss[399] = 40.0
     events = [(3, "error", "hessian", "RuntimeError: out of memory",
                "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")]
-    run_dir = write_synthetic_run(tmp_path_factory.mktemp("r") / "run", steps=600, loss=loss,
+    run_dir = write_run(tmp_path_factory.mktemp("r") / "run", steps=600, loss=loss,
                                   events=events)
     return run_dir, dl.report(run_dir, quiet=True)
 
@@ -114,19 +114,14 @@ def test_events_show_the_traceback_in_details(spiky_report):
 
 
 def test_untrusted_strings_from_the_run_render_as_text(tmp_path):
-    run_dir = write_synthetic_run(
+    run_dir = write_run(
         tmp_path / "run", steps=60, name=EVIL, model_class=EVIL,
         config={EVIL: EVIL, "nested": {"x": EVIL}},
         events=[(2, "error", EVIL, EVIL, EVIL)])
-    writer_dir = tmp_path / "extra"
-    writer = RunWriter(writer_dir)
-    writer.set_meta({"name": EVIL, "layers": [EVIL]})
-    for step in range(3):
-        writer.scalar(step, EVIL, EVIL, float(step))
-        writer.array(step, "grad_norm", "per_layer", np.ones(1))
-    writer.commit()
-    writer.close()
-    path = dl.report([run_dir, writer_dir], out=tmp_path / "r.html", quiet=True)
+    extra = write_run(tmp_path / "extra", 2, basic=False, name=EVIL, model_class=EVIL, layers=[EVIL],
+                      measurements={EVIL: {step: {EVIL: float(step)} for step in range(3)},
+                                    "grad_norm": {step: {"per_layer": np.ones(1)} for step in range(3)}})
+    path = dl.report([run_dir, extra], out=tmp_path / "r.html", quiet=True)
     parser = _parse(path)
     assert [t for t, _ in parser.tags].count("script") == 0
     imgs = [a for t, a in parser.tags if t == "img"]
@@ -141,8 +136,8 @@ def test_untrusted_strings_from_the_run_render_as_text(tmp_path):
 
 
 def test_several_runs_give_one_header_each_and_overlaid_figures(tmp_path):
-    a = write_synthetic_run(tmp_path / "a", steps=100, name="lr-0.1")
-    b = write_synthetic_run(tmp_path / "b", steps=150, name="lr-0.01", seed=1)
+    a = write_run(tmp_path / "a", steps=100, name="lr-0.1")
+    b = write_run(tmp_path / "b", steps=150, name="lr-0.01", seed=1)
     path = dl.report([a, b], quiet=True)
     assert path.path == a / "report.html"
     text = open(path, encoding="utf-8").read()
@@ -168,14 +163,12 @@ def test_a_run_still_being_written_is_reported_as_it_stands(tmp_path):
 
 
 def test_probe_without_a_registered_figure_gets_a_generic_plot_and_table(tmp_path):
-    writer = RunWriter(tmp_path / "run")
-    writer.set_meta({"name": "custom"})
-    for step in range(20):
-        writer.scalar(step, "weight_sparsity", "zero_fraction", step / 20)
-    writer.close()
-    text = open(dl.report(tmp_path / "run", quiet=True), encoding="utf-8").read()
+    run_dir = write_run(tmp_path / "run", 19, basic=False, name="custom", measurements={
+        "weight_sparsity": {step: {"zero_fraction": step / 20} for step in range(20)}})
+    text = open(dl.report(run_dir, quiet=True), encoding="utf-8").read()
     section = text.split('id="probe-weight-sparsity"', 1)[1].split("</section>")[0]
-    assert '<img class="figure"' in section and "zero_fraction" in section
+    assert '<img class="figure"' in section
+    assert ["<code>zero_fraction</code>", "19", "0.95", "0", "0.95", "20"] in _cells(section)
 
 
 def test_report_repr_html_is_an_escaped_iframe(spiky_report):
@@ -186,7 +179,7 @@ def test_report_repr_html_is_an_escaped_iframe(spiky_report):
 
 
 def test_progress_bar_goes_to_stderr_unless_quiet(tmp_path, capsys):
-    run_dir = write_synthetic_run(tmp_path / "run", steps=30)
+    run_dir = write_run(tmp_path / "run", steps=30)
     dl.report(run_dir)
     assert "dynlens report [" in capsys.readouterr().err
     dl.report(run_dir, quiet=True)
@@ -196,7 +189,7 @@ def test_progress_bar_goes_to_stderr_unless_quiet(tmp_path, capsys):
 def test_report_command_writes_the_file_and_prints_its_path(tmp_path, capsys):
     import argparse
 
-    run_dir = write_synthetic_run(tmp_path / "run", steps=30)
+    run_dir = write_run(tmp_path / "run", steps=30)
     parser = argparse.ArgumentParser()
     add_report_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(run_dir), "-o", str(tmp_path / "out.html"), "-q"])
@@ -208,7 +201,7 @@ def test_report_command_writes_the_file_and_prints_its_path(tmp_path, capsys):
 def test_damaged_database_gives_a_clear_run_error(tmp_path, damage, capsys):
     import argparse
 
-    run_dir = write_synthetic_run(tmp_path / "run", steps=200)
+    run_dir = write_run(tmp_path / "run", steps=200)
     db = run_dir / "dynlens.sqlite"
     data = db.read_bytes()
     db.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
@@ -248,12 +241,7 @@ COSTS = {
 
 
 def _write_costed_run(path, name: str, costs):
-    writer = RunWriter(path)
-    writer.set_meta({"name": name, "layers": ["0"], **({"costs": costs} if costs else {})})
-    for step in range(1, 20):
-        writer.scalar(step, "train", "loss", 1.0 / step)
-    writer.close()
-    return path
+    return write_run(path, 19, loss=1.0 / np.arange(1, 20), basic=False, name=name, costs=costs)
 
 
 def _costs_section(text: str) -> str:

@@ -4,13 +4,13 @@ clean run."""
 from __future__ import annotations
 
 import numpy as np
-from test_diagnose import clean_loss, write_synthetic_run
+from helpers import clean_loss, write_run
 
 import dynlens as dl
 
 
 def _findings(tmp_path, **kwargs):
-    return dl.diagnose(dl.load_run(write_synthetic_run(tmp_path / "run", **kwargs)))
+    return dl.diagnose(dl.load_run(write_run(tmp_path / "run", **kwargs)))
 
 
 def _by_rule(findings, name):

@@ -1,51 +1,14 @@
 """The hessian diagnosis rules fire on synthetic runs that show their phenomenon and stay silent
-on a clean run; the hessian figures draw them."""
+on a clean run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-import numpy as np
-import pytest
+from helpers import hessian_run, sharpening_then_eos
 
 import dynlens as dl
 from dynlens.rules import hessian as rules
-from dynlens.store import RunWriter
-
-matplotlib.use("Agg")
-
-
-def write_run(path: Path, sharpness: list[float], threshold: float = 4.0, lambda_min: list[float] | None = None,
-              optimizer: str = "SGD", every: int = 10, density: bool = False) -> dl.Run:
-    w = RunWriter(path)
-    w.set_meta({"optimizer": {"class": optimizer, "defaults": {"lr": 2 / threshold}}})
-    rng = np.random.default_rng(0)
-    for i, value in enumerate(sharpness):
-        step = i * every
-        name = "preconditioned_sharpness" if optimizer.startswith("Adam") else "sharpness"
-        w.scalar(step, "hessian", name, value)
-        w.scalar(step, "hessian", "sharpness", value)
-        w.scalar(step, "hessian", "threshold", threshold)
-        w.scalar(step, "hessian", "sharpness_ratio", value / threshold)
-        w.scalar(step, "hessian", "trace", 10 * value)
-        w.scalar(step, "hessian", "trace_stderr", 0.5)
-        if lambda_min is not None:
-            w.scalar(step, "hessian", "lambda_min", lambda_min[i])
-        if density:
-            nodes = np.concatenate([rng.normal(0, 0.05, 40), [value, value / 2]])
-            weights = np.concatenate([np.full(40, 0.999 / 40), [0.0005, 0.0005]])
-            w.array(step, "hessian", "density_nodes", nodes)
-            w.array(step, "hessian", "density_weights", weights)
-        w.commit()
-    w.close()
-    return dl.load_run(path)
-
-
-def _sharpening_then_eos() -> list[float]:
-    rise = list(np.linspace(1.0, 3.5, 12))
-    hover = [4.0 * (1 + 0.04 * np.sin(i)) for i in range(15)]
-    return rise + hover
 
 
 def _titles(findings) -> list[str]:  # noqa: ANN001
@@ -53,7 +16,7 @@ def _titles(findings) -> list[str]:  # noqa: ANN001
 
 
 def test_progressive_sharpening_fires_on_a_rising_sharpness(tmp_path: Path) -> None:
-    run = write_run(tmp_path, _sharpening_then_eos())
+    run = hessian_run(tmp_path, sharpening_then_eos())
     findings = list(rules.progressive_sharpening(run))
     assert len(findings) == 1
     assert findings[0].evidence["factor"] > 3 and findings[0].steps == (0, 120)
@@ -61,7 +24,7 @@ def test_progressive_sharpening_fires_on_a_rising_sharpness(tmp_path: Path) -> N
 
 
 def test_edge_of_stability_fires_with_the_step_it_began(tmp_path: Path) -> None:
-    run = write_run(tmp_path, _sharpening_then_eos())
+    run = hessian_run(tmp_path, sharpening_then_eos())
     findings = list(rules.edge_of_stability(run))
     assert len(findings) == 1
     assert findings[0].evidence["start_step"] == 120  # 3.5/4 = 0.875 at step 110 is outside the band
@@ -70,14 +33,14 @@ def test_edge_of_stability_fires_with_the_step_it_began(tmp_path: Path) -> None:
 
 
 def test_far_above_threshold_is_critical(tmp_path: Path) -> None:
-    run = write_run(tmp_path, [1.0, 2.0, 4.0, 9.0, 12.0, 3.0])
+    run = hessian_run(tmp_path, [1.0, 2.0, 4.0, 9.0, 12.0, 3.0])
     findings = list(rules.sharpness_far_above_threshold(run))
     assert len(findings) == 1 and findings[0].severity == "critical"
     assert findings[0].evidence["step_of_max"] == 40 and findings[0].evidence["max_ratio"] == 3.0
 
 
 def test_negative_curvature_fires_on_a_sustained_saddle(tmp_path: Path) -> None:
-    run = write_run(tmp_path, [1.0] * 6, lambda_min=[-0.01, -0.3, -0.4, -0.35, -0.3, -0.02])
+    run = hessian_run(tmp_path, [1.0] * 6, lambda_min=[-0.01, -0.3, -0.4, -0.35, -0.3, -0.02])
     findings = list(rules.negative_curvature(run))
     assert len(findings) == 1
     assert findings[0].steps == (10, 40) and findings[0].evidence["lambda_min"] == -0.4
@@ -85,37 +48,18 @@ def test_negative_curvature_fires_on_a_sustained_saddle(tmp_path: Path) -> None:
 
 
 def test_adam_runs_cite_the_preconditioned_sharpness(tmp_path: Path) -> None:
-    run = write_run(tmp_path, _sharpening_then_eos(), threshold=4.0, optimizer="AdamW")
+    run = hessian_run(tmp_path, sharpening_then_eos(), threshold=4.0, optimizer="AdamW")
     [finding] = rules.edge_of_stability(run)
     assert "preconditioned" in finding.title and "2022" in finding.reference
 
 
 def test_clean_run_gives_no_hessian_finding(tmp_path: Path) -> None:
-    run = write_run(tmp_path, [1.0, 1.05, 0.98, 1.02, 1.0, 1.01, 0.99, 1.0], lambda_min=[-0.01] * 8)
+    run = hessian_run(tmp_path, [1.0, 1.05, 0.98, 1.02, 1.0, 1.01, 0.99, 1.0], lambda_min=[-0.01] * 8)
     hessian_rules = {"progressive_sharpening", "edge_of_stability", "sharpness_far_above_threshold",
                      "negative_curvature"}
     assert [f for f in dl.diagnose(run) if f.rule in hessian_rules] == []
 
 
 def test_short_overshoot_at_the_edge_is_not_called_unstable(tmp_path: Path) -> None:
-    run = write_run(tmp_path, [1.0, 2.0, 3.5, 4.8, 5.2, 4.0, 4.1, 4.0])
+    run = hessian_run(tmp_path, [1.0, 2.0, 3.5, 4.8, 5.2, 4.0, 4.1, 4.0])
     assert list(rules.sharpness_far_above_threshold(run)) == []
-
-
-@pytest.mark.parametrize("name", ["plot_sharpness", "plot_density", "plot_trace"])
-def test_figures_draw_one_and_several_runs(tmp_path: Path, name: str) -> None:
-    from dynlens.reports import hessian as figures
-
-    a = write_run(tmp_path / "a", _sharpening_then_eos(), lambda_min=[-0.1] * 27, density=True)
-    b = write_run(tmp_path / "b", [1.0] * 27, density=True)
-    fn = getattr(figures, name)
-    assert fn([a]) is not None
-    assert fn([a, b], []) is not None
-
-
-def test_density_outliers_are_the_nodes_beyond_the_bulk() -> None:
-    from dynlens.reports.hessian import density_outliers
-
-    nodes = np.concatenate([np.linspace(-0.1, 0.1, 50), [3.0, 5.0]])
-    weights = np.concatenate([np.full(50, 0.998 / 50), [0.001, 0.001]])
-    assert density_outliers(nodes, weights).nonzero()[0].tolist() == [50, 51]
