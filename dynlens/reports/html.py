@@ -1,5 +1,5 @@
-"""The self-contained HTML report: findings first, then one section per probe, then what
-dynlens cost the run (time and memory per probe, when the run recorded it), then events.
+"""The self-contained HTML report: findings first, then one section per probe (its figures and
+the table of its scalars' latest values), then what dynlens cost the run (time and memory per probe, when the run recorded it), then events.
 
 Everything is in one file: figures are inline SVG (text kept as text, escaped by matplotlib;
 heat maps as ``data:`` PNG inside the SVG), the CSS is inline, and nothing refers to anything
@@ -145,16 +145,19 @@ def _generic_figure(runs: Sequence[Run], probe: str, findings: Sequence[Finding]
 
 
 def _latest_table(runs: Sequence[Run], probe: str) -> list[dict[str, Any]]:
-    """Rows (run, name, last step, last value, min, max) of a probe's scalars."""
+    """Rows (run, name, last step, last value, min, max, steps recorded) of a probe's scalars,
+    read from the runs' series (which the figures and the rules have read already)."""
     rows = []
     labels = run_labels(runs)
     for run, label in zip(runs, labels, strict=True):
-        frame = run.scalars(probe)
-        for name, group in frame.groupby("name", sort=True):
-            values = group["value"].to_numpy()
+        for name in sorted(run.scalar_names(probe)):
+            series = run.series(probe, name)
+            if series.empty:
+                continue
+            values = series.to_numpy()
             finite = values[np.isfinite(values)]
             rows.append({
-                "run": label, "name": name, "step": int(group["step"].iloc[-1]),
+                "run": label, "name": name, "step": int(series.index[-1]),
                 "value": _fmt(values[-1]),
                 "min": _fmt(finite.min()) if finite.size else "–",
                 "max": _fmt(finite.max()) if finite.size else "–",
@@ -308,10 +311,12 @@ def render_html(runs: RunLike | Sequence[RunLike], quiet: bool = False,
     used: set[str] = {"findings", "costs", "events", "runs"}
     sections: dict[str, _Section] = {}
     for probe, spec in plan:
+        with_probe = [r for r in runs if probe in r.probes()]
         section = sections.get(probe)
         if section is None:
-            section = sections[probe] = _Section(probe, _anchor("probe", probe, used))
-        with_probe = [r for r in runs if probe in r.probes()]
+            # every section keeps its table of latest values, registered figures or not
+            section = sections[probe] = _Section(probe, _anchor("probe", probe, used),
+                                                 table=_latest_table(with_probe, probe))
         title = spec.title if spec else f"{probe} (all scalars)"
         item = _Figure(title, _anchor("fig", f"{probe}-{title}", used))
         try:
@@ -322,8 +327,6 @@ def render_html(runs: RunLike | Sequence[RunLike], quiet: bool = False,
             item.error = f"{type(err).__name__}: {err}"
         if item.svg is not None or item.error is not None:
             section.figures.append(item)
-        if spec is None:
-            section.table = _latest_table(with_probe, probe)
         bar.update(f"{probe}: {title}")
 
     items = []

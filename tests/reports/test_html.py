@@ -171,6 +171,19 @@ def test_probe_without_a_registered_figure_gets_a_generic_plot_and_table(tmp_pat
     assert ["<code>zero_fraction</code>", "19", "0.95", "0", "0.95", "20"] in _cells(section)
 
 
+def test_a_section_with_registered_figures_keeps_the_table_of_latest_values(spiky_report):
+    run_dir, path = spiky_report
+    text = open(path, encoding="utf-8").read()
+    section = text.split('id="probe-grad-norm"', 1)[1].split("</section>")[0]
+    assert '<img class="figure"' in section
+    total = dl.load_run(run_dir).series("grad_norm", "total")
+    assert ["<code>total</code>", "600", f"{total.iloc[-1]:.4g}", f"{total.min():.4g}",
+            f"{total.max():.4g}", "601"] in _cells(section)
+    for probe in BASIC_PROBES:
+        section = text.split(f'id="probe-{probe.replace("_", "-")}"', 1)[1].split("</section>")[0]
+        assert "<th>last value</th>" in section, probe
+
+
 def test_report_repr_html_is_an_escaped_iframe(spiky_report):
     _, path = spiky_report
     shown = path._repr_html_()
