@@ -1,7 +1,7 @@
 """dynlens: probes that watch a PyTorch model train and say what its training dynamics are doing.
 
 The public API is the names below (``dl.<name>``) and the subpackages ``dl.probes``,
-``dl.reports``, ``dl.measures``, ``dl.linalg`` and ``dl.schedules``; the most used::
+``dl.reports``, ``dl.measures``, ``dl.linalg``, ``dl.remedies`` and ``dl.schedules``; the most used::
 
     import dynlens as dl
     lens = dl.Lens(model, loss_fn, probe_batch=(x, y), optimizer=opt, run_dir="runs/exp1")
@@ -14,12 +14,14 @@ __version__ = "0.1.0"
 
 from dynlens import (
     probes,
+    remedies,
     schedules,
 )
 from dynlens.diagnose import Finding, diagnose
 from dynlens.lens import Lens
 from dynlens.measures.coherence import Coherence, gradient_coherence
 from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
+from dynlens.measures.softmax import Alignment, Collapse, nlm_alignment, softmax_collapse
 from dynlens.probes import Context, Probe
 from dynlens.store import Run, RunError, RunInUseError, load_run
 
@@ -52,4 +54,9 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_density",
+    "softmax_collapse",
+    "Collapse",
+    "nlm_alignment",
+    "Alignment",
+    "remedies",
 ]

@@ -1,0 +1,185 @@
+"""Softmax collapse, naive loss minimisation and output-logit growth (Prieto et al. 2025,
+"Grokking at the Edge of Numerical Stability"; Wortsman et al. 2023, "Small-scale proxies for
+large-scale Transformer training instabilities").
+
+- **Softmax collapse** (SC, Prieto et al. Def. 3 and the authors' code): with z one example's
+  logits cast to a dtype d, s = Σ_j exp(z_j − max_k z_k) evaluated in d; the example has
+  collapsed in d when s == 1 exactly: every other class's term was absorbed by rounding. A
+  correctly classified collapsed example has cross-entropy exactly 0 and no gradient on its
+  correct-class logit: it stops teaching the model. :func:`softmax_collapse` counts it in the
+  dtype the loss is computed in and in float32, bfloat16 and float16, with the fraction whose
+  loss is exactly 0, the margins z_y − max_{j≠y} z_j against each dtype's absorption margin
+  ln 2^p (p the significand's bits: float32 16.6, float16 7.6, bfloat16 5.5), the logits' norms
+  and log Z = logsumexp(z) (Wortsman et al.'s output-logit divergence: log Z far below 0).
+- **Naive loss minimisation** (NLM, Prieto et al. §4): past fitting, the loss keeps falling by
+  scaling the logits, and for a positively homogeneous network that direction is θ itself.
+  :func:`nlm_alignment` is cos(−∇L, θ), over all parameters and per parameter tensor.
+
+Logits of a sequence model, (batch, sequence, classes), count every token; targets equal to
+``ignore_index`` are left out, as ``F.cross_entropy`` leaves them out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Collapse", "Alignment", "softmax_collapse", "nlm_alignment", "absorption_margin",
+           "COLLAPSE_DTYPES", "collapsed"]
+
+# the dtypes every collapse is also counted in, by name
+COLLAPSE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                           "float16": torch.float16}
+
+
+def absorption_margin(dtype: torch.dtype) -> float:
+    """ln 2^p for a floating dtype with p significand bits (the implicit bit included): the
+    margin beyond which exp(−margin) is absorbed by 1 in that dtype (float32 16.6, float16 7.6,
+    bfloat16 5.5, float64 36.7)."""
+    bits = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}.get(dtype)
+    if bits is None:
+        raise ValueError(f"absorption_margin needs a floating dtype (float64/32/16 or bfloat16), got {dtype}")
+    return bits * math.log(2)
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """Softmax collapse of a batch of logits (:func:`softmax_collapse`).
+
+    Attributes:
+        fraction: the share of examples (tokens) collapsed in ``dtype``: s == 1 exactly.
+        dtype: the dtype the loss is computed in (``fraction``'s).
+        by_dtype: the collapsed share in float32, bfloat16 and float16 (and ``dtype``).
+        zero_loss_fraction: the share whose cross-entropy in ``dtype`` is exactly 0.
+        margin_min, margin_median: of z_y − max_{j≠y} z_j (float64 from the logits as given).
+        margin_above: by dtype name, the share of margins above that dtype's absorption margin.
+        logit_norm_mean, logit_norm_max: of each example's ‖z‖₂.
+        log_z_mean, log_z_min: of log Z = logsumexp(z) (float64).
+        count: examples (tokens) counted.
+    """
+
+    fraction: float
+    dtype: str
+    by_dtype: dict[str, float]
+    zero_loss_fraction: float
+    margin_min: float
+    margin_median: float
+    margin_above: dict[str, float]
+    logit_norm_mean: float
+    logit_norm_max: float
+    log_z_mean: float
+    log_z_min: float
+    count: int
+
+
+def collapsed(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per row of ``logits`` (n, classes): whether Σ_j exp(z_j − max z) == 1 exactly when the
+    logits are cast to ``dtype`` and the sum is evaluated in it (the authors' recipe)."""
+    z = logits.to(dtype)
+    s = torch.exp(z - z.max(dim=-1, keepdim=True).values).sum(dim=-1)
+    return s == 1
+
+
+def _rows(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    if logits.dim() < 2:
+        raise ValueError(f"logits need a class dimension: (batch, classes) or (batch, ..., classes); got shape "
+                         f"{tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must hold one class index per row of logits: logits {tuple(logits.shape)} "
+                         f"need targets of shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
+    if targets.is_floating_point():
+        raise ValueError("targets must be class indices (an integer tensor), not probabilities")
+    rows, labels = logits.reshape(-1, logits.shape[-1]).detach(), targets.reshape(-1)
+    keep = labels != ignore_index
+    return rows[keep], labels[keep]
+
+
+def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch.float32,
+                     ignore_index: int = -100) -> Collapse:
+    """Softmax collapse of ``logits`` against class ``targets`` (module docstring).
+
+    Args:
+        logits: (batch, classes), or (batch, ..., classes) for a sequence model (every position
+            counts).
+        targets: class indices of shape ``logits.shape[:-1]``.
+        dtype: the dtype the training loss is computed in (under autocast, cross-entropy runs in
+            float32: pass float32).
+        ignore_index: targets with this value are left out.
+
+    Raises:
+        ValueError: shapes that do not match, float targets, no row left to count, or a
+            ``dtype`` that is not floating.
+    """
+    absorption_margin(dtype)  # checks dtype
+    rows, labels = _rows(logits, targets, ignore_index)
+    n = rows.shape[0]
+    if n == 0:
+        raise ValueError("no example to count: every target equals ignore_index")
+    by_dtype = {name: float(collapsed(rows, d).double().mean()) for name, d in COLLAPSE_DTYPES.items()}
+    name = str(dtype).removeprefix("torch.")
+    by_dtype.setdefault(name, float(collapsed(rows, dtype).double().mean()))
+    in_dtype = rows.to(dtype)
+    zero = float((F.cross_entropy(in_dtype, labels, reduction="none") == 0).double().mean())
+    wide = rows.double()
+    correct = wide.gather(1, labels[:, None]).squeeze(1)
+    others = wide.scatter(1, labels[:, None], -math.inf).max(dim=1).values if wide.shape[1] > 1 \
+        else torch.full_like(correct, -math.inf)
+    margins = (correct - others).cpu().numpy()
+    norms = torch.linalg.vector_norm(wide, dim=1).cpu().numpy()
+    log_z = torch.logsumexp(wide, dim=1).cpu().numpy()
+    return Collapse(
+        fraction=by_dtype[name], dtype=name, by_dtype=by_dtype, zero_loss_fraction=zero,
+        margin_min=float(np.min(margins)), margin_median=float(np.median(margins)),
+        margin_above={key: float(np.mean(margins > absorption_margin(d)))
+                      for key, d in {**COLLAPSE_DTYPES, name: dtype}.items()},
+        logit_norm_mean=float(norms.mean()), logit_norm_max=float(norms.max()),
+        log_z_mean=float(log_z.mean()), log_z_min=float(log_z.min()), count=int(n),
+    )
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """cos(−∇L, θ) (:func:`nlm_alignment`).
+
+    Attributes:
+        cosine: over all the parameters measured, as one vector.
+        per_tensor: by parameter name (NaN where the gradient or the tensor is zero).
+    """
+
+    cosine: float
+    per_tensor: dict[str, float] = field(default_factory=dict)
+
+
+def cosines(direction: dict[str, Tensor], params: dict[str, Tensor]) -> Alignment:
+    """cos(direction, θ) overall and per tensor, in float64 (a gradient or an update)."""
+    dot = norm_d = norm_p = 0.0
+    per: dict[str, float] = {}
+    for name, p in params.items():
+        d = direction[name].detach().double()
+        q = p.detach().double()
+        a, b, c = float((d * q).sum()), float((d * d).sum()), float((q * q).sum())
+        dot, norm_d, norm_p = dot + a, norm_d + b, norm_p + c
+        per[name] = a / math.sqrt(b * c) if b > 0 and c > 0 else math.nan
+    overall = dot / math.sqrt(norm_d * norm_p) if norm_d > 0 and norm_p > 0 else math.nan
+    return Alignment(cosine=overall, per_tensor=per)
+
+
+def nlm_alignment(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batch: Any,
+                  mode: str = "eval", seed: int = 0) -> Alignment:
+    """cos(−∇L, θ) of the mean loss on ``batch``, over all trainable parameters and per tensor:
+    near 1 when descending the loss mostly scales the weights (naive loss minimisation).
+    The gradient comes from :class:`dynlens.functional.ModelFunction` inside
+    :func:`dynlens.functional.isolated` (``.grad``, buffers and RNG untouched)."""
+    from dynlens.functional import ModelFunction, isolated
+
+    with isolated(model, mode, seed):  # type: ignore[arg-type]
+        fn = ModelFunction(model, loss_fn, batch, seed=seed)
+        gradient = fn.grad()
+        return cosines({n: -g for n, g in gradient.items()}, fn.params)
