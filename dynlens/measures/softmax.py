@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Collapse", "Alignment", "softmax_collapse", "nlm_alignment", "absorption_margin",
-           "COLLAPSE_DTYPES", "collapsed"]
+           "COLLAPSE_DTYPES", "MARGIN_QUANTILES", "collapsed", "cosines"]
+
+# the probabilities at which the margins' distribution is kept (Collapse.margin_quantiles)
+MARGIN_QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 
 # the dtypes every collapse is also counted in, by name
 COLLAPSE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -63,6 +66,7 @@ class Collapse:
         logit_norm_mean, logit_norm_max: of each example's ‖z‖₂.
         log_z_mean, log_z_min: of log Z = logsumexp(z) (float64).
         count: examples (tokens) counted.
+        margin_quantiles: the margins' quantiles at :data:`MARGIN_QUANTILES` (their distribution).
     """
 
     fraction: float
@@ -77,6 +81,7 @@ class Collapse:
     log_z_mean: float
     log_z_min: float
     count: int
+    margin_quantiles: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def collapsed(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -141,6 +146,7 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
                       for key, d in {**COLLAPSE_DTYPES, name: dtype}.items()},
         logit_norm_mean=float(norms.mean()), logit_norm_max=float(norms.max()),
         log_z_mean=float(log_z.mean()), log_z_min=float(log_z.min()), count=int(n),
+        margin_quantiles=np.quantile(margins, MARGIN_QUANTILES),
     )
 
 

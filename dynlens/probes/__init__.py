@@ -10,6 +10,7 @@ from dynlens.probes.base import Context, Probe
 from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
 from dynlens.probes.coherence import Coherence
 from dynlens.probes.hessian import Hessian
+from dynlens.probes.softmax_collapse import SoftmaxCollapse
 from dynlens.probes.weight_spectrum import WeightSpectrum
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Hessian",
     "Coherence",
     "WeightSpectrum",
+    "SoftmaxCollapse",
     "basic",
     "default",
 ]
@@ -35,4 +37,4 @@ def basic() -> list[Probe]:
 
 def default() -> list[Probe]:
     """New instances of every built-in probe beyond the basic ones, with their default schedules."""
-    return [Hessian(), Coherence(), WeightSpectrum()]
+    return [Hessian(), Coherence(), WeightSpectrum(), SoftmaxCollapse()]

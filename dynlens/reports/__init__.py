@@ -25,6 +25,12 @@ from dynlens.reports.coherence import (
 from dynlens.reports.hessian import plot_density, plot_sharpness, plot_trace
 from dynlens.reports.html import Report, render_html, report
 from dynlens.reports.registry import figure, figures_for
+from dynlens.reports.softmax_collapse import (
+    plot_attention_logits,
+    plot_collapse,
+    plot_margins,
+    plot_nlm,
+)
 from dynlens.reports.weight_spectrum import plot_stable_rank, plot_top_singular_value
 
 __all__ = [
@@ -34,4 +40,5 @@ __all__ = [
     "plot_coherence", "plot_noise_scale", "plot_stiffness", "plot_grad_norms",
     "plot_sharpness", "plot_density", "plot_trace",
     "plot_top_singular_value", "plot_stable_rank",
+    "plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits",
 ]
