@@ -61,10 +61,10 @@ class Collapse:
         dtype: the dtype the loss is computed in (``fraction``'s).
         by_dtype: the collapsed share in float32, bfloat16 and float16 (and ``dtype``).
         zero_loss_fraction: the share whose cross-entropy in ``dtype`` is exactly 0.
-        margin_min, margin_median: of z_y − max_{j≠y} z_j (float64 from the logits as given).
+        margin_min, margin_median: of z_y − max_{j≠y} z_j (in float32, float64 logits in float64).
         margin_above: by dtype name, the share of margins above that dtype's absorption margin.
         logit_norm_mean, logit_norm_max: of each example's ‖z‖₂.
-        log_z_mean, log_z_min: of log Z = logsumexp(z) (float64).
+        log_z_mean, log_z_min: of log Z = logsumexp(z) (float32; float64 logits in float64).
         count: examples (tokens) counted.
         margin_quantiles: the margins' quantiles at :data:`MARGIN_QUANTILES` (their distribution).
     """
@@ -127,12 +127,23 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
     n = rows.shape[0]
     if n == 0:
         raise ValueError("no example to count: every target equals ignore_index")
-    by_dtype = {name: float(collapsed(rows, d).double().mean()) for name, d in COLLAPSE_DTYPES.items()}
+    # a row can collapse in d only when its top two logits are at least d's absorption margin
+    # minus 1 apart (else exp(-gap) > e·2^-p survives the sum): the recipe runs on those rows
+    # only, the others are counted as not collapsed (exactly what the recipe gives them)
+    top2 = rows.topk(min(2, rows.shape[1]), dim=1).values.float()
+    gap = (top2[:, 0] - top2[:, 1]) if rows.shape[1] > 1 else torch.full_like(top2[:, 0], math.inf)
+
+    def share(d: torch.dtype, test: Callable[[Tensor, Tensor], Tensor]) -> float:
+        candidates = gap >= absorption_margin(d) - 1.0
+        if not bool(candidates.any()):
+            return 0.0
+        return float(test(rows[candidates], labels[candidates]).sum()) / n
+
+    by_dtype = {key: share(d, lambda r, _lab, d=d: collapsed(r, d)) for key, d in COLLAPSE_DTYPES.items()}
     name = str(dtype).removeprefix("torch.")
-    by_dtype.setdefault(name, float(collapsed(rows, dtype).double().mean()))
-    in_dtype = rows.to(dtype)
-    zero = float((F.cross_entropy(in_dtype, labels, reduction="none") == 0).double().mean())
-    wide = rows.double()
+    by_dtype.setdefault(name, share(dtype, lambda r, _lab: collapsed(r, dtype)))
+    zero = share(dtype, lambda r, lab: F.cross_entropy(r.to(dtype), lab, reduction="none") == 0)
+    wide = rows.double() if rows.dtype == torch.float64 else rows.float()  # margins to ~1e-6 of 100
     correct = wide.gather(1, labels[:, None]).squeeze(1)
     others = wide.scatter(1, labels[:, None], -math.inf).max(dim=1).values if wide.shape[1] > 1 \
         else torch.full_like(correct, -math.inf)

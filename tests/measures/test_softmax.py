@@ -148,3 +148,19 @@ def test_orthograd_steps_orthogonally_to_each_tensor_and_keeps_the_wrapped_optim
     assert len(inner.state) == len(list(model.parameters()))  # AdamW's own state, stepped once
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         dl.remedies.OrthoGrad(model)  # type: ignore[arg-type]
+
+
+def test_counting_only_rows_that_could_collapse_equals_the_recipe_on_every_row():
+    from dynlens.measures.softmax import COLLAPSE_DTYPES, collapsed
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3000, 7, generator=g, dtype=torch.float64)
+    logits[:, 0] += torch.linspace(0, 25, 3000, dtype=torch.float64)  # gaps sweeping past every margin
+    targets = torch.zeros(3000, dtype=torch.long)
+    targets[::3] = 1  # some rows misclassified
+    result = dl.softmax_collapse(logits, targets)
+    for name, dtype in COLLAPSE_DTYPES.items():
+        assert result.by_dtype[name] == pytest.approx(float(collapsed(logits, dtype).double().mean()), abs=1e-12)
+    zero = (F.cross_entropy(logits.float(), targets, reduction="none") == 0).double().mean()
+    assert result.zero_loss_fraction == pytest.approx(float(zero), abs=1e-12)
+    assert 0 < result.by_dtype["float32"] < result.by_dtype["bfloat16"]
