@@ -254,3 +254,22 @@ def sharpening_then_eos() -> list[float]:
     rise = list(np.linspace(1.0, 3.5, 12))
     hover = [4.0 * (1 + 0.04 * np.sin(i)) for i in range(15)]
     return rise + hover
+
+
+def dense_hessian(model: nn.Module, loss_fn, batch) -> torch.Tensor:  # noqa: ANN001
+    """The oracle: the full Hessian of ``loss_fn(model(x), y)`` over every parameter (in
+    ``named_parameters()`` order, flattened) by ``torch.autograd.functional.hessian`` and
+    ``torch.func.functional_call``, symmetrised; independent of dynlens's own products."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(vector: torch.Tensor) -> torch.Tensor:
+        pieces, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            pieces[name] = vector[offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return loss_fn(torch.func.functional_call(model, pieces, (batch[0],)), batch[1])
+
+    matrix = torch.autograd.functional.hessian(loss, flat)
+    return (matrix + matrix.T) / 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sgd_steps
+from helpers import dense_hessian, sgd_steps
 from torch import nn
 
 import dynlens as dl
@@ -98,19 +98,8 @@ def _problem(mode: str = "mean"):
 
 
 def _dense_hessian(model, batch) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(vector):
-        pieces, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            pieces[name] = vector[offset:offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return F.cross_entropy(torch.func.functional_call(model, pieces, (batch[0],)), batch[1])
-
     with composite_layers():  # the kernels have no double backward: the oracle needs them too
-        return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+        return torch.linalg.eigvalsh(dense_hessian(model, nn.CrossEntropyLoss(), batch))
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum", "max"])

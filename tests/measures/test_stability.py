@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import dense_hessian
 from torch import nn
 
 from dynlens.functional import ModelFunction, isolated
@@ -20,26 +21,10 @@ def _problem():
     return model, batch
 
 
-def _dense(model, batch) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    names = list(params)
-    shapes = [p.shape for p in params.values()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def loss(vector):
-        pieces, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            pieces[name] = vector[offset:offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return nn.functional.cross_entropy(torch.func.functional_call(model, pieces, (batch[0],)), batch[1])
-
-    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
-
-
 def test_every_part_against_the_dense_hessian_and_the_thresholds_rule():
     model, batch = _problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eigenvalues = _dense(model, batch)
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, nn.CrossEntropyLoss(), batch))
     with isolated(model):
         result = stability_measurement(ModelFunction(model, nn.CrossEntropyLoss(), batch), optimizer, model,
                                        StabilityOptions(tol=1e-8, tol_min=1e-8, trace_samples=200, max_iters=200))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import sgd_steps, single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import dense_hessian, sgd_steps, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
@@ -235,22 +235,8 @@ def test_non_finite_loss_is_recorded_as_an_event_and_training_goes_on(tmp_path) 
 
 
 def _dense_hessian(model: nn.Module, batch: tuple) -> torch.Tensor:
-    """The oracle: the full Hessian of the mean loss in float64 (torch.autograd.functional)."""
-    from torch.func import functional_call
-
-    model = copy.deepcopy(model).double()
-    shapes = [(n, p.shape) for n, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(v: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for name, shape in shapes:
-            params[name] = v[i:i + shape.numel()].reshape(shape)
-            i += shape.numel()
-        return LOSS(functional_call(model, params, (batch[0].double(),)), batch[1])
-
-    matrix = torch.autograd.functional.hessian(loss, flat)
-    return (matrix + matrix.T) / 2
+    """The oracle in float64 (helpers.dense_hessian on a double copy)."""
+    return dense_hessian(copy.deepcopy(model).double(), LOSS, (batch[0].double(), batch[1]))
 
 
 def _scaled_top(matrix: torch.Tensor, scales: torch.Tensor) -> float:
