@@ -4,6 +4,7 @@ absorption margin, naive loss minimisation, and attention-logit growth."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -24,6 +25,7 @@ from dynlens.reports.style import (
     run_labels,
     runs_and_findings,
 )
+from dynlens.store import Run
 
 __all__ = ["plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits"]
 
@@ -38,17 +40,10 @@ def plot_collapse(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding]
     runs = [r for r in runs if "fraction" in r.scalar_names(PROBE)]
     if not runs:
         return None
-    with report_style():
-        fig, axes = new_figure("Softmax collapse: share of examples with Σ exp(z − max z) == 1", height=3.2)
-        ax = axes[0, 0]
-        for i, name in enumerate(COLLAPSE_DTYPES):
-            plot_series(ax, runs, PROBE, f"fraction_{name}", label=name, color=COLORS[i % len(COLORS)])
-        plot_series(ax, runs, PROBE, "zero_loss_fraction", label="loss exactly 0", color="#7F8C8D", linestyle=":")
-        ax.set_ylabel("share of the probe batch")
-        ax.set_ylim(-0.02, 1.02)
-        mark_findings(ax, findings, PROBE)
-        ax.legend(loc="best")
-    return fig
+    lines = [(f"fraction_{name}", name, {"color": COLORS[i % len(COLORS)]}) for i, name in enumerate(COLLAPSE_DTYPES)]
+    lines.append(("zero_loss_fraction", "loss exactly 0", {"color": "#7F8C8D", "linestyle": ":"}))
+    return _overlay("Softmax collapse: share of examples with Σ exp(z − max z) == 1", runs, findings, lines,
+                    "share of the probe batch", (-0.02, 1.02))
 
 
 @figure(SoftmaxCollapse, "Margins against each dtype's absorption margin")
@@ -93,18 +88,9 @@ def plot_nlm(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | No
     names = [n for n in ("nlm_cosine", "update_cosine") if any(n in r.scalar_names(PROBE) for r in runs)]
     if not names:
         return None
-    with report_style():
-        fig, axes = new_figure("Naive loss minimisation: alignment with θ", height=3.0)
-        ax = axes[0, 0]
-        for i, name in enumerate(names):
-            label = "cos(−∇L, θ)" if name == "nlm_cosine" else "cos(update, θ)"
-            plot_series(ax, runs, PROBE, name, label=label, color=COLORS[i % len(COLORS)])
-        ax.axhline(0.0, color="#7F8C8D", linewidth=0.6)
-        ax.set_ylabel("cosine")
-        ax.set_ylim(-1.02, 1.02)
-        mark_findings(ax, findings, PROBE)
-        ax.legend(loc="best")
-    return fig
+    lines = [(name, "cos(−∇L, θ)" if name == "nlm_cosine" else "cos(update, θ)", {"color": COLORS[i % len(COLORS)]})
+             for i, name in enumerate(names)]
+    return _overlay("Naive loss minimisation: alignment with θ", runs, findings, lines, "cosine", (-1.02, 1.02))
 
 
 @figure(SoftmaxCollapse, "Largest attention logit per layer")
@@ -113,3 +99,18 @@ def plot_attention_logits(runs: RunLike | Sequence[RunLike],
     """max_ij q_i·k_j/√d of each attention layer over steps."""
     return plot_per_layer(runs, PROBE, findings, name="attention_max_logit",
                           ylabel="largest attention logit per layer")
+
+
+def _overlay(title: str, runs: Sequence[Run], findings: Sequence[Finding],
+             lines: Sequence[tuple[str, str, dict[str, Any]]], ylabel: str, ylim: tuple[float, float]) -> Figure:
+    """One axis with the scalars ``lines`` ((name, label, style)) of every run overlaid."""
+    with report_style():
+        fig, axes = new_figure(title, height=3.0)
+        ax = axes[0, 0]
+        for name, label, style in lines:
+            plot_series(ax, runs, PROBE, name, label=label, **style)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(*ylim)
+        mark_findings(ax, findings, PROBE)
+        ax.legend(loc="best")
+    return fig
