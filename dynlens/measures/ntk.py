@@ -1,0 +1,428 @@
+"""The empirical neural tangent kernel (NTK) and the statistics read from it.
+
+NTK: Θ(x, x') = J(x) J(x')ᵀ ∈ R^{O×O}, J(x) = ∂f(x)/∂θ the Jacobian of the model's outputs on one
+example (flattened to O entries) with respect to the chosen parameters θ (Jacot et al. 2018,
+"Neural Tangent Kernel"). :func:`empirical_ntk` returns it on two sets of inputs in one of
+three modes (METRICS.md §3):
+
+* ``"full"``: (n₁, n₂, O, O), ``kernel[i, j] = Θ(x_i, x'_j)``;
+* ``"trace"``: (n₁, n₂), Σ_o Θ(x_i, x'_j)_oo, the plain sum over outputs (neural-tangents'
+  ``trace_axes`` divides by O: multiply its kernel by O to compare);
+* ``"diagonal"``: (n₁, O), Θ(x_i, x_i)_oo, the squared norm of each output's gradient.
+
+Two ways to compute it (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel"; the
+torch.func NTK tutorial), chosen by ``implementation``:
+
+* ``"jacobian"``, Jacobian contraction: the per-example Jacobians (``vmap`` of ``jacrev``),
+  contracted over the parameters. Cost ≈ N·O backward passes + N₁·N₂·O²·P multiply-adds; memory
+  for a chunk of Jacobians, chunk·O·P numbers.
+* ``"ntk_vector"``, NTK-vector products: for each output o of each example x_i, the
+  vector-Jacobian product v = J(x_i)ᵀ e_o, then the Jacobian-vector products J(x')v on the second
+  set (``jvp`` of ``vjp``). Cost ≈ N₁·O·(one backward + one forward with tangents over N₂
+  examples), never forming a Jacobian; memory for a chunk of P-vectors and their activations.
+
+``implementation="auto"`` takes ``"jacobian"`` when the Jacobians of all examples, (N₁ + N₂)·O·P
+numbers, fit in ``memory`` (default 1 GiB), since on such problems one large contraction is
+fastest; otherwise ``"ntk_vector"``, whose memory does not grow with N·O·P.
+
+The kernel is defined in eval mode: BatchNorm in train mode normalises each example by the
+batch's statistics, so an example's outputs depend on the others' and Θ is no longer a function
+of a pair of examples. Every kernel is computed inside :func:`dynlens.functional.isolated` in
+eval mode: the model's training flags, ``.grad``, buffers and random states are untouched.
+
+Statistics of a kernel (pure functions of the tensor): :func:`kernel_eigenvalues`,
+:func:`condition_number`, :func:`effective_rank`, :func:`kernel_distance` (Fort et al. 2020)
+and :func:`kernel_target_alignment` (Cortes et al. 2012).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten
+
+from dynlens.batches import _example_dims, _unsqueeze, _widened_tree
+from dynlens.functional import ModelFunction, batch_size, isolated, slice_examples, to_device
+from dynlens.parameters import Params, layer_of
+
+__all__ = [
+    "NTK",
+    "empirical_ntk",
+    "kernel_eigenvalues",
+    "condition_number",
+    "effective_rank",
+    "kernel_distance",
+    "kernel_target_alignment",
+]
+
+KernelMode = Literal["trace", "full", "diagonal"]
+Implementation = Literal["auto", "jacobian", "ntk_vector"]
+
+# memory=None: what the Jacobians or product vectors of one chunk may take
+_DEFAULT_MEMORY = 2**30
+
+
+@dataclass(frozen=True)
+class NTK:
+    """The empirical NTK of a model on two sets of inputs.
+
+    Fields:
+        kernel: ``mode="full"``: (n₁, n₂, O, O), ``kernel[i, j, a, b]`` = ⟨∂f_a(x_i)/∂θ,
+            ∂f_b(x'_j)/∂θ⟩; ``"trace"``: (n₁, n₂), Σ_a of those with a = b; ``"diagonal"``:
+            (n₁, O), ``kernel[i, a]`` = ‖∂f_a(x_i)/∂θ‖². Units: output² (the outputs' units
+            squared, per unit parameter²). In the dtype of the model's outputs (float32 for a
+            half-precision model), on the model's device.
+        per_layer: with ``per_layer=True``, the kernel restricted to each layer's parameters,
+            by module name (:func:`dynlens.parameters.layer_of`), in parameter order; they sum
+            to ``kernel``. Otherwise None.
+        mode: "trace", "full" or "diagonal".
+        implementation: the one used, "jacobian" or "ntk_vector" (after "auto" chose).
+        num_outputs: O, the entries of one example's outputs.
+        num_params: P, the parameters differentiated.
+        elapsed: wall-clock seconds.
+    """
+
+    kernel: Tensor
+    per_layer: dict[str, Tensor] | None
+    mode: str
+    implementation: str
+    num_outputs: int
+    num_params: int
+    elapsed: float
+
+
+# ----------------------------------------------------------------------------- the model's outputs
+
+
+def _flat_outputs(function: ModelFunction, p: Params, inputs: Any) -> Tensor:
+    """The outputs on ``inputs`` as (n, O): every output tensor's entries of one example, in order."""
+    leaves = [t for t in tree_flatten(function.outputs(p, inputs))[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise ValueError("the model returned no tensor; the NTK needs tensor outputs")
+    n = leaves[0].shape[0] if leaves[0].dim() > 0 else 1
+    return torch.cat([t.reshape(n, -1) for t in leaves], dim=1)
+
+
+def _sum_of_outputs(outputs: Any, targets: Any) -> Tensor:
+    return sum(t.sum() for t in tree_flatten(outputs)[0] if isinstance(t, Tensor))  # type: ignore[return-value]
+
+
+def _layers(names: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_of(name), []).append(name)
+    return groups
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------- Jacobian contraction
+
+
+def _jacobians(function: ModelFunction, inputs: Any) -> Params:
+    """Per-example Jacobians of the flat outputs: ``{name: (n, O, numel)}`` (``vmap`` of ``jacrev``)."""
+
+    def one(p: Params, x: Any) -> Tensor:
+        return _flat_outputs(function, p, _unsqueeze(x))[0]
+
+    jac = vmap(jacrev(one), in_dims=(None, _example_dims(inputs)))(function.params, inputs)
+    return {name: j.flatten(2) for name, j in jac.items()}
+
+
+def _contract(j1: Params, j2: Params, names: Sequence[str], mode: KernelMode) -> Tensor:
+    """Σ over the parameters ``names`` of the Jacobians' products, in the layout of ``mode``."""
+    a = torch.cat([j1[n] for n in names], dim=2)
+    if mode == "diagonal":
+        return (a * a).sum(2)
+    b = torch.cat([j2[n] for n in names], dim=2)
+    if mode == "trace":
+        return torch.einsum("iap,jap->ij", a, b)
+    return torch.einsum("iap,jbp->ijab", a, b)
+
+
+def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
+                  groups: dict[str, list[str]], chunk: int) -> dict[str, Tensor]:
+    """Each layer's kernel by Jacobian contraction, chunk by chunk of examples.
+
+    With two sets larger than one chunk, the second set's Jacobians are recomputed for every chunk
+    of the first (n₁/chunk · n₂ Jacobians in all), so memory stays at two chunks' Jacobians."""
+    n1, n2 = batch_size(inputs1), batch_size(inputs2)
+    rows: dict[str, list[Tensor]] = {layer: [] for layer in groups}
+    for s1, e1 in _chunks(n1, chunk):
+        j1 = _jacobians(function, slice_examples(inputs1, s1, e1))
+        if mode == "diagonal":
+            for layer, names in groups.items():
+                rows[layer].append(_contract(j1, j1, names, mode))
+            continue
+        blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
+        for s2, e2 in _chunks(n2, chunk):
+            j2 = j1 if same and (s2, e2) == (s1, e1) else _jacobians(function, slice_examples(inputs2, s2, e2))
+            for layer, names in groups.items():
+                blocks[layer].append(_contract(j1, j2, names, mode))
+            del j2
+        for layer in groups:
+            rows[layer].append(torch.cat(blocks[layer], dim=1))
+    return {layer: torch.cat(parts, dim=0) for layer, parts in rows.items()}
+
+
+# ----------------------------------------------------------------------------- NTK-vector products
+
+
+def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: KernelMode,
+                 groups: dict[str, list[str]], chunk: int, columns: int, num_outputs: int) -> dict[str, Tensor]:
+    """Each layer's kernel by NTK-vector products (``jvp`` of ``vjp``, Novak et al. 2022).
+
+    For a chunk X₁ of the first set, the vector-Jacobian product of its outputs with the basis
+    cotangent e_(i,a) is J(x_i)_aᵀ (in eval mode the examples do not interact); the
+    Jacobian-vector product of the second set's outputs with it, restricted to one layer's
+    parameters, is the row Θ_layer(x_i, ·)_(a, ·). ``columns`` cotangents are pushed at a time
+    (``vmap``'s chunk_size)."""
+    params = function.params
+    n1, n2 = batch_size(inputs1), batch_size(inputs2)
+    o = num_outputs
+    rows: dict[str, list[Tensor]] = {layer: [] for layer in groups}
+    for s1, e1 in _chunks(n1, chunk):
+        x1 = slice_examples(inputs1, s1, e1)
+        c1 = e1 - s1
+        _, pullback = vjp(lambda p, x1=x1: _flat_outputs(function, p, x1), params)
+        basis = torch.eye(c1 * o, dtype=next(iter(params.values())).dtype,
+                          device=function.device).view(c1 * o, c1, o)
+        targets = [(s1, e1)] if mode == "diagonal" else _chunks(n2, chunk)
+        blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
+        for s2, e2 in targets:
+            x2 = x1 if mode == "diagonal" else slice_examples(inputs2, s2, e2)
+
+            def row(cotangent: Tensor, x2: Any = x2, pullback: Any = pullback) -> dict[str, Tensor]:
+                vector = pullback(cotangent)[0]
+                out = {}
+                for layer, names in groups.items():
+                    primals = {n: params[n] for n in names}
+
+                    def restricted(q: Params) -> Tensor:
+                        return _flat_outputs(function, {**params, **q}, x2)
+
+                    out[layer] = jvp(restricted, (primals,), ({n: vector[n] for n in names},))[1]
+                return out
+
+            products = vmap(row, chunk_size=columns)(basis)
+            for layer in groups:
+                # (c1·O, c2, O) -> (c1, c2, O, O)
+                full = products[layer].reshape(c1, o, e2 - s2, o).permute(0, 2, 1, 3)
+                if mode == "full":
+                    blocks[layer].append(full)
+                elif mode == "trace":
+                    blocks[layer].append(torch.einsum("ijaa->ij", full))
+                else:
+                    blocks[layer].append(torch.einsum("iiaa->ia", full))
+        for layer in groups:
+            rows[layer].append(blocks[layer][0] if mode == "diagonal" else torch.cat(blocks[layer], dim=1))
+    return {layer: torch.cat(parts, dim=0) for layer, parts in rows.items()}
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def _check_mode(mode: str) -> None:
+    if mode in ("eval", "train"):
+        raise ValueError(
+            f"mode={mode!r} names a model mode, but empirical_ntk's mode is the kernel's layout "
+            "('trace', 'full' or 'diagonal'). The NTK is defined in eval mode only: BatchNorm in "
+            "train mode normalises each example by the batch's statistics, which couples the "
+            "examples, so Θ(x, x') would not be a function of the pair; empirical_ntk always "
+            "computes in eval mode"
+        )
+    if mode not in ("trace", "full", "diagonal"):
+        raise ValueError(f"mode must be 'trace', 'full' or 'diagonal', got {mode!r}")
+
+
+def empirical_ntk(
+    model: nn.Module,
+    inputs: Any,
+    inputs2: Any = None,
+    mode: KernelMode = "trace",
+    params: Sequence[str] | None = None,
+    per_layer: bool = False,
+    implementation: Implementation = "auto",
+    chunk_size: int | None = None,
+    memory: int | None = None,
+) -> NTK:
+    """The empirical NTK Θ(x, x') = J(x) J(x')ᵀ of ``model`` on ``inputs`` × ``inputs2``.
+
+    J(x) is the Jacobian of one example's outputs, flattened to O entries (every output tensor's
+    entries in order), with respect to the trainable parameters (or those named in ``params``);
+    tied parameters count once. Computed in eval mode (see the module docstring), leaving the
+    model as it was.
+
+    Args:
+        model: any ``nn.Module``; ``model(inputs)`` gives outputs whose first dimension indexes
+            the examples (inputs as a Tensor, a tuple for ``model(*x)`` or a dict for ``model(**x)``).
+        inputs: the first set, n₁ examples.
+        inputs2: the second set, n₂ examples (default: ``inputs``). Not allowed with
+            ``mode="diagonal"``, which is Θ(x_i, x_i).
+        mode: "trace" (n₁, n₂) Σ_o Θ_oo; "full" (n₁, n₂, O, O); "diagonal" (n₁, O) Θ(x_i, x_i)_oo.
+        params: parameter names to differentiate (default: all trainable ones).
+        per_layer: also return each layer's kernel (the parameters of one module), which sum to
+            the whole.
+        implementation: "jacobian" (Jacobian contraction), "ntk_vector" (NTK-vector products) or
+            "auto": "jacobian" when (n₁ + n₂)·O·P numbers fit in ``memory``, else "ntk_vector".
+        chunk_size: examples per chunk (default: as many as ``memory`` allows). Jacobian
+            contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
+            a chunk of P-vectors and the activations of a chunk.
+        memory: bytes a chunk's Jacobians or product vectors may take (default 1 GiB). The
+            activations of the forward passes and the kernel itself come on top.
+
+    Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
+    sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
+    and n₁·O forward passes with tangents over n₂ examples (times the number of layers with
+    ``per_layer``).
+
+    Returns:
+        :class:`NTK`.
+    """
+    _check_mode(mode)
+    if implementation not in ("auto", "jacobian", "ntk_vector"):
+        raise ValueError(f"implementation must be 'auto', 'jacobian' or 'ntk_vector', got {implementation!r}")
+    if mode == "diagonal" and inputs2 is not None:
+        raise ValueError("mode='diagonal' is Θ(x_i, x_i) on one set of inputs; pass inputs2=None")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    budget = _DEFAULT_MEMORY if memory is None else memory
+    start_time = time.perf_counter()
+    # the loss is never differentiated; activation_bytes evaluates one, so it must be a scalar
+    function = ModelFunction(model, _sum_of_outputs, (inputs, None), params=params)
+    with isolated(function.model, "eval"):
+        first = function.inputs
+        same = inputs2 is None
+        second = first if same else _widened_tree(to_device(inputs2, function.device))
+        probe = _flat_outputs(function, function.params, slice_examples(first, 0, 1))
+        o, p_count = probe.shape[1], function.num_params
+        itemsize = probe.element_size()
+        n1, n2 = batch_size(first), batch_size(second)
+        if implementation == "auto":
+            examples = n1 if same else n1 + n2
+            implementation = "jacobian" if examples * o * p_count * itemsize <= budget else "ntk_vector"
+        groups = _layers(list(function.params)) if per_layer else {"": list(function.params)}
+        if implementation == "jacobian":
+            chunk = chunk_size or max(1, budget // (2 * o * p_count * itemsize))
+            kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
+        else:
+            # the cotangent basis of a chunk is (chunk·O)² numbers
+            chunk = chunk_size or max(1, math.isqrt(budget // itemsize) // o)
+            activation = function.activation_bytes(1)
+            columns = max(1, budget // (p_count * itemsize + min(chunk, n2) * activation))
+            kernels = _by_products(function, first, second, mode, groups, chunk, columns, o)
+    kernels = {layer: k.detach() for layer, k in kernels.items()}
+    total = torch.stack(list(kernels.values())).sum(0) if per_layer else kernels[""]
+    return NTK(
+        kernel=total,
+        per_layer=kernels if per_layer else None,
+        mode=mode,
+        implementation=implementation,
+        num_outputs=o,
+        num_params=p_count,
+        elapsed=time.perf_counter() - start_time,
+    )
+
+
+# ----------------------------------------------------------------------------- kernel statistics
+
+
+def _square(kernel: Tensor) -> Tensor:
+    """A kernel as a square matrix: (n, n) as is; a full kernel (n, n, O, O) as (n·O, n·O) with
+    rows and columns ordered (example, output)."""
+    if kernel.dim() == 4:
+        n, m, o, q = kernel.shape
+        return kernel.permute(0, 2, 1, 3).reshape(n * o, m * q)
+    if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(
+            f"expected a square kernel (n, n) or a full kernel (n, n, O, O), got shape {tuple(kernel.shape)}"
+        )
+    return kernel
+
+
+def kernel_eigenvalues(kernel: Tensor) -> Tensor:
+    """Eigenvalues of a kernel on one set of inputs, descending, as float64.
+
+    ``kernel`` is (n, n) (a "trace" kernel) or (n, n, O, O) (a "full" one, taken as the
+    (n·O, n·O) matrix). It is symmetrised, (K + Kᵀ)/2, before ``eigvalsh``: an NTK is symmetric
+    positive semi-definite, up to rounding. Cost: one dense eigendecomposition, O(n³)."""
+    k = _square(kernel).detach().to(torch.float64)
+    return torch.linalg.eigvalsh((k + k.T) / 2).flip(0)
+
+
+def condition_number(kernel: Tensor) -> float:
+    """λ_max/λ_min of the kernel (:func:`kernel_eigenvalues`); ``inf`` when λ_min ≤ 0 (a singular
+    kernel, e.g. more examples than parameters, or rounding below zero)."""
+    values = kernel_eigenvalues(kernel)
+    smallest = float(values[-1])
+    return math.inf if smallest <= 0 else float(values[0]) / smallest
+
+
+def effective_rank(kernel: Tensor, kind: Literal["participation", "entropy"] = "participation") -> float:
+    """The number of eigen-directions that carry the kernel, between 1 and n.
+
+    ``"participation"``: the participation ratio (Σλ)²/Σλ² (e.g. Gao et al. 2017, "A theory of
+    multineuronal dimensionality"): n for a multiple of the identity, 1 for rank one.
+    ``"entropy"``: exp(−Σ pᵢ log pᵢ), pᵢ = λᵢ/Σλ (Roy & Vetterli 2007, "The effective rank").
+    Eigenvalues below zero (rounding) are taken as zero."""
+    values = kernel_eigenvalues(kernel).clamp_min(0)
+    total = float(values.sum())
+    if total == 0:
+        return 0.0
+    if kind == "participation":
+        return total**2 / float((values**2).sum())
+    if kind == "entropy":
+        p = values[values > 0] / total
+        return math.exp(float(-(p * p.log()).sum()))
+    raise ValueError(f"kind must be 'participation' or 'entropy', got {kind!r}")
+
+
+def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> float:
+    """d(K₁, K₂) = 1 − ⟨K₁, K₂⟩_F / (‖K₁‖_F ‖K₂‖_F) (Fort et al. 2020, "Deep learning versus kernel
+    learning"): 0 for kernels equal up to a positive factor, 1 for orthogonal ones. Any two
+    kernels of the same shape (every entry counts once). Per step it is the kernel velocity."""
+    if kernel1.shape != kernel2.shape:
+        raise ValueError(f"kernels of different shapes: {tuple(kernel1.shape)} and {tuple(kernel2.shape)}")
+    a = kernel1.detach().to(torch.float64).reshape(-1)
+    b = kernel2.detach().to(torch.float64).reshape(-1)
+    return 1.0 - float(a @ b) / float(a.norm() * b.norm())
+
+
+def _target_matrix(targets: Tensor, num_classes: int | None) -> Tensor:
+    if not targets.is_floating_point():
+        return torch.nn.functional.one_hot(targets.long().reshape(-1), num_classes or -1).to(torch.float64)
+    y = targets.detach().to(torch.float64)
+    return y.reshape(y.shape[0], -1)
+
+
+def kernel_target_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = None,
+                            centred: bool = True) -> float:
+    """Centred kernel–target alignment A = ⟨K_c, (YYᵀ)_c⟩_F / (‖K_c‖_F ‖(YYᵀ)_c‖_F), with
+    K_c = HKH, H = I − 11ᵀ/n (Cortes, Mohri & Rostamizadeh 2012, "Algorithms for learning kernels
+    based on centered alignment"; Baratin et al. 2021 report it per layer).
+
+    ``kernel`` is a "trace" kernel (n, n). ``targets``: integer class labels (n,), taken as one-hot
+    rows of Y (``num_classes`` columns, default the largest label + 1), or real values (n,) or
+    (n, k), taken as Y itself. ``centred=False`` gives the uncentred alignment (Cristianini et al.
+    2002). Between −1 and 1 (0 to 1 for PSD kernels); 1 when K is a positive multiple of (YYᵀ)_c."""
+    k = kernel.detach().to(torch.float64)
+    if k.dim() != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"expected a trace kernel (n, n), got shape {tuple(k.shape)}")
+    y = _target_matrix(targets, num_classes).to(k.device)
+    if y.shape[0] != k.shape[0]:
+        raise ValueError(f"{y.shape[0]} targets for a kernel on {k.shape[0]} examples")
+    target = y @ y.T
+    if centred:
+        n = k.shape[0]
+        h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
+        k, target = h @ k @ h, h @ target @ h
+    return float((k * target).sum()) / float(k.norm() * target.norm())

@@ -1,0 +1,318 @@
+"""dl.measures.ntk: the empirical NTK against explicit products of Jacobians (torch.func.jacrev of
+the whole batch's outputs), in every mode and by every implementation; per-layer kernels; the
+infinite-width limit of a one-hidden-layer ReLU network; no side effects; the kernel statistics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from dynlens.measures.ntk import (
+    condition_number,
+    effective_rank,
+    empirical_ntk,
+    kernel_distance,
+    kernel_eigenvalues,
+    kernel_target_alignment,
+)
+
+# ----------------------------------------------------------------------------- models
+
+
+class TiedLayers(nn.Module):
+    """Two linear layers sharing one weight matrix (each with its own bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))[:, :3]
+
+
+class GridOutputs(nn.Module):
+    """Outputs of shape (n, 2, 3) per batch: six outputs an example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x))).view(-1, 2, 3)
+
+
+class BagOfEmbeddings(nn.Module):
+    """Token ids (n, 5) -> embedding -> mean over tokens -> linear head (3 outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens).mean(1)))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def cnn_with_batchnorm() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    batchnorm = model[1]
+    batchnorm.running_mean.uniform_(-0.5, 0.5)
+    batchnorm.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+MODELS = {
+    "mlp": (mlp, lambda g, n: torch.randn(n, 4, generator=g)),
+    "cnn_batchnorm": (cnn_with_batchnorm, lambda g, n: torch.randn(n, 2, 6, 6, generator=g)),
+    "grid_outputs": (GridOutputs, lambda g, n: torch.randn(n, 4, generator=g)),
+    "tied": (TiedLayers, lambda g, n: torch.randn(n, 4, generator=g)),
+    "embedding": (BagOfEmbeddings, lambda g, n: torch.randint(0, 10, (n, 5), generator=g)),
+}
+
+
+def make(name: str, n: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    build, data = MODELS[name]
+    torch.manual_seed(seed)
+    model = build().double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x, x2 = data(g, n), data(g, n - 2)
+    if x.is_floating_point():
+        x, x2 = x.double(), x2.double()
+    return model, x, x2
+
+
+def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, O, P): the Jacobian of every example's flat outputs, from the whole batch at once."""
+    reference = copy.deepcopy(model).eval()
+    params = {n: p.detach() for n, p in reference.named_parameters()}
+    jac = jacrev(lambda p: functional_call(reference, p, (x,)).reshape(x.shape[0], -1))(params)
+    # the outputs of example i depend on θ through x_i alone: jac[name] is (n, O, *shape)
+    return torch.cat([j.flatten(2) for j in jac.values()], dim=2)
+
+
+def reference(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
+    a = jacobian(model, x)
+    b = a if x2 is None else jacobian(model, x2)
+    if mode == "full":
+        return torch.einsum("iap,jbp->ijab", a, b)
+    if mode == "trace":
+        return torch.einsum("iap,jap->ij", a, b)
+    return (a * a).sum(2)
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((value - expected).norm() / expected.norm())
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kernel_matches_explicit_jacobian_products(name, mode, implementation):
+    model, x, _ = make(name)
+    result = empirical_ntk(model, x, mode=mode, implementation=implementation)
+    assert result.implementation == implementation
+    assert relative_error(result.kernel, reference(model, x, None, mode)) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kernel_between_two_sets_in_chunks_matches_explicit_jacobian_products(name, mode, implementation):
+    model, x, x2 = make(name)
+    result = empirical_ntk(model, x, x2, mode=mode, implementation=implementation, chunk_size=2)
+    assert result.kernel.shape[:2] == (x.shape[0], x2.shape[0])
+    assert relative_error(result.kernel, reference(model, x, x2, mode)) < 1e-6
+
+
+def test_full_kernel_shape_and_output_count_on_multidimensional_outputs():
+    model, x, _ = make("grid_outputs")
+    result = empirical_ntk(model, x, mode="full")
+    assert result.kernel.shape == (5, 5, 6, 6)
+    assert result.num_outputs == 6
+    assert result.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_tied_weight_counts_once():
+    model, x, _ = make("tied")
+    result = empirical_ntk(model, x)
+    assert result.num_params == 16 + 4 + 4
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_per_layer_kernels_sum_to_the_whole_and_match_each_layers_jacobian(mode, implementation):
+    model, x, _ = make("cnn_batchnorm")
+    result = empirical_ntk(model, x, mode=mode, implementation=implementation, per_layer=True)
+    assert list(result.per_layer) == ["0", "1", "4"]
+    total = torch.stack(list(result.per_layer.values())).sum(0)
+    assert relative_error(total, result.kernel) < 1e-12
+    head = empirical_ntk(model, x, mode=mode, implementation=implementation, params=["4.weight", "4.bias"])
+    assert relative_error(result.per_layer["4"], head.kernel) < 1e-12
+
+
+def test_params_restricts_the_kernel_to_the_named_parameters():
+    model, x, _ = make("mlp")
+    result = empirical_ntk(model, x, params=["2.weight"])
+    # the last layer's weight: J = e_o ⊗ h(x), so Θ_oo' = δ_oo' h(x)·h(x')
+    h = torch.tanh(model[0](x)).detach()
+    assert relative_error(result.kernel, 3 * h @ h.T) < 1e-12
+
+
+def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
+    model, x, _ = make("mlp")
+    assert empirical_ntk(model, x).implementation == "jacobian"
+    small = empirical_ntk(model, x, memory=1000)
+    assert small.implementation == "ntk_vector"
+    assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
+
+
+def test_model_mode_as_kernel_mode_raises_saying_the_kernel_is_defined_in_eval_mode():
+    model, x, _ = make("cnn_batchnorm")
+    with pytest.raises(ValueError, match="eval mode"):
+        empirical_ntk(model, x, mode="train")  # type: ignore[arg-type]
+
+
+def test_training_model_with_batchnorm_is_measured_in_eval_mode():
+    model, x, _ = make("cnn_batchnorm")
+    model.train()
+    result = empirical_ntk(model, x, mode="trace")
+    assert relative_error(result.kernel, reference(model, x, None, "trace")) < 1e-6
+    assert model.training
+
+
+def test_leaves_no_trace():
+    model, x, _ = make("cnn_batchnorm")
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    flags = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    for implementation in ("jacobian", "ntk_vector"):
+        empirical_ntk(model, x, mode="full", implementation=implementation, per_layer=True)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert flags == [m.training for m in model.modules()]
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_bad_arguments_raise():
+    model, x, x2 = make("mlp")
+    with pytest.raises(ValueError, match="'trace', 'full' or 'diagonal'"):
+        empirical_ntk(model, x, mode="dense")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="inputs2=None"):
+        empirical_ntk(model, x, x2, mode="diagonal")
+    with pytest.raises(ValueError, match="implementation"):
+        empirical_ntk(model, x, implementation="structured")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- infinite width
+
+
+class OneHiddenReLU(nn.Module):
+    """f(x) = m^{-1/2} Σ_r a_r relu(w_rᵀx), w_r ~ N(0, I), a_r ~ N(0, 1) (METRICS.md §3)."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d, width, bias=False)
+        self.out = nn.Linear(width, 1, bias=False)
+        nn.init.normal_(self.hidden.weight)
+        nn.init.normal_(self.out.weight)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x))) / math.sqrt(self.width)
+
+
+def arc_cosine_ntk(x: torch.Tensor) -> torch.Tensor:
+    cos = (x @ x.T).clamp(-1, 1)
+    phi = torch.arccos(cos)
+    return (torch.sin(phi) + (math.pi - phi) * cos) / (2 * math.pi) + cos * (math.pi - phi) / (2 * math.pi)
+
+
+def width_error(width: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    model = OneHiddenReLU(3, width).double()
+    x = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))
+    kernel = empirical_ntk(model, x).kernel
+    return relative_error(kernel, arc_cosine_ntk(x))
+
+
+def test_wide_relu_network_kernel_tends_to_the_arc_cosine_kernel():
+    wide = [width_error(20_000, seed) for seed in range(3)]
+    narrow = [width_error(200, seed) for seed in range(3)]
+    assert max(wide) < 0.05
+    # fluctuations O(m^{-1/2}): a 100 times wider network is about 10 times closer
+    assert sum(wide) < sum(narrow) / 3
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_eigenvalues_and_condition_number_of_the_full_kernel_match_the_jacobian_gram_matrix():
+    model, x, _ = make("mlp")
+    kernel = empirical_ntk(model, x, mode="full").kernel
+    j = jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))
+    expected = torch.linalg.eigvalsh(j @ j.T).flip(0)
+    values = kernel_eigenvalues(kernel)
+    assert torch.allclose(values, expected, rtol=1e-8, atol=1e-10)
+    assert condition_number(kernel) == pytest.approx(float(expected[0] / expected[-1]), rel=1e-6)
+
+
+def test_condition_number_of_a_singular_kernel_is_infinite():
+    assert condition_number(torch.ones(3, 3, dtype=torch.float64)) == math.inf
+
+
+def test_effective_rank_is_n_for_the_identity_and_one_for_rank_one():
+    for kind in ("participation", "entropy"):
+        assert effective_rank(torch.eye(4, dtype=torch.float64), kind) == pytest.approx(4.0)
+        assert effective_rank(torch.ones(4, 4, dtype=torch.float64), kind) == pytest.approx(1.0)
+    # participation ratio of eigenvalues (2, 1, 1): 16 / 6
+    assert effective_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0]))) == pytest.approx(16 / 6)
+
+
+def test_kernel_distance_to_itself_and_to_a_scaled_copy_is_zero():
+    model, x, _ = make("mlp")
+    kernel = empirical_ntk(model, x).kernel
+    assert kernel_distance(kernel, kernel) == pytest.approx(0.0, abs=1e-12)
+    assert kernel_distance(kernel, 3.5 * kernel) == pytest.approx(0.0, abs=1e-12)
+    assert kernel_distance(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])) == pytest.approx(1.0)
+
+
+def test_alignment_of_the_target_kernel_with_itself_is_one():
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    y = torch.nn.functional.one_hot(labels).double()
+    assert kernel_target_alignment(y @ y.T, labels) == pytest.approx(1.0)
+    assert kernel_target_alignment(2.0 * y @ y.T, labels, centred=False) == pytest.approx(1.0)
+    values = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert kernel_target_alignment(values @ values.T, values) == pytest.approx(1.0)
+
+
+def test_centred_alignment_matches_its_formula():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64, generator=g)
+    kernel = a @ a.T
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    y = torch.nn.functional.one_hot(labels).double()
+    h = torch.eye(6, dtype=torch.float64) - 1 / 6
+    kc, yc = h @ kernel @ h, h @ y @ y.T @ h
+    expected = float((kc * yc).sum() / (kc.norm() * yc.norm()))
+    assert kernel_target_alignment(kernel, labels) == pytest.approx(expected, rel=1e-12)
