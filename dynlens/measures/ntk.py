@@ -10,7 +10,7 @@ three modes (METRICS.md §3):
   ``trace_axes`` divides by O: multiply its kernel by O to compare);
 * ``"diagonal"``: (n₁, O), Θ(x_i, x_i)_oo, the squared norm of each output's gradient.
 
-Two ways to compute it (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel"; the
+Three ways to compute it (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel"; the
 torch.func NTK tutorial), chosen by ``implementation``:
 
 * ``"jacobian"``, Jacobian contraction: the per-example Jacobians (``vmap`` of ``jacrev``),
@@ -20,10 +20,20 @@ torch.func NTK tutorial), chosen by ``implementation``:
   vector-Jacobian product v = J(x_i)ᵀ e_o, then the Jacobian-vector products J(x')v on the second
   set (``jvp`` of ``vjp``). Cost ≈ N₁·O·(one backward + one forward with tangents over N₂
   examples), never forming a Jacobian; memory for a chunk of P-vectors and their activations.
+* ``"structured"``, structured derivatives of ``nn.Linear`` layers: with the layer's input a and
+  the gradient g_o of output o with respect to the layer's output, ⟨J_W(x)_o, J_W(x')_o'⟩ =
+  (a·a')(g_o·g'_o') (summed over positions for a layer applied at several), g_o·g'_o' for the
+  bias; the inputs come from forward hooks and the gradients from O backward passes, so no
+  per-example Jacobian is formed (nngeometry's Gram matrix does this for Linear layers). It covers
+  the linear layers it computes exactly (:func:`_structured_linears`: parameters not shared,
+  called once a forward pass, gradient checked against autograd's); the other parameters are
+  contracted as Jacobians. Cost ≈ N·O backward passes + N₁·N₂·O²·(in + out) per layer.
 
-``implementation="auto"`` takes ``"jacobian"`` when the Jacobians of all examples, (N₁ + N₂)·O·P
-numbers, fit in ``memory`` (default 1 GiB), since on such problems one large contraction is
-fastest; otherwise ``"ntk_vector"``, whose memory does not grow with N·O·P.
+``implementation="auto"``: ``"structured"`` when linear layers it can compute hold every
+parameter (an MLP); otherwise ``"jacobian"`` when the Jacobians of all examples, N·O·P numbers
+(N = n₁, or n₁ + n₂ with a second set), fit in ``memory`` (default 1 GiB), since on such
+problems one large contraction is fastest; otherwise ``"ntk_vector"``, whose memory does not
+grow with N·O·P.
 
 The kernel is defined in eval mode: BatchNorm in train mode normalises each example by the
 batch's statistics, so an example's outputs depend on the others' and Θ is no longer a function
@@ -63,7 +73,7 @@ __all__ = [
 ]
 
 KernelMode = Literal["trace", "full", "diagonal"]
-Implementation = Literal["auto", "jacobian", "ntk_vector"]
+Implementation = Literal["auto", "jacobian", "ntk_vector", "structured"]
 
 # memory=None: what the Jacobians or product vectors of one chunk may take
 _DEFAULT_MEMORY = 2**30
@@ -83,7 +93,7 @@ class NTK:
             by module name (:func:`dynlens.parameters.layer_of`), in parameter order; they sum
             to ``kernel``. Otherwise None.
         mode: "trace", "full" or "diagonal".
-        implementation: the one used, "jacobian" or "ntk_vector" (after "auto" chose).
+        implementation: the one used, "jacobian", "ntk_vector" or "structured" (after "auto" chose).
         num_outputs: O, the entries of one example's outputs.
         num_params: P, the parameters differentiated.
         elapsed: wall-clock seconds.
@@ -114,6 +124,10 @@ def _sum_of_outputs(outputs: Any, targets: Any) -> Tensor:
     return sum(t.sum() for t in tree_flatten(outputs)[0] if isinstance(t, Tensor))  # type: ignore[return-value]
 
 
+def _numel(function: ModelFunction, names: Sequence[str]) -> int:
+    return sum(function.params[n].numel() for n in names)
+
+
 def _layers(names: Sequence[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for name in names:
@@ -128,13 +142,16 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- Jacobian contraction
 
 
-def _jacobians(function: ModelFunction, inputs: Any) -> Params:
-    """Per-example Jacobians of the flat outputs: ``{name: (n, O, numel)}`` (``vmap`` of ``jacrev``)."""
+def _jacobians(function: ModelFunction, inputs: Any, names: Sequence[str]) -> Params:
+    """Per-example Jacobians of the flat outputs with respect to the parameters ``names``:
+    ``{name: (n, O, numel)}`` (``vmap`` of ``jacrev``)."""
+    params = function.params
 
-    def one(p: Params, x: Any) -> Tensor:
-        return _flat_outputs(function, p, _unsqueeze(x))[0]
+    def one(q: Params, x: Any) -> Tensor:
+        return _flat_outputs(function, {**params, **q}, _unsqueeze(x))[0]
 
-    jac = vmap(jacrev(one), in_dims=(None, _example_dims(inputs)))(function.params, inputs)
+    chosen = {n: params[n] for n in names}
+    jac = vmap(jacrev(one), in_dims=(None, _example_dims(inputs)))(chosen, inputs)
     return {name: j.flatten(2) for name, j in jac.items()}
 
 
@@ -156,16 +173,17 @@ def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     With two sets larger than one chunk, the second set's Jacobians are recomputed for every chunk
     of the first (n₁/chunk · n₂ Jacobians in all), so memory stays at two chunks' Jacobians."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
+    names = [n for group in groups.values() for n in group]
     rows: dict[str, list[Tensor]] = {layer: [] for layer in groups}
     for s1, e1 in _chunks(n1, chunk):
-        j1 = _jacobians(function, slice_examples(inputs1, s1, e1))
+        j1 = _jacobians(function, slice_examples(inputs1, s1, e1), names)
         if mode == "diagonal":
             for layer, names in groups.items():
                 rows[layer].append(_contract(j1, j1, names, mode))
             continue
         blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
         for s2, e2 in _chunks(n2, chunk):
-            j2 = j1 if same and (s2, e2) == (s1, e1) else _jacobians(function, slice_examples(inputs2, s2, e2))
+            j2 = j1 if same and (s2, e2) == (s1, e1) else _jacobians(function, slice_examples(inputs2, s2, e2), names)
             for layer, names in groups.items():
                 blocks[layer].append(_contract(j1, j2, names, mode))
             del j2
@@ -228,6 +246,135 @@ def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: Kern
     return {layer: torch.cat(parts, dim=0) for layer, parts in rows.items()}
 
 
+# ----------------------------------------------------------------------------- structured (nn.Linear)
+
+# einsum of the weight's and the bias's kernel from layer inputs a (n, T, in) and output
+# gradients g (O, n, T, out); T counts the positions a linear layer is applied at (1 for a vector)
+_WEIGHT = {"full": "itk,jsk,aitl,bjsl->ijab", "trace": "itk,jsk,aitl,ajsl->ij", "diagonal": "itk,isk,aitl,aisl->ia"}
+_BIAS = {"full": "ail,bjl->ijab", "trace": "ail,ajl->ij", "diagonal": "ail,ail->ia"}
+
+
+def _linear_factors(function: ModelFunction, modules: dict[str, nn.Linear], inputs: Any,
+                    num_outputs: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """For each linear layer, its inputs a (n, T, in) and the gradients g (O, n, T, out) of each
+    output with respect to its outputs, from one forward pass with hooks and O backward passes
+    (in eval mode the examples do not interact, so the gradient of Σ_i f_o(x_i) with respect to
+    the layer's output on x_i is that of f_o(x_i))."""
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            captured[name] = (args[0], output)
+        return record
+
+    leaves = {n: t.detach().requires_grad_(True) for n, t in function.params.items()}
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        with torch.enable_grad():
+            out = _flat_outputs(function, leaves, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = out.shape[0]
+    layer_outputs = [captured[name][1] for name in modules]
+    per_output = []
+    with torch.enable_grad():
+        for o in range(num_outputs):
+            grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=True, allow_unused=True)
+            per_output.append([torch.zeros_like(z) if g is None else g for z, g in zip(layer_outputs, grads, strict=True)])
+    factors = {}
+    for k, (name, module) in enumerate(modules.items()):
+        a = captured[name][0].detach().reshape(n, -1, module.in_features)
+        g = torch.stack([row[k] for row in per_output]).reshape(num_outputs, n, -1, module.out_features)
+        factors[name] = (a, g)
+    return factors
+
+
+def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers whose kernel the structured product computes exactly, by module name.
+
+    A layer qualifies when its weight (and bias, if it has one) are its own parameters among those
+    differentiated, shared with no other module, the layer runs once per forward pass, and the
+    gradient its factors give, Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t), matches autograd's on a few examples
+    for a random cotangent u (which catches a weight also read outside the layer's forward)."""
+    chosen = function.params
+    counts: dict[int, int] = {}
+    for _, p in function.model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    candidates: dict[str, nn.Linear] = {}
+    for name, module in function.model.named_modules():
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        own = [(f"{name}.{kind}", getattr(module, kind)) for kind in ("weight", "bias")
+               if isinstance(getattr(module, kind, None), nn.Parameter)]
+        if own and all(n in chosen and counts[id(p)] == 1 for n, p in own):
+            candidates[name] = module
+    if not candidates:
+        return {}
+    calls: dict[str, int] = dict.fromkeys(candidates, 0)
+
+    def counter(name: str) -> Any:
+        def count(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] += 1
+        return count
+
+    handles = [module.register_forward_pre_hook(counter(name)) for name, module in candidates.items()]
+    try:
+        sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
+        _flat_outputs(function, function.params, sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = {name: m for name, m in candidates.items() if calls[name] == 1}
+    if not candidates:
+        return {}
+    factors = _linear_factors(function, candidates, sample, num_outputs)
+    leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
+    with torch.enable_grad():
+        out = _flat_outputs(function, leaves, sample)
+        u = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=torch.Generator(out.device).manual_seed(0))
+        names = [f"{name}.{kind}" for name in candidates for kind in ("weight", "bias") if f"{name}.{kind}" in chosen]
+        grads = dict(zip(names, torch.autograd.grad((out * u).sum(), [leaves[n] for n in names], allow_unused=True), strict=True))
+    exact = {}
+    for name, module in candidates.items():
+        a, g = factors[name]
+        expected = [(grads[f"{name}.weight"], torch.einsum("ia,aitl,itk->lk", u, g, a))]
+        if module.bias is not None:
+            expected.append((grads[f"{name}.bias"], torch.einsum("ia,aitl->l", u, g)))
+        if all(auto is not None and (auto - ours).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, ours in expected):
+            exact[name] = module
+    return exact
+
+
+def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
+                  modules: dict[str, nn.Linear], chunk: int, num_outputs: int) -> dict[str, Tensor]:
+    """Each linear layer's kernel from its inputs and output gradients (Novak et al. 2022's
+    structured derivatives; nngeometry's Gram matrix): ⟨J_W(x)_a, J_W(x')_b⟩ =
+    Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and Σ_(t,s) g_(a,t)·g'_(b,s) for the bias. No per-example
+    Jacobian is formed: a chunk holds n·T·in inputs and O·n·T·out gradients per layer."""
+    n1, n2 = batch_size(inputs1), batch_size(inputs2)
+    rows: dict[str, list[Tensor]] = {name: [] for name in modules}
+    for s1, e1 in _chunks(n1, chunk):
+        f1 = _linear_factors(function, modules, slice_examples(inputs1, s1, e1), num_outputs)
+        targets = [(s1, e1)] if mode == "diagonal" else _chunks(n2, chunk)
+        blocks: dict[str, list[Tensor]] = {name: [] for name in modules}
+        for s2, e2 in targets:
+            if mode == "diagonal" or (same and (s2, e2) == (s1, e1)):
+                f2 = f1
+            else:
+                f2 = _linear_factors(function, modules, slice_examples(inputs2, s2, e2), num_outputs)
+            for name, module in modules.items():
+                (a1, g1), (a2, g2) = f1[name], f2[name]
+                # in the diagonal mode f2 is f1: the einsums pair each example with itself
+                block = torch.einsum(_WEIGHT[mode], a1, a2, g1, g2)
+                if module.bias is not None:
+                    block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
+                blocks[name].append(block)
+        for name in modules:
+            rows[name].append(torch.cat(blocks[name], dim=1) if mode != "diagonal" else blocks[name][0])
+    return {name: torch.cat(parts, dim=0) for name, parts in rows.items()}
+
+
 # ----------------------------------------------------------------------------- the measurement
 
 
@@ -272,11 +419,15 @@ def empirical_ntk(
         params: parameter names to differentiate (default: all trainable ones).
         per_layer: also return each layer's kernel (the parameters of one module), which sum to
             the whole.
-        implementation: "jacobian" (Jacobian contraction), "ntk_vector" (NTK-vector products) or
-            "auto": "jacobian" when (n₁ + n₂)·O·P numbers fit in ``memory``, else "ntk_vector".
+        implementation: "jacobian" (Jacobian contraction), "ntk_vector" (NTK-vector products),
+            "structured" (linear layers from their inputs and output gradients, the other
+            parameters by Jacobian contraction) or "auto": "structured" when linear layers hold
+            every parameter, else "jacobian" when N·O·P numbers fit in ``memory``, else
+            "ntk_vector" (module docstring).
         chunk_size: examples per chunk (default: as many as ``memory`` allows). Jacobian
             contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
-            a chunk of P-vectors and the activations of a chunk.
+            a chunk of P-vectors and the activations of a chunk; structured products each linear
+            layer's inputs and O output gradients for two chunks.
         memory: bytes a chunk's Jacobians or product vectors may take (default 1 GiB). The
             activations of the forward passes and the kernel itself come on top.
 
@@ -289,8 +440,10 @@ def empirical_ntk(
         :class:`NTK`.
     """
     _check_mode(mode)
-    if implementation not in ("auto", "jacobian", "ntk_vector"):
-        raise ValueError(f"implementation must be 'auto', 'jacobian' or 'ntk_vector', got {implementation!r}")
+    if implementation not in ("auto", "jacobian", "ntk_vector", "structured"):
+        raise ValueError(
+            f"implementation must be 'auto', 'jacobian', 'ntk_vector' or 'structured', got {implementation!r}"
+        )
     if mode == "diagonal" and inputs2 is not None:
         raise ValueError("mode='diagonal' is Θ(x_i, x_i) on one set of inputs; pass inputs2=None")
     if chunk_size is not None and chunk_size < 1:
@@ -307,19 +460,47 @@ def empirical_ntk(
         o, p_count = probe.shape[1], function.num_params
         itemsize = probe.element_size()
         n1, n2 = batch_size(first), batch_size(second)
+        linears = _structured_linears(function, first, o) if implementation in ("auto", "structured") else {}
+        covered = {f"{m}.{kind}" for m in linears for kind in ("weight", "bias")} & set(function.params)
+        rest = [n for n in function.params if n not in covered]
         if implementation == "auto":
             examples = n1 if same else n1 + n2
-            implementation = "jacobian" if examples * o * p_count * itemsize <= budget else "ntk_vector"
-        groups = _layers(list(function.params)) if per_layer else {"": list(function.params)}
-        if implementation == "jacobian":
-            chunk = chunk_size or max(1, budget // (2 * o * p_count * itemsize))
-            kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
+            if linears and not rest:
+                implementation = "structured"
+            else:
+                implementation = "jacobian" if examples * o * p_count * itemsize <= budget else "ntk_vector"
+        layers = _layers(list(function.params))
+        if implementation == "structured":
+            groups = {layer: [n for n in names if n in rest] for layer, names in layers.items()}
+            groups = {layer: names for layer, names in groups.items() if names}
+            if not per_layer and groups:
+                groups = {"": rest}
+            parts = []
+            if groups:
+                chunk = chunk_size or max(1, budget // (2 * o * _numel(function, rest) * itemsize))
+                parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
+            if linears:
+                width = sum(m.in_features + o * m.out_features for m in linears.values())
+                chunk = chunk_size or max(1, budget // (width * itemsize))
+                parts.append(_by_structure(function, first, second, same, mode, linears, chunk, o))
+            # a structured layer's kernel is keyed by its module's name, which is its layer
+            summed: dict[str, Tensor] = {}
+            for part in parts:
+                for name, k in part.items():
+                    key = name if per_layer else ""
+                    summed[key] = summed[key] + k if key in summed else k
+            kernels = {layer: summed[layer] for layer in (layers if per_layer else [""])}
         else:
-            # the cotangent basis of a chunk is (chunk·O)² numbers
-            chunk = chunk_size or max(1, math.isqrt(budget // itemsize) // o)
-            activation = function.activation_bytes(1)
-            columns = max(1, budget // (p_count * itemsize + min(chunk, n2) * activation))
-            kernels = _by_products(function, first, second, mode, groups, chunk, columns, o)
+            groups = layers if per_layer else {"": list(function.params)}
+            if implementation == "jacobian":
+                chunk = chunk_size or max(1, budget // (2 * o * p_count * itemsize))
+                kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
+            else:
+                # the cotangent basis of a chunk is (chunk·O)² numbers
+                chunk = chunk_size or max(1, math.isqrt(budget // itemsize) // o)
+                activation = function.activation_bytes(1)
+                columns = max(1, budget // (p_count * itemsize + min(chunk, n2) * activation))
+                kernels = _by_products(function, first, second, mode, groups, chunk, columns, o)
     kernels = {layer: k.detach() for layer, k in kernels.items()}
     total = torch.stack(list(kernels.values())).sum(0) if per_layer else kernels[""]
     return NTK(

@@ -13,7 +13,9 @@ from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from dynlens.functional import ModelFunction, isolated
 from dynlens.measures.ntk import (
+    _structured_linears,
     condition_number,
     effective_rank,
     empirical_ntk,
@@ -62,6 +64,43 @@ class BagOfEmbeddings(nn.Module):
         return self.head(torch.tanh(self.embed(tokens).mean(1)))
 
 
+class TokenwiseLinear(nn.Module):
+    """Linear layers applied at every position of (n, 3, 4) inputs, then a mean over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x))).mean(1)
+
+
+class WeightReadOutside(nn.Module):
+    """The head's weight is also read directly in forward (a penalty-like extra output term)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x))
+        return self.head(h) + (h @ self.head.weight.T) ** 2
+
+
+class LayerCalledTwice(nn.Module):
+    """One linear layer applied twice (a two-step recurrence), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.step(torch.tanh(self.step(x)))))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
@@ -80,7 +119,11 @@ MODELS = {
     "grid_outputs": (GridOutputs, lambda g, n: torch.randn(n, 4, generator=g)),
     "tied": (TiedLayers, lambda g, n: torch.randn(n, 4, generator=g)),
     "embedding": (BagOfEmbeddings, lambda g, n: torch.randint(0, 10, (n, 5), generator=g)),
+    "tokenwise": (TokenwiseLinear, lambda g, n: torch.randn(n, 3, 4, generator=g)),
+    "weight_read_outside": (WeightReadOutside, lambda g, n: torch.randn(n, 4, generator=g)),
+    "layer_called_twice": (LayerCalledTwice, lambda g, n: torch.randn(n, 4, generator=g)),
 }
+IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 
 
 def make(name: str, n: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -120,7 +163,7 @@ def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- the kernel
 
 
-@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_kernel_matches_explicit_jacobian_products(name, mode, implementation):
@@ -130,7 +173,7 @@ def test_kernel_matches_explicit_jacobian_products(name, mode, implementation):
     assert relative_error(result.kernel, reference(model, x, None, mode)) < 1e-6
 
 
-@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["full", "trace"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_kernel_between_two_sets_in_chunks_matches_explicit_jacobian_products(name, mode, implementation):
@@ -154,7 +197,7 @@ def test_tied_weight_counts_once():
     assert result.num_params == 16 + 4 + 4
 
 
-@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_per_layer_kernels_sum_to_the_whole_and_match_each_layers_jacobian(mode, implementation):
     model, x, _ = make("cnn_batchnorm")
@@ -174,8 +217,25 @@ def test_params_restricts_the_kernel_to_the_named_parameters():
     assert relative_error(result.kernel, 3 * h @ h.T) < 1e-12
 
 
-def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
+def test_structured_product_covers_exactly_the_linear_layers_it_computes_exactly():
+    expected = {"mlp": ["0", "2"], "cnn_batchnorm": ["4"], "grid_outputs": ["hidden", "out"], "tied": [],
+                "embedding": ["head"], "tokenwise": ["hidden", "out"], "weight_read_outside": ["hidden"],
+                "layer_called_twice": ["head"]}
+    for name, layers in expected.items():
+        model, x, _ = make(name)
+        function = ModelFunction(model, lambda outputs, targets: outputs.sum(), (x, None))
+        with isolated(model, "eval"):
+            outputs = model(x[:1]).numel()
+            assert list(_structured_linears(function, function.inputs, outputs)) == layers, name
+
+
+def test_auto_takes_structured_products_for_linear_layers_only():
     model, x, _ = make("mlp")
+    assert empirical_ntk(model, x).implementation == "structured"
+
+
+def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
+    model, x, _ = make("cnn_batchnorm")
     assert empirical_ntk(model, x).implementation == "jacobian"
     small = empirical_ntk(model, x, memory=1000)
     assert small.implementation == "ntk_vector"
@@ -205,13 +265,14 @@ def test_leaves_no_trace():
     buffers = [b.clone() for b in model.buffers()]
     flags = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    for implementation in ("jacobian", "ntk_vector"):
+    for implementation in IMPLEMENTATIONS:
         empirical_ntk(model, x, mode="full", implementation=implementation, per_layer=True)
     assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert flags == [m.training for m in model.modules()]
     assert torch.equal(rng, torch.get_rng_state())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_bad_arguments_raise():
@@ -221,7 +282,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="inputs2=None"):
         empirical_ntk(model, x, x2, mode="diagonal")
     with pytest.raises(ValueError, match="implementation"):
-        empirical_ntk(model, x, implementation="structured")  # type: ignore[arg-type]
+        empirical_ntk(model, x, implementation="nngeometry")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- infinite width
