@@ -59,6 +59,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten
 
 from dynlens.batches import _example_dims, _unsqueeze, _widened_tree
+from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.functional import ModelFunction, batch_size, isolated, slice_examples, to_device
 from dynlens.parameters import Params, layer_of
 
@@ -122,6 +123,17 @@ def _flat_outputs(function: ModelFunction, p: Params, inputs: Any) -> Tensor:
 
 def _sum_of_outputs(outputs: Any, targets: Any) -> Tensor:
     return sum(t.sum() for t in tree_flatten(outputs)[0] if isinstance(t, Tensor))  # type: ignore[return-value]
+
+
+def _fitting(budget: int, per_item: int, memory: int | None, what: str) -> int:
+    """How many items of ``per_item`` bytes fit in ``budget``; MemoryBudgetTooSmall when not even
+    one fits a ``memory`` the caller set (the default budget is a chunking guide, not a limit)."""
+    if memory is not None and per_item > memory:
+        raise MemoryBudgetTooSmall(
+            f"{what} needs about {per_item:,} bytes and memory={memory:,} is allowed; raise memory or "
+            "measure fewer parameters (params=)"
+        )
+    return max(1, budget // per_item)
 
 
 def _numel(function: ModelFunction, names: Sequence[str]) -> int:
@@ -428,16 +440,23 @@ def empirical_ntk(
             contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
             a chunk of P-vectors and the activations of a chunk; structured products each linear
             layer's inputs and O output gradients for two chunks.
-        memory: bytes a chunk's Jacobians or product vectors may take (default 1 GiB). The
-            activations of the forward passes and the kernel itself come on top.
+        memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB).
+            The activations of the forward passes and the kernel itself come on top, except for
+            NTK-vector products, which count a chunk's activations.
 
     Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
     sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
     and n₁·O forward passes with tangents over n₂ examples (times the number of layers with
-    ``per_layer``).
+    ``per_layer``); "structured" ≈ N·O backward passes plus n₁·n₂·O²·(in + out)·T² multiply-adds
+    per linear layer applied at T positions.
 
     Returns:
         :class:`NTK`.
+
+    Raises:
+        MemoryBudgetTooSmall: ``memory`` was given and not even one example's share fits.
+        ValueError: an unknown mode or implementation, or ``mode="train"``/``"eval"`` (the kernel
+            is defined in eval mode), or a second set of inputs with ``mode="diagonal"``.
     """
     _check_mode(mode)
     if implementation not in ("auto", "jacobian", "ntk_vector", "structured"):
@@ -477,11 +496,13 @@ def empirical_ntk(
                 groups = {"": rest}
             parts = []
             if groups:
-                chunk = chunk_size or max(1, budget // (2 * o * _numel(function, rest) * itemsize))
+                chunk = chunk_size or _fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
+                                               "the Jacobians of one example's other parameters")
                 parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
             if linears:
                 width = sum(m.in_features + o * m.out_features for m in linears.values())
-                chunk = chunk_size or max(1, budget // (width * itemsize))
+                chunk = chunk_size or _fitting(budget, 2 * width * itemsize, memory,
+                                               "the linear layers' inputs and output gradients on one example")
                 parts.append(_by_structure(function, first, second, same, mode, linears, chunk, o))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
@@ -493,13 +514,18 @@ def empirical_ntk(
         else:
             groups = layers if per_layer else {"": list(function.params)}
             if implementation == "jacobian":
-                chunk = chunk_size or max(1, budget // (2 * o * p_count * itemsize))
+                chunk = chunk_size or _fitting(budget, 2 * o * p_count * itemsize, memory,
+                                               "the Jacobians of one example")
                 kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
             else:
-                # the cotangent basis of a chunk is (chunk·O)² numbers
-                chunk = chunk_size or max(1, math.isqrt(budget // itemsize) // o)
-                activation = function.activation_bytes(1)
-                columns = max(1, budget // (p_count * itemsize + min(chunk, n2) * activation))
+                # a product holds a P-vector and a chunk's activations; the cotangent basis of a
+                # chunk is (chunk·O)² numbers
+                activation = max(1, function.activation_bytes(1))
+                vector = p_count * itemsize
+                chunk = chunk_size or max(1, min(math.isqrt(budget // itemsize) // o,
+                                                 (budget - vector) // (2 * activation)))
+                columns = _fitting(budget, vector + min(chunk, n2) * activation, memory,
+                                   "one NTK-vector product (a P-vector and a chunk's activations)")
                 kernels = _by_products(function, first, second, mode, groups, chunk, columns, o)
     kernels = {layer: k.detach() for layer, k in kernels.items()}
     total = torch.stack(list(kernels.values())).sum(0) if per_layer else kernels[""]

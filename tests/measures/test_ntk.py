@@ -13,6 +13,7 @@ from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.functional import ModelFunction, isolated
 from dynlens.measures.ntk import (
     _structured_linears,
@@ -237,9 +238,50 @@ def test_auto_takes_structured_products_for_linear_layers_only():
 def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
     model, x, _ = make("cnn_batchnorm")
     assert empirical_ntk(model, x).implementation == "jacobian"
-    small = empirical_ntk(model, x, memory=1000)
+    # the Jacobians take 5·2·161·8 = 12,880 bytes; one product 161·8 bytes and one example's activations
+    small = empirical_ntk(model, x, memory=4000)
     assert small.implementation == "ntk_vector"
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_memory_too_small_for_one_example_raises_before_computing(implementation):
+    model, x, _ = make("cnn_batchnorm")
+    with pytest.raises(MemoryBudgetTooSmall, match="memory=500"):
+        empirical_ntk(model, x, implementation=implementation, memory=500)
+
+
+class DictInTupleOut(nn.Module):
+    """model(**{"a": ..., "b": ...}) -> (logits (n, 2), auxiliary (n, 3, 1))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(2, 4)
+        self.logits = nn.Linear(4, 2)
+        self.auxiliary = nn.Linear(4, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.a(a) + self.b(b))
+        return self.logits(h), self.auxiliary(h).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_dict_inputs_and_tuple_outputs_flatten_every_output_in_order(implementation):
+    torch.manual_seed(0)
+    model = DictInTupleOut().double()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"a": torch.randn(4, 3, generator=g).double(), "b": torch.randn(4, 2, generator=g).double()}
+    result = empirical_ntk(model, inputs, mode="full", implementation=implementation)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat(p):
+        logits, auxiliary = functional_call(model, p, (), inputs)
+        return torch.cat([logits, auxiliary.reshape(4, -1)], dim=1)
+
+    j = torch.cat([t.flatten(2) for t in jacrev(flat)(params).values()], dim=2)
+    assert result.num_outputs == 5
+    assert relative_error(result.kernel, torch.einsum("iap,jbp->ijab", j, j)) < 1e-6
 
 
 def test_model_mode_as_kernel_mode_raises_saying_the_kernel_is_defined_in_eval_mode():
