@@ -260,9 +260,14 @@ def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: Kern
 
 # ----------------------------------------------------------------------------- structured (nn.Linear)
 
-# einsum of the weight's and the bias's kernel from layer inputs a (n, T, in) and output
-# gradients g (O, n, T, out); T counts the positions a linear layer is applied at (1 for a vector)
-_WEIGHT = {"full": "itk,jsk,aitl,bjsl->ijab", "trace": "itk,jsk,aitl,ajsl->ij", "diagonal": "itk,isk,aitl,aisl->ia"}
+# the products of a linear layer's inputs a (n, T, in), with themselves and with its output
+# gradients g (O, n, T, out), for each mode: (a·a')_(ts), (g·g')_(ts) by output pair, then their
+# product summed over the positions t, s (T counts the positions a layer is applied at, 1 for a
+# vector). Two steps, because torch.einsum without opt_einsum contracts four operands left to
+# right through an n₁·n₂·T·O·out intermediate.
+_INPUTS = {"full": "itk,jsk->ijts", "trace": "itk,jsk->ijts", "diagonal": "itk,isk->its"}
+_GRADIENTS = {"full": "aitl,bjsl->ijabts", "trace": "aitl,ajsl->ijts", "diagonal": "aitl,aisl->iats"}
+_PRODUCT = {"full": "ijts,ijabts->ijab", "trace": "ijts,ijts->ij", "diagonal": "its,iats->ia"}
 _BIAS = {"full": "ail,bjl->ijab", "trace": "ail,ajl->ij", "diagonal": "ail,ail->ia"}
 
 
@@ -363,7 +368,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     """Each linear layer's kernel from its inputs and output gradients (Novak et al. 2022's
     structured derivatives; nngeometry's Gram matrix): ⟨J_W(x)_a, J_W(x')_b⟩ =
     Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and Σ_(t,s) g_(a,t)·g'_(b,s) for the bias. No per-example
-    Jacobian is formed: a chunk holds n·T·in inputs and O·n·T·out gradients per layer."""
+    Jacobian is formed: a chunk holds n·T·in inputs and O·n·T·out gradients per layer, and a
+    block of two chunks n₁·n₂·O²·T² products ("full"; n₁·n₂·T² for "trace")."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     rows: dict[str, list[Tensor]] = {name: [] for name in modules}
     for s1, e1 in _chunks(n1, chunk):
@@ -378,7 +384,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             for name, module in modules.items():
                 (a1, g1), (a2, g2) = f1[name], f2[name]
                 # in the diagonal mode f2 is f1: the einsums pair each example with itself
-                block = torch.einsum(_WEIGHT[mode], a1, a2, g1, g2)
+                block = torch.einsum(_PRODUCT[mode], torch.einsum(_INPUTS[mode], a1, a2),
+                                     torch.einsum(_GRADIENTS[mode], g1, g2))
                 if module.bias is not None:
                     block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
                 blocks[name].append(block)
@@ -500,9 +507,12 @@ def empirical_ntk(
                                                "the Jacobians of one example's other parameters")
                 parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
             if linears:
+                # two chunks' inputs and output gradients, and a block's products by output pair
                 width = sum(m.in_features + o * m.out_features for m in linears.values())
-                chunk = chunk_size or _fitting(budget, 2 * width * itemsize, memory,
-                                               "the linear layers' inputs and output gradients on one example")
+                chunk = chunk_size or min(
+                    _fitting(budget, 2 * width * itemsize, memory,
+                             "the linear layers' inputs and output gradients on one example"),
+                    max(1, math.isqrt(budget // (o * o * itemsize))))
                 parts.append(_by_structure(function, first, second, same, mode, linears, chunk, o))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
