@@ -298,6 +298,14 @@ def test_training_model_with_batchnorm_is_measured_in_eval_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_kernel_is_computed_inside_no_grad(implementation):
+    model, x, _ = make("cnn_batchnorm")
+    with torch.no_grad():
+        result = empirical_ntk(model, x, implementation=implementation)
+    assert relative_error(result.kernel, reference(model, x, None, "trace")) < 1e-6
+
+
 def test_leaves_no_trace():
     model, x, _ = make("cnn_batchnorm")
     model.train()
