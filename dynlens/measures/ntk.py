@@ -310,8 +310,8 @@ def _linear_factors(function: ModelFunction, modules: dict[str, nn.Linear], inpu
 def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers whose kernel the structured product computes exactly, by module name.
 
-    A layer qualifies when its weight (and bias, if it has one) are its own parameters among those
-    differentiated, shared with no other module, the layer runs once per forward pass, and the
+    A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
+    parametrised) among those differentiated, shared with no other module, the layer runs once per forward pass, and the
     gradient its factors give, Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t), matches autograd's on a few examples
     for a random cotangent u (which catches a weight also read outside the layer's forward)."""
     chosen = function.params
@@ -322,9 +322,13 @@ def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int) 
     for name, module in function.model.named_modules():
         if not isinstance(module, nn.Linear) or not name:
             continue
+        # a parametrised weight (weight norm) or a bias held as a buffer is not the layer's own
+        if not isinstance(module.weight, nn.Parameter) or not (
+                module.bias is None or isinstance(module.bias, nn.Parameter)):
+            continue
         own = [(f"{name}.{kind}", getattr(module, kind)) for kind in ("weight", "bias")
-               if isinstance(getattr(module, kind, None), nn.Parameter)]
-        if own and all(n in chosen and counts[id(p)] == 1 for n, p in own):
+               if getattr(module, kind) is not None]
+        if all(n in chosen and counts[id(p)] == 1 for n, p in own):
             candidates[name] = module
     if not candidates:
         return {}

@@ -106,6 +106,10 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
+def weight_normed() -> nn.Module:
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 2))
+
+
 def cnn_with_batchnorm() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     batchnorm = model[1]
@@ -123,6 +127,7 @@ MODELS = {
     "tokenwise": (TokenwiseLinear, lambda g, n: torch.randn(n, 3, 4, generator=g)),
     "weight_read_outside": (WeightReadOutside, lambda g, n: torch.randn(n, 4, generator=g)),
     "layer_called_twice": (LayerCalledTwice, lambda g, n: torch.randn(n, 4, generator=g)),
+    "weight_norm": (weight_normed, lambda g, n: torch.randn(n, 4, generator=g)),
 }
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 
@@ -221,7 +226,7 @@ def test_params_restricts_the_kernel_to_the_named_parameters():
 def test_structured_product_covers_exactly_the_linear_layers_it_computes_exactly():
     expected = {"mlp": ["0", "2"], "cnn_batchnorm": ["4"], "grid_outputs": ["hidden", "out"], "tied": [],
                 "embedding": ["head"], "tokenwise": ["hidden", "out"], "weight_read_outside": ["hidden"],
-                "layer_called_twice": ["head"]}
+                "layer_called_twice": ["head"], "weight_norm": ["2"]}
     for name, layers in expected.items():
         model, x, _ = make(name)
         function = ModelFunction(model, lambda outputs, targets: outputs.sum(), (x, None))
