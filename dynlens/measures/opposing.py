@@ -261,6 +261,23 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / scale if scale > 0 else 0.0
 
 
+def _leading_patterns(centred: np.ndarray, components: int) -> np.ndarray:
+    """The leading ``components`` left singular vectors of ``centred`` (time × candidates), as
+    columns of unit norm, from the eigenvectors of its smaller Gram matrix (a few times faster
+    than an SVD; only the top few are needed, whose accuracy the squared condition number does
+    not touch)."""
+    steps, count = centred.shape
+    if count <= steps:
+        values, vectors = np.linalg.eigh(centred.T @ centred)
+        keep = np.argsort(values)[::-1][:components]
+        keep = keep[values[keep] > values.max() * 1e-12]
+        patterns = centred @ vectors[:, keep]
+        return patterns / np.linalg.norm(patterns, axis=0)
+    values, vectors = np.linalg.eigh(centred @ centred.T)
+    keep = np.argsort(values)[::-1][:components]
+    return vectors[:, keep[values[keep] > values.max() * 1e-12]]
+
+
 def _pairs(delta: np.ndarray, components: int, membership: float) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
     """Per principal component of the candidates' centred loss-change trajectories (rows of
     ``delta``: time, columns: candidates): the candidates whose trajectory correlates with the
@@ -271,9 +288,9 @@ def _pairs(delta: np.ndarray, components: int, membership: float) -> list[tuple[
     norms = np.linalg.norm(centred, axis=0)
     if delta.shape[0] < 3 or not np.any(norms > 0):
         return []
-    u, _, _ = np.linalg.svd(centred, full_matrices=False)
+    u = _leading_patterns(centred, components)
     found = []
-    for k in range(min(components, u.shape[1])):
+    for k in range(u.shape[1]):
         pattern = u[:, k]
         r = (pattern @ centred) / np.where(norms > 0, norms, np.inf)  # u[:, k] is centred and of unit norm
         a, b = np.flatnonzero(r >= membership), np.flatnonzero(r <= -membership)
@@ -294,7 +311,7 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
        ``candidates`` largest Σ_{t ∈ spikes} |Δℓ_i(t)| over the loss-spike steps (those where the
        mean loss of all ledger examples rose). Default: N/5, at least 16 and at most 256.
     2. Pairing: the candidates' trajectories Δℓ_i(·), each centred over time, are decomposed
-       into principal components (SVD; the time patterns u_k). For each of the leading
+       into principal components (the time patterns u_k: left singular vectors). For each of the leading
        ``components`` patterns, group a holds the candidates whose trajectory correlates with u_k
        at r ≥ ``membership``, group b those at r ≤ −``membership`` (the sign of the component's
        loading, keeping only examples it describes well).
@@ -312,8 +329,9 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
        ρ ≤ −``min_anticorrelation`` (default −0.5: an oscillation, not a weak tendency), most
        anti-correlated first. A run whose losses only fall together reports none.
 
-    Cost: no forward or backward pass; (1 + permutations) SVDs of a (T − 1) × C matrix (C
-    candidates, at most 2·``candidates``).
+    Cost: no forward or backward pass; (1 + permutations) eigendecompositions of a Gram matrix
+    of the (T − 1) × C candidates' changes (C ≤ 2·``candidates``), min(T − 1, C) on a side:
+    10,000 examples × 1,000 steps with a planted pair took ~4 s on a shared two-core CPU.
 
     Returns:
         :class:`OpposingPair` list, possibly empty.
@@ -336,7 +354,7 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
     null = np.empty(permutations)
     moved = delta[:, chosen]
     for j in range(permutations):
-        shuffled = np.take_along_axis(moved, rng.random(moved.shape).argsort(axis=0), axis=0)
+        shuffled = rng.permuted(moved, axis=0)  # each candidate's column on its own
         null[j] = min((f[3] for f in _pairs(shuffled, components, membership)), default=0.0)
     mean_input = view.inputs.mean(axis=0) if view.inputs is not None else None
     pairs = []

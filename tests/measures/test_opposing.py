@@ -10,6 +10,7 @@ from torch import nn
 
 from dynlens.measures.opposing import (
     Ledger,
+    _leading_patterns,
     _pairs,
     data_map,
     ledger_entry,
@@ -232,3 +233,11 @@ def test_window_restricts_the_detection_to_its_steps():
     pairs = opposing_signals(ledger, window=(10, 30))
     assert pairs and pairs[0].steps.tolist() == list(range(10, 30))
     assert set(pairs[0].oscillation_steps.tolist()) <= set(range(11, 30))
+
+
+@pytest.mark.parametrize("shape", [(30, 8), (8, 30)])
+def test_leading_patterns_are_the_leading_left_singular_vectors(shape):
+    matrix = np.random.default_rng(0).normal(size=shape)
+    u, _, _ = np.linalg.svd(matrix, full_matrices=False)
+    patterns = _leading_patterns(matrix, 3)
+    np.testing.assert_allclose(np.abs(np.sum(patterns * u[:, :3], axis=0)), 1.0, atol=1e-8)
