@@ -21,6 +21,7 @@ from dynlens.diagnose import Finding, diagnose
 from dynlens.lens import Lens
 from dynlens.measures.coherence import Coherence, gradient_coherence
 from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
+from dynlens.measures.ntk import empirical_ntk, kernel_distance, kernel_target_alignment
 from dynlens.measures.softmax import Alignment, Collapse, nlm_alignment, softmax_collapse
 from dynlens.probes import Context, Probe
 from dynlens.store import Run, RunError, RunInUseError, load_run
@@ -54,6 +55,9 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_density",
+    "empirical_ntk",
+    "kernel_distance",
+    "kernel_target_alignment",
     "softmax_collapse",
     "Collapse",
     "nlm_alignment",

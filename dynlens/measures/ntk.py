@@ -65,6 +65,7 @@ from dynlens.parameters import Params, layer_of
 
 __all__ = [
     "NTK",
+    "ntk_of",
     "empirical_ntk",
     "kernel_eigenvalues",
     "condition_number",
@@ -414,7 +415,7 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'trace', 'full' or 'diagonal', got {mode!r}")
 
 
-def empirical_ntk(
+def ntk_of(
     model: nn.Module,
     inputs: Any,
     inputs2: Any = None,
@@ -555,6 +556,21 @@ def empirical_ntk(
 
 
 # ----------------------------------------------------------------------------- kernel statistics
+
+
+def empirical_ntk(model: nn.Module, inputs: Any, inputs2: Any = None, mode: KernelMode = "trace",
+                  params: Sequence[str] | None = None, per_layer: bool = False,
+                  implementation: Implementation = "auto", chunk_size: int | None = None,
+                  memory: int | None = None) -> Tensor | dict[str, Tensor]:
+    """The empirical NTK as a Tensor (``dl.empirical_ntk``): (n₁, n₂) for ``mode="trace"``,
+    (n₁, n₂, O, O) for "full", (n₁, O) for "diagonal"; with ``per_layer=True`` a dict of each
+    layer's kernel, which sum to the whole. Arguments as :func:`ntk_of`, which also returns the
+    implementation chosen and the sizes (:class:`NTK`)."""
+    result = ntk_of(model, inputs, inputs2, mode, params, per_layer, implementation, chunk_size, memory)
+    if per_layer:
+        assert result.per_layer is not None
+        return result.per_layer
+    return result.kernel
 
 
 def _square(kernel: Tensor) -> Tensor:

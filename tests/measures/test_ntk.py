@@ -19,10 +19,10 @@ from dynlens.measures.ntk import (
     _structured_linears,
     condition_number,
     effective_rank,
-    empirical_ntk,
     kernel_distance,
     kernel_eigenvalues,
     kernel_target_alignment,
+    ntk_of,
 )
 
 # ----------------------------------------------------------------------------- models
@@ -174,7 +174,7 @@ def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_kernel_matches_explicit_jacobian_products(name, mode, implementation):
     model, x, _ = make(name)
-    result = empirical_ntk(model, x, mode=mode, implementation=implementation)
+    result = ntk_of(model, x, mode=mode, implementation=implementation)
     assert result.implementation == implementation
     assert relative_error(result.kernel, reference(model, x, None, mode)) < 1e-6
 
@@ -184,14 +184,14 @@ def test_kernel_matches_explicit_jacobian_products(name, mode, implementation):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_kernel_between_two_sets_in_chunks_matches_explicit_jacobian_products(name, mode, implementation):
     model, x, x2 = make(name)
-    result = empirical_ntk(model, x, x2, mode=mode, implementation=implementation, chunk_size=2)
+    result = ntk_of(model, x, x2, mode=mode, implementation=implementation, chunk_size=2)
     assert result.kernel.shape[:2] == (x.shape[0], x2.shape[0])
     assert relative_error(result.kernel, reference(model, x, x2, mode)) < 1e-6
 
 
 def test_full_kernel_shape_and_output_count_on_multidimensional_outputs():
     model, x, _ = make("grid_outputs")
-    result = empirical_ntk(model, x, mode="full")
+    result = ntk_of(model, x, mode="full")
     assert result.kernel.shape == (5, 5, 6, 6)
     assert result.num_outputs == 6
     assert result.num_params == sum(p.numel() for p in model.parameters())
@@ -199,7 +199,7 @@ def test_full_kernel_shape_and_output_count_on_multidimensional_outputs():
 
 def test_tied_weight_counts_once():
     model, x, _ = make("tied")
-    result = empirical_ntk(model, x)
+    result = ntk_of(model, x)
     assert result.num_params == 16 + 4 + 4
 
 
@@ -207,17 +207,17 @@ def test_tied_weight_counts_once():
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_per_layer_kernels_sum_to_the_whole_and_match_each_layers_jacobian(mode, implementation):
     model, x, _ = make("cnn_batchnorm")
-    result = empirical_ntk(model, x, mode=mode, implementation=implementation, per_layer=True)
+    result = ntk_of(model, x, mode=mode, implementation=implementation, per_layer=True)
     assert list(result.per_layer) == ["0", "1", "4"]
     total = torch.stack(list(result.per_layer.values())).sum(0)
     assert relative_error(total, result.kernel) < 1e-12
-    head = empirical_ntk(model, x, mode=mode, implementation=implementation, params=["4.weight", "4.bias"])
+    head = ntk_of(model, x, mode=mode, implementation=implementation, params=["4.weight", "4.bias"])
     assert relative_error(result.per_layer["4"], head.kernel) < 1e-12
 
 
 def test_params_restricts_the_kernel_to_the_named_parameters():
     model, x, _ = make("mlp")
-    result = empirical_ntk(model, x, params=["2.weight"])
+    result = ntk_of(model, x, params=["2.weight"])
     # the last layer's weight: J = e_o ⊗ h(x), so Θ_oo' = δ_oo' h(x)·h(x')
     h = torch.tanh(model[0](x)).detach()
     assert relative_error(result.kernel, 3 * h @ h.T) < 1e-12
@@ -237,14 +237,14 @@ def test_structured_product_covers_exactly_the_linear_layers_it_computes_exactly
 
 def test_auto_takes_structured_products_for_linear_layers_only():
     model, x, _ = make("mlp")
-    assert empirical_ntk(model, x).implementation == "structured"
+    assert ntk_of(model, x).implementation == "structured"
 
 
 def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
     model, x, _ = make("cnn_batchnorm")
-    assert empirical_ntk(model, x).implementation == "jacobian"
+    assert ntk_of(model, x).implementation == "jacobian"
     # the Jacobians take 5·2·161·8 = 12,880 bytes; one product 161·8 bytes and one example's activations
-    small = empirical_ntk(model, x, memory=4000)
+    small = ntk_of(model, x, memory=4000)
     assert small.implementation == "ntk_vector"
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
 
@@ -253,7 +253,7 @@ def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_oth
 def test_memory_too_small_for_one_example_raises_before_computing(implementation):
     model, x, _ = make("cnn_batchnorm")
     with pytest.raises(MemoryBudgetTooSmall, match="memory=500"):
-        empirical_ntk(model, x, implementation=implementation, memory=500)
+        ntk_of(model, x, implementation=implementation, memory=500)
 
 
 class DictInTupleOut(nn.Module):
@@ -277,7 +277,7 @@ def test_dict_inputs_and_tuple_outputs_flatten_every_output_in_order(implementat
     model = DictInTupleOut().double()
     g = torch.Generator().manual_seed(1)
     inputs = {"a": torch.randn(4, 3, generator=g).double(), "b": torch.randn(4, 2, generator=g).double()}
-    result = empirical_ntk(model, inputs, mode="full", implementation=implementation)
+    result = ntk_of(model, inputs, mode="full", implementation=implementation)
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def flat(p):
@@ -292,13 +292,13 @@ def test_dict_inputs_and_tuple_outputs_flatten_every_output_in_order(implementat
 def test_model_mode_as_kernel_mode_raises_saying_the_kernel_is_defined_in_eval_mode():
     model, x, _ = make("cnn_batchnorm")
     with pytest.raises(ValueError, match="eval mode"):
-        empirical_ntk(model, x, mode="train")  # type: ignore[arg-type]
+        ntk_of(model, x, mode="train")  # type: ignore[arg-type]
 
 
 def test_training_model_with_batchnorm_is_measured_in_eval_mode():
     model, x, _ = make("cnn_batchnorm")
     model.train()
-    result = empirical_ntk(model, x, mode="trace")
+    result = ntk_of(model, x, mode="trace")
     assert relative_error(result.kernel, reference(model, x, None, "trace")) < 1e-6
     assert model.training
 
@@ -307,7 +307,7 @@ def test_training_model_with_batchnorm_is_measured_in_eval_mode():
 def test_kernel_is_computed_inside_no_grad(implementation):
     model, x, _ = make("cnn_batchnorm")
     with torch.no_grad():
-        result = empirical_ntk(model, x, implementation=implementation)
+        result = ntk_of(model, x, implementation=implementation)
     assert relative_error(result.kernel, reference(model, x, None, "trace")) < 1e-6
 
 
@@ -321,7 +321,7 @@ def test_leaves_no_trace():
     flags = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
     for implementation in IMPLEMENTATIONS:
-        empirical_ntk(model, x, mode="full", implementation=implementation, per_layer=True)
+        ntk_of(model, x, mode="full", implementation=implementation, per_layer=True)
     assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
@@ -333,11 +333,11 @@ def test_leaves_no_trace():
 def test_bad_arguments_raise():
     model, x, x2 = make("mlp")
     with pytest.raises(ValueError, match="'trace', 'full' or 'diagonal'"):
-        empirical_ntk(model, x, mode="dense")  # type: ignore[arg-type]
+        ntk_of(model, x, mode="dense")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="inputs2=None"):
-        empirical_ntk(model, x, x2, mode="diagonal")
+        ntk_of(model, x, x2, mode="diagonal")
     with pytest.raises(ValueError, match="implementation"):
-        empirical_ntk(model, x, implementation="nngeometry")  # type: ignore[arg-type]
+        ntk_of(model, x, implementation="nngeometry")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- infinite width
@@ -368,7 +368,7 @@ def width_error(width: int, seed: int) -> float:
     torch.manual_seed(seed)
     model = OneHiddenReLU(3, width).double()
     x = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))
-    kernel = empirical_ntk(model, x).kernel
+    kernel = ntk_of(model, x).kernel
     return relative_error(kernel, arc_cosine_ntk(x))
 
 
@@ -385,7 +385,7 @@ def test_wide_relu_network_kernel_tends_to_the_arc_cosine_kernel():
 
 def test_eigenvalues_and_condition_number_of_the_full_kernel_match_the_jacobian_gram_matrix():
     model, x, _ = make("mlp")
-    kernel = empirical_ntk(model, x, mode="full").kernel
+    kernel = ntk_of(model, x, mode="full").kernel
     j = jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))
     expected = torch.linalg.eigvalsh(j @ j.T).flip(0)
     values = kernel_eigenvalues(kernel)
@@ -407,7 +407,7 @@ def test_effective_rank_is_n_for_the_identity_and_one_for_rank_one():
 
 def test_kernel_distance_to_itself_and_to_a_scaled_copy_is_zero():
     model, x, _ = make("mlp")
-    kernel = empirical_ntk(model, x).kernel
+    kernel = ntk_of(model, x).kernel
     assert kernel_distance(kernel, kernel) == pytest.approx(0.0, abs=1e-12)
     assert kernel_distance(kernel, 3.5 * kernel) == pytest.approx(0.0, abs=1e-12)
     assert kernel_distance(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])) == pytest.approx(1.0)
@@ -432,3 +432,17 @@ def test_centred_alignment_matches_its_formula():
     kc, yc = h @ kernel @ h, h @ y @ y.T @ h
     expected = float((kc * yc).sum() / (kc.norm() * yc.norm()))
     assert kernel_target_alignment(kernel, labels) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_public_function_returns_the_kernel_tensor_or_the_layers_kernels():
+    from dynlens.measures.ntk import empirical_ntk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    kernel = empirical_ntk(model, x)
+    assert isinstance(kernel, torch.Tensor) and kernel.shape == (5, 5)
+    torch.testing.assert_close(kernel, ntk_of(model, x).kernel)
+    layers = empirical_ntk(model, x, per_layer=True)
+    assert set(layers) == {"0", "2"}
+    torch.testing.assert_close(sum(layers.values()), kernel)
