@@ -311,10 +311,10 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
        ``candidates`` largest Σ_{t ∈ spikes} |Δℓ_i(t)| over the loss-spike steps (those where the
        mean loss of all ledger examples rose). Default: N/5, at least 16 and at most 256.
     2. Pairing: the candidates' trajectories Δℓ_i(·), each centred over time, are decomposed
-       into principal components (the time patterns u_k: left singular vectors). For each of the leading
-       ``components`` patterns, group a holds the candidates whose trajectory correlates with u_k
-       at r ≥ ``membership``, group b those at r ≤ −``membership`` (the sign of the component's
-       loading, keeping only examples it describes well).
+       into principal components (the time patterns u_k: left singular vectors). For each of
+       the leading ``components`` patterns, group a holds the candidates whose trajectory
+       correlates with u_k at r ≥ ``membership``, group b those at r ≤ −``membership`` (the
+       sign of the component's loading, keeping only examples it describes well).
     3. Statistic: ρ = the Pearson correlation over time of the two groups' mean loss changes.
     4. Significance (a permutation test): steps 2–3 run again on the same candidates in
        ``permutations`` ledgers in which each candidate's Δℓ_i(·) is shuffled over time
@@ -327,7 +327,12 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
        p = (1 + #{shuffled ρ ≤ ρ}) / (1 + permutations). A pair is reported when p ≤
        ``threshold`` (default 0.01: 99 permutations, none as anti-correlated as the pair) and
        ρ ≤ −``min_anticorrelation`` (default −0.5: an oscillation, not a weak tendency), most
-       anti-correlated first. A run whose losses only fall together reports none.
+       anti-correlated first; a pair sharing more than half its members with one reported
+       before it (another component finding the same groups) is left out. A run whose losses
+       only fall together reports none.
+
+    Raises:
+        ValueError: fewer than 2 candidates, no permutation, or ``membership`` outside (0, 1).
 
     Cost: no forward or backward pass; (1 + permutations) eigendecompositions of a Gram matrix
     of the (T − 1) × C candidates' changes (C ≤ 2·``candidates``), min(T − 1, C) on a side:
@@ -336,6 +341,9 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
     Returns:
         :class:`OpposingPair` list, possibly empty.
     """
+    if (candidates is not None and candidates < 2) or permutations < 1 or not 0 < membership < 1:
+        raise ValueError(f"opposing_signals needs candidates >= 2 (got {candidates}), permutations >= 1 "
+                         f"(got {permutations}) and 0 < membership < 1 (got {membership})")
     view = ledger.window(window)
     t, n = view.loss.shape
     if t < 4 or n < 2:
@@ -357,11 +365,14 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
         shuffled = rng.permuted(moved, axis=0)  # each candidate's column on its own
         null[j] = min((f[3] for f in _pairs(shuffled, components, membership)), default=0.0)
     mean_input = view.inputs.mean(axis=0) if view.inputs is not None else None
-    pairs = []
+    pairs: list[OpposingPair] = []
+    reported: list[set[int]] = []
     for k, a, b, rho in sorted(found, key=lambda f: f[3]):
         p = (1 + int(np.sum(null <= rho))) / (1 + permutations)
-        if p > threshold:
+        members = set(np.concatenate([a, b]).tolist())
+        if p > threshold or any(len(members & before) > len(members) / 2 for before in reported):
             continue
+        reported.append(members)
         ia, ib = chosen[a], chosen[b]
         da, db = delta[:, ia].mean(axis=1), delta[:, ib].mean(axis=1)
         gap = np.abs(da - db)

@@ -241,3 +241,24 @@ def test_leading_patterns_are_the_leading_left_singular_vectors(shape):
     u, _, _ = np.linalg.svd(matrix, full_matrices=False)
     patterns = _leading_patterns(matrix, 3)
     np.testing.assert_allclose(np.abs(np.sum(patterns * u[:, :3], axis=0)), 1.0, atol=1e-8)
+
+
+def test_opposing_signals_rejects_settings_that_cannot_form_a_pair():
+    ledger = _random_walks(steps=10, seed=0)
+    for settings in ({"candidates": 1}, {"permutations": 0}, {"membership": 1.0}):
+        with pytest.raises(ValueError, match="opposing_signals needs"):
+            opposing_signals(ledger, **settings)
+
+
+def test_data_map_needs_probabilities_and_a_step_and_gives_a_frame():
+    loss = np.ones((3, 2), dtype=np.float32)
+    regression = Ledger(np.arange(3), loss, np.full_like(loss, np.nan), loss > 2, np.arange(2), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="no p\\(y\\)"):
+        data_map(regression)
+    with pytest.raises(ValueError, match="holds no ledger step"):
+        data_map(regression, window=(5, 9))
+    classified = Ledger(np.arange(3), loss, np.full_like(loss, 0.7), loss > 0, np.array([4, 9]), np.array([1, 0]))
+    frame = data_map(classified).to_dataframe()
+    assert frame["example"].tolist() == [4, 9] and frame["region"].tolist() == ["easy", "easy"]
+    assert list(frame.columns) == ["example", "label", "confidence", "variability", "correctness", "forgetting",
+                                   "never_learned", "region"]
