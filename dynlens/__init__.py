@@ -24,6 +24,7 @@ from dynlens.measures.hessian import hessian_density, hessian_eigenvalues, hessi
 from dynlens.measures.ntk import empirical_ntk, kernel_distance, kernel_target_alignment
 from dynlens.measures.softmax import Alignment, Collapse, nlm_alignment, softmax_collapse
 from dynlens.probes import Context, Probe
+from dynlens.rules.opposing_signals import data_map, opposing_signals
 from dynlens.store import Run, RunError, RunInUseError, load_run
 
 
@@ -58,6 +59,8 @@ __all__ = [
     "empirical_ntk",
     "kernel_distance",
     "kernel_target_alignment",
+    "opposing_signals",
+    "data_map",
     "softmax_collapse",
     "Collapse",
     "nlm_alignment",

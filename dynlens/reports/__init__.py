@@ -24,6 +24,7 @@ from dynlens.reports.coherence import (
 )
 from dynlens.reports.hessian import plot_density, plot_sharpness, plot_trace
 from dynlens.reports.html import Report, render_html, report
+from dynlens.reports.opposing_signals import plot_data_map, plot_opposing_groups
 from dynlens.reports.registry import figure, figures_for
 from dynlens.reports.softmax_collapse import (
     plot_attention_logits,
@@ -41,4 +42,5 @@ __all__ = [
     "plot_sharpness", "plot_density", "plot_trace",
     "plot_top_singular_value", "plot_stable_rank",
     "plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits",
+    "plot_opposing_groups", "plot_data_map",
 ]

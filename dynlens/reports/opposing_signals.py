@@ -1,0 +1,78 @@
+"""Figures of the opposing-signals probe: each pair of opposing groups' losses over steps beside
+the overall loss, and the data map (variability against confidence)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dynlens.diagnose import Finding
+from dynlens.probes.base import TRAINING
+from dynlens.probes.opposing_signals import OpposingSignals
+from dynlens.reports.registry import figure
+from dynlens.reports.style import (
+    COLORS,
+    RunLike,
+    mark_findings,
+    new_figure,
+    plot_line,
+    report_style,
+    runs_and_findings,
+)
+from dynlens.rules.opposing_signals import data_map, opposing_signals
+
+__all__ = ["plot_opposing_groups", "plot_data_map"]
+
+PROBE = OpposingSignals.name
+MAX_PAIRS = 3
+
+
+@figure(OpposingSignals, "Opposing groups")
+def plot_opposing_groups(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | None = None) -> Figure | None:
+    """For the first run with a ledger: each opposing pair's two groups' mean losses over steps
+    (up to three pairs), with the training loss on the same step axis."""
+    runs, findings = runs_and_findings(runs, findings)
+    for run in runs:
+        if len(run.arrays(PROBE, "loss")) < 8:
+            continue
+        pairs = opposing_signals(run)[:MAX_PAIRS]
+        if not pairs:
+            return None
+        loss = run.series(TRAINING, "loss")
+        with report_style():
+            fig, axes = new_figure("Opposing groups: mean loss of each group", nrows=len(pairs), height=2.8)
+            for ax, pair in zip(axes[:, 0], pairs, strict=True):
+                plot_line(ax, pair.steps, pair.loss_a, color=COLORS[0], label=f"group a ({len(pair.group_a)})")
+                plot_line(ax, pair.steps, pair.loss_b, color=COLORS[1], label=f"group b ({len(pair.group_b)})")
+                if not loss.empty:
+                    plot_line(ax, loss.index.to_numpy(), loss.to_numpy(), color="#7F8C8D", label="training loss")
+                ax.set_ylabel("loss")
+                ax.set_title(f"ρ = {pair.correlation:.2f}, p = {pair.p_value:.2g}", loc="left")
+                mark_findings(ax, findings, PROBE)
+                ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        return fig
+    return None
+
+
+@figure(OpposingSignals, "Data map")
+def plot_data_map(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | None = None) -> Figure | None:
+    """Variability against confidence of each tracked example (Swayamdipta et al. 2020),
+    coloured by correctness; one panel per run."""
+    runs, _ = runs_and_findings(runs, findings)
+    frames = [(run, data_map(run)) for run in runs if len(run.arrays(PROBE, "loss")) >= 2]
+    if not frames:
+        return None
+    with report_style():
+        fig, axes = new_figure("Data map: confidence and variability of each example", ncols=len(frames),
+                               width=4.5 * len(frames), height=4.0, sharex=False)
+        for ax, (run, frame) in zip(axes[0], frames, strict=True):
+            points = ax.scatter(frame["variability"], frame["confidence"], c=frame["correctness"], cmap="viridis",
+                                vmin=0, vmax=1, s=10)
+            ax.set_xlabel("variability (std of p(y))")
+            ax.set_ylabel("confidence (mean p(y))")
+            ax.set_title(run.name, loc="left")
+            ax.set_xlim(-0.01, max(0.5, float(np.nanmax(frame["variability"])) + 0.01))
+        fig.colorbar(points, ax=axes[0, -1], label="correctness")
+    return fig

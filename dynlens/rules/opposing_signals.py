@@ -1,0 +1,117 @@
+"""The loss ledger read back from a run, opposing signals and the data map of a run, and the
+diagnosis rules over them (the ``opposing_signals`` probe; Rosenfeld & Risteski 2024;
+Swayamdipta et al. 2020; Toneva et al. 2019).
+
+* ``opposing_groups``: :func:`dynlens.measures.opposing.opposing_signals` reports a pair (its
+  permutation test at p ≤ 0.01 and the groups' loss changes anti-correlated at ρ ≤ −0.5).
+* ``forgotten_examples``: at least ``FORGOTTEN_SHARE`` (5%) of the tracked examples were
+  learnt and then forgotten at least ``FORGOTTEN_EVENTS`` (2) times, or never learnt: likely
+  label noise or ambiguous examples (Toneva et al. 2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dynlens.diagnose import Finding, evidence_number, rule
+from dynlens.measures.opposing import Ledger, OpposingPair
+from dynlens.measures.opposing import data_map as _data_map
+from dynlens.measures.opposing import opposing_signals as _opposing_signals
+from dynlens.probes.opposing_signals import OpposingSignals
+from dynlens.store import Run, load_run
+
+__all__ = ["ledger_of", "opposing_signals", "data_map"]
+
+PROBE = OpposingSignals.name
+FORGOTTEN_SHARE = 0.05
+FORGOTTEN_EVENTS = 2
+
+_ROSENFELD = ("Rosenfeld & Risteski 2024, \"Outliers with Opposing Signals Have an Outsized Effect on "
+              "Neural Network Optimization\" (ICLR)")
+_TONEVA = ("Toneva et al. 2019, \"An Empirical Study of Example Forgetting during Deep Neural Network "
+           "Learning\"; Swayamdipta et al. 2020, \"Dataset Cartography\"")
+
+
+def ledger_of(run_or_ledger: Run | Ledger | str) -> Ledger:
+    """The ledger of a run's ``opposing_signals`` probe (or the ledger itself).
+
+    Raises:
+        ValueError: the run has no ledger (attach ``dl.probes.OpposingSignals``).
+    """
+    if isinstance(run_or_ledger, Ledger):
+        return run_or_ledger
+    run = run_or_ledger if isinstance(run_or_ledger, Run) else load_run(run_or_ledger)
+    records = {name: run.arrays(PROBE, name) for name in ("loss", "p_y", "correct")}
+    if not records["loss"]:
+        raise ValueError(f"run {run.name!r} has no loss ledger: attach dl.probes.OpposingSignals() to its Lens")
+    steps = sorted(set.intersection(*({s for s, _ in r} for r in records.values())))
+    pick = {name: dict(r) for name, r in records.items()}
+    ids = run.array_labels(PROBE, "loss") or [str(i) for i in range(len(pick["loss"][steps[0]]))]
+    labels = run.arrays(PROBE, "labels")
+    return Ledger(
+        steps=np.asarray(steps, dtype=np.int64),
+        loss=np.stack([pick["loss"][s] for s in steps]).astype(np.float32),
+        p_y=np.stack([pick["p_y"][s] for s in steps]).astype(np.float32),
+        correct=np.stack([pick["correct"][s] for s in steps]) > 0.5,
+        example_ids=np.asarray([int(i) for i in ids], dtype=np.int64),
+        labels=np.asarray(labels[0][1], dtype=np.int64) if labels else np.full(len(ids), -1, dtype=np.int64),
+    )
+
+
+def opposing_signals(run_or_ledger: Run | Ledger | str, **options: Any) -> list[OpposingPair]:
+    """``dl.opposing_signals``: the pairs of example groups with opposing signals in a run (or
+    a ledger); options as :func:`dynlens.measures.opposing.opposing_signals`."""
+    return _opposing_signals(ledger_of(run_or_ledger), **options)
+
+
+def data_map(run_or_ledger: Run | Ledger | str, **options: Any) -> Any:
+    """``dl.data_map``: a DataFrame with a row per example: ``example``, ``confidence``,
+    ``variability``, ``correctness``, ``forgetting`` (and ``region``, ``label``); options as
+    :func:`dynlens.measures.opposing.data_map`."""
+    return _data_map(ledger_of(run_or_ledger), **options).to_dataframe()
+
+
+@rule("opposing_groups", probe=OpposingSignals)
+def opposing_groups(run: Run) -> Iterator[Finding]:
+    """One finding per pair of opposing groups (module docstring)."""
+    if not run.arrays(PROBE, "loss") or len(run.arrays(PROBE, "loss")) < 8:
+        return
+    for pair in opposing_signals(run):
+        first, last = (int(pair.steps[0]), int(pair.steps[-1])) if len(pair.steps) else (0, run.last_step)
+        yield Finding(
+            title=(f"Opposing signals: {len(pair.group_a)} and {len(pair.group_b)} examples whose losses "
+                   f"move against each other (ρ = {pair.correlation:.2f})"),
+            severity="warning", steps=(first, last),
+            evidence={"group_a": [int(i) for i in pair.group_a[:20]], "group_b": [int(i) for i in pair.group_b[:20]],
+                      "correlation": evidence_number(pair.correlation), "p_value": evidence_number(pair.p_value),
+                      "labels_a": {str(k): v for k, v in pair.labels_a.items()},
+                      "labels_b": {str(k): v for k, v in pair.labels_b.items()}},
+            reference=_ROSENFELD,
+            suggestion=("These groups pull the weights in opposite directions; their balance can make the loss "
+                        "oscillate and spike at large step sizes. Look at what the groups share; a smaller "
+                        "learning rate or warm-up, or SAM/gradient clipping, damps the oscillation."),
+        )
+
+
+@rule("forgotten_examples", probe=OpposingSignals)
+def forgotten_examples(run: Run) -> Iterator[Finding]:
+    """Many examples forgotten or never learnt (module docstring)."""
+    if len(run.arrays(PROBE, "loss")) < 8:
+        return
+    frame = data_map(run)
+    forgotten = (frame["forgetting"] >= FORGOTTEN_EVENTS) | frame.get("never_learned", False)
+    share = float(forgotten.mean())
+    if share < FORGOTTEN_SHARE:
+        return
+    worst = frame[forgotten].sort_values("confidence")["example"].head(20).tolist()
+    yield Finding(
+        title=f"{share:.0%} of the tracked examples were forgotten repeatedly or never learnt",
+        severity="info", steps=(0, run.last_step),
+        evidence={"share": evidence_number(share), "examples": [int(i) for i in worst]},
+        reference=_TONEVA,
+        suggestion=("Look at these examples first: repeatedly forgotten and low-confidence examples are often "
+                    "mislabelled or ambiguous (the data map's hard region)."),
+    )
