@@ -10,6 +10,7 @@ from dynlens.probes.base import Context, Probe
 from dynlens.probes.basic import DistanceFromInit, GradNorm, ParamNorm, UpdateSize
 from dynlens.probes.coherence import Coherence
 from dynlens.probes.hessian import Hessian
+from dynlens.probes.ntk import NTK
 from dynlens.probes.opposing_signals import OpposingSignals
 from dynlens.probes.softmax_collapse import SoftmaxCollapse
 from dynlens.probes.weight_spectrum import WeightSpectrum
@@ -26,6 +27,7 @@ __all__ = [
     "WeightSpectrum",
     "SoftmaxCollapse",
     "OpposingSignals",
+    "NTK",
     "basic",
     "default",
 ]
@@ -39,4 +41,4 @@ def basic() -> list[Probe]:
 
 def default() -> list[Probe]:
     """New instances of every built-in probe beyond the basic ones, with their default schedules."""
-    return [Hessian(), Coherence(), WeightSpectrum(), SoftmaxCollapse(), OpposingSignals()]
+    return [Hessian(), Coherence(), WeightSpectrum(), SoftmaxCollapse(), OpposingSignals(), NTK()]

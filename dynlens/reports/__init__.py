@@ -24,6 +24,12 @@ from dynlens.reports.coherence import (
 )
 from dynlens.reports.hessian import plot_density, plot_sharpness, plot_trace
 from dynlens.reports.html import Report, render_html, report
+from dynlens.reports.ntk import (
+    plot_kernel_alignment,
+    plot_kernel_alignment_per_layer,
+    plot_kernel_eigenvalues,
+    plot_kernel_motion,
+)
 from dynlens.reports.opposing_signals import plot_data_map, plot_opposing_groups
 from dynlens.reports.registry import figure, figures_for
 from dynlens.reports.softmax_collapse import (
@@ -43,4 +49,5 @@ __all__ = [
     "plot_top_singular_value", "plot_stable_rank",
     "plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits",
     "plot_opposing_groups", "plot_data_map",
+    "plot_kernel_motion", "plot_kernel_alignment", "plot_kernel_alignment_per_layer", "plot_kernel_eigenvalues",
 ]

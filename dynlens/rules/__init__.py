@@ -4,6 +4,7 @@
 from dynlens.rules import basic  # noqa: F401
 from dynlens.rules import coherence  # noqa: F401
 from dynlens.rules import hessian  # noqa: F401
+from dynlens.rules import ntk  # noqa: F401
 from dynlens.rules import opposing_signals  # noqa: F401
 from dynlens.rules import softmax_collapse  # noqa: F401
 from dynlens.rules import weight_spectrum  # noqa: F401

@@ -1,0 +1,141 @@
+"""The empirical-NTK probe: how far and how fast the tangent kernel moves, and how it aligns with
+the task (:mod:`dynlens.measures.ntk`; Fort et al. 2020, Baratin et al. 2021, Chizat et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynlens.batches import slice_examples, split_batch
+from dynlens.measures.ntk import (
+    condition_number,
+    effective_rank,
+    kernel_distance,
+    kernel_eigenvalues,
+    kernel_target_alignment,
+    ntk_of,
+)
+from dynlens.probes.base import Context, Labelled, Probe, Values
+
+__all__ = ["NTK"]
+
+TOP_EIGENVALUES = 5
+
+
+class _Projected(nn.Module):
+    """The model's outputs as the probe sees them: a sequence model's last position, and more
+    than ``max_outputs`` classes projected on fixed Gaussian directions (R/√k: the projected
+    trace kernel is an unbiased estimate of the trace kernel)."""
+
+    def __init__(self, model: nn.Module, projection: Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.projection = projection
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.model(*args, **kwargs)
+        out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+        if out.dim() >= 3:
+            out = out[:, -1]
+        out = out.reshape(out.shape[0], -1)
+        return out if self.projection is None else out @ self.projection.to(out.dtype)
+
+
+class NTK(Probe):
+    """The empirical NTK's trace kernel on the first ``n`` examples of the probe batch, against
+    the kernel at the first measurement and at the last one.
+
+    Records: ``distance_from_init`` (kernel distance to the first kernel, Fort et al. 2020: 1 −
+    cosine of the two kernels), ``velocity`` (distance to the previous kernel per step between
+    them), ``alignment`` (centred kernel–target alignment with the examples' targets, Cortes et
+    al. 2012), ``effective_rank``, ``condition_number``, ``trace`` (Σ_i Θ(x_i, x_i)), ``outputs`` (O measured); arrays
+    ``top_eigenvalues`` and, with ``per_layer``, ``alignment_per_layer`` (labelled by layer).
+
+    What is measured: outputs flattened per example; a sequence model's (batch, positions,
+    classes) outputs at the last position (the next-token prediction); more than
+    ``max_outputs`` outputs projected on ``max_outputs`` fixed Gaussian directions (the
+    projected trace kernel is an unbiased estimate of the full trace kernel; a language model's
+    vocabulary becomes 32 random directions). Targets for the alignment: integer classes
+    (one-hot), or values; a sequence model's at the last position.
+
+    Args:
+        every / at / schedule: the schedule (see :class:`Probe`); default every 200 steps.
+        n: examples of the probe batch the kernel is taken on (the first n).
+        max_outputs: the most outputs measured before projecting.
+        per_layer: also each layer's kernel and its alignment.
+        seed: the projection's seed.
+
+    Cost per measurement: n·O backward passes through the model (Jacobian contraction, or
+    structured products for linear layers), O ≤ ``max_outputs``: at the defaults 32·32 = 1,024
+    per-example backward passes, batched by ``vmap``; memory within the Lens's allowance.
+    """
+
+    name = "ntk"
+    default_every: ClassVar[int] = 200
+    pure: ClassVar[bool] = True
+
+    def __init__(self, every: int | None = None, at: Any = None, schedule: Any = None, *, n: int = 32,
+                 max_outputs: int = 32, per_layer: bool = True, seed: int = 0) -> None:
+        super().__init__(every=every, at=at, schedule=schedule)
+        if n < 2 or max_outputs < 1:
+            raise ValueError(f"n must be at least 2 and max_outputs at least 1; got n={n}, max_outputs={max_outputs}")
+        self.n, self.max_outputs, self.per_layer, self.seed = n, max_outputs, per_layer, seed
+        self._initial: Tensor | None = None
+        self._previous: tuple[int, Tensor] | None = None
+        self._projection: Tensor | None = None
+        self._projected_from: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n": self.n, "max_outputs": self.max_outputs, "per_layer": self.per_layer}
+
+    def _model(self, ctx: Context, inputs: Any) -> _Projected:
+        if self._projected_from is None:
+            with torch.no_grad():
+                out = _Projected(ctx.model, None)(*(inputs if isinstance(inputs, tuple) else (inputs,))) \
+                    if not isinstance(inputs, dict) else _Projected(ctx.model, None)(**inputs)
+            outputs = out.shape[1]
+            self._projected_from = outputs
+            if outputs > self.max_outputs:
+                g = torch.Generator().manual_seed(self.seed)
+                self._projection = torch.randn(outputs, self.max_outputs, generator=g) / self.max_outputs**0.5
+                self.note("projection", f"{outputs} outputs on {self.max_outputs} Gaussian directions")
+        projection = None if self._projection is None else self._projection.to(next(ctx.model.parameters()).device)
+        return _Projected(ctx.model, projection)
+
+    def measure(self, ctx: Context) -> Values:
+        inputs, targets = split_batch(ctx.probe_batch)
+        inputs = slice_examples(inputs, 0, self.n)
+        model = self._model(ctx, inputs)
+        result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory)
+        kernel = result.kernel.detach().double().cpu()
+        values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),
+                                  "effective_rank": effective_rank(kernel),
+                                  "condition_number": condition_number(kernel)}
+        eigenvalues = kernel_eigenvalues(kernel)[:TOP_EIGENVALUES].numpy()
+        values["top_eigenvalues"] = Labelled(eigenvalues, tuple(f"λ{i + 1}" for i in range(len(eigenvalues))))
+        if self._initial is None:
+            self._initial = kernel
+        values["distance_from_init"] = kernel_distance(kernel, self._initial)
+        if self._previous is not None and ctx.step > self._previous[0]:
+            values["velocity"] = kernel_distance(kernel, self._previous[1]) / (ctx.step - self._previous[0])
+        self._previous = (ctx.step, kernel)
+        y = self._targets(targets)
+        if y is not None and len(y) == kernel.shape[0]:
+            values["alignment"] = kernel_target_alignment(kernel, y)
+            if result.per_layer:
+                names = tuple(name.removeprefix("model.").removeprefix("model") or "(root)"
+                              for name in result.per_layer)
+                aligned = [kernel_target_alignment(k.detach().double().cpu(), y) for k in result.per_layer.values()]
+                values["alignment_per_layer"] = Labelled(np.asarray(aligned, dtype=np.float64), names)
+        return values
+
+    def _targets(self, targets: Any) -> Tensor | None:
+        if not isinstance(targets, Tensor):
+            return None
+        y = targets[: self.n].detach().cpu()
+        if y.dim() >= 2 and not y.is_floating_point():
+            y = y[:, -1]  # a sequence model's next token at the last position
+        return y

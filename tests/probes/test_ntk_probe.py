@@ -1,0 +1,98 @@
+"""dl.probes.NTK in a Lens: the kernel's motion and alignment against an independent kernel from
+explicit Jacobians, the output projection, the rules on planted runs and the figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_run
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import dynlens as dl
+from dynlens.measures.ntk import kernel_distance, kernel_target_alignment
+
+PROBE = "ntk"
+
+
+def _jacobian_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    outputs = jac[next(iter(jac))].shape[1]
+    per_output = torch.cat([j.reshape(x.shape[0], outputs, -1) for j in jac.values()], dim=2)
+    return torch.einsum("iap,jap->ij", per_output, per_output)
+
+
+def test_the_probe_tracks_distance_velocity_and_alignment_of_the_kernel(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(24, 5, dtype=torch.float64), torch.randint(0, 3, (24,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    initial = _jacobian_kernel(model, x[:12])
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
+                 probes=[dl.probes.NTK(every=5, n=12)]) as lens:
+        for _ in range(10):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            lens.step()
+    run = dl.load_run(tmp_path)
+    final = _jacobian_kernel(model, x[:12])
+    assert run.series(PROBE, "distance_from_init")[0] == pytest.approx(0.0, abs=1e-12)
+    assert run.series(PROBE, "distance_from_init")[10] == pytest.approx(kernel_distance(final, initial), rel=1e-6)
+    assert run.series(PROBE, "alignment")[10] == pytest.approx(kernel_target_alignment(final, y[:12]), rel=1e-6)
+    assert run.series(PROBE, "trace")[10] == pytest.approx(float(final.diagonal().sum()), rel=1e-6)
+    assert set(run.series(PROBE, "velocity").index) == {5, 10}
+    assert run.array_labels(PROBE, "alignment_per_layer") == ["0", "2"]
+    assert run.array_labels(PROBE, "top_eigenvalues")[0] == "λ1"
+    for draw in (dl.reports.plot_kernel_motion, dl.reports.plot_kernel_alignment,
+                 dl.reports.plot_kernel_alignment_per_layer, dl.reports.plot_kernel_eigenvalues):
+        assert draw(run) is not None
+
+
+def test_many_outputs_are_projected_and_a_sequence_model_is_measured_at_its_last_position(tmp_path):
+    class Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(7, 6), nn.Linear(6, 100)
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    torch.manual_seed(0)
+    model = Sequence()
+    tokens = torch.randint(0, 7, (8, 5))
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.reshape(-1, 100), targets.reshape(-1))
+
+    with dl.Lens(model, loss_fn, (tokens, torch.randint(0, 100, (8, 5))), run_dir=tmp_path, basic=False, budget=None,
+                 probes=[dl.probes.NTK(every=1, n=4, max_outputs=16)]) as lens:
+        lens.step()
+    run = dl.load_run(tmp_path)
+    assert run.series(PROBE, "outputs")[1] == 16
+    assert "100 outputs on 16" in run.meta["notes"][PROBE]["projection"]
+    assert run.events().query("level == 'error'").empty
+
+
+@pytest.mark.parametrize(("rule", "records", "quiet"), [
+    ("lazy_regime", {"distance_from_init": [0.0, 0.01, 0.02, 0.03]}, {"distance_from_init": [0.0, 0.2, 0.3, 0.4]}),
+    ("kernel_alignment_rising", {"alignment": [0.1, 0.15, 0.3]}, {"alignment": [0.1, 0.12, 0.11]}),
+    ("fast_then_slow_kernel", {"velocity": [1e-2, 8e-3, 1e-4, 5e-4, 2e-4]}, {"velocity": [1e-3, 8e-4, 9e-4, 7e-4, 6e-4]}),
+    ("ill_conditioned_kernel", {"condition_number": [1e3, 1e5, 3e8]}, {"condition_number": [1e3, 1e4, 1e5]}),
+])
+def test_each_ntk_rule_fires_on_its_planted_run_only(tmp_path, rule, records, quiet):
+    import numpy as np
+
+    def planted(path, values):
+        count = len(next(iter(values.values())))
+        measurements: dict = {PROBE: {}}
+        for name, series in values.items():
+            for i, v in enumerate(series):
+                measurements[PROBE].setdefault(i * 100, {})[name] = v
+        steps = 100 * (count - 1)
+        write_run(path, steps=steps, loss=np.linspace(2.0, 0.5, steps), measurements=measurements)
+        return [f.rule for f in dl.diagnose(path) if f.probe == PROBE]
+
+    assert planted(tmp_path / "a", records) == [rule]
+    assert planted(tmp_path / "b", quiet) == []
