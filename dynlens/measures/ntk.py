@@ -191,14 +191,14 @@ def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     for s1, e1 in _chunks(n1, chunk):
         j1 = _jacobians(function, slice_examples(inputs1, s1, e1), names)
         if mode == "diagonal":
-            for layer, names in groups.items():
-                rows[layer].append(_contract(j1, j1, names, mode))
+            for layer, members in groups.items():
+                rows[layer].append(_contract(j1, j1, members, mode))
             continue
         blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
         for s2, e2 in _chunks(n2, chunk):
             j2 = j1 if same and (s2, e2) == (s1, e1) else _jacobians(function, slice_examples(inputs2, s2, e2), names)
-            for layer, names in groups.items():
-                blocks[layer].append(_contract(j1, j2, names, mode))
+            for layer, members in groups.items():
+                blocks[layer].append(_contract(j1, j2, members, mode))
             del j2
         for layer in groups:
             rows[layer].append(torch.cat(blocks[layer], dim=1))

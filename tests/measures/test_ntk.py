@@ -446,3 +446,15 @@ def test_the_public_function_returns_the_kernel_tensor_or_the_layers_kernels():
     layers = empirical_ntk(model, x, per_layer=True)
     assert set(layers) == {"0", "2"}
     torch.testing.assert_close(sum(layers.values()), kernel)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector", "structured"])
+def test_per_layer_kernels_over_several_chunks_of_one_set_sum_to_the_one_chunk_kernel(implementation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    whole = ntk_of(model, x, mode="full", per_layer=True, implementation=implementation)
+    chunked = ntk_of(model, x, mode="full", per_layer=True, implementation=implementation, chunk_size=2)
+    torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    for layer in whole.per_layer:
+        torch.testing.assert_close(chunked.per_layer[layer], whole.per_layer[layer], rtol=1e-10, atol=1e-12)
