@@ -8,7 +8,9 @@ and of one ledger entry (``dynlens.measures.opposing.ledger_entry``: every track
 loss, p(y) and correctness, eval mode, no autograd) for a tracked set as large as the batch
 and 10× larger; the ratio is the probe's cost in training steps (its cost model). Also the
 bytes one measurement adds to the run database (9 per example). Medians of ``--repeat``
-alternating rounds in one process.
+alternating rounds in one process. ``--ledger-size N T`` also writes a run holding a ledger of N
+examples over T steps as the probe stores it, and times reading it back
+(``dl.rules.opposing_signals.ledger_of``) and its size on disk.
 """
 
 from __future__ import annotations
@@ -77,11 +79,48 @@ def measure(model: nn.Module, batch: int, shape: tuple[int, ...], device: str, r
             "bytes_per_measurement": {"ledger_1x": 9 * batch, "ledger_10x": 90 * batch}}
 
 
+def stored_ledger(examples: int, steps: int) -> dict[str, Any]:
+    """Write a run with a ledger of ``examples`` × ``steps`` as the probe stores it; time reading
+    it back and measure the database."""
+    import tempfile
+
+    import numpy as np
+
+    import dynlens as dl
+    from dynlens.rules.opposing_signals import ledger_of
+    from dynlens.store import RunWriter
+
+    rng = np.random.default_rng(0)
+    ids = [str(i) for i in range(examples)]
+    with tempfile.TemporaryDirectory() as path:
+        writer = RunWriter(path)
+        writer.array(0, "opposing_signals", "labels", rng.integers(0, 10, examples))
+        for step in range(steps):
+            for name in ("loss", "p_y", "correct"):
+                values = rng.random(examples, dtype=np.float32)
+                writer.array(step, "opposing_signals", name, (values > 0.5).astype(np.uint8) if name == "correct" else values)
+                writer.array_labels(step, "opposing_signals", name, ids)
+            writer.commit()
+        writer.close()
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            ledger = ledger_of(dl.load_run(path))
+            times.append(time.perf_counter() - began)
+    return {"examples": examples, "steps": steps, "database_bytes": size, "load_seconds": statistics.median(times),
+            "ledger_bytes": ledger.nbytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--ledger-size", type=int, nargs=2, default=None, metavar=("N", "T"))
     args = parser.parse_args()
+    if args.ledger_size:
+        print(json.dumps(stored_ledger(*args.ledger_size)), flush=True)
+        return
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                                "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name, (model, batch, shape) in cases(args.device).items():

@@ -27,7 +27,7 @@ class OpposingSignals(Probe):
         chunk_size: examples per forward pass.
 
     Records arrays labelled by example index (stored once, since they do not change): ``loss``,
-    ``p_y`` and ``correct`` (1.0/0.0); the labels ``labels`` at the first measurement. Read the
+    ``p_y`` (float32) and ``correct`` (uint8, 1/0); the labels ``labels`` at the first measurement. Read the
     ledger back with :func:`dynlens.rules.opposing_signals.ledger_of` (or pass the run to
     ``dl.opposing_signals`` / ``dl.data_map``).
 
@@ -65,5 +65,5 @@ class OpposingSignals(Probe):
                 values["labels"] = Labelled(labels.astype(np.int64), self._ids)
         values["loss"] = Labelled(entry.loss.astype(np.float32), self._ids)
         values["p_y"] = Labelled(entry.p_y.astype(np.float32), self._ids)
-        values["correct"] = Labelled(entry.correct.astype(np.float32), self._ids)
+        values["correct"] = Labelled(entry.correct.astype(np.uint8), self._ids)
         return values
