@@ -55,12 +55,23 @@ MIN_ITERS_CAP = 50
 OPTIONAL_PARTS = ("sharpness", "lambda_min", "trace", "density")
 
 
+def unwrapped(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer a wrapper steps (its ``.optimizer``, repeatedly), or ``optimizer`` itself."""
+    seen = 0
+    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) \
+            and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
 def stability_threshold(optimizer: torch.optim.Optimizer | None) -> tuple[str, float] | None:
     """``(kind, threshold)`` for the optimizer's first parameter group, or None if unknown.
 
     kind is "gd" (2/η), "momentum" ((2+2β)/η), or "adam" ((2+2β₁)/((1−β₁)η), for the
-    preconditioned sharpness).
+    preconditioned sharpness). A wrapper that keeps the optimizer it steps as ``.optimizer``
+    (``dl.remedies.OrthoGrad``) is read through: the threshold is the wrapped optimizer's.
     """
+    optimizer = unwrapped(optimizer)
     if optimizer is None:
         return None
     group = optimizer.param_groups[0]
@@ -222,6 +233,7 @@ def stability_measurement(
     previous = previous or {}
     result = Stability(values={})
     values = result.values
+    optimizer = unwrapped(optimizer)
     rule = stability_threshold(optimizer)
     scales = step_scales(optimizer, model, list(fn.params)) if rule is not None else None
     chunk, basis_memory = chunking(fn, options, memory, scales is not None, activation_bytes)

@@ -282,3 +282,11 @@ def test_adam_holding_some_of_the_parameters_compares_only_what_it_moves(tmp_pat
     assert run.events().empty
     expected = _scaled_top(_dense_hessian(model, batch), scales)
     assert math.isclose(run.series("hessian", "preconditioned_sharpness")[3], expected, rel_tol=1e-6)
+
+
+def test_a_wrapped_optimizer_is_read_through_for_its_threshold() -> None:
+    model, _ = _setup()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kind, threshold = stability_threshold(dl.remedies.OrthoGrad(inner))
+    assert (kind, threshold) == stability_threshold(inner)
+    assert kind == "momentum" and threshold == pytest.approx(38.0)
