@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynlens.batches import slice_examples, split_batch
+from dynlens.batches import call_model, slice_examples, split_batch
 from dynlens.measures.ntk import (
     condition_number,
     effective_rank,
@@ -94,9 +94,7 @@ class NTK(Probe):
     def _model(self, ctx: Context, inputs: Any) -> _Projected:
         if self._projected_from is None:
             with torch.no_grad():
-                out = _Projected(ctx.model, None)(*(inputs if isinstance(inputs, tuple) else (inputs,))) \
-                    if not isinstance(inputs, dict) else _Projected(ctx.model, None)(**inputs)
-            outputs = out.shape[1]
+                outputs = call_model(_Projected(ctx.model, None), inputs).shape[1]
             self._projected_from = outputs
             if outputs > self.max_outputs:
                 g = torch.Generator().manual_seed(self.seed)

@@ -5,6 +5,7 @@ minimisation over training (:mod:`dynlens.measures.softmax`,
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -84,7 +85,6 @@ class SoftmaxCollapse(Probe):
         self._nlm = Occasional(nlm_every)
         self._previous: list[Tensor] | None = None
         self._previous_step = -1
-        self._forward_seconds: float | None = None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dtype": str(self.dtype), "autocast": str(self.autocast),
@@ -99,8 +99,6 @@ class SoftmaxCollapse(Probe):
         self._previous_step = ctx.step
 
     def measure(self, ctx: Context) -> Values:
-        import time
-
         fn = ctx.fn
         _, targets = split_batch(ctx.probe_batch)
         began = time.perf_counter()
@@ -131,7 +129,6 @@ class SoftmaxCollapse(Probe):
             names = tuple(sorted(attention))
             values["attention_max_logit"] = Labelled(np.array([attention[n] for n in names]), names)
         spent = time.perf_counter() - began
-        self._forward_seconds = spent
         params = fn.params
         self._nlm.tick()
         if self._nlm.wanted(spent, ctx.allowance, 3 * spent):
