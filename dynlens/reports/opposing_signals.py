@@ -21,7 +21,12 @@ from dynlens.reports.style import (
     report_style,
     runs_and_findings,
 )
-from dynlens.rules.opposing_signals import data_map, opposing_signals
+from dynlens.rules.opposing_signals import (
+    MIN_MEASUREMENTS,
+    data_map,
+    opposing_signals,
+    stored_ledger,
+)
 
 __all__ = ["plot_opposing_groups", "plot_data_map"]
 
@@ -35,9 +40,10 @@ def plot_opposing_groups(runs: RunLike | Sequence[RunLike], findings: Sequence[F
     (up to three pairs), with the training loss on the same step axis."""
     runs, findings = runs_and_findings(runs, findings)
     for run in runs:
-        if len(run.arrays(PROBE, "loss")) < 8:
+        ledger = stored_ledger(run, MIN_MEASUREMENTS)
+        if ledger is None:
             continue
-        pairs = opposing_signals(run)[:MAX_PAIRS]
+        pairs = opposing_signals(ledger)[:MAX_PAIRS]
         if not pairs:
             return None
         loss = run.series(TRAINING, "loss")
@@ -61,7 +67,8 @@ def plot_data_map(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding]
     """Variability against confidence of each tracked example (Swayamdipta et al. 2020),
     coloured by correctness; one panel per run."""
     runs, _ = runs_and_findings(runs, findings)
-    frames = [(run, data_map(run)) for run in runs if len(run.arrays(PROBE, "loss")) >= 2]
+    ledgers = [(run, stored_ledger(run, 2)) for run in runs]
+    frames = [(run, data_map(ledger)) for run, ledger in ledgers if ledger is not None]
     if not frames:
         return None
     with report_style():

@@ -23,9 +23,10 @@ from dynlens.measures.opposing import opposing_signals as _opposing_signals
 from dynlens.probes.opposing_signals import OpposingSignals
 from dynlens.store import Run, load_run
 
-__all__ = ["ledger_of", "opposing_signals", "data_map"]
+__all__ = ["ledger_of", "stored_ledger", "opposing_signals", "data_map"]
 
 PROBE = OpposingSignals.name
+MIN_MEASUREMENTS = 8  # fewer ledger rows than this: too short to read oscillations or forgetting from
 FORGOTTEN_SHARE = 0.05
 FORGOTTEN_EVENTS = 2
 
@@ -74,12 +75,21 @@ def data_map(run_or_ledger: Run | Ledger | str, **options: Any) -> Any:
     return _data_map(ledger_of(run_or_ledger), **options).to_dataframe()
 
 
+def stored_ledger(run: Run, minimum: int) -> Ledger | None:
+    """The run's ledger when it holds at least ``minimum`` measurements, else None (read once:
+    rules and figures pass it on instead of reading the run's arrays again)."""
+    if len(run.arrays(PROBE, "correct")) < minimum:
+        return None
+    return ledger_of(run)
+
+
 @rule("opposing_groups", probe=OpposingSignals)
 def opposing_groups(run: Run) -> Iterator[Finding]:
     """One finding per pair of opposing groups (module docstring)."""
-    if not run.arrays(PROBE, "loss") or len(run.arrays(PROBE, "loss")) < 8:
+    ledger = stored_ledger(run, MIN_MEASUREMENTS)
+    if ledger is None:
         return
-    for pair in opposing_signals(run):
+    for pair in opposing_signals(ledger):
         first, last = (int(pair.steps[0]), int(pair.steps[-1])) if len(pair.steps) else (0, run.last_step)
         yield Finding(
             title=(f"Opposing signals: {len(pair.group_a)} and {len(pair.group_b)} examples whose losses "
@@ -99,9 +109,10 @@ def opposing_groups(run: Run) -> Iterator[Finding]:
 @rule("forgotten_examples", probe=OpposingSignals)
 def forgotten_examples(run: Run) -> Iterator[Finding]:
     """Many examples forgotten or never learnt (module docstring)."""
-    if len(run.arrays(PROBE, "loss")) < 8:
+    ledger = stored_ledger(run, MIN_MEASUREMENTS)
+    if ledger is None:
         return
-    frame = data_map(run)
+    frame = data_map(ledger)
     forgotten = (frame["forgetting"] >= FORGOTTEN_EVENTS) | frame.get("never_learned", False)
     share = float(forgotten.mean())
     if share < FORGOTTEN_SHARE:
