@@ -4,12 +4,15 @@ what a measurement may allocate, and the record of what every measurement cost.
 Time: ``share`` is the fraction of the run's wall time that all probes together may take. A due
 measurement runs when its predicted cost (the last measurement of that probe) fits,
 
-    probe_seconds + predicted <= share · (elapsed + predicted),
+    probe_seconds + lens_seconds + predicted <= share · (elapsed + predicted),
 
-i.e. when, after it, the probes' share of the wall time since the Lens was created would still
-be within the budget; otherwise it waits (a schedule then means "at most this often"). The
+i.e. when, after it, dynlens's share of the wall time since the Lens was created would still be
+within the budget; otherwise it waits (a schedule then means "at most this often"). The
 measurements at step 0 run regardless: they are the initial state the run is compared with, and
-what they cost is paid back by the measurements deferred after them. ``share=None`` runs every
+what they cost is paid back by the measurements deferred after them. ``lens_seconds`` is the
+Lens's own host time outside measurements (``lens.step()``'s bookkeeping, the basic probes,
+writing the run database): the budget bounds everything dynlens adds, so the probes get what
+the Lens leaves. ``share=None`` runs every
 probe exactly on schedule. The clock is the host's; the Lens synchronises the device only
 around measurements, so that between them the host's clock may run ahead of the device by the
 work queued on it, which makes the share read slightly high (deferring a little early), never low.
@@ -94,6 +97,7 @@ class TimeBudget:
         self.clock = clock
         self.start = clock()
         self.probe_seconds = 0.0
+        self.lens_seconds = 0.0
         self.costs: dict[str, ProbeCost] = {}
 
     def elapsed(self) -> float:
@@ -101,12 +105,12 @@ class TimeBudget:
         return self.clock() - self.start
 
     def allowance(self) -> float:
-        """Seconds a measurement may take now with the probes' share still within the budget
-        afterwards: x ≤ (share·elapsed − probe_seconds)/(1 − share); +inf without a budget,
-        negative when the probes are over it."""
+        """Seconds a measurement may take now with dynlens's share still within the budget
+        afterwards: x ≤ (share·elapsed − probe_seconds − lens_seconds)/(1 − share); +inf without
+        a budget, negative when dynlens is over it."""
         if self.share is None:
             return math.inf
-        return (self.share * self.elapsed() - self.probe_seconds) / (1 - self.share)
+        return (self.share * self.elapsed() - self.probe_seconds - self.lens_seconds) / (1 - self.share)
 
     def predicted(self, probe: str, predict: Callable[[float], float] | None = None) -> float:
         """The predicted seconds of the probe's next measurement: its last one's, passed through
@@ -143,6 +147,11 @@ class TimeBudget:
         self.cost(probe).seconds += seconds
         self.probe_seconds += seconds
 
+    def overhead(self, seconds: float) -> None:
+        """Count ``seconds`` of the Lens's own time outside measurements (bookkeeping, the basic
+        probes, writes): the budget holds them too, so they reduce what the probes may take."""
+        self.lens_seconds += max(0.0, seconds)
+
     def defer(self, probe: str) -> None:
         """Count one due measurement of ``probe`` postponed by the budget."""
         self.cost(probe).deferred += 1
@@ -154,7 +163,8 @@ class TimeBudget:
             "budget": self.share,
             "wall_seconds": wall,
             "probe_seconds": self.probe_seconds,
-            "training_seconds": wall - self.probe_seconds,
+            "lens_seconds": self.lens_seconds,
+            "training_seconds": wall - self.probe_seconds - self.lens_seconds,
             "probes": {name: cost.as_record() for name, cost in self.costs.items()},
         }
 

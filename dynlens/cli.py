@@ -62,14 +62,17 @@ def show(run_dir: str, out=None) -> None:  # noqa: ANN001 - a text stream
     record = meta.get("costs")
     if isinstance(record, dict):
         wall = float(record.get("wall_seconds") or 0.0)
-        spent = float(record.get("probe_seconds") or 0.0)
+        spent = float(record.get("probe_seconds") or 0.0) + float(record.get("lens_seconds") or 0.0)
         budget = record.get("budget")
-        print(f"\ncosts:   probes took {spent:.2f} s of {wall:.2f} s wall time"
+        print(f"\ncosts:   dynlens took {spent:.2f} s of {wall:.2f} s wall time"
               + (f" ({spent / wall:.1%})" if wall > 0 else "")
               + (f", budget {float(budget):.1%}" if budget is not None else ", no time budget"),
               file=out)
         for c in run.costs().itertuples(index=False):
             share = "-" if math.isnan(c.share) else f"{c.share:.1%}"
+            if c.probe == "lens":  # the Lens's own time outside measurements
+                print(f"  {'lens (bookkeeping)':<20} {c.seconds:.2f} s, {share}", file=out)
+                continue
             print(f"  {c.probe:<20} {c.measurements} measurements, {c.seconds:.2f} s, {share}, "
                   f"{c.deferred} deferred", file=out)
 

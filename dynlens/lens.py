@@ -240,9 +240,10 @@ class Lens:
         seed: seed of dropout in ``mode="train"`` measurements.
         overwrite: replace a run already in ``run_dir``.
         max_failures: consecutive failures after which a probe is switched off.
-        budget: the share of the run's wall time all probes together may take (default 0.05);
-            a due measurement that would break it waits (schedules then mean "at most this
-            often"; the longest-waiting probe goes first). The measurements at step 0 always
+        budget: the share of the run's wall time dynlens may take (default 0.05): all probes
+            together and the Lens's own work in ``step()``. A due measurement that would break
+            it waits (schedules then mean "at most this often"; the longest-waiting probe goes
+            first). The measurements at step 0 always
             run, and are paid back by later deferrals. The basic probes are never deferred.
             None: every probe exactly on schedule. See :mod:`dynlens.budget`.
         memory_budget: device memory the probes may add to the training's own peak: bytes, a
@@ -335,6 +336,7 @@ class Lens:
         self._memory_wait_peak: dict[str, int] = {}  # probe -> training's peak when it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
         self._held_before: Any = _IDLE  # device memory in use when the probes began this step
+        self._waited = 0.0  # seconds this call waited for training's queued device work
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         before = self.memory.in_use()
         ctx = self._context()
@@ -345,6 +347,8 @@ class Lens:
         self._write_notes()
         self.memory.retain(before)
         self.writer.commit()
+        # the Lens's creation outside the step-0 measurements (setup, the first writes)
+        self.budget.overhead(self.budget.elapsed() - self.budget.probe_seconds - self._waited)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -430,6 +434,8 @@ class Lens:
         """
         if self.closed:
             raise RuntimeError("lens.step() after lens.close(); create a new Lens for a new run")
+        start, measured = self.budget.clock(), self.budget.probe_seconds
+        self._waited = 0.0
         value = _checked_loss(loss)
         self.step_count += 1
         step = self.step_count
@@ -454,6 +460,9 @@ class Lens:
             self.memory.retain(self._held_before)  # what the probes kept since they began
             self._held_before = _IDLE
         self.writer.commit()
+        # the Lens's own time: this call less its measurements and the wait for training's queued work
+        self.budget.overhead(self.budget.clock() - start - self._waited
+                             - (self.budget.probe_seconds - measured))
 
     def _prepare_next(self, ctx: Context | None = None) -> None:
         nxt = self.step_count + 1
@@ -510,7 +519,9 @@ class Lens:
         self._probes_begin()
         timed = any(not self._exempt(p) for p in runnable)
         if timed:
+            waiting = self.budget.clock()
             _synchronize(self.model_device)  # measurements are timed alone; the losses have landed
+            self._waited += self.budget.clock() - waiting  # training's time, not the Lens's
             if loss is not None:
                 ctx.loss = float(loss)
         self._device_scalars.collect(block=timed)

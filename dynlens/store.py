@@ -80,7 +80,9 @@ def costs_frame(costs: Mapping[str, Any] | None) -> pd.DataFrame:
     ``deferred`` (due measurements the time budget postponed or skipped), ``peak_memory`` (the
     most device memory, bytes, one measurement took beyond what was in use before it, among the
     measurements that raised the process's peak, where the allocator shows it exactly; NaN
-    where none did, and on the CPU) and ``products`` (Hessian-vector products, where the probe reports them)."""
+    where none did, and on the CPU) and ``products`` (Hessian-vector products, where the probe
+    reports them). A last row ``lens`` holds the Lens's own time outside measurements
+    (``lens.step()``'s bookkeeping, the basic probes, writes), which the time budget counts too."""
     costs = costs or {}
     wall = float(costs.get("wall_seconds") or 0.0)
     rows = []
@@ -96,6 +98,11 @@ def costs_frame(costs: Mapping[str, Any] | None) -> pd.DataFrame:
             "peak_memory": math.nan if peak is None else float(peak),
             "products": float(c["products"]) if c.get("products") is not None else math.nan,
         })
+    if costs.get("lens_seconds") is not None:
+        own = float(costs["lens_seconds"])
+        rows.append({"probe": "lens", "measurements": 0, "seconds": own,
+                     "share": own / wall if wall > 0 else math.nan, "deferred": 0,
+                     "peak_memory": math.nan, "products": math.nan})
     return pd.DataFrame(rows, columns=COST_COLUMNS)
 
 

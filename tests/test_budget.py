@@ -111,6 +111,42 @@ def test_a_probe_over_budget_is_deferred_and_the_total_share_stays_within_it(tmp
     assert costs.loc["slow", "share"] == pytest.approx(spent / wall)
 
 
+class Bookkeeping(dl.Probe):
+    """An untimed probe (like the basic ones) whose work takes ``seconds`` on the fake clock:
+    the Lens's own time, which the budget holds too."""
+
+    name = "bookkeeping"
+    pure = True
+    timed = False
+    isolate = False
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__(every=1)
+        self.clock, self.seconds = clock, seconds
+
+    def measure(self, ctx):
+        self.clock.advance(self.seconds)
+        return {"value": 1.0}
+
+
+def test_the_lens_own_time_counts_against_the_budget_and_leaves_the_probes_less(tmp_path, clock):
+    # 0.1 s steps; the Lens's own work takes 0.002 s a step (2% of the run): the costly probe may
+    # take only the other 3%, and everything dynlens did stays within the 5%
+    probe = Costly(clock, seconds=1.0, every=10)
+    lens = lens_with_clock(tmp_path, [probe, Bookkeeping(clock, 0.002)], clock, budget=0.05)
+    run_steps(lens, clock, 3000, 0.1)
+    costs = lens.costs().set_index("probe")
+    wall = clock.now
+    own = costs.loc["lens", "seconds"]
+    assert own == pytest.approx(3001 * 0.002)  # step 0 and every step
+    assert costs.loc["lens", "share"] == pytest.approx(own / wall)
+    spent = len(probe.steps) * 1.0
+    assert (spent + own) / wall <= 0.05 + 1.0 / wall  # the step-0 measurement ran regardless
+    assert spent / wall < 0.035 and len(probe.steps) >= 5
+    lens.close()
+    assert dl.load_run(tmp_path).costs().set_index("probe").loc["lens", "seconds"] == pytest.approx(own)
+
+
 def test_without_a_budget_every_probe_runs_exactly_on_schedule(tmp_path, clock):
     probe = Costly(clock, seconds=1.0, every=10)
     lens = lens_with_clock(tmp_path, [probe], clock, budget=None)

@@ -73,11 +73,23 @@ def test_show_prints_what_each_probe_cost_after_the_findings(tmp_path, capsys):
                                       "peak_memory": None, "products": None}}}
     assert main(["show", str(_write_run(tmp_path / "run", costs))]) == 0
     lines = capsys.readouterr().out.splitlines()
-    start = lines.index("costs:   probes took 4.00 s of 40.00 s wall time (10.0%), budget 5.0%")
+    start = lines.index("costs:   dynlens took 4.00 s of 40.00 s wall time (10.0%), budget 5.0%")
     assert start > next(i for i, line in enumerate(lines) if line.startswith("findings "))
     assert lines[start + 1:] == [
         "  hessian              5 measurements, 3.00 s, 7.5%, 12 deferred",
         "  grad_norm            20 measurements, 1.00 s, 2.5%, 0 deferred",
+    ]
+
+
+def test_show_counts_the_lens_own_time_in_what_dynlens_took(tmp_path, capsys):
+    costs = {"budget": 0.05, "wall_seconds": 40.0, "probe_seconds": 3.0, "lens_seconds": 1.0,
+             "probes": {"hessian": {"measurements": 5, "seconds": 3.0, "deferred": 2}}}
+    assert main(["show", str(_write_run(tmp_path / "run", costs))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("costs:   dynlens took 4.00 s of 40.00 s wall time (10.0%), budget 5.0%")
+    assert lines[start + 1:] == [
+        "  hessian              5 measurements, 3.00 s, 7.5%, 2 deferred",
+        "  lens (bookkeeping)   1.00 s, 2.5%",
     ]
 
 
@@ -86,7 +98,7 @@ def test_show_of_an_unbudgeted_run_says_it_has_no_time_budget(tmp_path, capsys):
              "probes": {"hessian": {"measurements": 4, "seconds": 2.0, "deferred": 0}}}
     assert main(["show", str(_write_run(tmp_path / "run", costs))]) == 0
     out = capsys.readouterr().out
-    assert "costs:   probes took 2.00 s of 8.00 s wall time (25.0%), no time budget\n" in out
+    assert "costs:   dynlens took 2.00 s of 8.00 s wall time (25.0%), no time budget\n" in out
     assert "  hessian              4 measurements, 2.00 s, 25.0%, 0 deferred\n" in out
 
 

@@ -244,8 +244,9 @@ def _costs(run: Run, label: str) -> dict[str, Any]:
     wall = float(record.get("wall_seconds") or 0.0)
     spent = record.get("probe_seconds")
     spent = float(frame["seconds"].sum()) if spent is None else float(spent)
+    spent += float(record.get("lens_seconds") or 0.0)
     budget, memory_budget = record.get("budget"), record.get("memory_budget")
-    summary = (f"Probes took {_seconds(spent)} s of {_seconds(wall)} s wall time "
+    summary = (f"dynlens took {_seconds(spent)} s of {_seconds(wall)} s wall time "
                f"({_percent(spent / wall if wall > 0 else math.nan)}) against "
                + (f"a budget of {100 * float(budget):.3g}%" if budget is not None
                   else "no time budget (exact schedules)")

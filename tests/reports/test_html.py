@@ -285,7 +285,7 @@ def test_costs_section_sits_after_the_probes_before_the_events_and_is_in_the_nav
 
 def test_costs_section_states_probe_time_against_wall_time_and_the_budgets(costs_report):
     section = _costs_section(open(costs_report, encoding="utf-8").read())
-    assert ("Probes took 4 s of 40 s wall time (10.0%) against a budget of 5%, "
+    assert ("dynlens took 4 s of 40 s wall time (10.0%) against a budget of 5%, "
             "and a memory budget of 3.0 GiB.") in section
 
 
@@ -322,7 +322,7 @@ def test_compared_runs_get_one_costs_table_each_and_an_unbudgeted_run_says_so(tm
     section = _costs_section(open(dl.report([a, b, c], quiet=True), encoding="utf-8").read())
     blocks = dict(re.findall(r"<h3>(.*?)</h3>(.*?)</div>", section, flags=re.S))
     assert list(blocks) == ["exact", "old", "budgeted"]
-    assert ("Probes took 1 s of 40 s wall time (2.5%) against no time budget (exact schedules)."
+    assert ("dynlens took 1 s of 40 s wall time (2.5%) against no time budget (exact schedules)."
             in blocks["exact"])
     assert "memory budget" not in blocks["exact"] and "<th>products</th>" not in blocks["exact"]
     assert _cells(blocks["exact"]) == [["hessian", "4", "1", "2.5%", "0", "–"]]
