@@ -441,7 +441,11 @@ def _sub_batched_products(
     def summed(vectors: Tensor, rebuild: bool) -> Tensor:
         total: Tensor | None = None
         for weight, sub, (single, block) in zip(weights, subs, products, strict=True):
-            part = graphed.product(sub, vectors) if rebuild else None
+            # replayed where it can be (CUDA, eval mode, one vector), whichever method computes
+            # eagerly: a product of a sub-batch is launch-bound (44 ms for 32 images of a
+            # ResNet-18 on an H200, whatever the method), and the graph's product through a
+            # first-order graph built for it takes the memory the sub-batch size was planned for
+            part = graphed.product(sub, vectors)
             if part is None and rebuild:
                 part = _rebuilt_graph_product(sub, max_columns, vectors)
             elif part is None:
