@@ -1,4 +1,5 @@
-"""The ``dynlens`` command: ``dynlens demo``, ``dynlens show RUN``, ``dynlens report RUN [RUN ...]``."""
+"""The ``dynlens`` command: ``dynlens demo``, ``dynlens show RUN``, ``dynlens report RUN [RUN ...]``,
+``dynlens export RUN --tensorboard DIR``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_cmd = commands.add_parser("show", help="print a terminal summary of a run")
     show_cmd.add_argument("run", help="a run directory")
 
+    export = commands.add_parser("export", help="write a run to another tool's format (TensorBoard)")
+    export.add_argument("run", help="a run directory")
+    export.add_argument("--tensorboard", metavar="DIR", required=True,
+                        help="write TensorBoard event files to DIR (scalars; arrays as histograms)")
+
     try:
         from dynlens.reports.cli import add_report_command
     except ImportError:
@@ -109,6 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "show":
             show(args.run)
+            return 0
+        if args.command == "export":
+            from dynlens.integrations.tensorboard import export_tensorboard
+
+            try:
+                print(f"tensorboard: {export_tensorboard(args.run, args.tensorboard)}")
+            except ImportError as err:
+                print(f"dynlens: {err}", file=sys.stderr)
+                return 2
             return 0
         return int(args.func(args) or 0)
     except RunError as err:

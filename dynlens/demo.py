@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 __all__ = ["make_spirals", "demo_model", "run_demo"]
 
@@ -42,16 +42,6 @@ def demo_model(classes: int = 3, width: int = 64) -> nn.Module:
     """An MLP 2 → width → width → classes with tanh activations."""
     return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
                          nn.Linear(width, classes))
-
-
-def _progress(step: int, total: int, loss: float, start: float) -> None:
-    width = 30
-    done = int(width * step / total)
-    sys.stderr.write(f"\r  training [{'#' * done}{'.' * (width - done)}] step {step}/{total}  "
-                     f"loss {loss:.4f}  {time.perf_counter() - start:5.1f}s")
-    if step == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def demo_probes() -> list:
@@ -85,7 +75,7 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: in
     g = torch.Generator().manual_seed(seed + 1)
     config = {"dataset": "spirals (3 classes, 600 points, 5% label noise)", "model": "MLP 2-64-64-3 tanh",
               "optimizer": "SGD", "lr": lr, "momentum": 0.9, "batch_size": batch_size, "steps": steps}
-    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="training", unit="step", file=sys.stderr, disable=quiet)
     with dl.Lens(model, loss_fn, probe_batch=(x[:128], y[:128]), optimizer=optimizer,
                  run_dir=run_dir, probes=demo_probes(), name="demo: spirals MLP", config=config,
                  overwrite=True, budget=None) as lens:  # every probe on its schedule: a small, fast demo
@@ -98,13 +88,15 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 600, batch_size: in
                 optimizer.step()
                 lens.step(loss=loss)
                 step += 1
+                bar.update(1)
                 if not quiet and (step % 10 == 0 or step == steps):
-                    _progress(step, steps, loss.item(), start)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 if step == steps:
                     break
+        bar.close()
     path = Path(lens.run_dir)
     if report and hasattr(dl, "report"):
-        out = dl.report(path, out=path / "report.html")
+        out = dl.report(path, out=path / "report.html", quiet=quiet)
         if not quiet:
             print(f"report: {out}")
     return path

@@ -250,6 +250,10 @@ class Lens:
             fraction of the device's memory, or None (automatic: half the training's peak on a
             GPU, no limit on the CPU). Measurements split their work to fit it (Hessian-vector
             products over sub-batches, per-example gradients in chunks).
+        tensorboard_dir: also write every scalar and array to TensorBoard event files in this
+            directory as they are recorded (tags ``probe/name``, arrays as histograms; needs
+            ``pip install dynlens[tensorboard]``). A TensorBoard error becomes an event of the
+            run and stops only the TensorBoard output. See :mod:`dynlens.integrations.tensorboard`.
 
     Raises:
         ValueError / TypeError: the model, loss or probe batch cannot be measured (the message
@@ -275,6 +279,7 @@ class Lens:
         max_failures: int = 3,
         budget: float | None = DEFAULT_BUDGET,
         memory_budget: float | int | None = None,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -301,7 +306,12 @@ class Lens:
 
         if run_dir is None:
             run_dir = os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if tensorboard_dir is not None:  # a missing tensorboard package raises before the run exists
+            from dynlens.integrations.tensorboard import TensorBoardTee, require_tensorboard
+            require_tensorboard()
         self.writer = RunWriter(run_dir, overwrite=overwrite)
+        if tensorboard_dir is not None:
+            self.writer = TensorBoardTee(self.writer, tensorboard_dir)
         self.run_dir = str(self.writer.path)
         self.name = name or os.path.basename(os.path.normpath(self.run_dir))
         self.writer.set_meta({

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import jinja2
 import numpy as np
 from markupsafe import Markup
+from tqdm import tqdm
 
 from dynlens.diagnose import SEVERITIES, Finding, diagnose
 from dynlens.reports.registry import figures_for
@@ -65,28 +66,26 @@ class Report(str):
 
 
 class ProgressBar:
-    """A one-line text progress bar on a stream (stderr by default); silent when ``quiet``."""
+    """A one-line ``tqdm`` progress bar on a stream (stderr by default); silent when ``quiet``."""
 
     def __init__(self, total: int, quiet: bool = False, stream: TextIO | None = None,
                  width: int = 30) -> None:
         self.total, self.done, self.quiet = max(total, 1), 0, quiet
         self.stream = stream if stream is not None else sys.stderr
-        self.width = width
+        self._bar = tqdm(total=self.total, file=self.stream, disable=quiet, ascii=".#",
+                         bar_format=f"dynlens report [{{bar:{width}}}] {{n_fmt}}/{{total_fmt}} "
+                                    "{elapsed} {desc}")
 
     def update(self, label: str) -> None:
-        """Count one unit of work done and redraw the bar with ``label``."""
-        self.done = min(self.done + 1, self.total)
-        if self.quiet:
+        """Count one unit of work done and show ``label`` beside the bar."""
+        if self.done >= self.total:
             return
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\rdynlens report [{bar}] {self.done}/{self.total} {label[:40]:<40}")
-        self.stream.flush()
+        self.done += 1
+        self._bar.set_description_str(label[:40], refresh=False)
+        self._bar.update(1)
 
     def close(self) -> None:
-        if not self.quiet:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._bar.close()
 
 
 @dataclass
