@@ -1,0 +1,167 @@
+"""The Hugging Face callback: a tiny GPT-2 built from a config (no downloads) trained a few steps
+on the CPU gives a run with the expected probes and steps (one per optimizer step under gradient
+accumulation, with the loss the Trainer trained on); the model's own loss and the causal-LM loss
+of the logits; the report; bad arguments; rank != 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import single_thread  # noqa: F401 - autouse: one thread
+
+import dynlens as dl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; make sure of it
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face callback needs `pip install dynlens[hf]` (transformers)"
+)
+pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs `pip install dynlens[hf]` (accelerate)")
+
+from dynlens.integrations.hf import (  # noqa: E402
+    DynlensCallback,
+    causal_lm_batch,
+    causal_lm_loss,
+    labelled_probe_batch,
+    model_loss,
+)
+
+VOCAB, LENGTH = 50, 8
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def _dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in _tokens(n, 1)]
+
+
+def _probe_dict() -> dict[str, torch.Tensor]:
+    ids = _tokens(8, 2)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _train(tmp_path: Path, callback: DynlensCallback, examples: int = 16, accumulate: int = 1):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulate, num_train_epochs=1, learning_rate=1e-3,
+        use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_dataset(examples),
+                                   callbacks=[callback])
+    return trainer, trainer.train()
+
+
+def test_accumulated_steps_loss_and_probes(tmp_path: Path) -> None:
+    # 16 examples, 2 a batch: 8 batches, accumulated 2 by 2: 4 optimizer steps
+    callback = DynlensCallback(probe_batch=_probe_dict(), run_dir=tmp_path / "run",
+                               probes=[dl.probes.Hessian(every=2, lambda_min=False, trace=False)],
+                               budget=None)
+    trainer, output = _train(tmp_path, callback, accumulate=2)
+    assert trainer.state.global_step == 4
+    assert callback.lens is not None and callback.lens.closed
+    assert callback.lens.loss_fn is model_loss
+
+    run = dl.load_run(tmp_path / "run")
+    assert run.last_step == 4 and run.meta["status"] == "finished"
+    assert {"hessian", "param_norm", "train"} <= set(run.probes())
+    assert sorted(run.scalars("hessian", "sharpness").step) == [0, 2, 4]
+    loss = run.series("train", "loss")
+    assert list(loss.index) == [1, 2, 3, 4]
+    assert list(run.series("train", "lr").index) == [1, 2, 3, 4]
+    # the Trainer's own training loss is the mean of its steps' losses
+    assert loss.mean() == pytest.approx(output.training_loss, rel=1e-5)
+    assert run.events().empty
+
+
+def test_causal_lm_loss_is_the_models_own() -> None:
+    model = _model().eval()
+    batch = _probe_dict()
+    inputs, targets = causal_lm_batch(batch)
+    assert "labels" not in inputs
+    assert inputs["input_ids"].shape == targets.shape == (8, LENGTH - 1)
+    assert inputs["attention_mask"].shape == (8, LENGTH - 1)
+    torch.testing.assert_close(targets, batch["labels"][:, 1:])
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model(**inputs), targets), model(**batch).loss)
+    # without labels, a causal LM's labels are its input_ids
+    inputs2, targets2 = causal_lm_batch({"input_ids": batch["input_ids"]})
+    torch.testing.assert_close(targets2, targets)
+
+
+def test_causal_lm_loss_gives_softmax_collapse(tmp_path: Path) -> None:
+    callback = DynlensCallback(probe_batch=causal_lm_batch(_probe_dict()), loss_fn=causal_lm_loss,
+                               run_dir=tmp_path / "run", probes=[dl.probes.SoftmaxCollapse(every=2)],
+                               budget=None)
+    _train(tmp_path, callback, examples=8)
+    run = dl.load_run(tmp_path / "run")
+    assert sorted(run.scalars("softmax_collapse", "fraction").step) == [0, 2, 4]
+    assert run.events().empty
+
+
+def test_default_probes_leave_out_opposing_signals() -> None:
+    names = [p.name for p in DynlensCallback(_probe_dict(), probes="default").settings.probes]
+    assert "opposing_signals" not in names and "hessian" in names
+
+
+def test_report(tmp_path: Path) -> None:
+    callback = DynlensCallback(_probe_dict(), run_dir=tmp_path / "run", budget=None, report=True)
+    _train(tmp_path, callback, examples=4)
+    assert callback.report_path == str(tmp_path / "run" / "report.html")
+    assert "<html" in Path(callback.report_path).read_text(encoding="utf-8").lower()
+
+
+def test_labelled_probe_batch() -> None:
+    batch = _probe_dict()
+    inputs, targets = labelled_probe_batch(batch)
+    assert targets is None and inputs["labels"] is batch["labels"]
+    ids = batch["input_ids"]
+    inputs, targets = labelled_probe_batch(({"input_ids": ids}, ids))
+    assert targets is None and inputs["labels"] is ids
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"probe_batch": {"input_ids": torch.zeros(2, 3, dtype=torch.long)}}, ValueError, "no 'labels'"),
+    ({"probe_batch": torch.zeros(2, 3)}, TypeError, "batch dict with 'labels'"),
+    ({"probe_batch": ({"input_ids": torch.zeros(2, 3), "labels": torch.zeros(2, 3)}, torch.zeros(2, 3))},
+     ValueError, "'labels' in inputs too"),
+    ({"probes": [dl.probes.OpposingSignals()]}, ValueError, "OpposingSignals needs each example's loss"),
+    ({"loss_fn": causal_lm_loss}, TypeError, "must be a pair"),
+    ({"loss_fn": "mean"}, TypeError, "callable"),
+    ({"optimizer": None}, TypeError, "the trainer's optimizer"),
+    ({"overwrite_it": True}, TypeError, "unknown keyword"),
+])
+def test_bad_arguments(kwargs, error, match) -> None:
+    arguments = {"probe_batch": _probe_dict(), **kwargs}
+    with pytest.raises(error, match=match):
+        DynlensCallback(**arguments)
+
+
+def test_model_loss_without_labels() -> None:
+    with torch.no_grad():
+        outputs = _model().eval()(input_ids=_tokens(2, 3))
+    with pytest.raises(ValueError, match="returned no loss"):
+        model_loss(outputs, None)
+
+
+def test_other_ranks_do_nothing(tmp_path: Path) -> None:
+    callback = DynlensCallback(_probe_dict(), run_dir=tmp_path / "run")
+    state = SimpleNamespace(is_world_process_zero=False, global_step=0)
+    model = _model()
+    callback.on_train_begin(None, state, None, model=model, optimizer=None)
+    callback.on_step_end(None, state, None, model=model)
+    callback.on_train_end(None, state, None, model=model)
+    assert callback.lens is None
+    assert not (tmp_path / "run").exists()
