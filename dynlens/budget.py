@@ -290,6 +290,16 @@ class MemoryBudget:
         peak = _counters(self.device)[1]
         return peak - in_use_before if peak > peak_before else None
 
+    def describe(self) -> str:
+        """The numbers behind an allowance, for a message: `` (training's peak …, in use …, the
+        probes' lasting state …, budget …)`` on a GPU; empty on the CPU."""
+        if not self.cuda:
+            return ""
+        gib = 2.0**30
+        return (f" (training's peak {self.training_peak / gib:.2f} GiB, in use "
+                f"{_counters(self.device)[0] / gib:.2f} GiB, the probes' lasting state "
+                f"{self.retained / gib:.2f} GiB, budget {(self.extra or 0) / gib:.2f} GiB)")
+
     def peak(self) -> int | None:
         """The process's peak allocated device memory so far (None on the CPU)."""
         return _counters(self.device)[1] if self.cuda else None

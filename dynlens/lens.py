@@ -632,7 +632,8 @@ class Lens:
                 with isolated(self.model, probe.mode, self.seed):
                     result = call() if probe.pure else self._protected(call)
         except MemoryBudgetTooSmall as err:
-            return _TooLittleMemory(f"{probe.name} waits for memory at step {self.step_count}: {err}")
+            return _TooLittleMemory(f"{probe.name} waits for memory at step {self.step_count}: {err}"
+                                    f"{self.memory.describe()}")
         except OutOfMemoryError as err:
             if what != "measure":
                 self._fail(probe, what, err)
