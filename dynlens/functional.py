@@ -46,6 +46,7 @@ from dynlens.batches import (
     to_device,
 )
 from dynlens.convgrad import fast_conv_second_order
+from dynlens.distributed import gather_sizes, refuse_sharded, weighted_sum
 from dynlens.isolation import (
     Mode,  # noqa: F401 - re-exported: the probes
     _attributes_set,  # noqa: F401 - re-exported: dynlens.probes.hessian
@@ -120,6 +121,14 @@ class ModelFunction:
         seed: in train mode, every evaluation reseeds the torch generators of the model's device
             with it, so dropout draws the same masks each time (call inside :func:`isolated`,
             which restores the generators afterwards).
+        group: a ``torch.distributed`` process group whose ranks each hold a shard of the batch
+            (None: the batch is all here). Then :meth:`loss`, :meth:`grad`, :meth:`hvp` and
+            :meth:`ggn_vp` are those of the whole batch, the shards concatenated in rank order:
+            size-weighted sums over ranks of each shard's (``L = Σ_r (m_r/m) L_r``), the same
+            value on every rank (every rank must call them together, with the same ``v``).
+            ``size`` stays this shard's m_r; ``total_size`` is m. Per-example methods, outputs,
+            JVP/VJP and :meth:`curvature_products` stay this shard's; see
+            :mod:`dynlens.distributed` for the failure contract. Construction is a collective.
     """
 
     def __init__(
@@ -129,8 +138,11 @@ class ModelFunction:
         batch: Any,
         params: Sequence[str] | None = None,
         seed: int = 0,
+        group: Any = None,
     ) -> None:
         self.model = model = unwrap_model(model)
+        refuse_sharded(model, "dynlens's functional view of the model (loss, gradients, curvature, "
+                              "per-example gradients, NTK)")
         self.seed = seed
         self.loss_fn = loss_fn
         trainable = trainable_parameters(model)
@@ -158,6 +170,11 @@ class ModelFunction:
         self.inputs = _widened_tree(to_device(inputs, self.device))
         self.targets = _widened_tree(to_device(targets, self.device))
         self.size = batch_size(self.inputs)
+        self.group = group
+        self.shard_sizes = [self.size] if group is None else gather_sizes(self.size, group)
+        self.total_size = sum(self.shard_sizes)
+        # this shard's weight in the whole batch's mean
+        self.share = self.size / self.total_size if self.total_size else 1.0
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -197,8 +214,20 @@ class ModelFunction:
         return check_loss(self.loss_fn(outputs, targets))
 
     def loss(self, p: Params | None = None) -> Tensor:
-        """L(p): the mean loss over the batch (a scalar tensor)."""
+        """L(p): the mean loss over the batch (a scalar tensor); with a ``group``, over the whole
+        batch (every rank's shard), not differentiable."""
+        value = self._local_loss(p)
+        return value if self.group is None else weighted_sum(value.detach(), self.share, self.group)
+
+    def _local_loss(self, p: Params | None = None) -> Tensor:
+        """The mean loss over this rank's examples (differentiable)."""
         return self._loss_of(self.outputs(p), self.targets)
+
+    def _reduced(self, values: Params) -> Params:
+        """A parameter-shaped dict of this shard's mean-loss derivatives as the whole batch's."""
+        if self.group is None:
+            return values
+        return self.as_params(weighted_sum(flatten(values), self.share, self.group))
 
     def _example_loss(self, p: Params, x: Any, y: Any) -> Tensor:
         return self._loss_of(self.outputs(p, _unsqueeze(x)), _unsqueeze(y))
@@ -248,13 +277,15 @@ class ModelFunction:
     # -- first order ----------------------------------------------------------------------
 
     def grad(self, p: Params | None = None) -> Params:
-        """The gradient of the mean loss, a parameter-shaped dict. Cost: one backward pass."""
+        """The gradient of the mean loss, a parameter-shaped dict (with a ``group``: the whole
+        batch's, one all-reduce). Cost: one backward pass."""
         p = self._p(p)
         leaves = {n: t.detach().requires_grad_(True) for n, t in p.items()}
         with torch.enable_grad():
-            value = self.loss(leaves)
+            value = self._local_loss(leaves)
             grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+        return self._reduced({n: torch.zeros_like(t) if g is None else g
+                              for (n, t), g in zip(leaves.items(), grads)})
 
     def per_example_grads(self, chunk_size: int = 64, p: Params | None = None) -> Iterator[tuple[int, Params]]:
         """Yield ``(start, grads)`` for consecutive chunks of examples.
@@ -278,12 +309,20 @@ class ModelFunction:
 
     def hvp(self, v: Params, p: Params | None = None) -> Params:
         """H v by forward-over-reverse (``jvp`` of ``grad``): one forward and backward pass with
-        dual numbers, about 3 gradients; nothing is kept between calls."""
-        return jvp(grad(self.loss), (self._p(p),), (v,))[1]
+        dual numbers, about 3 gradients; nothing is kept between calls. With a ``group``: the
+        whole batch's H v (every rank passes the same ``v``)."""
+        return self._reduced(self._local_hvp(v, p))
+
+    def _local_hvp(self, v: Params, p: Params | None = None) -> Params:
+        return jvp(grad(self._local_loss), (self._p(p),), (v,))[1]
 
     def ggn_vp(self, v: Params, p: Params | None = None) -> Params:
         """G v = Jᵀ (∇²_f loss) J v, the generalised Gauss-Newton product (PSD for convex losses).
-        Cost: one forward with a JVP, a Hessian-vector product in output space, one VJP."""
+        Cost: one forward with a JVP, a Hessian-vector product in output space, one VJP. With a
+        ``group``: the whole batch's (every rank passes the same ``v``)."""
+        return self._reduced(self._local_ggn_vp(v, p))
+
+    def _local_ggn_vp(self, v: Params, p: Params | None = None) -> Params:
         p = self._p(p)
         out, pullback = vjp(self.outputs, p)
         jv = jvp(self.outputs, (p,), (v,))[1]
@@ -304,7 +343,10 @@ class ModelFunction:
         graph in memory. ``"forward_over_reverse"`` keeps nothing and costs about 3 gradients per
         product. ``"auto"`` takes whichever is faster here (:meth:`fastest_hvp_method`).
         """
-        return self.curvature_products("hessian", method)[0]
+        single = self.curvature_products("hessian", method)[0]
+        if self.group is None:
+            return single
+        return lambda v: weighted_sum(single(v), self.share, self.group)
 
     # --- curvature operators ---
     # Batched curvature products for the Hessian measurements (dynlens.measures.hessian).
@@ -390,6 +432,9 @@ class ModelFunction:
         ``"forward_over_reverse"`` keeps nothing and costs about 3 gradients a product; ``"auto"``
         the faster of the two (:meth:`fastest_hvp_method`). Raises ValueError if the loss is not
         finite or not twice differentiable.
+
+        With a ``group`` these are this rank's shard's products and gradient, not reduced
+        (:func:`dynlens.measures.hessian.curvature_operator` reduces them).
         """
         if method == "auto":
             method = self.fastest_hvp_method() if curvature == "hessian" else "forward_over_reverse"
@@ -404,7 +449,7 @@ class ModelFunction:
         # reused graph records convolutions whose derivatives use the first-order kernels instead
         routing = fast_conv_second_order() if keep_graph else contextlib.nullcontext()
         with torch.enable_grad(), routing:
-            value = self.loss(leaves)
+            value = self._local_loss(leaves)
             if not bool(torch.isfinite(value.detach())):
                 raise ValueError(
                     f"the loss on the batch is {float(value.detach())}; curvature is undefined at a non-finite "
@@ -430,10 +475,10 @@ class ModelFunction:
 
         if curvature == "ggn":
             def single(vector: Tensor) -> Tensor:
-                return flatten(self.ggn_vp(self.as_params(vector)))
+                return flatten(self._local_ggn_vp(self.as_params(vector)))
         elif method == "forward_over_reverse":
             def single(vector: Tensor) -> Tensor:
-                return flatten(self.hvp(self.as_params(vector)))
+                return flatten(self._local_hvp(self.as_params(vector)))
         else:
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from dynlens.convgrad import fast_conv_second_order
 from dynlens.cudagraphs import GraphCache
+from dynlens.distributed import lockstep, refuse_sharded, weighted_sum
 from dynlens.functional import (
     ModelFunction,
     OutOfMemoryError,
@@ -305,16 +306,26 @@ def curvature_operator(
     normalising with batch statistics couples the examples, and is refused. The operator's
     ``matvecs`` counts one product per vector, however many sub-batches it takes.
 
+    Distributed (``fn.group`` set): every product and the gradient are all-reduced,
+    C v = Σ_r (m_r/m) C_r v over the ranks' shards, so every rank holds the whole batch's
+    operator and gets the same vectors back (every rank must apply it to the same vectors).
+    A model whose parameters FSDP2 shards is refused.
+
     Raises:
         ValueError: ``chunk_size`` < 1, or below m with BatchNorm using batch statistics; a
             non-finite loss or gradient; a loss that is not twice differentiable.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples or None, got {chunk_size}")
+    refuse_sharded(fn.model, "a curvature measurement (Hessian-vector products)")
     if chunk_size is not None and chunk_size < fn.size:
         matvec, matmat, gradient = _sub_batched_products(fn, curvature, hvp, max_columns, chunk_size)
     else:
         matvec, matmat, gradient = fn.curvature_products(curvature, hvp, max_columns)
+    if fn.group is not None:
+        # the whole batch's operator: each product (and the gradient) the size-weighted sum of
+        # every rank's shard's, one all-reduce each; every rank then runs the same iteration
+        matvec, matmat, gradient = _reduced_products(fn, matvec, matmat, gradient)
     scale = _flat_preconditioner(preconditioner, fn)
     if scale is not None:
         scale = scale.rsqrt()
@@ -329,6 +340,20 @@ def curvature_operator(
     return LinearOperator(
         matvec=matvec, size=fn.num_params, dtype=gradient.dtype, device=gradient.device, matmat=matmat
     ), gradient
+
+
+def _reduced_products(fn: ModelFunction, matvec: Callable[[Tensor], Tensor], matmat: Callable[[Tensor], Tensor],
+                      gradient: Tensor) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor]:
+    """This shard's products and gradient as the whole batch's (:func:`curvature_operator`)."""
+    share, group = fn.share, fn.group
+
+    def reduced_matvec(v: Tensor) -> Tensor:
+        return weighted_sum(matvec(v), share, group)
+
+    def reduced_matmat(v: Tensor) -> Tensor:
+        return weighted_sum(matmat(v), share, group)
+
+    return reduced_matvec, reduced_matmat, weighted_sum(gradient, share, group)
 
 
 def _batch_statistics_layers(model: nn.Module) -> list[str]:
@@ -606,6 +631,7 @@ def hessian_eigenvalues(
     seed: int = 0,
     chunk_size: int | None = None,
     memory: int | None = None,
+    group: Any = None,
 ) -> Eigen | dict[str, Eigen]:
     """The k extreme eigenvalues of the Hessian of the mean loss on ``batch``.
 
@@ -661,6 +687,13 @@ def hessian_eigenvalues(
         memory: bytes the Lanczos basis may take on the model's device (None: no limit); a
             basis that would not fit lives in host memory instead, with the products still on
             the device (:func:`dynlens.linalg.lanczos_eigsh`).
+        group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
+            its shard of the batch and every rank gets the eigenvalues of the whole batch's
+            Hessian (the shards concatenated in rank order): every product is the size-weighted
+            all-reduce of the shards' (:func:`curvature_operator`), and every rank runs the same
+            Lanczos iteration from the same seeded start. All ranks must call it together with
+            the same arguments; a failure on one rank raises on all
+            (:class:`dynlens.distributed.PeerFailed` on the others). Not with ``batch_size``.
 
     Cost: ``matvecs`` HVPs plus one backward pass per (sub-)batch (with ``chunk_size``: the
     same passes over the examples, in sub-batches; with ``hvp="reuse"`` one more backward pass
@@ -695,15 +728,20 @@ def hessian_eigenvalues(
         raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if group is not None and batch_size is not None:
+        raise ValueError(
+            "batch_size= (the mean over sub-batches) is not defined over a batch split across "
+            "ranks; pass group=None and measure each rank's sub-batches alone, or batch_size=None"
+        )
 
     def measure(names: list[str] | None) -> Eigen:
         began = time.perf_counter()
-        with isolated(model, mode, seed):
+        with lockstep(group), isolated(model, mode, seed):
             sub_batches = _sub_batches(batch, batch_size)
             rows, all_residuals, matvecs, converged = [], [], 0, True
             vectors, overlap, iterations, size = None, None, 0, 0
             for sub in sub_batches:
-                fn = ModelFunction(model, loss_fn, sub, params=names, seed=seed)
+                fn = ModelFunction(model, loss_fn, sub, params=names, seed=seed, group=group)
                 op, gradient = curvature_operator(fn, curvature, hvp, preconditioner, chunk_size=chunk_size)
                 values, residuals, vectors, iterations, ok, overlap = _eigen_from_lanczos(
                     fn, op, gradient, k, which, tol, max_iters, seed, return_vectors, gradient_overlap,
@@ -761,6 +799,7 @@ def hessian_trace(
     max_columns: int = 16,
     seed: int = 0,
     chunk_size: int | None = None,
+    group: Any = None,
 ) -> Estimate | dict[str, Estimate]:
     """tr(H) of the mean loss on ``batch`` by Hutch++ (default) or Hutchinson, Rademacher probes.
 
@@ -773,6 +812,10 @@ def hessian_trace(
     ``seed`` seeds the probe vectors. ``params="per_layer"`` gives one estimate per layer.
     ``chunk_size``: every product as the sum over sub-batches of at most that many examples
     (exact; activation memory of one sub-batch; see :func:`curvature_operator`).
+    ``group``: a ``torch.distributed`` process group (None: not distributed): each rank passes
+    its shard and every rank gets tr(H) of the whole batch's Hessian; the products are
+    all-reduced and every rank draws the same Rademacher vectors (the same ``seed``), so the
+    estimate equals the single-process one on the whole batch with that seed.
 
     Cost: ``samples`` HVPs and one backward pass (with ``chunk_size``, in sub-batches, and with
     ``hvp="reuse"`` one more backward pass per sub-batch and block of ``max_columns`` products).
@@ -787,8 +830,8 @@ def hessian_trace(
 
     def measure(names: list[str] | None) -> Estimate:
         start = time.perf_counter()
-        with isolated(model, mode, seed):
-            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
+        with lockstep(group), isolated(model, mode, seed):
+            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed, group=group)
             op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max_columns, chunk_size=chunk_size)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             estimator = hutch_plus_plus if method == "hutch++" else hutchinson
@@ -814,6 +857,7 @@ def hessian_density(
     max_columns: int = 16,
     seed: int = 0,
     chunk_size: int | None = None,
+    group: Any = None,
 ) -> SpectralDensity | dict[str, SpectralDensity]:
     """The spectral density of H by stochastic Lanczos quadrature (SLQ).
 
@@ -824,7 +868,9 @@ def hessian_density(
 
     Args: as :func:`hessian_eigenvalues`; ``seed`` seeds the start vectors. ``chunk_size``: every
     product as the sum over sub-batches of at most that many examples (exact; activation memory
-    of one sub-batch; see :func:`curvature_operator`).
+    of one sub-batch; see :func:`curvature_operator`). ``group``: a ``torch.distributed`` process
+    group (None: not distributed): each rank passes its shard and every rank gets the density of
+    the whole batch's Hessian (all-reduced products, the same seeded start vectors on every rank).
 
     Cost: at most runs·iters HVPs and one backward pass (with ``chunk_size``, in sub-batches);
     memory for runs·iters vectors of P.
@@ -838,8 +884,8 @@ def hessian_density(
 
     def measure(names: list[str] | None) -> SpectralDensity:
         start = time.perf_counter()
-        with isolated(model, mode, seed):
-            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed)
+        with lockstep(group), isolated(model, mode, seed):
+            fn = ModelFunction(model, loss_fn, batch, params=names, seed=seed, group=group)
             op, _ = curvature_operator(fn, curvature, hvp, preconditioner, max(max_columns, runs),
                                        chunk_size=chunk_size)
             generator = torch.Generator(device="cpu").manual_seed(seed)
