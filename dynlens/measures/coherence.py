@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import cudagraphs
+from dynlens.distributed import all_sum, gather_rows, lockstep, refuse_sharded, weighted_sum
 from dynlens.functional import ModelFunction
 from dynlens.isolation import Mode, isolated
 from dynlens.measures._coherence_accumulation import (
@@ -249,9 +250,18 @@ def coherence_of(
     memory: int | None = None,
 ) -> Coherence:
     """Gradient coherence of ``fn``'s batch (see :func:`gradient_coherence`; call it inside
-    :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``)."""
+    :func:`dynlens.functional.isolated`, as probes do through ``ctx.fn``). With ``fn.group`` set
+    (a batch split across ranks) the statistics are the whole batch's (``gradient_coherence``'s
+    ``group``)."""
     m = fn.size
-    if m < 2:
+    distributed = fn.group is not None
+    if distributed:
+        refuse_sharded(fn.model, "gradient coherence (per-example gradients)")
+        # pairs and class sums across ranks would need every rank's per-example gradients
+        stiffness, classes, graphs = False, False, False
+        if fn.total_size < 2:
+            raise ValueError(f"gradient coherence needs at least 2 examples; the batch has {fn.total_size}")
+    elif m < 2:
         raise ValueError(f"gradient coherence needs at least 2 examples; the batch has {m}")
     if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                  or chunk_size < 1):
@@ -319,6 +329,9 @@ def coherence_of(
                 why = str(err)
             source.drop_hooks(why)
             chunk = chunk_of()
+        if distributed:
+            sums = _merged_across_ranks(sums, fn)
+            m = fn.total_size
         packed, stiff = _reduce(sums, sizes, layer_index, len(layers), group, m)
         method, notes = source.description, list(source.notes)
         if key is not None and source.hooked == hooked and source.method != "loop":
@@ -394,6 +407,18 @@ def coherence_of(
     )
 
 
+def _merged_across_ranks(sums: tuple, fn: ModelFunction) -> tuple:
+    """Every rank's running sums merged into the whole batch's (Chan et al.'s parallel update
+    across ranks): the mean is the size-weighted sum of the shards' means, the centred sums of
+    squares add with m_r·(mean_r − mean)², the norms ‖g_i‖² are gathered in rank order. Two
+    all-reduces of P float64 numbers and one gather of m."""
+    mean, centred, sq_norms, _, _ = sums
+    whole = weighted_sum(mean, fn.share, fn.group)
+    difference = mean.sub_(whole)
+    centred = all_sum(centred.addcmul_(difference, difference, value=float(fn.size)), fn.group)
+    return whole, centred, gather_rows(sq_norms, fn.group, fn.shard_sizes), None, None
+
+
 # ----------------------------------------------------------------------------- statistics on the host
 
 
@@ -467,6 +492,7 @@ def gradient_coherence(
     graphs: bool | Literal["auto"] = "auto",
     seed: int = 0,
     memory: int | None = None,
+    group: Any = None,
 ) -> Coherence:
     """Per-example gradient statistics of ``batch``: coherence, m-coherence (overall and per
     class), stiffness, GSNR and the gradient noise scale (defined in this module's docstring).
@@ -572,13 +598,22 @@ def gradient_coherence(
         graphs: on CUDA, replay the measurement from a CUDA graph (below); "auto" (default): when
             one chunk's per-example gradients fit ``GRAPH_MEMORY`` (512 MiB), in eval mode.
         seed: dropout seed in train mode.
+        group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
+            its shard of the batch and every rank gets the statistics of the whole batch, the
+            shards concatenated in rank order: the running sums Σ g_i, Σ (g_i − ḡ)² (merged
+            across ranks by Chan et al.'s update) and the norms ‖g_i‖² (gathered), so α,
+            m-coherence = ‖Σ g_i‖²/Σ‖g_i‖², GSNR, the noise scale and ``grad_norms`` equal the
+            single-process values on the whole batch. Stiffness and the per-class statistics
+            need every pair of examples or per-class gradient sums across ranks and are not
+            computed (``stiffness=None``, ``per_class`` empty): measure them on one process.
+            Cost beyond one rank's shard: two all-reduces of P float64 numbers.
 
     Returns:
         :class:`Coherence`, float64 values on the CPU.
     """
     model = unwrap_model(model)
     check_mode(model, mode)
-    with isolated(model, mode, seed):
-        fn = ModelFunction(model, loss_fn, batch, seed=seed)
+    with lockstep(group), isolated(model, mode, seed):
+        fn = ModelFunction(model, loss_fn, batch, seed=seed, group=group)
         return coherence_of(fn, chunk_size=chunk_size, stiffness=stiffness, classes=classes,
                             fallback=fallback, hooks=hooks, graphs=graphs, memory=memory)

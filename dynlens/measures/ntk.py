@@ -60,8 +60,9 @@ from torch.utils._pytree import tree_flatten
 
 from dynlens.batches import _example_dims, _unsqueeze, _widened_tree
 from dynlens.budget import MemoryBudgetTooSmall
+from dynlens.distributed import gather_examples, gather_rows, lockstep, refuse_sharded
 from dynlens.functional import ModelFunction, batch_size, isolated, slice_examples, to_device
-from dynlens.parameters import Params, layer_of
+from dynlens.parameters import Params, layer_of, model_device, unwrap_model
 
 __all__ = [
     "NTK",
@@ -432,6 +433,7 @@ def ntk_of(
     implementation: Implementation = "auto",
     chunk_size: int | None = None,
     memory: int | None = None,
+    group: Any = None,
 ) -> NTK:
     """The empirical NTK Θ(x, x') = J(x) J(x')ᵀ of ``model`` on ``inputs`` × ``inputs2``.
 
@@ -462,6 +464,13 @@ def ntk_of(
         memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB).
             The activations of the forward passes and the kernel itself come on top, except for
             NTK-vector products, which count a chunk's activations.
+        group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
+            its shard of ``inputs`` (and of ``inputs2``), and every rank gets the kernel of the
+            whole sets, the shards concatenated in rank order: the inputs are all-gathered,
+            each rank computes the rows of its own examples against every example, and the rows
+            are all-gathered (the work is split; the kernel, n₁·n₂ numbers, is held by every
+            rank). ``mode="diagonal"``: each rank's rows, gathered. The parameters must be the
+            same on every rank (data parallelism).
 
     Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
     sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
@@ -486,6 +495,10 @@ def ntk_of(
         raise ValueError("mode='diagonal' is Θ(x_i, x_i) on one set of inputs; pass inputs2=None")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    if group is not None:
+        with lockstep(group):
+            return _ntk_across_ranks(model, inputs, inputs2, mode, params, per_layer, implementation,
+                                     chunk_size, memory, group)
     budget = _DEFAULT_MEMORY if memory is None else memory
     start_time = time.perf_counter()
     # the loss is never differentiated; activation_bytes evaluates one, so it must be a scalar
@@ -565,15 +578,53 @@ def ntk_of(
 # ----------------------------------------------------------------------------- kernel statistics
 
 
+def _ntk_across_ranks(model: nn.Module, inputs: Any, inputs2: Any, mode: KernelMode,
+                      params: Sequence[str] | None, per_layer: bool, implementation: Implementation,
+                      chunk_size: int | None, memory: int | None, group: Any) -> NTK:
+    """:func:`ntk_of` of the sets split across ranks: this rank's rows against every example,
+    gathered (see its ``group``)."""
+    start_time = time.perf_counter()
+    refuse_sharded(unwrap_model(model), "the empirical NTK (per-example Jacobians)")
+    device = model_device(unwrap_model(model))
+    inputs = to_device(inputs, device)
+    everyone = gather_examples(inputs, group)
+    empty = batch_size(inputs) == 0  # a rank with no example of the set: a row computed and dropped
+    mine = slice_examples(everyone, 0, 1) if empty else inputs
+    if mode == "diagonal":
+        local = ntk_of(model, mine, None, mode, params, per_layer, implementation, chunk_size, memory)
+    else:
+        others = everyone if inputs2 is None else gather_examples(to_device(inputs2, device), group)
+        local = ntk_of(model, mine, others, mode, params, per_layer, implementation, chunk_size, memory)
+    kernels = {"": local.kernel} if local.per_layer is None else {"": local.kernel, **local.per_layer}
+    if empty:
+        kernels = {n: k[:0] for n, k in kernels.items()}
+    # one gather of every kernel's rows, stacked along the last dimension
+    names = list(kernels)
+    shape = local.kernel.shape[1:]
+    stacked = torch.stack([kernels[n] for n in names], dim=-1)
+    gathered = gather_rows(stacked, group)
+    whole = {n: gathered[..., i] for i, n in enumerate(names)}
+    assert tuple(gathered.shape[1:-1]) == tuple(shape)
+    return NTK(
+        kernel=whole[""],
+        per_layer=None if local.per_layer is None else {n: whole[n] for n in local.per_layer},
+        mode=local.mode, implementation=local.implementation, num_outputs=local.num_outputs,
+        num_params=local.num_params, elapsed=time.perf_counter() - start_time,
+    )
+
+
 def empirical_ntk(model: nn.Module, inputs: Any, inputs2: Any = None, mode: KernelMode = "trace",
                   params: Sequence[str] | None = None, per_layer: bool = False,
                   implementation: Implementation = "auto", chunk_size: int | None = None,
-                  memory: int | None = None) -> Tensor | dict[str, Tensor]:
+                  memory: int | None = None, group: Any = None) -> Tensor | dict[str, Tensor]:
     """The empirical NTK as a Tensor (``dl.empirical_ntk``): (n₁, n₂) for ``mode="trace"``,
     (n₁, n₂, O, O) for "full", (n₁, O) for "diagonal"; with ``per_layer=True`` a dict of each
     layer's kernel, which sum to the whole. Arguments as :func:`ntk_of`, which also returns the
-    implementation chosen and the sizes (:class:`NTK`)."""
-    result = ntk_of(model, inputs, inputs2, mode, params, per_layer, implementation, chunk_size, memory)
+    implementation chosen and the sizes (:class:`NTK`). ``group``: a ``torch.distributed``
+    process group; each rank passes its shard of the inputs and gets the whole sets' kernel,
+    shards in rank order (:func:`ntk_of`)."""
+    result = ntk_of(model, inputs, inputs2, mode, params, per_layer, implementation, chunk_size, memory,
+                    group)
     if per_layer:
         assert result.per_layer is not None
         return result.per_layer

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynlens.distributed import gather_rows, gather_sizes, is_sharded, lockstep
 from dynlens.functional import (
     batch_size,
     call_model,
@@ -80,7 +81,7 @@ def _class_statistics(outputs: Tensor, targets: Any, ignore_index: int) -> tuple
 
 
 def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chunk_size: int = 1024,
-                 ignore_index: int | None = None) -> LedgerEntry:
+                 ignore_index: int | None = None, group: Any = None) -> LedgerEntry:
     """Each example's loss, p(y) and correctness on ``batch`` under the current parameters.
 
     The model runs in eval mode inside :func:`dynlens.functional.isolated`, without autograd, in
@@ -93,6 +94,12 @@ def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chun
     Args:
         ignore_index: target value left out of p(y) and correctness; default the loss module's
             own ``ignore_index`` where it has one, else -100.
+        group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
+            its shard of the tracked examples and gets the entries of every rank's, concatenated
+            in rank order (all-gathered: rank 0 writes them). The model is called as it is, so a
+            model sharded by FSDP2 (``fully_shard``) works too: its forward gathers its own
+            parameters, and every rank runs the same number of forward passes (the largest
+            shard's chunks; a rank whose shard is shorter runs its last chunk again).
 
     Cost: one forward pass over the batch.
     """
@@ -102,8 +109,16 @@ def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chun
     inputs, targets = split_batch(batch)
     n = batch_size(inputs)
     losses, p_ys, hits = [], [], []
-    with isolated(model, "eval"), torch.no_grad():
-        for start in range(0, n, chunk_size):
+    # under FSDP2 every forward is a collective: every rank runs as many as the largest shard needs
+    sizes = [n] if group is None else gather_sizes(n, group)
+    passes = -(-max(sizes) // chunk_size)
+    with lockstep(group), isolated(model, "eval"), torch.no_grad():
+        for index in range(passes):
+            start = index * chunk_size
+            if start >= n:  # this shard is done: run a forward for the others' sake, dropped
+                if n and is_sharded(model):
+                    call_model(model, slice_examples(inputs, max(0, n - chunk_size), n))
+                continue
             stop = min(n, start + chunk_size)
             x, y = slice_examples(inputs, start, stop), slice_examples(targets, start, stop)
             outputs = call_model(model, x)
@@ -113,6 +128,12 @@ def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chun
                 stats = (torch.full((stop - start,), math.nan), torch.zeros(stop - start, dtype=torch.bool))
             p_ys.append(stats[0].float().cpu())
             hits.append(stats[1].cpu())
+        if group is not None:
+            local = torch.stack([torch.cat(losses).double(), torch.cat(p_ys).double(),
+                                 torch.cat(hits).double()], dim=1) if losses else torch.zeros(0, 3, dtype=torch.float64)
+            whole = gather_rows(local, group, sizes)
+            return LedgerEntry(whole[:, 0].float().numpy(), whole[:, 1].float().numpy(),
+                               whole[:, 2].bool().numpy())
     return LedgerEntry(torch.cat(losses).numpy(), torch.cat(p_ys).numpy(), torch.cat(hits).numpy())
 
 

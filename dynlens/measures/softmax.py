@@ -107,7 +107,7 @@ def _rows(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, T
 
 
 def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch.float32,
-                     ignore_index: int = -100) -> Collapse:
+                     ignore_index: int = -100, group: Any = None) -> Collapse:
     """Softmax collapse of ``logits`` against class ``targets`` (module docstring).
 
     Args:
@@ -117,6 +117,11 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
         dtype: the dtype the training loss is computed in (under autocast, cross-entropy runs in
             float32: pass float32).
         ignore_index: targets with this value are left out.
+        group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
+            the logits of its shard and every rank gets the whole batch's values: the collapsed
+            and zero-loss counts are summed over ranks before dividing by the total count, and
+            the per-row margins, norms and log Z are gathered (rank order) for their minima,
+            means and quantiles. A rank may hold no row to count, as long as some rank does.
 
     Raises:
         ValueError: shapes that do not match, float targets, no row left to count, or a
@@ -125,6 +130,11 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
     absorption_margin(dtype)  # checks dtype
     rows, labels = _rows(logits, targets, ignore_index)
     n = rows.shape[0]
+    if group is not None:
+        from dynlens.distributed import lockstep
+
+        with lockstep(group):
+            return _collapse_across_ranks(rows, labels, dtype, group)
     if n == 0:
         raise ValueError("no example to count: every target equals ignore_index")
     # a row can collapse in d only when its top two logits are at least d's absorption margin
@@ -161,6 +171,52 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
     )
 
 
+def _collapse_across_ranks(rows: Tensor, labels: Tensor, dtype: torch.dtype, group: Any) -> Collapse:
+    """:func:`softmax_collapse` over the rows of every rank: the counts summed, the per-row
+    margins, norms and log Z gathered."""
+    from dynlens.distributed import all_sum, gather_rows
+
+    if rows.shape[0] > 0 and rows.shape[1] > 1:
+        top2 = rows.topk(2, dim=1).values.float()
+        gap = top2[:, 0] - top2[:, 1]
+    else:
+        gap = torch.full((rows.shape[0],), math.inf, device=rows.device)
+
+    def count(d: torch.dtype, test: Callable[[Tensor, Tensor], Tensor]) -> int:
+        candidates = gap >= absorption_margin(d) - 1.0
+        if not bool(candidates.any()):
+            return 0
+        return int(test(rows[candidates], labels[candidates]).sum())
+
+    name = str(dtype).removeprefix("torch.")
+    counts = {key: count(d, lambda r, _lab, d=d: collapsed(r, d)) for key, d in COLLAPSE_DTYPES.items()}
+    counts.setdefault(name, count(dtype, lambda r, _lab: collapsed(r, dtype)))
+    zero = count(dtype, lambda r, lab: F.cross_entropy(r.to(dtype), lab, reduction="none") == 0)
+    keys = list(counts)
+    totals = all_sum(torch.tensor([rows.shape[0], zero, *(counts[k] for k in keys)], dtype=torch.float64,
+                                  device=rows.device), group).tolist()
+    n = int(totals[0])
+    if n == 0:
+        raise ValueError("no example to count on any rank: every target equals ignore_index")
+    by_dtype = {key: value / n for key, value in zip(keys, totals[2:], strict=True)}
+    wide = rows.double() if rows.dtype == torch.float64 else rows.float()
+    correct = wide.gather(1, labels[:, None]).squeeze(1)
+    others = wide.scatter(1, labels[:, None], -math.inf).max(dim=1).values if wide.shape[1] > 1 \
+        else torch.full_like(correct, -math.inf)
+    local = torch.stack([correct - others, torch.linalg.vector_norm(wide, dim=1),
+                         torch.logsumexp(wide, dim=1)], dim=1)
+    margins, norms, log_z = gather_rows(local, group).cpu().numpy().T
+    return Collapse(
+        fraction=by_dtype[name], dtype=name, by_dtype=by_dtype, zero_loss_fraction=totals[1] / n,
+        margin_min=float(np.min(margins)), margin_median=float(np.median(margins)),
+        margin_above={key: float(np.mean(margins > absorption_margin(d)))
+                      for key, d in {**COLLAPSE_DTYPES, name: dtype}.items()},
+        logit_norm_mean=float(norms.mean()), logit_norm_max=float(norms.max()),
+        log_z_mean=float(log_z.mean()), log_z_min=float(log_z.min()), count=n,
+        margin_quantiles=np.quantile(margins, MARGIN_QUANTILES),
+    )
+
+
 @dataclass(frozen=True)
 class Alignment:
     """cos(−∇L, θ) (:func:`nlm_alignment`).
@@ -189,14 +245,20 @@ def cosines(direction: dict[str, Tensor], params: dict[str, Tensor]) -> Alignmen
 
 
 def nlm_alignment(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batch: Any,
-                  mode: str = "eval", seed: int = 0) -> Alignment:
+                  mode: str = "eval", seed: int = 0, group: Any = None) -> Alignment:
     """cos(−∇L, θ) of the mean loss on ``batch``, over all trainable parameters and per tensor:
     near 1 when descending the loss mostly scales the weights (naive loss minimisation).
     The gradient comes from :class:`dynlens.functional.ModelFunction` inside
-    :func:`dynlens.functional.isolated` (``.grad``, buffers and RNG untouched)."""
+    :func:`dynlens.functional.isolated` (``.grad``, buffers and RNG untouched).
+
+    ``group``: a ``torch.distributed`` process group (None: not distributed): each rank passes
+    its shard of the batch and every rank gets the cosine with the whole batch's gradient (the
+    size-weighted all-reduce of the shards' gradients; under data parallelism the parameters
+    are the same on every rank)."""
+    from dynlens.distributed import lockstep
     from dynlens.functional import ModelFunction, isolated
 
-    with isolated(model, mode, seed):  # type: ignore[arg-type]
-        fn = ModelFunction(model, loss_fn, batch, seed=seed)
+    with lockstep(group), isolated(model, mode, seed):  # type: ignore[arg-type]
+        fn = ModelFunction(model, loss_fn, batch, seed=seed, group=group)
         gradient = fn.grad()
         return cosines({n: -g for n, g in gradient.items()}, fn.params)

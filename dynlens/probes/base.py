@@ -74,7 +74,10 @@ class Context:
         loss: the training loss passed to ``lens.step(loss=...)``, or None (also for a loss on
             the GPU at a step where only the basic probes run: reading it would wait for the GPU).
         seed: the seed of dropout in ``mode="train"`` measurements.
-        group: the ``torch.distributed`` process group of a distributed run, else None.
+        group: the ``torch.distributed`` process group of a distributed run, else None. Each
+            rank's ``probe_batch`` is its shard; ``fn`` and the built-in measurements then give
+            the whole batch's values on every rank (:mod:`dynlens.distributed`). A probe's own
+            collectives must keep every rank in step: see that module's contract.
         layers: the layer (module) names of the trainable parameters, in the order per-layer
             arrays use.
         layer_index: for each trainable parameter (in ``model.named_parameters()`` order), the
@@ -104,7 +107,7 @@ class Context:
     def fn(self) -> ModelFunction:
         """The model as a pure function of its parameters on the probe batch (loss, grad, hvp,
         per-example losses and gradients, JVP/VJP): see :class:`dynlens.functional.ModelFunction`."""
-        return ModelFunction(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
+        return ModelFunction(self.model, self.loss_fn, self.probe_batch, seed=self.seed, group=self.group)
 
     def loss_value(self) -> Tensor:
         """The mean loss on the probe batch at the current parameters."""

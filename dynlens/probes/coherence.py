@@ -123,7 +123,8 @@ class Coherence(Probe):
         check_mode(ctx.model, self.mode)
         self._stiffness.tick()
         plain = self._plain_seconds
-        stiffness = self.stiffness and self._stiffness.wanted(
+        # across ranks stiffness is not computed (gradient_coherence's group=)
+        stiffness = self.stiffness and ctx.group is None and self._stiffness.wanted(
             0.0, ctx.allowance, math.inf if plain is None else plain * self._stiffness_factor(ctx))
         start = time.perf_counter()
         r = coherence_of(ctx.fn, chunk_size=self.chunk_size, stiffness=stiffness,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from dynlens.distributed import decide
 from dynlens.functional import _attributes_set
 from dynlens.measures.stability import (
     ACTIVATION_FACTOR,
@@ -189,7 +190,9 @@ class Hessian(Probe):
 
         def gate(name: str, enabled: bool, predicted: float, spent: float) -> AbstractContextManager[Any] | None:
             part = self._extras[name]
-            return part.timed() if enabled and part.wanted(spent, allowance, predicted) else None
+            # under torch.distributed every rank takes rank 0's choice, so all run the same products
+            wanted = decide(ctx.group, enabled and part.wanted(spent, allowance, predicted))
+            return part.timed() if wanted else None
 
         with _attributes_set([(torch.backends.cudnn, "allow_tf32", tf32),
                               (torch.backends.cuda.matmul, "allow_tf32", tf32)]):

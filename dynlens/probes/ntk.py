@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynlens.batches import call_model, slice_examples, split_batch
+from dynlens.batches import batch_size, call_model, slice_examples, split_batch
+from dynlens.distributed import gather_rows, gather_sizes, rank
 from dynlens.measures.ntk import (
     condition_number,
     effective_rank,
@@ -105,9 +106,18 @@ class NTK(Probe):
 
     def measure(self, ctx: Context) -> Values:
         inputs, targets = split_batch(ctx.probe_batch)
-        inputs = slice_examples(inputs, 0, self.n)
-        model = self._model(ctx, inputs)
-        result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory)
+        model = self._model(ctx, slice_examples(inputs, 0, 1))
+        take = self.n
+        if ctx.group is not None:
+            # the first n examples of the whole batch (the shards in rank order): this rank's part
+            sizes = gather_sizes(batch_size(inputs), ctx.group)
+            before = sum(sizes[: rank(ctx.group)])
+            take = max(0, min(self.n - before, sizes[rank(ctx.group)]))
+            if isinstance(targets, Tensor):
+                targets = gather_rows(targets[:take], ctx.group)
+        inputs = slice_examples(inputs, 0, take)
+        result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
+                        group=ctx.group)
         kernel = result.kernel.detach().double().cpu()
         values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),
                                   "effective_rank": effective_rank(kernel),

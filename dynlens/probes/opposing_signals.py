@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dynlens.batches import batch_size, split_batch
+from dynlens.batches import split_batch
+from dynlens.distributed import gather_rows
 from dynlens.measures.opposing import ledger_entry
 from dynlens.probes.base import Context, Labelled, Probe, Values
 
@@ -54,11 +55,14 @@ class OpposingSignals(Probe):
 
     def measure(self, ctx: Context) -> Values:
         batch = ctx.probe_batch if self.track is None else self.track
-        entry = ledger_entry(ctx.model, ctx.loss_fn, batch, chunk_size=self.chunk_size)
+        entry = ledger_entry(ctx.model, ctx.loss_fn, batch, chunk_size=self.chunk_size, group=ctx.group)
         values: dict[str, Any] = {}
         if self._ids is None:
-            self._ids = tuple(str(i) for i in range(batch_size(batch)))
+            # under torch.distributed the entries are every rank's, in rank order
+            self._ids = tuple(str(i) for i in range(len(entry.loss)))
             _, targets = split_batch(batch)
+            if ctx.group is not None and hasattr(targets, "detach"):
+                targets = gather_rows(targets.detach(), ctx.group)
             labels = np.asarray(targets.detach().cpu().reshape(len(self._ids), -1)[:, 0]) \
                 if hasattr(targets, "detach") else np.full(len(self._ids), -1)
             if np.issubdtype(labels.dtype, np.integer):

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dynlens.batches import split_batch
+from dynlens.batches import call_model, split_batch
+from dynlens.distributed import all_max, decide, is_sharded
 from dynlens.measures.attention_logits import capture_attention_logits
 from dynlens.measures.softmax import MARGIN_QUANTILES, cosines, softmax_collapse
 from dynlens.probes.base import Context, Labelled, Occasional, Probe, Values
@@ -99,23 +100,27 @@ class SoftmaxCollapse(Probe):
         self._previous_step = ctx.step
 
     def measure(self, ctx: Context) -> Values:
-        fn = ctx.fn
+        # a model FSDP2 shards is called as it is (its forward gathers its parameters): the
+        # collapse and margins are measured, the gradient cosines are not (no whole gradient here)
+        sharded = is_sharded(ctx.model)
+        fn = None if sharded else ctx.fn
         _, targets = split_batch(ctx.probe_batch)
         began = time.perf_counter()
         capture = capture_attention_logits(ctx.model) if self.attention else contextlib.nullcontext({})
-        device = fn.device.type
+        device = (next(ctx.model.parameters()).device if fn is None else fn.device).type
         cast = torch.autocast(device, dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
         if not isinstance(targets, Tensor) or targets.is_floating_point():
             # a regression or a model whose targets are not class indices: nothing to count
             self.note("skipped", "the probe batch's targets are not class indices")
             return {}
         with torch.no_grad(), capture as attention, cast:
-            logits = self.logits(fn.outputs())
+            logits = self.logits(call_model(ctx.model, split_batch(ctx.probe_batch)[0]) if fn is None
+                                 else fn.outputs())
         if tuple(logits.shape[:-1]) != tuple(targets.shape):
             self.note("skipped", f"logits of shape {tuple(logits.shape)} do not hold one row per target "
                                  f"(targets {tuple(targets.shape)}): pass logits= to pick them")
             return {}
-        collapse = softmax_collapse(logits, targets, self.dtype, self.ignore_index)
+        collapse = softmax_collapse(logits, targets, self.dtype, self.ignore_index, group=ctx.group)
         values: dict[str, Any] = {
             "fraction": collapse.fraction, "zero_loss_fraction": collapse.zero_loss_fraction,
             "margin_min": collapse.margin_min, "margin_median": collapse.margin_median,
@@ -127,11 +132,17 @@ class SoftmaxCollapse(Probe):
         values.update({f"margin_above_{name}": value for name, value in collapse.margin_above.items()})
         if attention:
             names = tuple(sorted(attention))
-            values["attention_max_logit"] = Labelled(np.array([attention[n] for n in names]), names)
+            largest = np.array([attention[n] for n in names])
+            if ctx.group is not None:  # the largest over every rank's shard
+                largest = all_max(torch.as_tensor(largest, dtype=torch.float64), ctx.group).numpy()
+            values["attention_max_logit"] = Labelled(largest, names)
         spent = time.perf_counter() - began
+        if fn is None:
+            self.note("sharded", "FSDP2 shards the parameters: the NLM and update cosines are left out")
+            return values
         params = fn.params
         self._nlm.tick()
-        if self._nlm.wanted(spent, ctx.allowance, 3 * spent):
+        if decide(ctx.group, self._nlm.wanted(spent, ctx.allowance, 3 * spent)):  # rank 0's choice
             with self._nlm.timed():
                 alignment = cosines({n: -g for n, g in fn.grad().items()}, params)
             values["nlm_cosine"] = alignment.cosine
