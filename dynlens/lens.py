@@ -46,10 +46,27 @@ from torch import Tensor, nn
 
 from dynlens import __version__
 from dynlens.budget import DEFAULT_BUDGET, MemoryBudget, MemoryBudgetTooSmall, TimeBudget
+from dynlens.distributed import (
+    FAILED,
+    OUT_OF_MEMORY,
+    WAITS_FOR_MEMORY,
+    NullWriter,
+    agree_mask,
+    agree_min,
+    agreed_status,
+    decide,
+    failure_report,
+    group_of,
+    is_sharded,
+    lockstep,
+    rank,
+)
 from dynlens.functional import (
     ModelFunction,
     OutOfMemoryError,
     _synchronize,
+    batch_size,
+    call_model,
     check_loss,
     isolated,
     model_device,
@@ -203,6 +220,15 @@ class _OutOfMemory:
 _IDLE = object()  # Lens._held_before when the probes have not worked this step
 
 
+class _RankFailure(RuntimeError):
+    """A measurement that failed on some rank under torch.distributed: that rank's error message
+    and its traceback (``trace``), the same on every rank."""
+
+    def __init__(self, message: str, trace: str) -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
 def _release_memory(device: torch.device) -> None:
     """Give the memory of a failed measurement back: collect its tensors' cycles, and on a GPU
     return the cached blocks to the device so that a retry can use them."""
@@ -238,6 +264,15 @@ class Lens:
         config: your hyperparameters, shown in the report (JSON-friendly values).
         basic: add the basic probes.
         seed: seed of dropout in ``mode="train"`` measurements.
+        group: the ``torch.distributed`` process group whose ranks each hold a shard of the probe
+            batch (default: a ``DistributedDataParallel`` model's own group, else None). Every
+            rank creates its Lens and calls ``step()`` alike; every measurement is then the
+            whole batch's (:mod:`dynlens.distributed`), rank 0 alone writes the run (the others
+            get a writer that writes nothing), the time budget is rank 0's (the ranks run the
+            same probes at the same steps), the memory budget is each rank's (the smallest
+            allowance is used), and a probe that fails on one rank fails on all, recorded by
+            rank 0 with the failing rank's error. Initialise the process group with a
+            ``timeout``: it bounds the wait should a rank die inside a collective.
         overwrite: replace a run already in ``run_dir``.
         max_failures: consecutive failures after which a probe is switched off.
         budget: the share of the run's wall time dynlens may take (default 0.05): all probes
@@ -275,6 +310,7 @@ class Lens:
         *,
         basic: bool = True,
         seed: int = 0,
+        group: Any = None,
         overwrite: bool = False,
         max_failures: int = 3,
         budget: float | None = DEFAULT_BUDGET,
@@ -288,6 +324,7 @@ class Lens:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.budget = TimeBudget(budget)
+        self.group = group if group is not None else group_of(model)
         model = unwrap_model(model)  # measure the module inside a torch.compile or DDP wrapper
         self.model = model
         self.loss_fn = loss_fn
@@ -309,7 +346,7 @@ class Lens:
         if tensorboard_dir is not None:  # a missing tensorboard package raises before the run exists
             from dynlens.integrations.tensorboard import TensorBoardTee, require_tensorboard
             require_tensorboard()
-        self.writer = RunWriter(run_dir, overwrite=overwrite)
+        self.writer = RunWriter(run_dir, overwrite=overwrite) if rank(self.group) == 0 else NullWriter(run_dir)
         if tensorboard_dir is not None:
             self.writer = TensorBoardTee(self.writer, tensorboard_dir)
         self.run_dir = str(self.writer.path)
@@ -368,6 +405,11 @@ class Lens:
         the probe batch's number of examples. Two examples: a whole batch's activations would
         raise the process's peak memory above what training needs before any training step, and
         the Lens reads training's peak from that counter (:class:`dynlens.budget.MemoryBudget`)."""
+        if is_sharded(self.model):  # FSDP2: only its own forward gathers its parameters
+            with isolated(self.model, "eval", self.seed), torch.no_grad():
+                inputs, targets = split_batch(self.probe_batch)
+                check_loss(self.loss_fn(call_model(self.model, inputs), targets))
+            return batch_size(inputs)
         whole = ModelFunction(self.model, self.loss_fn, self.probe_batch)
         inputs, targets = split_batch(self.probe_batch)
         if isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] != whole.size:
@@ -431,7 +473,7 @@ class Lens:
         return Context(
             model=self.model, loss_fn=self.loss_fn, probe_batch=self.probe_batch,
             optimizer=self.optimizer, step=self.step_count, seed=self.seed,
-            layers=self.layers, layer_index=self.layer_index,
+            layers=self.layers, layer_index=self.layer_index, group=self.group,
         )
 
     def step(self, loss: Tensor | float | None = None) -> None:
@@ -524,6 +566,11 @@ class Lens:
                 blocked = True
                 if self._waiting[name] == ctx.step:
                     self.budget.defer(name)  # counted once, when it first has to wait
+        if self.group is not None and any(not self._exempt(self.probes[order[n]]) for n in self._waiting):
+            # under torch.distributed every rank runs what rank 0's budget lets through
+            chosen = agree_mask(self.group, [p in runnable for p in self.probes])
+            runnable = sorted((p for p, run in zip(self.probes, chosen, strict=True) if run),
+                              key=lambda p: (self._waiting.get(p.name, ctx.step), order[p.name]))
         if not runnable:
             return
         self._probes_begin()
@@ -538,8 +585,9 @@ class Lens:
         records: list[tuple[Probe, Any, float]] = []
         blocked = False
         for probe in runnable:
-            if self._exempt(probe) or initial or (not blocked and self.budget.fits(probe.name, probe.predicted_seconds)):
-                del self._waiting[probe.name]
+            if self._exempt(probe) or initial or (not blocked and decide(
+                    self.group, self.budget.fits(probe.name, probe.predicted_seconds))):
+                self._waiting.pop(probe.name, None)
                 self._measure(probe, ctx, records)
             else:
                 blocked = True
@@ -568,7 +616,7 @@ class Lens:
         in_use = self.memory.note_probe_start()
         peak_before = self.memory.peak()
         ctx.allowance = self.budget.allowance()
-        ctx.memory = self.memory.allowance()
+        ctx.memory = agree_min(self.group, self.memory.allowance())
         clock = self.budget.clock
         start = clock()
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
@@ -625,6 +673,8 @@ class Lens:
         """Run a probe's hook isolated; on failure record the error and maybe switch it off.
         An out-of-memory error of ``measure`` comes back as an :class:`_OutOfMemory` (the
         exception and its frames are dropped here, so their tensors can be freed)."""
+        if self.group is not None and what == "measure" and not self._exempt(probe):
+            call = self._in_lockstep(call)
         try:
             if not probe.isolate:
                 result = call()
@@ -660,12 +710,35 @@ class Lens:
                 for b, saved in buffers:
                     b.copy_(saved)
 
+    def _in_lockstep(self, call: Callable[[], Any]) -> Callable[[], Any]:
+        """``call`` made to succeed or fail on every rank together (:func:`dynlens.distributed.lockstep`),
+        its failure raised as the kind every rank agreed on, so that all take the same path:
+        waiting for memory, a retry after running out of memory, or a failure whose message and
+        traceback are those of the rank that raised (gathered for rank 0 to write)."""
+
+        def run() -> Any:
+            try:
+                with lockstep(self.group):
+                    return call()
+            except Exception as err:
+                code = agreed_status(err)
+                if code == WAITS_FOR_MEMORY and not isinstance(err, MemoryBudgetTooSmall):
+                    raise MemoryBudgetTooSmall(str(err)) from err
+                if code == OUT_OF_MEMORY and not isinstance(err, OutOfMemoryError):
+                    raise OutOfMemoryError(str(err)) from err
+                if code == FAILED:
+                    message, trace = failure_report(self.group, err, traceback.format_exc())
+                    raise _RankFailure(message, trace) from err
+                raise
+
+        return run
+
     def _fail(self, probe: Probe, what: str, err: BaseException) -> None:
         self._failures[probe.name] += 1
         self.writer.event(
             self.step_count, "error", probe.name,
             f"{probe.name}.{what} failed at step {self.step_count}: {type(err).__name__}: {err}",
-            traceback.format_exc(),
+            getattr(err, "trace", None) or traceback.format_exc(),
         )
         if self._failures[probe.name] >= self.max_failures:
             self._disabled.add(probe.name)
