@@ -347,7 +347,7 @@ class Lens:
             from dynlens.integrations.tensorboard import TensorBoardTee, require_tensorboard
             require_tensorboard()
         self.writer = RunWriter(run_dir, overwrite=overwrite) if rank(self.group) == 0 else NullWriter(run_dir)
-        if tensorboard_dir is not None:
+        if tensorboard_dir is not None and not isinstance(self.writer, NullWriter):  # rank 0's alone
             self.writer = TensorBoardTee(self.writer, tensorboard_dir)
         self.run_dir = str(self.writer.path)
         self.name = name or os.path.basename(os.path.normpath(self.run_dir))
