@@ -1,0 +1,134 @@
+"""Data-parallel runs: two gloo ranks on the CPU (tests/distributed/workers.py), a probe batch
+split across them (6 and 4 examples), every measurement equal to the single-process value on
+the whole batch; a Lens over a DDP model writes each record once (rank 0 alone writes), and a
+probe that fails on rank 1 only neither hangs the job nor goes unrecorded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import workers  # noqa: E402
+
+import dynlens as dl  # noqa: E402
+from dynlens import distributed  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One launch of both ranks for the whole module (each process imports torch and dynlens:
+    most of the time), bounded by a timeout: a hang fails here instead of waiting forever."""
+    path = str(tmp_path_factory.mktemp("ddp"))
+    codes = workers.launch(path, "measurements,lens,fsdp", world=2, timeout=170)
+    errors = [open(os.path.join(path, f)).read() for f in sorted(os.listdir(path)) if f.startswith("error-")]
+    assert codes == [0, 0], f"exit codes {codes}; " + "\n".join(errors)
+    return path
+
+
+def _close(a: object, b: object) -> None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["eigenvalues", "trace", "density_nodes", "m_coherence", "alpha", "gsnr",
+                                 "noise_scale", "grad_norms", "size", "ntk", "ntk_full", "ntk_diagonal",
+                                 "collapse_fraction", "collapse_zero", "margin_median", "collapse_count",
+                                 "nlm", "ledger_loss", "loss", "grad", "hvp"])
+def test_split_batch_equals_whole_batch(out: str, key: str) -> None:
+    with open(os.path.join(out, "measurements.json")) as f:
+        found = json.load(f)
+    _close(found["distributed"][key], found["single"][key])
+
+
+def test_collapse_fractions_by_dtype(out: str) -> None:
+    with open(os.path.join(out, "measurements.json")) as f:
+        found = json.load(f)
+    assert found["distributed"]["collapse_by_dtype"] == found["single"]["collapse_by_dtype"]
+    # the planted logits collapse in the half-precision types only
+    assert found["single"]["collapse_by_dtype"]["bfloat16"] > 0
+
+
+def test_lens_over_ddp_writes_each_record_once(out: str) -> None:
+    run = dl.load_run(os.path.join(out, "run"))
+    scalars = run.scalars()
+    assert not scalars.duplicated(["step", "probe", "name"]).any()
+    measured = set(scalars["probe"])
+    assert {"hessian", "coherence", "softmax_collapse", "ntk"} <= measured
+    assert run.meta["status"] == "finished"
+    # rank 0 alone writes: rank 1's Lens had a writer that writes nothing
+    ranks = []
+    for rank in (0, 1):
+        with open(os.path.join(out, f"lens-{rank}.json")) as f:
+            ranks.append(json.load(f))
+    assert [r["writer"] for r in ranks] == ["RunWriter", "NullWriter"]
+    assert [r["steps"] for r in ranks] == [4, 4]
+    assert ranks[0]["disabled"] == ranks[1]["disabled"]
+
+
+def test_lens_values_are_whole_batch_values(out: str) -> None:
+    """The Coherence probe's batch size is the whole batch's, not rank 0's shard."""
+    run = dl.load_run(os.path.join(out, "run"))
+    scalars = run.scalars()
+    size = scalars[(scalars["probe"] == "coherence") & (scalars["name"] == "size")]["value"]
+    assert set(size) == {float(workers.M)}
+    ledger = run.arrays("opposing_signals", "loss")
+    assert ledger and all(len(values) == workers.M for _, values in ledger)
+
+
+def test_failure_on_one_rank_is_recorded_not_hung(out: str) -> None:
+    events = dl.load_run(os.path.join(out, "run")).events()
+    errors = events[events["level"] == "error"]
+    early = errors[errors["probe"] == "fails_on_rank_one"]["message"]
+    late = errors[errors["probe"] == "fails_after_on_rank_one"]["message"]
+    assert len(early) >= 1 and all("planted failure on rank 1 (on rank 1)" in m for m in early)
+    assert len(late) >= 1 and all("planted late failure on rank 1 (on rank 1)" in m for m in late)
+
+
+def test_no_group_is_no_collective() -> None:
+    """group=None: the helpers return their input, nothing touches torch.distributed."""
+    t = torch.arange(3.0)
+    assert distributed.all_sum(t, None) is t
+    assert distributed.weighted_sum(t, 0.5, None) is t
+    assert distributed.gather_rows(t, None) is t
+    assert distributed.decide(None, True) is True
+    assert distributed.agree_min(None, 5) == 5
+    with distributed.lockstep(None):
+        pass
+    assert distributed.group_of(torch.nn.Linear(2, 2)) is None
+    fn = dl.functional.ModelFunction(torch.nn.Linear(2, 1), torch.nn.MSELoss(),
+                                     (torch.randn(4, 2), torch.randn(4, 1)))
+    assert fn.group is None and fn.total_size == 4 and fn.share == 1.0
+    assert not math.isnan(float(fn.loss()))
+
+
+def test_fsdp2_ledger_and_refusal(out: str) -> None:
+    """Under FSDP2 the ledger gathered from the shards equals the unsharded model's on the whole
+    batch; the Hessian probe fails on every rank with the message that says what to do."""
+    with open(os.path.join(out, "fsdp.json")) as f:
+        found = json.load(f)
+    if "skipped" in found:
+        pytest.skip(found["skipped"])
+    _close(found["ledger"], found["ledger_single"])
+    assert found["trained"]
+    run = dl.load_run(os.path.join(out, "fsdp_run"))
+    events = run.events()
+    hessian = events[(events["probe"] == "hessian") & (events["level"] == "error")]["message"]
+    assert len(hessian) >= 1 and all("FSDP2" in m and "DistributedDataParallel" in m for m in hessian)
+    assert len(run.arrays("opposing_signals", "loss")) == 3  # steps 0, 1, 2
+    collapse = run.scalars()
+    assert set(collapse[collapse["probe"] == "softmax_collapse"]["step"]) == {0, 1, 2}
