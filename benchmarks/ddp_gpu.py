@@ -1,0 +1,269 @@
+"""dynlens under DistributedDataParallel: the 124M decoder on two GPUs (NCCL).
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --out ddp_gpu.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 100 --out ddp_gpu.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --device cpu --tiny --out ddp_cpu.json
+
+Three checks, in one job (the decoder of ``benchmarks/models.py``, 124M parameters, tied
+embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU run with gloo):
+
+(a) Equality: a probe batch of ``--probe-sequences`` sequences of ``--probe-length`` tokens, split
+    across the ranks (rank r holds its contiguous share). λ_max (``dl.hessian_eigenvalues``), the
+    trace (``dl.hessian_trace``, the same seeded Rademacher vectors on every rank) and the
+    m-coherence (``dl.gradient_coherence``) with ``group=`` the DDP group, against rank 0 measuring
+    the whole batch alone (``group=None``; the other ranks wait at a barrier). All in float32;
+    the relative differences are reported and compared with 1e-4.
+(b) Only rank 0 writes: a ``dl.Lens`` over the DDP model with ``probes="default"`` for a few
+    steps; each rank reports its writer, rank 0 counts duplicated records in the run database
+    (none expected) and lists the run directory.
+(c) Overhead: ``--steps`` DDP training steps (bf16 autocast on CUDA, AdamW, ``--batch``
+    sequences of ``--length`` tokens per rank) without the Lens, then the same steps from the
+    same initial state with ``Lens(probes="default")`` at the default budget, each timed end to
+    end with the device synchronised (the Lens's creation, with its step-0 measurements, and
+    ``close()`` included; rank 0's clock, the ranks being in step through DDP). Reports the
+    ratio with/without and ``lens.costs()``.
+
+Writes JSON to ``--out`` (rank 0). On two H100s the default settings take about 4 minutes
+(the step-0 measurements of the default probes on the decoder are most of the Lens's share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+
+import dynlens as dl  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where rank 0 writes the JSON results")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer decoder, vocabulary 500 (CPU checks)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each timed run (c)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank and training step")
+    parser.add_argument("--length", type=int, default=512, help="tokens per training sequence")
+    parser.add_argument("--probe-sequences", type=int, default=8, help="probe batch (all ranks together)")
+    parser.add_argument("--probe-length", type=int, default=256, help="tokens per probe sequence")
+    parser.add_argument("--lens-steps", type=int, default=4, help="steps of the writing check (b)")
+    parser.add_argument("--trace-samples", type=int, default=24)
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
+    args = parser.parse_args()
+    if args.tiny:
+        args.length, args.probe_length = min(args.length, 32), min(args.probe_length, 32)
+    return args
+
+
+def build(args: argparse.Namespace, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if args.tiny:
+        return models.gpt2(vocab=500, context=64, width=64, layers=2, heads=2).to(device)
+    return models.gpt2().to(device)
+
+
+def vocab(args: argparse.Namespace) -> int:
+    return 500 if args.tiny else 50257
+
+
+def shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = batch[0].shape[0]
+    lo, hi = round(rank * n / world), round((rank + 1) * n / world)
+    return batch[0][lo:hi], batch[1][lo:hi]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def equality(args: argparse.Namespace, model: torch.nn.Module, group: Any, rank: int, world: int,
+             device: torch.device) -> dict[str, Any]:
+    """(a): the split batch's λ_max, trace and m-coherence against rank 0's whole-batch values."""
+    loss_fn = models.language_model_loss
+    whole = models.token_batch(args.probe_sequences, args.probe_length, vocab(args), seed=100)
+    whole = (whole[0].to(device), whole[1].to(device))
+    mine = shard(whole, rank, world)
+
+    def measure(batch: Any, g: Any) -> dict[str, float]:
+        found: dict[str, float] = {}
+        sync(device)
+        began = time.perf_counter()
+        eig = dl.hessian_eigenvalues(model, loss_fn, batch, k=1, group=g)
+        sync(device)
+        found["lambda_max"], found["lambda_max_seconds"] = eig.max, time.perf_counter() - began
+        found["lambda_max_products"] = float(eig.matvecs)
+        began = time.perf_counter()
+        # 4 columns a batched product: 16 would hold 16 sequences' activations per product
+        found["trace"] = dl.hessian_trace(model, loss_fn, batch, samples=args.trace_samples, seed=1,
+                                          max_columns=4, group=g).value
+        sync(device)
+        found["trace_seconds"] = time.perf_counter() - began
+        began = time.perf_counter()
+        coherence = dl.gradient_coherence(model, loss_fn, batch, stiffness=False, classes=False, group=g)
+        sync(device)
+        found["m_coherence"], found["coherence_seconds"] = coherence.m_coherence, time.perf_counter() - began
+        return found
+
+    split = measure(mine, group)
+    result: dict[str, Any] = {"split": split, "examples_per_rank": int(mine[0].shape[0])}
+    if rank == 0:
+        alone = measure(whole, None)
+        result["whole_on_rank_0"] = alone
+        result["relative_difference"] = {k: relative(split[k], alone[k]) for k in ("lambda_max", "trace", "m_coherence")}
+        result["passed"] = all(v <= TOLERANCE for v in result["relative_difference"].values())
+    dist.barrier(group)
+    return result
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, device: torch.device) -> torch.Tensor:
+    x, y = batch
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = models.language_model_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def data(args: argparse.Namespace, rank: int, device: torch.device, count: int = 4) -> list[Any]:
+    batches = [models.token_batch(args.batch, args.length, vocab(args), seed=1000 * rank + i) for i in range(count)]
+    return [(x.to(device), y.to(device)) for x, y in batches]
+
+
+def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: int, steps: int,
+              with_lens: bool, run_dir: str) -> dict[str, Any]:
+    """DDP training for ``steps`` steps from the seed-0 state, with or without the Lens."""
+    model = build(args, device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-4, weight_decay=0.1)
+    batches = data(args, rank, device)
+    probe = shard(models.token_batch(args.probe_sequences, args.probe_length, vocab(args), seed=100), rank, world)
+    probe = (probe[0].to(device), probe[1].to(device))
+    dist.barrier()
+    sync(device)
+    start = time.perf_counter()
+    lens = None
+    if with_lens:
+        lens = dl.Lens(ddp, models.language_model_loss, probe, optimizer=optimizer, run_dir=run_dir,
+                       probes="default", overwrite=True)
+    for step in range(steps):
+        loss = train_step(ddp, optimizer, batches[step % len(batches)], device)
+        if lens is not None:
+            lens.step(loss=loss)
+    if lens is not None:
+        lens.close()
+    sync(device)
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {"seconds": seconds, "steps": steps}
+    if lens is not None:
+        result["writer"] = type(lens.writer).__name__
+        result["disabled"] = lens.disabled
+        if rank == 0:
+            result["costs"] = json.loads(lens.costs().to_json(orient="records"))
+    del lens, ddp, model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dist.barrier()
+    return result
+
+
+def writes(args: argparse.Namespace, device: torch.device, rank: int, world: int, run_dir: str) -> dict[str, Any]:
+    """(b): a short Lens run; rank 0 checks its database for duplicates."""
+    result = timed_run(args, device, rank, world, args.lens_steps, True, run_dir)
+    writers: list[Any] = [None] * world
+    dist.all_gather_object(writers, result["writer"])
+    out: dict[str, Any] = {"writers": writers, "disabled": result["disabled"]}
+    if rank == 0:
+        run = dl.load_run(run_dir)
+        scalars = run.scalars()
+        events = run.events()
+        out.update(
+            records=int(len(scalars)),
+            duplicated_records=int(scalars.duplicated(["step", "probe", "name"]).sum()),
+            probes_recorded=sorted(set(scalars["probe"])),
+            errors=[str(m) for m in events[events["level"] == "error"]["message"]],
+            run_dir_files=sorted(os.listdir(run_dir)),
+            status=run.meta.get("status"),
+        )
+        out["passed"] = (writers == ["RunWriter"] + ["NullWriter"] * (world - 1) and out["duplicated_records"] == 0
+                         and out["status"] == "finished")
+    return out
+
+
+def main() -> None:
+    args = parse()
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=20))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict[str, Any] = {
+        "world_size": world, "backend": backend, "tiny": args.tiny, "arguments": vars(args),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "dynlens": dl.__version__,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    began = time.perf_counter()
+    if "equality" not in skip:
+        model = build(args, device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        results["equality"] = equality(args, model, getattr(ddp, "process_group", None) or dist.group.WORLD,
+                                       rank, world, device)
+        del ddp, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    root = tempfile.mkdtemp(prefix="ddp_gpu_") if rank == 0 else ""
+    shared: list[Any] = [root]
+    dist.broadcast_object_list(shared, src=0)
+    root = shared[0]
+    if "writes" not in skip:
+        results["writes"] = writes(args, device, rank, world, os.path.join(root, "writes"))
+    if "overhead" not in skip:
+        plain = timed_run(args, device, rank, world, args.steps, False, "")
+        lensed = timed_run(args, device, rank, world, args.steps, True, os.path.join(root, "overhead"))
+        results["overhead"] = {
+            "steps": args.steps, "seconds_without": plain["seconds"], "seconds_with": lensed["seconds"],
+            "ratio": lensed["seconds"] / plain["seconds"], "step_seconds_without": plain["seconds"] / args.steps,
+            "costs": lensed.get("costs"), "disabled": lensed["disabled"],
+        }
+    results["total_seconds"] = time.perf_counter() - began
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        summary = {k: results[k].get("passed") for k in ("equality", "writes") if k in results}
+        if "overhead" in results:
+            summary["overhead_ratio"] = round(results["overhead"]["ratio"], 4)
+        print(json.dumps({"summary": summary, "out": args.out, "seconds": round(results["total_seconds"], 1)}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
