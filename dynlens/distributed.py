@@ -24,9 +24,21 @@ collectives. The contract for code that makes collectives of its own inside a me
 custom probe): make them through :func:`all_sum` / :func:`gather_rows` (or call
 :func:`check_peers` before each one), and decide anything that changes which collectives run
 (a time budget, an optional part) with :func:`decide`, so that every rank takes the same path.
-A failure *inside* a collective itself (a broken connection) is not covered: the process group's
-own ``timeout`` bounds the wait (pass ``timeout=`` to ``init_process_group``), after which the
-group is unusable, as ``torch.distributed`` says.
+A failure *inside* a collective itself (a broken connection, a rank that died) is not covered:
+the process group's own ``timeout`` bounds the wait (pass ``timeout=`` to
+``init_process_group``), after which the group is unusable, as ``torch.distributed`` says.
+
+Iterative methods (Lanczos, Hutch++, SLQ) run on every rank on the same all-reduced vectors, and
+the ranks stay in step because every rank computes the same numbers from them: the ranks must
+run the same code on alike devices (the same kind of GPU), with the same seeds. The time budget
+and the optional parts it gates are decided by rank 0 (:func:`decide`) for the same reason.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are sharded, so nothing that needs
+the whole parameter vector in one place can run (curvature, per-example gradients, the NTK,
+NLM alignment): :class:`dynlens.functional.ModelFunction` refuses such a model with a message
+that says what to do. What calls the model's own forward (which gathers its parameters) works:
+the loss ledger (:func:`dynlens.measures.opposing.ledger_entry`), softmax collapse, the basic
+probes.
 """
 
 from __future__ import annotations
@@ -136,9 +148,9 @@ def lockstep(group: Any) -> Iterator[None]:
         return
     try:
         yield
-    except BaseException as err:
+    except Exception as err:  # an interrupt (KeyboardInterrupt, SystemExit) makes no collective
         if agreed_status(err) is None:
-            code = _all_reduce_int(group, status_of(err) if isinstance(err, Exception) else FAILED)
+            code = _all_reduce_int(group, status_of(err))
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(err, _AGREED, code)
         raise

@@ -214,7 +214,11 @@ def stability_measurement(
     threshold, with λ_min, the trace and the density as optional parts.
 
     Args:
-        fn: the model as a function on its batch (:class:`dynlens.functional.ModelFunction`).
+        fn: the model as a function on its batch (:class:`dynlens.functional.ModelFunction`);
+            with ``fn.group`` (a batch split across ranks) every value is the whole batch's
+            (:func:`dynlens.measures.hessian.curvature_operator` all-reduces the products), and
+            every rank must call it with the same ``gate`` decisions (the Hessian probe takes
+            rank 0's: :func:`dynlens.distributed.decide`).
         optimizer: the training optimizer (its threshold and step scales), or None.
         model: the module ``fn`` evaluates (the optimizer's parameters are matched to it).
         options: the settings (:class:`StabilityOptions`).

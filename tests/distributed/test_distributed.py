@@ -132,3 +132,18 @@ def test_fsdp2_ledger_and_refusal(out: str) -> None:
     assert len(run.arrays("opposing_signals", "loss")) == 3  # steps 0, 1, 2
     collapse = run.scalars()
     assert set(collapse[collapse["probe"] == "softmax_collapse"]["step"]) == {0, 1, 2}
+
+
+def test_memory_outcomes_on_one_rank_are_every_ranks(out: str) -> None:
+    """A memory wait or an out-of-memory error on rank 1 alone takes every rank down the same
+    path: the wait is an info event, the out-of-memory a retry then a warning; neither is a
+    failure of the probe, and neither probe ever recorded values (rank 0 skipped them too)."""
+    run = dl.load_run(os.path.join(out, "run"))
+    events = run.events()
+    waits = events[events["probe"] == "waits_on_rank_one"]
+    assert set(waits["level"]) == {"info"} and waits["message"].str.contains("waits for memory").all()
+    memory = events[events["probe"] == "out_of_memory_on_rank_one"]
+    assert len(memory) >= 1 and set(memory["level"]) == {"warning"}
+    assert memory["message"].str.contains("ran out of device memory").all()
+    recorded = set(run.scalars()["probe"])
+    assert "waits_on_rank_one" not in recorded and "out_of_memory_on_rank_one" not in recorded

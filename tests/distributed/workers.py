@@ -120,6 +120,33 @@ class FailsAfterOnRankOne(dl.Probe):
         return {"loss": loss}
 
 
+class WaitsOnRankOne(dl.Probe):
+    """Rank 1's memory allowance is too small: every rank waits (no failure recorded)."""
+
+    name = "waits_on_rank_one"
+    default_every = 1
+
+    def measure(self, ctx: dl.probes.Context) -> dict:
+        from dynlens.budget import MemoryBudgetTooSmall
+
+        if dist.get_rank(ctx.group) == 1:
+            raise MemoryBudgetTooSmall("planted: rank 1 has no memory to spare")
+        return {"loss": float(ctx.fn.loss())}
+
+
+class OutOfMemoryOnRankOne(dl.Probe):
+    """Rank 1 runs out of memory: every rank retries with half the memory, then skips."""
+
+    name = "out_of_memory_on_rank_one"
+    default_every = 1
+
+    def measure(self, ctx: dl.probes.Context) -> dict:
+        loss = float(ctx.fn.loss())
+        if dist.get_rank(ctx.group) == 1:
+            raise torch.OutOfMemoryError("planted out of memory on rank 1")
+        return {"loss": loss}
+
+
 def lens_run(rank: int, world: int, group: object, out: str) -> None:
     """A Lens over a DDP model with the default probes and two probes that fail on rank 1."""
     from torch.nn.parallel import DistributedDataParallel
@@ -129,7 +156,8 @@ def lens_run(rank: int, world: int, group: object, out: str) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x, y = _batch()
     probe_batch = (_shard(x, rank, world), _shard(y, rank, world))
-    probes = [p.with_schedule(every=2) for p in dl.probes.default()] + [FailsOnRankOne(), FailsAfterOnRankOne()]
+    probes = [p.with_schedule(every=2) for p in dl.probes.default()] + [
+        FailsOnRankOne(), FailsAfterOnRankOne(), WaitsOnRankOne(), OutOfMemoryOnRankOne()]
     lens = dl.Lens(ddp, loss_fn, probe_batch, optimizer=opt, run_dir=os.path.join(out, "run"), probes=probes,
                    max_failures=10)
     assert lens.group is not None
