@@ -250,18 +250,17 @@ def is_sharded(model: Any) -> bool:
     """True if FSDP2's ``fully_shard`` manages ``model`` or one of its submodules, or some
     parameter is a DTensor. (Between a forward and its reshard FSDP2 registers plain unsharded
     tensors as the parameters, whose storage it frees later: the module class tells, not the
-    parameters' type.)"""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        FSDPModule = None  # noqa: N806
-    if FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules()):
+    parameters' type.) Costs nothing where FSDP2 and DTensor were never imported (a model can
+    only be sharded once they are; importing them would take seconds)."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    if kind is not None and any(isinstance(m, kind) for m in model.modules()):
         return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    tensor = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(tensor, "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def refuse_sharded(model: Any, what: str) -> None:
