@@ -272,7 +272,10 @@ class Lens:
             same probes at the same steps), the memory budget is each rank's (the smallest
             allowance is used), and a probe that fails on one rank fails on all, recorded by
             rank 0 with the failing rank's error. Initialise the process group with a
-            ``timeout``: it bounds the wait should a rank die inside a collective.
+            ``timeout``: it bounds the wait should a rank die inside a collective. Pass each
+            rank its own shard of the probe batch: the same batch on every rank is measured as
+            that many copies of it (means unchanged, but m-coherence, counts and kernels over
+            the duplicated examples).
         overwrite: replace a run already in ``run_dir``.
         max_failures: consecutive failures after which a probe is switched off.
         budget: the share of the run's wall time dynlens may take (default 0.05): all probes

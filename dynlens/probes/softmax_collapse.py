@@ -138,7 +138,8 @@ class SoftmaxCollapse(Probe):
             values["attention_max_logit"] = Labelled(largest, names)
         spent = time.perf_counter() - began
         if fn is None:
-            self.note("sharded", "FSDP2 shards the parameters: the NLM and update cosines are left out")
+            if "sharded" not in self.notes:
+                self.note("sharded", "FSDP2 shards the parameters: the NLM and update cosines are left out")
             return values
         params = fn.params
         self._nlm.tick()
