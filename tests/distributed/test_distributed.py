@@ -147,3 +147,14 @@ def test_memory_outcomes_on_one_rank_are_every_ranks(out: str) -> None:
     assert memory["message"].str.contains("ran out of device memory").all()
     recorded = set(run.scalars()["probe"])
     assert "waits_on_rank_one" not in recorded and "out_of_memory_on_rank_one" not in recorded
+
+
+def test_a_measurement_failing_on_one_rank_raises_on_all(out: str) -> None:
+    """hessian_eigenvalues with a NaN in rank 1's shard only: rank 1 raises its ValueError, rank 0
+    a PeerFailed at its next collective (no hang), and the next measurement is right."""
+    with open(os.path.join(out, "measurements.json")) as f:
+        found = json.load(f)
+    raised = found["failure"]["raised"]
+    assert raised[0].startswith("PeerFailed") and "another rank" in raised[0]
+    assert raised[1].startswith("ValueError") and "non-finite loss" in raised[1]
+    _close(found["failure"]["after"], found["single"]["eigenvalues"])

@@ -88,6 +88,20 @@ def measurements(rank: int, world: int, group: object, out: str) -> None:
         return found
 
     result = {"distributed": values(shard, group)}
+    # a measurement that fails on rank 1 alone (a non-finite loss on its shard) raises on every
+    # rank, rank 0 learning it at its next collective, and the group stays usable
+    poisoned = (shard[0].clone(), shard[1])
+    if rank == 1:
+        poisoned[0][0, 0] = float("nan")
+    try:
+        dl.hessian_eigenvalues(model, loss_fn, poisoned, group=group)
+        raised = None
+    except Exception as err:  # noqa: BLE001 - what each rank raised is the result
+        raised = f"{type(err).__name__}: {err}"
+    after = dl.hessian_eigenvalues(model, loss_fn, shard, k=2, tol=1e-8, group=group).values.tolist()
+    raised_everywhere: list = [None] * world
+    dist.all_gather_object(raised_everywhere, raised, group=group)
+    result["failure"] = {"raised": raised_everywhere, "after": after}
     if rank == 0:
         result["single"] = values((x, y), None)
         with open(os.path.join(out, "measurements.json"), "w") as f:
