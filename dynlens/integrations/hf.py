@@ -13,7 +13,7 @@ optimizer), steps it once per optimizer step and closes it when training ends. W
 ``loss_fn`` the loss the probes measure is the model's own ``outputs.loss``
 (:func:`model_loss`), computed from the ``labels`` in the probe batch; for a causal LM,
 ``probe_batch=causal_lm_batch(batch), loss_fn=causal_lm_loss`` gives the same loss from the
-logits, which every probe can use. It needs ``transformers``
+logits, which softmax collapse and the Gauss-Newton curvature need. It needs ``transformers``
 and ``accelerate`` (``pip install dynlens[hf]``); importing ``dynlens`` never imports them.
 """
 
@@ -188,7 +188,7 @@ class DynlensCallback(TrainerCallback):
     OpposingSignals here, whatever the loss: its per-example losses need a model whose output
     is a Tensor, and Hugging Face models return a ``ModelOutput``.
 
-    Distributed runs: only the process of global rank 0 (``state.is_world_process_zero``) makes
+    Distributed runs: only the process of global rank 0 (``args.process_index == 0``) makes
     a Lens and measures (on its own probe batch); the callback does nothing on the other ranks,
     and the loss recorded is rank 0's.
 
@@ -356,10 +356,12 @@ def _hf_probes(probes: Sequence[Probe] | str | None, own_loss: bool) -> Sequence
 
 
 def _is_rank_zero(args: TrainingArguments, state: TrainerState) -> bool:
-    zero = getattr(state, "is_world_process_zero", None)
-    if zero is None:
-        return getattr(args, "process_index", 0) == 0
-    return bool(zero)
+    """Whether this process is global rank 0: ``args.process_index``, the global rank accelerate
+    gives it (the TrainerState's flag where the arguments have none)."""
+    index = getattr(args, "process_index", None)
+    if index is not None:
+        return int(index) == 0
+    return bool(getattr(state, "is_world_process_zero", True))
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

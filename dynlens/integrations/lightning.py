@@ -152,14 +152,18 @@ class DynlensCallback(pl.Callback):
             return
         loss = _loss_of(outputs)
         if loss is not None:
-            if pl_module.automatic_optimization:
+            accumulate = trainer.accumulate_grad_batches
+            if pl_module.automatic_optimization and accumulate != 1:
                 # Lightning divides the loss it returns here by the accumulation
-                loss = loss * trainer.accumulate_grad_batches
+                loss = loss * accumulate
             self._losses.append(loss)
         if trainer.global_step != self._global_step:
             self._global_step = trainer.global_step
             losses, self._losses = self._losses, []
-            mean = torch.stack(losses).mean() if losses else None
+            if len(losses) > 1:
+                mean: Tensor | None = torch.stack(losses).mean()
+            else:
+                mean = losses[0] if losses else None
             self.lens.step(loss=mean)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -178,5 +182,5 @@ def _loss_of(outputs: Any) -> Tensor | None:
     if isinstance(outputs, dict):
         outputs = outputs.get("loss")
     if isinstance(outputs, Tensor) and outputs.numel() == 1:
-        return outputs.detach().reshape(()).float()
+        return outputs.detach()
     return None

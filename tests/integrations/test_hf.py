@@ -158,10 +158,11 @@ def test_model_loss_without_labels() -> None:
 
 def test_other_ranks_do_nothing(tmp_path: Path) -> None:
     callback = DynlensCallback(_probe_dict(), run_dir=tmp_path / "run")
+    args = SimpleNamespace(process_index=1)
     state = SimpleNamespace(is_world_process_zero=False, global_step=0)
     model = _model()
-    callback.on_train_begin(None, state, None, model=model, optimizer=None)
-    callback.on_step_end(None, state, None, model=model)
-    callback.on_train_end(None, state, None, model=model)
+    callback.on_train_begin(args, state, None, model=model, optimizer=None)
+    callback.on_step_end(args, state, None, model=model)
+    callback.on_train_end(args, state, None, model=model)
     assert callback.lens is None
     assert not (tmp_path / "run").exists()
