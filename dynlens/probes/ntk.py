@@ -71,7 +71,11 @@ class NTK(Probe):
 
     Cost per measurement: n·O backward passes through the model (Jacobian contraction, or
     structured products for linear layers), O ≤ ``max_outputs``: at the defaults 32·32 = 1,024
-    per-example backward passes, batched by ``vmap``; memory within the Lens's allowance.
+    per-example backward passes, batched by ``vmap``; memory within the Lens's allowance. Under
+    the Lens's memory budget it needs two examples' Jacobians at once (2·O·P numbers; P the
+    trainable parameters) unless linear layers hold every parameter, and waits for memory where
+    they do not fit: with the defaults a ResNet-18 (11.2M parameters) needs 0.89 GB and a
+    124M-parameter decoder 32 GB, more than a 1.5× memory ceiling leaves on the reference jobs.
     """
 
     name = "ntk"
@@ -116,8 +120,10 @@ class NTK(Probe):
             if isinstance(targets, Tensor):
                 targets = gather_rows(targets[:take], ctx.group)
         inputs = slice_examples(inputs, 0, take)
+        # under a memory limit, Jacobian contraction in chunks or a wait for memory: never the
+        # NTK-vector products, which fit but stall training for minutes on a large model
         result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
-                        group=ctx.group)
+                        group=ctx.group, vector_products=ctx.memory is None)
         kernel = result.kernel.detach().double().cpu()
         values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),
                                   "effective_rank": effective_rank(kernel),

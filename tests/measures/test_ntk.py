@@ -249,6 +249,16 @@ def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_oth
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
 
 
+def test_without_vector_products_auto_contracts_jacobians_in_chunks_or_waits_for_memory():
+    model, x, _ = make("cnn_batchnorm")
+    # two examples' Jacobians take 2·2·161·8 = 5,152 bytes: chunks of one example fit 6,000
+    chunked = ntk_of(model, x, memory=6000, vector_products=False)
+    assert chunked.implementation == "jacobian"
+    assert relative_error(chunked.kernel, reference(model, x, None, "trace")) < 1e-6
+    with pytest.raises(MemoryBudgetTooSmall, match="the Jacobians of one example"):
+        ntk_of(model, x, memory=4000, vector_products=False)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_memory_too_small_for_one_example_raises_before_computing(implementation):
     model, x, _ = make("cnn_batchnorm")
@@ -344,7 +354,7 @@ def test_bad_arguments_raise():
 
 
 class OneHiddenReLU(nn.Module):
-    """f(x) = m^{-1/2} Σ_r a_r relu(w_rᵀx), w_r ~ N(0, I), a_r ~ N(0, 1) (METRICS.md §3)."""
+    """f(x) = m^{-1/2} Σ_r a_r relu(w_rᵀx), w_r ~ N(0, I), a_r ~ N(0, 1) (the docs: What dynlens measures § Empirical neural tangent kernel)."""
 
     def __init__(self, d: int, width: int) -> None:
         super().__init__()
