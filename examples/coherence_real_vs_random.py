@@ -1,4 +1,7 @@
-"""Gradient coherence with real and with shuffled labels (Chatterjee & Zielinski 2022, "On the
+"""Gradient coherence: real against shuffled labels
+================================================
+
+Gradient coherence with real and with shuffled labels (Chatterjee & Zielinski 2022, "On the
 Generalization Mystery in Deep Learning").
 
 The same network, from the same initialisation, is trained on the same inputs twice: once with
@@ -100,7 +103,7 @@ def main(steps: int = 600, out: str | None = None, report: bool = True) -> tuple
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default=None, help="directory for both runs and the report")
     args = parser.parse_args()

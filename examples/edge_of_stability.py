@@ -1,4 +1,7 @@
-"""The edge of stability (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically
+"""The edge of stability
+=====================
+
+The edge of stability (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically
 Occurs at the Edge of Stability", ICLR).
 
 Full-batch gradient descent with step size η on a small tanh network and a squared loss: the
@@ -65,7 +68,7 @@ def main(steps: int = 1000, lr: float = 0.5, every: int = 10, run_dir: str | Non
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")

@@ -1,10 +1,13 @@
-"""Softmax collapse stalls grokking, and the two remedies of Prieto et al. 2025 ("Grokking at the
+"""Softmax collapse stalls grokking
+================================
+
+Softmax collapse stalls grokking, and the two remedies of Prieto et al. 2025 ("Grokking at the
 Edge of Numerical Stability").
 
 Addition modulo 59: the inputs are two concatenated one-hot vectors (a, b), the target
 (a + b) mod 59; half of the 3,481 pairs train, the rest test. A bias-free ReLU MLP
 118-128-128-59 trains full-batch with AdamW (lr 1e-2, betas (0.9, 0.99), eps 1e-25, no weight
-decay): the set-up of METRICS.md §4, measured to collapse in float32 within a minute on a CPU.
+decay): the set-up in the docs (What dynlens measures § Softmax collapse), measured to collapse in float32 within a minute on a CPU.
 Three runs from the same initialisation:
 
 - **plain** cross-entropy: the training set is fitted, the logits keep growing along θ (naive
@@ -93,7 +96,7 @@ def train(name: str, args: argparse.Namespace, out: Path) -> dl.Run:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--modulus", type=int, default=59)
     parser.add_argument("--width", type=int, default=128)

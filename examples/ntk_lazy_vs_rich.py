@@ -1,4 +1,7 @@
-"""Lazy and rich training: the empirical NTK of one architecture at several widths (Chizat,
+"""Lazy and rich training in the tangent kernel
+============================================
+
+Lazy and rich training: the empirical NTK of one architecture at several widths (Chizat,
 Oyallon & Bach 2019, "On Lazy Training in Differentiable Programming"; Jacot et al. 2018).
 
 A two-hidden-layer tanh MLP in the NTK parametrisation (each layer's output divided by √fan-in,
@@ -74,7 +77,7 @@ def train(width: int, steps: int, out: Path) -> dl.Run:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 128, 512, 2048])
     parser.add_argument("--out", type=Path, default=None)

@@ -1,4 +1,7 @@
-"""Opposing signals (Rosenfeld & Risteski 2024, "Outliers with Opposing Signals Have an Outsized
+"""Opposing signals
+================
+
+Opposing signals (Rosenfeld & Risteski 2024, "Outliers with Opposing Signals Have an Outsized
 Effect on Neural Network Optimization"): two groups of examples share one large-magnitude input
 feature but carry different labels; at a large step size gradient descent balances them in a
 narrow valley and their losses oscillate against each other.
@@ -36,7 +39,7 @@ def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=None)
