@@ -211,7 +211,7 @@ def stopping_table(reference: dict[str, Any], k: int, tols: list[float]) -> dict
     than the Ritz vector's). For each tol: the first step at which every wanted pair has
     r_i ≤ tol·|θ_i| (after the same safeguard of w + max(w, 3) steps), and the largest relative
     error against the reference values there; ``by_tol_refined`` the same with the refined
-    residuals (not what dynlens stops on: METRICS.md names Ritz pairs)."""
+    residuals (not what dynlens stops on: the docs, What dynlens measures § Hessian, name Ritz pairs)."""
     from scipy.linalg import eigh_tridiagonal
 
     alpha, beta = np.array(reference["alpha"]), np.array(reference["beta"])

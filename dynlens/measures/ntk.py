@@ -3,7 +3,7 @@
 NTK: Θ(x, x') = J(x) J(x')ᵀ ∈ R^{O×O}, J(x) = ∂f(x)/∂θ the Jacobian of the model's outputs on one
 example (flattened to O entries) with respect to the chosen parameters θ (Jacot et al. 2018,
 "Neural Tangent Kernel"). :func:`empirical_ntk` returns it on two sets of inputs in one of
-three modes (METRICS.md §3):
+three modes (see the docs: What dynlens measures § Empirical neural tangent kernel):
 
 * ``"full"``: (n₁, n₂, O, O), ``kernel[i, j] = Θ(x_i, x'_j)``;
 * ``"trace"``: (n₁, n₂), Σ_o Θ(x_i, x'_j)_oo, the plain sum over outputs (neural-tangents'

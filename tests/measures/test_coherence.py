@@ -41,7 +41,7 @@ def loop_gradients(model: nn.Module, loss_fn, x, y) -> tuple[np.ndarray, list[st
 
 
 def reference(g: np.ndarray, labels: np.ndarray | None, sizes: list[int], names: list[str]) -> dict:
-    """Every statistic of METRICS.md §2 computed directly from the (m, P) matrix g."""
+    """Every statistic of the docs' What dynlens measures § Gradient coherence, computed directly from the (m, P) matrix g."""
     m = g.shape[0]
     total = g.sum(0)
     sq = (g ** 2).sum(1)
