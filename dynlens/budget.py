@@ -120,9 +120,14 @@ class TimeBudget:
             return 0.0
         return cost.last_seconds if predict is None else float(predict(cost.last_seconds))
 
-    def fits(self, probe: str, predict: Callable[[float], float] | None = None) -> bool:
-        """True if the probe's next measurement, as predicted, fits the budget now."""
-        return self.predicted(probe, predict) <= self.allowance()
+    def fits(self, probe: str, predict: Callable[[float], float] | None = None,
+             ahead: float = 0.0) -> bool:
+        """True if the probe's next measurement, as predicted, fits the budget now (``ahead``:
+        ``ahead`` seconds from now, if dynlens spends nothing meanwhile)."""
+        if self.share is None:
+            return True
+        later = self.share * max(0.0, ahead) / (1 - self.share)
+        return self.predicted(probe, predict) <= self.allowance() + later
 
     def cost(self, probe: str) -> ProbeCost:
         """The probe's cost record (created empty on first use)."""

@@ -147,6 +147,37 @@ def test_the_lens_own_time_counts_against_the_budget_and_leaves_the_probes_less(
     assert dl.load_run(tmp_path).costs().set_index("probe").loc["lens", "seconds"] == pytest.approx(own)
 
 
+class Prepared(Costly):
+    """A costly probe that keeps something at the step before it measures (like θ_{t−1})."""
+
+    name = "prepared"
+
+    def __init__(self, clock: FakeClock, seconds: float, every: int) -> None:
+        super().__init__(clock, seconds, every)
+        self.prepared: list[int] = []
+        self.fresh: list[bool] = []
+
+    def prepare(self, ctx):
+        self.prepared.append(ctx.step)
+
+    def measure(self, ctx):
+        self.fresh.append(bool(self.prepared) and self.prepared[-1] == ctx.step - 1)
+        return super().measure(ctx)
+
+
+def test_a_probe_the_budget_defers_prepares_only_before_steps_it_can_run(tmp_path, clock):
+    probe = Prepared(clock, seconds=1.0, every=10)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    run_steps(lens, clock, 2000, 0.1)
+    lens.close()
+    measured = len(probe.steps)
+    assert measured >= 5
+    # it prepares (1-2 ms of host time each, through its isolation) just before it runs, not at
+    # each of the ~200 due steps nor the ~1,900 steps it waits
+    assert len(probe.prepared) <= 2 * measured + 2
+    assert all(probe.fresh[1:])  # every measurement after step 0 had its prepare the step before
+
+
 def test_without_a_budget_every_probe_runs_exactly_on_schedule(tmp_path, clock):
     probe = Costly(clock, seconds=1.0, every=10)
     lens = lens_with_clock(tmp_path, [probe], clock, budget=None)
