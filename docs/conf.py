@@ -85,3 +85,4 @@ sphinx_gallery_conf = {
     "plot_gallery": "True",
     "within_subsection_order": "FileNameSortKey",
 }
+smartquotes_action = "qe"  # no dashes: "--steps" stays a command-line option

@@ -22,6 +22,7 @@ EXAMPLES = ROOT / "examples"
 # The measurement modules whose public functions and results the API reference documents.
 MEASURE_MODULES = ("hessian", "stability", "coherence", "ntk", "softmax", "attention_logits",
                    "opposing", "weight_spectrum")
+INTEGRATIONS = ("lightning", "hf", "tensorboard")
 
 
 def _missing_docs_packages() -> list[str]:
@@ -60,8 +61,13 @@ def _public_objects() -> dict[str, object]:
             obj = getattr(module, name)
             if not isinstance(obj, str):
                 names[f"{module.__name__}.{name}"] = obj
-    for leaf in MEASURE_MODULES:
-        module = importlib.import_module(f"dynlens.measures.{leaf}")
+    modules = [importlib.import_module(f"dynlens.measures.{leaf}") for leaf in MEASURE_MODULES]
+    for leaf in INTEGRATIONS:  # those whose framework is installed (the docs mock the others)
+        try:
+            modules.append(importlib.import_module(f"dynlens.integrations.{leaf}"))
+        except ImportError:
+            continue
+    for module in modules:
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isfunction(obj) or inspect.isclass(obj):

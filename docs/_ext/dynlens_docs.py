@@ -26,6 +26,7 @@ import inspect
 import os
 import re
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from sphinx.util.nodes import nested_parse_with_titles
 # DYNLENS_DOCS_EXAMPLES=full the gallery runs every script at its defaults, the paper-length
 # commands are in each script's docstring.
 FAST_ARGS: dict[str, list[str]] = {
-    "edge_of_stability.py": ["--steps", "300"],
+    "edge_of_stability.py": ["--steps", "600"],
     "coherence_real_vs_random.py": ["--steps", "150"],
     "grokking_softmax_collapse.py": ["--steps", "400", "--modulus", "31", "--width", "64"],
     "ntk_lazy_vs_rich.py": ["--steps", "60", "--widths", "32", "512"],
@@ -108,7 +109,9 @@ def report_scraper(block: Any, block_vars: dict[str, Any], gallery_conf: dict[st
             f"{Path(block_vars['src_file']).stem}_report.html")
         shutil.copyfile(page, copy)
         rel = "/" + copy.relative_to(src_dir).as_posix()
-        rst.append(f"\n:download:`The whole report (self-contained HTML) <{rel}>`\n")
+        command = " ".join(["python", f"examples/{Path(block_vars['src_file']).name}", *sys.argv[1:]])
+        rst.append(f"\nThis page ran ``{command}``. "
+                   f":download:`The whole report (self-contained HTML) <{rel}>`\n")
         for alt, target in figures:
             path = "/" + target.relative_to(src_dir).as_posix()
             rst.append(f"\n.. figure:: {path}\n   :alt: {_escape(alt)}\n   :class: sphx-glr-single-img\n\n"
