@@ -152,6 +152,14 @@ class TimeBudget:
         self.cost(probe).seconds += seconds
         self.probe_seconds += seconds
 
+    def time_to_fit(self, seconds: float) -> float:
+        """Wall seconds from now until a measurement of ``seconds`` fits, if dynlens spends
+        nothing meanwhile: the allowance grows by share/(1 − share) a second (0 if it fits now,
+        and always without a budget)."""
+        if self.share is None:
+            return 0.0
+        return max(0.0, (seconds - self.allowance()) * (1 - self.share) / self.share)
+
     def overhead(self, seconds: float) -> None:
         """Count ``seconds`` of the Lens's own time outside measurements (bookkeeping, the basic
         probes, writes): the budget holds them too, so they reduce what the probes may take."""

@@ -32,6 +32,7 @@ measurement how much device memory it may take (``memory_budget=``).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import sys
@@ -378,6 +379,7 @@ class Lens:
         self.step_count = 0
         self.closed = False
         self._failures = {p.name: 0 for p in self.probes}
+        self._preparing = [p for p in self.probes if type(p).prepare is not Probe.prepare]
         self._disabled: set[str] = set()
         self._last_measured = {p.name: -1 for p in self.probes}
         # probe -> the step it fell due, while it waits: every probe at step 0
@@ -389,6 +391,9 @@ class Lens:
         self._waited = 0.0  # seconds this call waited for training's queued device work
         self._step_started: float | None = None  # the clock when step() was last called
         self._step_seconds = 0.0  # the wall time between the last two calls of step()
+        # before this clock reading no waiting probe can fit the time budget (see _run_due):
+        # step() then skips the scan of the waiting probes, its main cost on a host
+        self._resume_at = -math.inf
         self._memory_checked: tuple[int, int | None] | None = None  # (step, allowance) last read
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         before = self.memory.in_use()
@@ -511,10 +516,12 @@ class Lens:
                     lr = lr.item()
                 if lr is not None:
                     self.writer.step_scalar(step, TRAINING, "lr" if i == 0 else f"lr/{i}", float(lr))
+        urgent = False  # a probe the budget never defers fell due
         for probe in self.probes:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
-        if self._waiting:
+                urgent = urgent or self._exempt(probe)
+        if self._waiting and (urgent or start >= self._resume_at):
             self._run_due(self._context(), loss=value)
         self._prepare_next()
         if self._held_before is not _IDLE:
@@ -527,9 +534,7 @@ class Lens:
 
     def _prepare_next(self, ctx: Context | None = None) -> None:
         nxt = self.step_count + 1
-        for probe in self.probes:
-            if type(probe).prepare is Probe.prepare:
-                continue  # nothing to prepare: no isolation entered on every step a probe waits
+        for probe in self._preparing:  # those with something to prepare
             if probe.name in self._disabled:
                 continue
             if (probe.due(nxt) or probe.name in self._waiting) and self._may_run_next(probe, nxt):
@@ -540,14 +545,17 @@ class Lens:
     def _may_run_next(self, probe: Probe, nxt: int) -> bool:
         """Whether a due or waiting probe could run at step ``nxt``: the time budget would let
         it through one step from now (or it never waits for the budget), and, if it waits for
-        memory, its schedule brings a retry. Its ``prepare`` runs only then: a prepare is entered through the probe's isolation
-        (1–2 ms of host time) and may copy the parameters, and a probe deferred by the budget
-        waits for hundreds of steps — on a GPU job of 12 ms steps, preparing at each of them
-        took 22% of the training's time."""
+        memory, its schedule brings a retry. Its ``prepare`` runs only then: a prepare is
+        entered through the probe's isolation (1–2 ms of host time) and may copy the
+        parameters, and a probe deferred by the budget waits for hundreds of steps — on a GPU
+        job of 12 ms steps, preparing at each of them took 22% of the training's time."""
         if probe.name in self._memory_wait and not probe.due(nxt):
             return False
-        return self._exempt(probe) or self.budget.fits(probe.name, probe.predicted_seconds,
-                                                       ahead=self._step_seconds)
+        if self._exempt(probe):
+            return True
+        if self.budget.clock() + self._step_seconds < self._resume_at:
+            return False  # the budget has no room for any waiting probe by then
+        return self.budget.fits(probe.name, probe.predicted_seconds, ahead=self._step_seconds)
 
     def _write_notes(self) -> None:
         """Write the probes' notes (:meth:`dynlens.Probe.note`) to the metadata when one changed."""
@@ -586,6 +594,11 @@ class Lens:
             else:
                 # were cheaper probes behind it let through, they would spend the budget as fast
                 # as it accrues and a costly probe would never run
+                if not blocked and self.group is None:
+                    # nothing can run before the budget has room for this one (under
+                    # torch.distributed every rank must scan at the same steps: no skipping)
+                    self._resume_at = self.budget.clock() + self.budget.time_to_fit(
+                        self.budget.predicted(name, probe.predicted_seconds))
                 blocked = True
                 if self._waiting[name] == ctx.step:
                     self.budget.defer(name)  # counted once, when it first has to wait

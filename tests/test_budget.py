@@ -178,6 +178,18 @@ def test_a_probe_the_budget_defers_prepares_only_before_steps_it_can_run(tmp_pat
     assert all(probe.fresh[1:])  # every measurement after step 0 had its prepare the step before
 
 
+def test_while_the_budget_has_no_room_step_does_not_rescan_the_waiting_probes(tmp_path, clock, monkeypatch):
+    probe = Costly(clock, seconds=1.0, every=1)  # wants every step; the budget allows 1 in ~200
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    scans = []
+    scan = lens._run_due
+    monkeypatch.setattr(lens, "_run_due", lambda *a, **k: (scans.append(lens.step_count), scan(*a, **k)))
+    run_steps(lens, clock, 2000, 0.1)
+    assert len(probe.steps) >= 8  # it still runs as soon as it fits ...
+    assert len(scans) <= 3 * len(probe.steps)  # ... and the steps between cost no scan
+    assert len(probe.steps) / clock.now <= 0.05 + 1e-9
+
+
 def test_without_a_budget_every_probe_runs_exactly_on_schedule(tmp_path, clock):
     probe = Costly(clock, seconds=1.0, every=10)
     lens = lens_with_clock(tmp_path, [probe], clock, budget=None)
