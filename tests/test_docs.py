@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,16 @@ def built_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if missing:
         pytest.skip(f"the docs build needs {', '.join(missing)}: pip install -e \".[docs]\"")
     out = tmp_path_factory.mktemp("docs")
+    # a copy of the sources: the gallery writes its pages beside them, and a build running in
+    # the checkout at the same time must not share them
+    generated = shutil.ignore_patterns("_build", "auto_examples", "sg_execution_times.rst", "__pycache__")
+    shutil.copytree(DOCS, out / "src" / "docs", ignore=generated)
+    shutil.copytree(EXAMPLES, out / "src" / "examples", ignore=generated)
     env = {**os.environ, "MPLBACKEND": "Agg"}
     env.pop("DYNLENS_DOCS_EXAMPLES", None)  # the gallery's fast setting
     result = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-d", str(out / "doctrees"),
-         str(DOCS), str(out / "html")],
+         str(out / "src" / "docs"), str(out / "html")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout[-6000:]}\n{result.stderr[-12000:]}"
