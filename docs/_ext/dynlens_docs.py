@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import html
 import importlib
 import importlib.util
@@ -74,13 +75,13 @@ def _record_reports() -> None:
     if getattr(original, "_dynlens_docs", False):
         return
 
+    @functools.wraps(original)  # the same name, module and docstring: the docs link to the original
     def report(*args: Any, **kwargs: Any) -> Any:
         path = original(*args, **kwargs)
         _REPORTS.append(Path(os.fspath(path)))
         return path
 
     report._dynlens_docs = True  # type: ignore[attr-defined]
-    report.__doc__ = original.__doc__
     dynlens.reports.report = report
 
 
@@ -371,9 +372,60 @@ class AutomoduleIfPresentDirective(Directive):
         return container.children
 
 
+# --- cross-references through public aliases ---------------------------------------------------
+
+def _object(dotted: str) -> Any:
+    """The object a dotted name stands for (a module, or attributes below the longest importable
+    module), or None."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def _canonical(obj: Any) -> str | None:
+    if inspect.ismodule(obj):
+        return obj.__name__
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not (isinstance(module, str) and isinstance(qualname, str)) or "<locals>" in qualname:
+        return None
+    return f"{module}.{qualname}"
+
+
+def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    """``dynlens.Lens``, ``dl.probes.Hessian``, ``Probe`` inside a module: the reference goes to
+    where the API reference documents the object (its defining module)."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    context = [c for c in (node.get("py:module"), node.get("py:class")) if c]
+    candidates = [target] + [f"{c}.{target}" for c in context]
+    if node.get("py:module") and node.get("py:class"):
+        candidates.append(f"{node['py:module']}.{node['py:class']}.{target}")
+    domain = env.get_domain("py")
+    for candidate in candidates:
+        canonical = _canonical(_object(candidate)) if candidate.startswith("dynlens") else None
+        if canonical is None or canonical == target:
+            continue
+        found = domain.resolve_any_xref(env, node["refdoc"], app.builder, canonical, node, contnode)
+        exact = [ref for role, ref in found if role != "py:module" or node["reftype"] == "mod"]
+        if exact:
+            return exact[0]
+    return None
+
+
 def setup(app: Any) -> dict[str, Any]:
     _record_reports()
     app.connect("autodoc-process-docstring", _process_docstring, priority=400)  # before napoleon
+    app.connect("missing-reference", _resolve_alias)
     app.add_directive("dynlens-rules", RulesDirective)
     app.add_directive("dynlens-public-names", PublicNamesDirective)
     app.add_directive("dynlens-automodule-if-present", AutomoduleIfPresentDirective)
