@@ -506,7 +506,11 @@ class Lens:
         self.step_count += 1
         step = self.step_count
         if isinstance(value, Tensor):
+            queued = self.budget.clock()
             self._device_scalars.add(step, TRAINING, "loss", value)
+            # its copies queue behind training's kernels: a host that runs ahead of the GPU
+            # blocks here on a full launch queue, which is training's time, not the Lens's
+            self._waited += self.budget.clock() - queued
         elif value is not None:
             self.writer.step_scalar(step, TRAINING, "loss", value)
         if self.optimizer is not None:
@@ -627,7 +631,9 @@ class Lens:
                 self._measure(probe, ctx, records)
             else:
                 blocked = True
-        _to_host([values for _, values, _ in records])
+        copying = self.budget.clock()
+        _to_host([values for _, values, _ in records])  # waits for training's queued work too
+        self._waited += self.budget.clock() - copying
         for probe, values, seconds in records:
             if self._record(ctx.step, probe, values, seconds):
                 self._failures[probe.name] = 0
