@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 __all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "ProbeCost", "DEFAULT_BUDGET",
-           "DEFAULT_MEMORY_SHARE"]
+           "DEFAULT_MEMORY_SHARE", "examples_within"]
 
 DEFAULT_BUDGET = 0.05
 # memory_budget=None on a GPU: the probes may add this share of the training's own peak
@@ -45,6 +45,23 @@ MEMORY_MARGIN = 0.05
 class MemoryBudgetTooSmall(Exception):
     """Raised by a measurement, before it allocates anything, when even its smallest split does
     not fit the memory it was allowed; the Lens then defers it (no failure is recorded)."""
+
+
+def examples_within(memory: int | None, per_example: int, most: int, what: str) -> int:
+    """How many examples a pass may take at once within ``memory`` bytes (None: no limit) when
+    each needs ``per_example`` bytes: at most ``most``, at least one.
+
+    Raises:
+        MemoryBudgetTooSmall: not even one example fits (the Lens then waits for memory).
+    """
+    if memory is None:
+        return most
+    fitting = int(memory // max(1, per_example))
+    if fitting < 1:
+        raise MemoryBudgetTooSmall(
+            f"{what} needs about {per_example / 2**30:.2f} GiB an example and "
+            f"{memory / 2**30:.2f} GiB is allowed")
+    return max(1, min(most, fitting))
 
 
 @dataclass

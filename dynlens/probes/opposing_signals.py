@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dynlens.batches import split_batch
-from dynlens.distributed import gather_rows
+from dynlens.budget import examples_within
+from dynlens.distributed import gather_rows, is_sharded
 from dynlens.measures.opposing import ledger_entry
 from dynlens.probes.base import Context, Labelled, Probe, Values
 
@@ -48,6 +49,7 @@ class OpposingSignals(Probe):
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size!r}")
         self.track, self.chunk_size = track, chunk_size
         self._ids: tuple[str, ...] | None = None
+        self._per_example: int | None = None  # bytes of one example's activations
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tracked": "probe batch" if self.track is None else "own set",
@@ -55,7 +57,15 @@ class OpposingSignals(Probe):
 
     def measure(self, ctx: Context) -> Values:
         batch = ctx.probe_batch if self.track is None else self.track
-        entry = ledger_entry(ctx.model, ctx.loss_fn, batch, chunk_size=self.chunk_size, group=ctx.group)
+        chunk = self.chunk_size
+        if ctx.memory is not None and not is_sharded(ctx.model):
+            # within the Lens's memory allowance: a forward pass without autograd keeps less
+            # than the activations a gradient saves, so this bounds it (on an H200 the whole
+            # batch at once took 1.0 GB beyond what was in use, 1.3x a ResNet-18's training peak)
+            if self._per_example is None:
+                self._per_example = ctx.fn.activation_bytes(1)
+            chunk = examples_within(ctx.memory, self._per_example, chunk, "the ledger's forward pass")
+        entry = ledger_entry(ctx.model, ctx.loss_fn, batch, chunk_size=chunk, group=ctx.group)
         values: dict[str, Any] = {}
         if self._ids is None:
             # under torch.distributed the entries are every rank's, in rank order

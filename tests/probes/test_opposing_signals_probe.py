@@ -61,3 +61,22 @@ def test_a_run_without_a_ledger_says_which_probe_to_attach(tmp_path):
         pass
     with pytest.raises(ValueError, match="OpposingSignals"):
         dl.opposing_signals(tmp_path)
+
+
+def test_under_a_memory_allowance_the_ledger_forward_runs_in_chunks_or_waits():
+    x, y = _planted()
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    ctx = dl.probes.Context(model=model, loss_fn=loss_fn, probe_batch=(x, y), optimizer=None, step=0)
+    whole = dl.probes.OpposingSignals().measure(ctx)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    ctx.memory = ctx.fn.activation_bytes(1) * 50  # 50 examples at a time
+    calls.clear()
+    chunked = dl.probes.OpposingSignals().measure(ctx)
+    assert calls[-4:] == [50, 50, 50, 50] and max(calls) <= 50  # (the first: its memory model's)
+    np.testing.assert_allclose(chunked["loss"].values, whole["loss"].values, rtol=1e-6)
+    np.testing.assert_array_equal(chunked["correct"].values, whole["correct"].values)
+    ctx.memory = 1
+    with pytest.raises(dl.budget.MemoryBudgetTooSmall, match="the ledger's forward pass"):
+        dl.probes.OpposingSignals().measure(ctx)

@@ -108,3 +108,22 @@ def test_each_rule_fires_on_its_planted_run_and_not_on_a_quiet_one(tmp_path, rul
     quiet = {name: [v if not isinstance(v, list) else [1.0, 1.0] for v in values][:1] * len(values)
              for name, values in series.items()}
     assert _planted(tmp_path / "b", **quiet) == []
+
+
+def test_under_a_memory_allowance_the_forward_runs_in_chunks_and_the_nlm_cosine_waits():
+    model, loss_fn, batch = tiny_problem()
+    ctx = dl.probes.Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=0)
+    whole = dl.probes.SoftmaxCollapse(nlm_every=1).measure(ctx)
+    per_example = ctx.fn.activation_bytes(1)
+    n = batch[1].shape[0]
+    # room for a third of the batch's activations at once: chunks, and no whole-batch gradient
+    ctx.memory = per_example * n // 3
+    probe = dl.probes.SoftmaxCollapse(nlm_every=1)
+    chunked = probe.measure(ctx)
+    for name in ("margin_median", "margin_min", "logit_norm_max", "fraction_float32", "log_z_mean"):
+        assert chunked[name] == pytest.approx(whole[name], rel=1e-6)
+    assert "nlm_cosine" in whole and "nlm_cosine" not in chunked
+    assert "memory allowance" in probe.notes["nlm"]
+    ctx.memory = per_example // 2  # not even one example: it waits for memory
+    with pytest.raises(dl.budget.MemoryBudgetTooSmall, match="the forward pass"):
+        dl.probes.SoftmaxCollapse().measure(ctx)
