@@ -316,13 +316,17 @@ def _linear_factors(function: ModelFunction, modules: dict[str, nn.Linear], inpu
     return factors
 
 
-def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int) -> dict[str, nn.Linear]:
+def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
+                        budget: int | None = None) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers whose kernel the structured product computes exactly, by module name.
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
     parametrised) among those differentiated, shared with no other module, the layer runs once per forward pass, and the
     gradient its factors give, Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t), matches autograd's on a few examples
-    for a random cotangent u (which catches a weight also read outside the layer's forward)."""
+    for a random cotangent u (which catches a weight also read outside the layer's forward).
+    None where that check's factors (each layer's inputs and O output gradients on two
+    examples) would take more than ``budget`` bytes: a language model's output layer alone holds
+    O·T·vocabulary numbers (13 GB for 32 outputs, 512 positions and 50,257 words)."""
     chosen = function.params
     counts: dict[int, int] = {}
     for _, p in function.model.named_parameters(remove_duplicate=False):
@@ -342,21 +346,30 @@ def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int) 
     if not candidates:
         return {}
     calls: dict[str, int] = dict.fromkeys(candidates, 0)
+    rows: dict[str, int] = dict.fromkeys(candidates, 0)  # the rows a layer's input has
 
     def counter(name: str) -> Any:
         def count(module: nn.Module, args: tuple[Any, ...]) -> None:
             calls[name] += 1
+            if args and isinstance(args[0], Tensor):
+                rows[name] = args[0].numel() // max(1, candidates[name].in_features)
         return count
 
     handles = [module.register_forward_pre_hook(counter(name)) for name, module in candidates.items()]
     try:
         sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
-        _flat_outputs(function, function.params, sample)
+        with torch.no_grad():  # counting calls: no graph
+            _flat_outputs(function, function.params, sample)
     finally:
         for handle in handles:
             handle.remove()
     candidates = {name: m for name, m in candidates.items() if calls[name] == 1}
     if not candidates:
+        return {}
+    itemsize = next(iter(chosen.values())).element_size()
+    factors_bytes = sum(rows[name] * (m.in_features + num_outputs * m.out_features) * itemsize
+                        for name, m in candidates.items())
+    if budget is not None and factors_bytes > budget:
         return {}
     factors = _linear_factors(function, candidates, sample, num_outputs)
     leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
@@ -518,7 +531,8 @@ def ntk_of(
         o, p_count = probe.shape[1], function.num_params
         itemsize = probe.element_size()
         n1, n2 = batch_size(first), batch_size(second)
-        linears = _structured_linears(function, first, o) if implementation in ("auto", "structured") else {}
+        linears = (_structured_linears(function, first, o, budget if implementation == "auto" else None)
+                   if implementation in ("auto", "structured") else {})
         covered = {f"{m}.{kind}" for m in linears for kind in ("weight", "bias")} & set(function.params)
         rest = [n for n in function.params if n not in covered]
         if implementation == "auto":

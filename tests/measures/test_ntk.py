@@ -468,3 +468,15 @@ def test_per_layer_kernels_over_several_chunks_of_one_set_sum_to_the_one_chunk_k
     torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
     for layer in whole.per_layer:
         torch.testing.assert_close(chunked.per_layer[layer], whole.per_layer[layer], rtol=1e-10, atol=1e-12)
+
+
+def test_auto_skips_the_structured_check_whose_factors_would_not_fit_memory():
+    torch.manual_seed(0)
+    # many outputs: the check's factors (each layer's inputs and 200 output gradients on two
+    # examples, ~330 KB) outweigh an NTK-vector product (a P-vector and activations, ~12 KB)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 200))
+    x = torch.randn(5, 4)
+    assert ntk_of(model, x).implementation == "structured"
+    small = ntk_of(model, x, memory=100_000)
+    assert small.implementation == "ntk_vector"
+    assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-5
