@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["PeerFailed", "lockstep", "check_peers", "agreed_status", "status_of", "decide", "agree_min",
-           "agree_mask", "all_sum", "all_max", "weighted_sum", "gather_sizes", "gather_rows",
+           "agree_mask", "agree_plan", "all_sum", "all_max", "weighted_sum", "gather_sizes", "gather_rows",
            "gather_examples", "failure_report", "rank", "world_size", "group_of", "is_sharded",
            "refuse_sharded", "NullWriter", "OK", "WAITS_FOR_MEMORY", "OUT_OF_MEMORY", "FAILED"]
 
@@ -298,6 +298,21 @@ def agree_mask(group: Any, mask: list[bool]) -> list[bool]:
     work = torch.tensor([1 if m else 0 for m in mask], dtype=torch.int64, device=_device(group))
     dist.broadcast(work, src=dist.get_global_rank(group, 0), group=group)
     return [bool(v) for v in work.tolist()]
+
+
+def agree_plan(group: Any, mask: list[bool], quiet: int) -> tuple[list[bool], int]:
+    """Rank 0's ``mask`` (which probes run now) and ``quiet`` (the steps before the time budget
+    can let any waiting probe through, during which no rank scans again: no collective at
+    those steps) on every rank, in one broadcast."""
+    if group is None:
+        return list(mask), int(quiet)
+    check_peers(group)
+    dist = _dist()
+    work = torch.tensor([1 if m else 0 for m in mask] + [int(quiet)], dtype=torch.int64,
+                        device=_device(group))
+    dist.broadcast(work, src=dist.get_global_rank(group, 0), group=group)
+    values = work.tolist()
+    return [bool(v) for v in values[:-1]], int(values[-1])
 
 
 def failure_report(group: Any, err: BaseException | None, trace: str | None) -> tuple[str, str]:

@@ -52,8 +52,8 @@ from dynlens.distributed import (
     OUT_OF_MEMORY,
     WAITS_FOR_MEMORY,
     NullWriter,
-    agree_mask,
     agree_min,
+    agree_plan,
     agreed_status,
     decide,
     failure_report,
@@ -394,6 +394,7 @@ class Lens:
         # before this clock reading no waiting probe can fit the time budget (see _run_due):
         # step() then skips the scan of the waiting probes, its main cost on a host
         self._resume_at = -math.inf
+        self._resume_step = 0  # under torch.distributed: the same on every rank (rank 0's)
         self._memory_checked: tuple[int, int | None] | None = None  # (step, allowance) last read
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         before = self.memory.in_use()
@@ -525,7 +526,7 @@ class Lens:
             if probe.name not in self._disabled and probe.name not in self._waiting and probe.due(step):
                 self._waiting[probe.name] = step
                 urgent = urgent or self._exempt(probe)
-        if self._waiting and (urgent or start >= self._resume_at):
+        if self._waiting and (urgent or (start >= self._resume_at and step >= self._resume_step)):
             self._run_due(self._context(), loss=value)
         self._prepare_next()
         if self._held_before is not _IDLE:
@@ -557,7 +558,7 @@ class Lens:
             return False
         if self._exempt(probe):
             return True
-        if self.budget.clock() + self._step_seconds < self._resume_at:
+        if nxt < self._resume_step or self.budget.clock() + self._step_seconds < self._resume_at:
             return False  # the budget has no room for any waiting probe by then
         return self.budget.fits(probe.name, probe.predicted_seconds, ahead=self._step_seconds)
 
@@ -598,9 +599,9 @@ class Lens:
             else:
                 # were cheaper probes behind it let through, they would spend the budget as fast
                 # as it accrues and a costly probe would never run
-                if not blocked and self.group is None:
+                if not blocked:
                     # nothing can run before the budget has room for this one (under
-                    # torch.distributed every rank must scan at the same steps: no skipping)
+                    # torch.distributed rank 0's estimate, in steps, goes to every rank below)
                     self._resume_at = self.budget.clock() + self.budget.time_to_fit(
                         self.budget.predicted(name, probe.predicted_seconds))
                 blocked = True
@@ -608,7 +609,17 @@ class Lens:
                     self.budget.defer(name)  # counted once, when it first has to wait
         if self.group is not None and any(not self._exempt(self.probes[order[n]]) for n in self._waiting):
             # under torch.distributed every rank runs what rank 0's budget lets through
-            chosen = agree_mask(self.group, [p in runnable for p in self.probes])
+            # and, when nothing runs, the steps until something can: no rank scans (nor meets
+            # the others in a collective) before then
+            quiet = 0
+            if not runnable and self._step_seconds > 0 and self._resume_at > self.budget.clock():
+                quiet = int((self._resume_at - self.budget.clock()) / self._step_seconds)
+            meeting = self.budget.clock()
+            chosen, quiet = agree_plan(self.group, [p in runnable for p in self.probes], quiet)
+            # waiting there for a slower rank is data parallelism's time, not the Lens's
+            self._waited += self.budget.clock() - meeting
+            self._resume_step = ctx.step + quiet
+            self._resume_at = -math.inf
             runnable = sorted((p for p, run in zip(self.probes, chosen, strict=True) if run),
                               key=lambda p: (self._waiting.get(p.name, ctx.step), order[p.name]))
         if not runnable:

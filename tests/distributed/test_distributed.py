@@ -33,7 +33,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One launch of both ranks for the whole module (each process imports torch and dynlens:
     most of the time), bounded by a timeout: a hang fails here instead of waiting forever."""
     path = str(tmp_path_factory.mktemp("ddp"))
-    codes = workers.launch(path, "measurements,lens,fsdp", world=2, timeout=170)
+    codes = workers.launch(path, "measurements,lens,fsdp,quiet", world=2, timeout=170)
     errors = [open(os.path.join(path, f)).read() for f in sorted(os.listdir(path)) if f.startswith("error-")]
     assert codes == [0, 0], f"exit codes {codes}; " + "\n".join(errors)
     return path
@@ -158,3 +158,11 @@ def test_a_measurement_failing_on_one_rank_raises_on_all(out: str) -> None:
     assert raised[0].startswith("PeerFailed") and "another rank" in raised[0]
     assert raised[1].startswith("ValueError") and "non-finite loss" in raised[1]
     _close(found["failure"]["after"], found["single"]["eigenvalues"])
+
+
+def test_between_the_steps_the_budget_allows_no_rank_meets_the_others(out: str) -> None:
+    ranks = [json.load(open(os.path.join(out, f"quiet-{r}.json"))) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # the same measurements on both ranks
+    assert len(ranks[0]["steps"]) >= 2
+    # without skipping, every one of the 600 steps would broadcast rank 0's plan
+    assert ranks[0]["plans"] == ranks[1]["plans"] <= 10 * len(ranks[0]["steps"])

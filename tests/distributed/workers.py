@@ -189,6 +189,54 @@ def lens_run(rank: int, world: int, group: object, out: str) -> None:
                    "writer": type(lens.writer).__name__}, f)
 
 
+class Sleepy(dl.probes.Probe):
+    """A probe whose measurement takes 50 ms of wall time, wanted at every step."""
+
+    name = "sleepy"
+    pure = True
+
+    def __init__(self) -> None:
+        super().__init__(every=1)
+        self.steps: list[int] = []
+
+    def measure(self, ctx: dl.probes.Context) -> dict:
+        import time
+
+        time.sleep(0.05)
+        self.steps.append(ctx.step)
+        return {"value": 1.0}
+
+
+def quiet_run(rank: int, world: int, group: object, out: str) -> None:
+    """A probe the 5% budget defers for ~200 steps at a time: the ranks agree on which steps
+    it runs, and between them no rank scans the waiting probes, so no collective is made."""
+    import time
+
+    import dynlens.lens
+
+    plans = [0]
+    agree = dynlens.lens.agree_plan
+
+    def counted(*args: object, **kwargs: object) -> object:
+        plans[0] += 1
+        return agree(*args, **kwargs)
+
+    dynlens.lens.agree_plan = counted
+    model = _model()
+    probe = Sleepy()
+    x, y = _batch()
+    lens = dl.Lens(model, nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
+                   run_dir=os.path.join(out, "quiet_run"), probes=[probe], basic=False, group=group)
+    for _ in range(600):
+        time.sleep(0.01)
+        lens.step()
+    lens.close()
+    dynlens.lens.agree_plan = agree
+    with open(os.path.join(out, f"quiet-{rank}.json"), "w") as f:
+        json.dump({"steps": probe.steps, "plans": plans[0], "lens": lens.budget.lens_seconds,
+                   "probes": lens.budget.probe_seconds, "wall": lens.budget.elapsed()}, f)
+
+
 def fsdp_run(rank: int, world: int, group: object, out: str) -> None:
     """FSDP2 (``fully_shard``): the loss ledger across ranks equals the unsharded model's on the
     whole batch; a Lens runs the ledger and softmax collapse, refuses the Hessian with its message,
@@ -231,7 +279,8 @@ def _main(rank: int, world: int, out: str, scenarios: list[str]) -> None:
     try:
         group = dist.group.WORLD
         for scenario in scenarios:
-            {"measurements": measurements, "lens": lens_run, "fsdp": fsdp_run}[scenario](rank, world, group, out)
+            {"measurements": measurements, "lens": lens_run, "fsdp": fsdp_run,
+             "quiet": quiet_run}[scenario](rank, world, group, out)
     except BaseException:
         with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
