@@ -137,12 +137,22 @@ class NTK(Probe):
             values["velocity"] = kernel_distance(kernel, self._previous[1]) / (ctx.step - self._previous[0])
         self._previous = (ctx.step, kernel)
         y = self._targets(targets)
-        if y is not None and len(y) == kernel.shape[0]:
-            values["alignment"] = kernel_target_alignment(kernel, y)
+        if y is not None and len(y) != kernel.shape[0]:
+            y = None
+        # examples whose class target is negative (padding, ignore_index=-100) have no class:
+        # the alignment is over the others
+        keep = None if y is None or y.is_floating_point() else y >= 0
+        if keep is not None:
+            y = y[keep]
+        else:
+            keep = torch.ones(kernel.shape[0], dtype=torch.bool)
+        if y is not None and len(y) >= 2:
+            values["alignment"] = kernel_target_alignment(kernel[keep][:, keep], y)
             if result.per_layer:
                 names = tuple(name.removeprefix("model.").removeprefix("model") or "(root)"
                               for name in result.per_layer)
-                aligned = [kernel_target_alignment(k.detach().double().cpu(), y) for k in result.per_layer.values()]
+                aligned = [kernel_target_alignment(k.detach().double().cpu()[keep][:, keep], y)
+                           for k in result.per_layer.values()]
                 values["alignment_per_layer"] = Labelled(np.asarray(aligned, dtype=np.float64), names)
         return values
 

@@ -50,6 +50,19 @@ def test_the_probe_tracks_distance_velocity_and_alignment_of_the_kernel(tmp_path
         assert draw(run) is not None
 
 
+def test_examples_with_an_ignored_target_are_left_out_of_the_alignment():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    y[[2, 7]] = -100  # padding: no class
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    values = dl.probes.NTK(n=12).measure(ctx)
+    kernel = _jacobian_kernel(model, x)
+    keep = y >= 0
+    assert values["alignment"] == pytest.approx(kernel_target_alignment(kernel[keep][:, keep], y[keep]), rel=1e-6)
+    assert values["trace"] == pytest.approx(float(kernel.diagonal().sum()), rel=1e-6)  # every example
+
+
 def test_many_outputs_are_projected_and_a_sequence_model_is_measured_at_its_last_position(tmp_path):
     class Sequence(nn.Module):
         def __init__(self) -> None:
