@@ -15,10 +15,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynlens.batches import batch_size, slice_examples, split_batch
 from dynlens.lens import Lens
 from dynlens.probes.base import Probe
 
-__all__ = ["LensSettings", "close_lens", "stop_lens"]
+__all__ = ["LensSettings", "close_lens", "stop_lens", "data_parallel_group", "shard_of"]
+
+
+def data_parallel_group() -> Any:
+    """The default process group when this process is one of several data-parallel processes
+    (``torch.distributed`` initialised with more than one process), else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def shard_of(batch: Any, group: Any) -> Any:
+    """This rank's part of ``batch``: the examples split in contiguous shards, in rank order (so
+    the shards, concatenated, are the whole batch, which is what every measurement over
+    ``group`` measures)."""
+    dist = torch.distributed
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    inputs, _ = split_batch(batch)
+    n = batch_size(inputs)
+    start, stop = n * rank // world, n * (rank + 1) // world
+    return slice_examples(batch, start, stop)
 
 
 class LensSettings:
@@ -78,10 +100,19 @@ class LensSettings:
 
     def lens(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], probe_batch: Any,
              optimizer: torch.optim.Optimizer | None) -> Lens:
-        """A new Lens on ``model`` with these settings (measures step 0 now)."""
+        """A new Lens on ``model`` with these settings (measures step 0 now). In a data-parallel
+        run (several processes; :func:`data_parallel_group`) every rank makes one over the
+        default group with its shard of the probe batch, unless ``group=`` was given: the
+        measurements are the whole probe batch's and rank 0 alone writes the run."""
+        kwargs = dict(self.lens_kwargs)
+        if "group" not in kwargs:
+            group = data_parallel_group()
+            if group is not None:
+                kwargs["group"] = group
+                probe_batch = shard_of(probe_batch, group)
         return Lens(model, loss_fn, probe_batch, optimizer=optimizer, run_dir=self.run_dir,
                     probes=self.probes, name=self.name, config=self.config, budget=self.budget,
-                    memory_budget=self.memory_budget, **self.lens_kwargs)
+                    memory_budget=self.memory_budget, **kwargs)
 
 
 def _lens_keywords() -> set[str]:
@@ -97,8 +128,9 @@ def close_lens(lens: Lens | None, settings: LensSettings) -> str | None:
     if lens is None:
         return None
     lens.close()
-    if not settings.report:
-        return None
+    group = getattr(lens, "group", None)
+    if not settings.report or (group is not None and torch.distributed.get_rank(group) != 0):
+        return None  # under torch.distributed rank 0 alone wrote the run
     import dynlens
 
     try:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlens.budget import DEFAULT_BUDGET
-from dynlens.integrations._common import LensSettings, close_lens
+from dynlens.integrations._common import LensSettings, close_lens, data_parallel_group
 from dynlens.lens import Lens
 from dynlens.probes.base import Probe
 
@@ -188,9 +188,12 @@ class DynlensCallback(TrainerCallback):
     OpposingSignals here, whatever the loss: its per-example losses need a model whose output
     is a Tensor, and Hugging Face models return a ``ModelOutput``.
 
-    Distributed runs: only the process of global rank 0 (``args.process_index == 0``) makes
-    a Lens and measures (on its own probe batch); the callback does nothing on the other ranks,
-    and the loss recorded is rank 0's.
+    Data-parallel runs (``torch.distributed`` initialised with several processes, as
+    ``torchrun``/accelerate launch them): every rank makes a Lens over the default process
+    group with its contiguous shard of ``probe_batch`` (pass the same whole batch on every
+    rank), so each measurement is the whole probe batch's, computed across the ranks; rank 0
+    alone writes the run and the report; the loss recorded is rank 0's. Otherwise only global
+    rank 0 (``args.process_index == 0``) makes a Lens.
 
     Args:
         probe_batch: the fixed batch the probes measure on (moved to the model's device). Without
@@ -205,7 +208,8 @@ class DynlensCallback(TrainerCallback):
             ``overwrite``, ``max_failures``, ...).
 
     Attributes:
-        lens: the Lens of the run (None before training begins and on ranks other than 0).
+        lens: the Lens of the run (None before training begins, and on ranks other than 0
+            outside a data-parallel run).
         report_path: the report's path once written, else None.
 
     Raises:
@@ -264,7 +268,7 @@ class DynlensCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         """Make the Lens on the Trainer's model and optimizer; measure step 0."""
-        if not _is_rank_zero(args, state):
+        if not _is_rank_zero(args, state) and data_parallel_group() is None:
             return
         if self._started:
             raise RuntimeError(

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dynlens.budget import DEFAULT_BUDGET
-from dynlens.integrations._common import LensSettings, close_lens, stop_lens
+from dynlens.integrations._common import LensSettings, close_lens, data_parallel_group, stop_lens
 from dynlens.lens import Lens
 from dynlens.probes.base import Probe
 
@@ -56,8 +56,12 @@ class DynlensCallback(pl.Callback):
     raises or is interrupted (Ctrl-C), the run records why and is closed without the final
     measurements.
 
-    Distributed runs: only the process of global rank 0 makes a Lens and measures (on its own
-    model replica and its own probe batch); the callback does nothing on the other ranks.
+    Data-parallel runs (``torch.distributed`` initialised, several processes, e.g. the DDP
+    strategy): every rank makes a Lens over the default process group with its contiguous
+    shard of ``probe_batch`` (pass the same whole batch on every rank), so each measurement is
+    the whole probe batch's, computed across the ranks; rank 0 alone writes the run and the
+    report; the loss recorded is rank 0's. Pass ``group=`` to choose the group (and then pass
+    each rank its own shard). Otherwise only global rank 0 makes a Lens.
 
     One callback records one run: use a new callback (and ``run_dir``) for each ``fit``.
 
@@ -73,7 +77,8 @@ class DynlensCallback(pl.Callback):
             ``overwrite``, ``max_failures``, ...).
 
     Attributes:
-        lens: the Lens of the run (None before training starts and on ranks other than 0).
+        lens: the Lens of the run (None before training starts, and on ranks other than 0
+            outside a data-parallel run).
         report_path: the report's path once written, else None.
 
     Raises:
@@ -125,7 +130,7 @@ class DynlensCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Make the Lens on the module and the trainer's optimizer; measure step 0."""
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and data_parallel_group() is None:
             return
         if self._started:
             raise RuntimeError(

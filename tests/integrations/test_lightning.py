@@ -177,3 +177,23 @@ def test_other_ranks_do_nothing(tmp_path: Path) -> None:
     callback.on_train_end(trainer, module)
     assert callback.lens is None
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_under_ddp_every_rank_measures_its_shard_and_the_run_holds_the_whole_batchs_values(tmp_path: Path) -> None:
+    x, y = _data(16)
+    callback = DynlensCallback((x, y), F.cross_entropy, run_dir=tmp_path / "run", basic=False, budget=None,
+                               probes=[dl.probes.Hessian(every=2, lambda_min=False, trace=False, tol=1e-6)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(64)), batch_size=8)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         devices=2, strategy="ddp_spawn")
+    trainer.fit(Tiny(), loader)
+    run = dl.load_run(tmp_path / "run")
+    # step 0: the initial module, the whole probe batch (each rank held 8 of the 16 examples)
+    whole = dl.hessian_eigenvalues(Tiny(), F.cross_entropy, (x, y), tol=1e-8).max
+    half = dl.hessian_eigenvalues(Tiny(), F.cross_entropy, (x[:8], y[:8]), tol=1e-8).max
+    assert run.series("hessian", "sharpness")[0] == pytest.approx(whole, rel=1e-4)
+    assert abs(whole - half) > 1e-3 * whole  # the shards alone would have measured another value
+    assert run.last_step == 2
