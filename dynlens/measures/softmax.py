@@ -140,7 +140,8 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
     # a row can collapse in d only when its top two logits are at least d's absorption margin
     # minus 1 apart (else exp(-gap) > e·2^-p survives the sum): the recipe runs on those rows
     # only, the others are counted as not collapsed (exactly what the recipe gives them)
-    top2 = rows.topk(min(2, rows.shape[1]), dim=1).values.float()
+    top = rows.topk(min(2, rows.shape[1]), dim=1)
+    top2 = top.values.float()
     gap = (top2[:, 0] - top2[:, 1]) if rows.shape[1] > 1 else torch.full_like(top2[:, 0], math.inf)
 
     def share(d: torch.dtype, test: Callable[[Tensor, Tensor], Tensor]) -> float:
@@ -155,8 +156,13 @@ def softmax_collapse(logits: Tensor, targets: Tensor, dtype: torch.dtype = torch
     zero = share(dtype, lambda r, lab: F.cross_entropy(r.to(dtype), lab, reduction="none") == 0)
     wide = rows.double() if rows.dtype == torch.float64 else rows.float()  # margins to ~1e-6 of 100
     correct = wide.gather(1, labels[:, None]).squeeze(1)
-    others = wide.scatter(1, labels[:, None], -math.inf).max(dim=1).values if wide.shape[1] > 1 \
-        else torch.full_like(correct, -math.inf)
+    # the largest other logit from the top two (no pass over the classes): the second where the
+    # label holds the first place, else the first (a tie with the label gives a margin of 0)
+    if wide.shape[1] > 1:
+        values = top.values.to(wide.dtype)
+        others = torch.where(top.indices[:, 0] == labels, values[:, 1], values[:, 0])
+    else:
+        others = torch.full_like(correct, -math.inf)
     margins = (correct - others).cpu().numpy()
     norms = torch.linalg.vector_norm(wide, dim=1).cpu().numpy()
     log_z = torch.logsumexp(wide, dim=1).cpu().numpy()

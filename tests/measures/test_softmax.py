@@ -164,3 +164,15 @@ def test_counting_only_rows_that_could_collapse_equals_the_recipe_on_every_row()
     zero = (F.cross_entropy(logits.float(), targets, reduction="none") == 0).double().mean()
     assert result.zero_loss_fraction == pytest.approx(float(zero), abs=1e-12)
     assert 0 < result.by_dtype["float32"] < result.by_dtype["bfloat16"]
+
+
+@pytest.mark.parametrize(("row", "label", "margin"), [
+    ([2.0, 2.0, 1.0], 0, 0.0),   # tied with another class: no margin
+    ([2.0, 2.0, 1.0], 1, 0.0),
+    ([2.0, 2.0, 1.0], 2, -1.0),  # below both
+    ([3.0, 1.0, 0.0], 0, 2.0),   # the label first: its lead over the second
+    ([0.0, 1.0, 3.0], 0, -3.0),
+])
+def test_the_margin_is_the_labels_logit_less_the_largest_other(row, label, margin):
+    result = dl.softmax_collapse(torch.tensor([row]), torch.tensor([label]))
+    assert result.margin_min == pytest.approx(margin)
