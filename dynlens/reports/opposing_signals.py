@@ -24,7 +24,7 @@ from dynlens.reports.style import (
 from dynlens.rules.opposing_signals import (
     MIN_MEASUREMENTS,
     data_map,
-    opposing_signals,
+    pairs_of,
     stored_ledger,
 )
 
@@ -37,16 +37,18 @@ MAX_PAIRS = 3
 @figure(OpposingSignals, "Opposing groups")
 def plot_opposing_groups(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | None = None) -> Figure | None:
     """For the first run with a ledger: each opposing pair's two groups' mean losses over steps
-    (up to three pairs), with the training loss on the same step axis."""
+    (up to three pairs), with the training loss and, where the Hessian probe ran, λ_max (its own
+    scale, right) on the same step axis."""
     runs, findings = runs_and_findings(runs, findings)
     for run in runs:
-        ledger = stored_ledger(run, MIN_MEASUREMENTS)
-        if ledger is None:
+        if stored_ledger(run, MIN_MEASUREMENTS) is None:
             continue
-        pairs = opposing_signals(ledger)[:MAX_PAIRS]
+        pairs = pairs_of(run)[:MAX_PAIRS]
         if not pairs:
             return None
         loss = run.series(TRAINING, "loss")
+        sharpness = (run.series("hessian", "sharpness").dropna() if "hessian" in run.probes()
+                     else loss.iloc[:0])
         with report_style():
             fig, axes = new_figure("Opposing groups: mean loss of each group", nrows=len(pairs), height=2.8)
             for ax, pair in zip(axes[:, 0], pairs, strict=True):
@@ -55,6 +57,11 @@ def plot_opposing_groups(runs: RunLike | Sequence[RunLike], findings: Sequence[F
                 if not loss.empty:
                     plot_line(ax, loss.index.to_numpy(), loss.to_numpy(), color="#7F8C8D", label="training loss")
                 ax.set_ylabel("loss")
+                if not sharpness.empty:  # λ_max on the same step axis, its own scale
+                    twin = ax.twinx()
+                    plot_line(twin, sharpness.index.to_numpy(), sharpness.to_numpy(), color=COLORS[2],
+                              label="λ_max")
+                    twin.set_ylabel("λ_max", color=COLORS[2])
                 ax.set_title(f"ρ = {pair.correlation:.2f}, p = {pair.p_value:.2g}", loc="left")
                 mark_findings(ax, findings, PROBE)
                 ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))

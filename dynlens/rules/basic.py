@@ -53,21 +53,29 @@ def _episodes(steps: np.ndarray, gap: int) -> list[tuple[int, int, np.ndarray]]:
 
 
 
+def spike_ratios(run: Run) -> pd.Series:
+    """The steps whose training loss exceeds ``SPIKE_FACTOR`` × the running median of the
+    ``SPIKE_WINDOW`` losses before them (at least ``SPIKE_MIN_HISTORY``, median > 0), with that
+    ratio; empty when there are none (or too few losses)."""
+    loss = run.series(TRAINING, "loss")
+    if len(loss) <= SPIKE_MIN_HISTORY:
+        return pd.Series(dtype=float)
+    finite = loss.where(np.isfinite(loss))
+    median = finite.rolling(SPIKE_WINDOW, min_periods=SPIKE_MIN_HISTORY).median().shift(1)
+    ratio = finite / median.where(median > 0)
+    return ratio[ratio > SPIKE_FACTOR]
+
+
 @rule("loss_spike", probe=TRAINING)
 def loss_spike(run: Run) -> Iterator[Finding]:
     """Steps whose loss exceeds SPIKE_FACTOR × the running median of the SPIKE_WINDOW losses
     before them (at least SPIKE_MIN_HISTORY of them, median > 0). Nearby spike steps (within
     SPIKE_MERGE_GAP) form one episode; the MAX_SPIKE_FINDINGS largest episodes are reported,
     the rest summarised in one finding."""
-    loss = run.series(TRAINING, "loss")
-    if len(loss) <= SPIKE_MIN_HISTORY:
-        return
-    finite = loss.where(np.isfinite(loss))
-    median = finite.rolling(SPIKE_WINDOW, min_periods=SPIKE_MIN_HISTORY).median().shift(1)
-    ratio = finite / median.where(median > 0)
-    spikes = ratio[ratio > SPIKE_FACTOR]
+    spikes = spike_ratios(run)
     if spikes.empty:
         return
+    loss = run.series(TRAINING, "loss")
     episodes = []
     for first, last, steps in _episodes(spikes.index.to_numpy(), SPIKE_MERGE_GAP):
         peak_step = int(spikes.loc[steps].idxmax())
@@ -79,7 +87,7 @@ def loss_spike(run: Run) -> Iterator[Finding]:
             title=f"Loss spike at {where}: {peak_ratio:.1f}× the running median",
             severity="warning", steps=(first, last), probe=TRAINING,
             evidence={"peak_step": peak, "loss": _g(loss[peak]),
-                      "running_median": _g(median[peak]), "ratio": _g(peak_ratio),
+                      "running_median": _g(loss[peak] / peak_ratio), "ratio": _g(peak_ratio),
                       "threshold_factor": SPIKE_FACTOR, "window_steps": SPIKE_WINDOW},
             reference=_SPIKE_REFERENCE,
             suggestion=(

@@ -4,6 +4,13 @@ Swayamdipta et al. 2020; Toneva et al. 2019).
 
 * ``opposing_groups``: :func:`dynlens.measures.opposing.opposing_signals` reports a pair (its
   permutation test at p ≤ 0.01 and the groups' loss changes anti-correlated at ρ ≤ −0.5).
+* ``spike_with_opposing_groups``: a loss spike (the ``loss_spike`` rule's) within
+  ``SPIKE_NEAR`` steps of a step where an opposing pair's losses moved in opposite directions:
+  the pair is a candidate cause of the spike (Rosenfeld & Risteski 2024, §4).
+* ``opposing_groups_while_sharpening``: the Hessian probe's λ_max rose by at least
+  ``SHARPENING_RISE`` (50%) over an opposing pair's steps, or crossed the optimizer's stability
+  threshold there (``sharpness_ratio`` ≥ 1): the paper relates the pairs' balance to progressive
+  sharpening and the edge of stability.
 * ``forgotten_examples``: at least ``FORGOTTEN_SHARE`` (5%) of the tracked examples were
   learnt and then forgotten at least ``FORGOTTEN_EVENTS`` (2) times, or never learnt: likely
   label noise or ambiguous examples (Toneva et al. 2019).
@@ -20,15 +27,20 @@ from dynlens.diagnose import Finding, evidence_number, rule
 from dynlens.measures.opposing import Ledger, OpposingPair
 from dynlens.measures.opposing import data_map as _data_map
 from dynlens.measures.opposing import opposing_signals as _opposing_signals
+from dynlens.probes.hessian import Hessian
 from dynlens.probes.opposing_signals import OpposingSignals
+from dynlens.rules.basic import spike_ratios
 from dynlens.store import Run, load_run
 
-__all__ = ["ledger_of", "stored_ledger", "opposing_signals", "data_map"]
+__all__ = ["ledger_of", "stored_ledger", "pairs_of", "opposing_signals", "data_map"]
 
 PROBE = OpposingSignals.name
+HESSIAN = Hessian.name
 MIN_MEASUREMENTS = 8  # fewer ledger rows than this: too short to read oscillations or forgetting from
 FORGOTTEN_SHARE = 0.05
 FORGOTTEN_EVENTS = 2
+SPIKE_NEAR = 2  # steps between a loss spike and a step where the pair moved in opposite directions
+SHARPENING_RISE = 1.5
 
 _ROSENFELD = ("Rosenfeld & Risteski 2024, \"Outliers with Opposing Signals Have an Outsized Effect on "
               "Neural Network Optimization\" (ICLR)")
@@ -83,13 +95,26 @@ def stored_ledger(run: Run, minimum: int) -> Ledger | None:
     return ledger_of(run)
 
 
+def pairs_of(run: Run) -> list[OpposingPair]:
+    """The run's opposing pairs (none without a ledger of ``MIN_MEASUREMENTS``), found once for
+    the run as it stands: the rules and the figure share them (the detection's permutation test
+    is the costly part of a report)."""
+    def find() -> list[OpposingPair]:
+        ledger = stored_ledger(run, MIN_MEASUREMENTS)
+        return [] if ledger is None else opposing_signals(ledger)
+
+    return run._kept(("opposing_pairs",), find)
+
+
+def _pair_evidence(pair: OpposingPair) -> dict[str, Any]:
+    return {"group_a_size": len(pair.group_a), "group_b_size": len(pair.group_b),
+            "correlation": evidence_number(pair.correlation), "p_value": evidence_number(pair.p_value)}
+
+
 @rule("opposing_groups", probe=OpposingSignals)
 def opposing_groups(run: Run) -> Iterator[Finding]:
     """One finding per pair of opposing groups (module docstring)."""
-    ledger = stored_ledger(run, MIN_MEASUREMENTS)
-    if ledger is None:
-        return
-    for pair in opposing_signals(ledger):
+    for pair in pairs_of(run):
         first, last = (int(pair.steps[0]), int(pair.steps[-1])) if len(pair.steps) else (0, run.last_step)
         yield Finding(
             title=(f"Opposing signals: {len(pair.group_a)} and {len(pair.group_b)} examples whose losses "
@@ -103,6 +128,67 @@ def opposing_groups(run: Run) -> Iterator[Finding]:
             suggestion=("These groups pull the weights in opposite directions; their balance can make the loss "
                         "oscillate and spike at large step sizes. Look at what the groups share; a smaller "
                         "learning rate or warm-up, or SAM/gradient clipping, damps the oscillation."),
+        )
+
+
+@rule("spike_with_opposing_groups", probe=OpposingSignals)
+def spike_with_opposing_groups(run: Run) -> Iterator[Finding]:
+    """A loss spike next to a step where an opposing pair moved apart (module docstring)."""
+    pairs = pairs_of(run)
+    if not pairs:
+        return
+    spikes = spike_ratios(run)
+    for step, ratio in spikes.items():
+        for index, pair in enumerate(pairs):
+            moved = np.asarray(pair.oscillation_steps, dtype=np.int64)
+            near = moved[np.abs(moved - int(step)) <= SPIKE_NEAR]
+            if len(near) == 0:
+                continue
+            yield Finding(
+                title=(f"The loss spike at step {int(step)} comes as {len(pair.group_a)} and "
+                       f"{len(pair.group_b)} opposing examples move against each other"),
+                severity="warning", steps=(int(near.min()), int(near.max())),
+                evidence={"spike_step": int(step), "spike_ratio": evidence_number(float(ratio)),
+                          "pair": index, "opposite_moves": [int(s) for s in near], **_pair_evidence(pair)},
+                reference=_ROSENFELD,
+                suggestion=("The spike is likely these groups' tug of war: a step that lowers one group's loss "
+                            "raises the other's. Look at the feature they share (the report's groups); a "
+                            "smaller learning rate, warm-up or gradient clipping damps it."),
+            )
+            break  # one pair per spike: the strongest (pairs come most significant first)
+
+
+@rule("opposing_groups_while_sharpening", probe=OpposingSignals)
+def opposing_groups_while_sharpening(run: Run) -> Iterator[Finding]:
+    """λ_max rising or crossing its threshold over an opposing pair's steps (module docstring)."""
+    pairs = pairs_of(run)
+    if not pairs or HESSIAN not in run.probes():
+        return
+    sharpness = run.series(HESSIAN, "sharpness").dropna()
+    ratio = run.series(HESSIAN, "sharpness_ratio").dropna() if "sharpness_ratio" in run.scalar_names(HESSIAN) \
+        else None
+    for index, pair in enumerate(pairs):
+        first, last = int(pair.steps[0]), int(pair.steps[-1])
+        inside = sharpness[(sharpness.index >= first) & (sharpness.index <= last)]
+        before = sharpness[sharpness.index <= first]
+        start = before.iloc[-1] if len(before) else (inside.iloc[0] if len(inside) else None)
+        if start is None or len(inside) == 0 or not start > 0:
+            continue
+        rise = float(inside.max()) / float(start)
+        crossed = ratio is not None and bool((ratio[(ratio.index >= first) & (ratio.index <= last)] >= 1).any())
+        if rise < SHARPENING_RISE and not crossed:
+            continue
+        yield Finding(
+            title=(f"Sharpness rose ×{rise:.1f}" + (" past the stability threshold" if crossed else "")
+                   + f" while {len(pair.group_a)} and {len(pair.group_b)} examples pulled in opposite directions"),
+            severity="info", steps=(first, last),
+            evidence={"pair": index, "sharpness_start": evidence_number(float(start)),
+                      "sharpness_max": evidence_number(float(inside.max())), "crossed_threshold": crossed,
+                      **_pair_evidence(pair)},
+            reference=_ROSENFELD,
+            suggestion=("The paper ties opposing groups to progressive sharpening and the edge of stability: the "
+                        "network grows sharp along the direction that separates them. Compare the pair's "
+                        "oscillation steps with the sharpness figure; a smaller step size keeps both stable."),
         )
 
 
