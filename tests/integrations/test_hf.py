@@ -166,3 +166,28 @@ def test_other_ranks_do_nothing(tmp_path: Path) -> None:
     callback.on_train_end(args, state, None, model=model)
     assert callback.lens is None
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_under_torchrun_every_rank_measures_its_shard_and_the_run_holds_the_whole_batchs_values(tmp_path: Path) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(worker), str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["group"] and result["last_step"] == 2
+    # step 0: the initial model on the whole probe batch, each rank holding 4 of its 8 sequences
+    assert result["sharpness"]["0"] == pytest.approx(result["whole"], rel=1e-4)
+    assert abs(result["whole"] - result["half"]) > 1e-3 * result["whole"]
