@@ -389,6 +389,7 @@ class Lens:
         self._device_scalars = _DeviceScalars(self.writer)
         self._held_before: Any = _IDLE  # device memory in use when the probes began this step
         self._waited = 0.0  # seconds this call waited for training's queued device work
+        self._worked = False  # whether this call of step() ran a probe's measure or prepare
         self._step_started: float | None = None  # the clock when step() was last called
         self._step_seconds = 0.0  # the wall time between the last two calls of step()
         # before this clock reading no waiting probe can fit the time budget (see _run_due):
@@ -499,6 +500,8 @@ class Lens:
         if self.closed:
             raise RuntimeError("lens.step() after lens.close(); create a new Lens for a new run")
         start, measured = self.budget.clock(), self.budget.probe_seconds
+        busy = self._device_busy()
+        self._worked = False
         if self._step_started is not None:
             self._step_seconds = start - self._step_started  # one step of training and the Lens
         self._step_started = start
@@ -533,9 +536,20 @@ class Lens:
             self.memory.retain(self._held_before)  # what the probes kept since they began
             self._held_before = _IDLE
         self.writer.commit()
-        # the Lens's own time: this call less its measurements and the wait for training's queued work
-        self.budget.overhead(self.budget.clock() - start - self._waited
-                             - (self.budget.probe_seconds - measured))
+        # the Lens's own time: this call less its measurements and the wait for training's queued
+        # work; none at all when the device was busy with training's queued work from the call's
+        # start to its end and the call gave it no work of its own: the host ran ahead of the
+        # GPU, and the wall time is the GPU's (a GPU job's steps mostly return so)
+        own = self.budget.clock() - start - self._waited - (self.budget.probe_seconds - measured)
+        if busy and not self._worked and self._device_busy():
+            own = 0.0
+        self.budget.overhead(own)
+
+    def _device_busy(self) -> bool:
+        """Whether the model's device still has queued work on the current stream (a CUDA
+        stream query, which does not wait); False off CUDA, where the host does the work."""
+        device = self.model_device
+        return device.type == "cuda" and not torch.cuda.current_stream(device).query()
 
     def _prepare_next(self, ctx: Context | None = None) -> None:
         nxt = self.step_count + 1
@@ -543,6 +557,7 @@ class Lens:
             if probe.name in self._disabled:
                 continue
             if (probe.due(nxt) or probe.name in self._waiting) and self._may_run_next(probe, nxt):
+                self._worked = True
                 self._probes_begin()
                 ctx = ctx or self._context()
                 self._guarded(probe, "prepare", lambda p=probe, c=ctx: p.prepare(c))
@@ -624,6 +639,7 @@ class Lens:
                               key=lambda p: (self._waiting.get(p.name, ctx.step), order[p.name]))
         if not runnable:
             return
+        self._worked = True
         self._probes_begin()
         timed = any(not self._exempt(p) for p in runnable)
         if timed:

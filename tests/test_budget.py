@@ -165,6 +165,21 @@ class Prepared(Costly):
         return super().measure(ctx)
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_the_lens_own_time_is_free_while_the_device_is_busy_with_training(tmp_path, clock, monkeypatch, busy):
+    # each step()'s bookkeeping takes 2 ms of host time; a device still running training's queued
+    # work at the call's start and end hides it (a GPU job), an idle one (the CPU) does not
+    monkeypatch.setattr(dl.Lens, "_device_busy", lambda self: busy)
+    probe = Costly(clock, seconds=1.0, every=500)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    commit = lens.writer.commit
+    monkeypatch.setattr(lens.writer, "commit", lambda: (clock.advance(0.002), commit()))
+    run_steps(lens, clock, 2000, 0.1)
+    own = lens.costs().set_index("probe").loc["lens", "seconds"]
+    worked = len(probe.steps)  # calls that ran a measurement pay their host time anyway
+    assert own == pytest.approx(0.002 * (worked - 1) if busy else 0.002 * 2000, abs=0.0021)
+
+
 def test_a_probe_the_budget_defers_prepares_only_before_steps_it_can_run(tmp_path, clock):
     probe = Prepared(clock, seconds=1.0, every=10)
     lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
