@@ -12,7 +12,9 @@ measurements at step 0 run regardless: they are the initial state the run is com
 what they cost is paid back by the measurements deferred after them. ``lens_seconds`` is the
 Lens's own host time outside measurements (``lens.step()``'s bookkeeping, the basic probes,
 writing the run database): the budget bounds everything dynlens adds, so the probes get what
-the Lens leaves. ``share=None`` runs every
+the Lens leaves. Its waits on training's queued GPU work are training's time, and a call of
+``step()`` that runs no probe while the GPU stays busy with training's work throughout costs no
+wall time (the host was ahead of the device): neither is counted. ``share=None`` runs every
 probe exactly on schedule. The clock is the host's; the Lens synchronises the device only
 around measurements, so that between them the host's clock may run ahead of the device by the
 work queued on it, which makes the share read slightly high (deferring a little early), never low.
