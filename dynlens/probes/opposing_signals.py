@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from torch import Tensor
 
 from dynlens.batches import split_batch
 from dynlens.budget import examples_within
@@ -16,6 +17,23 @@ from dynlens.measures.opposing import ledger_entry
 from dynlens.probes.base import Context, Labelled, Probe, Values
 
 __all__ = ["OpposingSignals"]
+
+
+# the tracked examples' inputs are stored once (for what opposing groups share) when they are
+# floating point and at most this many numbers (64 MB in float32)
+MAX_STORED_INPUTS = 16 * 2**20
+
+
+def _stored_inputs(inputs: Any, n: int, group: Any) -> np.ndarray | None:
+    """The tracked examples' inputs as float32, to store once; None where they are not one
+    floating tensor with a row per example, or too large (``MAX_STORED_INPUTS``)."""
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        return None
+    if group is not None:
+        inputs = gather_rows(inputs.detach(), group)
+    if inputs.shape[0] != n or inputs.numel() > MAX_STORED_INPUTS:
+        return None
+    return inputs.detach().float().cpu().numpy()
 
 
 class OpposingSignals(Probe):
@@ -28,8 +46,10 @@ class OpposingSignals(Probe):
             probe batch. Evaluated in eval mode in chunks of ``chunk_size``.
         chunk_size: examples per forward pass.
 
-    Records arrays labelled by example index (stored once, since they do not change): ``loss``,
-    ``p_y`` (float32) and ``correct`` (uint8, 1/0); the labels ``labels`` at the first measurement. Read the
+    Records arrays labelled by example index: ``loss``, ``p_y`` (float32) and ``correct``
+    (uint8, 1/0) at every measurement; at the first, the labels ``labels`` and, where the inputs
+    are one floating-point tensor of at most ``MAX_STORED_INPUTS`` numbers, the inputs ``inputs``
+    (float32, their own shape: what opposing groups share is read from them). Read the
     ledger back with :func:`dynlens.rules.opposing_signals.ledger_of` (or pass the run to
     ``dl.opposing_signals`` / ``dl.data_map``).
 
@@ -77,6 +97,9 @@ class OpposingSignals(Probe):
                 if hasattr(targets, "detach") else np.full(len(self._ids), -1)
             if np.issubdtype(labels.dtype, np.integer):
                 values["labels"] = Labelled(labels.astype(np.int64), self._ids)
+            inputs = _stored_inputs(split_batch(batch)[0], len(self._ids), ctx.group)
+            if inputs is not None:
+                values["inputs"] = Labelled(inputs, self._ids)
         values["loss"] = Labelled(entry.loss.astype(np.float32), self._ids)
         values["p_y"] = Labelled(entry.p_y.astype(np.float32), self._ids)
         values["correct"] = Labelled(entry.correct.astype(np.uint8), self._ids)

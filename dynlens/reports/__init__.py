@@ -30,7 +30,11 @@ from dynlens.reports.ntk import (
     plot_kernel_eigenvalues,
     plot_kernel_motion,
 )
-from dynlens.reports.opposing_signals import plot_data_map, plot_opposing_groups
+from dynlens.reports.opposing_signals import (
+    plot_data_map,
+    plot_opposing_groups,
+    plot_opposing_inputs,
+)
 from dynlens.reports.registry import figure, figures_for
 from dynlens.reports.softmax_collapse import (
     plot_attention_logits,
@@ -48,6 +52,6 @@ __all__ = [
     "plot_sharpness", "plot_density", "plot_trace",
     "plot_top_singular_value", "plot_stable_rank",
     "plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits",
-    "plot_opposing_groups", "plot_data_map",
+    "plot_opposing_groups", "plot_opposing_inputs", "plot_data_map",
     "plot_kernel_motion", "plot_kernel_alignment", "plot_kernel_alignment_per_layer", "plot_kernel_eigenvalues",
 ]

@@ -4,6 +4,7 @@ the overall loss, and the data map (variability against confidence)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -28,7 +29,7 @@ from dynlens.rules.opposing_signals import (
     stored_ledger,
 )
 
-__all__ = ["plot_opposing_groups", "plot_data_map"]
+__all__ = ["plot_opposing_groups", "plot_opposing_inputs", "plot_data_map"]
 
 PROBE = OpposingSignals.name
 MAX_PAIRS = 3
@@ -67,6 +68,56 @@ def plot_opposing_groups(runs: RunLike | Sequence[RunLike], findings: Sequence[F
                 ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
         return fig
     return None
+
+
+@figure(OpposingSignals, "What opposing groups share")
+def plot_opposing_inputs(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | None = None) -> Figure | None:
+    """For the first run with opposing pairs and stored inputs: each pair's shared input signal
+    (both groups' mean input less the mean of all tracked examples) and each group's own, as
+    images for image inputs (channels × height × width, 1 or 3 channels) and otherwise as bars
+    of the features that differ most (up to three pairs)."""
+    runs, _ = runs_and_findings(runs, findings)
+    for run in runs:
+        stored = run.arrays(PROBE, "inputs")
+        pairs = [p for p in pairs_of(run) if p.shared_input_signal is not None][:MAX_PAIRS] if stored else []
+        if not pairs:
+            continue
+        shape = stored[0][1].shape[1:]
+        image = len(shape) == 3 and shape[0] in (1, 3)
+        with report_style():
+            fig, axes = new_figure("What opposing groups share: mean input less the mean of all examples",
+                                   nrows=len(pairs), ncols=3, width=9.0, height=2.6, sharex=False)
+            for row, pair in zip(axes, pairs, strict=True):
+                signals = [("shared", pair.shared_input_signal), (f"group a ({len(pair.group_a)})", pair.input_signal_a),
+                           (f"group b ({len(pair.group_b)})", pair.input_signal_b)]
+                for ax, (title, signal) in zip(row, signals, strict=True):
+                    ax.set_title(title, loc="left")
+                    if image:
+                        _show_image(ax, np.asarray(signal).reshape(shape))
+                    else:
+                        _show_bars(ax, np.asarray(signal))
+        return fig
+    return None
+
+
+def _show_image(ax: Any, signal: np.ndarray) -> None:
+    """A (C, H, W) signal as an image: one channel on a diverging map centred at 0, three
+    channels rescaled to [0, 1] around 0.5."""
+    scale = float(np.abs(signal).max()) or 1.0
+    if signal.shape[0] == 1:
+        ax.imshow(signal[0], cmap="RdBu_r", vmin=-scale, vmax=scale)
+    else:
+        ax.imshow(np.clip(0.5 + 0.5 * signal.transpose(1, 2, 0) / scale, 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_bars(ax: Any, signal: np.ndarray, top: int = 12) -> None:
+    """The ``top`` features of largest magnitude, by index."""
+    order = np.argsort(-np.abs(signal))[:top]
+    ax.bar([str(i) for i in order], signal[order], color=COLORS[0])
+    ax.axhline(0.0, color="#7F8C8D", linewidth=0.8)
+    ax.set_xlabel("input feature")
 
 
 @figure(OpposingSignals, "Data map")

@@ -64,6 +64,7 @@ def ledger_of(run_or_ledger: Run | Ledger | str) -> Ledger:
     pick = {name: dict(r) for name, r in records.items()}
     ids = run.array_labels(PROBE, "loss") or [str(i) for i in range(len(pick["loss"][steps[0]]))]
     labels = run.arrays(PROBE, "labels")
+    inputs = run.arrays(PROBE, "inputs")
     return Ledger(
         steps=np.asarray(steps, dtype=np.int64),
         loss=np.stack([pick["loss"][s] for s in steps]).astype(np.float32),
@@ -71,6 +72,7 @@ def ledger_of(run_or_ledger: Run | Ledger | str) -> Ledger:
         correct=np.stack([pick["correct"][s] for s in steps]) > 0.5,
         example_ids=np.asarray([int(i) for i in ids], dtype=np.int64),
         labels=np.asarray(labels[0][1], dtype=np.int64) if labels else np.full(len(ids), -1, dtype=np.int64),
+        inputs=np.asarray(inputs[0][1], dtype=np.float32).reshape(len(ids), -1) if inputs else None,
     )
 
 
