@@ -79,6 +79,19 @@ def _widened_tree(tree: Any) -> Any:
     return tree_map(lambda x: _widened(x) if isinstance(x, Tensor) else x, tree)
 
 
+def logits_of(outputs: Any) -> Tensor | None:
+    """The logits in a model's outputs: the outputs themselves when a tensor, their ``.logits``
+    (Hugging Face's ``ModelOutput``), or their first element; None if none of these is a tensor."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    found = getattr(outputs, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    return None
+
+
 def slice_examples(tree: Any, start: int, stop: int, step: int = 1) -> Any:
     """Examples ``start:stop:step`` of every tensor leaf with a leading batch dimension."""
     return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)

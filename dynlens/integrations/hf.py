@@ -184,9 +184,9 @@ class DynlensCallback(TrainerCallback):
     ``curvature="ggn"`` needs the loss as a function of the logits (of a loss the model computed
     itself it is zero). A ``loss_fn`` of the outputs lifts both: for a causal LM,
     ``DynlensCallback(probe_batch=causal_lm_batch(batch), loss_fn=causal_lm_loss)`` (the same
-    loss, from the logits and the shifted labels). ``probes="default"`` leaves out
-    OpposingSignals here, whatever the loss: its per-example losses need a model whose output
-    is a Tensor, and Hugging Face models return a ``ModelOutput``.
+    loss, from the logits and the shifted labels). Without ``loss_fn``, ``probes="default"``
+    leaves out OpposingSignals: its per-example losses need a loss of the logits (the model's
+    own is the batch's mean).
 
     Data-parallel runs (``torch.distributed`` initialised with several processes, as
     ``torchrun``/accelerate launch them): every rank makes a Lens over the default process
@@ -339,14 +339,13 @@ class DynlensCallback(TrainerCallback):
 
 
 def _hf_probes(probes: Sequence[Probe] | str | None, own_loss: bool) -> Sequence[Probe] | str | None:
-    """The probes for a Hugging Face model. ``"default"`` leaves out OpposingSignals: its
-    per-example losses come from ``loss_fn`` applied to the batch's outputs, which must be a
-    Tensor (:func:`dynlens.batches.example_losses`), and a Hugging Face model returns a
-    ``ModelOutput``. With the model's own loss (``own_loss``) it could not work at all (that loss
-    is the batch's mean only), so a list naming it is an error."""
+    """The probes for a Hugging Face model. With the model's own loss (``own_loss``) OpposingSignals
+    cannot work (that loss is the batch's mean only): ``"default"`` leaves it out and a list
+    naming it is an error. With a ``loss_fn`` of the logits it measures each example's loss
+    from the ``ModelOutput``'s logits (:func:`dynlens.measures.opposing.ledger_entry`)."""
     from dynlens.probes import OpposingSignals, default
 
-    if probes == "default":
+    if probes == "default" and own_loss:
         return [p for p in default() if not isinstance(p, OpposingSignals)]
     if own_loss and isinstance(probes, Sequence) and not isinstance(probes, str) \
             and any(isinstance(p, OpposingSignals) for p in probes):

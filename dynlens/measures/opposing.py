@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynlens.batches import logits_of
 from dynlens.distributed import gather_rows, gather_sizes, is_sharded, lockstep
 from dynlens.functional import (
     batch_size,
@@ -122,6 +123,10 @@ def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chun
             stop = min(n, start + chunk_size)
             x, y = slice_examples(inputs, start, stop), slice_examples(targets, start, stop)
             outputs = call_model(model, x)
+            if not isinstance(outputs, Tensor) and logits_of(outputs) is not None:
+                # a ModelOutput or a tuple: its logits (loss_fn must take them, as
+                # dynlens.integrations.hf.causal_lm_loss does)
+                outputs = logits_of(outputs)
             losses.append(example_losses(loss_fn, outputs, y).float().reshape(-1).cpu())
             stats = _class_statistics(outputs, y, ignore)
             if stats is None:

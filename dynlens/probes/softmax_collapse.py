@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dynlens.batches import call_model, slice_examples, split_batch
+from dynlens.batches import call_model, logits_of, slice_examples, split_batch
 from dynlens.budget import examples_within
 from dynlens.distributed import all_max, decide, is_sharded
 from dynlens.measures.attention_logits import capture_attention_logits
@@ -26,12 +26,9 @@ __all__ = ["SoftmaxCollapse", "default_logits"]
 def default_logits(outputs: Any) -> Tensor:
     """The logits in a model's outputs: the outputs themselves, their ``.logits`` (Hugging Face),
     or their first element."""
-    if isinstance(outputs, Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
-        return outputs[0]
+    found = logits_of(outputs)
+    if found is not None:
+        return found
     raise TypeError(f"cannot find logits in outputs of type {type(outputs).__name__}; pass "
                     "SoftmaxCollapse(logits=lambda outputs: ...) to pick them")
 

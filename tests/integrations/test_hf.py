@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import single_thread  # noqa: F401 - autouse: one thread
@@ -111,9 +112,23 @@ def test_causal_lm_loss_gives_softmax_collapse(tmp_path: Path) -> None:
     assert run.events().empty
 
 
-def test_default_probes_leave_out_opposing_signals() -> None:
+def test_default_probes_leave_out_opposing_signals_only_with_the_models_own_loss() -> None:
     names = [p.name for p in DynlensCallback(_probe_dict(), probes="default").settings.probes]
     assert "opposing_signals" not in names and "hessian" in names
+    with_logits = DynlensCallback(causal_lm_batch(_probe_dict()), causal_lm_loss, probes="default")
+    assert with_logits.settings.probes == "default"  # every probe, the ledger too
+
+
+def test_the_ledger_of_a_causal_lm_is_each_sequences_loss_from_the_logits() -> None:
+    from dynlens.measures.opposing import ledger_entry
+
+    model = _model().eval()
+    inputs, targets = causal_lm_batch(_probe_dict())
+    entry = ledger_entry(model, causal_lm_loss, (inputs, targets))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    expected = [causal_lm_loss(logits[i:i + 1], targets[i:i + 1]).item() for i in range(len(targets))]
+    np.testing.assert_allclose(entry.loss, expected, rtol=1e-5)
 
 
 def test_report(tmp_path: Path) -> None:
