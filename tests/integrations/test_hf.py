@@ -22,6 +22,10 @@ transformers = pytest.importorskip(
 )
 pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs `pip install dynlens[hf]` (accelerate)")
 
+from hf_ddp_worker import LENGTH  # noqa: E402 - the tiny model and batches, shared with the DDP run
+from hf_ddp_worker import tiny_gpt2 as _model  # noqa: E402
+from hf_ddp_worker import token_ids as _tokens  # noqa: E402
+
 from dynlens.integrations.hf import (  # noqa: E402
     DynlensCallback,
     causal_lm_batch,
@@ -29,19 +33,6 @@ from dynlens.integrations.hf import (  # noqa: E402
     labelled_probe_batch,
     model_loss,
 )
-
-VOCAB, LENGTH = 50, 8
-
-
-def _model():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
-                                     n_positions=16, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _tokens(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
 def _dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:

@@ -23,12 +23,10 @@ def _planted(seed: int = 0):
     return x, y
 
 
-def test_a_planted_pair_is_found_in_the_runs_ledger_and_drawn(tmp_path):
-    torch.manual_seed(0)
-    x, y = _planted()
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+def _trained(path, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dl.Run:
+    """200 full-batch steps at a large step size with the ledger every step; the run."""
     optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=path, basic=False, budget=None,
                  probes=[dl.probes.OpposingSignals(every=1)]) as lens:
         for _ in range(200):
             optimizer.zero_grad()
@@ -36,7 +34,20 @@ def test_a_planted_pair_is_found_in_the_runs_ledger_and_drawn(tmp_path):
             loss.backward()
             optimizer.step()
             lens.step(loss=loss)
-    run = dl.load_run(tmp_path)
+    return dl.load_run(path)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted data set trained once for the tests that read its run: (run, model, x, y)."""
+    torch.manual_seed(0)
+    x, y = _planted()
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    return _trained(tmp_path_factory.mktemp("planted"), model, x, y), model, x, y
+
+
+def test_a_planted_pair_is_found_in_the_runs_ledger_and_drawn(planted):
+    run, model, x, y = planted
     ledger = ledger_of(run)
     assert ledger.loss.shape == (201, 200) and ledger.labels.tolist() == y.tolist()
     np.testing.assert_allclose(ledger.loss[-1], ledger_entry(model, nn.CrossEntropyLoss(), (x, y)).loss, rtol=1e-5)
@@ -82,20 +93,8 @@ def test_under_a_memory_allowance_the_ledger_forward_runs_in_chunks_or_waits():
         dl.probes.OpposingSignals().measure(ctx)
 
 
-def test_the_planted_groups_shared_input_is_read_from_the_stored_inputs_and_drawn(tmp_path):
-    torch.manual_seed(0)
-    x, y = _planted()
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
-                 probes=[dl.probes.OpposingSignals(every=1)]) as lens:
-        for _ in range(200):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            lens.step(loss=loss)
-    run = dl.load_run(tmp_path)
+def test_the_planted_groups_shared_input_is_read_from_the_stored_inputs_and_drawn(planted):
+    run, _, x, _ = planted
     stored = run.arrays("opposing_signals", "inputs")
     assert [s for s, _ in stored] == [0]  # once
     np.testing.assert_array_equal(stored[0][1], x.numpy())
@@ -111,15 +110,7 @@ def test_image_inputs_show_the_shared_pixel_as_an_image(tmp_path):
     images = torch.zeros(200, 1, 4, 4)
     images.view(200, 16)[:, 10:] = x[:, :6]  # the planted feature 0 lands on pixel (2, 2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    with dl.Lens(model, nn.CrossEntropyLoss(), (images, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
-                 probes=[dl.probes.OpposingSignals(every=1)]) as lens:
-        for _ in range(200):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), y).backward()
-            optimizer.step()
-            lens.step()
-    run = dl.load_run(tmp_path)
+    run = _trained(tmp_path, model, images, y)
     pair = dl.opposing_signals(run)[0]
     assert np.unravel_index(np.argmax(np.abs(pair.shared_input_signal)), (4, 4)) == (2, 2)
     fig = dl.reports.plot_opposing_inputs(run)
