@@ -263,6 +263,10 @@ class MemoryBudget:
         ran, training raised it. A host-side read of the allocator's counters (no device sync)."""
         if self.cuda:
             peak = _counters(self.device)[1]
+            if peak < self._peak_after_probes:
+                # someone reset the allocator's peak (torch.cuda.reset_peak_memory_stats: a
+                # profiler, a trainer's memory report): what it shows since then is training's
+                self._peak_after_probes = 0
             if peak > self._peak_after_probes:
                 # the probes' own lasting state (retained) was held through training's peak too
                 self.training_peak = max(self.training_peak, peak - self.retained)

@@ -447,6 +447,25 @@ def test_the_memory_budget_counts_the_probes_lasting_state_as_theirs_not_trainin
     assert budget.retained == 0
 
 
+def test_the_memory_budget_reads_trainings_peak_again_after_someone_resets_the_counters(monkeypatch):
+    import dynlens.budget as budget_module
+
+    counters = {"allocated": 1000, "peak": 1000}
+    monkeypatch.setattr(budget_module, "_counters", lambda device: (counters["allocated"], counters["peak"]))
+    budget = MemoryBudget(model_bytes=100, device=torch.device("cuda"), budget=None)
+    counters["peak"] = 3000  # training's first step
+    budget.observe()
+    assert budget.training_peak == 3000
+    counters["peak"] = 5000  # a measurement sets the process's peak
+    budget.note_probe_end()
+    # torch.cuda.reset_peak_memory_stats(): the peak falls to what is in use; training then
+    # reaches 4000, below the measurement's 5000 but above its own earlier 3000
+    counters["peak"] = 4000
+    budget.observe()
+    assert budget.training_peak == 4000
+    assert budget.allowance() == int((6000 - 1000) * 0.95)
+
+
 class PlansThenDeclines(Costly):
     """Spends ``seconds`` planning, then finds that its measurement does not fit the memory."""
 
