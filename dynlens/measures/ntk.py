@@ -317,7 +317,7 @@ def _linear_factors(function: ModelFunction, modules: dict[str, nn.Linear], inpu
 
 
 def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
-                        budget: int | None = None) -> dict[str, nn.Linear]:
+                        budget: int | None = None, covering: bool = False) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers whose kernel the structured product computes exactly, by module name.
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
@@ -326,7 +326,10 @@ def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
     for a random cotangent u (which catches a weight also read outside the layer's forward).
     None where that check's factors (each layer's inputs and O output gradients on two
     examples) would take more than ``budget`` bytes: a language model's output layer alone holds
-    O·T·vocabulary numbers (13 GB for 32 outputs, 512 positions and 50,257 words)."""
+    O·T·vocabulary numbers (13 GB for 32 outputs, 512 positions and 50,257 words). With
+    ``covering``, none unless the candidate layers hold every differentiated parameter (the
+    automatic choice takes the structured products only then), so that a convolutional network
+    or a transformer pays no check whose answer could not change the method."""
     chosen = function.params
     counts: dict[int, int] = {}
     for _, p in function.model.named_parameters(remove_duplicate=False):
@@ -345,6 +348,11 @@ def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
             candidates[name] = module
     if not candidates:
         return {}
+    if covering:
+        held = {f"{name}.{kind}" for name, module in candidates.items() for kind in ("weight", "bias")
+                if getattr(module, kind) is not None}
+        if not set(chosen) <= held:
+            return {}
     calls: dict[str, int] = dict.fromkeys(candidates, 0)
     rows: dict[str, int] = dict.fromkeys(candidates, 0)  # the rows a layer's input has
 
@@ -531,7 +539,8 @@ def ntk_of(
         o, p_count = probe.shape[1], function.num_params
         itemsize = probe.element_size()
         n1, n2 = batch_size(first), batch_size(second)
-        linears = (_structured_linears(function, first, o, budget if implementation == "auto" else None)
+        automatic = implementation == "auto"
+        linears = (_structured_linears(function, first, o, budget if automatic else None, covering=automatic)
                    if implementation in ("auto", "structured") else {})
         covered = {f"{m}.{kind}" for m in linears for kind in ("weight", "bias")} & set(function.params)
         rest = [n for n in function.params if n not in covered]
