@@ -30,10 +30,12 @@ torch.func NTK tutorial), chosen by ``implementation``:
   contracted as Jacobians. Cost ≈ N·O backward passes + N₁·N₂·O²·(in + out) per layer.
 
 ``implementation="auto"``: ``"structured"`` when linear layers it can compute hold every
-parameter (an MLP); otherwise ``"jacobian"`` when the Jacobians of all examples, N·O·P numbers
-(N = n₁, or n₁ + n₂ with a second set), fit in ``memory`` (default 1 GiB), since on such
-problems one large contraction is fastest; otherwise ``"ntk_vector"``, whose memory does not
-grow with N·O·P.
+parameter (an MLP); otherwise ``"jacobian"`` when chunks of at least two examples fit
+``memory`` (2·c·O·P numbers for chunks of c; default 1 GiB, on a GPU a quarter of its free
+memory when that is more): chunk by chunk it computes n₁/c·n₂ example Jacobians (O backward
+passes each, batched), against the n₁·O passes with tangents over all n₂ examples of
+NTK-vector products, so it is the faster of the two from c = 2 up; otherwise ``"ntk_vector"``,
+whose memory does not grow with O·P.
 
 The kernel is defined in eval mode: BatchNorm in train mode normalises each example by the
 batch's statistics, so an example's outputs depend on the others' and Θ is no longer a function
@@ -78,8 +80,19 @@ __all__ = [
 KernelMode = Literal["trace", "full", "diagonal"]
 Implementation = Literal["auto", "jacobian", "ntk_vector", "structured"]
 
-# memory=None: what the Jacobians or product vectors of one chunk may take
+# memory=None: what the Jacobians or product vectors of one chunk may take (on a GPU at least
+# this, or a quarter of the device's free memory)
 _DEFAULT_MEMORY = 2**30
+
+
+def _default_memory(device: torch.device) -> int:
+    """``memory=None``'s bytes: 1 GiB on the CPU; on a GPU the larger of that and a quarter of
+    the memory free on the device (a kernel of a ResNet-18 on 64 images takes 29 GB of
+    Jacobians: chunked to 1 GiB on an 80 GB card it recomputed them thousands of times)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(_DEFAULT_MEMORY, free // 4)
+    return _DEFAULT_MEMORY
 
 
 @dataclass(frozen=True)
@@ -483,7 +496,8 @@ def ntk_of(
             contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
             a chunk of P-vectors and the activations of a chunk; structured products each linear
             layer's inputs and O output gradients for two chunks.
-        memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB).
+        memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB;
+            on a GPU a quarter of its free memory when that is more).
             The activations of the forward passes and the kernel itself come on top, except for
             NTK-vector products, which count a chunk's activations.
         group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
@@ -527,10 +541,10 @@ def ntk_of(
         with lockstep(group):
             return _ntk_across_ranks(model, inputs, inputs2, mode, params, per_layer, implementation,
                                      chunk_size, memory, group, vector_products)
-    budget = _DEFAULT_MEMORY if memory is None else memory
     start_time = time.perf_counter()
     # the loss is never differentiated; activation_bytes evaluates one, so it must be a scalar
     function = ModelFunction(model, _sum_of_outputs, (inputs, None), params=params)
+    budget = _default_memory(function.device) if memory is None else memory
     with isolated(function.model, "eval"):
         first = function.inputs
         same = inputs2 is None
@@ -549,7 +563,7 @@ def ntk_of(
             if linears and not rest:
                 implementation = "structured"
             else:
-                fits = examples * o * p_count * itemsize <= budget
+                fits = 2 * min(2, examples) * o * p_count * itemsize <= budget
                 implementation = "jacobian" if fits or not vector_products else "ntk_vector"
         layers = _layers(list(function.params))
         if implementation == "structured":

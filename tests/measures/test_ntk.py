@@ -240,10 +240,15 @@ def test_auto_takes_structured_products_for_linear_layers_only():
     assert ntk_of(model, x).implementation == "structured"
 
 
-def test_auto_takes_jacobian_contraction_when_the_jacobians_fit_and_products_otherwise():
+def test_auto_takes_jacobian_contraction_when_chunks_of_two_fit_and_products_otherwise():
     model, x, _ = make("cnn_batchnorm")
     assert ntk_of(model, x).implementation == "jacobian"
-    # the Jacobians take 5·2·161·8 = 12,880 bytes; one product 161·8 bytes and one example's activations
+    # one example's Jacobians take 2·161·8 = 2,576 bytes; two chunks of two 10,304, two chunks
+    # of all five 25,760: chunked contraction is still the faster method
+    chunked = ntk_of(model, x, memory=11_000)
+    assert chunked.implementation == "jacobian"
+    assert relative_error(chunked.kernel, reference(model, x, None, "trace")) < 1e-6
+    # one product takes 161·8 bytes and one example's activations
     small = ntk_of(model, x, memory=4000)
     assert small.implementation == "ntk_vector"
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
