@@ -10,6 +10,7 @@ reported per layer group the parameters by the module that owns them (:func:`lay
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "model_device",
     "unwrap_model",
     "layer_of",
+    "failing_module",
     "flatten",
     "unflatten",
 ]
@@ -88,3 +90,14 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
         raise ValueError(f"vector has {vector.numel()} entries; the parameters have {offset}")
     return out
 
+
+def failing_module(model: nn.Module, err: BaseException) -> str | None:
+    """The innermost module of ``model`` whose code was running when ``err`` was raised, as
+    ``"'name' (Type)"`` for an error message; None if none of its modules was on the stack."""
+    names = {id(m): (n or "<model>", type(m).__name__) for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+    return None if found is None else f"{found[0]!r} ({found[1]})"

@@ -18,7 +18,6 @@ The statistics themselves are in :mod:`dynlens.measures.coherence`.
 from __future__ import annotations
 
 import copy
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from torch.utils._pytree import tree_map
 from dynlens.batches import _example_dims, batch_size, example_losses, slice_examples
 from dynlens.functional import ModelFunction, OutOfMemoryError
 from dynlens.measures.layer_grads import HookedLayer, Rep, hookable_layers
+from dynlens.parameters import failing_module
 
 __all__ = ["Fallback", "VmapUnsupportedError"]
 
@@ -46,17 +46,6 @@ CHECKED_EXAMPLES = 4
 class VmapUnsupportedError(RuntimeError):
     """``torch.func.vmap`` cannot compute the per-example gradients of this model."""
 
-
-
-def _failing_module(model: nn.Module, err: BaseException) -> str | None:
-    """The innermost module of ``model`` whose code was running when ``err`` was raised."""
-    names = {id(m): (n or "<model>", type(m).__name__) for n, m in model.named_modules()}
-    found = None
-    for frame, _ in traceback.walk_tb(err.__traceback__):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)]
-    return None if found is None else f"{found[0]!r} ({found[1]})"
 
 
 class _NotFactorable(Exception):
@@ -275,7 +264,7 @@ class _Gradients:
             yield self._dense(self.rest, x, y, n)
 
     def _vmap_failed(self, err: BaseException) -> None:
-        where = _failing_module(self.fn.model, err)
+        where = failing_module(self.fn.model, err)
         what = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         place = f" in layer {where}" if where else ""
         if self.fallback == "error":

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,8 +64,15 @@ from torch.utils._pytree import tree_flatten
 from dynlens.batches import _example_dims, _unsqueeze, _widened_tree
 from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.distributed import gather_examples, gather_rows, lockstep, refuse_sharded
-from dynlens.functional import ModelFunction, batch_size, isolated, slice_examples, to_device
-from dynlens.parameters import Params, layer_of, model_device, unwrap_model
+from dynlens.functional import (
+    ModelFunction,
+    OutOfMemoryError,
+    batch_size,
+    isolated,
+    slice_examples,
+    to_device,
+)
+from dynlens.parameters import Params, failing_module, layer_of, model_device, unwrap_model
 
 __all__ = [
     "NTK",
@@ -171,15 +179,46 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 def _jacobians(function: ModelFunction, inputs: Any, names: Sequence[str]) -> Params:
     """Per-example Jacobians of the flat outputs with respect to the parameters ``names``:
-    ``{name: (n, O, numel)}`` (``vmap`` of ``jacrev``)."""
+    ``{name: (n, O, numel)}`` (``vmap`` of ``jacrev``).
+
+    Where ``vmap`` cannot run the model over examples (Python control flow on tensor values,
+    such as a Hugging Face model's attention-mask checks, or an operation with no batching rule:
+    ``unique_consecutive`` in T5), each example's Jacobian is taken alone, O backward passes
+    each (same numbers, slower), with a ``RuntimeWarning`` naming the layer."""
     params = function.params
+    chosen = {n: params[n] for n in names}
 
     def one(q: Params, x: Any) -> Tensor:
         return _flat_outputs(function, {**params, **q}, _unsqueeze(x))[0]
 
-    chosen = {n: params[n] for n in names}
-    jac = vmap(jacrev(one), in_dims=(None, _example_dims(inputs)))(chosen, inputs)
+    try:
+        jac = vmap(jacrev(one), in_dims=(None, _example_dims(inputs)))(chosen, inputs)
+    except OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        where = failing_module(function.model, err)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        warnings.warn(
+            f"dynlens: the NTK's per-example Jacobians by torch.func.vmap failed"
+            f"{f' in layer {where}' if where else ''} ({type(err).__name__}: {first}); computed one "
+            "example at a time instead (same kernel, slower)", RuntimeWarning, stacklevel=3)
+        return _jacobians_one_by_one(function, inputs, chosen)
     return {name: j.flatten(2) for name, j in jac.items()}
+
+
+def _jacobians_one_by_one(function: ModelFunction, inputs: Any, chosen: Params) -> Params:
+    """:func:`_jacobians` by a loop: per example, one backward pass per output."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
+    rows: dict[str, list[Tensor]] = {n: [] for n in chosen}
+    for i in range(batch_size(inputs)):
+        with torch.enable_grad():
+            out = _flat_outputs(function, {**function.params, **leaves}, slice_examples(inputs, i, i + 1))[0]
+            per_output = [torch.autograd.grad(out[a], list(leaves.values()), retain_graph=a + 1 < out.numel(),
+                                              allow_unused=True) for a in range(out.numel())]
+        for k, (name, leaf) in enumerate(leaves.items()):
+            rows[name].append(torch.stack([torch.zeros_like(leaf) if g[k] is None else g[k]
+                                           for g in per_output]).flatten(1))
+    return {name: torch.stack(parts) for name, parts in rows.items()}
 
 
 def _contract(j1: Params, j2: Params, names: Sequence[str], mode: KernelMode) -> Tensor:
@@ -732,12 +771,14 @@ def effective_rank(kernel: Tensor, kind: Literal["participation", "entropy"] = "
 def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> float:
     """d(K₁, K₂) = 1 − ⟨K₁, K₂⟩_F / (‖K₁‖_F ‖K₂‖_F) (Fort et al. 2020, "Deep learning versus kernel
     learning"): 0 for kernels equal up to a positive factor, 1 for orthogonal ones. Any two
-    kernels of the same shape (every entry counts once). Per step it is the kernel velocity."""
+    kernels of the same shape (every entry counts once). Per step it is the kernel velocity.
+    NaN when either kernel is zero (the angle is undefined)."""
     if kernel1.shape != kernel2.shape:
         raise ValueError(f"kernels of different shapes: {tuple(kernel1.shape)} and {tuple(kernel2.shape)}")
     a = kernel1.detach().to(torch.float64).reshape(-1)
     b = kernel2.detach().to(torch.float64).reshape(-1)
-    return 1.0 - float(a @ b) / float(a.norm() * b.norm())
+    scale = float(a.norm() * b.norm())
+    return 1.0 - float(a @ b) / scale if scale > 0 else math.nan
 
 
 def _target_matrix(targets: Tensor, num_classes: int | None) -> Tensor:
@@ -756,7 +797,9 @@ def kernel_target_alignment(kernel: Tensor, targets: Tensor, num_classes: int | 
     ``kernel`` is a "trace" kernel (n, n). ``targets``: integer class labels (n,), taken as one-hot
     rows of Y (``num_classes`` columns, default the largest label + 1), or real values (n,) or
     (n, k), taken as Y itself. ``centred=False`` gives the uncentred alignment (Cristianini et al.
-    2002). Between −1 and 1 (0 to 1 for PSD kernels); 1 when K is a positive multiple of (YYᵀ)_c."""
+    2002). Between −1 and 1 (0 to 1 for PSD kernels); 1 when K is a positive multiple of (YYᵀ)_c.
+    NaN when the centred kernel or target is zero (e.g. a layer whose parameters start at zero
+    and so contribute nothing to the kernel yet, or targets all of one class)."""
     k = kernel.detach().to(torch.float64)
     if k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"expected a trace kernel (n, n), got shape {tuple(k.shape)}")
@@ -768,4 +811,5 @@ def kernel_target_alignment(kernel: Tensor, targets: Tensor, num_classes: int | 
         n = k.shape[0]
         h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
         k, target = h @ k @ h, h @ target @ h
-    return float((k * target).sum()) / float(k.norm() * target.norm())
+    scale = float(k.norm() * target.norm())
+    return float((k * target).sum()) / scale if scale > 0 else math.nan

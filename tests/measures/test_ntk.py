@@ -428,6 +428,40 @@ def test_kernel_distance_to_itself_and_to_a_scaled_copy_is_zero():
     assert kernel_distance(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])) == pytest.approx(1.0)
 
 
+class BranchesOnValues(nn.Module):
+    """Python control flow on tensor values, as a Hugging Face model's attention-mask checks:
+    vmap over examples cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 2)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 10).any()):  # never true here, but vmap must evaluate it
+            x = x.clamp(max=10)
+        return self.head(torch.tanh(self.conv(x.unsqueeze(1))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["trace", "full", "diagonal"])
+def test_jacobians_are_taken_one_example_at_a_time_where_vmap_cannot_run_the_model(mode):
+    torch.manual_seed(0)
+    model = BranchesOnValues().double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match="vmap failed.*one example at a time"):
+        result = ntk_of(model, x, mode=mode)
+    assert result.implementation == "jacobian"
+    assert relative_error(result.kernel, reference(model, x, None, mode)) < 1e-10
+
+
+def test_distance_and_alignment_of_a_zero_kernel_are_nan_not_an_error():
+    # a layer whose parameters start at zero (a residual branch's last normalisation in timm)
+    zero = torch.zeros(4, 4, dtype=torch.float64)
+    assert math.isnan(kernel_distance(zero, torch.eye(4, dtype=torch.float64)))
+    assert math.isnan(kernel_target_alignment(zero, torch.tensor([0, 1, 0, 1])))
+    assert math.isnan(kernel_target_alignment(torch.eye(4, dtype=torch.float64), torch.tensor([1, 1, 1, 1])))
+
+
 def test_alignment_of_the_target_kernel_with_itself_is_one():
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 2])
     y = torch.nn.functional.one_hot(labels).double()
