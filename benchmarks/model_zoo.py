@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -389,7 +390,16 @@ def verdict(record: dict[str, Any]) -> None:
         record["reason"] = "; ".join(unique)
 
 
-def one(entry: Entry, device: torch.device, steps: int, runs: str | None) -> dict[str, Any]:
+class ModelTimeout(BaseException):
+    """A model ran past ``--model-seconds`` (a BaseException: the Lens's guard of a probe must
+    not take it for that probe's failure)."""
+
+
+def _alarm(signum: int, frame: Any) -> None:  # noqa: ARG001 - a signal handler's signature
+    raise ModelTimeout
+
+
+def one(entry: Entry, device: torch.device, steps: int, runs: str | None, limit: int = 0) -> dict[str, Any]:
     record: dict[str, Any] = {"model": entry.name, "family": entry.family, "input": entry.input,
                               "notes": list(entry.notes)}
     if device.type == "cuda":
@@ -397,8 +407,13 @@ def one(entry: Entry, device: torch.device, steps: int, runs: str | None) -> dic
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(runs, entry.name.replace("/", "_")) if runs else os.path.join(tmp, "run")
+        if limit:
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.alarm(limit)
         try:
             measure(entry, device, steps, record, run_dir)
+        except ModelTimeout:
+            record["error"] = f"timed out: more than {limit} s (--model-seconds)"
         except Exception as err:  # noqa: BLE001 - one model's failure is a row of the table
             record["error"] = failure(err)
             layer = layer_named(str(err), record.get("_model"))
@@ -406,6 +421,9 @@ def one(entry: Entry, device: torch.device, steps: int, runs: str | None) -> dic
                 record["layer"] = layer
             if isinstance(err, torch.OutOfMemoryError):
                 record["error"] += " (out of memory outside the probes: training and its copies)"
+        finally:
+            if limit:
+                signal.alarm(0)
     record.pop("_model", None)
     gc.collect()
     if device.type == "cuda":
@@ -476,6 +494,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: torchvision,timm,hf")
     parser.add_argument("--only", nargs="*", default=None, help="models whose name contains one of these")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--model-seconds", type=int, default=0, help="give up on a model after this long (0: never)")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th model from the I-th (0-based)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/model_zoo_<device>[_shard].json)")
     parser.add_argument("--resume", default=None, help="a results file: skip its models, and write to it unless --out")
@@ -516,7 +535,7 @@ def main() -> None:
     for entry in entries:
         if entry.name in records:
             continue
-        records[entry.name] = record = one(entry, device, args.steps, args.runs)
+        records[entry.name] = record = one(entry, device, args.steps, args.runs, args.model_seconds)
         write(out, meta, records)
         counts = measurements_cell(record.get("measurements", {}))
         print(f"{entry.name:45s} {record['result']:4s} {record['seconds']:7.1f} s  {counts}"
