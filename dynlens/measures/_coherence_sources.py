@@ -217,14 +217,22 @@ class _Gradients:
                     return None
                 z = output if output.requires_grad else output.detach().requires_grad_(True)
                 records[layer.name].append((saved, z))
+                versions[layer.name] = z._version
                 return z
 
             return hook
 
+        versions: dict[str, int] = {}
         handles = [layer.module.register_forward_hook(recorder(layer)) for layer in self.layers]
         try:
             with torch.enable_grad():
                 out = fn.outputs(None, x)
+        except RuntimeError as err:
+            if "in-place" not in str(err):
+                raise
+            # a layer's output, taken as a leaf to read its gradient, modified in place by the next
+            # operation (AlexNet's ReLU(inplace=True) after its first convolution)
+            raise _NotFactorable(f"a hooked layer's output is modified in place: {err}") from err
         finally:
             for handle in handles:
                 handle.remove()
@@ -233,6 +241,10 @@ class _Gradients:
             if len(calls) != 1 or calls[0] is None:
                 raise _NotFactorable(f"layer {layer.name!r} is called {len(calls)} times or not on a "
                                      "batched input")
+            if calls[0][1]._version != versions[layer.name]:
+                # its gradient would be the modified tensor's (after the ReLU), not the layer's
+                raise _NotFactorable(f"layer {layer.name!r}'s output is modified in place by the "
+                                     "operation after it")
         if not (isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == n
                 and isinstance(y, Tensor) and y.dim() > 0 and y.shape[0] == n):
             raise _NotFactorable("outputs and targets are not tensors with a batch dimension")

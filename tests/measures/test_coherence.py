@@ -284,6 +284,21 @@ def test_every_statistic_matches_the_loop_on_a_cnn_with_batchnorm_in_eval_mode()
         assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
 
 
+def test_layers_followed_by_an_in_place_relu_give_the_loop_numbers():
+    # AlexNet's pattern: ReLU(inplace=True) right after a convolution (the first layer, whose
+    # output is taken as a leaf, and a later one): the hooked pass cannot read those layers'
+    # output gradients, so the statistics come from vmap, equal to the loop
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 5 * 5, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    g0 = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 2, 5, 5, generator=g0, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g0)
+    g, names = loop_gradients(model, loss_fn, x, y)
+    result = dl.gradient_coherence(model, loss_fn, (x, y), chunk_size=4, hooks=True)
+    assert_matches(result, reference(g, y.numpy(), _sizes(model), names))
+
+
 # uneven classes: class 0 spans several chunks, a chunk of 5 holds whole classes and parts of others
 UNEVEN = np.array([0, 1, 0, 2, 0, 0, 3, 0, 1, 0, 0, 2, 0])
 
