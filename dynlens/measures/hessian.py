@@ -382,6 +382,13 @@ def _rebuilt_graph_product(sub: ModelFunction, max_columns: int, vectors: Tensor
     return single(vectors) if vectors.dim() == 1 else block(vectors)
 
 
+# Off: on an H200 the recorded graphs' memory stayed allocated after the measurement that
+# recorded them (tensors allocated in the warm-up and the recording, 0.38 GiB for a small CNN on
+# 256 images; benchmarks/lens_memory_trace.py), which a memory budget cannot allow. A sub-batched
+# product then runs eagerly, launch-bound (44 ms for 32 images of a ResNet-18).
+GRAPHED_SUB_BATCHES = False
+
+
 class _GraphedProducts:
     """Hessian-vector products of sub-batches replayed from CUDA graphs.
 
@@ -401,7 +408,7 @@ class _GraphedProducts:
     def __init__(self, fn: ModelFunction) -> None:
         self.fn = fn
         self.cache = GraphCache(capacity=2)
-        self.enabled = (fn.device.type == "cuda" and not fn.model.training
+        self.enabled = (GRAPHED_SUB_BATCHES and fn.device.type == "cuda" and not fn.model.training
                         and isinstance(fn.inputs, Tensor) and isinstance(fn.targets, Tensor))
 
     def product(self, sub: ModelFunction, vector: Tensor) -> Tensor | None:

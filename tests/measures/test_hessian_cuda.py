@@ -1,4 +1,5 @@
-"""Sub-batched Hessian-vector products on a GPU, replayed from CUDA graphs. Skipped without CUDA."""
+"""Sub-batched Hessian-vector products on a GPU, replayed from CUDA graphs (off by default:
+hessian.GRAPHED_SUB_BATCHES). Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def test_graphed_sub_batch_products_equal_the_whole_batch_product(monkeypatch):
             return result
 
     monkeypatch.setattr(hessian, "GraphCache", Counting)
+    monkeypatch.setattr(hessian, "GRAPHED_SUB_BATCHES", True)  # off by default (its memory)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).cuda()
