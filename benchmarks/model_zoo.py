@@ -46,6 +46,7 @@ writes to PATH) goes on where it stopped. A quick check on the CPU::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import gc
 import json
@@ -310,7 +311,7 @@ def measure(entry: Entry, device: torch.device, steps: int, record: dict[str, An
     record["params"] = sum(p.numel() for p in model.parameters())
     batches = [to_device(entry.data(BATCH, seed), device) for seed in range(1, steps + 1)]
     probe_batch = to_device(entry.data(PROBE_BATCH, 1000), device)
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init = copy.deepcopy(model.state_dict())  # with its _metadata: MNASNet's loader reads the version
 
     def run(lens_dir: str | None) -> tuple[list[Tensor], dict[str, Tensor], float]:
         model.load_state_dict(init)

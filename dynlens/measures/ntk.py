@@ -32,7 +32,7 @@ torch.func NTK tutorial), chosen by ``implementation``:
 ``implementation="auto"``: ``"structured"`` when linear layers it can compute hold every
 parameter (an MLP); otherwise ``"jacobian"`` when chunks of at least two examples fit
 ``memory`` (2·c·O·P numbers for chunks of c; default 1 GiB, on a GPU a quarter of its free
-memory when that is more): chunk by chunk it computes n₁/c·n₂ example Jacobians (O backward
+memory when that is more, up to 8 GiB): chunk by chunk it computes n₁/c·n₂ example Jacobians (O backward
 passes each, batched), against the n₁·O passes with tangents over all n₂ examples of
 NTK-vector products, so it is the faster of the two from c = 2 up; otherwise ``"ntk_vector"``,
 whose memory does not grow with O·P.
@@ -91,15 +91,18 @@ Implementation = Literal["auto", "jacobian", "ntk_vector", "structured"]
 # memory=None: what the Jacobians or product vectors of one chunk may take (on a GPU at least
 # this, or a quarter of the device's free memory)
 _DEFAULT_MEMORY = 2**30
+# and at most this: a ResNet-18's kernel with 35 GB allowed (a quarter of an H200) stopped on an
+# illegal memory access, its per-chunk tensors near 2**31 elements
+_MOST_DEFAULT_MEMORY = 8 * 2**30
 
 
 def _default_memory(device: torch.device) -> int:
     """``memory=None``'s bytes: 1 GiB on the CPU; on a GPU the larger of that and a quarter of
-    the memory free on the device (a kernel of a ResNet-18 on 64 images takes 29 GB of
+    the memory free on the device, at most 8 GiB (a kernel of a ResNet-18 on 64 images takes 29 GB of
     Jacobians: chunked to 1 GiB on an 80 GB card it recomputed them thousands of times)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(_DEFAULT_MEMORY, free // 4)
+        return min(max(_DEFAULT_MEMORY, free // 4), _MOST_DEFAULT_MEMORY)
     return _DEFAULT_MEMORY
 
 
@@ -536,7 +539,7 @@ def ntk_of(
             a chunk of P-vectors and the activations of a chunk; structured products each linear
             layer's inputs and O output gradients for two chunks.
         memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB;
-            on a GPU a quarter of its free memory when that is more).
+            on a GPU a quarter of its free memory when that is more, up to 8 GiB).
             The activations of the forward passes and the kernel itself come on top, except for
             NTK-vector products, which count a chunk's activations.
         group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
