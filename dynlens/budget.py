@@ -223,7 +223,7 @@ class MemoryBudget:
     never reset: that would change what the user reads) before measurements: when the process's
     peak has risen since the probes last ran, training raised it. Before the first training step
     (the measurements at step 0) the training's peak is estimated as what is in use plus a
-    gradient and one optimizer state per parameter. On the CPU there is no limit unless
+    gradient and one optimizer state per parameter, or the process's peak so far if higher. On the CPU there is no limit unless
     ``memory_budget`` is given in bytes.
 
     Args:
@@ -255,8 +255,12 @@ class MemoryBudget:
         self.retained = 0
         self._peak_after_probes = 0
         if self.cuda:
-            # before any training step: what is in use, a gradient and one optimizer state
-            self.training_peak = _counters(device)[0] + 2 * model_bytes
+            # before any training step: what is in use, a gradient and one optimizer state; or the
+            # process's peak so far, which is all the job's own (no probe has run yet): a Lens
+            # made after some training steps starts from their peak, which later steps equal but
+            # never exceed, so it would never be seen rising
+            allocated, peak = _counters(device)
+            self.training_peak = max(allocated + 2 * model_bytes, peak)
 
     def observe(self) -> None:
         """Update the training's peak: when the process's peak has risen since the probes last

@@ -466,6 +466,20 @@ def test_the_memory_budget_reads_trainings_peak_again_after_someone_resets_the_c
     assert budget.allowance() == int((6000 - 1000) * 0.95)
 
 
+def test_a_lens_made_after_training_steps_starts_from_their_peak(monkeypatch):
+    import dynlens.budget as budget_module
+
+    # three training steps reached 3000 bytes before the Lens existed; 1000 are in use now
+    counters = {"allocated": 1000, "peak": 3000}
+    monkeypatch.setattr(budget_module, "_counters", lambda device: (counters["allocated"], counters["peak"]))
+    budget = MemoryBudget(model_bytes=100, device=torch.device("cuda"), budget=None)
+    assert budget.training_peak == 3000
+    budget.note_probe_end()  # the step-0 measurements stay below it
+    budget.observe()  # the next steps reach the same peak again
+    assert budget.training_peak == 3000
+    assert budget.allowance() == int((4500 - 1000) * 0.95)
+
+
 class PlansThenDeclines(Costly):
     """Spends ``seconds`` planning, then finds that its measurement does not fit the memory."""
 
