@@ -397,6 +397,7 @@ class Lens:
         self._resume_at = -math.inf
         self._resume_step = 0  # under torch.distributed: the same on every rank (rank 0's)
         self._memory_checked: tuple[int, int | None] | None = None  # (step, allowance) last read
+        self._shared: dict[str, Any] = {}  # Context.shared: what probes publish for one another
         self.memory.note_probe_end()  # the probe-batch check above is the Lens's, not training's
         before = self.memory.in_use()
         ctx = self._context()
@@ -486,7 +487,7 @@ class Lens:
         return Context(
             model=self.model, loss_fn=self.loss_fn, probe_batch=self.probe_batch,
             optimizer=self.optimizer, step=self.step_count, seed=self.seed,
-            layers=self.layers, layer_index=self.layer_index, group=self.group,
+            layers=self.layers, layer_index=self.layer_index, group=self.group, shared=self._shared,
         )
 
     def step(self, loss: Tensor | float | None = None) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from dynlens.batches import logits_of
 from dynlens.distributed import gather_rows, gather_sizes, is_sharded, lockstep
 from dynlens.functional import (
+    ModelFunction,
     batch_size,
     call_model,
     example_losses,
@@ -43,8 +44,9 @@ from dynlens.functional import (
     slice_examples,
     split_batch,
 )
+from dynlens.parameters import unflatten
 
-__all__ = ["Ledger", "LedgerEntry", "ledger_entry", "ledger_from_entries", "OpposingPair",
+__all__ = ["Ledger", "LedgerEntry", "ledger_entry", "along_direction", "ledger_from_entries", "OpposingPair",
            "opposing_signals", "DataMap", "data_map", "REGIONS"]
 
 # the regions of the data map, in the order DataMap.region_counts lists them
@@ -142,6 +144,41 @@ def ledger_entry(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, chun
     return LedgerEntry(torch.cat(losses).numpy(), torch.cat(p_ys).numpy(), torch.cat(hits).numpy())
 
 
+def along_direction(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, vector: Tensor,
+                    chunk_size: int = 1024, group: Any = None) -> np.ndarray:
+    """⟨∇ℓ_i, v⟩ for each example of ``batch``: the derivative of its loss along ``vector`` (a
+    flat vector over the trainable parameters in ``named_parameters`` order, such as the
+    Hessian's top eigenvector), float64 (N,). The opposing groups of Rosenfeld & Risteski pull
+    along the sharpest direction in opposite ways, so the sign of ⟨g_i, v⟩ is a second way to
+    split a pair (the docs, What dynlens measures § Opposing signals).
+
+    Computed as the tangent of the per-example losses (``torch.func.jvp``), in eval mode inside
+    :func:`dynlens.functional.isolated`, in chunks: one forward pass with tangents, no
+    per-example gradient is formed.
+
+    Raises:
+        ValueError: ``vector`` does not have one entry per trainable parameter, or ``group`` is
+            given (not supported under torch.distributed).
+    """
+    if group is not None:
+        raise ValueError("along_direction is not supported under torch.distributed")
+    inputs, targets = split_batch(batch)
+    n = batch_size(inputs)
+    parts = []
+    with isolated(model, "eval"):
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            fn = ModelFunction(model, loss_fn, (slice_examples(inputs, start, stop), slice_examples(targets, start, stop)))
+            if vector.numel() != fn.num_params:
+                raise ValueError(f"the direction has {vector.numel()} entries and the model "
+                                 f"{fn.num_params} trainable parameters")
+            direction = {name: t.to(fn.params[name].dtype)
+                         for name, t in unflatten(vector.to(fn.device), fn.params).items()}
+            _, tangent = torch.func.jvp(lambda p, f=fn: f.per_example_losses(p), (fn.params,), (direction,))
+            parts.append(tangent.detach().double().reshape(-1).cpu())
+    return torch.cat(parts).numpy() if parts else np.zeros(0)
+
+
 @dataclass(frozen=True)
 class Ledger:
     """Per-example values of N tracked examples at T probe steps.
@@ -156,6 +193,9 @@ class Ledger:
         inputs: (N, D) float32 or None, a summary of each example's input (its flattened input,
             or a downsampled one) from which :func:`opposing_signals` reports the shared input
             signal.
+        along_top: (T, N) float32 or None, ⟨∇ℓ_i, v⟩ with the Hessian's top eigenvector v at the
+            steps where the Hessian probe had measured one (NaN at the others;
+            :func:`along_direction`).
 
     Memory: 9·T·N bytes for the three (T, N) arrays (10,000 examples × 1,000 steps: 90 MB), plus
     4·N·D for ``inputs``.
@@ -168,6 +208,7 @@ class Ledger:
     example_ids: np.ndarray
     labels: np.ndarray
     inputs: np.ndarray | None = None
+    along_top: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         t, n = len(self.steps), len(self.example_ids)
@@ -180,13 +221,17 @@ class Ledger:
         if self.inputs is not None and (self.inputs.ndim != 2 or self.inputs.shape[0] != n):
             raise ValueError(f"Ledger.inputs must be (examples, features) with {n} rows, got shape "
                              f"{self.inputs.shape}; flatten each example's input (or a summary of it)")
+        if self.along_top is not None and self.along_top.shape != (t, n):
+            raise ValueError(f"Ledger.along_top must have shape (steps, examples) = ({t}, {n}), got "
+                             f"{self.along_top.shape}")
         if t > 1 and np.any(np.diff(self.steps) <= 0):
             raise ValueError("Ledger.steps must increase")
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the ledger's arrays."""
-        arrays = (self.steps, self.loss, self.p_y, self.correct, self.example_ids, self.labels, self.inputs)
+        arrays = (self.steps, self.loss, self.p_y, self.correct, self.example_ids, self.labels, self.inputs,
+                  self.along_top)
         return sum(a.nbytes for a in arrays if a is not None)
 
     def window(self, window: tuple[int, int] | None) -> Ledger:
@@ -195,7 +240,7 @@ class Ledger:
             return self
         keep = (self.steps >= window[0]) & (self.steps < window[1])
         return Ledger(self.steps[keep], self.loss[keep], self.p_y[keep], self.correct[keep], self.example_ids,
-                      self.labels, self.inputs)
+                      self.labels, self.inputs, None if self.along_top is None else self.along_top[keep])
 
 
 def ledger_from_entries(steps: Sequence[int], entries: Sequence[LedgerEntry | tuple[Any, Any, Any]],
@@ -252,6 +297,13 @@ class OpposingPair:
         shared_input_signal: (D,) float32, the mean input of both groups together minus the
             mean input of all ledger examples: the feature the groups share (None without inputs).
         component: which principal component (0: the leading one) split the candidates.
+        along_top_a, along_top_b: each group's mean ⟨∇ℓ_i, v⟩ with the Hessian's top eigenvector,
+            each step's sign set so that group a's is positive (v's sign is arbitrary), averaged
+            over the window's steps that have it; None without ``Ledger.along_top``.
+        along_top_agreement: the share of (member, step) pairs whose ⟨∇ℓ_i, v⟩ falls on its
+            group's side of zero (group a positive, b negative, per step): 1 when the sign of
+            ⟨g_i, v⟩ splits the pair as the loss changes do, 0.5 when it says nothing; None
+            without ``Ledger.along_top``.
     """
 
     group_a: np.ndarray
@@ -268,6 +320,9 @@ class OpposingPair:
     input_signal_b: np.ndarray | None
     shared_input_signal: np.ndarray | None
     component: int
+    along_top_a: float | None = None
+    along_top_b: float | None = None
+    along_top_agreement: float | None = None
 
 
 def _candidates(delta: np.ndarray, mean_delta: np.ndarray, count: int) -> np.ndarray:
@@ -412,8 +467,25 @@ def opposing_signals(ledger: Ledger, window: tuple[int, int] | None = None, cand
             steps=view.steps, loss_a=loss[:, ia].mean(axis=1), loss_b=loss[:, ib].mean(axis=1),
             labels_a=_histogram(view.labels[ia]), labels_b=_histogram(view.labels[ib]),
             oscillation_steps=view.steps[1:][opposite], input_signal_a=signals[0], input_signal_b=signals[1],
-            shared_input_signal=signals[2], component=k))
+            shared_input_signal=signals[2], component=k, **_along_top(view.along_top, ia, ib)))
     return pairs
+
+
+def _along_top(along: np.ndarray | None, ia: np.ndarray, ib: np.ndarray) -> dict[str, float | None]:
+    """The pair's :class:`OpposingPair` ``along_top_*`` fields from the ledger's ⟨∇ℓ_i, v⟩."""
+    empty: dict[str, float | None] = {"along_top_a": None, "along_top_b": None, "along_top_agreement": None}
+    if along is None:
+        return empty
+    a, b = along[:, ia].astype(np.float64), along[:, ib].astype(np.float64)
+    measured = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    if not measured.any() or not len(ia) or not len(ib):
+        return empty
+    a, b = a[measured], b[measured]
+    # v's sign is arbitrary at each measurement: orient each step so that group a's mean is the larger
+    sign = np.where(a.mean(axis=1) >= b.mean(axis=1), 1.0, -1.0)[:, None]
+    a, b = a * sign, b * sign
+    agree = (np.count_nonzero(a > 0) + np.count_nonzero(b < 0)) / (a.size + b.size)
+    return {"along_top_a": float(a.mean()), "along_top_b": float(b.mean()), "along_top_agreement": float(agree)}
 
 
 def _histogram(labels: np.ndarray) -> dict[int, int]:

@@ -24,7 +24,11 @@ from torch import Tensor, nn
 from dynlens import schedules
 from dynlens.functional import Mode, ModelFunction
 
-__all__ = ["Probe", "Context", "Values", "Labelled", "Occasional", "TRAINING", "LENS", "probe_names", "probe_name"]
+__all__ = ["Probe", "Context", "Values", "Labelled", "Occasional", "TRAINING", "LENS", "TOP_EIGENVECTOR", "probe_names",
+           "probe_name"]
+
+# Context.shared's key for the Hessian probe's latest top eigenvector: (step, flat host tensor)
+TOP_EIGENVECTOR = "hessian.top_eigenvector"
 
 # the records the Lens writes beside the probes': the training loss and learning rates, and the
 # Lens's own (each measurement's seconds)
@@ -88,6 +92,9 @@ class Context:
         memory: bytes of device memory this measurement may allocate beyond what is in use
             (None: no limit). Measurements split their work to fit it, or raise
             :class:`dynlens.budget.MemoryBudgetTooSmall` before allocating when they cannot.
+        shared: what probes publish for one another, the same dict for the whole run (the Lens
+            keeps it). The Hessian probe puts its latest top eigenvector under
+            ``TOP_EIGENVECTOR`` as ``(step, flat host tensor)``; OpposingSignals reads it.
     """
 
     model: nn.Module
@@ -102,6 +109,7 @@ class Context:
     layer_index: list[int] = field(default_factory=list)
     allowance: float = math.inf
     memory: int | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
     def fn(self) -> ModelFunction:

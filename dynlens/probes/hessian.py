@@ -27,7 +27,7 @@ from dynlens.measures.stability import (
     stability_measurement,
     stability_threshold,
 )
-from dynlens.probes.base import Context, Occasional, Probe, Values
+from dynlens.probes.base import TOP_EIGENVECTOR, Context, Occasional, Probe, Values
 
 __all__ = ["Hessian", "stability_threshold", "hvp_chunk_size"]
 
@@ -201,5 +201,7 @@ class Hessian(Probe):
             result = stability_measurement(ctx.fn, ctx.optimizer, ctx.model, self._options(),
                                            self._previous, gate, ctx.memory, self._activation_bytes)
         self._previous.update(result.vectors)
+        if "hessian" in result.vectors:
+            ctx.shared[TOP_EIGENVECTOR] = (ctx.step, result.vectors["hessian"][:, 0])
         self._last = result
         return result.values

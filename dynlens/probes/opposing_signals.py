@@ -5,6 +5,7 @@ groups of examples with opposing signals and :func:`dynlens.data_map` draws the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -13,8 +14,8 @@ from torch import Tensor
 from dynlens.batches import split_batch
 from dynlens.budget import examples_within
 from dynlens.distributed import gather_rows, is_sharded
-from dynlens.measures.opposing import ledger_entry
-from dynlens.probes.base import Context, Labelled, Probe, Values
+from dynlens.measures.opposing import along_direction, ledger_entry
+from dynlens.probes.base import TOP_EIGENVECTOR, Context, Labelled, Probe, Values
 
 __all__ = ["OpposingSignals"]
 
@@ -49,13 +50,17 @@ class OpposingSignals(Probe):
     Records arrays labelled by example index: ``loss``, ``p_y`` (float32) and ``correct``
     (uint8, 1/0) at every measurement; at the first, the labels ``labels`` and, where the inputs
     are one floating-point tensor of at most ``MAX_STORED_INPUTS`` numbers, the inputs ``inputs``
-    (float32, their own shape: what opposing groups share is read from them). Read the
+    (float32, their own shape: what opposing groups share is read from them). When the Lens
+    also runs the Hessian probe, ``along_top``: each example's ⟨∇ℓ_i, v⟩ with the top
+    eigenvector v of its latest measurement (float32; one forward pass with a tangent), which
+    :func:`dynlens.opposing_signals` compares with its split of each pair. Read the
     ledger back with :func:`dynlens.rules.opposing_signals.ledger_of` (or pass the run to
     ``dl.opposing_signals`` / ``dl.data_map``).
 
     Cost per measurement: one forward pass of the tracked examples without autograd (about a
     third of a training step for a tracked set as large as the training batch), and 9 bytes
-    per example in the run database.
+    per example in the run database; with a top eigenvector, one forward pass with tangents
+    more and 4 bytes per example.
     """
 
     name = "opposing_signals"
@@ -70,6 +75,7 @@ class OpposingSignals(Probe):
         self.track, self.chunk_size = track, chunk_size
         self._ids: tuple[str, ...] | None = None
         self._per_example: int | None = None  # bytes of one example's activations
+        self._along_failed = False
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tracked": "probe batch" if self.track is None else "own set",
@@ -103,4 +109,16 @@ class OpposingSignals(Probe):
         values["loss"] = Labelled(entry.loss.astype(np.float32), self._ids)
         values["p_y"] = Labelled(entry.p_y.astype(np.float32), self._ids)
         values["correct"] = Labelled(entry.correct.astype(np.uint8), self._ids)
+        top = ctx.shared.get(TOP_EIGENVECTOR)
+        if top is not None and not self._along_failed:
+            try:
+                along = along_direction(ctx.model, ctx.loss_fn, batch, top[1], chunk_size=chunk, group=ctx.group)
+            except Exception as err:  # noqa: BLE001 - the ledger never fails for this extra
+                self._along_failed = True
+                warnings.warn(f"dynlens: OpposingSignals cannot take ⟨∇ℓ_i, v⟩ along the Hessian's top "
+                              f"eigenvector ({type(err).__name__}: {err}); the ledger goes on without it",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                values["along_top"] = Labelled(along.astype(np.float32), self._ids)
+                values["along_top_step"] = float(top[0])
         return values

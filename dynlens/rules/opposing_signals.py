@@ -65,6 +65,13 @@ def ledger_of(run_or_ledger: Run | Ledger | str) -> Ledger:
     ids = run.array_labels(PROBE, "loss") or [str(i) for i in range(len(pick["loss"][steps[0]]))]
     labels = run.arrays(PROBE, "labels")
     inputs = run.arrays(PROBE, "inputs")
+    along = dict(run.arrays(PROBE, "along_top"))
+    along_top = None
+    if along:
+        along_top = np.full((len(steps), len(ids)), np.nan, dtype=np.float32)
+        for row, s in enumerate(steps):
+            if s in along:
+                along_top[row] = along[s]
     return Ledger(
         steps=np.asarray(steps, dtype=np.int64),
         loss=np.stack([pick["loss"][s] for s in steps]).astype(np.float32),
@@ -73,6 +80,7 @@ def ledger_of(run_or_ledger: Run | Ledger | str) -> Ledger:
         example_ids=np.asarray([int(i) for i in ids], dtype=np.int64),
         labels=np.asarray(labels[0][1], dtype=np.int64) if labels else np.full(len(ids), -1, dtype=np.int64),
         inputs=np.asarray(inputs[0][1], dtype=np.float32).reshape(len(ids), -1) if inputs else None,
+        along_top=along_top,
     )
 
 
@@ -125,7 +133,11 @@ def opposing_groups(run: Run) -> Iterator[Finding]:
             evidence={"group_a": [int(i) for i in pair.group_a[:20]], "group_b": [int(i) for i in pair.group_b[:20]],
                       "correlation": evidence_number(pair.correlation), "p_value": evidence_number(pair.p_value),
                       "labels_a": {str(k): v for k, v in pair.labels_a.items()},
-                      "labels_b": {str(k): v for k, v in pair.labels_b.items()}},
+                      "labels_b": {str(k): v for k, v in pair.labels_b.items()},
+                      **({} if pair.along_top_agreement is None else {
+                          "along_top_a": evidence_number(pair.along_top_a),
+                          "along_top_b": evidence_number(pair.along_top_b),
+                          "along_top_agreement": evidence_number(pair.along_top_agreement)})},
             reference=_ROSENFELD,
             suggestion=("These groups pull the weights in opposite directions; their balance can make the loss "
                         "oscillate and spike at large step sizes. Look at what the groups share; a smaller "

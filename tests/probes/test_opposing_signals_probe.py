@@ -116,3 +116,49 @@ def test_image_inputs_show_the_shared_pixel_as_an_image(tmp_path):
     fig = dl.reports.plot_opposing_inputs(run)
     shown = [ax.images[0].get_array().shape for ax in fig.axes if ax.images]
     assert shown and all(shape == (4, 4) for shape in shown)
+
+
+def test_along_direction_is_each_examples_gradient_dotted_with_the_vector():
+    from dynlens.measures.opposing import along_direction
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    expected = []
+    for i in range(7):  # the oracle: one backward pass per example
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        expected.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) @ v))
+    np.testing.assert_allclose(along_direction(model, nn.CrossEntropyLoss(), (x, y), v, chunk_size=3), expected,
+                               rtol=1e-10)
+    assert all(p.grad is not None for p in model.parameters())  # untouched by the measurement
+    with pytest.raises(ValueError, match="entries"):
+        along_direction(model, nn.CrossEntropyLoss(), (x, y), v[:-1])
+
+
+def test_with_the_hessian_probe_the_planted_groups_pull_opposite_ways_along_its_top_eigenvector(tmp_path):
+    torch.manual_seed(0)
+    x, y = _planted()
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
+                 probes=[dl.probes.Hessian(every=5, lambda_min=False, trace=False),
+                         dl.probes.OpposingSignals(every=1)]) as lens:
+        for _ in range(200):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            lens.step(loss=loss)
+    run = dl.load_run(tmp_path)
+    ledger = ledger_of(run)
+    assert ledger.along_top is not None
+    measured = np.isfinite(ledger.along_top).all(axis=1)
+    # the Hessian measures every 5 steps; the ledger takes the latest vector at each step after
+    assert measured.sum() >= 150 and measured[-1]
+    pair = dl.opposing_signals(run)[0]
+    assert pair.along_top_agreement is not None and pair.along_top_agreement >= 0.8
+    assert pair.along_top_a > 0 > pair.along_top_b
+    finding = next(f for f in dl.diagnose(run) if f.rule == "opposing_groups")
+    assert finding.evidence["along_top_agreement"] >= 0.8
