@@ -23,11 +23,12 @@ def _planted(seed: int = 0):
     return x, y
 
 
-def _trained(path, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dl.Run:
-    """200 full-batch steps at a large step size with the ledger every step; the run."""
+def _trained(path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: list | None = None) -> dl.Run:
+    """200 full-batch steps at a large step size with the ledger every step (and ``probes``
+    before it); the run."""
     optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
     with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=path, basic=False, budget=None,
-                 probes=[dl.probes.OpposingSignals(every=1)]) as lens:
+                 probes=[*(probes or []), dl.probes.OpposingSignals(every=1)]) as lens:
         for _ in range(200):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
@@ -141,17 +142,7 @@ def test_with_the_hessian_probe_the_planted_groups_pull_opposite_ways_along_its_
     torch.manual_seed(0)
     x, y = _planted()
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
-                 probes=[dl.probes.Hessian(every=5, lambda_min=False, trace=False),
-                         dl.probes.OpposingSignals(every=1)]) as lens:
-        for _ in range(200):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            lens.step(loss=loss)
-    run = dl.load_run(tmp_path)
+    run = _trained(tmp_path, model, x, y, [dl.probes.Hessian(every=5, lambda_min=False, trace=False)])
     ledger = ledger_of(run)
     assert ledger.along_top is not None
     measured = np.isfinite(ledger.along_top).all(axis=1)
