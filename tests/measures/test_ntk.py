@@ -240,6 +240,20 @@ def test_auto_takes_structured_products_for_linear_layers_only():
     assert ntk_of(model, x).implementation == "structured"
 
 
+def test_the_structure_check_runs_once_per_model_and_input_shape():
+    model, x, _ = make("mlp")
+    passes = []
+    model[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    first = ntk_of(model, x)
+    checked = len(passes)
+    again = ntk_of(model, x)
+    assert again.implementation == first.implementation == "structured"
+    assert len(passes) - checked < checked  # the second call skipped the check's passes
+    torch.testing.assert_close(again.kernel, first.kernel)
+    wider = torch.randn(x.shape[0], 4, dtype=torch.float64)
+    assert relative_error(ntk_of(model, wider).kernel, reference(model, wider, None, "trace")) < 1e-10
+
+
 def test_auto_takes_jacobian_contraction_when_chunks_of_two_fit_and_products_otherwise():
     model, x, _ = make("cnn_batchnorm")
     assert ntk_of(model, x).implementation == "jacobian"
