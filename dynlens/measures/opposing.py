@@ -162,21 +162,19 @@ def along_direction(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, v
     """
     if group is not None:
         raise ValueError("along_direction is not supported under torch.distributed")
-    inputs, targets = split_batch(batch)
-    n = batch_size(inputs)
-    parts = []
+    if batch_size(split_batch(batch)[0]) == 0:
+        return np.zeros(0)
     with isolated(model, "eval"):
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            fn = ModelFunction(model, loss_fn, (slice_examples(inputs, start, stop), slice_examples(targets, start, stop)))
-            if vector.numel() != fn.num_params:
-                raise ValueError(f"the direction has {vector.numel()} entries and the model "
-                                 f"{fn.num_params} trainable parameters")
-            direction = {name: t.to(fn.params[name].dtype)
-                         for name, t in unflatten(vector.to(fn.device), fn.params).items()}
-            _, tangent = torch.func.jvp(lambda p, f=fn: f.per_example_losses(p), (fn.params,), (direction,))
-            parts.append(tangent.detach().double().reshape(-1).cpu())
-    return torch.cat(parts).numpy() if parts else np.zeros(0)
+        fn = ModelFunction(model, loss_fn, batch)
+        if vector.numel() != fn.num_params:
+            raise ValueError(f"the direction has {vector.numel()} entries and the model "
+                             f"{fn.num_params} trainable parameters")
+        direction = {name: t.to(fn.params[name].dtype)
+                     for name, t in unflatten(vector.to(fn.device), fn.params).items()}
+        # vmap's chunks bound the memory: chunk_size examples' activations and tangents at a time
+        _, tangent = torch.func.jvp(lambda p: fn.per_example_losses(p, chunk_size=chunk_size),
+                                    (fn.params,), (direction,))
+    return tangent.detach().double().reshape(-1).cpu().numpy()
 
 
 @dataclass(frozen=True)
