@@ -1,7 +1,7 @@
 """dynlens under DistributedDataParallel: the 124M decoder on two GPUs (NCCL).
 
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --out ddp_gpu.json
-    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 100 --out ddp_gpu.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 2500 --bracket --skip equality,writes --out ddp_overhead.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --device cpu --tiny --out ddp_cpu.json
 
 Three checks, in one job (the decoder of ``benchmarks/models.py``, 124M parameters, tied
@@ -21,7 +21,9 @@ embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU
     same initial state with ``Lens(probes="default")`` at the default budget, each timed end to
     end with the device synchronised (the Lens's creation, with its step-0 measurements, and
     ``close()`` included; rank 0's clock, the ranks being in step through DDP). Reports the
-    ratio with/without and ``lens.costs()``.
+    ratio with/without and ``lens.costs()``. ``--warmup`` untimed steps come first (CUDA, NCCL
+    and kernel initialisation would otherwise be charged to the run without dynlens);
+    ``--bracket`` times the run without dynlens again afterwards and takes the mean of the two.
 
 Writes JSON to ``--out`` (rank 0). On two H100s the default settings take about 4 minutes
 (the step-0 measurements of the default probes on the decoder are most of the Lens's share).
@@ -34,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +68,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--probe-length", type=int, default=256, help="tokens per probe sequence")
     parser.add_argument("--lens-steps", type=int, default=4, help="steps of the writing check (b)")
     parser.add_argument("--trace-samples", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="untimed DDP steps before the timed runs (CUDA and NCCL initialisation, kernel selection)")
+    parser.add_argument("--bracket", action="store_true",
+                        help="time the run without dynlens again after the one with it; the baseline is their mean")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
     args = parser.parse_args()
     if args.tiny:
@@ -247,11 +254,18 @@ def main() -> None:
     if "writes" not in skip:
         results["writes"] = writes(args, device, rank, world, os.path.join(root, "writes"))
     if "overhead" not in skip:
+        if args.warmup:
+            timed_run(args, device, rank, world, args.warmup, False, "")
         plain = timed_run(args, device, rank, world, args.steps, False, "")
         lensed = timed_run(args, device, rank, world, args.steps, True, os.path.join(root, "overhead"))
+        plains = [plain["seconds"]]
+        if args.bracket:
+            plains.append(timed_run(args, device, rank, world, args.steps, False, "")["seconds"])
+        baseline = statistics.mean(plains)
         results["overhead"] = {
-            "steps": args.steps, "seconds_without": plain["seconds"], "seconds_with": lensed["seconds"],
-            "ratio": lensed["seconds"] / plain["seconds"], "step_seconds_without": plain["seconds"] / args.steps,
+            "steps": args.steps, "warmup_steps": args.warmup, "seconds_without": baseline,
+            "seconds_without_runs": plains, "seconds_with": lensed["seconds"],
+            "ratio": lensed["seconds"] / baseline, "step_seconds_without": baseline / args.steps,
             "costs": lensed.get("costs"), "disabled": lensed["disabled"],
         }
     results["total_seconds"] = time.perf_counter() - began

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlens.batches import logits_of
-from dynlens.distributed import gather_rows, gather_sizes, is_sharded, lockstep
+from dynlens.distributed import gather_rows, gather_sizes, is_sharded, lockstep, refuse_sharded
 from dynlens.functional import (
     ModelFunction,
     batch_size,
@@ -156,12 +156,23 @@ def along_direction(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, v
     :func:`dynlens.functional.isolated`, in chunks: one forward pass with tangents, no
     per-example gradient is formed.
 
+    With ``group`` (a ``torch.distributed`` process group), each rank passes its shard of the
+    batch and the same ``vector`` (the Hessian's eigenvector, computed from all ranks'
+    products, is the same on every rank); every rank gets the values of the whole batch, the
+    shards concatenated in rank order, as :func:`ledger_entry` gives the losses.
+
     Raises:
-        ValueError: ``vector`` does not have one entry per trainable parameter, or ``group`` is
-            given (not supported under torch.distributed).
+        ValueError: ``vector`` does not have one entry per trainable parameter, or the model's
+            parameters are sharded by FSDP2 (the direction needs them all on every rank).
     """
     if group is not None:
-        raise ValueError("along_direction is not supported under torch.distributed")
+        refuse_sharded(model, "along_direction (⟨∇ℓ_i, v⟩ along the Hessian's top eigenvector)")
+        n = batch_size(split_batch(batch)[0])
+        sizes = gather_sizes(n, group)
+        with lockstep(group):
+            local = along_direction(model, loss_fn, batch, vector, chunk_size) if n else np.zeros(0)
+            whole = gather_rows(torch.as_tensor(local, dtype=torch.float64), group, sizes)
+        return whole.cpu().numpy()
     if batch_size(split_batch(batch)[0]) == 0:
         return np.zeros(0)
     with isolated(model, "eval"):

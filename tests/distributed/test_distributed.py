@@ -48,7 +48,7 @@ def _close(a: object, b: object) -> None:
 @pytest.mark.parametrize("key", ["eigenvalues", "trace", "density_nodes", "m_coherence", "alpha", "gsnr",
                                  "noise_scale", "grad_norms", "size", "ntk", "ntk_full", "ntk_diagonal",
                                  "collapse_fraction", "collapse_zero", "margin_median", "collapse_count",
-                                 "nlm", "ledger_loss", "loss", "grad", "hvp"])
+                                 "nlm", "ledger_loss", "along_direction", "loss", "grad", "hvp"])
 def test_split_batch_equals_whole_batch(out: str, key: str) -> None:
     with open(os.path.join(out, "measurements.json")) as f:
         found = json.load(f)

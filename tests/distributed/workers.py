@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import dynlens as dl  # noqa: E402
 from dynlens.functional import ModelFunction, isolated  # noqa: E402
-from dynlens.measures.opposing import ledger_entry  # noqa: E402
+from dynlens.measures.opposing import along_direction, ledger_entry  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=30)
 M, SPLIT = 10, 6  # rank 0 holds examples 0..5, rank 1 6..9: unequal shards
@@ -79,6 +79,8 @@ def measurements(rank: int, world: int, group: object, out: str) -> None:
                      collapse_count=collapse.count)
         found["nlm"] = dl.nlm_alignment(model, loss_fn, batch, group=g).cosine
         found["ledger_loss"] = ledger_entry(model, loss_fn, batch, chunk_size=4, group=g).loss.tolist()
+        direction = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        found["along_direction"] = along_direction(model, loss_fn, batch, direction, chunk_size=4, group=g).tolist()
         with isolated(model, "eval"):
             fn = ModelFunction(model, loss_fn, batch, group=g)
             found["loss"] = float(fn.loss())
