@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "ProbeCost", "DEFAULT_BUDGET",
+__all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "OverBudget", "ProbeCost", "DEFAULT_BUDGET",
            "DEFAULT_MEMORY_SHARE", "examples_within"]
 
 DEFAULT_BUDGET = 0.05
@@ -42,6 +42,14 @@ DEFAULT_BUDGET = 0.05
 DEFAULT_MEMORY_SHARE = 0.5
 # the share of a GPU measurement's memory allowance kept back (MemoryBudget.allowance)
 MEMORY_MARGIN = 0.05
+
+
+class OverBudget(Exception):
+    """A measurement stopped at its deadline (:attr:`dynlens.probes.Context.deadline`): the first
+    measurement of a probe has no cost to predict from, so the Lens lets it run only until the
+    time budget's allowance is spent; it is tried again, whole, once the budget allows twice the
+    time it ran. Raised by :meth:`dynlens.probes.Context.check_time` between a measurement's
+    units of work (the Hessian's products)."""
 
 
 class MemoryBudgetTooSmall(Exception):

@@ -15,7 +15,7 @@ rank order. The reductions happen at the lowest layer that knows the sums:
 The failure contract (the reason this module exists beside ``torch.distributed``): a rank that
 raises inside a measurement while the others wait in a collective would leave them waiting
 forever. So every collective dynlens makes is preceded by a *status* all-reduce of one integer
-(MAX over ranks: 0 ok, else :data:`WAITS_FOR_MEMORY`, :data:`OUT_OF_MEMORY`, :data:`FAILED`),
+(MAX over ranks: 0 ok, else :data:`OVER_TIME`, :data:`WAITS_FOR_MEMORY`, :data:`OUT_OF_MEMORY`, :data:`FAILED`),
 and every measurement runs inside :func:`lockstep`, which on leaving sends the rank's own
 status through that same one-integer collective. A rank that fails therefore meets the others at
 their next status collective (or at the end of the measurement): they all learn of the failure
@@ -54,12 +54,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 __all__ = ["PeerFailed", "lockstep", "check_peers", "agreed_status", "status_of", "decide", "agree_min",
            "agree_mask", "agree_plan", "all_sum", "all_max", "weighted_sum", "gather_sizes", "gather_rows",
            "gather_examples", "failure_report", "rank", "world_size", "group_of", "is_sharded",
-           "refuse_sharded", "NullWriter", "OK", "WAITS_FOR_MEMORY", "OUT_OF_MEMORY", "FAILED"]
+           "refuse_sharded", "NullWriter", "OK", "OVER_TIME", "WAITS_FOR_MEMORY", "OUT_OF_MEMORY",
+           "FAILED"]
 
 OK = 0
-WAITS_FOR_MEMORY = 1  # dynlens.budget.MemoryBudgetTooSmall: declined before allocating
-OUT_OF_MEMORY = 2
-FAILED = 3
+OVER_TIME = 1  # dynlens.budget.OverBudget: stopped at its deadline, every rank at the same product
+WAITS_FOR_MEMORY = 2  # dynlens.budget.MemoryBudgetTooSmall: declined before allocating
+OUT_OF_MEMORY = 3
+FAILED = 4
 
 _AGREED = "_dynlens_agreed"  # set on an exception once its status has been sent
 
@@ -70,7 +72,8 @@ class PeerFailed(RuntimeError):
 
     def __init__(self, code: int) -> None:
         what = {FAILED: "failed", OUT_OF_MEMORY: "ran out of memory",
-                WAITS_FOR_MEMORY: "did not fit its memory allowance"}.get(code, f"failed ({code})")
+                WAITS_FOR_MEMORY: "did not fit its memory allowance",
+                OVER_TIME: "ran past its time budget"}.get(code, f"failed ({code})")
         super().__init__(f"the measurement {what} on another rank; every rank skips it")
         self.code = code
         setattr(self, _AGREED, code)
@@ -120,9 +123,11 @@ def check_peers(group: Any) -> None:
 
 def status_of(err: BaseException) -> int:
     """The status a rank sends for a measurement that raised ``err``."""
-    from dynlens.budget import MemoryBudgetTooSmall
+    from dynlens.budget import MemoryBudgetTooSmall, OverBudget
     from dynlens.functional import OutOfMemoryError
 
+    if isinstance(err, OverBudget):
+        return OVER_TIME
     if isinstance(err, MemoryBudgetTooSmall):
         return WAITS_FOR_MEMORY
     if isinstance(err, OutOfMemoryError):

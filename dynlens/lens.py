@@ -46,10 +46,17 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import __version__
-from dynlens.budget import DEFAULT_BUDGET, MemoryBudget, MemoryBudgetTooSmall, TimeBudget
+from dynlens.budget import (
+    DEFAULT_BUDGET,
+    MemoryBudget,
+    MemoryBudgetTooSmall,
+    OverBudget,
+    TimeBudget,
+)
 from dynlens.distributed import (
     FAILED,
     OUT_OF_MEMORY,
+    OVER_TIME,
     WAITS_FOR_MEMORY,
     NullWriter,
     agree_min,
@@ -206,6 +213,13 @@ def _to_host(measurements: list[Any]) -> None:
 
 class _TooLittleMemory:
     """A measurement that declined to start: its memory allowance could not hold it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _OverTime:
+    """A measurement stopped at its deadline (:class:`dynlens.budget.OverBudget`)."""
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -385,6 +399,7 @@ class Lens:
         # probe -> the step it fell due, while it waits: every probe at step 0
         self._waiting: dict[str, int] = {p.name: 0 for p in self.probes}
         self._memory_wait: dict[str, int] = {}  # probe -> the allowance (bytes) it did not fit
+        self._stopped: set[str] = set()  # probes whose first measurement was stopped at its deadline
         self._memory_wait_peak: dict[str, int] = {}  # probe -> training's peak when it did not fit
         self._device_scalars = _DeviceScalars(self.writer)
         self._held_before: Any = _IDLE  # device memory in use when the probes began this step
@@ -656,7 +671,7 @@ class Lens:
             if self._exempt(probe) or initial or (not blocked and decide(
                     self.group, self.budget.fits(probe.name, probe.predicted_seconds))):
                 self._waiting.pop(probe.name, None)
-                self._measure(probe, ctx, records)
+                self._measure(probe, ctx, records, initial)
             else:
                 blocked = True
         copying = self.budget.clock()
@@ -669,11 +684,18 @@ class Lens:
             self.writer.set_meta({"costs": self._cost_record()})
         self._write_notes()
 
-    def _measure(self, probe: Probe, ctx: Context, records: list[tuple[Probe, Any, float]]) -> None:
+    def _measure(self, probe: Probe, ctx: Context, records: list[tuple[Probe, Any, float]],
+                 initial: bool = False) -> None:
         """Take one measurement of ``probe`` (timed, memory-bounded, OOM-guarded) and append
         ``(probe, values, seconds)`` to ``records`` if it produced values. The basic probes
         (:meth:`_exempt`) are neither synchronised nor timed: their cost is part of
-        ``lens.step()``'s own, measured in benchmarks/RESULTS.md."""
+        ``lens.step()``'s own, measured in benchmarks/RESULTS.md.
+
+        A probe's first measurement after step 0 has no cost to predict from (one Hessian
+        measurement of the 124M decoder under DDP took 87 s, a whole 2,500-step run's share):
+        it gets a deadline at the end of the time allowance (:attr:`Context.deadline`), and
+        one stopped there (:class:`OverBudget`) waits until the budget allows twice the time
+        it ran."""
         if probe.name in self._disabled or self._last_measured[probe.name] == ctx.step:
             return
         self._last_measured[probe.name] = ctx.step
@@ -689,7 +711,30 @@ class Lens:
         ctx.memory = agree_min(self.group, self.memory.allowance())
         clock = self.budget.clock
         start = clock()
+        # until one has finished, a probe's measurements run to a deadline
+        unknown = self.budget.share is not None and self.budget.cost(probe.name).measurements == 0
+        ctx.clock = clock
+        ctx.deadline = start + max(0.0, ctx.allowance) if unknown and not initial else math.inf
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
+        ctx.deadline = math.inf
+        if isinstance(values, _OverTime):
+            # nothing was kept; the budget has paid for what it ran, and the next try must be
+            # allowed twice as long (so the tries cost at most about twice one measurement)
+            seconds = clock() - start
+            self._last_measured[probe.name] = -1
+            self._waiting.setdefault(probe.name, ctx.step)
+            self.budget.spend(probe.name, seconds)
+            self.budget.cost(probe.name).last_seconds = 2 * seconds
+            self.budget.defer(probe.name)
+            if probe.name not in self._stopped:  # the doubling tries that follow are not reported
+                self._stopped.add(probe.name)
+                self.writer.event(
+                    ctx.step, "info", probe.name,
+                    f"{probe.name}'s first measurement was stopped at step {ctx.step} after "
+                    f"{seconds:.3g} s, the time the budget allowed ({values.message}); its cost is "
+                    "not known before one has finished, so it tries again when the budget allows "
+                    "twice as long")
+            return
         if isinstance(values, _OutOfMemory):
             values = self._retry_smaller(probe, ctx, values)
         elif isinstance(values, _TooLittleMemory):
@@ -754,6 +799,8 @@ class Lens:
             else:
                 with isolated(self.model, probe.mode, self.seed):
                     result = call() if probe.pure else self._protected(call)
+        except OverBudget as err:
+            return _OverTime(str(err))
         except MemoryBudgetTooSmall as err:
             return _TooLittleMemory(f"{probe.name} waits for memory at step {self.step_count}: {err}"
                                     f"{self.memory.describe()}")
@@ -795,6 +842,8 @@ class Lens:
                     return call()
             except Exception as err:
                 code = agreed_status(err)
+                if code == OVER_TIME and not isinstance(err, OverBudget):
+                    raise OverBudget(str(err)) from err
                 if code == WAITS_FOR_MEMORY and not isinstance(err, MemoryBudgetTooSmall):
                     raise MemoryBudgetTooSmall(str(err)) from err
                 if code == OUT_OF_MEMORY and not isinstance(err, OutOfMemoryError):

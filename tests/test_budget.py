@@ -500,3 +500,77 @@ def test_the_time_a_probe_spends_before_declining_for_memory_is_charged_to_the_b
     assert lens.budget.probe_seconds == pytest.approx(cost["seconds"])
     # retried only while the budget could pay for it: over by at most the attempt at step 0
     assert cost["seconds"] / clock.now <= 0.05 + 2.0 / clock.now
+
+
+class Unmeasured(dl.Probe):
+    """A probe that does not fit its memory at step 0 (as the Hessian on the decoder under DDP)
+    and is then due every 50 steps, whose measurement is ``units`` units of work of 0.5 s on the
+    fake clock, checking its deadline before each (as the Hessian does before a product)."""
+
+    name = "unmeasured"
+    pure = True
+
+    def __init__(self, clock: FakeClock, units: int) -> None:
+        super().__init__(at=list(range(50, 100_000, 50)))
+        self.clock = clock
+        self.units = units
+        self.tries: list[tuple[int, int]] = []  # (step, units done) of every try
+        self.deadlines: list[float] = []
+
+    def measure(self, ctx):
+        if ctx.step == 0:
+            raise MemoryBudgetTooSmall("not at step 0")
+        self.deadlines.append(ctx.deadline)
+        done = 0
+        try:
+            for _ in range(self.units):
+                ctx.check_time()
+                self.clock.advance(0.5)
+                done += 1
+        finally:
+            self.tries.append((ctx.step, done))
+        return {"value": 1.0}
+
+
+def test_a_first_measurement_stops_at_its_deadline_and_tries_again_with_twice_the_time(tmp_path, clock):
+    probe = Unmeasured(clock, units=20)  # 10 s of work, unknown to the Lens before it has run
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    assert not probe.tries  # waits for memory at step 0
+    # on the CPU it tries again at step 1, where the allowance is 0.05·0.1/0.95 s: the try
+    # stops after its first unit
+    run_steps(lens, clock, 1, 0.1)
+    assert probe.tries == [(1, 1)]
+    assert probe.deadlines[0] == pytest.approx(0.1 + 0.05 * 0.1 / 0.95)
+    run_steps(lens, clock, 8000, 0.1)
+    lens.close()
+    done = [units for _, units in probe.tries]
+    finished = done.index(20)  # one try finished: later ones have no deadline
+    assert finished >= 3 and all(d < 20 for d in done[:finished])
+    # each stopped try ran about twice as long as the one before (units of 0.5 s: 1, 3, 7, 15)
+    assert all(2 * a <= b <= 2 * a + 2 for a, b in zip(done[:finished - 1], done[1:finished], strict=True))
+    assert all(d == math.inf for d in probe.deadlines[finished + 1:])
+    # the budget held throughout: dynlens's share of the wall time, stopped tries included
+    spent = 0.5 * sum(done)
+    assert spent / clock.now <= 0.05 + 0.5 / clock.now
+    costs = lens.costs().set_index("probe")
+    assert costs.loc["unmeasured", "seconds"] == pytest.approx(spent)
+    assert costs.loc["unmeasured", "measurements"] == len(done) - finished
+    messages = dl.load_run(tmp_path).events()["message"]
+    assert messages.str.contains("first measurement was stopped at step 1 ").sum() == 1
+    assert messages.str.contains("first measurement was stopped").sum() == 1  # not at every doubling
+
+
+def test_the_hessian_checks_its_deadline_before_every_product(tmp_path):
+    from dynlens.budget import OverBudget
+    from dynlens.probes import Context
+
+    model, loss_fn, batch = tiny_problem()
+    probe = dl.probes.Hessian(k=1)
+    calls = []
+    ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=3,
+                  clock=lambda: calls.append(1) or float(len(calls)), deadline=4.5)
+    with pytest.raises(OverBudget, match="past the end of its time allowance"):
+        probe.measure(ctx)
+    assert len(calls) >= 5  # the clock read at each product until it passed the deadline
+    ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=3)
+    assert probe.measure(ctx)["sharpness"] > 0  # no deadline: no check

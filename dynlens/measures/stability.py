@@ -200,6 +200,16 @@ def chunking(fn: ModelFunction, options: StabilityOptions, memory: int | None, p
     return hvp_chunk_size(fn.num_params, itemsize, activation_bytes, fn.size, memory, vectors)
 
 
+def _checked(product: Callable[[Tensor], Tensor], check: Callable[[], None]) -> Callable[[Tensor], Tensor]:
+    """``product`` that calls ``check`` first."""
+
+    def checked(v: Tensor) -> Tensor:
+        check()
+        return product(v)
+
+    return checked
+
+
 def stability_measurement(
     fn: ModelFunction,
     optimizer: torch.optim.Optimizer | None,
@@ -209,6 +219,7 @@ def stability_measurement(
     gate: Gate = take_every_part,
     memory: int | None = None,
     activation_bytes: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Stability:
     """The Hessian's top-k eigenvalues on ``fn``'s batch against ``optimizer``'s stability
     threshold, with λ_min, the trace and the density as optional parts.
@@ -229,9 +240,12 @@ def stability_measurement(
             sub-batches that fit (:func:`hvp_chunk_size`).
         activation_bytes: one example's activations (:meth:`ModelFunction.activation_bytes`),
             when the caller keeps it between measurements.
+        check: called before every product; it may raise to stop the measurement (the
+            Lens's deadline on a first measurement: :meth:`dynlens.probes.Context.check_time`).
 
     Raises:
         MemoryBudgetTooSmall: not even one example's product fits ``memory``.
+        Whatever ``check`` raises.
     """
     began = time.perf_counter()
     previous = previous or {}
@@ -245,6 +259,10 @@ def stability_measurement(
     # times the activations (the trace's 16 columns took 45 GiB on the decoder)
     columns = 16 if memory is None else 1
     op, gradient = curvature_operator(fn, "hessian", options.hvp, None, max_columns=columns, chunk_size=chunk)
+    if check is not None:
+        op.matvec = _checked(op.matvec, check)
+        if op.matmat is not None:
+            op.matmat = _checked(op.matmat, check)
     k = min(options.k, op.size)
     values["chunk_size"] = float(chunk or fn.size)
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else math.nan

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from dynlens import schedules
+from dynlens.budget import OverBudget
+from dynlens.distributed import decide
 from dynlens.functional import Mode, ModelFunction
 
 __all__ = ["Probe", "Context", "Values", "Labelled", "Occasional", "TRAINING", "LENS", "TOP_EIGENVECTOR", "probe_names",
@@ -95,6 +97,11 @@ class Context:
         shared: what probes publish for one another, the same dict for the whole run (the Lens
             keeps it). The Hessian probe puts its latest top eigenvector under
             ``TOP_EIGENVECTOR`` as ``(step, flat host tensor)``; OpposingSignals reads it.
+        deadline: the time (on ``clock``) at which this measurement must stop, +inf for none.
+            The Lens sets one on a probe's first measurement after step 0, whose cost it cannot
+            predict: the allowance's end. A long measurement calls :meth:`check_time` between
+            its units of work (the Hessian probe: before every product).
+        clock: the Lens's clock (``time.perf_counter``).
     """
 
     model: nn.Module
@@ -110,6 +117,19 @@ class Context:
     allowance: float = math.inf
     memory: int | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+    deadline: float = math.inf
+    clock: Callable[[], float] = time.perf_counter
+
+    def check_time(self) -> None:
+        """Raise :class:`dynlens.budget.OverBudget` if this measurement is past its
+        ``deadline``; otherwise return. Under ``torch.distributed`` rank 0's clock decides for
+        every rank (one broadcast), so all stop at the same point; without a deadline it costs
+        nothing."""
+        if self.deadline == math.inf:
+            return
+        if decide(self.group, self.clock() > self.deadline):
+            raise OverBudget(
+                f"stopped {self.clock() - self.deadline:.3g} s past the end of its time allowance")
 
     @functools.cached_property
     def fn(self) -> ModelFunction:

@@ -7,6 +7,7 @@ budget, and records.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
@@ -199,7 +200,8 @@ class Hessian(Probe):
             if self._activation_bytes is None and self.chunk_size == "auto" and ctx.memory is not None:
                 self._activation_bytes = ctx.fn.activation_bytes(1)
             result = stability_measurement(ctx.fn, ctx.optimizer, ctx.model, self._options(),
-                                           self._previous, gate, ctx.memory, self._activation_bytes)
+                                           self._previous, gate, ctx.memory, self._activation_bytes,
+                                           check=None if ctx.deadline == math.inf else ctx.check_time)
         self._previous.update(result.vectors)
         if "hessian" in result.vectors:
             ctx.shared[TOP_EIGENVECTOR] = (ctx.step, result.vectors["hessian"][:, 0])
