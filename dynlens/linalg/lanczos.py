@@ -11,7 +11,8 @@ that plain Lanczos produces. The tridiagonal eigenproblem is solved on the CPU i
 (``scipy.linalg.eigh_tridiagonal``). The basis has the operator's dtype and lives on the
 operator's device, or, when :func:`lanczos_eigsh` is given a ``memory`` limit it would break, in
 host memory: the products still run on the operator's device, one vector travelling each way a
-step, and the reorthogonalisation runs on the CPU.
+step, and the reorthogonalisation too, the basis copied to the device block by block
+(:func:`_streamed_gram_schmidt`).
 """
 
 from __future__ import annotations
@@ -135,13 +136,53 @@ def _lanczos_step(
         index = active.nonzero().squeeze(1)
         product[index] = op.mm(current[index].T).T
     krylov = basis[:, : j + 1]
-    w = product.to(basis.device)
+    if basis.device != product.device:
+        alpha, w = _streamed_gram_schmidt(krylov, product, j)
+        return alpha.to(basis.device), torch.linalg.vector_norm(w, dim=1).to(basis.device), w.to(basis.device)
+    w = product
     alpha = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
     for _ in range(2):
         coefficients = torch.bmm(krylov, w.unsqueeze(-1))
         w = w - torch.bmm(krylov.transpose(1, 2), coefficients).squeeze(-1)
         alpha = alpha + coefficients[:, j, 0]
     return alpha, torch.linalg.vector_norm(w, dim=1), w
+
+
+# bytes of a host basis's block copied to the operator's device at a time (_streamed_gram_schmidt)
+STREAM_BLOCK_BYTES = 64 * 2**20
+
+
+def _streamed_gram_schmidt(krylov: Tensor, w: Tensor, j: int,
+                           block_bytes: int = STREAM_BLOCK_BYTES) -> tuple[Tensor, Tensor]:
+    """The two classical Gram-Schmidt passes of :func:`_lanczos_step` for a basis ``krylov``
+    (b, j+1, n) in host memory and a product ``w`` (b, n) on the operator's device: each basis
+    vector is copied to the device in contiguous pieces of about ``block_bytes`` (pinned
+    memory: asynchronous copies), four times a step (each pass reads the basis for c = Q w and
+    again for w ← w − Qᵀ c), and the arithmetic runs there. Returns α (b,) and the
+    orthogonalised w, on w's device.
+
+    Reorthogonalising in host memory instead ran on one CPU thread under ``torchrun`` (which
+    sets ``OMP_NUM_THREADS=1``): for the 124M decoder under DDP a Hessian measurement of 16
+    products took 87 s. Only the pieces in flight are added to the device's memory."""
+    b, rows, n = krylov.shape
+    block = max(1, block_bytes // krylov.element_size())
+    pieces = [(start, min(n, start + block)) for start in range(0, n, block)]
+    w = w.clone()
+    alpha = torch.zeros(b, dtype=w.dtype, device=w.device)
+    for _ in range(2):
+        coefficients = torch.zeros(b, rows, dtype=w.dtype, device=w.device)
+        for run in range(b):
+            for i in range(rows):
+                for start, stop in pieces:
+                    part = krylov[run, i, start:stop].to(w.device, non_blocking=True)
+                    coefficients[run, i] += torch.dot(part, w[run, start:stop])
+        for run in range(b):
+            for i in range(rows):
+                for start, stop in pieces:
+                    part = krylov[run, i, start:stop].to(w.device, non_blocking=True)
+                    w[run, start:stop].addcmul_(part, coefficients[run, i], value=-1)
+        alpha = alpha + coefficients[:, j]
+    return alpha, w
 
 
 def _breakdown_threshold(dtype: torch.dtype) -> float:

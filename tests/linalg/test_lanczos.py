@@ -282,3 +282,24 @@ def test_on_cuda_the_basis_stays_within_the_memory_limit_and_moves_to_pinned_hos
         _same_run(limited, free)
     roomy = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, memory=1000 * vector_bytes)
     assert roomy.basis_device == "cuda:0"
+
+
+def test_the_streamed_gram_schmidt_is_the_two_passes_of_the_lanczos_step():
+    """The reorthogonalisation of a host basis for a GPU operator, piece by piece (here on the
+    CPU, pieces of 7 numbers so that every vector spans several), against the plain passes."""
+    from dynlens.linalg.lanczos import _streamed_gram_schmidt
+
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 6, dtype=torch.float64, generator=generator))
+    krylov = torch.stack([q.T, q.T.flip(0)])  # two runs, 6 orthonormal rows each, n = 50
+    w = torch.randn(2, 50, dtype=torch.float64, generator=generator)
+    expected, alpha = w.clone(), torch.zeros(2, dtype=torch.float64)
+    for _ in range(2):
+        c = torch.bmm(krylov, expected.unsqueeze(-1))
+        expected = expected - torch.bmm(krylov.transpose(1, 2), c).squeeze(-1)
+        alpha = alpha + c[:, 3, 0]
+    got_alpha, got = _streamed_gram_schmidt(krylov, w, 3, block_bytes=7 * 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(got_alpha, alpha, rtol=0, atol=1e-13)
+    assert torch.bmm(krylov, got.unsqueeze(-1)).abs().max() < 1e-13  # orthogonal to the basis
+
