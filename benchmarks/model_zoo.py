@@ -13,7 +13,7 @@ For each model, run A trains ``--steps`` AdamW steps (batch 8, bfloat16 autocast
 float32 on the CPU) without dynlens; run B repeats it from the same initial state (a copy of
 the state dict), seed and data with a :class:`dynlens.Lens` stepped every step, every built-in
 probe attached every 2 steps (:func:`every_probe`; ``budget=None``, ``memory_budget=0.5`` of the
-GPU's memory), on a fixed probe batch of 4. Recorded per model: ``result`` (pass/fail) and,
+GPU's memory, or ``--memory-budget``), on a fixed probe batch of 4. Recorded per model: ``result`` (pass/fail) and,
 for a failure, ``reason``; whether the losses and the final parameters and buffers are
 bit-identical between A and B (``torch.equal``; when they differ, A is run once more, and if A
 differs from itself the training is not deterministic on that device and identity is not
@@ -301,7 +301,8 @@ def differing(a: dict[str, Tensor], b: dict[str, Tensor]) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def measure(entry: Entry, device: torch.device, steps: int, record: dict[str, Any], run_dir: str) -> None:
+def measure(entry: Entry, device: torch.device, steps: int, record: dict[str, Any], run_dir: str,
+            memory_budget: float = 0.5) -> None:
     """Runs A (and A again, should B differ) and B for one model, filling ``record``."""
     with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,7 +322,7 @@ def measure(entry: Entry, device: torch.device, steps: int, record: dict[str, An
         if lens_dir is None:
             losses = train(model, optimizer, entry.loss_fn, batches, device)
         else:
-            memory = 0.5 if device.type == "cuda" else None
+            memory = memory_budget if device.type == "cuda" else None
             with dl.Lens(model, entry.loss_fn, probe_batch, optimizer, run_dir=lens_dir, probes=every_probe(),
                          name=entry.name, budget=None, memory_budget=memory) as lens:
                 losses = train(model, optimizer, entry.loss_fn, batches, device, lens)
@@ -400,7 +401,8 @@ def _alarm(signum: int, frame: Any) -> None:  # noqa: ARG001 - a signal handler'
     raise ModelTimeout
 
 
-def one(entry: Entry, device: torch.device, steps: int, runs: str | None, limit: int = 0) -> dict[str, Any]:
+def one(entry: Entry, device: torch.device, steps: int, runs: str | None, limit: int = 0,
+        memory_budget: float = 0.5) -> dict[str, Any]:
     record: dict[str, Any] = {"model": entry.name, "family": entry.family, "input": entry.input,
                               "notes": list(entry.notes)}
     if device.type == "cuda":
@@ -412,7 +414,7 @@ def one(entry: Entry, device: torch.device, steps: int, runs: str | None, limit:
             signal.signal(signal.SIGALRM, _alarm)
             signal.alarm(limit)
         try:
-            measure(entry, device, steps, record, run_dir)
+            measure(entry, device, steps, record, run_dir, memory_budget)
         except ModelTimeout:
             record["error"] = f"timed out: more than {limit} s (--model-seconds)"
         except Exception as err:  # noqa: BLE001 - one model's failure is a row of the table
@@ -496,6 +498,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="models whose name contains one of these")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model-seconds", type=int, default=0, help="give up on a model after this long (0: never)")
+    parser.add_argument("--memory-budget", type=float, default=0.5,
+                        help="the Lens's memory_budget on a GPU, a fraction of its memory (lower it to run "
+                             "several shards on one GPU at once)")
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th model from the I-th (0-based)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/model_zoo_<device>[_shard].json)")
     parser.add_argument("--resume", default=None, help="a results file: skip its models, and write to it unless --out")
@@ -536,7 +541,8 @@ def main() -> None:
     for entry in entries:
         if entry.name in records:
             continue
-        records[entry.name] = record = one(entry, device, args.steps, args.runs, args.model_seconds)
+        records[entry.name] = record = one(entry, device, args.steps, args.runs, args.model_seconds,
+                                           args.memory_budget)
         write(out, meta, records)
         counts = measurements_cell(record.get("measurements", {}))
         print(f"{entry.name:45s} {record['result']:4s} {record['seconds']:7.1f} s  {counts}"
