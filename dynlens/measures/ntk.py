@@ -20,22 +20,43 @@ torch.func NTK tutorial), chosen by ``implementation``:
   vector-Jacobian product v = J(x_i)ᵀ e_o, then the Jacobian-vector products J(x')v on the second
   set (``jvp`` of ``vjp``). Cost ≈ N₁·O·(one backward + one forward with tangents over N₂
   examples), never forming a Jacobian; memory for a chunk of P-vectors and their activations.
-* ``"structured"``, structured derivatives of ``nn.Linear`` layers: with the layer's input a and
-  the gradient g_o of output o with respect to the layer's output, ⟨J_W(x)_o, J_W(x')_o'⟩ =
-  (a·a')(g_o·g'_o') (summed over positions for a layer applied at several), g_o·g'_o' for the
-  bias; the inputs come from forward hooks and the gradients from O backward passes, so no
-  per-example Jacobian is formed (nngeometry's Gram matrix does this for Linear layers). It covers
-  the linear layers it computes exactly (:func:`_structured_linears`: parameters not shared,
-  called once a forward pass, gradient checked against autograd's); the other parameters are
-  contracted as Jacobians. Cost ≈ N·O backward passes + N₁·N₂·O²·(in + out) per layer.
+* ``"structured"``, structured derivatives (Novak et al. 2022) of the layers that allow them
+  (:func:`_structured_layers`): ``nn.Linear``; ``nn.Conv1d``/``nn.Conv2d`` with groups 1 and zero
+  padding given as numbers, "valid" or a symmetric "same", as a linear map of their unfolded
+  input patches (a = ``F.unfold`` of the input, (n, T, C_in·kernel size) at the T output
+  positions); and the affine parameters of BatchNorm (eval mode, running statistics), LayerNorm
+  and GroupNorm. With a layer's inputs a and the gradients g_o of output o with respect to its
+  outputs (from forward hooks and one backward pass batched over the O outputs), a linear or
+  convolutional layer takes one of two routes, chosen per layer by multiply-adds
+  (:func:`_route`; O' = O² for ``"full"``, else O; pairs = n₁·n₂, or n for ``"diagonal"``; N the
+  examples whose factors are computed):
 
-``implementation="auto"``: ``"structured"`` when linear layers it can compute hold every
-parameter (an MLP); otherwise ``"jacobian"`` when chunks of at least two examples fit
-``memory`` (2·c·O·P numbers for chunks of c; default 1 GiB, on a GPU a quarter of its free
-memory when that is more, up to 8 GiB): chunk by chunk it computes n₁/c·n₂ example Jacobians (O backward
-passes each, batched), against the n₁·O passes with tangents over all n₂ examples of
-NTK-vector products, so it is the faster of the two from c = 2 up; otherwise ``"ntk_vector"``,
-whose memory does not grow with O·P.
+  - *positions*: ⟨J_W(x)_o, J_W(x')_o'⟩ = Σ_(t,s) (a_t·a'_s)(g_(o,t)·g'_(o',s)) (Σ_(t,s) g·g' for
+    the bias), no Jacobian formed: pairs·T²·(k + O'·out + O') multiply-adds ("full", T > 1:
+    pairs·(T²·(k + O·out) + T·O²·out)), intermediates of pairs·T² numbers and more;
+  - *jacobians*: the per-example Jacobians from the same factors, J = Σ_t g_t ⊗ a_t
+    (N·O·T·out·k), contracted (pairs·O'·out·k): cheaper for many positions and small patches
+    (a ResNet's early convolutions, T = 1024), while the positions win for few positions and
+    large patches (its last stage, T = 16, k = 4608). A layer applied once (T = 1) always takes
+    the positions route: (a·a')(g·g').
+
+  A normalisation's per-example Jacobians are formed directly: γ's is Σ over positions of g·x̂,
+  β's Σ of g, with x̂ its input normalised by its own statistics. Every structured layer is
+  checked exact (parameters not shared, called once a forward pass, gradient from its factors
+  equal to autograd's); the other parameters are contracted as Jacobians. Chunks of examples
+  keep two chunks' factors (or Jacobians) and a block's products within ``memory``
+  (:func:`_structured_chunk`). Cost ≈ N·O backward passes (batched) + the routes' multiply-adds.
+
+``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
+MLP, a ResNet of convolutions, BatchNorm and a linear head), or leave at most a tenth of them
+(``_REST_FRACTION``) whose per-example Jacobians for chunks of two (2·2·O·P_rest numbers) fit
+``memory``; the check runs only when the candidate layers meet that, and is kept per model,
+parameter set, O and example shape. Otherwise ``"jacobian"`` when chunks of at least two
+examples fit ``memory`` (2·c·O·P numbers for chunks of c; default 1 GiB, on a GPU a quarter of
+its free memory when that is more, up to 8 GiB): chunk by chunk it computes n₁/c·n₂ example
+Jacobians (O backward passes each, batched), against the n₁·O passes with tangents over all n₂
+examples of NTK-vector products, so it is the faster of the two from c = 2 up; otherwise
+``"ntk_vector"``, whose memory does not grow with O·P.
 
 The kernel is defined in eval mode: BatchNorm in train mode normalises each example by the
 batch's statistics, so an example's outputs depend on the others' and Θ is no longer a function
@@ -58,6 +79,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten
@@ -323,75 +345,319 @@ def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: Kern
     return {layer: torch.cat(parts, dim=0) for layer, parts in rows.items()}
 
 
-# ----------------------------------------------------------------------------- structured (nn.Linear)
+# ----------------------------------------------------------------------------- structured layers
 
-# the products of a linear layer's inputs a (n, T, in), with themselves and with its output
-# gradients g (O, n, T, out), for each mode: (a·a')_(ts), (g·g')_(ts) by output pair, then their
-# product summed over the positions t, s (T counts the positions a layer is applied at, 1 for a
-# vector). Two steps, because torch.einsum without opt_einsum contracts four operands left to
-# right through an n₁·n₂·T·O·out intermediate.
+# the products of a layer's inputs a (n, T, k), with themselves and with its output gradients
+# g (O, n, T, out), for each mode: (a·a')_(ts), (g·g')_(ts) by output pair, then their product
+# summed over the positions t, s (T counts the positions a layer is applied at: 1 for a vector,
+# the output pixels of a convolution, whose a is its unfolded input patches). Two steps, because
+# torch.einsum without opt_einsum contracts four operands left to right through an
+# n₁·n₂·T·O·out intermediate.
 _INPUTS = {"full": "itk,jsk->ijts", "trace": "itk,jsk->ijts", "diagonal": "itk,isk->its"}
 _GRADIENTS = {"full": "aitl,bjsl->ijabts", "trace": "aitl,ajsl->ijts", "diagonal": "aitl,aisl->iats"}
 _PRODUCT = {"full": "ijts,ijabts->ijab", "trace": "ijts,ijts->ij", "diagonal": "its,iats->ia"}
 _BIAS = {"full": "ail,bjl->ijab", "trace": "ail,ajl->ij", "diagonal": "ail,ail->ia"}
 
+# a linear or convolutional layer takes the Jacobian route when its multiply-add estimate is
+# below this fraction of the positions route's (:func:`_route`; tests set 0 or inf to force one)
+_JACOBIAN_ROUTE_BELOW = 1.0
+# "auto" takes the structured products when the structured layers leave at most this fraction
+# of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
+_REST_FRACTION = 0.1
 
-def _linear_factors(function: ModelFunction, modules: dict[str, nn.Linear], inputs: Any,
-                    num_outputs: int) -> dict[str, tuple[Tensor, Tensor]]:
-    """For each linear layer, its inputs a (n, T, in) and the gradients g (O, n, T, out) of each
-    output with respect to its outputs, from one forward pass with hooks and O backward passes
+
+@dataclass(frozen=True)
+class _Layer:
+    """A layer the structured products compute: ``kind`` "linear" (nn.Linear), "conv"
+    (nn.Conv1d/nn.Conv2d as a linear map of its unfolded input patches) or "norm" (the affine
+    parameters of BatchNorm in eval mode, LayerNorm, GroupNorm); ``names`` its parameters
+    (weight, then bias if it has one); per example: ``positions`` T (the rows of a linear
+    layer's input, a convolution's output positions, a normalisation's entries per weight
+    entry), ``inputs`` k (in; C_in·kernel size; 1 for a normalisation) and ``outputs`` (out;
+    C_out; the weight's entries); ``size`` the parameters' entries."""
+
+    kind: str
+    names: tuple[str, ...]
+    positions: int
+    inputs: int
+    outputs: int
+    size: int
+
+    def factor_numbers(self, num_outputs: int) -> int:
+        """Numbers of one example's factors: inputs and O output gradients (a normalisation's
+        normalised input, output gradients and O·size Jacobian entries)."""
+        t, k, out = self.positions, self.inputs, self.outputs
+        if self.kind == "norm":
+            return t * out * (1 + num_outputs) + num_outputs * self.size
+        return t * k + num_outputs * t * out
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """(kernel, dilation, padding, stride) of a convolution as ``F.unfold`` takes them (a Conv1d
+    as a Conv2d of height 1), or None where the structured products do not apply: groups > 1,
+    a padding mode other than zeros, asymmetric ``padding="same"``, or another kind of layer."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    dims = len(module.kernel_size)
+    if module.padding == "valid":
+        padding: tuple[int, ...] = (0,) * dims
+    elif module.padding == "same":
+        pads = module._reversed_padding_repeated_twice  # (left, right) per dimension, last first
+        if list(pads[0::2]) != list(pads[1::2]):
+            return None
+        padding = tuple(reversed(pads[0::2]))
+    else:
+        padding = tuple(module.padding)  # type: ignore[arg-type]
+    geometry = (tuple(module.kernel_size), tuple(module.dilation), padding, tuple(module.stride))
+    if dims == 1:
+        return tuple((1 if i != 2 else 0, v[0]) for i, v in enumerate(geometry))  # type: ignore[misc]
+    return geometry  # type: ignore[return-value]
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _conv_geometry(module) is not None:
+        return "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # eval mode with running statistics: a function of each example alone
+        return "norm" if module.affine and module.track_running_stats else None
+    if isinstance(module, nn.LayerNorm):
+        return "norm" if module.elementwise_affine else None
+    if isinstance(module, nn.GroupNorm):
+        return "norm" if module.affine else None
+    return None
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """A convolution's input as (n, T, C_in·kernel size): its patches, in the order of the
+    weight's flattened entries, at the T output positions."""
+    kernel, dilation, padding, stride = _conv_geometry(module)  # type: ignore[misc]
+    if x.dim() == 3:
+        x = x.unsqueeze(2)
+    return F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
+
+
+def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    """A normalisation layer's input normalised with its own statistics, without its affine
+    parameters: BatchNorm's running mean and variance, LayerNorm's and GroupNorm's per example."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    assert isinstance(module, nn.GroupNorm)
+    return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+def _norm_jacobians(module: nn.Module, names: Sequence[str], xhat: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """A normalisation's per-example Jacobians (n, O, size) from its normalised input x̂ and
+    output gradients g (O, n, ...): the weight's Σ over positions of g·x̂ per entry, the bias's
+    Σ of g."""
+    o, n = g.shape[:2]
+    size = module.weight.numel()
+    if isinstance(module, nn.LayerNorm):
+        # entries (..., *normalized_shape): the positions lead
+        rows = (g * xhat).reshape(o, n, -1, size).sum(2), g.reshape(o, n, -1, size).sum(2)
+    else:
+        # (n, C, ...): the channels lead
+        rows = (g * xhat).reshape(o, n, size, -1).sum(3), g.reshape(o, n, size, -1).sum(3)
+    return {name: row.transpose(0, 1) for name, row in zip(names, rows, strict=False)}
+
+
+def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, num_outputs: int,
+             routes: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each layer's factors on ``inputs``, from one forward pass with hooks and O backward passes
     (in eval mode the examples do not interact, so the gradient of Σ_i f_o(x_i) with respect to
-    the layer's output on x_i is that of f_o(x_i))."""
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    the layer's output on x_i is that of f_o(x_i)): a linear or convolutional layer's inputs
+    a (n, T, k) and output gradients g (O, n, T, out) as ``(a, g)``, or, on the Jacobian route
+    (``routes[name] == "jacobians"``) and for a normalisation, its per-example Jacobians
+    ``{parameter: (n, O, size)}``.
+
+    The hooks read a layer's input when it runs (unfolded, or normalised) and hand on a copy of
+    its output, so an in-place operation after the layer (``ReLU(inplace=True)``) changes
+    neither."""
+    modules = {name: function.model.get_submodule(name) for name in layers}
+    captured: dict[str, tuple[Tensor, Tensor, int]] = {}
+    copied: set[str] = set()
 
     def hook(name: str) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            captured[name] = (args[0], output)
+        kind = layers[name].kind
+
+        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            x = args[0].detach()
+            if kind == "conv":
+                x = _patches(module, x)
+            elif kind == "norm":
+                x = _normalised(module, x)
+            captured[name] = (x, output, output._version)
+            # the later layers read a copy, which an in-place operation may change
+            return output.clone() if name in copied else output
         return record
 
     leaves = {n: t.detach().requires_grad_(True) for n, t in function.params.items()}
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    try:
-        with torch.enable_grad():
-            out = _flat_outputs(function, leaves, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for _ in range(2):
+        handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+        try:
+            with torch.enable_grad():
+                out = _flat_outputs(function, leaves, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # an output changed in place after its layer (ReLU(inplace=True)) has the later
+        # operation's gradient: run again, handing on a copy of it
+        changed = {name for name, (_, z, version) in captured.items() if z._version != version}
+        if not changed - copied:
+            break
+        copied |= changed
     n = out.shape[0]
-    layer_outputs = [captured[name][1] for name in modules]
-    per_output = []
+    layer_outputs = [captured[name][1] for name in layers]
     with torch.enable_grad():
-        for o in range(num_outputs):
-            grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=True, allow_unused=True)
-            per_output.append([torch.zeros_like(z) if g is None else g for z, g in zip(layer_outputs, grads, strict=True)])
-    factors = {}
-    for k, (name, module) in enumerate(modules.items()):
-        a = captured[name][0].detach().reshape(n, -1, module.in_features)
-        g = torch.stack([row[k] for row in per_output]).reshape(num_outputs, n, -1, module.out_features)
-        factors[name] = (a, g)
+        per_output = _output_gradients(out, layer_outputs, num_outputs)
+    del out, layer_outputs
+    factors: dict[str, Any] = {}
+    for k, (name, layer) in enumerate(layers.items()):
+        x = captured.pop(name)[0]
+        g = per_output[k]
+        per_output[k] = None  # type: ignore[call-overload]
+        if layer.kind == "norm":
+            factors[name] = _norm_jacobians(modules[name], layer.names, x, g)
+            continue
+        if layer.kind == "conv":
+            a = x
+            g = g.reshape(num_outputs, n, layer.outputs, -1).transpose(2, 3)
+        else:
+            a = x.reshape(n, -1, layer.inputs)
+            g = g.reshape(num_outputs, n, -1, layer.outputs)
+        if routes is not None and routes.get(name) == "jacobians":
+            # J_(i,a) = Σ_t g_(a,i,t) ⊗ a_(i,t): (n, O, out·k), the weight's entries in order
+            jac = {layer.names[0]: torch.einsum("aitl,itk->ialk", g, a).reshape(n, num_outputs, -1)}
+            if len(layer.names) > 1:
+                jac[layer.names[1]] = g.sum(2).transpose(0, 1)
+            factors[name] = jac
+        else:
+            factors[name] = (a, g)
     return factors
 
 
-# _structured_linears's answers by model, keyed by what the check depends on (the parameters
+def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int) -> list[Tensor]:
+    """The gradients of each output o (summed over the examples) with respect to each layer's
+    output, stacked: (O, *its shape). One backward pass batched over the O outputs
+    (``is_grads_batched``), or, where an operation has no batching rule, O backward passes."""
+    basis = torch.eye(num_outputs, dtype=out.dtype, device=out.device)[:, None, :].expand(num_outputs, *out.shape)
+    try:
+        with warnings.catch_warnings():
+            # an operation without a batching rule runs in a loop, same gradients
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = torch.autograd.grad(out, layer_outputs, basis, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        return [torch.zeros((num_outputs, *z.shape), dtype=z.dtype, device=z.device) if g is None else g
+                for z, g in zip(layer_outputs, grads, strict=True)]
+    except OutOfMemoryError:
+        raise
+    except RuntimeError:
+        pass
+    rows = []
+    for o in range(num_outputs):
+        grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=o + 1 < num_outputs, allow_unused=True)
+        rows.append([torch.zeros_like(z) if g is None else g for z, g in zip(layer_outputs, grads, strict=True)])
+    return [torch.stack([row[k] for row in rows]) for k in range(len(layer_outputs))]
+
+
+def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pairs: int) -> str:
+    """How :func:`_by_structure` computes a linear or convolutional layer's kernel, by
+    multiply-adds (O' = O², or O for "trace" and "diagonal"; ``pairs`` n₁·n₂, or n for
+    "diagonal"; ``examples`` N, the examples whose factors are computed):
+
+    * "positions": the products of inputs and of output gradients over pairs of positions,
+      pairs·T²·(k + O'·out + O') multiply-adds, intermediates of pairs·T²·(1 + O') numbers;
+    * "jacobians": the per-example Jacobians from the same factors, J = Σ_t g_t ⊗ a_t
+      (N·O·T·out·k), then contracted as Jacobians (pairs·O'·out·k), chunk·O·out·k numbers.
+
+    A layer applied at one position (T = 1) always takes the positions route (its kernel is
+    (a·a')(g·g'), cheaper than any Jacobian); normalisations always the Jacobian one."""
+    if layer.kind == "norm":
+        return "jacobians"
+    t, k, out = layer.positions, layer.inputs, layer.outputs
+    if t == 1:
+        return "positions"
+    o = num_outputs * num_outputs if mode == "full" else num_outputs
+    if mode == "full":
+        by_positions = pairs * (t * t * (k + num_outputs * out) + t * o * out)
+    else:
+        by_positions = pairs * t * t * (k + o * out + o)
+    by_jacobians = examples * num_outputs * t * out * k + pairs * o * out * k
+    return "jacobians" if by_jacobians < _JACOBIAN_ROUTE_BELOW * by_positions else "positions"
+
+
+def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
+                      budget: int, itemsize: int, memory: int | None) -> int:
+    """The most examples a chunk may hold so that a chunk's factors while they are computed, two
+    chunks' kept factors or Jacobians, and a block's products fit ``budget``: c·L + c²·Q numbers,
+    L = Σ over layers of F + 2·(F on the positions route, O·size on the Jacobian route), F a
+    layer's factor numbers per example (T·k + O·T·out), Q = the largest positions-route block,
+    T²·(1 + O') + O' (O' = O² for "full", else O; linear in c for "diagonal"). MemoryBudgetTooSmall
+    when one example does not fit a ``memory`` the caller set."""
+    o = num_outputs * num_outputs if mode == "full" else num_outputs
+    linear, quadratic = 0, 0
+    for name, layer in layers.items():
+        factors = layer.factor_numbers(num_outputs)
+        linear += factors
+        if routes[name] == "jacobians":
+            linear += 2 * num_outputs * layer.size
+        else:
+            linear += 2 * factors
+            t = layer.positions
+            if mode == "full" and t > 1:
+                # the inputs' products and the block; one example's H, n₁·T·out·O, per chunk
+                block = t * t + o
+                linear += t * num_outputs * layer.outputs
+            else:
+                block = t * t * (1 + o) + o
+            if mode == "diagonal":
+                linear += block
+            else:
+                quadratic = max(quadratic, block)
+    numbers = budget // itemsize
+    one = (linear + quadratic) * itemsize
+    if memory is not None and one > memory:
+        raise MemoryBudgetTooSmall(
+            f"the structured layers' inputs, output gradients and products on one example need about "
+            f"{one:,} bytes and memory={memory:,} is allowed; raise memory or measure fewer parameters (params=)")
+    if quadratic == 0:
+        return max(1, numbers // max(1, linear))
+    chunk = int((math.sqrt(linear * linear + 4 * quadratic * numbers) - linear) / (2 * quadratic))
+    while chunk > 1 and chunk * linear + chunk * chunk * quadratic > numbers:
+        chunk -= 1
+    return max(1, chunk)
+
+
+# _structured_layers's answers by model, keyed by what the check depends on (the parameters
 # differentiated, O, the shapes of an example's inputs); the weights' values do not change it
 # (the layers found, and the bytes of the check's factors, which a later allowance must still hold)
-_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[str, ...], int]]] = weakref.WeakKeyDictionary()
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[tuple[str, _Layer], ...], int]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
-                        budget: int | None = None, covering: bool = False) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers whose kernel the structured product computes exactly, by module name.
+def _structured_layers(function: ModelFunction, inputs: Any, num_outputs: int,
+                       budget: int | None = None, covering: bool = False) -> dict[str, _Layer]:
+    """The layers whose kernel the structured products compute exactly, by module name:
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1, zero padding given as numbers, "valid"
+    or a symmetric "same"), and the affine parameters of BatchNorm (with running statistics),
+    LayerNorm and GroupNorm.
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
-    parametrised) among those differentiated, shared with no other module, the layer runs once per forward pass, and the
-    gradient its factors give, Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t), matches autograd's on a few examples
-    for a random cotangent u (which catches a weight also read outside the layer's forward).
+    parametrised) among those differentiated, shared with no other module, the layer runs once
+    per forward pass, and the gradient its factors give (Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t) reshaped to
+    the weight's shape; a normalisation's Σ u_(i,o) J_(i,o)) matches autograd's on a few examples
+    for a random cotangent u (which catches a weight also read outside the layer's forward, or a
+    BatchNorm in train mode).
     None where that check's factors (each layer's inputs and O output gradients on two
     examples) would take more than ``budget`` bytes: a language model's output layer alone holds
     O·T·vocabulary numbers (13 GB for 32 outputs, 512 positions and 50,257 words). With
-    ``covering``, none unless the candidate layers hold every differentiated parameter (the
-    automatic choice takes the structured products only then), so that a convolutional network
-    or a transformer pays no check whose answer could not change the method.
+    ``covering``, none unless the candidate layers leave at most ``_REST_FRACTION`` of the
+    differentiated parameters (the automatic choice takes the structured products only then), so
+    that a model they barely cover pays no check whose answer could not change the method.
 
     The check's answer is kept per model, parameter set, O and example shape: the NTK probe
     measures the same model again and again, and on an H200 the check (5–7 ms) was a third of
@@ -402,54 +668,56 @@ def _structured_linears(function: ModelFunction, inputs: Any, num_outputs: int,
                  for t in tree_flatten(inputs)[0]))
     known = _CHECKED.get(function.model, {}).get(key)
     if known is not None:
-        names, factors_bytes = known
+        layers, factors_bytes = known
         if budget is not None and factors_bytes > budget:
             return {}
-        return {name: function.model.get_submodule(name) for name in names}
-    found, factors_bytes = _checked_linears(function, inputs, num_outputs, budget, covering)
+        return dict(layers)
+    found, factors_bytes = _checked_layers(function, inputs, num_outputs, budget, covering)
     if found is not None:
-        _CHECKED.setdefault(function.model, {})[key] = (tuple(found), factors_bytes)
+        _CHECKED.setdefault(function.model, {})[key] = (tuple(found.items()), factors_bytes)
     return found or {}
 
 
-def _checked_linears(function: ModelFunction, inputs: Any, num_outputs: int, budget: int | None,
-                     covering: bool) -> tuple[dict[str, nn.Linear] | None, int]:
-    """:func:`_structured_linears` without its cache, and the bytes of its factors: None where
+def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budget: int | None,
+                    covering: bool) -> tuple[dict[str, _Layer] | None, int]:
+    """:func:`_structured_layers` without its cache, and the bytes of its factors: None where
     the check did not fit ``budget`` (an answer for this allowance only, not kept)."""
     chosen = function.params
     counts: dict[int, int] = {}
     for _, p in function.model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    candidates: dict[str, nn.Linear] = {}
+    candidates: dict[str, tuple[nn.Module, str, tuple[str, ...]]] = {}
     for name, module in function.model.named_modules():
-        if not isinstance(module, nn.Linear) or not name:
+        kind = _kind(module) if name else None
+        if kind is None:
             continue
         # a parametrised weight (weight norm) or a bias held as a buffer is not the layer's own
-        if not isinstance(module.weight, nn.Parameter) or not (
-                module.bias is None or isinstance(module.bias, nn.Parameter)):
+        bias = getattr(module, "bias", None)
+        if not isinstance(module.weight, nn.Parameter) or not (bias is None or isinstance(bias, nn.Parameter)):
             continue
-        own = [(f"{name}.{kind}", getattr(module, kind)) for kind in ("weight", "bias")
-               if getattr(module, kind) is not None]
+        own = [(f"{name}.{k}", getattr(module, k)) for k in ("weight", "bias") if getattr(module, k, None) is not None]
         if all(n in chosen and counts[id(p)] == 1 for n, p in own):
-            candidates[name] = module
+            candidates[name] = (module, kind, tuple(n for n, _ in own))
     if not candidates:
         return {}, 0
-    if covering:
-        held = {f"{name}.{kind}" for name, module in candidates.items() for kind in ("weight", "bias")
-                if getattr(module, kind) is not None}
-        if not set(chosen) <= held:
-            return {}, 0
+
+    def rest_allowed(held: set[str]) -> bool:
+        rest = sum(t.numel() for n, t in chosen.items() if n not in held)
+        return rest <= _REST_FRACTION * sum(t.numel() for t in chosen.values())
+
+    if covering and not rest_allowed({n for _, _, names in candidates.values() for n in names}):
+        return {}, 0
     calls: dict[str, int] = dict.fromkeys(candidates, 0)
-    rows: dict[str, int] = dict.fromkeys(candidates, 0)  # the rows a layer's input has
+    shapes: dict[str, tuple[int, int]] = {}  # the entries of an input and an output, all examples
 
     def counter(name: str) -> Any:
-        def count(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def count(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             calls[name] += 1
-            if args and isinstance(args[0], Tensor):
-                rows[name] = args[0].numel() // max(1, candidates[name].in_features)
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                shapes[name] = (args[0].numel(), output.numel())
         return count
 
-    handles = [module.register_forward_pre_hook(counter(name)) for name, module in candidates.items()]
+    handles = [module.register_forward_hook(counter(name)) for name, (module, _, _) in candidates.items()]
     try:
         sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
         with torch.no_grad():  # counting calls: no graph
@@ -457,59 +725,103 @@ def _checked_linears(function: ModelFunction, inputs: Any, num_outputs: int, bud
     finally:
         for handle in handles:
             handle.remove()
-    candidates = {name: m for name, m in candidates.items() if calls[name] == 1}
-    if not candidates:
+    n = batch_size(sample)
+    layers: dict[str, _Layer] = {}
+    for name, (module, kind, names) in candidates.items():
+        if calls[name] != 1 or name not in shapes:
+            continue
+        size_in, size_out = (s // n for s in shapes[name])
+        weight = module.weight
+        if kind == "linear":
+            t, k, out = size_in // max(1, weight.shape[1]), weight.shape[1], weight.shape[0]
+        elif kind == "conv":
+            t, k, out = size_out // weight.shape[0], weight[0].numel(), weight.shape[0]
+        else:
+            t, k, out = size_out // weight.numel(), 1, weight.numel()
+        layers[name] = _Layer(kind, names, t, k, out, sum(chosen[p].numel() for p in names))
+    if not layers:
         return {}, 0
     itemsize = next(iter(chosen.values())).element_size()
-    factors_bytes = sum(rows[name] * (m.in_features + num_outputs * m.out_features) * itemsize
-                        for name, m in candidates.items())
+    factors_bytes = n * sum(layer.factor_numbers(num_outputs) for layer in layers.values()) * itemsize
     if budget is not None and factors_bytes > budget:
         return None, factors_bytes
-    factors = _linear_factors(function, candidates, sample, num_outputs)
-    leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
+    factors = _factors(function, layers, sample, num_outputs)
+    leaves = {name: t.detach().requires_grad_(True) for name, t in chosen.items()}
     with torch.enable_grad():
         out = _flat_outputs(function, leaves, sample)
         u = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=torch.Generator(out.device).manual_seed(0))
-        names = [f"{name}.{kind}" for name in candidates for kind in ("weight", "bias") if f"{name}.{kind}" in chosen]
-        grads = dict(zip(names, torch.autograd.grad((out * u).sum(), [leaves[n] for n in names], allow_unused=True), strict=True))
+        names = [p for layer in layers.values() for p in layer.names]
+        grads = dict(zip(names, torch.autograd.grad((out * u).sum(), [leaves[p] for p in names], allow_unused=True),
+                         strict=True))
     exact = {}
-    for name, module in candidates.items():
-        a, g = factors[name]
-        expected = [(grads[f"{name}.weight"], torch.einsum("ia,aitl,itk->lk", u, g, a))]
-        if module.bias is not None:
-            expected.append((grads[f"{name}.bias"], torch.einsum("ia,aitl->l", u, g)))
-        if all(auto is not None and (auto - ours).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, ours in expected):
-            exact[name] = module
+    for name, layer in layers.items():
+        found = factors[name]
+        if layer.kind == "norm":
+            ours = [torch.einsum("ia,iap->p", u, found[p]) for p in layer.names]
+        else:
+            a, g = found
+            ug = torch.einsum("ia,aitl->itl", u, g)
+            ours = [torch.einsum("itl,itk->lk", ug, a)]
+            if len(layer.names) > 1:
+                ours.append(ug.sum((0, 1)))
+        pairs = [(grads[p], mine.reshape(chosen[p].shape)) for p, mine in zip(layer.names, ours, strict=True)]
+        if all(auto is not None and (auto - mine).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, mine in pairs):
+            exact[name] = layer
     return exact, factors_bytes
 
 
+def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
+    """The "full" kernel (n₁, n₂, O, O) of a layer applied at T > 1 positions from its inputs'
+    products (n₁, n₂, T, T) and output gradients g (O, n, T, out): for each example j of the
+    second set, H = Σ_s (a_t·a'_s) g'_(b,s) (n₁·T²·O·out), then Σ_(t,l) g_(a,t,l) H_(t,l,b)
+    (n₁·T·O²·out), two matrix products, no intermediate larger than n₁·T·out·O."""
+    o, n1, t, out = g1.shape
+    left = g1.permute(1, 0, 2, 3).reshape(n1, o, t * out)
+    right = g2.permute(1, 2, 3, 0).contiguous()  # (n₂, s, l, b)
+    columns = []
+    for j in range(g2.shape[1]):
+        h = (inputs[:, j].reshape(n1 * t, t) @ right[j].reshape(t, out * o)).view(n1, t * out, o)
+        columns.append(torch.bmm(left, h))
+    return torch.stack(columns, 1)
+
+
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
-                  modules: dict[str, nn.Linear], chunk: int, num_outputs: int) -> dict[str, Tensor]:
-    """Each linear layer's kernel from its inputs and output gradients (Novak et al. 2022's
-    structured derivatives; nngeometry's Gram matrix): ⟨J_W(x)_a, J_W(x')_b⟩ =
-    Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and Σ_(t,s) g_(a,t)·g'_(b,s) for the bias. No per-example
-    Jacobian is formed: a chunk holds n·T·in inputs and O·n·T·out gradients per layer, and a
-    block of two chunks n₁·n₂·O²·T² products ("full"; n₁·n₂·T² for "trace")."""
+                  layers: dict[str, _Layer], routes: dict[str, str], chunk: int,
+                  num_outputs: int) -> dict[str, Tensor]:
+    """Each structured layer's kernel from its inputs and output gradients (Novak et al. 2022's
+    structured derivatives; nngeometry's Gram matrix), by its route (:func:`_route`):
+    "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
+    Σ_(t,s) g_(a,t)·g'_(b,s) for the bias, no per-example Jacobian formed (a block of two chunks
+    holds n₁·n₂·O²·T² products for "full", n₁·n₂·T² for "trace"); "jacobians", the per-example
+    Jacobians Σ_t g_t ⊗ a_t (a normalisation's from its normalised input), contracted."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
-    rows: dict[str, list[Tensor]] = {name: [] for name in modules}
+    rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     for s1, e1 in _chunks(n1, chunk):
-        f1 = _linear_factors(function, modules, slice_examples(inputs1, s1, e1), num_outputs)
+        f1 = _factors(function, layers, slice_examples(inputs1, s1, e1), num_outputs, routes)
         targets = [(s1, e1)] if mode == "diagonal" else _chunks(n2, chunk)
-        blocks: dict[str, list[Tensor]] = {name: [] for name in modules}
+        blocks: dict[str, list[Tensor]] = {name: [] for name in layers}
         for s2, e2 in targets:
             if mode == "diagonal" or (same and (s2, e2) == (s1, e1)):
                 f2 = f1
             else:
-                f2 = _linear_factors(function, modules, slice_examples(inputs2, s2, e2), num_outputs)
-            for name, module in modules.items():
+                f2 = _factors(function, layers, slice_examples(inputs2, s2, e2), num_outputs, routes)
+            for name, layer in layers.items():
+                if isinstance(f1[name], dict):
+                    blocks[name].append(_contract(f1[name], f2[name], layer.names, mode))
+                    continue
                 (a1, g1), (a2, g2) = f1[name], f2[name]
                 # in the diagonal mode f2 is f1: the einsums pair each example with itself
-                block = torch.einsum(_PRODUCT[mode], torch.einsum(_INPUTS[mode], a1, a2),
-                                     torch.einsum(_GRADIENTS[mode], g1, g2))
-                if module.bias is not None:
+                inputs = torch.einsum(_INPUTS[mode], a1, a2)
+                if mode == "full" and layer.positions > 1:
+                    # Σ_s (a_t·a'_s) g'_(b,s) first: T²·O·out + T·O²·out products a pair, not T²·O²·out
+                    block = _full_by_positions(inputs, g1, g2)
+                else:
+                    block = torch.einsum(_PRODUCT[mode], inputs, torch.einsum(_GRADIENTS[mode], g1, g2))
+                if len(layer.names) > 1:
                     block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
                 blocks[name].append(block)
-        for name in modules:
+            del f2
+        for name in layers:
             rows[name].append(torch.cat(blocks[name], dim=1) if mode != "diagonal" else blocks[name][0])
     return {name: torch.cat(parts, dim=0) for name, parts in rows.items()}
 
@@ -561,14 +873,18 @@ def ntk_of(
         per_layer: also return each layer's kernel (the parameters of one module), which sum to
             the whole.
         implementation: "jacobian" (Jacobian contraction), "ntk_vector" (NTK-vector products),
-            "structured" (linear layers from their inputs and output gradients, the other
-            parameters by Jacobian contraction) or "auto": "structured" when linear layers hold
-            every parameter, else "jacobian" when N·O·P numbers fit in ``memory``, else
-            "ntk_vector" (module docstring).
+            "structured" (linear and convolutional layers from their inputs and output
+            gradients, BatchNorm/LayerNorm/GroupNorm from their normalised inputs, the other
+            parameters by Jacobian contraction) or "auto": "structured" when the structured
+            layers hold every parameter, or all but at most a tenth whose Jacobians for chunks
+            of two examples (2·2·O·P_rest numbers) fit ``memory``; else "jacobian" when chunks
+            of two examples' Jacobians (2·2·O·P numbers) fit ``memory``, else "ntk_vector"
+            (module docstring).
         chunk_size: examples per chunk (default: as many as ``memory`` allows). Jacobian
             contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
-            a chunk of P-vectors and the activations of a chunk; structured products each linear
-            layer's inputs and O output gradients for two chunks.
+            a chunk of P-vectors and the activations of a chunk; structured products each
+            layer's inputs and O output gradients (or its Jacobians) for two chunks, and the
+            products of a block of two chunks (``_structured_chunk``).
         memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB;
             on a GPU a quarter of its free memory when that is more, up to 8 GiB).
             The activations of the forward passes and the kernel itself come on top, except for
@@ -590,8 +906,14 @@ def ntk_of(
     Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
     sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
     and n₁·O forward passes with tangents over n₂ examples (times the number of layers with
-    ``per_layer``); "structured" ≈ N·O backward passes plus n₁·n₂·O²·(in + out)·T² multiply-adds
-    per linear layer applied at T positions.
+    ``per_layer``); "structured" ≈ N·O backward passes (batched over the O outputs) plus, per
+    linear or convolutional layer with inputs (patches) of k entries, out outputs and T positions,
+    the cheaper of its two routes (O' = O² for "full", else O): positions,
+    n₁·n₂·T²·(k + O'·out + O') multiply-adds ("full", T > 1: n₁·n₂·(T²·(k + O·out) + T·O²·out));
+    Jacobians, N·O·T·out·k to form them and n₁·n₂·O'·out·k to contract them (a layer applied
+    once always takes the positions); per normalisation layer N·O·(its output entries) to form
+    its Jacobians and n₁·n₂·O'·(its parameters) to contract them; Jacobian contraction of the
+    parameters no structured layer holds.
 
     Returns:
         :class:`NTK`.
@@ -627,13 +949,16 @@ def ntk_of(
         itemsize = probe.element_size()
         n1, n2 = batch_size(first), batch_size(second)
         automatic = implementation == "auto"
-        linears = (_structured_linears(function, first, o, budget if automatic else None, covering=automatic)
-                   if implementation in ("auto", "structured") else {})
-        covered = {f"{m}.{kind}" for m in linears for kind in ("weight", "bias")} & set(function.params)
+        structured = (_structured_layers(function, first, o, budget if automatic else None, covering=automatic)
+                      if implementation in ("auto", "structured") else {})
+        covered = {n for layer in structured.values() for n in layer.names}
         rest = [n for n in function.params if n not in covered]
+        examples = n1 if same else n1 + n2
         if implementation == "auto":
-            examples = n1 if same else n1 + n2
-            if linears and not rest:
+            rest_count = _numel(function, rest)
+            # the rest by Jacobian contraction in chunks of at least two (or all the examples)
+            if structured and (not rest or (rest_count <= _REST_FRACTION * p_count and
+                                            2 * min(2, examples) * o * rest_count * itemsize <= budget)):
                 implementation = "structured"
             else:
                 fits = 2 * min(2, examples) * o * p_count * itemsize <= budget
@@ -649,14 +974,12 @@ def ntk_of(
                 chunk = chunk_size or _fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
                                                "the Jacobians of one example's other parameters")
                 parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
-            if linears:
-                # two chunks' inputs and output gradients, and a block's products by output pair
-                width = sum(m.in_features + o * m.out_features for m in linears.values())
-                chunk = chunk_size or min(
-                    _fitting(budget, 2 * width * itemsize, memory,
-                             "the linear layers' inputs and output gradients on one example"),
-                    max(1, math.isqrt(budget // (o * o * itemsize))))
-                parts.append(_by_structure(function, first, second, same, mode, linears, chunk, o))
+            if structured:
+                pairs = n1 if mode == "diagonal" else n1 * n2
+                routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
+                chunk = _structured_chunk(structured, routes, o, mode, budget, itemsize, memory)
+                parts.append(_by_structure(function, first, second, same, mode, structured, routes,
+                                           chunk_size or chunk, o))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
             for part in parts:

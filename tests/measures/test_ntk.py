@@ -5,7 +5,9 @@ infinite-width limit of a one-hidden-layer ReLU network; no side effects; the ke
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +15,13 @@ from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 
+import dynlens.measures.ntk as ntk_module
 from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.functional import ModelFunction, isolated
 from dynlens.measures.ntk import (
-    _structured_linears,
+    _Layer,
+    _route,
+    _structured_layers,
     condition_number,
     effective_rank,
     kernel_distance,
@@ -118,6 +123,74 @@ def cnn_with_batchnorm() -> nn.Module:
     return model
 
 
+def cnn_grouped() -> nn.Module:
+    """cnn_with_batchnorm with a grouped convolution (Jacobian contraction: not structured)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _randomise_norm(norm: nn.Module) -> None:
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+
+
+class StructuredCNN(nn.Module):
+    """Convolutions as the structured products take them (stride 2, padding 1, dilation 2 with a
+    bias; padding 1 without), BatchNorm in eval mode followed by an in-place ReLU, a grouped
+    convolution (Jacobian contraction) and a linear head: (n, 2, 8, 8) -> 3 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+        _randomise_norm(self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn(self.conv1(x)))
+        h = torch.tanh(self.grouped(torch.tanh(self.conv2(h))))
+        return self.head(h.flatten(1))
+
+
+class Normalisations(nn.Module):
+    """Conv1d with padding="same", GroupNorm, LayerNorm over the channels at each position, a
+    linear head: (n, 3, 6) -> 2 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding="same")
+        self.group = nn.GroupNorm(2, 4)
+        self.layer = nn.LayerNorm(4)
+        self.head = nn.Linear(4 * 6, 2)
+        _randomise_norm(self.group)
+        _randomise_norm(self.layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.group(self.conv(x)))
+        return self.head(self.layer(h.transpose(1, 2)).flatten(1))
+
+
+class ConvWeightReadOutside(nn.Module):
+    """A convolution whose weight is also read outside its forward (a penalty-like output term)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.head(h) + (h.sum(1, keepdim=True) * self.conv.weight.sum()) ** 2
+
+
 MODELS = {
     "mlp": (mlp, lambda g, n: torch.randn(n, 4, generator=g)),
     "cnn_batchnorm": (cnn_with_batchnorm, lambda g, n: torch.randn(n, 2, 6, 6, generator=g)),
@@ -128,6 +201,10 @@ MODELS = {
     "weight_read_outside": (WeightReadOutside, lambda g, n: torch.randn(n, 4, generator=g)),
     "layer_called_twice": (LayerCalledTwice, lambda g, n: torch.randn(n, 4, generator=g)),
     "weight_norm": (weight_normed, lambda g, n: torch.randn(n, 4, generator=g)),
+    "cnn_grouped": (cnn_grouped, lambda g, n: torch.randn(n, 2, 6, 6, generator=g)),
+    "cnn_structured": (StructuredCNN, lambda g, n: torch.randn(n, 2, 8, 8, generator=g)),
+    "normalisations": (Normalisations, lambda g, n: torch.randn(n, 3, 6, generator=g)),
+    "conv_weight_read_outside": (ConvWeightReadOutside, lambda g, n: torch.randn(n, 2, 4, 4, generator=g)),
 }
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 
@@ -223,16 +300,18 @@ def test_params_restricts_the_kernel_to_the_named_parameters():
     assert relative_error(result.kernel, 3 * h @ h.T) < 1e-12
 
 
-def test_structured_product_covers_exactly_the_linear_layers_it_computes_exactly():
-    expected = {"mlp": ["0", "2"], "cnn_batchnorm": ["4"], "grid_outputs": ["hidden", "out"], "tied": [],
+def test_structured_product_covers_exactly_the_layers_it_computes_exactly():
+    expected = {"mlp": ["0", "2"], "cnn_batchnorm": ["0", "1", "4"], "grid_outputs": ["hidden", "out"], "tied": [],
                 "embedding": ["head"], "tokenwise": ["hidden", "out"], "weight_read_outside": ["hidden"],
-                "layer_called_twice": ["head"], "weight_norm": ["2"]}
+                "layer_called_twice": ["head"], "weight_norm": ["2"], "cnn_grouped": ["1", "4"],
+                "cnn_structured": ["conv1", "bn", "conv2", "head"], "normalisations": ["conv", "group", "layer", "head"],
+                "conv_weight_read_outside": ["head"]}
     for name, layers in expected.items():
         model, x, _ = make(name)
         function = ModelFunction(model, lambda outputs, targets: outputs.sum(), (x, None))
         with isolated(model, "eval"):
             outputs = model(x[:1]).numel()
-            assert list(_structured_linears(function, function.inputs, outputs)) == layers, name
+            assert list(_structured_layers(function, function.inputs, outputs)) == layers, name
 
 
 def test_auto_takes_structured_products_for_linear_layers_only():
@@ -255,22 +334,23 @@ def test_the_structure_check_runs_once_per_model_and_input_shape():
 
 
 def test_auto_takes_jacobian_contraction_when_chunks_of_two_fit_and_products_otherwise():
-    model, x, _ = make("cnn_batchnorm")
+    # the grouped convolution (40 of 178 parameters) is not structured: more than a tenth is left
+    model, x, _ = make("cnn_grouped")
     assert ntk_of(model, x).implementation == "jacobian"
-    # one example's Jacobians take 2·161·8 = 2,576 bytes; two chunks of two 10,304, two chunks
-    # of all five 25,760: chunked contraction is still the faster method
-    chunked = ntk_of(model, x, memory=11_000)
+    # one example's Jacobians take 2·178·8 = 2,848 bytes; two chunks of two 11,392, two chunks
+    # of all five 28,480: chunked contraction is still the faster method
+    chunked = ntk_of(model, x, memory=12_000)
     assert chunked.implementation == "jacobian"
     assert relative_error(chunked.kernel, reference(model, x, None, "trace")) < 1e-6
-    # one product takes 161·8 bytes and one example's activations
+    # one product takes 178·8 bytes and one example's activations
     small = ntk_of(model, x, memory=4000)
     assert small.implementation == "ntk_vector"
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-6
 
 
 def test_without_vector_products_auto_contracts_jacobians_in_chunks_or_waits_for_memory():
-    model, x, _ = make("cnn_batchnorm")
-    # two examples' Jacobians take 2·2·161·8 = 5,152 bytes: chunks of one example fit 6,000
+    model, x, _ = make("cnn_grouped")
+    # two examples' Jacobians take 2·2·178·8 = 5,696 bytes: chunks of one example fit 6,000
     chunked = ntk_of(model, x, memory=6000, vector_products=False)
     assert chunked.implementation == "jacobian"
     assert relative_error(chunked.kernel, reference(model, x, None, "trace")) < 1e-6
@@ -463,7 +543,9 @@ def test_jacobians_are_taken_one_example_at_a_time_where_vmap_cannot_run_the_mod
     model = BranchesOnValues().double()
     x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with pytest.warns(RuntimeWarning, match="vmap failed.*one example at a time"):
-        result = ntk_of(model, x, mode=mode)
+        # Jacobian contraction named: "auto" takes the structured products here (a Conv1d and a
+        # linear head), which need no vmap
+        result = ntk_of(model, x, mode=mode, implementation="jacobian")
     assert result.implementation == "jacobian"
     assert relative_error(result.kernel, reference(model, x, None, mode)) < 1e-10
 
@@ -533,3 +615,175 @@ def test_auto_skips_the_structured_check_whose_factors_would_not_fit_memory():
     small = ntk_of(model, x, memory=100_000)
     assert small.implementation == "ntk_vector"
     assert relative_error(small.kernel, reference(model, x, None, "trace")) < 1e-5
+
+
+# ----------------------------------------------------------------------------- structured CNNs
+
+
+def layer_reference(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, mode: str) -> dict[str, torch.Tensor]:
+    """Each layer's kernel from explicit Jacobians restricted to its parameters."""
+    a, b = jacobian(model, x), None if x2 is None else jacobian(model, x2)
+    kernels, start = {}, 0
+    for layer, size in _layer_sizes(model).items():
+        ja = a[:, :, start:start + size]
+        jb = ja if b is None else b[:, :, start:start + size]
+        if mode == "full":
+            kernels[layer] = torch.einsum("iap,jbp->ijab", ja, jb)
+        elif mode == "trace":
+            kernels[layer] = torch.einsum("iap,jap->ij", ja, jb)
+        else:
+            kernels[layer] = (ja * ja).sum(2)
+        start += size
+    return kernels
+
+
+def _layer_sizes(model: nn.Module) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        sizes[layer] = sizes.get(layer, 0) + p.numel()
+    return sizes
+
+
+def _routes_taken(monkeypatch) -> dict[str, str]:
+    """Record the route :func:`_route` gives each layer kind and shape."""
+    taken: dict[str, str] = {}
+
+    def spy(layer, *args):
+        route = _route(layer, *args)
+        taken[f"{layer.kind} T={layer.positions} k={layer.inputs}"] = route
+        return route
+
+    monkeypatch.setattr(ntk_module, "_route", spy)
+    return taken
+
+
+@pytest.mark.parametrize("route_below", [0.0, 1.0, math.inf], ids=["positions", "estimate", "jacobians"])
+@pytest.mark.parametrize("second", [False, True], ids=["one set", "two sets"])
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("name", ["cnn_structured", "normalisations"])
+def test_structured_layers_per_layer_match_each_layers_jacobian_on_either_route(name, mode, second, route_below,
+                                                                                monkeypatch):
+    if mode == "diagonal" and second:
+        pytest.skip("the diagonal kernel is of one set")
+    monkeypatch.setattr(ntk_module, "_JACOBIAN_ROUTE_BELOW", route_below)
+    taken = _routes_taken(monkeypatch)
+    model, x, x2 = make(name)
+    x2 = x2 if second else None
+    result = ntk_of(model, x, x2, mode=mode, implementation="structured", per_layer=True)
+    expected = layer_reference(model, x, x2, mode)
+    assert list(result.per_layer) == list(expected)
+    for layer, kernel in expected.items():
+        assert relative_error(result.per_layer[layer], kernel) < 1e-6, layer
+    assert relative_error(result.kernel, sum(expected.values())) < 1e-6
+    total = torch.stack(list(result.per_layer.values())).sum(0)
+    assert relative_error(total, result.kernel) < 1e-12
+    # a layer applied once takes the positions route, a normalisation the Jacobian one, the
+    # convolutions the one forced
+    assert taken["linear T=1 k=" + str(model.head.in_features)] == "positions"
+    assert all(route == "jacobians" for key, route in taken.items() if key.startswith("norm"))
+    convs = {route for key, route in taken.items() if key.startswith("conv")}
+    if route_below == 0.0:
+        assert convs == {"positions"}
+    elif route_below == math.inf:
+        assert convs == {"jacobians"}
+
+
+@pytest.mark.parametrize("route_below", [0.0, math.inf], ids=["positions", "jacobians"])
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_structured_products_in_chunks_equal_one_chunk(mode, route_below, monkeypatch):
+    monkeypatch.setattr(ntk_module, "_JACOBIAN_ROUTE_BELOW", route_below)
+    chunks = []
+    chunk_rule = ntk_module._structured_chunk
+    monkeypatch.setattr(ntk_module, "_structured_chunk", lambda *a: chunks.append(chunk_rule(*a)) or chunks[-1])
+    model, x, x2 = make("cnn_structured", n=7)
+    second = None if mode == "diagonal" else x2
+    whole = ntk_of(model, x, second, mode=mode, implementation="structured", per_layer=True)
+    assert chunks[-1] >= 7
+    # bytes for a few examples: the chunk rule must split the sets
+    small = ntk_of(model, x, second, mode=mode, implementation="structured", per_layer=True, memory=60_000)
+    assert 1 <= chunks[-1] < 5
+    sized = ntk_of(model, x, second, mode=mode, implementation="structured", per_layer=True, chunk_size=2)
+    for chunked in (small, sized):
+        torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+        for layer in whole.per_layer:
+            torch.testing.assert_close(chunked.per_layer[layer], whole.per_layer[layer], rtol=1e-10, atol=1e-12)
+    assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_structured_memory_too_small_for_one_example_raises_naming_the_structured_layers(mode):
+    model, x, _ = make("cnn_structured")
+    with pytest.raises(MemoryBudgetTooSmall, match="structured layers.*on one example.*memory=2,000"):
+        ntk_of(model, x, mode=mode, implementation="structured", memory=2000, params=[
+            n for n, _ in model.named_parameters() if not n.startswith("grouped")])
+
+
+def test_routes_by_multiply_adds_on_resnet18_shapes():
+    # ResNet-18 at 32×32, 10 outputs, 64 examples: the stem and first stage (1,024 positions,
+    # small patches) form Jacobians, the last stage (16 positions, 4,608-entry patches) and the
+    # head (one position) take the positions
+    stem = _Layer("conv", ("w",), 1024, 27, 64, 64 * 27)
+    first = _Layer("conv", ("w",), 1024, 576, 64, 64 * 576)
+    last = _Layer("conv", ("w",), 16, 4608, 512, 512 * 4608)
+    head = _Layer("linear", ("w", "b"), 1, 512, 10, 5130)
+    for mode, pairs in (("trace", 64 * 64), ("full", 64 * 64), ("diagonal", 64)):
+        assert _route(stem, 10, mode, 64, pairs) == "jacobians"
+        assert _route(first, 10, mode, 64, pairs) == "jacobians"
+        assert _route(last, 10, mode, 64, pairs) == "positions"
+        assert _route(head, 10, mode, 64, pairs) == "positions"
+
+
+def _benchmark_models():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "models.py"
+    spec = importlib.util.spec_from_file_location("benchmark_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_auto_takes_structured_products_for_a_resnet():
+    models = _benchmark_models()
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=3, width=2).double()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            _randomise_norm(module)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    function = ModelFunction(model, lambda outputs, targets: outputs.sum(), (x, None))
+    with isolated(model, "eval"):
+        layers = _structured_layers(function, function.inputs, 3)
+    # every convolution, BatchNorm and the head
+    assert {p for layer in layers.values() for p in layer.names} == {n for n, _ in model.named_parameters()}
+    result = ntk_of(model, x, mode="full")
+    assert result.implementation == "structured"
+    assert relative_error(result.kernel, reference(model, x, None, "full")) < 1e-6
+
+
+class MostlyStructured(nn.Module):
+    """A linear layer holding most parameters and a small grouped convolution."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.grouped = nn.Conv1d(2, 2, 3, groups=2)
+        self.hidden = nn.Linear(8, hidden)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(torch.tanh(self.grouped(x)).flatten(1))))
+
+
+def test_auto_takes_structured_products_when_the_rest_is_at_most_a_tenth_and_fits():
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 6, dtype=torch.float64)
+    # 8 grouped-convolution parameters of 8 + 8·20 + 20 + 20·2 + 2 = 230
+    model = MostlyStructured(20).double()
+    result = ntk_of(model, x, mode="full")
+    assert result.implementation == "structured"
+    assert relative_error(result.kernel, reference(model, x, None, "full")) < 1e-6
+    # the rest's Jacobians for chunks of two, 2·2·2·8·8 = 512 bytes, must fit memory: with 500
+    # bytes auto takes Jacobian contraction of every parameter (which does not fit either)
+    with pytest.raises(MemoryBudgetTooSmall, match="the Jacobians of one example needs"):
+        ntk_of(model, x, memory=500, vector_products=False)
+    # 8 of 8 + 8·2 + 2 + 2·2 + 2 = 32: more than a tenth left
+    assert ntk_of(MostlyStructured(2).double(), x).implementation == "jacobian"
