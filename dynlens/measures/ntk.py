@@ -709,23 +709,27 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         return {}, 0
     calls: dict[str, int] = dict.fromkeys(candidates, 0)
     shapes: dict[str, tuple[int, int]] = {}  # the entries of an input and an output, all examples
+    sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
+    n = batch_size(sample)
 
     def counter(name: str) -> Any:
         def count(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             calls[name] += 1
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            # the factors are read per example: a layer applied to a tensor without the examples'
+            # dimension (a learned query, positions shared by all examples) is not structured
+            batched = 2 + len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 2
+            if (args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and args[0].dim() >= batched
+                    and args[0].shape[0] == n and output.shape[0] == n):
                 shapes[name] = (args[0].numel(), output.numel())
         return count
 
     handles = [module.register_forward_hook(counter(name)) for name, (module, _, _) in candidates.items()]
     try:
-        sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
         with torch.no_grad():  # counting calls: no graph
             _flat_outputs(function, function.params, sample)
     finally:
         for handle in handles:
             handle.remove()
-    n = batch_size(sample)
     layers: dict[str, _Layer] = {}
     for name, (module, kind, names) in candidates.items():
         if calls[name] != 1 or name not in shapes:

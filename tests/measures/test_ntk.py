@@ -191,6 +191,19 @@ class ConvWeightReadOutside(nn.Module):
         return self.head(h) + (h.sum(1, keepdim=True) * self.conv.weight.sum()) ** 2
 
 
+class SharedQuery(nn.Module):
+    """A linear layer applied to a learned query shared by all examples (no examples' dimension)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(3))
+        self.query_proj = nn.Linear(3, 3)
+        self.key = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key(x) * torch.tanh(self.query_proj(self.query))
+
+
 MODELS = {
     "mlp": (mlp, lambda g, n: torch.randn(n, 4, generator=g)),
     "cnn_batchnorm": (cnn_with_batchnorm, lambda g, n: torch.randn(n, 2, 6, 6, generator=g)),
@@ -205,6 +218,7 @@ MODELS = {
     "cnn_structured": (StructuredCNN, lambda g, n: torch.randn(n, 2, 8, 8, generator=g)),
     "normalisations": (Normalisations, lambda g, n: torch.randn(n, 3, 6, generator=g)),
     "conv_weight_read_outside": (ConvWeightReadOutside, lambda g, n: torch.randn(n, 2, 4, 4, generator=g)),
+    "shared_query": (SharedQuery, lambda g, n: torch.randn(n, 4, generator=g)),
 }
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 
@@ -305,7 +319,7 @@ def test_structured_product_covers_exactly_the_layers_it_computes_exactly():
                 "embedding": ["head"], "tokenwise": ["hidden", "out"], "weight_read_outside": ["hidden"],
                 "layer_called_twice": ["head"], "weight_norm": ["2"], "cnn_grouped": ["1", "4"],
                 "cnn_structured": ["conv1", "bn", "conv2", "head"], "normalisations": ["conv", "group", "layer", "head"],
-                "conv_weight_read_outside": ["head"]}
+                "conv_weight_read_outside": ["head"], "shared_query": ["key"]}
     for name, layers in expected.items():
         model, x, _ = make(name)
         function = ModelFunction(model, lambda outputs, targets: outputs.sum(), (x, None))
