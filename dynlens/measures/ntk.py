@@ -24,8 +24,11 @@ torch.func NTK tutorial), chosen by ``implementation``:
   (:func:`_structured_layers`): ``nn.Linear``; ``nn.Conv1d``/``nn.Conv2d`` with groups 1 and zero
   padding given as numbers, "valid" or a symmetric "same", as a linear map of their unfolded
   input patches (a = ``F.unfold`` of the input, (n, T, C_in·kernel size) at the T output
-  positions); and the affine parameters of BatchNorm (eval mode, running statistics), LayerNorm
-  and GroupNorm. With a layer's inputs a and the gradients g_o of output o with respect to its
+  positions); ``nn.Embedding`` (no ``max_norm`` or ``scale_grad_by_freq``) as a linear map of
+  one-hot tokens, a_t·a'_s = [token_t = token'_s] (not the padding token), always on the
+  positions route; and the affine parameters of BatchNorm (eval mode, running statistics),
+  LayerNorm and GroupNorm. A weight shared by two layers (GPT-2's embedding tied to its output
+  layer) is not structured: it is contracted as Jacobians. With a layer's inputs a and the gradients g_o of output o with respect to its
   outputs (from forward hooks and O backward passes), a linear or
   convolutional layer takes one of two routes, chosen per layer by multiply-adds
   (:func:`_route`; O' = O² for ``"full"``, else O; pairs = n₁·n₂, or n for ``"diagonal"``; N the
@@ -369,12 +372,13 @@ _REST_FRACTION = 0.1
 @dataclass(frozen=True)
 class _Layer:
     """A layer the structured products compute: ``kind`` "linear" (nn.Linear), "conv"
-    (nn.Conv1d/nn.Conv2d as a linear map of its unfolded input patches) or "norm" (the affine
-    parameters of BatchNorm in eval mode, LayerNorm, GroupNorm); ``names`` its parameters
-    (weight, then bias if it has one); per example: ``positions`` T (the rows of a linear
-    layer's input, a convolution's output positions, a normalisation's entries per weight
-    entry), ``inputs`` k (in; C_in·kernel size; 1 for a normalisation) and ``outputs`` (out;
-    C_out; the weight's entries); ``size`` the parameters' entries."""
+    (nn.Conv1d/nn.Conv2d as a linear map of its unfolded input patches), "embedding"
+    (nn.Embedding, a linear map of one-hot tokens) or "norm" (the affine parameters of BatchNorm
+    in eval mode, LayerNorm, GroupNorm); ``names`` its parameters (weight, then bias if it has
+    one); per example: ``positions`` T (the rows of a linear layer's input, a convolution's
+    output positions, an embedding's tokens, a normalisation's entries per weight entry),
+    ``inputs`` k (in; C_in·kernel size; the vocabulary; 1 for a normalisation) and ``outputs``
+    (out; C_out; the embedding's width; the weight's entries); ``size`` the parameters' entries."""
 
     kind: str
     names: tuple[str, ...]
@@ -389,6 +393,8 @@ class _Layer:
         t, k, out = self.positions, self.inputs, self.outputs
         if self.kind == "norm":
             return t * out * (1 + num_outputs) + num_outputs * self.size
+        if self.kind == "embedding":  # the tokens, not their one-hot rows
+            return t + num_outputs * t * out
         return t * k + num_outputs * t * out
 
 
@@ -417,6 +423,9 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...] | None:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, nn.Embedding):
+        # max_norm renormalises the weight in place; scale_grad_by_freq changes the gradient
+        return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
     if _conv_geometry(module) is not None:
         return "conv"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -526,6 +535,9 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         if layer.kind == "conv":
             a = x
             g = g.reshape(num_outputs, n, layer.outputs, -1).transpose(2, 3)
+        elif layer.kind == "embedding":
+            a = x.reshape(n, -1)  # the tokens (n, T)
+            g = g.reshape(num_outputs, n, -1, layer.outputs)
         else:
             a = x.reshape(n, -1, layer.inputs)
             g = g.reshape(num_outputs, n, -1, layer.outputs)
@@ -565,11 +577,12 @@ def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pai
       (N·O·T·out·k), then contracted as Jacobians (pairs·O'·out·k), chunk·O·out·k numbers.
 
     A layer applied at one position (T = 1) always takes the positions route (its kernel is
-    (a·a')(g·g'), cheaper than any Jacobian); normalisations always the Jacobian one."""
+    (a·a')(g·g'), cheaper than any Jacobian), as does an embedding (a_t·a'_s is whether the
+    tokens match; its Jacobian has vocabulary·width entries); normalisations the Jacobian one."""
     if layer.kind == "norm":
         return "jacobians"
     t, k, out = layer.positions, layer.inputs, layer.outputs
-    if t == 1:
+    if t == 1 or layer.kind == "embedding":
         return "positions"
     o = num_outputs * num_outputs if mode == "full" else num_outputs
     if mode == "full":
@@ -633,12 +646,12 @@ def _structured_layers(function: ModelFunction, inputs: Any, num_outputs: int,
                        budget: int | None = None, covering: bool = False) -> dict[str, _Layer]:
     """The layers whose kernel the structured products compute exactly, by module name:
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1, zero padding given as numbers, "valid"
-    or a symmetric "same"), and the affine parameters of BatchNorm (with running statistics),
-    LayerNorm and GroupNorm.
+    or a symmetric "same"), ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``), and
+    the affine parameters of BatchNorm (with running statistics), LayerNorm and GroupNorm.
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
     parametrised) among those differentiated, shared with no other module, the layer runs once
-    per forward pass, and the gradient its factors give (Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t) reshaped to
+    per forward pass on inputs with the examples' dimension first, and the gradient its factors give (Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t) reshaped to
     the weight's shape; a normalisation's Σ u_(i,o) J_(i,o)) matches autograd's on a few examples
     for a random cotangent u (which catches a weight also read outside the layer's forward, or a
     BatchNorm in train mode).
@@ -707,7 +720,9 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
             calls[name] += 1
             # the factors are read per example: a layer applied to a tensor without the examples'
             # dimension (a learned query, positions shared by all examples) is not structured
-            batched = 2 + len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 2
+            # an embedding's tokens (n, ...), a linear layer's inputs (n, ..., in), a convolution's (n, C, ...)
+            batched = (2 + len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd)
+                       else 1 if isinstance(module, nn.Embedding) else 2)
             if (args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and args[0].dim() >= batched
                     and args[0].shape[0] == n and output.shape[0] == n):
                 shapes[name] = (args[0].numel(), output.numel())
@@ -730,6 +745,8 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
             t, k, out = size_in // max(1, weight.shape[1]), weight.shape[1], weight.shape[0]
         elif kind == "conv":
             t, k, out = size_out // weight.shape[0], weight[0].numel(), weight.shape[0]
+        elif kind == "embedding":
+            t, k, out = size_in, weight.shape[0], weight.shape[1]
         else:
             t, k, out = size_out // weight.numel(), 1, weight.numel()
         layers[name] = _Layer(kind, names, t, k, out, sum(chosen[p].numel() for p in names))
@@ -752,6 +769,10 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         found = factors[name]
         if layer.kind == "norm":
             ours = [torch.einsum("ia,iap->p", u, found[p]) for p in layer.names]
+        elif layer.kind == "embedding":
+            tokens, g = found
+            ug = torch.einsum("ia,aitl->itl", u, g) * _kept(function.model.get_submodule(name), tokens).unsqueeze(-1)
+            ours = [torch.zeros_like(chosen[layer.names[0]]).index_add_(0, tokens.reshape(-1), ug.reshape(-1, layer.outputs))]
         else:
             a, g = found
             ug = torch.einsum("ia,aitl->itl", u, g)
@@ -762,6 +783,22 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         if all(auto is not None and (auto - mine).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, mine in pairs):
             exact[name] = layer
     return exact, factors_bytes
+
+
+def _kept(module: nn.Module, tokens: Tensor) -> Tensor:
+    """Whether each token's row receives a gradient: all but ``padding_idx``."""
+    padding = module.padding_idx
+    return torch.ones_like(tokens, dtype=torch.bool) if padding is None else tokens != padding
+
+
+def _matches(module: nn.Module, tokens1: Tensor, tokens2: Tensor, mode: KernelMode, dtype: torch.dtype) -> Tensor:
+    """An embedding's inputs' products, its one-hot rows' a_t·a'_s: whether the tokens match (and
+    are not its padding token), (n₁, n₂, T, S); (n, T, T) for "diagonal"."""
+    kept1, kept2 = _kept(module, tokens1), _kept(module, tokens2)
+    if mode == "diagonal":
+        return ((tokens1[:, :, None] == tokens1[:, None, :]) & kept1[:, :, None]).to(dtype)
+    same = tokens1[:, None, :, None] == tokens2[None, :, None, :]
+    return (same & kept1[:, None, :, None] & kept2[None, :, None, :]).to(dtype)
 
 
 def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
@@ -805,7 +842,10 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
                     continue
                 (a1, g1), (a2, g2) = f1[name], f2[name]
                 # in the diagonal mode f2 is f1: the einsums pair each example with itself
-                inputs = torch.einsum(_INPUTS[mode], a1, a2)
+                if layer.kind == "embedding":
+                    inputs = _matches(function.model.get_submodule(name), a1, a2, mode, g1.dtype)
+                else:
+                    inputs = torch.einsum(_INPUTS[mode], a1, a2)
                 if mode == "full" and layer.positions > 1:
                     # Σ_s (a_t·a'_s) g'_(b,s) first: T²·O·out + T·O²·out products a pair, not T²·O²·out
                     block = _full_by_positions(inputs, g1, g2)
@@ -867,7 +907,7 @@ def ntk_of(
         per_layer: also return each layer's kernel (the parameters of one module), which sum to
             the whole.
         implementation: "jacobian" (Jacobian contraction), "ntk_vector" (NTK-vector products),
-            "structured" (linear and convolutional layers from their inputs and output
+            "structured" (linear, convolutional and embedding layers from their inputs and output
             gradients, BatchNorm/LayerNorm/GroupNorm from their normalised inputs, the other
             parameters by Jacobian contraction) or "auto": "structured" when the structured
             layers hold every parameter, or all but at most a tenth whose Jacobians for chunks
