@@ -12,6 +12,14 @@ whose kernels have no double backward, so every Hessian-vector product through t
   gathered into a padded block, and the bag's reduction (sum, mean or max), with per-sample
   weights, offsets (``include_last_offset`` too) and ``padding_idx`` as the kernel takes them.
 
+and one whose second derivative is NaN where its value and first derivative are finite:
+
+- ``F.normalize`` (p = 2) of a zero vector: x / max(‖x‖, eps) is x/eps there, but the double
+  backward of ‖x‖ at 0 is NaN, so every Hessian-vector product through it was NaN (torchvision's
+  Swin V2: its keys' bias is zero, so the zero tokens that pad a window have zero keys, and the
+  cosine attention normalises them). Composite: x / sqrt(max(Σx², eps²)), the same value and
+  first derivative (‖x‖ ≥ eps: x/‖x‖; below: x/eps) and a finite second derivative.
+
 :func:`composite_layers` swaps the functions in ``torch.nn.functional`` (where the modules look
 them up at every call) for the composites and restores them on exit;
 :func:`dynlens.functional.isolated` enters it for every measurement, so training keeps its own
@@ -28,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["composite_layers", "hardsigmoid", "embedding_bag"]
+__all__ = ["composite_layers", "hardsigmoid", "embedding_bag", "normalize"]
 
-_ORIGINAL = {"hardsigmoid": F.hardsigmoid, "embedding_bag": F.embedding_bag}
+_ORIGINAL = {"hardsigmoid": F.hardsigmoid, "embedding_bag": F.embedding_bag, "normalize": F.normalize}
 
 
 def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - F's signature
@@ -38,6 +46,17 @@ def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 -
     if inplace:
         return input.add_(3.0).clamp_(0.0, 6.0).div_(6.0)
     return F.relu6(input + 3.0) / 6.0
+
+
+def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,  # noqa: A002
+              out: Tensor | None = None) -> Tensor:
+    """``F.normalize`` for p = 2 as x / sqrt(max(Σx², eps²)): the kernel's value and first
+    derivative, and a second derivative that is finite at x = 0 (the kernel's is NaN there).
+    Other p, and ``out=``, go to PyTorch's function unchanged."""
+    if p != 2 or out is not None:
+        return _ORIGINAL["normalize"](input, p, dim, eps, out)
+    squares = (input * input).sum(dim, keepdim=True)
+    return input / torch.sqrt(torch.clamp_min(squares, eps * eps))
 
 
 def embedding_bag(
@@ -103,7 +122,9 @@ def embedding_bag(
 
 
 def composite_layers() -> contextlib.AbstractContextManager[Any]:
-    """Swap ``F.hardsigmoid`` and ``F.embedding_bag`` for their composites; restore on exit."""
+    """Swap ``F.hardsigmoid``, ``F.embedding_bag`` and ``F.normalize`` for their composites;
+    restore on exit."""
     from dynlens.isolation import _attributes_set
 
-    return _attributes_set([(F, "hardsigmoid", hardsigmoid), (F, "embedding_bag", embedding_bag)])
+    return _attributes_set([(F, "hardsigmoid", hardsigmoid), (F, "embedding_bag", embedding_bag),
+                            (F, "normalize", normalize)])

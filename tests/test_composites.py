@@ -11,7 +11,7 @@ from helpers import dense_hessian, sgd_steps
 from torch import nn
 
 import dynlens as dl
-from dynlens.composites import composite_layers, embedding_bag, hardsigmoid
+from dynlens.composites import composite_layers, embedding_bag, hardsigmoid, normalize
 from dynlens.functional import isolated
 
 
@@ -131,11 +131,11 @@ def test_coherence_through_the_composites_matches_the_per_example_loop():
 
 
 def test_the_composites_are_in_place_only_inside_a_measurement_and_training_is_bit_identical(tmp_path):
-    original = F.hardsigmoid, F.embedding_bag
+    original = F.hardsigmoid, F.embedding_bag, F.normalize
     model, batch = _problem()
     with isolated(model):
-        assert F.hardsigmoid is hardsigmoid and F.embedding_bag is embedding_bag
-    assert (F.hardsigmoid, F.embedding_bag) == original
+        assert F.hardsigmoid is hardsigmoid and F.embedding_bag is embedding_bag and F.normalize is normalize
+    assert (F.hardsigmoid, F.embedding_bag, F.normalize) == original
 
     def train(lens_dir):
         model, batch = _problem()
@@ -151,3 +151,63 @@ def test_the_composites_are_in_place_only_inside_a_measurement_and_training_is_b
 
     for a, b in zip(train(None), train(tmp_path), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_normalize_composite_equals_the_kernel_and_its_first_derivative(dim):
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    x[1] = 0.0  # zero vectors: the kernel's x/eps, whose second derivative is NaN
+    x[2] *= 1e-14  # below eps
+    eps = 1e-12
+    a, ga = _value_and_grad(lambda t: F.normalize(t, 2.0, dim, eps), x)
+    b, gb = _value_and_grad(lambda t: normalize(t, 2.0, dim, eps), x)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb[0], ga[0], rtol=1e-12, atol=1e-12 * float(ga[0].abs().max()))
+    torch.testing.assert_close(normalize(x, 1.0, dim), F.normalize(x, 1.0, dim), rtol=0, atol=0)  # p=1: the kernel
+
+
+class ZeroKeys(nn.Module):
+    """Swin V2's case: keys without bias on inputs that include zero vectors (the padding of a
+    window), normalised, against normalised queries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):  # x: (n, tokens, 4)
+        q, k = F.normalize(self.query(x), dim=-1), F.normalize(self.key(x), dim=-1)
+        return self.head((q * k).sum(-1).mean(1, keepdim=True))
+
+
+def test_hessian_through_normalize_of_zero_vectors_is_finite_and_matches_gradient_differences():
+    torch.manual_seed(0)
+    model = ZeroKeys().double()
+    x = torch.randn(8, 5, 4, dtype=torch.float64)
+    x[:, 3:] = 0.0  # two padding tokens an example
+    batch = (x, torch.randint(0, 3, (8,)))
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+
+    def grad() -> torch.Tensor:  # the kernels' own first derivative, finite at zero vectors
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(x), batch[1]), params)])
+
+    # the oracle: central differences of the gradient, column by column (no second derivative)
+    flat = torch.nn.utils.parameters_to_vector(params).detach()
+    h, columns = 1e-5, []
+    for i in range(flat.numel()):
+        for sign in (1, -1):
+            shifted = flat.clone()
+            shifted[i] += sign * h
+            torch.nn.utils.vector_to_parameters(shifted, params)
+            columns.append(grad())
+    torch.nn.utils.vector_to_parameters(flat, params)
+    dense = torch.stack([(columns[2 * i] - columns[2 * i + 1]) / (2 * h) for i in range(flat.numel())])
+    exact = torch.linalg.eigvalsh((dense + dense.T) / 2)
+    top = dl.hessian_eigenvalues(model, loss_fn, batch, k=2, tol=1e-10)
+    assert torch.isfinite(top.values).all()
+    torch.testing.assert_close(top.values, exact[-2:].flip(0), rtol=1e-5, atol=1e-8)
+    with torch.enable_grad():  # the kernel alone: NaN
+        first = torch.autograd.grad(loss_fn(model(x), batch[1]), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.sum() for g in first), params)
+    assert any(torch.isnan(g).any() for g in second)
