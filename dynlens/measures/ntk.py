@@ -483,9 +483,9 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
     (``routes[name] == "jacobians"``) and for a normalisation, its per-example Jacobians
     ``{parameter: (n, O, size)}``.
 
-    The hooks read a layer's input when it runs (unfolded, or normalised) and hand on a copy of
-    its output, so an in-place operation after the layer (``ReLU(inplace=True)``) changes
-    neither."""
+    The hooks read a layer's input when it runs (unfolded, or normalised). A layer whose output
+    an in-place operation changed afterwards (``ReLU(inplace=True)``) hands the later layers a
+    copy on a second forward pass, so that its output's gradient is its own."""
     modules = {name: function.model.get_submodule(name) for name in layers}
     captured: dict[str, tuple[Tensor, Tensor, int]] = {}
     copied: set[str] = set()
@@ -505,7 +505,7 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         return record
 
     leaves = {n: t.detach().requires_grad_(True) for n, t in function.params.items()}
-    for _ in range(2):
+    while True:  # at most once more than the layers changed in place: ``copied`` only grows
         handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
         try:
             with torch.enable_grad():
