@@ -154,7 +154,9 @@ def along_direction(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, v
 
     Computed as the tangent of the per-example losses (``torch.func.jvp``), in eval mode inside
     :func:`dynlens.functional.isolated`, in chunks: one forward pass with tangents, no
-    per-example gradient is formed.
+    per-example gradient is formed. Where a layer has no forward-mode derivative
+    (``nn.MultiheadAttention``'s fused kernel), by two backward passes instead
+    (:func:`_along_by_reverse_mode`).
 
     With ``group`` (a ``torch.distributed`` process group), each rank passes its shard of the
     batch and the same ``vector`` (the Hessian's eigenvector, computed from all ranks'
@@ -182,10 +184,33 @@ def along_direction(model: nn.Module, loss_fn: Callable[..., Any], batch: Any, v
                              f"{fn.num_params} trainable parameters")
         direction = {name: t.to(fn.params[name].dtype)
                      for name, t in unflatten(vector.to(fn.device), fn.params).items()}
-        # vmap's chunks bound the memory: chunk_size examples' activations and tangents at a time
-        _, tangent = torch.func.jvp(lambda p: fn.per_example_losses(p, chunk_size=chunk_size),
-                                    (fn.params,), (direction,))
+        try:
+            # vmap's chunks bound the memory: chunk_size examples' activations and tangents at a time
+            _, tangent = torch.func.jvp(lambda p: fn.per_example_losses(p, chunk_size=chunk_size),
+                                        (fn.params,), (direction,))
+        except (NotImplementedError, RuntimeError) as err:
+            if "forward AD" not in str(err) and "forward-mode" not in str(err):
+                raise
+            tangent = _along_by_reverse_mode(fn, direction, chunk_size)
     return tangent.detach().double().reshape(-1).cpu().numpy()
+
+
+def _along_by_reverse_mode(fn: ModelFunction, direction: dict[str, Tensor], chunk_size: int) -> Tensor:
+    """⟨∇ℓ_i, v⟩ for every example without forward-mode derivatives, for layers that have none
+    (``nn.MultiheadAttention``'s fused kernel in eval mode: torchvision's ViTs): with u a
+    zero vector over the examples, g(u) = Σ_i u_i ∇ℓ_i = Jᵀu by a backward pass that keeps its
+    graph, and the gradient of ⟨g(u), v⟩ with respect to u is Jv. Two backward passes over the
+    set, whose graph it holds at once (the forward-mode path holds chunk_size examples')."""
+    params = {name: t.detach().requires_grad_(True) for name, t in fn.params.items()}
+    with torch.enable_grad():
+        losses = fn.per_example_losses(params, chunk_size=chunk_size)
+        u = torch.zeros_like(losses, requires_grad=True)
+        grads = torch.autograd.grad(losses, list(params.values()), grad_outputs=u, create_graph=True,
+                                    allow_unused=True)
+        inner = sum(((g * direction[name]).sum() for name, g in zip(params, grads, strict=True) if g is not None),
+                    u.sum() * 0)
+        (along,) = torch.autograd.grad(inner, u)
+    return along
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,40 @@ def test_along_direction_is_each_examples_gradient_dotted_with_the_vector():
         along_direction(model, nn.CrossEntropyLoss(), (x, y), v[:-1])
 
 
+class _Attention(nn.Module):
+    """nn.MultiheadAttention in eval mode runs a fused kernel with no forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        z = self.embed(x)
+        return self.head(self.attention(z, z, z, need_weights=False)[0].mean(1))
+
+
+def test_along_direction_without_forward_mode_derivatives_takes_two_backward_passes():
+    from dynlens.measures.opposing import along_direction
+
+    torch.manual_seed(2)
+    model = _Attention().double().eval()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward AD"):  # the path it cannot take
+        with torch.no_grad():
+            z = model.embed(x)
+            torch.func.jvp(lambda t: model.attention(t, t, t, need_weights=False)[0], (z,), (z,))
+    expected = []
+    for i in range(6):  # the oracle: one backward pass per example
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        expected.append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) @ v))
+    model.zero_grad()
+    np.testing.assert_allclose(along_direction(model, nn.CrossEntropyLoss(), (x, y), v, chunk_size=4), expected,
+                               rtol=1e-10)
+
+
 def test_with_the_hessian_probe_the_planted_groups_pull_opposite_ways_along_its_top_eigenvector(tmp_path):
     torch.manual_seed(0)
     x, y = _planted()
