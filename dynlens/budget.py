@@ -9,7 +9,12 @@ measurement runs when its predicted cost (the last measurement of that probe) fi
 i.e. when, after it, dynlens's share of the wall time since the Lens was created would still be
 within the budget; otherwise it waits (a schedule then means "at most this often"). The
 measurements at step 0 run regardless: they are the initial state the run is compared with, and
-what they cost is paid back by the measurements deferred after them. ``lens_seconds`` is the
+what they cost is paid back by the measurements deferred after them. Until one measurement of a
+probe has finished its cost is unknown, so it runs to a deadline (checked between units of
+work: the Hessian's products), at the end of the allowance, and at step 0 after
+``FIRST_SECONDS`` at least; a measurement stopped there (:class:`OverBudget`) is tried again
+once the budget allows twice the time it ran (on two H200s, the 124M decoder's first Hessian
+measurement under DDP took 47–87 s of a 66–90 s run). ``lens_seconds`` is the
 Lens's own host time outside measurements (``lens.step()``'s bookkeeping, the basic probes,
 writing the run database): the budget bounds everything dynlens adds, so the probes get what
 the Lens leaves. Its waits on training's queued GPU work are training's time, and a call of
@@ -35,11 +40,15 @@ from typing import Any
 import torch
 
 __all__ = ["TimeBudget", "MemoryBudget", "MemoryBudgetTooSmall", "OverBudget", "ProbeCost", "DEFAULT_BUDGET",
-           "DEFAULT_MEMORY_SHARE", "examples_within"]
+           "DEFAULT_MEMORY_SHARE", "FIRST_SECONDS", "examples_within"]
 
 DEFAULT_BUDGET = 0.05
 # memory_budget=None on a GPU: the probes may add this share of the training's own peak
 DEFAULT_MEMORY_SHARE = 0.5
+# seconds a probe's first measurement may take at step 0, before its cost is known (the
+# allowance is then about 0): a small model's curvature fits; a large one's is stopped, and tried
+# again when the budget allows twice as long
+FIRST_SECONDS = 1.0
 # the share of a GPU measurement's memory allowance kept back (MemoryBudget.allowance)
 MEMORY_MARGIN = 0.05
 

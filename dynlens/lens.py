@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from dynlens import __version__
 from dynlens.budget import (
     DEFAULT_BUDGET,
+    FIRST_SECONDS,
     MemoryBudget,
     MemoryBudgetTooSmall,
     OverBudget,
@@ -691,11 +692,11 @@ class Lens:
         (:meth:`_exempt`) are neither synchronised nor timed: their cost is part of
         ``lens.step()``'s own, measured in benchmarks/RESULTS.md.
 
-        A probe's first measurement after step 0 has no cost to predict from (one Hessian
-        measurement of the 124M decoder under DDP took 87 s, a whole 2,500-step run's share):
-        it gets a deadline at the end of the time allowance (:attr:`Context.deadline`), and
-        one stopped there (:class:`OverBudget`) waits until the budget allows twice the time
-        it ran."""
+        Until one of its measurements has finished a probe has no cost to predict from (one
+        Hessian measurement of the 124M decoder under DDP took 47–87 s, the whole share of a
+        2,000-step run): it gets a deadline at the end of the time allowance
+        (:attr:`Context.deadline`; at step 0, ``FIRST_SECONDS`` at least), and one stopped
+        there (:class:`OverBudget`) waits until the budget allows twice the time it ran."""
         if probe.name in self._disabled or self._last_measured[probe.name] == ctx.step:
             return
         self._last_measured[probe.name] = ctx.step
@@ -714,7 +715,8 @@ class Lens:
         # until one has finished, a probe's measurements run to a deadline
         unknown = self.budget.share is not None and self.budget.cost(probe.name).measurements == 0
         ctx.clock = clock
-        ctx.deadline = start + max(0.0, ctx.allowance) if unknown and not initial else math.inf
+        # at step 0 nothing has accrued: the deadline is then FIRST_SECONDS at least
+        ctx.deadline = (start + max(ctx.allowance, FIRST_SECONDS if initial else 0.0)) if unknown else math.inf
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
         ctx.deadline = math.inf
         if isinstance(values, _OverTime):

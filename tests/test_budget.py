@@ -574,3 +574,35 @@ def test_the_hessian_checks_its_deadline_before_every_product(tmp_path):
     assert len(calls) >= 5  # the clock read at each product until it passed the deadline
     ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=3)
     assert probe.measure(ctx)["sharpness"] > 0  # no deadline: no check
+
+
+class UnmeasuredAtZero(Unmeasured):
+    """:class:`Unmeasured` that fits its memory at step 0."""
+
+    name = "unmeasured_at_zero"
+
+    def measure(self, ctx):
+        self.deadlines.append(ctx.deadline)
+        done = 0
+        try:
+            for _ in range(self.units):
+                ctx.check_time()
+                self.clock.advance(0.5)
+                done += 1
+        finally:
+            self.tries.append((ctx.step, done))
+        return {"value": 1.0}
+
+
+def test_a_first_measurement_at_step_zero_may_take_first_seconds(tmp_path, clock):
+    from dynlens.budget import FIRST_SECONDS
+
+    probe = UnmeasuredAtZero(clock, units=20)
+    lens_with_clock(tmp_path, [probe], clock, budget=0.05).close()
+    # the allowance is nothing at step 0: the deadline is FIRST_SECONDS (1 s) after the start,
+    # and the check before each unit of 0.5 s lets the units until then run
+    assert probe.deadlines[0] == pytest.approx(FIRST_SECONDS)
+    assert probe.tries[0] == (0, int(FIRST_SECONDS / 0.5) + 1)
+    small = UnmeasuredAtZero(clock, units=1)  # a small model's measurement: within FIRST_SECONDS
+    lens_with_clock(tmp_path / "small", [small], clock, budget=0.05).close()
+    assert small.tries[0] == (0, 1)

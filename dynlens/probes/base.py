@@ -118,7 +118,7 @@ class Context:
     memory: int | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     deadline: float = math.inf
-    clock: Callable[[], float] = time.perf_counter
+    clock: Callable[[], float] = field(default_factory=lambda: time.perf_counter)
 
     def check_time(self) -> None:
         """Raise :class:`dynlens.budget.OverBudget` if this measurement is past its
