@@ -420,7 +420,19 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...] | None:
     return geometry  # type: ignore[return-value]
 
 
+# the layer types whose structured factors are known; a subclass must keep its forward
+_OWN_FORWARD = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                nn.GroupNorm)
+
+
 def _kind(module: nn.Module) -> str | None:
+    """The structured kind of a layer ("linear", "embedding", "conv", "norm"), or None. A
+    subclass that overrides ``forward`` is none of them: torchvision's ``LayerNorm2d`` (ConvNeXt)
+    permutes its input to channels-last inside its forward, timm's ``Conv2dSame`` pads it, so
+    its input is not what the layer's own operation takes."""
+    base = next((cls for cls in _OWN_FORWARD if isinstance(module, cls)), None)
+    if base is None or type(module).forward is not base.forward:
+        return None
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -756,7 +768,12 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
     factors_bytes = n * sum(layer.factor_numbers(num_outputs) for layer in layers.values()) * itemsize
     if budget is not None and factors_bytes > budget:
         return None, factors_bytes
-    factors = _factors(function, layers, sample, num_outputs)
+    try:
+        factors = _factors(function, layers, sample, num_outputs)
+    except (RuntimeError, ValueError):
+        # a layer whose input is not what its kind's operation takes (a shape it cannot
+        # unfold or normalise): nothing is structured, the kernel is contracted as Jacobians
+        return {}, factors_bytes
     leaves = {name: t.detach().requires_grad_(True) for name, t in chosen.items()}
     with torch.enable_grad():
         out = _flat_outputs(function, leaves, sample)

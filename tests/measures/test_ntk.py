@@ -14,6 +14,7 @@ import torch
 from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.nn import functional as F
 
 import dynlens.measures.ntk as ntk_module
 from dynlens.budget import MemoryBudgetTooSmall
@@ -204,6 +205,32 @@ class SharedQuery(nn.Module):
         return self.key(x) * torch.tanh(self.query_proj(self.query))
 
 
+class ChannelsLastNorm(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: a LayerNorm subclass whose forward permutes its
+    (n, C, H, W) input to channels-last; structured as a LayerNorm it raised on the GPU zoo."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PaddedConv(nn.Conv2d):
+    """timm's Conv2dSame: a Conv2d subclass that pads its input in its forward."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+class OverriddenForwards(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = PaddedConv(2, 3, 3), ChannelsLastNorm(3)
+        _randomise_norm(self.norm)
+        self.head = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
 class PaddedEmbedding(nn.Module):
     """Tokens (n, 3) with a padding token 0 -> embedding -> linear head (2 outputs); a second
     embedding of one token per example (n,)."""
@@ -235,6 +262,7 @@ MODELS = {
     "conv_weight_read_outside": (ConvWeightReadOutside, lambda g, n: torch.randn(n, 2, 4, 4, generator=g)),
     "shared_query": (SharedQuery, lambda g, n: torch.randn(n, 4, generator=g)),
     "padded_embedding": (PaddedEmbedding, lambda g, n: torch.randint(0, 6, (n, 3), generator=g)),
+    "overridden_forwards": (OverriddenForwards, lambda g, n: torch.randn(n, 2, 4, 4, generator=g)),
 }
 IMPLEMENTATIONS = ["jacobian", "ntk_vector", "structured"]
 
@@ -819,3 +847,15 @@ def test_auto_takes_structured_products_when_the_rest_is_at_most_a_tenth_and_fit
         ntk_of(model, x, memory=500, vector_products=False)
     # 8 of 8 + 8·2 + 2 + 2·2 + 2 = 32: more than a tenth left
     assert ntk_of(MostlyStructured(2).double(), x).implementation == "jacobian"
+
+
+def test_a_layer_subclass_with_its_own_forward_is_not_structured():
+    model, x, _ = make("overridden_forwards")
+    function = ModelFunction(model, lambda out, _: out.sum(), (x, None))
+    with isolated(model, "eval"):
+        found = _structured_layers(function, x, 3)
+    assert set(found) == {"head"}  # the subclasses are contracted as Jacobians
+    result = ntk_of(model, x, mode="full")
+    assert result.implementation != "structured" or relative_error(
+        result.kernel, reference(model, x, None, "full")) < 1e-6
+    assert relative_error(result.kernel, reference(model, x, None, "full")) < 1e-6
