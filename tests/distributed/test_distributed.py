@@ -33,7 +33,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One launch of both ranks for the whole module (each process imports torch and dynlens:
     most of the time), bounded by a timeout: a hang fails here instead of waiting forever."""
     path = str(tmp_path_factory.mktemp("ddp"))
-    codes = workers.launch(path, "measurements,lens,fsdp,quiet", world=2, timeout=170)
+    codes = workers.launch(path, "measurements,lens,fsdp,quiet,deadline", world=2, timeout=200)
     errors = [open(os.path.join(path, f)).read() for f in sorted(os.listdir(path)) if f.startswith("error-")]
     assert codes == [0, 0], f"exit codes {codes}; " + "\n".join(errors)
     return path
@@ -166,3 +166,12 @@ def test_between_the_steps_the_budget_allows_no_rank_meets_the_others(out: str) 
     assert len(ranks[0]["steps"]) >= 2
     # without skipping, every one of the 600 steps would broadcast rank 0's plan
     assert ranks[0]["plans"] == ranks[1]["plans"] <= 10 * len(ranks[0]["steps"])
+
+
+def test_a_first_measurement_stops_at_the_same_point_on_every_rank(out: str) -> None:
+    tries = [json.load(open(os.path.join(out, f"deadline-{r}.json")))["tries"] for r in range(2)]
+    assert tries[0] == tries[1]  # rank 0's clock decided for both: same steps, same units done
+    done = [units for _, units in tries[0]]
+    assert done[0] < 10 and 10 in done  # the first try was stopped, a later one finished
+    messages = dl.load_run(os.path.join(out, "deadline_run")).events()["message"]
+    assert messages.str.contains("first measurement was stopped").sum() == 1

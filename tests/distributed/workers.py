@@ -274,6 +274,55 @@ def fsdp_run(rank: int, world: int, group: object, out: str) -> None:
             json.dump(found, f)
 
 
+class Unknown(dl.probes.Probe):
+    """A probe whose cost the budget does not know: it waits for memory at step 0, then each
+    try is 10 units of 5 ms (wall time), checking its deadline before each unit, rank 1's units
+    slower than rank 0's: rank 0's clock decides where every rank stops."""
+
+    name = "unknown"
+    pure = True
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(every=1)
+        self.rank = rank
+        self.tries: list[list[int]] = []
+
+    def measure(self, ctx: dl.probes.Context) -> dict:
+        import time
+
+        from dynlens.budget import MemoryBudgetTooSmall
+
+        if ctx.step == 0:
+            raise MemoryBudgetTooSmall("not at step 0")
+        done = 0
+        try:
+            for _ in range(10):
+                ctx.check_time()
+                time.sleep(0.005 if self.rank == 0 else 0.008)
+                done += 1
+        finally:
+            self.tries.append([ctx.step, done])
+        return {"value": 1.0}
+
+
+def deadline_run(rank: int, world: int, group: object, out: str) -> None:
+    """First measurements stopped at their deadline under torch.distributed: every rank stops
+    at the same unit (no hang), and a later try finishes."""
+    import time
+
+    model = _model()
+    probe = Unknown(rank)
+    x, y = _batch()
+    lens = dl.Lens(model, nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
+                   run_dir=os.path.join(out, "deadline_run"), probes=[probe], basic=False, group=group)
+    for _ in range(700):
+        time.sleep(0.01)
+        lens.step()
+    lens.close()
+    with open(os.path.join(out, f"deadline-{rank}.json"), "w") as f:
+        json.dump({"tries": probe.tries}, f)
+
+
 def _main(rank: int, world: int, out: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank,
@@ -282,7 +331,7 @@ def _main(rank: int, world: int, out: str, scenarios: list[str]) -> None:
         group = dist.group.WORLD
         for scenario in scenarios:
             {"measurements": measurements, "lens": lens_run, "fsdp": fsdp_run,
-             "quiet": quiet_run}[scenario](rank, world, group, out)
+             "quiet": quiet_run, "deadline": deadline_run}[scenario](rank, world, group, out)
     except BaseException:
         with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
