@@ -19,6 +19,11 @@ and one whose second derivative is NaN where its value and first derivative are 
   Swin V2: its keys' bias is zero, so the zero tokens that pad a window have zero keys, and the
   cosine attention normalises them). Composite: x / sqrt(max(Σx², eps²)), the same value and
   first derivative (‖x‖ ≥ eps: x/‖x‖; below: x/eps) and a finite second derivative.
+- ``nn.CosineSimilarity`` / ``F.cosine_similarity`` with a zero vector: the same NaN (the
+  double backward of the norms). Composite: the kernel's own form, x₁/max(‖x₁‖, eps) ·
+  x₂/max(‖x₂‖, eps) with the clamp outside the gradient as the kernel does, and each norm as
+  sqrt(max(Σx², tiny)) (tiny the dtype's smallest normal number), whose first derivative is the
+  kernel's for every ‖x‖ ≥ sqrt(tiny) (and 0 at x = 0, as the kernel's) and whose second is finite.
 
 :func:`composite_layers` swaps the functions in ``torch.nn.functional`` (where the modules look
 them up at every call) for the composites and restores them on exit;
@@ -36,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["composite_layers", "hardsigmoid", "embedding_bag", "normalize"]
+__all__ = ["composite_layers", "hardsigmoid", "embedding_bag", "normalize", "cosine_similarity"]
 
-_ORIGINAL = {"hardsigmoid": F.hardsigmoid, "embedding_bag": F.embedding_bag, "normalize": F.normalize}
+_ORIGINAL = {"hardsigmoid": F.hardsigmoid, "embedding_bag": F.embedding_bag, "normalize": F.normalize,
+             "cosine_similarity": F.cosine_similarity}
 
 
 def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - F's signature
@@ -57,6 +63,20 @@ def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,  
         return _ORIGINAL["normalize"](input, p, dim, eps, out)
     squares = (input * input).sum(dim, keepdim=True)
     return input / torch.sqrt(torch.clamp_min(squares, eps * eps))
+
+
+def cosine_similarity(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """``F.cosine_similarity`` with the kernel's value and first derivative and a second
+    derivative that is finite where an input is a zero vector (the kernel's is NaN there)."""
+    if not (x1.is_floating_point() and x2.is_floating_point()):
+        return _ORIGINAL["cosine_similarity"](x1, x2, dim, eps)
+
+    def clamped_norm(x: Tensor) -> Tensor:
+        norm = torch.sqrt(torch.clamp_min((x * x).sum(dim, keepdim=True), torch.finfo(x.dtype).tiny))
+        # max(‖x‖, eps) in value, ‖x‖'s gradient: the kernel clamps without autograd
+        return norm + (torch.clamp_min(norm, eps) - norm).detach()
+
+    return ((x1 / clamped_norm(x1)) * (x2 / clamped_norm(x2))).sum(dim)
 
 
 def embedding_bag(
@@ -122,9 +142,9 @@ def embedding_bag(
 
 
 def composite_layers() -> contextlib.AbstractContextManager[Any]:
-    """Swap ``F.hardsigmoid``, ``F.embedding_bag`` and ``F.normalize`` for their composites;
-    restore on exit."""
+    """Swap ``F.hardsigmoid``, ``F.embedding_bag``, ``F.normalize`` and ``F.cosine_similarity``
+    for their composites; restore on exit."""
     from dynlens.isolation import _attributes_set
 
     return _attributes_set([(F, "hardsigmoid", hardsigmoid), (F, "embedding_bag", embedding_bag),
-                            (F, "normalize", normalize)])
+                            (F, "normalize", normalize), (F, "cosine_similarity", cosine_similarity)])

@@ -11,7 +11,13 @@ from helpers import dense_hessian, sgd_steps
 from torch import nn
 
 import dynlens as dl
-from dynlens.composites import composite_layers, embedding_bag, hardsigmoid, normalize
+from dynlens.composites import (
+    composite_layers,
+    cosine_similarity,
+    embedding_bag,
+    hardsigmoid,
+    normalize,
+)
 from dynlens.functional import isolated
 
 
@@ -131,11 +137,12 @@ def test_coherence_through_the_composites_matches_the_per_example_loop():
 
 
 def test_the_composites_are_in_place_only_inside_a_measurement_and_training_is_bit_identical(tmp_path):
-    original = F.hardsigmoid, F.embedding_bag, F.normalize
+    original = F.hardsigmoid, F.embedding_bag, F.normalize, F.cosine_similarity
     model, batch = _problem()
     with isolated(model):
-        assert F.hardsigmoid is hardsigmoid and F.embedding_bag is embedding_bag and F.normalize is normalize
-    assert (F.hardsigmoid, F.embedding_bag, F.normalize) == original
+        assert (F.hardsigmoid, F.embedding_bag, F.normalize, F.cosine_similarity) == (
+            hardsigmoid, embedding_bag, normalize, cosine_similarity)
+    assert (F.hardsigmoid, F.embedding_bag, F.normalize, F.cosine_similarity) == original
 
     def train(lens_dir):
         model, batch = _problem()
@@ -180,11 +187,54 @@ class ZeroKeys(nn.Module):
         return self.head((q * k).sum(-1).mean(1, keepdim=True))
 
 
-def test_hessian_through_normalize_of_zero_vectors_is_finite_and_matches_gradient_differences():
-    torch.manual_seed(0)
-    model = ZeroKeys().double()
+@pytest.mark.parametrize("dim", [1, -1])
+def test_cosine_similarity_composite_equals_the_kernel_and_its_first_derivative(dim):
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 1e-10, 0.0):  # above eps, below it, zero
+        x1 = torch.randn(6, 5, 4, dtype=torch.float64, generator=g) * scale
+        x1[1] = 0.0
+        x2 = torch.randn(1, 5, 4, dtype=torch.float64, generator=g)  # broadcast
+        a, ga = _value_and_grad(lambda s, t: F.cosine_similarity(s, t, dim), x1, x2)
+        b, gb = _value_and_grad(lambda s, t: cosine_similarity(s, t, dim), x1, x2)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        for mine, kernel in zip(gb, ga, strict=True):
+            torch.testing.assert_close(mine, kernel, rtol=1e-12, atol=1e-12 * float(kernel.abs().max()) + 1e-300)
+
+
+class CosineHead(nn.Module):
+    """nn.CosineSimilarity between a bias-free projection (zero for a zero input) and learned
+    class prototypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = nn.Linear(4, 3, bias=False)
+        self.prototypes = nn.Parameter(torch.randn(3, 3))
+        self.similarity = nn.CosineSimilarity(dim=-1)
+
+    def forward(self, x):  # x: (n, tokens, 4)
+        z = self.project(x).mean(1)
+        return 5 * self.similarity(z[:, None, :], self.prototypes[None])
+
+
+def _zero_key_batch():
     x = torch.randn(8, 5, 4, dtype=torch.float64)
     x[:, 3:] = 0.0  # two padding tokens an example
+    return x
+
+
+def _zero_vector_batch():
+    x = torch.randn(8, 5, 4, dtype=torch.float64)
+    x[:2] = 0.0  # two examples whose projection is the zero vector
+    return x
+
+
+@pytest.mark.parametrize("build, inputs", [(lambda: ZeroKeys(), _zero_key_batch),
+                                           (lambda: CosineHead(), _zero_vector_batch)],
+                         ids=["normalize", "cosine_similarity"])
+def test_hessian_through_zero_vectors_is_finite_and_matches_gradient_differences(build, inputs):
+    torch.manual_seed(0)
+    model = build().double()
+    x = inputs()
     batch = (x, torch.randint(0, 3, (8,)))
     loss_fn = nn.CrossEntropyLoss()
     params = list(model.parameters())
