@@ -209,10 +209,24 @@ class Sleepy(dl.probes.Probe):
         return {"value": 1.0}
 
 
+def _steps_of_10_ms(probe: dl.probes.Probe, rank: int, world: int, group: object, run_dir: str,
+                    steps: int) -> dl.Lens:
+    """A Lens with ``probe`` alone over ``steps`` training steps of 10 ms (sleeps), closed."""
+    import time
+
+    x, y = _batch()
+    lens = dl.Lens(_model(), nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
+                   run_dir=run_dir, probes=[probe], basic=False, group=group)
+    for _ in range(steps):
+        time.sleep(0.01)
+        lens.step()
+    lens.close()
+    return lens
+
+
 def quiet_run(rank: int, world: int, group: object, out: str) -> None:
     """A probe the 5% budget defers for ~200 steps at a time: the ranks agree on which steps
     it runs, and between them no rank scans the waiting probes, so no collective is made."""
-    import time
 
     import dynlens.lens
 
@@ -224,15 +238,8 @@ def quiet_run(rank: int, world: int, group: object, out: str) -> None:
         return agree(*args, **kwargs)
 
     dynlens.lens.agree_plan = counted
-    model = _model()
     probe = Sleepy()
-    x, y = _batch()
-    lens = dl.Lens(model, nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
-                   run_dir=os.path.join(out, "quiet_run"), probes=[probe], basic=False, group=group)
-    for _ in range(600):
-        time.sleep(0.01)
-        lens.step()
-    lens.close()
+    lens = _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "quiet_run"), 600)
     dynlens.lens.agree_plan = agree
     with open(os.path.join(out, f"quiet-{rank}.json"), "w") as f:
         json.dump({"steps": probe.steps, "plans": plans[0], "lens": lens.budget.lens_seconds,
@@ -308,17 +315,8 @@ class Unknown(dl.probes.Probe):
 def deadline_run(rank: int, world: int, group: object, out: str) -> None:
     """First measurements stopped at their deadline under torch.distributed: every rank stops
     at the same unit (no hang), and a later try finishes."""
-    import time
-
-    model = _model()
     probe = Unknown(rank)
-    x, y = _batch()
-    lens = dl.Lens(model, nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
-                   run_dir=os.path.join(out, "deadline_run"), probes=[probe], basic=False, group=group)
-    for _ in range(700):
-        time.sleep(0.01)
-        lens.step()
-    lens.close()
+    _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "deadline_run"), 700)
     with open(os.path.join(out, f"deadline-{rank}.json"), "w") as f:
         json.dump({"tries": probe.tries}, f)
 
