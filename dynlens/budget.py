@@ -1,13 +1,17 @@
 """The cost control of a Lens: a time budget that defers due probes, a memory budget that bounds
 what a measurement may allocate, and the record of what every measurement cost.
 
-Time: ``share`` is the fraction of the run's wall time that all probes together may take. A due
-measurement runs when its predicted cost (the last measurement of that probe) fits,
+Time: ``share`` is what dynlens may add to training's wall time, as a fraction of it (0.05: the
+run takes at most 5% longer than training alone: the design's "within 5% of training wall
+time", docs/design.rst). A due measurement runs when its predicted cost (the last measurement of that probe)
+fits,
 
-    probe_seconds + lens_seconds + predicted <= share · (elapsed + predicted),
+    probe_seconds + lens_seconds + predicted <= share · training_seconds,
 
-i.e. when, after it, dynlens's share of the wall time since the Lens was created would still be
-within the budget; otherwise it waits (a schedule then means "at most this often"). The
+training_seconds = elapsed − probe_seconds − lens_seconds, the wall time since the Lens was
+created that was not dynlens's; otherwise it waits (a schedule then means "at most this often").
+(Until the fifth session the right side was share · (elapsed + predicted), a share of the whole
+wall time, which let dynlens add share/(1 − share), 5.26%, to training's time.) The
 measurements at step 0 run regardless: they are the initial state the run is compared with, and
 what they cost is paid back by the measurements deferred after them. Until one measurement of a
 probe has finished its cost is unknown, so it runs to a deadline (checked between units of
@@ -117,8 +121,9 @@ class TimeBudget:
     """Decides whether a measurement fits the time budget and keeps every probe's costs.
 
     Args:
-        share: the fraction of wall time all probes together may take, in (0, 1); None for no
-            budget (every probe on schedule).
+        share: what all probes together (and the Lens's own bookkeeping) may add to training's
+            wall time, as a fraction of it, in (0, 1); None for no budget (every probe on
+            schedule).
         clock: a function returning seconds (``time.perf_counter``; tests pass a fake clock).
     """
 
@@ -141,12 +146,18 @@ class TimeBudget:
         return self.clock() - self.start
 
     def allowance(self) -> float:
-        """Seconds a measurement may take now with dynlens's share still within the budget
-        afterwards: x ≤ (share·elapsed − probe_seconds − lens_seconds)/(1 − share); +inf without
-        a budget, negative when dynlens is over it."""
+        """Seconds a measurement may take now with dynlens's time still within the budget
+        afterwards: x ≤ share·(elapsed − spent) − spent, spent = probe_seconds + lens_seconds
+        (training's time does not grow while dynlens measures); +inf without a budget,
+        negative when dynlens is over it."""
         if self.share is None:
             return math.inf
-        return (self.share * self.elapsed() - self.probe_seconds - self.lens_seconds) / (1 - self.share)
+        spent = self.probe_seconds + self.lens_seconds
+        return self.share * (self.elapsed() - spent) - spent
+
+    def training_seconds(self) -> float:
+        """Wall seconds since the budget started that were not dynlens's."""
+        return self.elapsed() - self.probe_seconds - self.lens_seconds
 
     def predicted(self, probe: str, predict: Callable[[float], float] | None = None) -> float:
         """The predicted seconds of the probe's next measurement: its last one's, passed through
@@ -162,7 +173,7 @@ class TimeBudget:
         ``ahead`` seconds from now, if dynlens spends nothing meanwhile)."""
         if self.share is None:
             return True
-        later = self.share * max(0.0, ahead) / (1 - self.share)
+        later = self.share * max(0.0, ahead)
         return self.predicted(probe, predict) <= self.allowance() + later
 
     def cost(self, probe: str) -> ProbeCost:
@@ -190,11 +201,11 @@ class TimeBudget:
 
     def time_to_fit(self, seconds: float) -> float:
         """Wall seconds from now until a measurement of ``seconds`` fits, if dynlens spends
-        nothing meanwhile: the allowance grows by share/(1 − share) a second (0 if it fits now,
-        and always without a budget)."""
+        nothing meanwhile: the allowance grows by ``share`` a second of training (0 if it fits
+        now, and always without a budget)."""
         if self.share is None:
             return 0.0
-        return max(0.0, (seconds - self.allowance()) * (1 - self.share) / self.share)
+        return max(0.0, (seconds - self.allowance()) / self.share)
 
     def overhead(self, seconds: float) -> None:
         """Count ``seconds`` of the Lens's own time outside measurements (bookkeeping, the basic

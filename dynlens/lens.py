@@ -294,8 +294,9 @@ class Lens:
             the duplicated examples).
         overwrite: replace a run already in ``run_dir``.
         max_failures: consecutive failures after which a probe is switched off.
-        budget: the share of the run's wall time dynlens may take (default 0.05): all probes
-            together and the Lens's own work in ``step()``. A due measurement that would break
+        budget: what dynlens may add to training's wall time, as a fraction of it (default
+            0.05: the run takes at most 5% longer): all probes together and the Lens's own work
+            in ``step()``. A due measurement that would break
             it waits (schedules then mean "at most this often"; the longest-waiting probe goes
             first). The measurements at step 0 always
             run, and are paid back by later deferrals. The basic probes are never deferred.

@@ -85,8 +85,9 @@ def test_allowance_is_the_time_a_measurement_may_take_with_the_share_still_met()
     budget = TimeBudget(0.1, clock=clock)
     clock.advance(100.0)
     budget.charge("p", 5.0)
-    # after x more seconds of probes: (5 + x) / (100 + x) <= 0.1  <=>  x <= 5 / 0.9
-    assert budget.allowance() == pytest.approx(5.0 / 0.9)
+    # after x more seconds of probes: 5 + x <= 0.1 · (100 − 5), training's 95 s
+    assert budget.allowance() == pytest.approx(4.5)
+    assert budget.training_seconds() == pytest.approx(95.0)
     assert TimeBudget(None, clock=clock).allowance() == math.inf
 
 
@@ -109,6 +110,21 @@ def test_a_probe_over_budget_is_deferred_and_the_total_share_stays_within_it(tmp
     assert costs.loc["slow", "seconds"] == pytest.approx(spent)
     assert costs.loc["slow", "deferred"] > 0
     assert costs.loc["slow", "share"] == pytest.approx(spent / wall)
+
+
+def test_dynlens_adds_at_most_the_budget_to_trainings_time(tmp_path, clock):
+    """The design's contract (docs/design.rst): the overhead is within 5% of training's wall
+    time. Until the fifth session the budget bounded dynlens's share of the whole wall time,
+    5/95 = 5.26% of training's: a probe that wants every step filled it to 21 s of 400 s here."""
+    probe = Costly(clock, seconds=0.25, every=1)
+    lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
+    run_steps(lens, clock, 4000, 0.1)
+    budget = lens.budget
+    training, spent = budget.elapsed() - budget.probe_seconds - budget.lens_seconds, budget.probe_seconds
+    lens.close()
+    assert training == pytest.approx(400.0)
+    assert 0.05 * training - 0.25 <= spent <= 0.05 * training + 1e-9  # filled, never over
+    assert budget.training_seconds() == pytest.approx(training)
 
 
 class Bookkeeping(dl.Probe):
@@ -411,12 +427,12 @@ def test_a_probe_predicting_a_cheaper_next_measurement_is_scheduled_by_its_predi
         lens = lens_with_clock(tmp_path / probe.name, [probe], clock, budget=0.05)
         run_steps(lens, clock, 3000, 0.1)
         lens.close()
-    # wall time at step n: 10 s (step 0) + 0.1 n. A 10 s measurement fits the 5% share once
-    # 0.05·wall − 10 ≥ 10·0.95, at n ≥ 3900: never in 3000 steps
+    # training's time at step n: 0.1 n (step 0 took 10 s of dynlens's). A 10 s measurement fits
+    # the 5% budget once 0.05·0.1 n − 10 ≥ 10, at n ≥ 4000: never in 3000 steps
     assert plain.steps == [0]
-    # predicted at 1 s it fits at 0.05·wall − 10 ≥ 0.95, n ≥ 2090; the next once
-    # 0.05·(11 + 0.1 n) − 11 ≥ 0.95, n ≥ 2280
-    assert predicting.steps[:3] == [0, 2090, 2280]
+    # predicted at 1 s it fits at 0.05·0.1 n − 10 ≥ 1, n ≥ 2200; the next (1 s) once
+    # 0.05·0.1 n − 11 ≥ 1, n ≥ 2400
+    assert predicting.steps[:3] == [0, 2200, 2400]
     budget = TimeBudget(0.05, clock=clock)
     budget.charge("p", 10.0)
     assert budget.predicted("p") == 10.0
@@ -537,11 +553,11 @@ def test_a_first_measurement_stops_at_its_deadline_and_tries_again_with_twice_th
     probe = Unmeasured(clock, units=20)  # 10 s of work, unknown to the Lens before it has run
     lens = lens_with_clock(tmp_path, [probe], clock, budget=0.05)
     assert not probe.tries  # waits for memory at step 0
-    # on the CPU it tries again at step 1, where the allowance is 0.05·0.1/0.95 s: the try
-    # stops after its first unit
+    # on the CPU it tries again at step 1, where the allowance is 0.05·0.1 s: the try stops
+    # after its first unit
     run_steps(lens, clock, 1, 0.1)
     assert probe.tries == [(1, 1)]
-    assert probe.deadlines[0] == pytest.approx(0.1 + 0.05 * 0.1 / 0.95)
+    assert probe.deadlines[0] == pytest.approx(0.1 + 0.05 * 0.1)
     run_steps(lens, clock, 8000, 0.1)
     lens.close()
     done = [units for _, units in probe.tries]

@@ -75,7 +75,7 @@ class LensSettings:
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"{where}(config=...) takes a dict of your hyperparameters; got {type(config).__name__}")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-            raise ValueError(f"{where}(budget=...) takes the share of wall time the probes may take "
+            raise ValueError(f"{where}(budget=...) takes what the probes may add to training's wall time, as a fraction of it "
                              f"(a number > 0, e.g. 0.05) or None (every probe on schedule); got {budget!r}")
         if not isinstance(report, bool):
             raise TypeError(f"{where}(report=...) takes True or False; got {type(report).__name__}")
