@@ -120,13 +120,14 @@ def _lanczos_step(
     columns), then orthogonalises w against all j+1 basis vectors of its own run by
     classical Gram-Schmidt twice, c = Q w, w ← w − Qᵀ c (this includes the α q_j and
     β q_{j−1} terms of the three-term recurrence). Returns α (b,) = q_jᵀ A q_j as the sum of
-    the two passes' coefficients on q_j, β (b,) = ‖w‖ and w (b, n), all on the basis's device.
+    the two passes' coefficients on q_j and β (b,) = ‖w‖ on the basis's device, and w (b, n) on
+    the operator's (the same device, unless the basis is in host memory).
     Inactive runs (``active[l]`` false, ``active`` on the operator's device) must have a zero
     current vector; they cost no product.
 
     The basis may live on another device than the operator (host memory for a GPU operator):
-    q_j then travels to the operator's device for the product and A q_j back, and the
-    reorthogonalisation runs where the basis is.
+    q_j then travels to the operator's device for the product, and the reorthogonalisation
+    runs there too, the basis copied over in pieces (:func:`_streamed_gram_schmidt`).
     """
     current = basis[:, j].to(op.device, non_blocking=True)
     if active is None:
@@ -137,8 +138,11 @@ def _lanczos_step(
         product[index] = op.mm(current[index].T).T
     krylov = basis[:, : j + 1]
     if basis.device != product.device:
+        # w stays on the operator's device: the caller divides it there and copies the quotient
+        # into the pinned basis (a copy to pageable memory and a division on one CPU thread cost
+        # more than the product)
         alpha, w = _streamed_gram_schmidt(krylov, product, j)
-        return alpha.to(basis.device), torch.linalg.vector_norm(w, dim=1).to(basis.device), w.to(basis.device)
+        return alpha.to(basis.device), torch.linalg.vector_norm(w, dim=1).to(basis.device), w
     w = product
     alpha = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
     for _ in range(2):
