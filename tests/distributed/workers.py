@@ -314,7 +314,7 @@ class Unknown(dl.probes.Probe):
 
 def deadline_run(rank: int, world: int, group: object, out: str) -> None:
     """First measurements stopped at their deadline under torch.distributed: every rank stops
-    at the same unit (no hang), and a later try finishes."""
+    at the same unit (no hang), and later tries run longer."""
     probe = Unknown(rank)
     _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "deadline_run"), 700)
     with open(os.path.join(out, f"deadline-{rank}.json"), "w") as f:
