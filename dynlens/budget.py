@@ -199,6 +199,14 @@ class TimeBudget:
         self.cost(probe).seconds += seconds
         self.probe_seconds += seconds
 
+    def stopped(self, probe: str, seconds: float) -> None:
+        """Count a measurement of ``probe`` stopped at its deadline after ``seconds``: they are
+        spent, the measurement is deferred, and the next is predicted at twice as long (so the
+        tries before one finishes cost at most about twice that one)."""
+        self.spend(probe, seconds)
+        self.cost(probe).last_seconds = 2 * seconds
+        self.defer(probe)
+
     def time_to_fit(self, seconds: float) -> float:
         """Wall seconds from now until a measurement of ``seconds`` fits, if dynlens spends
         nothing meanwhile: the allowance grows by ``share`` a second of training (0 if it fits

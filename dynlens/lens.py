@@ -212,25 +212,24 @@ def _to_host(measurements: list[Any]) -> None:
             values[name] = float(part) if value.dim() == 0 else part
 
 
-class _TooLittleMemory:
+class _Unfinished:
+    """A measurement that produced no values, and why (its message; the exception is dropped
+    so that its frames' tensors can be freed). The subclass says which way it ended."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _TooLittleMemory(_Unfinished):
     """A measurement that declined to start: its memory allowance could not hold it."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
 
-
-class _OverTime:
+class _OverTime(_Unfinished):
     """A measurement stopped at its deadline (:class:`dynlens.budget.OverBudget`)."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
 
-
-class _OutOfMemory:
-    """A measurement that ran out of device memory (its message; the exception is dropped)."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
+class _OutOfMemory(_Unfinished):
+    """A measurement that ran out of device memory."""
 
 
 _IDLE = object()  # Lens._held_before when the probes have not worked this step
@@ -505,6 +504,7 @@ class Lens:
             model=self.model, loss_fn=self.loss_fn, probe_batch=self.probe_batch,
             optimizer=self.optimizer, step=self.step_count, seed=self.seed,
             layers=self.layers, layer_index=self.layer_index, group=self.group, shared=self._shared,
+            clock=self.budget.clock,
         )
 
     def step(self, loss: Tensor | float | None = None) -> None:
@@ -715,20 +715,16 @@ class Lens:
         start = clock()
         # until one has finished, a probe's measurements run to a deadline
         unknown = self.budget.share is not None and self.budget.cost(probe.name).measurements == 0
-        ctx.clock = clock
         # at step 0 nothing has accrued: the deadline is then FIRST_SECONDS at least
         ctx.deadline = (start + max(ctx.allowance, FIRST_SECONDS if initial else 0.0)) if unknown else math.inf
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
         ctx.deadline = math.inf
         if isinstance(values, _OverTime):
-            # nothing was kept; the budget has paid for what it ran, and the next try must be
-            # allowed twice as long (so the tries cost at most about twice one measurement)
+            # nothing was kept; it waits until the budget allows twice the time it ran
             seconds = clock() - start
             self._last_measured[probe.name] = -1
             self._waiting.setdefault(probe.name, ctx.step)
-            self.budget.spend(probe.name, seconds)
-            self.budget.cost(probe.name).last_seconds = 2 * seconds
-            self.budget.defer(probe.name)
+            self.budget.stopped(probe.name, seconds)
             if probe.name not in self._stopped:  # the doubling tries that follow are not reported
                 self._stopped.add(probe.name)
                 self.writer.event(

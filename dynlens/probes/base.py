@@ -98,9 +98,10 @@ class Context:
             keeps it). The Hessian probe puts its latest top eigenvector under
             ``TOP_EIGENVECTOR`` as ``(step, flat host tensor)``; OpposingSignals reads it.
         deadline: the time (on ``clock``) at which this measurement must stop, +inf for none.
-            The Lens sets one on a probe's first measurement after step 0, whose cost it cannot
-            predict: the allowance's end. A long measurement calls :meth:`check_time` between
-            its units of work (the Hessian probe: before every product).
+            The Lens sets one until a measurement of the probe has finished, while its cost
+            cannot be predicted: the allowance's end (at step 0, ``FIRST_SECONDS`` after the
+            start at least). A long measurement calls :meth:`check_time` between its units of
+            work (the Hessian probe: before every product).
         clock: the Lens's clock (``time.perf_counter``).
     """
 
