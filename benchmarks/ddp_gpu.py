@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 
 import dynlens as dl  # noqa: E402
+import dynlens.lens  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -170,6 +171,14 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     probe = (probe[0].to(device), probe[1].to(device))
     dist.barrier()
     sync(device)
+    meetings = [0]  # the ranks' meetings to agree on which probes run (a broadcast and a sync each)
+    agree = dynlens.lens.agree_plan
+
+    def counted(*a: Any, **k: Any) -> Any:
+        meetings[0] += 1
+        return agree(*a, **k)
+
+    dynlens.lens.agree_plan = counted
     start = time.perf_counter()
     lens = None
     if with_lens:
@@ -183,8 +192,10 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
         lens.close()
     sync(device)
     seconds = time.perf_counter() - start
+    dynlens.lens.agree_plan = agree
     result: dict[str, Any] = {"seconds": seconds, "steps": steps}
     if lens is not None:
+        result["meetings"] = meetings[0]
         result["writer"] = type(lens.writer).__name__
         result["disabled"] = lens.disabled
         if rank == 0:
@@ -266,7 +277,7 @@ def main() -> None:
             "steps": args.steps, "warmup_steps": args.warmup, "seconds_without": baseline,
             "seconds_without_runs": plains, "seconds_with": lensed["seconds"],
             "ratio": lensed["seconds"] / baseline, "step_seconds_without": baseline / args.steps,
-            "costs": lensed.get("costs"), "disabled": lensed["disabled"],
+            "costs": lensed.get("costs"), "disabled": lensed["disabled"], "meetings": lensed["meetings"],
         }
     results["total_seconds"] = time.perf_counter() - began
     if rank == 0:

@@ -33,7 +33,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One launch of both ranks for the whole module (each process imports torch and dynlens:
     most of the time), bounded by a timeout: a hang fails here instead of waiting forever."""
     path = str(tmp_path_factory.mktemp("ddp"))
-    codes = workers.launch(path, "measurements,lens,fsdp,quiet,deadline", world=2, timeout=200)
+    codes = workers.launch(path, "measurements,lens,fsdp,quiet,deadline,memory_wait", world=2, timeout=200)
     errors = [open(os.path.join(path, f)).read() for f in sorted(os.listdir(path)) if f.startswith("error-")]
     assert codes == [0, 0], f"exit codes {codes}; " + "\n".join(errors)
     return path
@@ -166,6 +166,16 @@ def test_between_the_steps_the_budget_allows_no_rank_meets_the_others(out: str) 
     assert len(ranks[0]["steps"]) >= 2
     # without skipping, every one of the 600 steps would broadcast rank 0's plan
     assert ranks[0]["plans"] == ranks[1]["plans"] <= 10 * len(ranks[0]["steps"])
+
+
+def test_a_probe_waiting_for_memory_makes_the_ranks_meet_only_where_it_falls_due(out: str) -> None:
+    ranks = [json.load(open(os.path.join(out, f"memory-wait-{r}.json"))) for r in range(2)]
+    assert ranks[0]["tries"] == ranks[1]["tries"]
+    # due every 100 steps of 450: tried at step 0 and at its due steps, not in between
+    assert ranks[0]["tries"][0] == 0 and set(ranks[0]["tries"][1:]) <= {100, 200, 300, 400}
+    # a few meetings around each try (11 in all); before, a probe waiting for memory made every
+    # rank meet at every one of the 450 steps (452)
+    assert ranks[0]["plans"] == ranks[1]["plans"] <= 3 * len(ranks[0]["tries"])
 
 
 def test_a_first_measurement_stops_at_the_same_point_on_every_rank(out: str) -> None:

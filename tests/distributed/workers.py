@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,7 +211,7 @@ class Sleepy(dl.probes.Probe):
 
 
 def _steps_of_10_ms(probe: dl.probes.Probe, rank: int, world: int, group: object, run_dir: str,
-                    steps: int) -> dl.Lens:
+                    steps: int, sleep: float = 0.01) -> dl.Lens:
     """A Lens with ``probe`` alone over ``steps`` training steps of 10 ms (sleeps), closed."""
     import time
 
@@ -218,16 +219,14 @@ def _steps_of_10_ms(probe: dl.probes.Probe, rank: int, world: int, group: object
     lens = dl.Lens(_model(), nn.CrossEntropyLoss(), (_shard(x, rank, world), _shard(y, rank, world)),
                    run_dir=run_dir, probes=[probe], basic=False, group=group)
     for _ in range(steps):
-        time.sleep(0.01)
+        time.sleep(sleep)
         lens.step()
     lens.close()
     return lens
 
 
-def quiet_run(rank: int, world: int, group: object, out: str) -> None:
-    """A probe the 5% budget defers for ~200 steps at a time: the ranks agree on which steps
-    it runs, and between them no rank scans the waiting probes, so no collective is made."""
-
+def _counting_plans(run: Any) -> tuple[Any, int]:
+    """``run()``'s result and how many times the ranks met to agree on a plan meanwhile."""
     import dynlens.lens
 
     plans = [0]
@@ -238,12 +237,56 @@ def quiet_run(rank: int, world: int, group: object, out: str) -> None:
         return agree(*args, **kwargs)
 
     dynlens.lens.agree_plan = counted
+    try:
+        return run(), plans[0]
+    finally:
+        dynlens.lens.agree_plan = agree
+
+
+def quiet_run(rank: int, world: int, group: object, out: str) -> None:
+    """A probe the 5% budget defers for ~200 steps at a time: the ranks agree on which steps
+    it runs, and between them no rank scans the waiting probes, so no collective is made."""
     probe = Sleepy()
-    lens = _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "quiet_run"), 600)
-    dynlens.lens.agree_plan = agree
+    lens, plans = _counting_plans(
+        lambda: _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "quiet_run"), 600))
     with open(os.path.join(out, f"quiet-{rank}.json"), "w") as f:
-        json.dump({"steps": probe.steps, "plans": plans[0], "lens": lens.budget.lens_seconds,
+        json.dump({"steps": probe.steps, "plans": plans, "lens": lens.budget.lens_seconds,
                    "probes": lens.budget.probe_seconds, "wall": lens.budget.elapsed()}, f)
+
+
+class NeverFits(dl.probes.Probe):
+    """A probe whose measurement never fits its memory allowance, due every 100 steps."""
+
+    name = "never_fits"
+    pure = True
+
+    def __init__(self) -> None:
+        super().__init__(every=100)
+        self.tries: list[int] = []
+
+    def measure(self, ctx: dl.probes.Context) -> dict:
+        from dynlens.budget import MemoryBudgetTooSmall
+
+        self.tries.append(ctx.step)
+        raise MemoryBudgetTooSmall("needs more than it is allowed")
+
+
+def memory_wait_run(rank: int, world: int, group: object, out: str) -> None:
+    """A probe that waits for memory through the whole run: the ranks meet only where it falls
+    due again (the 124M decoder's NTK under DDP made them meet at every step)."""
+    import dynlens.lens
+
+    probe = NeverFits()
+    more = dynlens.lens.Lens._more_memory
+    # as on a GPU whose training peak stays put (on the CPU there is no allowance to grow)
+    dynlens.lens.Lens._more_memory = lambda self, name: False
+    try:
+        _, plans = _counting_plans(
+            lambda: _steps_of_10_ms(probe, rank, world, group, os.path.join(out, "memory_wait_run"), 450))
+    finally:
+        dynlens.lens.Lens._more_memory = more
+    with open(os.path.join(out, f"memory-wait-{rank}.json"), "w") as f:
+        json.dump({"tries": probe.tries, "plans": plans}, f)
 
 
 def fsdp_run(rank: int, world: int, group: object, out: str) -> None:
@@ -329,7 +372,7 @@ def _main(rank: int, world: int, out: str, scenarios: list[str]) -> None:
         group = dist.group.WORLD
         for scenario in scenarios:
             {"measurements": measurements, "lens": lens_run, "fsdp": fsdp_run,
-             "quiet": quiet_run, "deadline": deadline_run}[scenario](rank, world, group, out)
+             "quiet": quiet_run, "deadline": deadline_run, "memory_wait": memory_wait_run}[scenario](rank, world, group, out)
     except BaseException:
         with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
