@@ -124,13 +124,13 @@ def check_peers(group: Any) -> None:
 def status_of(err: BaseException) -> int:
     """The status a rank sends for a measurement that raised ``err``."""
     from dynlens.budget import MemoryBudgetTooSmall, OverBudget
-    from dynlens.functional import OutOfMemoryError
+    from dynlens.functional import is_out_of_memory
 
     if isinstance(err, OverBudget):
         return OVER_TIME
     if isinstance(err, MemoryBudgetTooSmall):
         return WAITS_FOR_MEMORY
-    if isinstance(err, OutOfMemoryError):
+    if is_out_of_memory(err):
         return OUT_OF_MEMORY
     return FAILED
 

@@ -87,6 +87,20 @@ _FASTEST_HVP: dict[tuple, str] = {}
 # CUDA one (which the CPU's allocator does not raise).
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
+# what a device library says when its own allocation fails (not the caching allocator's
+# OutOfMemoryError): the CUDA runtime's error, cuBLAS's and cuDNN's workspaces
+_ALLOCATION_FAILED = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the device ran out of memory: the caching allocator's
+    :data:`OutOfMemoryError`, or a runtime error of the CUDA runtime or of cuBLAS or cuDNN
+    failing to allocate (``torch.AcceleratorError: CUDA error: out of memory``, raised where
+    another process holds the rest of the GPU: a ViT-H/14 in the model zoo)."""
+    if isinstance(err, OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _ALLOCATION_FAILED)
+
 
 def _synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (nothing to wait for off CUDA): timings include it."""

@@ -77,6 +77,7 @@ from dynlens.functional import (
     batch_size,
     call_model,
     check_loss,
+    is_out_of_memory,
     isolated,
     model_device,
     slice_examples,
@@ -820,8 +821,9 @@ class Lens:
 
     def _guarded(self, probe: Probe, what: str, call: Callable[[], Any]) -> Any:
         """Run a probe's hook isolated; on failure record the error and maybe switch it off.
-        An out-of-memory error of ``measure`` comes back as an :class:`_OutOfMemory` (the
-        exception and its frames are dropped here, so their tensors can be freed)."""
+        An out-of-memory error of ``measure`` (:func:`dynlens.functional.is_out_of_memory`)
+        comes back as an :class:`_OutOfMemory` (the exception and its frames are dropped here, so
+        their tensors can be freed)."""
         if self.group is not None and what == "measure" and not self._exempt(probe):
             call = self._in_lockstep(call)
         try:
@@ -835,12 +837,9 @@ class Lens:
         except MemoryBudgetTooSmall as err:
             return _TooLittleMemory(f"{probe.name} waits for memory at step {self.step_count}: {err}"
                                     f"{self.memory.describe()}")
-        except OutOfMemoryError as err:
-            if what != "measure":
-                self._fail(probe, what, err)
-                return None
-            return _OutOfMemory(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         except Exception as err:  # noqa: BLE001 - a probe must never stop training
+            if what == "measure" and is_out_of_memory(err):
+                return _OutOfMemory(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             self._fail(probe, what, err)
             return None
         return result

@@ -291,22 +291,31 @@ class OutOfMemoryOnce(dl.Probe):
     name = "hungry"
     pure = True
 
-    def __init__(self, fits: int | None, every: int = 1) -> None:
+    def __init__(self, fits: int | None, every: int = 1, error: type[Exception] = torch.OutOfMemoryError,
+                 message: str = "CUDA out of memory. Tried to allocate 20.00 GiB") -> None:
         super().__init__(every=every)
         self.fits = fits
+        self.error, self.message = error, message
         self.limits: list[int | None] = []
 
     def measure(self, ctx):
         self.limits.append(ctx.memory)
         if self.fits is None or ctx.memory is None or ctx.memory > self.fits:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise self.error(self.message)
         return {"ok": 1.0}
 
 
-def test_an_out_of_memory_error_is_retried_with_half_the_memory_and_training_goes_on(tmp_path):
+# the caching allocator's error, and what the CUDA runtime (torch.AcceleratorError, a
+# RuntimeError) or cuBLAS raise when their own allocation fails
+@pytest.mark.parametrize(("error", "message"), [
+    (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 20.00 GiB"),
+    (RuntimeError, "CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation' ..."),
+    (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+])
+def test_an_out_of_memory_error_is_retried_with_half_the_memory_and_training_goes_on(tmp_path, error, message):
     model, loss_fn, batch = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    probe = OutOfMemoryOnce(fits=600)
+    probe = OutOfMemoryOnce(fits=600, error=error, message=message)
     with dl.Lens(model, loss_fn, batch, opt, run_dir=tmp_path, probes=[probe], basic=False,
                  budget=None, memory_budget=1000) as lens:
         sgd_steps(model, loss_fn, batch, opt, lens, 3)
