@@ -24,6 +24,11 @@ embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU
     ratio with/without and ``lens.costs()``. ``--warmup`` untimed steps come first (CUDA, NCCL
     and kernel initialisation would otherwise be charged to the run without dynlens);
     ``--bracket`` times the run without dynlens again afterwards and takes the mean of the two.
+    ``meetings`` counts the ranks' agreements on which probes run (a broadcast and a sync each).
+    ``--step-times`` also times every step on the device's timeline (a CUDA event after each,
+    read at the end: no sync) and splits the extra time into steps where dynlens charged
+    nothing (an excess there is a cost its account does not see), steps where it measured, and
+    the Lens's creation and close() (:func:`step_split`).
 
 Writes JSON to ``--out`` (rank 0). On two H100s the default settings take about 4 minutes
 (the step-0 measurements of the default probes on the decoder are most of the Lens's share).
@@ -73,6 +78,9 @@ def parse() -> argparse.Namespace:
                         help="untimed DDP steps before the timed runs (CUDA and NCCL initialisation, kernel selection)")
     parser.add_argument("--bracket", action="store_true",
                         help="time the run without dynlens again after the one with it; the baseline is their mean")
+    parser.add_argument("--step-times", action="store_true",
+                        help="time every step of the timed runs on the device's timeline (CUDA events, no sync) "
+                             "and split the overhead into steps where dynlens charged time and steps where it did not")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
     args = parser.parse_args()
     if args.tiny:
@@ -184,16 +192,42 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     if with_lens:
         lens = dl.Lens(ddp, models.language_model_loss, probe, optimizer=optimizer, run_dir=run_dir,
                        probes="default", overwrite=True)
+    # --step-times: an event after each step on the training's stream (the host's clock on the
+    # CPU), and dynlens's account (probes + its own time) at each step's end
+    events: list[Any] = []
+    charged: list[float] = []
+    timing = args.step_times
+
+    def mark() -> None:
+        if device.type == "cuda":
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+        else:
+            events.append(time.perf_counter())
+
+    def account(lens: Any) -> float:
+        return lens.budget.probe_seconds + lens.budget.lens_seconds if lens is not None else 0.0
+
+    if timing:
+        mark()
+        charged.append(account(lens))  # the Lens's creation (step 0) is before the first step's mark
     for step in range(steps):
         loss = train_step(ddp, optimizer, batches[step % len(batches)], device)
         if lens is not None:
             lens.step(loss=loss)
+        if timing:
+            mark()
+            charged.append(account(lens))
     if lens is not None:
         lens.close()
     sync(device)
     seconds = time.perf_counter() - start
     dynlens.lens.agree_plan = agree
     result: dict[str, Any] = {"seconds": seconds, "steps": steps}
+    if timing:
+        result["step_ms"] = [a.elapsed_time(b) if device.type == "cuda" else 1000 * (b - a)
+                             for a, b in zip(events, events[1:])]
+        result["charged_ms"] = [1000 * (b - a) for a, b in zip(charged, charged[1:])]
     if lens is not None:
         result["meetings"] = meetings[0]
         result["writer"] = type(lens.writer).__name__
@@ -205,6 +239,34 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
         torch.cuda.empty_cache()
     dist.barrier()
     return result
+
+
+def step_split(lensed: dict[str, Any], plain: dict[str, Any], extra: float) -> dict[str, Any]:
+    """Where the run with dynlens spent its extra time, from per-step device times: the steps in
+    which dynlens charged under 1 ms (``quiet``: its measurements and own time account for
+    nothing there, so their excess over the plain run's median step is unaccounted cost spread
+    over training) and the others (``charged``: their excess less what dynlens charged is what
+    its account misses around its measurements); the rest of ``extra`` (wall seconds) is the
+    Lens's creation and close()."""
+    with_ms, charged = lensed["step_ms"], lensed["charged_ms"]
+    median = statistics.median(plain["step_ms"])
+    quiet = [t for t, c in zip(with_ms, charged) if c < 1.0]
+    busy = [(t, c) for t, c in zip(with_ms, charged) if c >= 1.0]
+
+    def quantiles(values: list[float]) -> list[float]:
+        ordered = sorted(values)
+        return [round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) for q in (0.5, 0.9, 0.99, 1.0)]
+
+    return {
+        "plain_ms_quantiles_50_90_99_max": quantiles(plain["step_ms"]),
+        "with_quiet_ms_quantiles_50_90_99_max": quantiles(quiet),
+        "quiet_steps": len(quiet), "charged_steps": len(busy),
+        "quiet_excess_s": sum(t - median for t in quiet) / 1000,
+        "charged_steps_excess_s": sum(t - median for t, _ in busy) / 1000,
+        "charged_s": sum(c for _, c in busy) / 1000,
+        "steps_total_s": {"plain": sum(plain["step_ms"]) / 1000, "with": sum(with_ms) / 1000},
+        "extra_wall_s": extra,
+    }
 
 
 def writes(args: argparse.Namespace, device: torch.device, rank: int, world: int, run_dir: str) -> dict[str, Any]:
@@ -279,6 +341,8 @@ def main() -> None:
             "ratio": lensed["seconds"] / baseline, "step_seconds_without": baseline / args.steps,
             "costs": lensed.get("costs"), "disabled": lensed["disabled"], "meetings": lensed["meetings"],
         }
+        if "step_ms" in lensed:
+            results["overhead"]["step_times"] = step_split(lensed, plain, results["overhead"]["seconds_with"] - baseline)
     results["total_seconds"] = time.perf_counter() - began
     if rank == 0:
         with open(args.out, "w") as f:
