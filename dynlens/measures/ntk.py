@@ -27,10 +27,20 @@ torch.func NTK tutorial), chosen by ``implementation``:
   positions); ``nn.Embedding`` (no ``max_norm`` or ``scale_grad_by_freq``) as a linear map of
   one-hot tokens, a_t·a'_s = [token_t = token'_s] (not the padding token), always on the
   positions route; and the affine parameters of BatchNorm (eval mode, running statistics),
-  LayerNorm and GroupNorm. A weight shared by two layers (GPT-2's embedding tied to its output
-  layer) is not structured: it is contracted as Jacobians. With a layer's inputs a and the gradients g_o of output o with respect to its
-  outputs (from forward hooks and O backward passes), a linear or
-  convolutional layer takes one of two routes, chosen per layer by multiply-adds
+  LayerNorm and GroupNorm; and a weight W (V×d) shared by exactly one ``nn.Embedding`` and one
+  ``nn.Linear`` (V outputs, d inputs) as both their ``weight`` (GPT-2's token embedding tied to
+  its output layer), whose Jacobian is the sum of both uses', J = J_emb + J_lin, with
+  J_emb(x)_o = Σ_t e_(token_t) ⊗ g^emb_(o,t) (no row for the padding token) and J_lin(x)_o =
+  Σ_s g^lin_(o,s) ⊗ h_s (h_s the linear layer's input): ⟨J(x)_o, J(x')_o'⟩ is the embedding's
+  and the linear layer's own products (below) plus the cross terms ⟨J_emb(x)_o, J_lin(x')_o'⟩ =
+  Σ_(t,s) g^lin'_(o',s)[token_t] (g^emb_(o,t)·h'_s) and its mirror, the linear layer's output
+  gradients gathered at the embedding's tokens, no V×d Jacobian formed (:func:`_tied_cross`;
+  the linear layer's positions whose gradient is zero, all but the last for a language model
+  measured at its last position, are dropped). The linear layer's bias, if any, is its own
+  parameter, contracted as Jacobians; any other sharing (a weight of two linear layers, or of
+  three modules) is contracted as Jacobians. With a layer's inputs a and the gradients g_o of
+  output o with respect to its outputs (from forward hooks and O backward passes), a linear or
+  convolutional layer (and a tied weight) takes one of two routes, chosen per layer by multiply-adds
   (:func:`_route`; O' = O² for ``"full"``, else O; pairs = n₁·n₂, or n for ``"diagonal"``; N the
   examples whose factors are computed):
 
@@ -43,15 +53,19 @@ torch.func NTK tutorial), chosen by ``implementation``:
     large patches (its last stage, T = 16, k = 4608). A layer applied once (T = 1) always takes
     the positions route: (a·a')(g·g').
 
+  A tied weight's Jacobian route forms J = J_lin + J_emb (N·O·S·V·d) and contracts it; its
+  positions route adds the cross terms to the two layers' products (:func:`_tied_route`).
   A normalisation's per-example Jacobians are formed directly: γ's is Σ over positions of g·x̂,
   β's Σ of g, with x̂ its input normalised by its own statistics. Every structured layer is
-  checked exact (parameters not shared, called once a forward pass, gradient from its factors
-  equal to autograd's); the other parameters are contracted as Jacobians. Chunks of examples
+  checked exact (parameters not shared, except a tied weight's two modules, called once a
+  forward pass, gradient from its factors, for a tied weight the sum of both modules', equal to
+  autograd's); the other parameters are contracted as Jacobians. Chunks of examples
   keep two chunks' factors (or Jacobians) and a block's products within ``memory``
   (:func:`_structured_chunk`). Cost ≈ N·O backward passes + the routes' multiply-adds.
 
 ``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
-MLP, a ResNet of convolutions, BatchNorm and a linear head), or leave at most a tenth of them
+MLP, a ResNet of convolutions, BatchNorm and a linear head, a GPT-2-style decoder of linear
+layers, embeddings, LayerNorm and a tied output layer), or leave at most a tenth of them
 (``_REST_FRACTION``) whose per-example Jacobians for chunks of two (2·2·O·P_rest numbers) fit
 ``memory``; the check runs only when the candidate layers meet that, and is kept per model,
 parameter set, O and example shape. Otherwise ``"jacobian"`` when chunks of at least two
@@ -78,7 +92,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -378,7 +392,15 @@ class _Layer:
     one); per example: ``positions`` T (the rows of a linear layer's input, a convolution's
     output positions, an embedding's tokens, a normalisation's entries per weight entry),
     ``inputs`` k (in; C_in·kernel size; the vocabulary; 1 for a normalisation) and ``outputs``
-    (out; C_out; the embedding's width; the weight's entries); ``size`` the parameters' entries."""
+    (out; C_out; the embedding's width; the weight's entries); ``size`` the parameters' entries.
+
+    Kind "tied": a weight W (V×d) shared by one ``nn.Embedding`` and one ``nn.Linear`` (GPT-2's
+    token embedding and output layer), keyed by the layer of W's name; ``names`` (W,),
+    ``positions`` T the embedding's tokens, ``inputs`` V, ``outputs`` d, ``modules`` the two
+    modules' names (embedding, linear), ``tied_positions`` S the rows of the linear layer's
+    input, and ``active`` the rows of those whose output gradient was not zero on the check's
+    examples (a language model measured at its last position: 1), which the route's estimate
+    takes (0: unknown, S)."""
 
     kind: str
     names: tuple[str, ...]
@@ -386,16 +408,28 @@ class _Layer:
     inputs: int
     outputs: int
     size: int
+    modules: tuple[str, ...] = ()
+    tied_positions: int = 0
+    active: int = 0
 
     def factor_numbers(self, num_outputs: int) -> int:
         """Numbers of one example's factors: inputs and O output gradients (a normalisation's
-        normalised input, output gradients and O·size Jacobian entries)."""
+        normalised input, output gradients and O·size Jacobian entries; a tied weight's tokens,
+        embedding output gradients, linear inputs and linear output gradients)."""
         t, k, out = self.positions, self.inputs, self.outputs
         if self.kind == "norm":
             return t * out * (1 + num_outputs) + num_outputs * self.size
         if self.kind == "embedding":  # the tokens, not their one-hot rows
             return t + num_outputs * t * out
+        if self.kind == "tied":  # T tokens, O·T·d, S·d, O·S·V
+            s = self.tied_positions
+            return t + num_outputs * t * out + s * out + num_outputs * s * k
         return t * k + num_outputs * t * out
+
+    def linear_positions(self) -> int:
+        """A tied weight's linear-layer positions the route's estimate takes: ``active`` where
+        the check saw it, else S."""
+        return self.active or self.tied_positions
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...] | None:
@@ -493,17 +527,28 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
     the layer's output on x_i is that of f_o(x_i)): a linear or convolutional layer's inputs
     a (n, T, k) and output gradients g (O, n, T, out) as ``(a, g)``, or, on the Jacobian route
     (``routes[name] == "jacobians"``) and for a normalisation, its per-example Jacobians
-    ``{parameter: (n, O, size)}``.
+    ``{parameter: (n, O, size)}``. A tied weight (kind "tied"): ``(tokens (n, T), g_emb
+    (O, n, T, d), h (n, S, d), g_lin (O, n, S, V))`` from its two modules, g_emb zero at the
+    padding token and the linear layer's positions whose output gradient is zero for every
+    output and example dropped (they add nothing); on the Jacobian route its per-example
+    Jacobians J_emb + J_lin (:func:`_tied_jacobians`).
 
     The hooks read a layer's input when it runs (unfolded, or normalised). A layer whose output
     an in-place operation changed afterwards (``ReLU(inplace=True)``) hands the later layers a
     copy on a second forward pass, so that its output's gradient is its own."""
-    modules = {name: function.model.get_submodule(name) for name in layers}
+    # the modules hooked, by name, and the kind of input each reads: a tied weight's two modules
+    hooked: dict[str, str] = {}
+    for name, layer in layers.items():
+        if layer.kind == "tied":
+            hooked[layer.modules[0]], hooked[layer.modules[1]] = "embedding", "linear"
+        else:
+            hooked[name] = layer.kind
+    modules = {name: function.model.get_submodule(name) for name in hooked}
     captured: dict[str, tuple[Tensor, Tensor, int]] = {}
     copied: set[str] = set()
 
     def hook(name: str) -> Any:
-        kind = layers[name].kind
+        kind = hooked[name]
 
         def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0].detach()
@@ -532,15 +577,18 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
             break
         copied |= changed
     n = out.shape[0]
-    layer_outputs = [captured[name][1] for name in layers]
+    layer_outputs = [captured[name][1] for name in hooked]
     with torch.enable_grad():
-        per_output = _output_gradients(out, layer_outputs, num_outputs)
+        per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs), strict=True))
     del out, layer_outputs
     factors: dict[str, Any] = {}
-    for k, (name, layer) in enumerate(layers.items()):
+    for name, layer in layers.items():
+        if layer.kind == "tied":
+            factors[name] = _tied_factors(modules, layer, captured, per_output, n, num_outputs,
+                                          routes is not None and routes.get(name) == "jacobians")
+            continue
         x = captured.pop(name)[0]
-        g = per_output[k]
-        per_output[k] = None  # type: ignore[call-overload]
+        g = per_output.pop(name)
         if layer.kind == "norm":
             factors[name] = _norm_jacobians(modules[name], layer.names, x, g)
             continue
@@ -562,6 +610,41 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         else:
             factors[name] = (a, g)
     return factors
+
+
+def _tied_factors(modules: dict[str, nn.Module], layer: _Layer, captured: dict[str, tuple[Tensor, Tensor, int]],
+                  per_output: dict[str, Tensor], n: int, num_outputs: int,
+                  jacobians: bool) -> tuple[Tensor, Tensor, Tensor, Tensor] | dict[str, Tensor]:
+    """A tied weight's factors from its two modules' captured inputs and output gradients
+    (:func:`_factors`): ``(tokens, g_emb, h, g_lin)``, or with ``jacobians`` its per-example
+    Jacobians ``{W: (n, O, V·d)}``."""
+    embedding, linear = layer.modules
+    tokens = captured.pop(embedding)[0].reshape(n, -1)
+    g_emb = per_output.pop(embedding).reshape(num_outputs, n, -1, layer.outputs)
+    # rows of the padding token get no gradient
+    g_emb = g_emb * _kept(modules[embedding], tokens).to(g_emb.dtype)[None, :, :, None]
+    h = captured.pop(linear)[0].reshape(n, -1, layer.outputs)
+    g_lin = per_output.pop(linear).reshape(num_outputs, n, -1, layer.inputs)
+    # positions whose output gradient is zero for every output and example add nothing: a
+    # language model measured at its last position keeps one of T
+    live = (g_lin != 0).any(3).any(1).any(0)
+    if not bool(live.all()):
+        h, g_lin = h[:, live], g_lin[:, :, live]
+    if jacobians:
+        return {layer.names[0]: _tied_jacobians(tokens, g_emb, h, g_lin)}
+    return tokens, g_emb, h, g_lin
+
+
+def _tied_jacobians(tokens: Tensor, g_emb: Tensor, h: Tensor, g_lin: Tensor) -> Tensor:
+    """A tied weight's per-example Jacobians (n, O, V·d), J = J_lin + J_emb: Σ_s g_lin_s ⊗ h_s,
+    and g_emb_t added to row token_t (g_emb zero at the padding token)."""
+    o, n, _, v = g_lin.shape
+    d = h.shape[2]
+    # (n, O, V, S) @ (n, 1, S, d): a batched product written in the Jacobian's layout
+    jac = torch.matmul(g_lin.permute(1, 0, 3, 2), h.unsqueeze(1))
+    for i in range(n):
+        jac[i].index_add_(1, tokens[i], g_emb[:, i])
+    return jac.reshape(n, o, v * d)
 
 
 def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int) -> list[Tensor]:
@@ -593,6 +676,8 @@ def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pai
     tokens match; its Jacobian has vocabulary·width entries); normalisations the Jacobian one."""
     if layer.kind == "norm":
         return "jacobians"
+    if layer.kind == "tied":
+        return _tied_route(layer, num_outputs, mode, examples, pairs)
     t, k, out = layer.positions, layer.inputs, layer.outputs
     if t == 1 or layer.kind == "embedding":
         return "positions"
@@ -605,14 +690,51 @@ def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pai
     return "jacobians" if by_jacobians < _JACOBIAN_ROUTE_BELOW * by_positions else "positions"
 
 
+def _tied_route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pairs: int) -> str:
+    """:func:`_route` of a tied weight (V×d; T tokens, S linear positions, the active ones if
+    known), by multiply-adds:
+
+    * "positions": the embedding's products over pairs of tokens (pairs·T²·O'·d), the linear
+      layer's over pairs of positions (pairs·S²·(d + O'·V + O')) and the two cross terms
+      (2·pairs·T·S·O·d, + 2·pairs·T·O²·d for "full"), no Jacobian formed;
+    * "jacobians": J = Σ_s g_lin_s ⊗ h_s + the embedding's rows (N·O·S·V·d + N·O·T·d), then
+      contracted (pairs·O'·V·d)."""
+    t, v, d, s = layer.positions, layer.inputs, layer.outputs, layer.linear_positions()
+    o = num_outputs * num_outputs if mode == "full" else num_outputs
+    by_positions = pairs * (t * t * o * d + s * s * (d + o * v + o) + 2 * t * s * num_outputs * d)
+    if mode == "full":
+        by_positions += 2 * pairs * t * num_outputs * num_outputs * d
+    by_jacobians = examples * num_outputs * (s * v * d + t * d) + pairs * o * v * d
+    return "jacobians" if by_jacobians < _JACOBIAN_ROUTE_BELOW * by_positions else "positions"
+
+
+def _tied_block_numbers(layer: _Layer, num_outputs: int, mode: KernelMode) -> int:
+    """The most numbers a tied weight's positions-route products take at once for one pair of
+    examples (one example for "diagonal"), O' = O² for "full", else O: the embedding's
+    T²·(1 + O') (T² + O' for "full"), the linear layer's S²·(1 + O') (S² + O' and S·O·V of
+    :func:`_full_by_positions` for "full"), or a cross term's gathered output gradients
+    O·S·T and its product over positions, O·T·min(d, S) (:func:`_tied_cross`), each with the
+    block's O'."""
+    t, v, d, s = layer.positions, layer.inputs, layer.outputs, layer.tied_positions
+    o = num_outputs * num_outputs if mode == "full" else num_outputs
+    if mode == "full":
+        embedding, linear = t * t + o, s * s + o + s * num_outputs * v
+    else:
+        embedding, linear = t * t * (1 + o), s * s * (1 + o)
+    cross = num_outputs * s * t + num_outputs * t * min(d, s)
+    return max(embedding, linear, cross) + o
+
+
 def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                       budget: int, itemsize: int, memory: int | None) -> int:
     """The most examples a chunk may hold so that a chunk's factors while they are computed, two
     chunks' kept factors or Jacobians, and a block's products fit ``budget``: c·L + c²·Q numbers,
     L = Σ over layers of F + 2·(F on the positions route, O·size on the Jacobian route), F a
     layer's factor numbers per example (T·k + O·T·out), Q = the largest positions-route block,
-    T²·(1 + O') + O' (O' = O² for "full", else O; linear in c for "diagonal"). MemoryBudgetTooSmall
-    when one example does not fit a ``memory`` the caller set."""
+    T²·(1 + O') + O' (O' = O² for "full", else O; linear in c for "diagonal"); a tied weight's
+    block is the largest of its embedding's, its linear layer's and a cross term's gathered
+    gradients and product (:func:`_tied_block_numbers`, at all S positions of the linear layer).
+    MemoryBudgetTooSmall when one example does not fit a ``memory`` the caller set."""
     o = num_outputs * num_outputs if mode == "full" else num_outputs
     linear, quadratic = 0, 0
     for name, layer in layers.items():
@@ -620,6 +742,13 @@ def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_out
         linear += factors
         if routes[name] == "jacobians":
             linear += 2 * num_outputs * layer.size
+        elif layer.kind == "tied":
+            linear += 2 * factors
+            block = _tied_block_numbers(layer, num_outputs, mode)
+            if mode == "diagonal":
+                linear += block
+            else:
+                quadratic = max(quadratic, block)
         else:
             linear += 2 * factors
             t = layer.positions
@@ -660,6 +789,11 @@ def _structured_layers(function: ModelFunction, inputs: Any, num_outputs: int,
     ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1, zero padding given as numbers, "valid"
     or a symmetric "same"), ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``), and
     the affine parameters of BatchNorm (with running statistics), LayerNorm and GroupNorm.
+
+    A weight shared by exactly one ``nn.Embedding`` and one ``nn.Linear`` (both qualifying as
+    above, as their ``weight``) is one layer of kind "tied", keyed by the layer of its name
+    (:func:`_tied_candidates`): both modules run once per forward pass on inputs with the
+    examples' dimension first, and the sum of both modules' factor gradients matches autograd's.
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
     parametrised) among those differentiated, shared with no other module, the layer runs once
@@ -713,16 +847,23 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         own = [(f"{name}.{k}", getattr(module, k)) for k in ("weight", "bias") if getattr(module, k, None) is not None]
         if all(n in chosen and counts[id(p)] == 1 for n, p in own):
             candidates[name] = (module, kind, tuple(n for n, _ in own))
-    if not candidates:
+    tied = _tied_candidates(function, counts)
+    if not candidates and not tied:
         return {}, 0
 
     def rest_allowed(held: set[str]) -> bool:
         rest = sum(t.numel() for n, t in chosen.items() if n not in held)
         return rest <= _REST_FRACTION * sum(t.numel() for t in chosen.values())
 
-    if covering and not rest_allowed({n for _, _, names in candidates.values() for n in names}):
+    held = {n for _, _, names in candidates.values() for n in names} | {w for _, _, w in tied.values()}
+    if covering and not rest_allowed(held):
         return {}, 0
-    calls: dict[str, int] = dict.fromkeys(candidates, 0)
+    # the modules whose calls are counted: the candidates, and each tied weight's two modules
+    counted = {name: module for name, (module, _, _) in candidates.items()}
+    for embedding, linear, _ in tied.values():
+        counted[embedding] = function.model.get_submodule(embedding)
+        counted[linear] = function.model.get_submodule(linear)
+    calls: dict[str, int] = dict.fromkeys(counted, 0)
     shapes: dict[str, tuple[int, int]] = {}  # the entries of an input and an output, all examples
     sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
     n = batch_size(sample)
@@ -740,7 +881,7 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
                 shapes[name] = (args[0].numel(), output.numel())
         return count
 
-    handles = [module.register_forward_hook(counter(name)) for name, (module, _, _) in candidates.items()]
+    handles = [module.register_forward_hook(counter(name)) for name, module in counted.items()]
     try:
         with torch.no_grad():  # counting calls: no graph
             _flat_outputs(function, function.params, sample)
@@ -762,6 +903,14 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         else:
             t, k, out = size_out // weight.numel(), 1, weight.numel()
         layers[name] = _Layer(kind, names, t, k, out, sum(chosen[p].numel() for p in names))
+    for name, (embedding, linear, weight_name) in tied.items():
+        # each module once a forward pass, on inputs with the examples' dimension first
+        if calls[embedding] != 1 or calls[linear] != 1 or embedding not in shapes or linear not in shapes:
+            continue
+        vocabulary, width = chosen[weight_name].shape
+        tokens, rows = shapes[embedding][0] // n, shapes[linear][0] // n // width
+        layers[name] = _Layer("tied", (weight_name,), tokens, vocabulary, width, vocabulary * width,
+                              modules=(embedding, linear), tied_positions=rows)
     if not layers:
         return {}, 0
     itemsize = next(iter(chosen.values())).element_size()
@@ -790,6 +939,15 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
             tokens, g = found
             ug = torch.einsum("ia,aitl->itl", u, g) * _kept(function.model.get_submodule(name), tokens).unsqueeze(-1)
             ours = [torch.zeros_like(chosen[layer.names[0]]).index_add_(0, tokens.reshape(-1), ug.reshape(-1, layer.outputs))]
+        elif layer.kind == "tied":
+            # the sum of both modules' gradients: the embedding's rows (g_emb zero at the padding
+            # token) and the linear layer's Σ_s (u·g_lin_s) ⊗ h_s
+            tokens, g_emb, h, g_lin = found
+            ug = torch.einsum("ia,aitl->itl", u, g_emb)
+            rows = torch.einsum("isv,isd->vd", torch.einsum("ia,aisv->isv", u, g_lin), h)
+            ours = [rows.index_add_(0, tokens.reshape(-1), ug.reshape(-1, layer.outputs))]
+            # the route's estimate takes the linear layer's positions with a gradient
+            layer = replace(layer, active=max(1, h.shape[1]))
         else:
             a, g = found
             ug = torch.einsum("ia,aitl->itl", u, g)
@@ -800,6 +958,33 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         if all(auto is not None and (auto - mine).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, mine in pairs):
             exact[name] = layer
     return exact, factors_bytes
+
+
+def _tied_candidates(function: ModelFunction, counts: dict[int, int]) -> dict[str, tuple[str, str, str]]:
+    """The weights shared by exactly one ``nn.Embedding`` and one ``nn.Linear`` as both their
+    ``weight`` (GPT-2's token embedding tied to its output layer), both of a structured kind,
+    among the parameters differentiated: ``{layer of the weight's name: (embedding's name,
+    linear layer's name, the weight's name)}``. ``counts`` the registrations of each parameter
+    (``named_parameters(remove_duplicate=False)``); any other sharing has none."""
+    chosen = function.params
+    owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, module in function.model.named_modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, key, module))
+    names = {id(p): name for name, p in function.model.named_parameters()}
+    found: dict[str, tuple[str, str, str]] = {}
+    for ident, users in owners.items():
+        if len(users) != 2 or counts.get(ident) != 2 or ident not in names or names[ident] not in chosen:
+            continue
+        kinds = {_kind(module) if name else None: (name, key, module) for name, key, module in users}
+        if set(kinds) != {"embedding", "linear"} or any(key != "weight" for _, key, _ in users):
+            continue
+        embedding, linear = kinds["embedding"][0], kinds["linear"][0]
+        if not isinstance(kinds["embedding"][2].weight, nn.Parameter):
+            continue
+        found[layer_of(names[ident])] = (embedding, linear, names[ident])
+    return found
 
 
 def _kept(module: nn.Module, tokens: Tensor) -> Tensor:
@@ -824,13 +1009,63 @@ def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
     second set, H = Σ_s (a_t·a'_s) g'_(b,s) (n₁·T²·O·out), then Σ_(t,l) g_(a,t,l) H_(t,l,b)
     (n₁·T·O²·out), two matrix products, no intermediate larger than n₁·T·out·O."""
     o, n1, t, out = g1.shape
+    s = g2.shape[2]
     left = g1.permute(1, 0, 2, 3).reshape(n1, o, t * out)
     right = g2.permute(1, 2, 3, 0).contiguous()  # (n₂, s, l, b)
     columns = []
     for j in range(g2.shape[1]):
-        h = (inputs[:, j].reshape(n1 * t, t) @ right[j].reshape(t, out * o)).view(n1, t * out, o)
+        h = (inputs[:, j].reshape(n1 * t, s) @ right[j].reshape(s, out * o)).view(n1, t * out, o)
         columns.append(torch.bmm(left, h))
     return torch.stack(columns, 1)
+
+
+def _positions_block(inputs: Tensor, g1: Tensor, g2: Tensor, mode: KernelMode) -> Tensor:
+    """Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)) in the layout of ``mode`` from the inputs' products
+    (n₁, n₂, T, S) ((n, T, T) for "diagonal") and output gradients g (O, n, T, out)."""
+    if mode == "full" and (g1.shape[2] > 1 or g2.shape[2] > 1):
+        return _full_by_positions(inputs, g1, g2)
+    return torch.einsum(_PRODUCT[mode], inputs, torch.einsum(_GRADIENTS[mode], g1, g2))
+
+
+def _tied_cross(tokens: Tensor, g_emb: Tensor, h: Tensor, g_lin: Tensor, mode: KernelMode) -> Tensor:
+    """⟨J_emb(x_i)_a, J_lin(x'_j)_b⟩ = Σ_(t,s) g_lin'_(b,s)[token_t] (g_emb_(a,t)·h'_s) of a tied
+    weight, the embedding's factors (tokens (n₁, T), g_emb (O, n₁, T, d), zero at the padding
+    token) from one set and the linear layer's (h (n₂, S, d), g_lin (O, n₂, S, V)) from the
+    other: (n₁, n₂, O, O) for "full", (n₁, n₂) for "trace" (a = b); for "diagonal" (the same
+    examples) (n, O). No V×d Jacobian is formed: the linear layer's output gradients are
+    gathered at the embedding's tokens (O·n₂·S·n₁·T numbers), then contracted with h over the
+    positions s first when d ≤ S (an intermediate of n₁·T·n₂·O·d numbers), else the embedding's
+    gradients with h over d first (n₁·n₂·O·T·S)."""
+    o, n1, t, d = g_emb.shape
+    n2, s = h.shape[:2]
+    if mode == "diagonal":
+        # (O, n, S, T): g_lin_(o,i,s)[token_(i,t)]
+        gathered = torch.gather(g_lin, 3, tokens[None, :, None, :].expand(o, n1, s, t))
+        return torch.einsum("oits,oist->io", torch.einsum("oitd,isd->oits", g_emb, h), gathered)
+    gathered = g_lin[..., tokens.reshape(-1)].view(o, n2, s, n1, t)  # (b, j, s, i, t)
+    if mode == "full":
+        if d <= s:
+            return torch.einsum("aitd,itjbd->ijab", g_emb, torch.einsum("bjsit,jsd->itjbd", gathered, h))
+        return torch.einsum("ijats,bjsit->ijab", torch.einsum("aitd,jsd->ijats", g_emb, h), gathered)
+    if d <= s:
+        return torch.einsum("oitd,oitjd->ij", g_emb, torch.einsum("ojsit,jsd->oitjd", gathered, h))
+    return torch.einsum("oitjs,ojsit->ij", torch.einsum("oitd,jsd->oitjs", g_emb, h), gathered)
+
+
+def _tied_block(embedding: nn.Module, f1: tuple[Tensor, Tensor, Tensor, Tensor],
+                f2: tuple[Tensor, Tensor, Tensor, Tensor], mode: KernelMode) -> Tensor:
+    """A tied weight's kernel on a block of two chunks, J = J_emb + J_lin: the embedding's
+    products (tokens matching), the linear layer's over pairs of positions, and the two cross
+    terms ⟨J_emb, J'_lin⟩ + ⟨J_lin, J'_emb⟩ (:func:`_tied_cross`; for "diagonal" twice the
+    first). ``f1``, ``f2``: the chunks' factors ``(tokens, g_emb, h, g_lin)`` (:func:`_factors`)."""
+    (tokens1, e1, h1, l1), (tokens2, e2, h2, l2) = f1, f2
+    block = _positions_block(_matches(embedding, tokens1, tokens2, mode, e1.dtype), e1, e2, mode)
+    block = block + _positions_block(torch.einsum(_INPUTS[mode], h1, h2), l1, l2, mode)
+    if mode == "diagonal":
+        return block + 2 * _tied_cross(tokens1, e1, h1, l1, mode)
+    other = _tied_cross(tokens2, e2, h1, l1, mode)  # ⟨J_emb(x'_j), J_lin(x_i)⟩: (n₂, n₁, ...)
+    other = other.permute(1, 0, 3, 2) if mode == "full" else other.T
+    return block + _tied_cross(tokens1, e1, h2, l2, mode) + other
 
 
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
@@ -841,7 +1076,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
     Σ_(t,s) g_(a,t)·g'_(b,s) for the bias, no per-example Jacobian formed (a block of two chunks
     holds n₁·n₂·O²·T² products for "full", n₁·n₂·T² for "trace"); "jacobians", the per-example
-    Jacobians Σ_t g_t ⊗ a_t (a normalisation's from its normalised input), contracted."""
+    Jacobians Σ_t g_t ⊗ a_t (a normalisation's from its normalised input), contracted. A tied
+    weight on the positions route: :func:`_tied_block`."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     for s1, e1 in _chunks(n1, chunk):
@@ -856,6 +1092,10 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             for name, layer in layers.items():
                 if isinstance(f1[name], dict):
                     blocks[name].append(_contract(f1[name], f2[name], layer.names, mode))
+                    continue
+                if layer.kind == "tied":
+                    embedding = function.model.get_submodule(layer.modules[0])
+                    blocks[name].append(_tied_block(embedding, f1[name], f2[name], mode))
                     continue
                 (a1, g1), (a2, g2) = f1[name], f2[name]
                 # in the diagonal mode f2 is f1: the einsums pair each example with itself
