@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import kernel_from_jacobians, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
@@ -289,16 +289,7 @@ def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def reference(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
     a = jacobian(model, x)
-    b = a if x2 is None else jacobian(model, x2)
-    if mode == "full":
-        return torch.einsum("iap,jbp->ijab", a, b)
-    if mode == "trace":
-        return torch.einsum("iap,jap->ij", a, b)
-    return (a * a).sum(2)
-
-
-def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((value - expected).norm() / expected.norm())
+    return kernel_from_jacobians(a, a if x2 is None else jacobian(model, x2), mode)
 
 
 # ----------------------------------------------------------------------------- the kernel

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import kernel_from_jacobians, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -111,16 +111,7 @@ def per_example_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def oracle(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
     a = per_example_jacobian(model, x)
-    b = a if x2 is None else per_example_jacobian(model, x2)
-    if mode == "full":
-        return torch.einsum("iap,jbp->ijab", a, b)
-    if mode == "trace":
-        return torch.einsum("iap,jap->ij", a, b)
-    return (a * a).sum(2)
-
-
-def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((value - expected).norm() / expected.norm())
+    return kernel_from_jacobians(a, a if x2 is None else per_example_jacobian(model, x2), mode)
 
 
 def structured(model: nn.Module, x: torch.Tensor) -> dict:
