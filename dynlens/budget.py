@@ -152,8 +152,7 @@ class TimeBudget:
         negative when dynlens is over it."""
         if self.share is None:
             return math.inf
-        spent = self.probe_seconds + self.lens_seconds
-        return self.share * (self.elapsed() - spent) - spent
+        return self.share * self.training_seconds() - (self.probe_seconds + self.lens_seconds)
 
     def training_seconds(self) -> float:
         """Wall seconds since the budget started that were not dynlens's."""

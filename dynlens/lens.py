@@ -706,8 +706,9 @@ class Lens:
         any case); for probes waiting for memory (``for_memory``), until the next step at which
         one of them, or a probe not yet waiting, falls due — a higher peak of training's, which
         may let one fit, is then noticed at that meeting. Without this, a probe that never fits
-        (the NTK of the 124M decoder) made every rank meet at every step: +10% on a two-GPU
-        job whose probes took 5%."""
+        (the NTK of the 124M decoder) made every rank meet at every step (a gloo test: 452
+        meetings in 450 steps, 11 now). A 4,000-step run on two H200s with 163 meetings was no
+        faster than one before the change: they were not what made it 10–16% slower."""
         limits = []
         if blocked:
             if self._step_seconds <= 0 or self._resume_at <= self.budget.clock():

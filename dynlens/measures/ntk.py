@@ -1035,7 +1035,9 @@ def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
 
 def _positions_block(inputs: Tensor, g1: Tensor, g2: Tensor, mode: KernelMode) -> Tensor:
     """Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)) in the layout of ``mode`` from the inputs' products
-    (n₁, n₂, T, S) ((n, T, T) for "diagonal") and output gradients g (O, n, T, out)."""
+    (n₁, n₂, T, S) ((n, T, T) for "diagonal") and output gradients g (O, n, T, out). The "full"
+    kernel of a layer at several positions sums Σ_s (a_t·a'_s) g'_(b,s) first
+    (:func:`_full_by_positions`: T²·O·out + T·O²·out products a pair, not T²·O²·out)."""
     if mode == "full" and (g1.shape[2] > 1 or g2.shape[2] > 1):
         return _full_by_positions(inputs, g1, g2)
     return torch.einsum(_PRODUCT[mode], inputs, torch.einsum(_GRADIENTS[mode], g1, g2))
@@ -1117,11 +1119,7 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
                     inputs = _matches(function.model.get_submodule(name), a1, a2, mode, g1.dtype)
                 else:
                     inputs = torch.einsum(_INPUTS[mode], a1, a2)
-                if mode == "full" and layer.positions > 1:
-                    # Σ_s (a_t·a'_s) g'_(b,s) first: T²·O·out + T·O²·out products a pair, not T²·O²·out
-                    block = _full_by_positions(inputs, g1, g2)
-                else:
-                    block = torch.einsum(_PRODUCT[mode], inputs, torch.einsum(_GRADIENTS[mode], g1, g2))
+                block = _positions_block(inputs, g1, g2, mode)
                 if len(layer.names) > 1:
                     block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
                 blocks[name].append(block)
