@@ -27,7 +27,12 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from dynlens.linalg.operator import LinearOperator, default_generator, gaussian_vector
+from dynlens.linalg.operator import (
+    LinearOperator,
+    available_host_memory,
+    default_generator,
+    gaussian_vector,
+)
 
 Which = Literal["top", "bottom", "both"]
 
@@ -306,14 +311,34 @@ def _empty_basis(capacity: int, op: LinearOperator, device: torch.device) -> Ten
     return torch.empty(1, capacity, op.size, dtype=op.dtype, device=device, pin_memory=pin)
 
 
+# The largest share of the host's available memory a basis in host memory may take (its growth
+# counted while the old and the new basis are both alive): a 644M-parameter model's basis of 100
+# vectors is 258 GB, and two such measurements on one host had the kernel kill both processes.
+_HOST_SHARE = 0.5
+
+
+def _host_rows(vector_bytes: int) -> int | None:
+    """How many more basis vectors host memory can take now (``_HOST_SHARE`` of what is
+    available), or None where the system does not say."""
+    available = available_host_memory()
+    return int(available * _HOST_SHARE) // vector_bytes if available else None
+
+
 def _grown_basis(basis: Tensor, m: int, capacity: int, op: LinearOperator,
-                 memory: int | None) -> Tensor:
+                 memory: int | None) -> Tensor | None:
     """``basis`` (full at m rows) copied into one of ``capacity`` rows: on the operator's device
     while the old and the new basis together (both alive during the copy) fit ``memory``,
-    otherwise in host memory, where it then stays."""
+    otherwise in host memory, where it then stays, with at most the rows that
+    :func:`_host_rows` allows; None when that is no more than ``m`` (the basis cannot grow)."""
     vector_bytes = op.size * basis.element_size()
     fits = memory is None or (m + capacity) * vector_bytes <= memory
     device = op.device if basis.device.type == op.device.type and fits else torch.device("cpu")
+    if device.type == "cpu":
+        room = _host_rows(vector_bytes)
+        if room is not None:
+            capacity = min(capacity, room)
+            if capacity <= m:
+                return None
     grown = _empty_basis(capacity, op, device)
     grown[:, :m] = basis
     return grown
@@ -379,7 +404,10 @@ def lanczos_eigsh(
             from the start): each step then copies one vector to the device and one back, and
             the reorthogonalisation, 4·m·n multiply-adds at step m, runs on the CPU (bound by
             host memory bandwidth; for large n it can take longer than the product itself).
-            :attr:`LanczosResult.basis_device` says where the basis ended up.
+            :attr:`LanczosResult.basis_device` says where the basis ended up. A basis in host
+            memory (also a CPU operator's) takes at most half of the host's available memory:
+            when it cannot grow further the iteration stops there as at ``max_iters``
+            (``converged=False``); when not even k + 1 vectors fit, ``MemoryError``.
 
     Cost: ``iterations`` matrix-vector products (≤ max_iters); memory for the basis (at
     least ``iterations`` vectors of size n, at most twice that while it grows: on the
@@ -438,6 +466,16 @@ def lanczos_eigsh(
     if memory is not None and capacity * vector_bytes > memory:
         on_device = memory >= vector_bytes  # then start with as many vectors as fit
         capacity = memory // vector_bytes if on_device else capacity
+    if not on_device or op.device.type == "cpu":
+        room = _host_rows(vector_bytes)
+        if room is not None and room < capacity:
+            if room < k + 1:
+                raise MemoryError(
+                    f"a Lanczos basis of {k + 1} vectors of {n:,} numbers ({(k + 1) * vector_bytes:,} bytes) "
+                    f"does not fit in half of the host's available memory ({2 * room * vector_bytes:,} "
+                    f"bytes available); ask for fewer eigenvalues, measure fewer parameters, or allow "
+                    f"the basis more device memory (memory=)")
+            capacity = room
     basis = _empty_basis(capacity, op, op.device if on_device else torch.device("cpu"))
     basis[0, 0] = q / q_norm
     alphas: list[float] = []
@@ -496,7 +534,10 @@ def lanczos_eigsh(
             betas.append(beta_j)
             q = w[0] / beta[0]
         if m == basis.shape[1]:
-            basis = _grown_basis(basis, m, min(2 * m, max_iters), op, memory)
+            grown = _grown_basis(basis, m, min(2 * m, max_iters), op, memory)
+            if grown is None:
+                break  # host memory holds no more vectors: stopped as at max_iters
+            basis = grown
         basis[0, m] = q
 
     ritz_vectors = None

@@ -9,6 +9,7 @@ Hessian-vector products).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -164,3 +165,20 @@ def default_generator(generator: torch.Generator | None, seed: int = 0) -> torch
     if generator is not None:
         return generator
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory a new allocation can take without pushing anything out: Linux's
+    ``MemAvailable`` (free pages and the page cache the kernel can drop), else the free pages
+    (``os.sysconf``); 0 where the system says neither."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0

@@ -89,7 +89,6 @@ and :func:`kernel_target_alignment` (Cortes et al. 2012).
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 import weakref
@@ -114,6 +113,7 @@ from dynlens.functional import (
     slice_examples,
     to_device,
 )
+from dynlens.linalg.operator import available_host_memory
 from dynlens.parameters import Params, failing_module, layer_of, model_device, unwrap_model
 
 __all__ = [
@@ -153,11 +153,8 @@ def _default_memory(device: torch.device) -> int:
 
 
 def _available_host_memory() -> int:
-    """The host memory available to allocate (Linux's available pages), 0 where unknown."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
+    """The host memory available to allocate (:func:`dynlens.linalg.operator.available_host_memory`)."""
+    return available_host_memory()
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,39 @@ def test_a_host_basis_restarts_after_breakdown_like_the_default_basis():
     _same_run(host, default)
 
 
+def _host_holds(monkeypatch, vectors, vector_bytes):
+    """Make the host's available memory hold ``vectors`` basis vectors under Lanczos's share."""
+    import dynlens.linalg.lanczos as lanczos_module
+
+    available = int(vectors * vector_bytes / lanczos_module._HOST_SHARE)
+    monkeypatch.setattr(lanczos_module, "available_host_memory", lambda: available)
+
+
+@pytest.mark.parametrize("memory", [0, None])
+def test_a_host_basis_stops_where_the_host_memory_ends_instead_of_outgrowing_it(monkeypatch, memory):
+    """A basis in host memory (memory=0 on any operator; a CPU operator's basis in any case)
+    grows only within half of the host's available memory: a 644M-parameter model's basis of
+    100 vectors is 258 GB. Here 20 vectors fit; the run needs more to converge at tol=1e-12, so it
+    stops at 20 steps (unconverged, as at max_iters), with the values those 20 steps give."""
+    a = matrix_with_spectrum(SPREAD)
+    vector_bytes = a.shape[0] * a.element_size()
+    free = lanczos_eigsh(dense_operator(a), k=2, tol=1e-12, max_iters=20)
+    assert not free.converged and free.iterations == 20
+    _host_holds(monkeypatch, 20, vector_bytes)
+    held = lanczos_eigsh(dense_operator(a), k=2, tol=1e-12, memory=memory)
+    assert held.iterations == 20 and not held.converged
+    assert torch.equal(held.values, free.values)
+    assert relative_error(held.values, [25.0, 22.0]) < 1e-2  # 20 steps get close to the top two
+
+
+def test_a_host_basis_that_cannot_hold_k_plus_one_vectors_raises_a_memory_error(monkeypatch):
+    a = matrix_with_spectrum(SPREAD)
+    _host_holds(monkeypatch, 3, a.shape[0] * a.element_size())
+    with pytest.raises(MemoryError, match="ask for fewer eigenvalues"):
+        lanczos_eigsh(dense_operator(a), k=3, memory=0)
+    assert lanczos_eigsh(dense_operator(a), k=2, tol=1e-6, memory=0).iterations <= 3
+
+
 def test_a_negative_memory_limit_raises():
     with pytest.raises(ValueError, match="memory"):
         lanczos_eigsh(dense_operator(torch.eye(4, dtype=torch.float64)), memory=-1)
