@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -81,6 +82,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--step-times", action="store_true",
                         help="time every step of the timed runs on the device's timeline (CUDA events, no sync) "
                              "and split the overhead into steps where dynlens charged time and steps where it did not")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated Lens variants timed after the main comparison, each followed by a run "
+                             "without dynlens (with --step-times: where a per-step excess comes from): 'basic' "
+                             "(the basic probes only), 'created' (a Lens with the default probes, created and "
+                             "closed before the first step: what its creation leaves behind), 'default'")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
     args = parser.parse_args()
     if args.tiny:
@@ -169,8 +175,11 @@ def data(args: argparse.Namespace, rank: int, device: torch.device, count: int =
 
 
 def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: int, steps: int,
-              with_lens: bool, run_dir: str) -> dict[str, Any]:
-    """DDP training for ``steps`` steps from the seed-0 state, with or without the Lens."""
+              with_lens: bool | str, run_dir: str) -> dict[str, Any]:
+    """DDP training for ``steps`` steps from the seed-0 state, without the Lens (False), with the
+    default probes (True or "default"), the basic ones ("basic"), or a Lens of the default probes
+    created and closed before the first step ("created")."""
+    variant = "default" if with_lens is True else with_lens or None
     model = build(args, device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-4, weight_decay=0.1)
@@ -189,14 +198,29 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     dynlens.lens.agree_plan = counted
     start = time.perf_counter()
     lens = None
-    if with_lens:
+    if variant is not None:
         lens = dl.Lens(ddp, models.language_model_loss, probe, optimizer=optimizer, run_dir=run_dir,
-                       probes="default", overwrite=True)
+                       probes=None if variant == "basic" else "default", overwrite=True)
+    created = lens if variant == "created" else None
+    if created is not None:
+        created.close()
+        lens = None
     # --step-times: an event after each step on the training's stream (the host's clock on the
     # CPU), and dynlens's account (probes + its own time) at each step's end
     events: list[Any] = []
     charged: list[float] = []
     timing = args.step_times
+    host_train: list[float] = []  # the host's time in each training step and lens.step() call
+    host_lens: list[float] = []
+    collections = [0, 0.0]  # the garbage collector's runs and its seconds during the steps
+    gc_began = [0.0]
+
+    def gc_watch(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_began[0] = time.perf_counter()
+        else:
+            collections[0] += 1
+            collections[1] += time.perf_counter() - gc_began[0]
 
     def mark() -> None:
         if device.type == "cuda":
@@ -211,20 +235,38 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     if timing:
         mark()
         charged.append(account(lens))  # the Lens's creation (step 0) is before the first step's mark
+    if timing:
+        gc.callbacks.append(gc_watch)
     for step in range(steps):
+        began = time.perf_counter()
         loss = train_step(ddp, optimizer, batches[step % len(batches)], device)
+        stepped = time.perf_counter()
         if lens is not None:
             lens.step(loss=loss)
         if timing:
+            host_train.append(stepped - began)
+            host_lens.append(time.perf_counter() - stepped)
             mark()
             charged.append(account(lens))
+    if timing:
+        gc.callbacks.remove(gc_watch)
     if lens is not None:
         lens.close()
     sync(device)
     seconds = time.perf_counter() - start
     dynlens.lens.agree_plan = agree
-    result: dict[str, Any] = {"seconds": seconds, "steps": steps}
+    lens = lens or created
+    result: dict[str, Any] = {"seconds": seconds, "steps": steps, "variant": variant}
     if timing:
+        # every rank's host medians (ms): a host that cannot keep ahead of its GPU puts its own
+        # time, and the Lens's, on the device's timeline
+        mine = {"train_ms_median": 1000 * statistics.median(host_train),
+                "lens_ms_median": 1000 * statistics.median(host_lens) if lens is not None else None,
+                "lens_ms_total": 1000 * sum(host_lens), "gc_runs": collections[0],
+                "gc_ms": 1000 * collections[1]}
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine)
+        result["host"] = every
         result["step_ms"] = [a.elapsed_time(b) if device.type == "cuda" else 1000 * (b - a)
                              for a, b in zip(events, events[1:])]
         result["charged_ms"] = [1000 * (b - a) for a, b in zip(charged, charged[1:])]
@@ -343,6 +385,19 @@ def main() -> None:
         }
         if "step_ms" in lensed:
             results["overhead"]["step_times"] = step_split(lensed, plain, results["overhead"]["seconds_with"] - baseline)
+            results["overhead"]["host"] = {"with": lensed["host"], "without": plain["host"]}
+        variants = []
+        for variant in filter(None, args.variants.split(",")):
+            tried = timed_run(args, device, rank, world, args.steps, variant, os.path.join(root, variant))
+            after = timed_run(args, device, rank, world, args.steps, False, "")
+            entry = {"variant": variant, "seconds": tried["seconds"], "seconds_without_after": after["seconds"],
+                     "ratio": tried["seconds"] / after["seconds"], "costs": tried.get("costs")}
+            if "step_ms" in tried:
+                entry["step_times"] = step_split(tried, after, tried["seconds"] - after["seconds"])
+                entry["host"] = {"with": tried["host"], "without": after["host"]}
+            variants.append(entry)
+        if variants:
+            results["overhead"]["variants"] = variants
     results["total_seconds"] = time.perf_counter() - began
     if rank == 0:
         with open(args.out, "w") as f:

@@ -6,6 +6,7 @@ a fresh one).
     python benchmarks/ntk_one.py structured 64 0            # implementation, n, memory GiB (0: default)
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/ntk_one.py structured 64 0 trace
     python benchmarks/ntk_one.py tutorial 64 0 full nocudnn
+    python benchmarks/ntk_one.py structured 64 0 calls=3      # the same kernel three times
 
 Prints one JSON line: the configuration, whether it ran, what ``auto`` chose, seconds, the peak
 GiB and one kernel entry (or the error and the end of its traceback).
@@ -31,6 +32,7 @@ from dynlens.measures.ntk import ntk_of  # noqa: E402
 def main() -> None:
     method, n, gib = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     mode = next((a for a in sys.argv[4:] if a in ("trace", "full")), "trace")
+    calls = next((int(a.removeprefix("calls=")) for a in sys.argv[4:] if a.startswith("calls=")), 1)
     if "nocudnn" in sys.argv:
         torch.backends.cudnn.enabled = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,9 +47,13 @@ def main() -> None:
             with isolated(model, "eval"):
                 kernel, chose = bench.tutorial_jacobian(model, x, mode), method
         else:
-            result = ntk_of(model, x, mode=mode, implementation=method,  # type: ignore[arg-type]
-                            memory=None if gib == 0 else int(gib * 2**30))
-            kernel, chose = result.kernel, result.implementation
+            for call in range(calls):
+                result = ntk_of(model, x, mode=mode, implementation=method,  # type: ignore[arg-type]
+                                memory=None if gib == 0 else int(gib * 2**30))
+                kernel, chose = result.kernel, result.implementation
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                print(json.dumps({"call": call, "kernel00": float(kernel.reshape(-1)[0])}), flush=True)
         if device == "cuda":
             torch.cuda.synchronize()
         print(json.dumps({"config": sys.argv[1:], "ok": True, "chose": chose,
