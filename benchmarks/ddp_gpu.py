@@ -386,7 +386,10 @@ def main() -> None:
         if "step_ms" in lensed:
             results["overhead"]["step_times"] = step_split(lensed, plain, results["overhead"]["seconds_with"] - baseline)
             results["overhead"]["host"] = {"with": lensed["host"], "without": plain["host"]}
-        variants = []
+        variants: list[dict[str, Any]] = []
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
         for variant in filter(None, args.variants.split(",")):
             tried = timed_run(args, device, rank, world, args.steps, variant, os.path.join(root, variant))
             after = timed_run(args, device, rank, world, args.steps, False, "")
@@ -396,8 +399,10 @@ def main() -> None:
                 entry["step_times"] = step_split(tried, after, tried["seconds"] - after["seconds"])
                 entry["host"] = {"with": tried["host"], "without": after["host"]}
             variants.append(entry)
-        if variants:
             results["overhead"]["variants"] = variants
+            if rank == 0:  # kept if a time limit stops the later variants
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1, default=str)
     results["total_seconds"] = time.perf_counter() - began
     if rank == 0:
         with open(args.out, "w") as f:
