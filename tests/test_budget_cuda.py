@@ -54,6 +54,23 @@ def test_lens_step_never_synchronises_with_the_gpu_and_keeps_every_loss(tmp_path
     assert stored.tolist() == pytest.approx([float(v) for v in losses], rel=0, abs=0)
 
 
+def test_the_host_counts_as_ahead_only_while_the_previous_steps_work_is_queued(tmp_path):
+    """Lens.step()'s own time is free only when the host was a step ahead of the GPU: the event
+    it records at the end of a step is still pending while training's queued work runs."""
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    batch = data()
+    lens = dl.Lens(model, nn.CrossEntropyLoss(), batch, optimizer, run_dir=tmp_path, basic=False)
+    assert not lens._host_ahead()  # no step yet
+    step(model, optimizer, batch)
+    torch.cuda._sleep(2_000_000_000)  # about a second of queued work on the device
+    lens.step()
+    assert lens._host_ahead()  # the work queued before the last step's end is still running
+    torch.cuda.synchronize()
+    assert not lens._host_ahead()  # the device has caught up: a host-bound job looks like this
+    lens.close()
+
+
 def test_the_basic_probes_wait_for_the_gpu_once_per_measurement_step(tmp_path):
     import warnings
 
