@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --out ddp_gpu.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 2500 --bracket --skip equality,writes --out ddp_overhead.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --device cpu --tiny --out ddp_cpu.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 600 --bracket --step-times \
+        --variants created,created:hessian,created+empty,basic --skip equality,writes --out ddp_variants.json
 
 Three checks, in one job (the decoder of ``benchmarks/models.py``, 124M parameters, tied
 embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU run with gloo):
@@ -29,6 +31,11 @@ embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU
     read at the end: no sync) and splits the extra time into steps where dynlens charged
     nothing (an excess there is a cost its account does not see), steps where it measured, and
     the Lens's creation and close() (:func:`step_split`).
+    ``--variants`` then times other Lenses, each followed by a run without dynlens, and records
+    every rank's host time per training step and in ``lens.step()`` (a host-bound job puts its
+    host's time on the device's timeline): the basic probes only, or a Lens created and closed
+    before the first step (with every default probe, one of them, or the allocator's cache
+    emptied after ``close()``): what the first measurements leave behind in the process.
 
 Writes JSON to ``--out`` (rank 0). On two H100s the default settings take about 4 minutes
 (the step-0 measurements of the default probes on the decoder are most of the Lens's share).
@@ -86,7 +93,9 @@ def parse() -> argparse.Namespace:
                         help="comma-separated Lens variants timed after the main comparison, each followed by a run "
                              "without dynlens (with --step-times: where a per-step excess comes from): 'basic' "
                              "(the basic probes only), 'created' (a Lens with the default probes, created and "
-                             "closed before the first step: what its creation leaves behind), 'default'")
+                             "closed before the first step: what its creation leaves behind), 'default'; "
+                             "'created:NAME' the same with the one default probe NAME (e.g. created:hessian), "
+                             "'created+empty' with torch.cuda.empty_cache() after close()")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
     args = parser.parse_args()
     if args.tiny:
@@ -199,12 +208,20 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     start = time.perf_counter()
     lens = None
     if variant is not None:
+        chosen: Any = None if variant == "basic" else "default"
+        if variant.startswith("created:"):  # one default probe alone
+            name = variant.removeprefix("created:")
+            chosen = [p for p in dl.probes.default() if p.name == name]
+            if not chosen:
+                raise SystemExit(f"no default probe is called {name!r}: {[p.name for p in dl.probes.default()]}")
         lens = dl.Lens(ddp, models.language_model_loss, probe, optimizer=optimizer, run_dir=run_dir,
-                       probes=None if variant == "basic" else "default", overwrite=True)
-    created = lens if variant == "created" else None
+                       probes=chosen, overwrite=True)
+    created = lens if variant is not None and variant.startswith("created") else None
     if created is not None:
         created.close()
         lens = None
+        if variant == "created+empty" and device.type == "cuda":
+            torch.cuda.empty_cache()
     # --step-times: an event after each step on the training's stream (the host's clock on the
     # CPU), and dynlens's account (probes + its own time) at each step's end
     events: list[Any] = []
@@ -391,7 +408,8 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1, default=str)
         for variant in filter(None, args.variants.split(",")):
-            tried = timed_run(args, device, rank, world, args.steps, variant, os.path.join(root, variant))
+            tried = timed_run(args, device, rank, world, args.steps, variant,
+                              os.path.join(root, variant.replace(":", "_").replace("+", "_")))
             after = timed_run(args, device, rank, world, args.steps, False, "")
             entry = {"variant": variant, "seconds": tried["seconds"], "seconds_without_after": after["seconds"],
                      "ratio": tried["seconds"] / after["seconds"], "costs": tried.get("costs")}
