@@ -7,6 +7,14 @@ a fresh one).
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/ntk_one.py structured 64 0 trace
     python benchmarks/ntk_one.py tutorial 64 0 full nocudnn
     python benchmarks/ntk_one.py structured 64 0 calls=3      # the same kernel three times
+    python benchmarks/ntk_one.py structured 64 0 calls=2 release alarm probes
+
+The last three words each add one thing ``benchmarks/ntk.py`` does and this script otherwise
+does not (that script stops at its first ResNet-18 kernel on an H200 with "an illegal memory
+access"; this one, with none of them, runs): ``release``, before each call ``gc.collect()``, a
+synchronisation, ``torch.cuda.empty_cache()`` and ``reset_peak_memory_stats()``; ``alarm``, a
+``SIGALRM`` handler and a 30-s interval timer around each call; ``probes``, importing
+``dynlens.probes`` (ntk.py imports the NTK probe).
 
 Prints one JSON line: the configuration, whether it ran, what ``auto`` chose, seconds, the peak
 GiB and one kernel entry (or the error and the end of its traceback).
@@ -14,8 +22,10 @@ GiB and one kernel entry (or the error and the end of its traceback).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -36,6 +46,10 @@ def main() -> None:
     if "nocudnn" in sys.argv:
         torch.backends.cudnn.enabled = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "probes" in sys.argv:
+        import dynlens.probes  # noqa: F401
+    if "alarm" in sys.argv:
+        signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(TimeoutError("30 s")))
     torch.manual_seed(0)
     model = models.resnet18(num_classes=10, width=64).to(device).eval()
     x = models.image_batch(n)[0].to(device)
@@ -48,11 +62,21 @@ def main() -> None:
                 kernel, chose = bench.tutorial_jacobian(model, x, mode), method
         else:
             for call in range(calls):
+                if "release" in sys.argv:
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                if "alarm" in sys.argv:
+                    signal.setitimer(signal.ITIMER_REAL, 30.0)
                 result = ntk_of(model, x, mode=mode, implementation=method,  # type: ignore[arg-type]
                                 memory=None if gib == 0 else int(gib * 2**30))
                 kernel, chose = result.kernel, result.implementation
                 if device == "cuda":
                     torch.cuda.synchronize()
+                if "alarm" in sys.argv:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
                 print(json.dumps({"call": call, "kernel00": float(kernel.reshape(-1)[0])}), flush=True)
         if device == "cuda":
             torch.cuda.synchronize()
