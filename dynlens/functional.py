@@ -49,8 +49,8 @@ from dynlens.convgrad import fast_conv_second_order
 from dynlens.distributed import gather_sizes, refuse_sharded, weighted_sum
 from dynlens.isolation import (
     Mode,  # noqa: F401 - re-exported: the probes
-    _attributes_set,  # noqa: F401 - re-exported: dynlens.probes.hessian
     _seed_generators,
+    _tf32,  # noqa: F401 - re-exported: dynlens.probes.hessian
     _weight_norm_composite,  # noqa: F401 - re-exported: benchmarks/second_derivatives.py
     isolated,
 )

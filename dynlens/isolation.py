@@ -57,6 +57,34 @@ def _attributes_set(changes: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
             setattr(owner, name, original)
 
 
+def _precision_settings() -> list[Any]:
+    """The objects with an ``fp32_precision`` setting (torch >= 2.9), each parent before its
+    children; none on older torch."""
+    b = torch.backends
+    owners = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+              b.mkldnn, getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None),
+              getattr(b.mkldnn, "rnn", None)]
+    return [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """cuBLAS's and cuDNN's ``allow_tf32`` set to ``enabled`` inside; on exit both restored, and
+    every ``fp32_precision`` setting too: from torch 2.9 assigning ``allow_tf32`` writes
+    "ieee" or "tf32" over a precision that was "none" (follow the generic setting), so
+    restoring the boolean alone left ``torch.backends.cuda.matmul.fp32_precision`` changed
+    after every measurement."""
+    saved = [(owner, owner.fp32_precision) for owner in _precision_settings()]
+    try:
+        with _attributes_set([(torch.backends.cudnn, "allow_tf32", enabled),
+                              (torch.backends.cuda.matmul, "allow_tf32", enabled)]):
+            yield
+    finally:
+        for owner, precision in saved:
+            if owner.fp32_precision != precision:
+                owner.fp32_precision = precision
+
+
 def _eager(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     """Run compiled modules inside ``model`` eagerly (their compiled code has no double backward).
 
@@ -203,8 +231,7 @@ def isolated(model: nn.Module, mode: Mode = "eval", seed: int = 0) -> Iterator[N
             model.train(mode == "train")
             # TF32 (cuDNN's default for convolutions) carries ~1e-3 relative error into every
             # product: no eigensolver converges below it. Measurements run in full float32.
-            no_tf32 = _attributes_set([(torch.backends.cudnn, "allow_tf32", False),
-                                       (torch.backends.cuda.matmul, "allow_tf32", False)])
+            no_tf32 = _tf32(False)
             with no_tf32, _sdpa_math_kernel(), _eager(model), _checkpoints_run_directly(), \
                     _weight_norm_composite(), composite_layers(), _native_recurrent_kernels(model, device), \
                     _full_precision(device):

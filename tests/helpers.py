@@ -289,3 +289,36 @@ def kernel_from_jacobians(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.
 def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
     """‖value − expected‖ / ‖expected‖."""
     return float((value - expected).norm() / expected.norm())
+
+
+def process_settings() -> dict[str, Any]:
+    """torch's process-wide settings that a measurement switches or could leave switched: the
+    precision settings (``allow_tf32`` and, on torch >= 2.9, every ``fp32_precision``), the
+    attention kernels allowed, cuDNN's flags, threads, determinism, grad, anomaly and inference
+    modes, autocast, the matmul precision, the default dtype, the stacks of torch-function and
+    dispatch modes, and the global module hooks. The no-side-effects tests compare them before
+    a Lens and after its ``close()``."""
+    import torch.nn.modules.module as module_globals
+
+    b = torch.backends
+    owners = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": getattr(b.cudnn, "conv", None),
+              "cudnn.rnn": getattr(b.cudnn, "rnn", None), "mkldnn": b.mkldnn,
+              "mkldnn.matmul": getattr(b.mkldnn, "matmul", None), "mkldnn.conv": getattr(b.mkldnn, "conv", None)}
+    settings: dict[str, Any] = {f"{name}.fp32_precision": owner.fp32_precision for name, owner in owners.items()
+                                if owner is not None and hasattr(owner, "fp32_precision")}
+    settings.update({
+        "cuda.matmul.allow_tf32": b.cuda.matmul.allow_tf32, "cudnn.allow_tf32": b.cudnn.allow_tf32,
+        "cudnn.enabled": b.cudnn.enabled, "cudnn.benchmark": b.cudnn.benchmark,
+        "cudnn.deterministic": b.cudnn.deterministic,
+        "sdp": [getattr(b.cuda, f)() for f in ("flash_sdp_enabled", "mem_efficient_sdp_enabled",
+                                               "math_sdp_enabled", "cudnn_sdp_enabled") if hasattr(b.cuda, f)],
+        "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "grad": torch.is_grad_enabled(), "anomaly": torch.is_anomaly_enabled(),
+        "inference": torch.is_inference_mode_enabled(), "autocast": torch.is_autocast_enabled(),
+        "matmul_precision": torch.get_float32_matmul_precision(), "default_dtype": torch.get_default_dtype(),
+        "function_modes": torch._C._len_torch_function_stack(),
+        "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "module_hooks": {name: len(value) for name, value in vars(module_globals).items()
+                         if name.startswith("_global_") and isinstance(value, dict)},
+    })
+    return settings

@@ -265,6 +265,37 @@ def test_isolated_turns_tf32_off_inside_and_restores_the_users_settings(problem)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _precisions():
+    """Every TF32-related setting: the two booleans and, on torch >= 2.9, each fp32_precision."""
+    b = torch.backends
+    owners = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+              b.mkldnn, getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
+    return (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32,
+            [o.fp32_precision for o in owners if o is not None and hasattr(o, "fp32_precision")])
+
+
+def test_isolated_leaves_every_precision_setting_as_it_was_also_the_newer_fp32_precision(problem):
+    """From torch 2.9, assigning allow_tf32 writes "ieee"/"tf32" over an fp32_precision of
+    "none"; restoring the boolean alone left torch.backends.cuda.matmul.fp32_precision "ieee"
+    after every measurement (a Lens changed the process's settings)."""
+    model, _, _ = problem
+    matmul = torch.backends.cuda.matmul
+    newer = hasattr(matmul, "fp32_precision")
+    saved = matmul.fp32_precision if newer else None
+    try:
+        if newer:
+            matmul.fp32_precision = "none"  # the default: the generic setting decides
+        before = _precisions()
+        with isolated(model):
+            assert not matmul.allow_tf32
+        assert _precisions() == before
+        if newer:
+            assert matmul.fp32_precision == "none"
+    finally:
+        if newer:
+            matmul.fp32_precision = saved
+
+
 def test_unwrap_model_strips_compile_and_data_parallel_wrappers():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     for wrapped in (torch.compile(model, backend="eager"), nn.DataParallel(model),

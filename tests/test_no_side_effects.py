@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
-from helpers import bn_dropout_cnn, image_data, train
+from helpers import bn_dropout_cnn, image_data, process_settings, train
 
 import dynlens as dl
 
@@ -53,6 +53,7 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, ch
     # Lens gets the compiled wrapper, as a user would pass it
     trained = torch.compile(model, backend="aot_eager") if compiled else model
     lens = None
+    settings = process_settings()
     if with_lens:
         lens = dl.Lens(trained, torch.nn.CrossEntropyLoss(), probe_batch=image_data(24, seed=5),
                        optimizer=optimizer, run_dir=tmp_path / kind, probes=every_probe(), budget=budget)
@@ -61,6 +62,9 @@ def final_state(kind: str, tmp_path, with_lens: bool, compiled: bool = False, ch
         lens.close()
         messages = dl.load_run(tmp_path / kind).events().message.tolist()
         assert lens.disabled == [] and not [m for m in messages if "failed" in m], messages
+        # nor any process-wide setting: cuBLAS's fp32_precision was left "ieee" after every
+        # measurement (assigning allow_tf32 on torch >= 2.9 writes it)
+        assert process_settings() == settings
     after = (random.random(), float(np.random.rand()), torch.rand(1).item())
     return model, optimizer, after
 

@@ -11,11 +11,10 @@ import math
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor
 
 from dynlens.distributed import decide
-from dynlens.functional import _attributes_set
+from dynlens.functional import _tf32
 from dynlens.measures.stability import (
     ACTIVATION_FACTOR,
     FIXED_VECTORS,
@@ -195,8 +194,7 @@ class Hessian(Probe):
             wanted = decide(ctx.group, enabled and part.wanted(spent, allowance, predicted))
             return part.timed() if wanted else None
 
-        with _attributes_set([(torch.backends.cudnn, "allow_tf32", tf32),
-                              (torch.backends.cuda.matmul, "allow_tf32", tf32)]):
+        with _tf32(tf32):
             if self._activation_bytes is None and self.chunk_size == "auto" and ctx.memory is not None:
                 self._activation_bytes = ctx.fn.activation_bytes(1)
             result = stability_measurement(ctx.fn, ctx.optimizer, ctx.model, self._options(),
