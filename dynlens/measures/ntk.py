@@ -148,13 +148,8 @@ def _default_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = _available_host_memory()
+        free = available_host_memory()
     return min(max(_DEFAULT_MEMORY, free // 4), _MOST_DEFAULT_MEMORY)
-
-
-def _available_host_memory() -> int:
-    """The host memory available to allocate (:func:`dynlens.linalg.operator.available_host_memory`)."""
-    return available_host_memory()
 
 
 @dataclass(frozen=True)

@@ -859,5 +859,5 @@ def test_a_layer_subclass_with_its_own_forward_is_not_structured():
     (100 * 2**30, 8 * 2**30),  # at most 8 GiB
 ])
 def test_the_default_memory_on_the_cpu_is_a_quarter_of_the_available_host_memory(monkeypatch, available, expected):
-    monkeypatch.setattr(ntk_module, "_available_host_memory", lambda: available)
+    monkeypatch.setattr(ntk_module, "available_host_memory", lambda: available)
     assert ntk_module._default_memory(torch.device("cpu")) == expected
