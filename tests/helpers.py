@@ -291,6 +291,20 @@ def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
     return float((value - expected).norm() / expected.norm())
 
 
+def precision_settings() -> dict[str, Any]:
+    """The TF32 settings, listed here independently of dynlens: cuBLAS's and cuDNN's
+    ``allow_tf32`` and, on torch >= 2.9, every ``fp32_precision`` (assigning ``allow_tf32``
+    writes them)."""
+    b = torch.backends
+    owners = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": getattr(b.cudnn, "conv", None),
+              "cudnn.rnn": getattr(b.cudnn, "rnn", None), "mkldnn": b.mkldnn,
+              "mkldnn.matmul": getattr(b.mkldnn, "matmul", None), "mkldnn.conv": getattr(b.mkldnn, "conv", None)}
+    settings: dict[str, Any] = {f"{name}.fp32_precision": owner.fp32_precision for name, owner in owners.items()
+                                if owner is not None and hasattr(owner, "fp32_precision")}
+    settings.update({"cuda.matmul.allow_tf32": b.cuda.matmul.allow_tf32, "cudnn.allow_tf32": b.cudnn.allow_tf32})
+    return settings
+
+
 def process_settings() -> dict[str, Any]:
     """torch's process-wide settings that a measurement switches or could leave switched: the
     precision settings (``allow_tf32`` and, on torch >= 2.9, every ``fp32_precision``), the
@@ -301,13 +315,8 @@ def process_settings() -> dict[str, Any]:
     import torch.nn.modules.module as module_globals
 
     b = torch.backends
-    owners = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": getattr(b.cudnn, "conv", None),
-              "cudnn.rnn": getattr(b.cudnn, "rnn", None), "mkldnn": b.mkldnn,
-              "mkldnn.matmul": getattr(b.mkldnn, "matmul", None), "mkldnn.conv": getattr(b.mkldnn, "conv", None)}
-    settings: dict[str, Any] = {f"{name}.fp32_precision": owner.fp32_precision for name, owner in owners.items()
-                                if owner is not None and hasattr(owner, "fp32_precision")}
+    settings: dict[str, Any] = precision_settings()
     settings.update({
-        "cuda.matmul.allow_tf32": b.cuda.matmul.allow_tf32, "cudnn.allow_tf32": b.cudnn.allow_tf32,
         "cudnn.enabled": b.cudnn.enabled, "cudnn.benchmark": b.cudnn.benchmark,
         "cudnn.deterministic": b.cudnn.deterministic,
         "sdp": [getattr(b.cuda, f)() for f in ("flash_sdp_enabled", "mem_efficient_sdp_enabled",

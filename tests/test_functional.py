@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import UserNet, counting_backend
+from helpers import UserNet, counting_backend, precision_settings
 from torch import nn
 
 from dynlens.functional import (
@@ -265,15 +265,6 @@ def test_isolated_turns_tf32_off_inside_and_restores_the_users_settings(problem)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _precisions():
-    """Every TF32-related setting: the two booleans and, on torch >= 2.9, each fp32_precision."""
-    b = torch.backends
-    owners = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
-              b.mkldnn, getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
-    return (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32,
-            [o.fp32_precision for o in owners if o is not None and hasattr(o, "fp32_precision")])
-
-
 def test_isolated_leaves_every_precision_setting_as_it_was_also_the_newer_fp32_precision(problem):
     """From torch 2.9, assigning allow_tf32 writes "ieee"/"tf32" over an fp32_precision of
     "none"; restoring the boolean alone left torch.backends.cuda.matmul.fp32_precision "ieee"
@@ -285,10 +276,10 @@ def test_isolated_leaves_every_precision_setting_as_it_was_also_the_newer_fp32_p
     try:
         if newer:
             matmul.fp32_precision = "none"  # the default: the generic setting decides
-        before = _precisions()
+        before = precision_settings()
         with isolated(model):
             assert not matmul.allow_tf32
-        assert _precisions() == before
+        assert precision_settings() == before
         if newer:
             assert matmul.fp32_precision == "none"
     finally:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import dense_hessian, sgd_steps, single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import dense_hessian, precision_settings, sgd_steps, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 import dynlens as dl
@@ -176,22 +176,15 @@ def test_under_a_memory_budget_products_are_summed_over_sub_batches_with_the_sam
     assert at["sharpness"] == pytest.approx(exact, rel=1e-9)
 
 
-def _precisions() -> tuple:
-    b = torch.backends
-    owners = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None)]
-    return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32,
-            [o.fp32_precision for o in owners if o is not None and hasattr(o, "fp32_precision")])
-
-
 def test_precision_is_checked_and_leaves_the_settings_as_they_were() -> None:
     with pytest.raises(ValueError, match="precision must be"):
         dl.probes.Hessian(precision="bfloat16")
     model, batch = _setup()
-    before = _precisions()
+    before = precision_settings()
     ctx = Context(model=model, loss_fn=LOSS, probe_batch=batch, optimizer=None, step=0)
     fast = dl.probes.Hessian(precision="tf32", tol=1e-8, trace=False, lambda_min=False).measure(ctx)
     exact = dl.probes.Hessian(tol=1e-8, trace=False, lambda_min=False).measure(ctx)
-    assert _precisions() == before  # the fp32_precision settings of torch >= 2.9 too
+    assert precision_settings() == before  # the fp32_precision settings of torch >= 2.9 too
     assert fast["sharpness"] == pytest.approx(exact["sharpness"], rel=1e-6)  # the CPU has no TF32
 
 
