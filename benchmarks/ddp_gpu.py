@@ -187,7 +187,8 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
               with_lens: bool | str, run_dir: str) -> dict[str, Any]:
     """DDP training for ``steps`` steps from the seed-0 state, without the Lens (False), with the
     default probes (True or "default"), the basic ones ("basic"), or a Lens of the default probes
-    created and closed before the first step ("created")."""
+    created and closed before the first step ("created"; "created:NAME" with the default probe
+    NAME alone, "created+empty" with the allocator's cache emptied after close())."""
     variant = "default" if with_lens is True else with_lens or None
     model = build(args, device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -252,7 +253,6 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     if timing:
         mark()
         charged.append(account(lens))  # the Lens's creation (step 0) is before the first step's mark
-    if timing:
         gc.callbacks.append(gc_watch)
     for step in range(steps):
         began = time.perf_counter()
@@ -351,6 +351,13 @@ def writes(args: argparse.Namespace, device: torch.device, rank: int, world: int
     return out
 
 
+def save(results: dict[str, Any], path: str, rank: int) -> None:
+    """Write the results as JSON (rank 0 only)."""
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
 def main() -> None:
     args = parse()
     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -404,9 +411,7 @@ def main() -> None:
             results["overhead"]["step_times"] = step_split(lensed, plain, results["overhead"]["seconds_with"] - baseline)
             results["overhead"]["host"] = {"with": lensed["host"], "without": plain["host"]}
         variants: list[dict[str, Any]] = []
-        if rank == 0:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1, default=str)
+        save(results, args.out, rank)  # kept if a time limit stops the variants
         for variant in filter(None, args.variants.split(",")):
             tried = timed_run(args, device, rank, world, args.steps, variant,
                               os.path.join(root, variant.replace(":", "_").replace("+", "_")))
@@ -418,13 +423,10 @@ def main() -> None:
                 entry["host"] = {"with": tried["host"], "without": after["host"]}
             variants.append(entry)
             results["overhead"]["variants"] = variants
-            if rank == 0:  # kept if a time limit stops the later variants
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1, default=str)
+            save(results, args.out, rank)
     results["total_seconds"] = time.perf_counter() - began
+    save(results, args.out, rank)
     if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
         summary = {k: results[k].get("passed") for k in ("equality", "writes") if k in results}
         if "overhead" in results:
             summary["overhead_ratio"] = round(results["overhead"]["ratio"], 4)
