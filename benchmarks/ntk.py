@@ -5,6 +5,16 @@ tutorial's two methods as the baseline, on an MLP, a ResNet-18 and the 124M deco
     python benchmarks/ntk.py --model mlp resnet18 decoder --n 4 8 --width 256 --tiny --repeat 1
     python benchmarks/ntk.py --device cuda --model mlp resnet18 decoder --n 64 256 \\
         --out $OUT/ntk_h100.json                               # one H100: about 5 minutes
+    for m in structured auto jacobian ntk_vector tutorial_jacobian tutorial_products; do
+        python benchmarks/ntk.py --device cuda --model resnet18 --n 64 256 --methods $m \\
+            --save-kernels /tmp/k --out r18_$m.json; done       # one method a process
+    python benchmarks/ntk.py --merge r18_*.json --save-kernels /tmp/k --out resnet18.json
+
+One method a process (``--methods``, then ``--merge``) where a method can spoil the process: on
+an H200 the tutorial's NTK-vector products (``vmap`` of ``vjp``/``jvp``) on the ResNet-18 at
+n = 64 end in "CUDA error: an illegal memory access", after which no CUDA call of the process
+works; all methods in one process then lost the whole case. ``--merge`` takes each method from
+the file that ran it and, from the saved kernels, each one's difference to the first method's.
 
 Models (eval mode; ``benchmarks/models.py`` for the last two, as the reference jobs of
 ``benchmarks/overhead_gpu.py``):
@@ -263,7 +273,10 @@ def _kernel(method: str, model: nn.Module, x: Any, mode: str, memory: int | None
         return (tutorial_jacobian if method == "tutorial_jacobian" else tutorial_products)(model, x, mode)
 
 
-def run_case(model: nn.Module, x: Any, mode: str, args: argparse.Namespace, skip: dict[str, str]) -> dict[str, Any]:
+def run_case(model: nn.Module, x: Any, mode: str, args: argparse.Namespace, skip: dict[str, str],
+             where: str = "") -> dict[str, Any]:
+    """Every method not in ``skip`` on one case; with ``--save-kernels``, each kernel computed is
+    saved as ``<dir>/<where>_<method>.pt`` (for ``--merge``)."""
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
     row: dict[str, Any] = {}
     reference: torch.Tensor | None = None
@@ -279,6 +292,8 @@ def run_case(model: nn.Module, x: Any, mode: str, args: argparse.Namespace, skip
                 got["chose" if method == "auto" else "used"] = out.implementation
                 out = out.kernel
             out = out.detach().float()
+            if args.save_kernels:
+                torch.save(out.cpu(), os.path.join(args.save_kernels, f"{where}_{method}.pt"))
             if reference is None:
                 reference, got["relative_difference"] = out, 0.0
             else:
@@ -286,14 +301,10 @@ def run_case(model: nn.Module, x: Any, mode: str, args: argparse.Namespace, skip
         row[method] = got
         del out
     del reference
-    differences = [v["relative_difference"] for v in row.values() if "relative_difference" in v]
-    row["max_relative_difference"] = max(differences) if differences else None
+    summarise(row)
     seconds = {m: row[m]["seconds"] for m in METHODS}
     ours = [seconds[m] for m in OURS[:3] if isinstance(seconds[m], float)]
-    theirs = [seconds[m] for m in TUTORIAL if isinstance(seconds[m], float)]
     auto = seconds["auto"]
-    row["auto_over_our_fastest"] = auto / min(ours) if ours and isinstance(auto, float) else None
-    row["faster_tutorial_over_auto"] = min(theirs) / auto if theirs and isinstance(auto, float) else None
     if ours and isinstance(auto, float) and args.pairs and max(auto, min(ours)) <= args.single:
         # the methods are timed one after another, each after the others' allocations: on an
         # H200 the MLP's auto came out 0.85-1.50x the structured products it had chosen; timed
@@ -301,6 +312,58 @@ def run_case(model: nn.Module, x: Any, mode: str, args: argparse.Namespace, skip
         fastest = min((m for m in OURS[:3] if isinstance(seconds[m], float)), key=lambda m: seconds[m])
         row["alternating"] = alternating(model, x, mode, memory, fastest, args)
     return row
+
+
+def summarise(row: dict[str, Any]) -> None:
+    """A case's figures across its methods, into ``row``: the largest relative difference, auto
+    over our fastest method, the faster tutorial method over auto."""
+    differences = [row[m]["relative_difference"] for m in METHODS if "relative_difference" in row[m]]
+    row["max_relative_difference"] = max(differences) if differences else None
+    seconds = {m: row[m]["seconds"] for m in METHODS}
+    ours = [seconds[m] for m in OURS[:3] if isinstance(seconds[m], float)]
+    theirs = [seconds[m] for m in TUTORIAL if isinstance(seconds[m], float)]
+    auto = seconds["auto"]
+    row["auto_over_our_fastest"] = auto / min(ours) if ours and isinstance(auto, float) else None
+    row["faster_tutorial_over_auto"] = min(theirs) / auto if theirs and isinstance(auto, float) else None
+
+
+NOT_CHOSEN = "skipped: not in --methods"
+
+
+def merge(paths: list[str], kernels: str | None) -> dict[str, Any]:
+    """One result from runs of ``--methods`` subsets (one method a process: on an H200 a CUDA
+    illegal memory access stopped the ResNet-18's case when every method ran in one process):
+    each case's methods from the file that ran them, its other fields from the first file. With
+    the directory the runs saved their kernels in, each kernel's relative difference is taken
+    again against the first method's (in ``METHODS`` order) of the same case."""
+    runs = [json.load(open(path)) for path in paths]
+    merged = {k: v for k, v in runs[0].items() if k != "cases"}
+    merged["merged_from"] = paths
+    cases: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for run in runs:
+        for case in run["cases"]:
+            key = (case["model"], case["n"], case["kernel"])
+            into = cases.setdefault(key, {k: case[k] for k in ("model", "n", "kernel")})
+            for method in METHODS:
+                if method not in into or into[method]["seconds"] == NOT_CHOSEN:
+                    into[method] = case[method]
+            if "alternating" in case:
+                into["alternating"] = case["alternating"]
+    for (model, n, kernel), case in cases.items():
+        if kernels:
+            reference = None
+            for method in METHODS:
+                case[method].pop("relative_difference", None)
+                path = os.path.join(kernels, f"{model}_n{n}_{kernel}_{method}.pt")
+                if not isinstance(case[method]["seconds"], float) or not os.path.exists(path):
+                    continue
+                out = torch.load(path)
+                if reference is None:
+                    reference = out
+                case[method]["relative_difference"] = float((out - reference).norm() / reference.norm())
+        summarise(case)
+    merged["cases"] = list(cases.values())
+    return merged
 
 
 def alternating(model: nn.Module, x: Any, mode: str, memory: int | None, fastest: str,
@@ -375,8 +438,21 @@ def main() -> None:
                         help="also time auto and our fastest method in this many alternating pairs (0: not)")
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                         help="leave out the untimed calls of every method on a small MLP first")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="run only these (the others are recorded as not chosen; see --merge)")
+    parser.add_argument("--save-kernels", default=None, help="save each kernel computed in this directory")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="merge these result files of --methods runs into --out (kernels from --save-kernels)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "ntk.json"))
     args = parser.parse_args()
+    if args.merge:
+        merged = merge(args.merge, args.save_kernels)
+        with open(args.out, "w") as f:
+            json.dump(merged, f, indent=1)
+        print(table(merged["cases"]) + f"\n\nwritten {args.out}", flush=True)
+        return
+    if args.save_kernels:
+        os.makedirs(args.save_kernels, exist_ok=True)
     cuda = args.device.startswith("cuda")
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine()),
@@ -391,11 +467,10 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k != "cases"}), flush=True)
     # every method once on a small MLP, untimed: the lazy imports of torch.func (and CUDA's
     # start) happen here, where no time limit can interrupt them half-way
-    # (--no-warm-up leaves it out: the ResNet-18's first kernel after it stopped on a CUDA illegal
-    # memory access on an H200 in two sessions, and ran in a process of its own, ntk_one.py)
+    # (--no-warm-up leaves it out; only the methods of --methods are warmed up)
     if args.warm_up:
         small, tiny_x = mlp(8).to(args.device).eval(), torch.randn(2, 32, device=args.device)
-        for method in METHODS:
+        for method in args.methods:
             for mode in args.kernel:
                 _kernel(method, small, tiny_x, mode, None)
         del small, tiny_x
@@ -408,15 +483,15 @@ def main() -> None:
             x = make_inputs(n).to(args.device)
             timed_out_trace: dict[str, str] = {}  # method -> its status on the trace kernel
             for mode in args.kernel:
-                skip = {}
-                for method in METHODS:
+                skip = {m: NOT_CHOSEN for m in METHODS if m not in args.methods}
+                for method in args.methods:
                     reason = _skip_reason(previous.get((mode, method)), n, args.max_seconds)
                     if reason is None and method in timed_out_trace:
                         reason = f"skipped: the trace kernel at n={n} timed out"
                     if reason is not None:
                         skip[method] = reason
                 began = time.perf_counter()
-                row = run_case(model, x, mode, args, skip)
+                row = run_case(model, x, mode, args, skip, f"{name}_n{n}_{mode}")
                 case = {"model": name, "n": n, "kernel": mode, **row, "wall_s": time.perf_counter() - began}
                 for method in METHODS:
                     s = row[method]["seconds"]

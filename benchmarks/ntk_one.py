@@ -16,6 +16,11 @@ synchronisation, ``torch.cuda.empty_cache()`` and ``reset_peak_memory_stats()``;
 ``SIGALRM`` handler and a 30-s interval timer around each call; ``probes``, importing
 ``dynlens.probes`` (ntk.py imports the NTK probe).
 
+Found (eighth session): the process-spoiling kernel was not ours but the torch.func tutorial's
+NTK-vector products, the last method ``ntk.py`` ran; its error surfaced at the next
+synchronisation and took the case's printed row with it. ``ntk.py --methods`` runs one method a
+process now. This script stays as the minimal reproduction of a single kernel.
+
 Prints one JSON line: the configuration, whether it ran, what ``auto`` chose, seconds, the peak
 GiB and one kernel entry (or the error and the end of its traceback).
 """
