@@ -331,3 +331,20 @@ def process_settings() -> dict[str, Any]:
                          if name.startswith("_global_") and isinstance(value, dict)},
     })
     return settings
+
+
+def peak_bytes(call: Any) -> tuple[Any, int]:
+    """(call(), the most bytes it held allocated at once beyond what was allocated before it):
+    the running sum of every CPU allocation and free (with its size, in time order) that the
+    profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = call()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return out, peak

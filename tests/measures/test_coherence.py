@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import Checkpointed
+from helpers import Checkpointed, peak_bytes
 from torch import nn
 
 import dynlens as dl
@@ -666,23 +666,6 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_batch():
     assert large_hooks < large, f"hooks {large_hooks:.1f} MB against vmap {large:.1f} MB"
 
 
-def _peak_bytes(call):
-    """(call(), the most bytes it held allocated at once beyond what was allocated before it):
-    the running sum of every CPU allocation and free (with its size, in time order) that the
-    profiler records."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = call()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
-    held = peak = 0
-    for _, change in changes:
-        held += change
-        peak = max(peak, held)
-    return out, peak
-
-
 def test_the_profiler_instrument_sees_the_most_a_call_held_at_once():
     def call():
         first = torch.ones(2**20, dtype=torch.uint8)
@@ -690,7 +673,7 @@ def test_the_profiler_instrument_sees_the_most_a_call_held_at_once():
         del first, second
         return torch.ones(2**20, dtype=torch.uint8)
 
-    kept, peak = _peak_bytes(call)
+    kept, peak = peak_bytes(call)
     assert 4 * 2**20 <= peak <= 4 * 2**20 + 2**12
     assert kept.numel() == 2**20
 
@@ -718,7 +701,7 @@ def test_the_memory_model_bounds_the_peak_the_profiler_measures(hooks, stiffness
         fn = ModelFunction(model, nn.CrossEntropyLoss(), batch)
         plan = memory_model(fn, stiffness=stiffness, hooks=hooks)
         for chunk in (1, 6, 24):
-            _, peak = _peak_bytes(lambda c=chunk: coherence_of(fn, chunk_size=c, stiffness=stiffness,
+            _, peak = peak_bytes(lambda c=chunk: coherence_of(fn, chunk_size=c, stiffness=stiffness,
                                                                hooks=hooks, graphs=False))
             predicted = plan.peak(chunk, 24)
             # an upper bound, and not a loose one: a loose model would cut batches needlessly small
@@ -737,7 +720,7 @@ def test_auto_chunks_keep_the_peak_within_the_memory_limit_with_the_same_numbers
         whole = coherence_of(fn, stiffness=stiffness, graphs=False)
         limit = memory_model(fn, stiffness=stiffness).peak(5, 24)
         taken.clear()
-        limited, peak = _peak_bytes(lambda: coherence_of(fn, stiffness=stiffness, graphs=False, memory=limit))
+        limited, peak = peak_bytes(lambda: coherence_of(fn, stiffness=stiffness, graphs=False, memory=limit))
     assert peak <= limit
     sizes = {stop - start for start, stop in taken}
     assert max(sizes) == 5 and min(sizes) >= 4  # 24 in five chunks of 5 or 4
@@ -763,7 +746,7 @@ def test_a_limit_that_one_example_does_not_fit_raises_before_the_sums_are_alloca
                 coherence_of(fn, stiffness=False, memory=needed - 1)
             return err
 
-        err, peak = _peak_bytes(refused)
+        err, peak = peak_bytes(refused)
     assert f"{(needed - 1) / 2**20:.1f} MiB is allowed" in str(err.value)
     # one example's forward pass to size the activations, not the 16 bytes per parameter of the sums
     assert peak < 16 * fn.num_params

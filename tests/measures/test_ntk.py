@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kernel_from_jacobians, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import kernel_from_jacobians, peak_bytes, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
@@ -760,6 +760,64 @@ def test_structured_products_in_chunks_equal_one_chunk(mode, route_below, monkey
         for layer in whole.per_layer:
             torch.testing.assert_close(chunked.per_layer[layer], whole.per_layer[layer], rtol=1e-10, atol=1e-12)
     assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
+
+
+def _counted_factors(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The calls of the structured products' factor computation (O backward passes a chunk)."""
+    calls = [0]
+    factors = ntk_module._factors
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return factors(*args, **kwargs)
+
+    monkeypatch.setattr(ntk_module, "_factors", counted)
+    return calls
+
+
+@pytest.mark.parametrize("two_sets", [False, True], ids=["one set", "two sets"])
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_kept_factors_are_computed_once_a_chunk_and_give_the_same_kernel(mode, two_sets, monkeypatch):
+    model, x, x2 = make("cnn_structured", n=7)
+    second = x2 if two_sets else None
+    whole = ntk_of(model, x, second, mode=mode, implementation="structured")  # and the structure check, kept
+    calls = _counted_factors(monkeypatch)
+    kept = ntk_of(model, x, second, mode=mode, implementation="structured", chunk_size=2)
+    rows, columns = math.ceil(len(x) / 2), math.ceil(len(second if two_sets else x) / 2)
+    assert rows == 4
+    assert calls[0] == (rows + columns if two_sets else rows)  # every chunk of each set once
+    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *args: False)
+    calls[0] = 0
+    again = ntk_of(model, x, second, mode=mode, implementation="structured", chunk_size=2)
+    # each row of blocks: its own chunk, and every chunk of the second set again (of the same
+    # set, all but its own)
+    assert calls[0] == (rows * (1 + columns) if two_sets else rows * columns)
+    for chunked in (kept, again):
+        torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
+
+
+def _wide_cnn() -> nn.Module:
+    """Convolutions at 16×16 positions whose factors (the unfolded inputs and O output
+    gradients, 0.3 MB an example) outweigh the model: 48 examples' are 30 MB."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_structured_products_that_keep_factors_hold_at_most_their_memory(mode, monkeypatch):
+    model, x = _wide_cnn(), torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    whole = ntk_of(model, x, mode=mode, implementation="structured")
+    decided: dict[str, object] = {}
+    keeps, chunk_rule = ntk_module._keeps_factors, ntk_module._structured_chunk
+    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *a: decided.setdefault("keep", keeps(*a)))
+    monkeypatch.setattr(ntk_module, "_structured_chunk", lambda *a: decided.setdefault("chunk", chunk_rule(*a)))
+    memory = 16_000_000
+    limited, peak = peak_bytes(lambda: ntk_of(model, x, mode=mode, implementation="structured", memory=memory))
+    assert decided["keep"] is True and decided["chunk"] < 48, decided  # chunks, and every factor kept
+    assert peak <= memory, f"held {peak:,} bytes at once with memory={memory:,}"
+    torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["full", "trace"])
