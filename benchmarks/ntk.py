@@ -50,7 +50,9 @@ Bounded run time: one call is interrupted after ``--max-seconds`` (recorded "tim
 first call is a warm-up unless it took more than ``--single`` seconds, in which case it is the
 only one; a method that ran out of memory or time, or whose time scaled by (n/n_prev)² is
 predicted above twice ``--max-seconds``, is skipped at a larger n with the reason; one that timed
-out on the trace kernel is skipped on the full kernel of the same n. Out of memory is caught,
+out on the trace kernel is skipped on the full kernel of the same n; on the CPU the tutorial's
+methods are skipped where their n·O·P numbers exceed 80% of the host's available memory (a
+process past it is killed, not refused). Out of memory is caught,
 recorded as "out of memory", and the cache emptied. Every case is printed (JSON, flushed) as it
 ends, the JSON file rewritten, and a markdown table printed at the end.
 """
@@ -81,6 +83,7 @@ import models  # noqa: E402
 
 from dynlens.budget import MemoryBudgetTooSmall  # noqa: E402
 from dynlens.functional import isolated  # noqa: E402
+from dynlens.linalg.operator import available_host_memory  # noqa: E402
 from dynlens.measures.ntk import ntk_of  # noqa: E402
 from dynlens.probes.ntk import NTK as NTKProbe  # noqa: E402
 
@@ -261,6 +264,21 @@ def _skip_reason(previous: tuple[int, Any] | None, n: int, limit: float) -> str 
     predicted = seconds * (n / n0) ** 2
     if seconds > limit or predicted > 2 * limit:
         return f"skipped: n={n0} took {seconds:.3g} s (~{predicted:.3g} s predicted at n={n})"
+    return None
+
+
+def _host_too_small(model: nn.Module, x: torch.Tensor, device: str) -> str | None:
+    """Why the tutorial's methods are not tried on the CPU at this n, or None: both hold n·O·P
+    numbers at once (the per-example Jacobians, or the parameter cotangents of the n·O basis
+    vectors), and past the host's available memory a CPU process is not refused but killed."""
+    if device != "cpu":
+        return None  # a GPU refuses an allocation with an error, which measure() records
+    available = available_host_memory()
+    with torch.no_grad():
+        outputs = model(x[:1]).numel()
+    need = x.shape[0] * outputs * sum(p.numel() for p in model.parameters()) * x.element_size()
+    if available and need > 0.8 * available:
+        return f"skipped: needs {need / 1e9:.1f} GB at once, {available / 1e9:.1f} GB available"
     return None
 
 
@@ -488,6 +506,8 @@ def main() -> None:
                     reason = _skip_reason(previous.get((mode, method)), n, args.max_seconds)
                     if reason is None and method in timed_out_trace:
                         reason = f"skipped: the trace kernel at n={n} timed out"
+                    if reason is None and method in TUTORIAL:
+                        reason = _host_too_small(model, x, args.device)
                     if reason is not None:
                         skip[method] = reason
                 began = time.perf_counter()
