@@ -797,6 +797,40 @@ def test_kept_factors_are_computed_once_a_chunk_and_give_the_same_kernel(mode, t
     assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
 
 
+def test_a_trace_kernel_takes_the_full_kernels_routes_when_only_those_keep_their_factors(monkeypatch):
+    # made explicit: the trace's routes send the convolutions to Jacobians, the full kernel's to
+    # positions, and only factors without the convolutions' Jacobians are kept
+    model, x, _ = make("cnn_structured", n=7)
+    whole = ntk_of(model, x, mode="trace", implementation="structured")
+    route = ntk_module._route
+
+    def routed(layer, num_outputs, mode, examples, pairs):
+        if layer.kind == "conv":
+            return "jacobians" if mode == "trace" else "positions"
+        return route(layer, num_outputs, mode, examples, pairs)
+
+    monkeypatch.setattr(ntk_module, "_route", routed)
+    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda layers, routes, *a: all(
+        routes[name] != "jacobians" for name, layer in layers.items() if layer.kind == "conv"))
+    used = {}
+    by_structure = ntk_module._by_structure
+
+    def recorded(*args):
+        used["routes"], used["keep"] = args[6], args[9]
+        return by_structure(*args)
+
+    monkeypatch.setattr(ntk_module, "_by_structure", recorded)
+    switched = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
+    assert used["keep"] is True
+    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"positions"}
+    torch.testing.assert_close(switched.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    # where neither keeps, the trace's own routes stay
+    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *a: False)
+    ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
+    assert used["keep"] is False
+    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"jacobians"}
+
+
 def _wide_cnn() -> nn.Module:
     """Convolutions at 16×16 positions whose factors (the unfolded inputs and O output
     gradients, 0.3 MB an example) outweigh the model: 48 examples' are 30 MB."""
