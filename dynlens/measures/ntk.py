@@ -63,7 +63,9 @@ torch.func NTK tutorial), chosen by ``implementation``:
   keep two chunks' factors (or Jacobians) and a block's products within ``memory``
   (:func:`_structured_chunk`); every chunk's factors of the second set are kept for the whole
   kernel when they take at most half of ``memory`` (:func:`_keeps_factors`), else computed
-  again for each chunk of the first. Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
+  again for each chunk of the first; a ``"trace"`` kernel whose routes would keep too much
+  (more Jacobians: its Jacobian route costs O, not O², a pair) takes the ``"full"`` kernel's
+  routes when those keep their factors. Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
   of the first set when the factors are not kept) + the routes' multiply-adds.
 
 ``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
