@@ -1,0 +1,102 @@
+"""Where an NTK measurement's time goes (issue #12): one warmed-up ``ntk_of`` call under
+``torch.profiler``, its operators sorted by device time (self), and the structured products'
+layer routes, chunk and whether the factors were kept.
+
+    python benchmarks/ntk_profile.py --device cuda --model resnet18 --n 64 --kernel trace full
+    python benchmarks/ntk_profile.py --model resnet18 --tiny --n 16          # CPU check
+
+The models are those of ``benchmarks/ntk.py`` (``build``). Prints, for each kernel: the wall time
+of the profiled call and of an unprofiled one, the routes and chunk the structured products
+took, and the top operators (``--rows``) by self device time (self CPU time on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from ntk import build  # noqa: E402
+
+from dynlens.measures import ntk as ntk_module  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _plan(model: torch.nn.Module, x: Any, mode: str, memory: int | None) -> dict[str, Any]:
+    """The routes, chunk and factor keeping ``ntk_of`` takes, by spying on ``_by_structure``."""
+    seen: dict[str, Any] = {}
+    original = ntk_module._by_structure
+
+    def spy(function: Any, inputs1: Any, inputs2: Any, same: bool, mode_: Any, layers: Any, routes: Any,
+            chunk: int, num_outputs: int, keep: bool = False) -> Any:
+        seen.update(chunk=chunk, keep=keep, routes=dict(routes),
+                    jacobian_layers=sum(r == "jacobians" for r in routes.values()), layers=len(routes))
+        return original(function, inputs1, inputs2, same, mode_, layers, routes, chunk, num_outputs, keep)
+
+    ntk_module._by_structure = spy
+    try:
+        ntk_module.ntk_of(model, x, mode=mode, implementation="structured", memory=memory)
+    finally:
+        ntk_module._by_structure = original
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="resnet18", choices=["mlp", "resnet18", "decoder"])
+    parser.add_argument("--n", type=int, nargs="+", default=[64])
+    parser.add_argument("--kernel", nargs="+", default=["trace"], choices=["trace", "full"])
+    parser.add_argument("--implementation", default="structured")
+    parser.add_argument("--memory-gib", type=float, default=None)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--positions", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
+    model, inputs, what = build(args.model, args, args.device)
+    print(what, flush=True)
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for n in args.n:
+        x = inputs(n).to(args.device)
+        for mode in args.kernel:
+            run = lambda: ntk_module.ntk_of(model, x, mode=mode, implementation=args.implementation,  # noqa: E731
+                                            memory=memory)
+            run()
+            _sync(args.device)
+            start = time.perf_counter()
+            run()
+            _sync(args.device)
+            plain = time.perf_counter() - start
+            plan = _plan(model, x, mode, memory) if args.implementation == "structured" else {}
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                run()
+                _sync(args.device)
+                profiled = time.perf_counter() - start
+            print(json.dumps({"n": n, "kernel": mode, "implementation": args.implementation,
+                              "seconds": round(plain, 4), "profiled_seconds": round(profiled, 4),
+                              **{k: v for k, v in plan.items() if k != "routes"}}), flush=True)
+            if plan:
+                print("routes:", json.dumps(plan["routes"]), flush=True)
+            print(prof.key_averages().table(sort_by=key, row_limit=args.rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
