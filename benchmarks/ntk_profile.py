@@ -76,8 +76,8 @@ def main() -> None:
     for n in args.n:
         x = inputs(n).to(args.device)
         for mode in args.kernel:
-            run = lambda: ntk_module.ntk_of(model, x, mode=mode, implementation=args.implementation,  # noqa: E731
-                                            memory=memory)
+            run = lambda x=x, mode=mode: ntk_module.ntk_of(  # noqa: E731
+                model, x, mode=mode, implementation=args.implementation, memory=memory)
             run()
             _sync(args.device)
             start = time.perf_counter()

@@ -953,3 +953,29 @@ def test_a_layer_subclass_with_its_own_forward_is_not_structured():
 def test_the_default_memory_on_the_cpu_is_a_quarter_of_the_available_host_memory(monkeypatch, available, expected):
     monkeypatch.setattr(ntk_module, "available_host_memory", lambda: available)
     assert ntk_module._default_memory(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("examples_at_once", [1, 3, 7])
+def test_full_kernel_over_positions_takes_several_examples_at_once_in_its_room(examples_at_once, monkeypatch):
+    # Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)) written out over every index, against the batched
+    # products of _full_by_positions handling 1, 3 (7 = 3 + 3 + 1) or all 7 examples j at once
+    gen = torch.Generator().manual_seed(3)
+    o, n1, n2, t, s, out = 4, 5, 7, 3, 2, 6
+    a1 = torch.randn(n1, t, 8, dtype=torch.float64, generator=gen)
+    a2 = torch.randn(n2, s, 8, dtype=torch.float64, generator=gen)
+    g1 = torch.randn(o, n1, t, out, dtype=torch.float64, generator=gen)
+    g2 = torch.randn(o, n2, s, out, dtype=torch.float64, generator=gen)
+    inputs = torch.einsum("itk,jsk->ijts", a1, a2)
+    expected = torch.einsum("ijts,aitl,bjsl->ijab", inputs, g1, g2)
+    room = (examples_at_once - 1) * 2 * n1 * t * out * o
+    calls: list[int] = []
+    bmm = torch.bmm
+
+    def counted(x, y):
+        calls.append(1)
+        return bmm(x, y)
+
+    monkeypatch.setattr(torch, "bmm", counted)
+    got = ntk_module._full_by_positions(inputs, g1, g2, room)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2 * math.ceil(n2 / examples_at_once)
