@@ -741,8 +741,9 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
     """Numbers per example and per pair of examples that the structured products hold:
     (working, kept, quadratic). ``working``: a chunk's factors while they are computed, F per
     example and layer (T·k + O·T·out), plus, for "full" at several positions, one example's
-    Σ_s (a_t·a'_s) g'_s (T·O·out), and for "diagonal" the whole block (linear in the examples
-    there). ``kept``: what a chunk keeps for its blocks, F on the positions route, the O·size
+    Σ_s (a_t·a'_s) g'_s (T·O·out) and its inputs' products laid out for it (T²), and for
+    "diagonal" the whole block (linear in the examples there). ``kept``: what a chunk keeps
+    for its blocks, F on the positions route, the O·size
     Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
     one pair, O' = O² for "full", else O: "trace", the inputs' and the output gradients'
     products over positions and one copy of one of them that einsum makes to contract them,
@@ -763,7 +764,7 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
             t = layer.positions
             if mode == "full" and t > 1:
                 block = t * t + o
-                working += t * num_outputs * layer.outputs
+                working += t * num_outputs * layer.outputs + t * t
             elif mode == "trace":
                 block = 3 * t * t + o
             else:
@@ -817,8 +818,8 @@ def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_out
 def _structured_room(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                      budget: int, itemsize: int, chunk: int, kept_examples: int = 0, activation: int = 0) -> int:
     """The numbers of ``budget`` that :func:`_structured_chunk`'s count leaves free at ``chunk``
-    examples a chunk (0 when none): the room :func:`_full_by_positions` takes to handle several
-    examples of the second set at once."""
+    examples a chunk (0 when none; ``chunk`` no more than the larger set): the room
+    :func:`_full_by_positions` takes to handle several examples of the second set at once."""
     working, kept, quadratic = _structured_numbers(layers, routes, num_outputs, mode)
     linear = working + -(-activation // itemsize) + 2 * kept
     used = kept_examples * kept + chunk * linear + chunk * chunk * quadratic
@@ -1058,7 +1059,8 @@ def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor, room: int = 0) ->
     set at once, H = Σ_s (a_t·a'_s) g'_(b,s) (m·n₁·T²·O·out multiply-adds, m·n₁·T·out·O numbers,
     held twice while laid out for the next product), then Σ_(t,l) g_(a,t,l) H_(t,l,(j,b)), one
     batched product over the examples i of the first set with m·O columns. ``room``: numbers
-    the two copies of H may take beyond one example's (m = 1 + room // (2·n₁·T·out·O)).
+    the m examples' two copies of H and their inputs' products (laid out, n₁·T·S each) may take
+    beyond one example's (m = 1 + room // (n₁·T·(S + 2·out·O))).
 
     One example j at a time (m = 1) is an (O × T·out)(T·out × O) product for each i, a shape
     cuBLAS runs at a few hundred GFLOP/s: on an H200 it was 63% of a ResNet-18's full kernel of
@@ -1067,7 +1069,8 @@ def _full_by_positions(inputs: Tensor, g1: Tensor, g2: Tensor, room: int = 0) ->
     n2, s = g2.shape[1], g2.shape[2]
     left = g1.permute(1, 0, 2, 3).reshape(n1, o, t * out)
     right = g2.permute(1, 2, 3, 0).reshape(n2, s, out * o)  # (j, s, (l, b))
-    step = max(1, min(n2, 1 + room // max(1, 2 * n1 * t * out * o)))
+    # each further example j: its inputs' products laid out (n₁·T·S) and H twice (2·n₁·T·out·O)
+    step = max(1, min(n2, 1 + room // max(1, n1 * t * (s + 2 * out * o))))
     columns = []
     for j in range(0, n2, step):
         m = min(step, n2 - j)
@@ -1351,11 +1354,17 @@ def ntk_of(
                     if _keeps_factors(structured, wider, o, mode, budget, itemsize, n2):
                         routes, keep = wider, True
                 activation = function.activation_bytes(1)
+                # the full kernel of a layer at several positions takes several examples of the
+                # second set at once in a quarter of the allowance (_full_by_positions); larger
+                # chunks would leave it none where the examples do not fit one chunk
+                columns = mode == "full" and any(
+                    routes[name] == "positions" and (layer.positions > 1 or layer.kind == "tied")
+                    for name, layer in structured.items())
                 # refuses a memory that one example does not fit, also with chunk_size given
-                chunk = _structured_chunk(structured, routes, o, mode, budget, itemsize, memory,
-                                          n2 if keep else 0, activation)
+                chunk = _structured_chunk(structured, routes, o, mode, budget - budget // 4 if columns else budget,
+                                          itemsize, memory, n2 if keep else 0, activation)
                 chunk = chunk_size or chunk
-                room = _structured_room(structured, routes, o, mode, budget, itemsize, chunk,
+                room = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                         n2 if keep else 0, activation)
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
                                            chunk, o, keep, room))

@@ -967,7 +967,7 @@ def test_full_kernel_over_positions_takes_several_examples_at_once_in_its_room(e
     g2 = torch.randn(o, n2, s, out, dtype=torch.float64, generator=gen)
     inputs = torch.einsum("itk,jsk->ijts", a1, a2)
     expected = torch.einsum("ijts,aitl,bjsl->ijab", inputs, g1, g2)
-    room = (examples_at_once - 1) * 2 * n1 * t * out * o
+    room = (examples_at_once - 1) * n1 * t * (s + 2 * out * o)
     calls: list[int] = []
     bmm = torch.bmm
 
@@ -979,3 +979,24 @@ def test_full_kernel_over_positions_takes_several_examples_at_once_in_its_room(e
     got = ntk_module._full_by_positions(inputs, g1, g2, room)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert len(calls) == 2 * math.ceil(n2 / examples_at_once)
+
+
+@pytest.mark.parametrize("memory", [16_000_000, 40_000_000])
+def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, monkeypatch):
+    # every convolution on the positions route (1,024 and 256 positions): the full kernel takes
+    # several examples of the second set at once, and still stays within the allowance
+    model, x = _wide_cnn(), torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ntk_module, "_JACOBIAN_ROUTE_BELOW", 0.0)
+    whole = ntk_of(model, x, mode="full", implementation="structured")
+    rooms: list[int] = []
+    full_by_positions = ntk_module._full_by_positions
+
+    def spy(inputs, g1, g2, room=0):
+        rooms.append(room)
+        return full_by_positions(inputs, g1, g2, room)
+
+    monkeypatch.setattr(ntk_module, "_full_by_positions", spy)
+    limited, peak = peak_bytes(lambda: ntk_of(model, x, mode="full", implementation="structured", memory=memory))
+    assert max(rooms) > 0
+    assert peak <= memory, f"held {peak:,} bytes at once with memory={memory:,}"
+    torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
