@@ -65,7 +65,10 @@ torch.func NTK tutorial), chosen by ``implementation``:
   kernel when they take at most half of ``memory`` (:func:`_keeps_factors`), else computed
   again for each chunk of the first; a ``"trace"`` kernel whose routes would keep too much
   (more Jacobians: its Jacobian route costs O, not O², a pair) takes the ``"full"`` kernel's
-  routes when those keep their factors. Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
+  routes when those keep their factors. A ``"full"`` kernel with layers at several positions
+  on the positions route sizes its chunks in three quarters of ``memory`` and takes the rest
+  for several examples of the second set at once (:func:`_full_by_positions`: one at a time
+  was a matrix product of O columns per pair). Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
   of the first set when the factors are not kept) + the routes' multiply-adds.
 
 ``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
