@@ -66,9 +66,10 @@ torch.func NTK tutorial), chosen by ``implementation``:
   again for each chunk of the first; a ``"trace"`` kernel whose routes would keep too much
   (more Jacobians: its Jacobian route costs O, not O², a pair) takes the ``"full"`` kernel's
   routes when those keep their factors. A ``"full"`` kernel with layers at several positions
-  on the positions route sizes its chunks in three quarters of ``memory`` and takes the rest
-  for several examples of the second set at once (:func:`_full_by_positions`: one at a time
-  was a matrix product of O columns per pair). Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
+  on the positions route sizes its chunks, on a GPU, in three quarters of ``memory`` and takes
+  the rest for several examples of the second set at once (:func:`_full_by_positions`: one at a
+  time was a matrix product of O columns per pair, slow there; on the CPU one at a time is the
+  faster). Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
   of the first set when the factors are not kept) + the routes' multiply-adds.
 
 ``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
@@ -392,6 +393,12 @@ _BIAS = {"full": "ail,bjl->ijab", "trace": "ail,ajl->ij", "diagonal": "ail,ail->
 # a linear or convolutional layer takes the Jacobian route when its multiply-add estimate is
 # below this fraction of the positions route's (:func:`_route`; tests set 0 or inf to force one)
 _JACOBIAN_ROUTE_BELOW = 1.0
+# the devices on which the full kernel's products over positions take several examples of the
+# second set at once (_full_by_positions): on an H200 a ResNet-18's full kernel of 64 images took
+# 0.141 s so and 0.292 s one at a time; on a 2-core CPU VM the same kernel took 38-49 s so and
+# 28-33 s one at a time (the products 18-25 against 7-9 s, two alternating runs each: their
+# intermediates leave the caches). Tests add "cpu" to check the batched path's memory.
+_COLUMNS_AT_ONCE_ON: tuple[str, ...] = ("cuda",)
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -744,7 +751,8 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
     """Numbers per example and per pair of examples that the structured products hold:
     (working, kept, quadratic). ``working``: a chunk's factors while they are computed, F per
     example and layer (T·k + O·T·out), plus, for "full" at several positions, one example's
-    Σ_s (a_t·a'_s) g'_s (T·O·out) and its inputs' products laid out for it (T²), and for
+    Σ_s (a_t·a'_s) g'_s (T·O·out), its inputs' products laid out for it (T²) and both chunks'
+    output gradients laid out for the products (2·T·O·out), and for
     "diagonal" the whole block (linear in the examples there). ``kept``: what a chunk keeps
     for its blocks, F on the positions route, the O·size
     Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
@@ -767,7 +775,7 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
             t = layer.positions
             if mode == "full" and t > 1:
                 block = t * t + o
-                working += t * num_outputs * layer.outputs + t * t
+                working += 3 * t * num_outputs * layer.outputs + t * t
             elif mode == "trace":
                 block = 3 * t * t + o
             else:
@@ -1357,18 +1365,18 @@ def ntk_of(
                     if _keeps_factors(structured, wider, o, mode, budget, itemsize, n2):
                         routes, keep = wider, True
                 activation = function.activation_bytes(1)
-                # the full kernel of a layer at several positions takes several examples of the
-                # second set at once in a quarter of the allowance (_full_by_positions); larger
-                # chunks would leave it none where the examples do not fit one chunk
-                columns = mode == "full" and any(
+                # on a GPU the full kernel of a layer at several positions takes several examples
+                # of the second set at once in a quarter of the allowance (_full_by_positions);
+                # larger chunks would leave it none where the examples do not fit one chunk
+                columns = (mode == "full" and function.device.type in _COLUMNS_AT_ONCE_ON and any(
                     routes[name] == "positions" and (layer.positions > 1 or layer.kind == "tied")
-                    for name, layer in structured.items())
+                    for name, layer in structured.items()))
                 # refuses a memory that one example does not fit, also with chunk_size given
                 chunk = _structured_chunk(structured, routes, o, mode, budget - budget // 4 if columns else budget,
                                           itemsize, memory, n2 if keep else 0, activation)
                 chunk = chunk_size or chunk
                 room = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
-                                        n2 if keep else 0, activation)
+                                        n2 if keep else 0, activation) if columns else 0
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
                                            chunk, o, keep, room))
             # a structured layer's kernel is keyed by its module's name, which is its layer
