@@ -167,6 +167,14 @@ def default_generator(generator: torch.Generator | None, seed: int = 0) -> torch
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def available_device_memory(device: torch.device) -> int:
+    """Bytes of a CUDA device's memory a new allocation can take: the driver's free memory and
+    what PyTorch's caching allocator holds unused (after a large computation it keeps tens of
+    GB reserved; the driver counts them as used)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def available_host_memory() -> int:
     """Bytes of host memory a new allocation can take without pushing anything out: Linux's
     ``MemAvailable`` (free pages and the page cache the kernel can drop), else the free pages

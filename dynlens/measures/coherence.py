@@ -42,6 +42,7 @@ from dynlens import cudagraphs
 from dynlens.distributed import all_sum, gather_rows, lockstep, refuse_sharded, weighted_sum
 from dynlens.functional import ModelFunction
 from dynlens.isolation import Mode, isolated
+from dynlens.linalg.operator import available_device_memory
 from dynlens.measures._coherence_accumulation import (
     CANCELLATION,  # noqa: F401 - re-exported: tests/measures/test_coherence.py
     MAX_RESUMMED,  # noqa: F401 - re-exported: tests/measures/test_coherence.py
@@ -208,9 +209,7 @@ def auto_chunk_size(bytes_per_example: int, m: int, device: torch.device, pairs:
     budget is split in two. The batch is then cut into that many chunks of equal size (no small
     remainder chunk). A memory limit is applied on top (:func:`memory_model`)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = min(int(free * CUDA_FREE_SHARE), CUDA_BUDGET)
+        budget = min(int(available_device_memory(device) * CUDA_FREE_SHARE), CUDA_BUDGET)
     else:
         budget = CPU_BUDGET if pairs else min(CPU_BUDGET, CPU_CACHE_BUDGET)
     chunk = budget // bytes_per_example

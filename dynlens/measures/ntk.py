@@ -122,7 +122,7 @@ from dynlens.functional import (
     slice_examples,
     to_device,
 )
-from dynlens.linalg.operator import available_host_memory
+from dynlens.linalg.operator import available_device_memory, available_host_memory
 from dynlens.parameters import Params, failing_module, layer_of, model_device, unwrap_model
 
 __all__ = [
@@ -149,13 +149,14 @@ _DEFAULT_MEMORY = 2**30
 
 def _default_memory(device: torch.device) -> int:
     """``memory=None``'s bytes: the larger of 1 GiB and a quarter of the memory free on the
-    device (on the CPU, the host's available memory where the system says it; else 1 GiB). A
-    kernel of a ResNet-18 on 64 images takes 29 GB of Jacobians: chunked to 1 GiB
-    on an 80 GB card it recomputed them thousands of times, and on a CPU with 20 GB available
-    the Jacobian contraction of 8 full-width images took 47.7 s against the torch.func
-    tutorial's 12.4 s."""
+    device (on a GPU with what the caching allocator holds unused, so that the allowance does
+    not shrink after a large computation; on the CPU, the host's available memory where the
+    system says it; else 1 GiB). A kernel of a ResNet-18 on 64 images takes 29 GB of Jacobians:
+    chunked to 1 GiB on an 80 GB card it recomputed them thousands of times, and on a CPU with
+    20 GB available the Jacobian contraction of 8 full-width images took 47.7 s against the
+    torch.func tutorial's 12.4 s."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = available_device_memory(device)
     else:
         free = available_host_memory()
     return max(_DEFAULT_MEMORY, free // 4)

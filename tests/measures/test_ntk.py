@@ -955,6 +955,16 @@ def test_the_default_memory_on_the_cpu_is_a_quarter_of_the_available_host_memory
     assert ntk_module._default_memory(torch.device("cpu")) == expected
 
 
+def test_the_default_memory_on_a_gpu_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    # after a large kernel the allocator keeps its memory reserved, which the driver counts as
+    # used: the next call's allowance must not shrink by it
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    assert ntk_module._default_memory(torch.device("cuda")) == (40 + 60 - 20) * gib // 4
+
+
 @pytest.mark.parametrize("examples_at_once", [1, 3, 7])
 def test_full_kernel_over_positions_takes_several_examples_at_once_in_its_room(examples_at_once, monkeypatch):
     # Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)) written out over every index, against the batched
