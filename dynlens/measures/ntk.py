@@ -751,9 +751,11 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
                         mode: KernelMode) -> tuple[int, int, int]:
     """Numbers per example and per pair of examples that the structured products hold:
     (working, kept, quadratic). ``working``: a chunk's factors while they are computed, F per
-    example and layer (T·k + O·T·out), plus, for "full" at several positions, one example's
-    Σ_s (a_t·a'_s) g'_s (T·O·out), its inputs' products laid out for it (T²) and both chunks'
-    output gradients laid out for the products (2·T·O·out), and for
+    example and layer (T·k + O·T·out), plus, for "full" at several positions, the largest
+    layer's one example's Σ_s (a_t·a'_s) g'_s (T·O·out), its inputs' products laid out for it
+    (T²) and both chunks' output gradients laid out for the products (2·T·O·out): the layers'
+    products are computed one after another (summed over the layers, a 124M decoder's full
+    kernel of 64 sequences was cut into chunks of 5), and for
     "diagonal" the whole block (linear in the examples there). ``kept``: what a chunk keeps
     for its blocks, F on the positions route, the O·size
     Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
@@ -762,7 +764,7 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
     3·T² + O'; "full" at one position T²·(1 + O') + O', at several T² + O' (the rest is in
     ``working``); a tied weight's :func:`_tied_block_numbers`."""
     o = num_outputs * num_outputs if mode == "full" else num_outputs
-    working, kept, quadratic = 0, 0, 0
+    working, kept, quadratic, transient = 0, 0, 0, 0
     for name, layer in layers.items():
         factors = layer.factor_numbers(num_outputs)
         working += factors
@@ -776,7 +778,8 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
             t = layer.positions
             if mode == "full" and t > 1:
                 block = t * t + o
-                working += 3 * t * num_outputs * layer.outputs + t * t
+                # one layer's products at a time: the largest counts
+                transient = max(transient, 3 * t * num_outputs * layer.outputs + t * t)
             elif mode == "trace":
                 block = 3 * t * t + o
             else:
@@ -785,7 +788,7 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
             working += block
         else:
             quadratic = max(quadratic, block)
-    return working, kept, quadratic
+    return working + transient, kept, quadratic
 
 
 def _keeps_factors(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
@@ -1195,6 +1198,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
                 else:
                     inputs = torch.einsum(_INPUTS[mode], a1, a2)
                 block = _positions_block(inputs, g1, g2, mode, room)
+                # freed now: the next layer's products would be computed while these are held
+                del inputs
                 if len(layer.names) > 1:
                     block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
                 blocks[name].append(block)
