@@ -10,7 +10,6 @@ chunk rule does not count; this measures whether that would be worth counting.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from ntk import build  # noqa: E402
+from ntk_profile import case_arguments  # noqa: E402
 
 from dynlens.measures import ntk as ntk_module  # noqa: E402
 
@@ -35,16 +35,8 @@ def batched_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="resnet18", choices=["mlp", "resnet18", "decoder"])
-    parser.add_argument("--n", type=int, nargs="+", default=[64])
-    parser.add_argument("--kernel", nargs="+", default=["trace"], choices=["trace", "full"])
+    parser = case_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--seq-len", type=int, default=16)
-    parser.add_argument("--positions", type=int, default=1)
     args = parser.parse_args()
     model, inputs, what = build(args.model, args, args.device)
     print(what, flush=True)

@@ -53,18 +53,25 @@ def _plan(model: torch.nn.Module, x: Any, mode: str, memory: int | None) -> dict
     return seen
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def case_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser of the cases these NTK experiments run: device, model (``ntk.build``'s options),
+    n and kernel."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="resnet18", choices=["mlp", "resnet18", "decoder"])
     parser.add_argument("--n", type=int, nargs="+", default=[64])
     parser.add_argument("--kernel", nargs="+", default=["trace"], choices=["trace", "full"])
-    parser.add_argument("--implementation", default="structured")
-    parser.add_argument("--memory-gib", type=float, default=None)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--positions", type=int, default=1)
+    return parser
+
+
+def main() -> None:
+    parser = case_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--implementation", default="structured")
+    parser.add_argument("--memory-gib", type=float, default=None)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
