@@ -755,10 +755,9 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
     layer's one example's Σ_s (a_t·a'_s) g'_s (T·O·out), its inputs' products laid out for it
     (T²) and both chunks' output gradients laid out for the products (2·T·O·out): the layers'
     products are computed one after another (summed over the layers, a 124M decoder's full
-    kernel of 64 sequences was cut into chunks of 5), and for
-    "diagonal" the whole block (linear in the examples there). ``kept``: what a chunk keeps
-    for its blocks, F on the positions route, the O·size
-    Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
+    kernel of 64 sequences was cut into chunks of 5), and for "diagonal" the whole block (linear
+    in the examples there). ``kept``: what a chunk keeps for its blocks, F on the positions
+    route, the O·size Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
     one pair, O' = O² for "full", else O: "trace", the inputs' and the output gradients'
     products over positions and one copy of one of them that einsum makes to contract them,
     3·T² + O'; "full" at one position T²·(1 + O') + O', at several T² + O' (the rest is in
@@ -805,6 +804,15 @@ def _keeps_factors(layers: dict[str, _Layer], routes: dict[str, str], num_output
     return kept_examples * kept * itemsize <= budget // 2
 
 
+def _chunk_terms(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
+                 itemsize: int, activation: int) -> tuple[int, int, int]:
+    """(linear, kept, quadratic) numbers of :func:`_structured_chunk`'s count: per example of a
+    chunk, its factors while computed with their backward passes' activations (``activation``
+    bytes) and two chunks' kept factors, W + A + 2·K; K per kept example; Q per pair."""
+    working, kept, quadratic = _structured_numbers(layers, routes, num_outputs, mode)
+    return working + -(-activation // itemsize) + 2 * kept, kept, quadratic
+
+
 def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                       budget: int, itemsize: int, memory: int | None, kept_examples: int = 0,
                       activation: int = 0) -> int:
@@ -814,8 +822,7 @@ def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_out
     computed with the activations of their backward passes (``activation`` bytes an example),
     two chunks' kept factors and a block's products: kept_examples·K + c·(W + A + 2·K) + c²·Q
     numbers. MemoryBudgetTooSmall when one example does not fit a ``memory`` the caller set."""
-    working, kept, quadratic = _structured_numbers(layers, routes, num_outputs, mode)
-    linear = working + -(-activation // itemsize) + 2 * kept
+    linear, kept, quadratic = _chunk_terms(layers, routes, num_outputs, mode, itemsize, activation)
     numbers = budget // itemsize - kept_examples * kept
     one = (linear + quadratic) * itemsize
     if memory is not None and one > memory:
@@ -835,8 +842,7 @@ def _structured_room(layers: dict[str, _Layer], routes: dict[str, str], num_outp
     """The numbers of ``budget`` that :func:`_structured_chunk`'s count leaves free at ``chunk``
     examples a chunk (0 when none; ``chunk`` no more than the larger set): the room
     :func:`_full_by_positions` takes to handle several examples of the second set at once."""
-    working, kept, quadratic = _structured_numbers(layers, routes, num_outputs, mode)
-    linear = working + -(-activation // itemsize) + 2 * kept
+    linear, kept, quadratic = _chunk_terms(layers, routes, num_outputs, mode, itemsize, activation)
     used = kept_examples * kept + chunk * linear + chunk * chunk * quadratic
     return max(0, budget // itemsize - used)
 
