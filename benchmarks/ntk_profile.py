@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--implementation", default="structured")
     parser.add_argument("--memory-gib", type=float, default=None)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--shapes", action="store_true", help="group the operators by their inputs' shapes")
     args = parser.parse_args()
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
     model, inputs, what = build(args.model, args, args.device)
@@ -92,7 +93,7 @@ def main() -> None:
             _sync(args.device)
             plain = time.perf_counter() - start
             plan = _plan(model, x, mode, memory) if args.implementation == "structured" else {}
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, record_shapes=args.shapes) as prof:
                 start = time.perf_counter()
                 run()
                 _sync(args.device)
@@ -102,7 +103,9 @@ def main() -> None:
                               **{k: v for k, v in plan.items() if k != "routes"}}), flush=True)
             if plan:
                 print("routes:", json.dumps(plan["routes"]), flush=True)
-            print(prof.key_averages().table(sort_by=key, row_limit=args.rows), flush=True)
+            averages = prof.key_averages(group_by_input_shape=args.shapes)
+            print(averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60,
+                                 max_shapes_column_width=120), flush=True)
 
 
 if __name__ == "__main__":

@@ -63,14 +63,17 @@ torch.func NTK tutorial), chosen by ``implementation``:
   keep two chunks' factors (or Jacobians) and a block's products within ``memory``
   (:func:`_structured_chunk`); every chunk's factors of the second set are kept for the whole
   kernel when they take at most half of ``memory`` (:func:`_keeps_factors`), else computed
-  again for each chunk of the first; a ``"trace"`` kernel whose routes would keep too much
-  (more Jacobians: its Jacobian route costs O, not O², a pair) takes the ``"full"`` kernel's
-  routes when those keep their factors. A ``"full"`` kernel with layers at several positions
+  again for the blocks that need them. Of one set, only the blocks on and above the diagonal
+  are computed, the rest mirrored (:func:`_kernel_blocks`); on a GPU, chunks that split the
+  examples are multiples of 128 (:func:`_tiled`). A ``"trace"`` kernel whose routes would keep
+  too much (more Jacobians: its Jacobian route costs O, not O², a pair) and so compute some
+  chunk's factors twice takes the ``"full"`` kernel's routes when those keep their factors. A ``"full"`` kernel with layers at several positions
   on the positions route sizes its chunks, on a GPU, in three quarters of ``memory`` and takes
   the rest for several examples of the second set at once (:func:`_full_by_positions`: one at a
   time was a matrix product of O columns per pair, slow there; on the CPU one at a time is the
-  faster). Cost ≈ N·O backward passes (N₁·O + C·N₂·O for C chunks
-  of the first set when the factors are not kept) + the routes' multiply-adds.
+  faster). Cost ≈ N·O backward passes (of one set in C chunks whose factors are not kept,
+  (1 + C(C−1)/2)·chunk·O; of two, N₁·O + C·N₂·O for C chunks of the first set) + the routes'
+  multiply-adds.
 
 ``implementation="auto"``: ``"structured"`` when the structured layers hold every parameter (an
 MLP, a ResNet of convolutions, BatchNorm and a linear head, a GPT-2-style decoder of linear
@@ -101,7 +104,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -233,6 +236,69 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _tiled(chunk: int, n: int, device: torch.device) -> int:
+    """``chunk`` rounded down to a multiple of :data:`_TILE` on the devices of :data:`_TILED_ON`
+    when it splits ``n`` examples and is at least one tile: the products of two chunks'
+    Jacobians have chunk × chunk outputs, which a GPU's GEMMs cut into tiles of 128. On an H200
+    the trace contraction ran at 13.8 TFLOP/s with chunks of 152 and 33 with chunks of 128 (the
+    same time for 128 as for 152 examples would take: ``benchmarks/ntk_contraction.py``)."""
+    if device.type not in _TILED_ON or chunk >= n or chunk < _TILE:
+        return chunk
+    return chunk - chunk % _TILE
+
+
+def _computes_twice(n1: int, n2: int, same: bool, chunk: int) -> bool:
+    """Whether :func:`_kernel_blocks` computes some chunk's factors more than once when none are
+    kept between blocks: of one set in more than two chunks, else when the first set takes more
+    than one."""
+    return -(-n1 // chunk) > 2 if same else n1 > chunk
+
+
+def _mirrored(block: Tensor, mode: KernelMode) -> Tensor:
+    """The block of the pair (second chunk, first chunk) from that of (first, second) of one set:
+    K(x', x) = K(x, x')ᵀ, with the outputs' axes swapped for "full"."""
+    return block.transpose(0, 1) if mode == "trace" else block.permute(1, 0, 3, 2)
+
+
+def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
+                   first: Callable[[int, int], Any], second: Callable[[int, int], Any],
+                   block: Callable[[Any, Any], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The kernels of two sets of examples assembled from blocks of two chunks: ``first(s, e)``
+    and ``second(s, e)`` give a chunk's factors (Jacobians, or inputs and output gradients) of
+    the first and of the second set, ``block(f1, f2)`` each layer's block from two chunks'
+    factors. Of one set (``same``) only the blocks on and above the diagonal are computed, the
+    others mirrored (:func:`_mirrored`), and a row's blocks run from the last chunk back to the
+    one after the diagonal, whose factors are the next row's first ones: without factors kept
+    between blocks, C chunks cost 1 + C(C−1)/2 factor computations (as many as kept factors for
+    C ≤ 2) instead of C + C². "diagonal" pairs each chunk with itself."""
+    rows, columns = _chunks(n1, chunk), _chunks(n2, chunk)
+    found: dict[tuple[int, int], dict[str, Tensor]] = {}
+    carried: Any = None
+    for r, (s1, e1) in enumerate(rows):
+        f1 = carried if carried is not None else first(s1, e1)
+        carried = None
+        if mode == "diagonal" or same:
+            found[(r, r)] = block(f1, f1)
+        if mode != "diagonal":
+            for c in (range(len(columns) - 1, r, -1) if same else range(len(columns))):
+                f2 = second(*columns[c])
+                found[(r, c)] = block(f1, f2)
+                if same and c == r + 1:
+                    carried = f2
+                del f2
+        del f1
+    names = list(found[(0, 0)])
+    if mode == "diagonal":
+        return {name: torch.cat([found[(r, r)][name] for r in range(len(rows))], dim=0) for name in names}
+    kernels = {}
+    for name in names:
+        kernels[name] = torch.cat([
+            torch.cat([found[(r, c)][name] if (r, c) in found else _mirrored(found[(c, r)][name], mode)
+                       for c in range(len(columns))], dim=1)
+            for r in range(len(rows))], dim=0)
+    return kernels
+
+
 # ----------------------------------------------------------------------------- Jacobian contraction
 
 
@@ -303,25 +369,15 @@ def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     """Each layer's kernel by Jacobian contraction, chunk by chunk of examples.
 
     With two sets larger than one chunk, the second set's Jacobians are recomputed for every chunk
-    of the first (n₁/chunk · n₂ Jacobians in all), so memory stays at two chunks' Jacobians."""
+    of the first (n₁/chunk · n₂ Jacobians in all), so memory stays at two chunks' Jacobians; of
+    one set, only the blocks on and above the diagonal (:func:`_kernel_blocks`)."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     names = [n for group in groups.values() for n in group]
-    rows: dict[str, list[Tensor]] = {layer: [] for layer in groups}
-    for s1, e1 in _chunks(n1, chunk):
-        j1 = _jacobians(function, slice_examples(inputs1, s1, e1), names)
-        if mode == "diagonal":
-            for layer, members in groups.items():
-                rows[layer].append(_contract(j1, j1, members, mode))
-            continue
-        blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
-        for s2, e2 in _chunks(n2, chunk):
-            j2 = j1 if same and (s2, e2) == (s1, e1) else _jacobians(function, slice_examples(inputs2, s2, e2), names)
-            for layer, members in groups.items():
-                blocks[layer].append(_contract(j1, j2, members, mode))
-            del j2
-        for layer in groups:
-            rows[layer].append(torch.cat(blocks[layer], dim=1))
-    return {layer: torch.cat(parts, dim=0) for layer, parts in rows.items()}
+    return _kernel_blocks(
+        n1, n2, chunk, same, mode,
+        lambda s, e: _jacobians(function, slice_examples(inputs1, s, e), names),
+        lambda s, e: _jacobians(function, slice_examples(inputs2, s, e), names),
+        lambda j1, j2: {layer: _contract(j1, j2, members, mode) for layer, members in groups.items()})
 
 
 # ----------------------------------------------------------------------------- NTK-vector products
@@ -400,6 +456,9 @@ _JACOBIAN_ROUTE_BELOW = 1.0
 # 28-33 s one at a time (the products 18-25 against 7-9 s, two alternating runs each: their
 # intermediates leave the caches). Tests add "cpu" to check the batched path's memory.
 _COLUMNS_AT_ONCE_ON: tuple[str, ...] = ("cuda",)
+# the devices on which chunks that split the examples are whole tiles of _TILE examples (_tiled)
+_TILED_ON: tuple[str, ...] = ("cuda",)
+_TILE = 128
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -1166,9 +1225,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     Jacobians Σ_t g_t ⊗ a_t (a normalisation's from its normalised input), contracted. A tied
     weight on the positions route: :func:`_tied_block`. With ``keep``, each chunk's factors of
     the second set (of the only set when ``same``) are computed once and kept for every block
-    (:func:`_keeps_factors`), else again for each chunk of the first set."""
+    (:func:`_keeps_factors`), else again for the blocks that need them (:func:`_kernel_blocks`)."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
-    rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     kept: dict[tuple[int, int], dict[str, Any]] = {}
 
     def second_factors(s2: int, e2: int) -> dict[str, Any]:
@@ -1179,40 +1237,36 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             kept[(s2, e2)] = found
         return found
 
-    for s1, e1 in _chunks(n1, chunk):
-        f1 = (second_factors(s1, e1) if same and keep
-              else _factors(function, layers, slice_examples(inputs1, s1, e1), num_outputs, routes))
-        targets = [(s1, e1)] if mode == "diagonal" else _chunks(n2, chunk)
-        blocks: dict[str, list[Tensor]] = {name: [] for name in layers}
-        for s2, e2 in targets:
-            if mode == "diagonal" or (same and (s2, e2) == (s1, e1)):
-                f2 = f1
+    def first_factors(s1: int, e1: int) -> dict[str, Any]:
+        if same and keep:
+            return second_factors(s1, e1)
+        return _factors(function, layers, slice_examples(inputs1, s1, e1), num_outputs, routes)
+
+    def block(f1: dict[str, Any], f2: dict[str, Any]) -> dict[str, Tensor]:
+        blocks: dict[str, Tensor] = {}
+        for name, layer in layers.items():
+            if isinstance(f1[name], dict):
+                blocks[name] = _contract(f1[name], f2[name], layer.names, mode)
+                continue
+            if layer.kind == "tied":
+                embedding = function.model.get_submodule(layer.modules[0])
+                blocks[name] = _tied_block(embedding, f1[name], f2[name], mode, room)
+                continue
+            (a1, g1), (a2, g2) = f1[name], f2[name]
+            # in the diagonal mode f2 is f1: the einsums pair each example with itself
+            if layer.kind == "embedding":
+                inputs = _matches(function.model.get_submodule(name), a1, a2, mode, g1.dtype)
             else:
-                f2 = second_factors(s2, e2)
-            for name, layer in layers.items():
-                if isinstance(f1[name], dict):
-                    blocks[name].append(_contract(f1[name], f2[name], layer.names, mode))
-                    continue
-                if layer.kind == "tied":
-                    embedding = function.model.get_submodule(layer.modules[0])
-                    blocks[name].append(_tied_block(embedding, f1[name], f2[name], mode, room))
-                    continue
-                (a1, g1), (a2, g2) = f1[name], f2[name]
-                # in the diagonal mode f2 is f1: the einsums pair each example with itself
-                if layer.kind == "embedding":
-                    inputs = _matches(function.model.get_submodule(name), a1, a2, mode, g1.dtype)
-                else:
-                    inputs = torch.einsum(_INPUTS[mode], a1, a2)
-                block = _positions_block(inputs, g1, g2, mode, room)
-                # freed now: the next layer's products would be computed while these are held
-                del inputs
-                if len(layer.names) > 1:
-                    block = block + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
-                blocks[name].append(block)
-            del f2
-        for name in layers:
-            rows[name].append(torch.cat(blocks[name], dim=1) if mode != "diagonal" else blocks[name][0])
-    return {name: torch.cat(parts, dim=0) for name, parts in rows.items()}
+                inputs = torch.einsum(_INPUTS[mode], a1, a2)
+            products = _positions_block(inputs, g1, g2, mode, room)
+            # freed now: the next layer's products would be computed while these are held
+            del inputs
+            if len(layer.names) > 1:
+                products = products + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
+            blocks[name] = products
+        return blocks
+
+    return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block)
 
 
 # ----------------------------------------------------------------------------- the measurement
@@ -1360,23 +1414,27 @@ def ntk_of(
                 groups = {"": rest}
             parts = []
             if groups:
-                chunk = chunk_size or _fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
-                                               "the Jacobians of one example's other parameters")
+                chunk = chunk_size or _tiled(_fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
+                                                      "the Jacobians of one example's other parameters"),
+                                             max(n1, n2), function.device)
                 parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
             if structured:
                 pairs = n1 if mode == "diagonal" else n1 * n2
                 routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
                 keep = _keeps_factors(structured, routes, o, mode, budget, itemsize, n2)
-                if not keep and mode == "trace":
+                activation = function.activation_bytes(1)
+                if not keep and mode == "trace" and _computes_twice(n1, n2, same, chunk_size or _tiled(
+                        _structured_chunk(structured, routes, o, mode, budget, itemsize, None, 0, activation),
+                        max(n1, n2), function.device)):
                     # the full kernel's routes send fewer layers to the Jacobian route (whose
                     # contraction costs O² multiply-adds a pair there, O here); when those keep
-                    # their factors and the trace's do not, they are the faster: a ResNet-18's
-                    # trace kernel of 64 images on a CPU took 59 s by its own routes, its full
-                    # kernel 20 s, the Jacobians kept by the trace's routes past half of 6 GB
+                    # their factors and the trace's would compute some twice, they are the
+                    # faster: a ResNet-18's trace kernel of 64 images on a CPU took 59 s by its
+                    # own routes, its full kernel 20 s, the Jacobians kept by the trace's routes
+                    # past half of 6 GB
                     wider = {name: _route(layer, o, "full", examples, pairs) for name, layer in structured.items()}
                     if _keeps_factors(structured, wider, o, mode, budget, itemsize, n2):
                         routes, keep = wider, True
-                activation = function.activation_bytes(1)
                 # on a GPU the full kernel of a layer at several positions takes several examples
                 # of the second set at once in a quarter of the allowance (_full_by_positions);
                 # larger chunks would leave it none where the examples do not fit one chunk
@@ -1386,7 +1444,7 @@ def ntk_of(
                 # refuses a memory that one example does not fit, also with chunk_size given
                 chunk = _structured_chunk(structured, routes, o, mode, budget - budget // 4 if columns else budget,
                                           itemsize, memory, n2 if keep else 0, activation)
-                chunk = chunk_size or chunk
+                chunk = chunk_size or _tiled(chunk, max(n1, n2), function.device)
                 room = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                         n2 if keep else 0, activation) if columns else 0
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
@@ -1401,8 +1459,8 @@ def ntk_of(
         else:
             groups = layers if per_layer else {"": list(function.params)}
             if implementation == "jacobian":
-                chunk = chunk_size or _fitting(budget, 2 * o * p_count * itemsize, memory,
-                                               "the Jacobians of one example")
+                chunk = chunk_size or _tiled(_fitting(budget, 2 * o * p_count * itemsize, memory,
+                                                      "the Jacobians of one example"), max(n1, n2), function.device)
                 kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
             else:
                 # a product holds a P-vector and a chunk's activations; the cotangent basis of a

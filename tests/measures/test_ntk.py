@@ -789,9 +789,10 @@ def test_kept_factors_are_computed_once_a_chunk_and_give_the_same_kernel(mode, t
     monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *args: False)
     calls[0] = 0
     again = ntk_of(model, x, second, mode=mode, implementation="structured", chunk_size=2)
-    # each row of blocks: its own chunk, and every chunk of the second set again (of the same
-    # set, all but its own)
-    assert calls[0] == (rows * (1 + columns) if two_sets else rows * columns)
+    # each row of blocks: its own chunk, and every chunk of the second set again; of the same
+    # set, the first row's own chunk and each block above the diagonal, the chunk after the
+    # diagonal carried to the next row
+    assert calls[0] == (rows * (1 + columns) if two_sets else 1 + rows * (rows - 1) // 2)
     for chunked in (kept, again):
         torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
     assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
@@ -829,6 +830,60 @@ def test_a_trace_kernel_takes_the_full_kernels_routes_when_only_those_keep_their
     ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
     assert used["keep"] is False
     assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"jacobians"}
+    # in two chunks no factor is computed twice without keeping them: the trace's routes stay
+    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda layers, routes, *a: all(
+        routes[name] != "jacobians" for name, layer in layers.items() if layer.kind == "conv"))
+    calls = _counted_factors(monkeypatch)
+    two = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=4)
+    assert used["keep"] is False and calls[0] == 2
+    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"jacobians"}
+    torch.testing.assert_close(two.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["trace", "full"])
+@pytest.mark.parametrize("implementation", ["structured", "jacobian"])
+def test_blocks_below_the_diagonal_are_mirrored_not_computed(mode, implementation, monkeypatch):
+    model, x, _ = make("cnn_structured", n=7)
+    whole = ntk_of(model, x, mode=mode, implementation=implementation)
+    blocks = []
+    contract = ntk_module._contract
+
+    def counted(j1, j2, names, mode_):
+        blocks.append((j1 is j2, next(iter(j1.values())).shape[0], next(iter(j2.values())).shape[0]))
+        return contract(j1, j2, names, mode_)
+
+    monkeypatch.setattr(ntk_module, "_contract", counted)
+    chunked = ntk_of(model, x, mode=mode, implementation=implementation, chunk_size=3)
+    # chunks of 3, 3 and 1: the three diagonal blocks and the three above them, of every group
+    # of Jacobians contracted
+    pairs = {(same, a, b) for same, a, b in blocks}
+    assert pairs == {(True, 3, 3), (True, 1, 1), (False, 3, 3), (False, 3, 1)}
+    assert len(blocks) % 6 == 0
+    torch.testing.assert_close(chunked.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    assert relative_error(chunked.kernel, reference(model, x, None, mode)) < 1e-6
+
+
+def test_chunks_that_split_the_examples_are_whole_tiles_on_the_tiled_devices(monkeypatch):
+    assert ntk_module._tiled(200, 256, torch.device("cpu")) == 200  # the CPU is not tiled
+    monkeypatch.setattr(ntk_module, "_TILED_ON", ("cpu",))
+    device = torch.device("cpu")
+    assert ntk_module._tiled(200, 256, device) == 128
+    assert ntk_module._tiled(300, 256, device) == 300  # one chunk holds them all
+    assert ntk_module._tiled(100, 256, device) == 100  # less than a tile
+    monkeypatch.setattr(ntk_module, "_TILE", 2)
+    model, x, _ = make("cnn_structured", n=7)
+    chosen = {}
+    by_structure = ntk_module._by_structure
+
+    def recorded(*args):
+        chosen["chunk"] = args[7]
+        return by_structure(*args)
+
+    monkeypatch.setattr(ntk_module, "_by_structure", recorded)
+    monkeypatch.setattr(ntk_module, "_structured_chunk", lambda *a, **k: 5)
+    tiled = ntk_of(model, x, mode="trace", implementation="structured")
+    assert chosen["chunk"] == 4
+    assert relative_error(tiled.kernel, reference(model, x, None, "trace")) < 1e-6
 
 
 def _wide_cnn() -> nn.Module:
