@@ -9,7 +9,8 @@ kernel gives them, each way we could write it, timed in alternation in one proce
 2. The per-example Jacobians of a convolution, ``einsum("aitl,itk->ialk")`` (output gradients
    g (O, n, T, out) by unfolded inputs a (n, T, k)).
 3. With ``--model``: one ``ntk_of`` call with ``torch.backends.cudnn.benchmark`` off and on
-   (the O backward passes run cuDNN's data-gradient kernels, chosen by heuristics when off).
+   (the O backward passes run cuDNN's data-gradient kernels, chosen by heuristics when off),
+   of images in the default layout and channels-last (``--model-only`` leaves out 1 and 2).
 
     python benchmarks/ntk_contraction.py --device cuda --n 152
     python benchmarks/ntk_contraction.py --tiny                       # CPU check of the script
@@ -141,18 +142,26 @@ def whole(device: str, args: argparse.Namespace) -> None:
         x = inputs(n).to(device)
         for mode in args.kernel:
             fns: dict[str, Callable[[], object]] = {}
-            for bench in (False, True):
-                def run(bench: bool = bench, mode: str = mode, x: torch.Tensor = x) -> object:
-                    old = torch.backends.cudnn.benchmark
-                    torch.backends.cudnn.benchmark = bench
-                    try:
-                        return ntk_module.ntk_of(model, x, mode=mode)
-                    finally:
-                        torch.backends.cudnn.benchmark = old
-                fns[f"cudnn_benchmark_{bench}"] = run
+            layouts = {"": x}
+            if x.dim() == 4:
+                layouts["channels_last_"] = x.contiguous(memory_format=torch.channels_last)
+            for layout, xs in layouts.items():
+                for bench in (False, True):
+                    def run(bench: bool = bench, mode: str = mode, x: torch.Tensor = xs) -> object:
+                        old = torch.backends.cudnn.benchmark
+                        torch.backends.cudnn.benchmark = bench
+                        try:
+                            return ntk_module.ntk_of(model, x, mode=mode)
+                        finally:
+                            torch.backends.cudnn.benchmark = old
+                    fns[f"{layout}cudnn_benchmark_{bench}"] = run
+            kernels = {k: fn().kernel for k, fn in fns.items()}  # type: ignore[attr-defined]
+            first = next(iter(kernels.values()))
+            difference = max(float((k - first).abs().max() / first.abs().max()) for k in kernels.values())
             t = _timed(device, fns, args.repeat)
             print(json.dumps({"piece": "ntk_of", "model": args.model, "n": n, "kernel": mode,
-                              **{k: round(v, 4) for k, v in t.items()}}), flush=True)
+                              **{k: round(v, 4) for k, v in t.items()},
+                              "max_relative_difference": difference}), flush=True)
 
 
 def main() -> None:
@@ -165,6 +174,7 @@ def main() -> None:
     parser.add_argument("--by-n", type=int, nargs="*", default=[],
                         help="only the trace contraction's rate at these n (the largest but one size)")
     parser.add_argument("--model", default=None, choices=["mlp", "resnet18", "decoder"])
+    parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--whole-n", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--kernel", nargs="+", default=["trace", "full"])
     parser.add_argument("--width", type=int, default=2048)
@@ -179,7 +189,9 @@ def main() -> None:
         # ResNet-18 (CIFAR) weights: 64·64·9 … 512·512·9; convolutions at 32², 16², 8² positions
         sizes = [64 * 64 * 9, 128 * 128 * 9, 256 * 256 * 9, 512 * 512 * 9]
         shapes, n = [(1024, 64, 576), (256, 128, 1152), (64, 256, 2304)], args.n
-    if args.by_n:
+    if args.model_only:
+        pass
+    elif args.by_n:
         sizes_of_n(args.device, args.by_n, args.outputs, sizes[-2], args.repeat)
     else:
         contraction(args.device, n, args.outputs, sizes, args.repeat)
