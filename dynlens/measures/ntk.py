@@ -237,14 +237,18 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _tiled(chunk: int, n: int, device: torch.device) -> int:
-    """``chunk`` rounded down to a multiple of :data:`_TILE` on the devices of :data:`_TILED_ON`
-    when it splits ``n`` examples and is at least one tile: the products of two chunks'
-    Jacobians have chunk × chunk outputs, which a GPU's GEMMs cut into tiles of 128. On an H200
-    the trace contraction ran at 13.8 TFLOP/s with chunks of 152 and 33 with chunks of 128 (the
-    same time for 128 as for 152 examples would take: ``benchmarks/ntk_contraction.py``)."""
-    if device.type not in _TILED_ON or chunk >= n or chunk < _TILE:
+    """``chunk`` on the devices of :data:`_TILED_ON` when it splits ``n`` examples: rounded down
+    to a multiple of :data:`_TILE` when it is at least one tile, else evened out (as many
+    chunks, of equal size: the room it leaves goes to the factor passes, :func:`_pass_group`).
+    The products of two chunks' Jacobians have chunk × chunk outputs, which a GPU's GEMMs cut
+    into tiles of 128: on an H200 the trace contraction ran at 13.8 TFLOP/s with chunks of 152
+    and 33 with chunks of 128 (the same time for 128 as for 152 examples would take:
+    ``benchmarks/ntk_contraction.py``)."""
+    if device.type not in _TILED_ON or chunk >= n:
         return chunk
-    return chunk - chunk % _TILE
+    if chunk >= _TILE:
+        return chunk - chunk % _TILE
+    return -(-n // -(-n // chunk))
 
 
 def _computes_twice(n1: int, n2: int, same: bool, chunk: int) -> bool:
@@ -459,6 +463,9 @@ _COLUMNS_AT_ONCE_ON: tuple[str, ...] = ("cuda",)
 # the devices on which chunks that split the examples are whole tiles of _TILE examples (_tiled)
 _TILED_ON: tuple[str, ...] = ("cuda",)
 _TILE = 128
+# the devices on which the factor passes take several outputs at once, in the room the chunk
+# rule leaves (_output_gradients, _pass_group)
+_BATCHED_PASSES_ON: tuple[str, ...] = ("cuda",)
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -602,7 +609,7 @@ def _norm_jacobians(module: nn.Module, names: Sequence[str], xhat: Tensor, g: Te
 
 
 def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, num_outputs: int,
-             routes: dict[str, str] | None = None) -> dict[str, Any]:
+             routes: dict[str, str] | None = None, group: int = 1) -> dict[str, Any]:
     """Each layer's factors on ``inputs``, from one forward pass with hooks and O backward passes
     (in eval mode the examples do not interact, so the gradient of Σ_i f_o(x_i) with respect to
     the layer's output on x_i is that of f_o(x_i)): a linear or convolutional layer's inputs
@@ -660,7 +667,7 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
     n = out.shape[0]
     layer_outputs = [captured[name][1] for name in hooked]
     with torch.enable_grad():
-        per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs), strict=True))
+        per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs, group), strict=True))
     del out, layer_outputs
     factors: dict[str, Any] = {}
     for name, layer in layers.items():
@@ -728,18 +735,59 @@ def _tied_jacobians(tokens: Tensor, g_emb: Tensor, h: Tensor, g_lin: Tensor) -> 
     return jac.reshape(n, o, v * d)
 
 
-def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int) -> list[Tensor]:
+def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int, group: int = 1) -> list[Tensor]:
     """The gradients of each output o (summed over the examples) with respect to each layer's
-    output, stacked: (O, *its shape), by O backward passes. (One pass batched over the outputs,
-    ``is_grads_batched``, was no faster on the CPU: 0.43 against 0.40 s for a width-8 ResNet-18
-    on 64 images, its convolutions' backward looped over the outputs by vmap.)"""
+    output, stacked: (O, *its shape), by backward passes of ``group`` outputs each: one output a
+    pass, or several in one pass batched over them (``is_grads_batched``, a vmap of the
+    backward). Batched passes hold ``group`` times a pass's gradients; a group whose batched pass
+    fails (an operation without a batching rule) is taken one output at a time.
+
+    On a GPU, batching pays where the passes are many small launches: the 124M decoder's trace
+    kernel of 64 sequences (O = 32) took 0.78 s batched against 2.03 s one at a time on an H200,
+    its full kernel 4.96 against 8.78 s; a ResNet-18's, device-bound, 0.97–0.99 of the time. On
+    the CPU one at a time was the faster (0.40 against 0.43 s, a width-8 ResNet-18 on 64 images):
+    :data:`_BATCHED_PASSES_ON`."""
     stacked = [torch.zeros((num_outputs, *z.shape), dtype=z.dtype, device=z.device) for z in layer_outputs]
-    for o in range(num_outputs):
-        grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=o + 1 < num_outputs, allow_unused=True)
-        for rows, g in zip(stacked, grads, strict=True):
-            if g is not None:
-                rows[o] = g
+    for start in range(0, num_outputs, max(1, group)):
+        stop = min(start + max(1, group), num_outputs)
+        if stop - start > 1:
+            basis = torch.zeros((stop - start, *out.shape), dtype=out.dtype, device=out.device)
+            basis[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+            try:
+                with warnings.catch_warnings():
+                    # vmap's note that an operation is looped rather than batched
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    # the graph is kept: a pass that fails part-way is taken again, one by one
+                    batched = torch.autograd.grad(out, layer_outputs, grad_outputs=basis, is_grads_batched=True,
+                                                  retain_graph=True, allow_unused=True)
+            except RuntimeError:
+                pass
+            else:
+                for rows, g in zip(stacked, batched, strict=True):
+                    if g is not None:
+                        rows[start:stop] = g
+                continue
+        for o in range(start, stop):
+            grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=o + 1 < num_outputs,
+                                        allow_unused=True)
+            for rows, g in zip(stacked, grads, strict=True):
+                if g is not None:
+                    rows[o] = g
     return stacked
+
+
+def _pass_group(room: int, itemsize: int, chunk: int, activation: int, num_outputs: int,
+                device: torch.device) -> int:
+    """How many outputs one factor pass takes (:func:`_output_gradients`): on the devices of
+    :data:`_BATCHED_PASSES_ON`, 1 plus as many more as the allowance's ``room`` numbers left by
+    the chunk rule hold, each a pass's activations (``activation`` bytes an example) for
+    ``chunk`` examples; else 1. The room is the one the full kernel's batched products take
+    (:func:`_structured_room`): a chunk's factors are computed before or after a block's
+    products, never during them."""
+    if device.type not in _BATCHED_PASSES_ON or activation <= 0:
+        return 1
+    extra = room * itemsize // max(1, chunk * activation)
+    return int(max(1, min(num_outputs, 1 + extra)))
 
 
 def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pairs: int) -> str:
@@ -1216,7 +1264,7 @@ def _tied_block(embedding: nn.Module, f1: tuple[Tensor, Tensor, Tensor, Tensor],
 
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
                   layers: dict[str, _Layer], routes: dict[str, str], chunk: int,
-                  num_outputs: int, keep: bool = False, room: int = 0) -> dict[str, Tensor]:
+                  num_outputs: int, keep: bool = False, room: int = 0, group: int = 1) -> dict[str, Tensor]:
     """Each structured layer's kernel from its inputs and output gradients (Novak et al. 2022's
     structured derivatives; nngeometry's Gram matrix), by its route (:func:`_route`):
     "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
@@ -1225,14 +1273,15 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     Jacobians Σ_t g_t ⊗ a_t (a normalisation's from its normalised input), contracted. A tied
     weight on the positions route: :func:`_tied_block`. With ``keep``, each chunk's factors of
     the second set (of the only set when ``same``) are computed once and kept for every block
-    (:func:`_keeps_factors`), else again for the blocks that need them (:func:`_kernel_blocks`)."""
+    (:func:`_keeps_factors`), else again for the blocks that need them (:func:`_kernel_blocks`).
+    ``group``: the outputs a factor pass takes (:func:`_pass_group`)."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     kept: dict[tuple[int, int], dict[str, Any]] = {}
 
     def second_factors(s2: int, e2: int) -> dict[str, Any]:
         if (s2, e2) in kept:
             return kept[(s2, e2)]
-        found = _factors(function, layers, slice_examples(inputs2, s2, e2), num_outputs, routes)
+        found = _factors(function, layers, slice_examples(inputs2, s2, e2), num_outputs, routes, group)
         if keep:
             kept[(s2, e2)] = found
         return found
@@ -1240,7 +1289,7 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     def first_factors(s1: int, e1: int) -> dict[str, Any]:
         if same and keep:
             return second_factors(s1, e1)
-        return _factors(function, layers, slice_examples(inputs1, s1, e1), num_outputs, routes)
+        return _factors(function, layers, slice_examples(inputs1, s1, e1), num_outputs, routes, group)
 
     def block(f1: dict[str, Any], f2: dict[str, Any]) -> dict[str, Tensor]:
         blocks: dict[str, Tensor] = {}
@@ -1445,10 +1494,12 @@ def ntk_of(
                 chunk = _structured_chunk(structured, routes, o, mode, budget - budget // 4 if columns else budget,
                                           itemsize, memory, n2 if keep else 0, activation)
                 chunk = chunk_size or _tiled(chunk, max(n1, n2), function.device)
-                room = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
-                                        n2 if keep else 0, activation) if columns else 0
+                free = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
+                                        n2 if keep else 0, activation)
+                room = free if columns else 0
+                group = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device)
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
-                                           chunk, o, keep, room))
+                                           chunk, o, keep, room, group))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
             for part in parts:

@@ -869,7 +869,7 @@ def test_chunks_that_split_the_examples_are_whole_tiles_on_the_tiled_devices(mon
     device = torch.device("cpu")
     assert ntk_module._tiled(200, 256, device) == 128
     assert ntk_module._tiled(300, 256, device) == 300  # one chunk holds them all
-    assert ntk_module._tiled(100, 256, device) == 100  # less than a tile
+    assert ntk_module._tiled(100, 256, device) == 86  # less than a tile: three even chunks
     monkeypatch.setattr(ntk_module, "_TILE", 2)
     model, x, _ = make("cnn_structured", n=7)
     chosen = {}
@@ -894,10 +894,29 @@ def _wide_cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).eval()
 
 
+def _as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The GPU's rules on the CPU: the full kernel's columns at once, chunks in tiles (of 8 here)
+    or evened out, factor passes batched over the outputs; returns the groups the passes took."""
+    for name in ("_COLUMNS_AT_ONCE_ON", "_TILED_ON", "_BATCHED_PASSES_ON"):
+        monkeypatch.setattr(ntk_module, name, ("cuda", "cpu"))
+    monkeypatch.setattr(ntk_module, "_TILE", 8)
+    groups: list[int] = []
+    output_gradients = ntk_module._output_gradients
+
+    def spy(out, layer_outputs, num_outputs, group=1):
+        groups.append(group)
+        return output_gradients(out, layer_outputs, num_outputs, group)
+
+    monkeypatch.setattr(ntk_module, "_output_gradients", spy)
+    return groups
+
+
+@pytest.mark.parametrize("gpu_rules", [False, True])
 @pytest.mark.parametrize("mode", ["full", "trace"])
-def test_structured_products_that_keep_factors_hold_at_most_their_memory(mode, monkeypatch):
+def test_structured_products_that_keep_factors_hold_at_most_their_memory(mode, gpu_rules, monkeypatch):
     model, x = _wide_cnn(), torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     whole = ntk_of(model, x, mode=mode, implementation="structured")
+    groups = _as_on_a_gpu(monkeypatch) if gpu_rules else []
     decided: dict[str, object] = {}
     keeps, chunk_rule = ntk_module._keeps_factors, ntk_module._structured_chunk
     monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *a: decided.setdefault("keep", keeps(*a)))
@@ -907,6 +926,8 @@ def test_structured_products_that_keep_factors_hold_at_most_their_memory(mode, m
     assert decided["keep"] is True and decided["chunk"] < 48, decided  # chunks, and every factor kept
     assert peak <= memory, f"held {peak:,} bytes at once with memory={memory:,}"
     torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
+    if gpu_rules:  # the passes took several outputs at once in the room left
+        assert groups and max(groups) > 1, groups
 
 
 @pytest.mark.parametrize("mode", ["full", "trace"])
@@ -1054,9 +1075,9 @@ def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, a
     # CPU is added), else one at a time (the CPU's default), and stays within the allowance
     model, x = _wide_cnn(), torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(ntk_module, "_JACOBIAN_ROUTE_BELOW", 0.0)
-    if at_once:
-        monkeypatch.setattr(ntk_module, "_COLUMNS_AT_ONCE_ON", ("cuda", "cpu"))
     whole = ntk_of(model, x, mode="full", implementation="structured")
+    if at_once:  # with the GPU's other rules: tiles or even chunks, batched factor passes
+        _as_on_a_gpu(monkeypatch)
     rooms: list[int] = []
     full_by_positions = ntk_module._full_by_positions
 
@@ -1069,3 +1090,70 @@ def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, a
     assert (max(rooms) > 0) is at_once
     assert peak <= memory, f"held {peak:,} bytes at once with memory={memory:,}"
     torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
+
+
+def _two_layer_graph(o: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    w1 = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w2 = torch.randn(o, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    h = x @ w1.T
+    out = torch.tanh(h) @ w2.T
+    return out, [h, out]
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
+def test_factor_passes_batched_over_outputs_equal_one_output_a_pass(group, monkeypatch):
+    out, layer_outputs = _two_layer_graph(4)
+    expected = [torch.stack([torch.autograd.grad(out[:, o].sum(), z, retain_graph=True)[0] for o in range(4)])
+                for z in layer_outputs]
+    batched_calls = []
+    grad = torch.autograd.grad
+
+    def counted(*args, **kwargs):
+        batched_calls.append(bool(kwargs.get("is_grads_batched")))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    got = ntk_module._output_gradients(out, layer_outputs, 4, group)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # groups of `group` outputs: 4 passes of one, else one batched pass a group (a last group
+    # of one output is a plain pass)
+    groups = [min(group, 4 - start) for start in range(0, 4, group)]
+    assert batched_calls == [size > 1 for size in groups]
+
+
+def test_a_batched_factor_pass_that_fails_is_taken_one_output_at_a_time(monkeypatch):
+    expected = ntk_module._output_gradients(*_two_layer_graph(3), 3, 1)
+    out, layer_outputs = _two_layer_graph(3)
+    grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("vmap: an operation without a batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    got = ntk_module._output_gradients(out, layer_outputs, 3, 3)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_the_factor_passes_take_the_outputs_the_room_holds_on_the_batching_devices():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # 1 + room · itemsize / (chunk · activation bytes), at most O; 1 where passes are not batched
+    assert ntk_module._pass_group(1000, 4, 10, 100, 32, gpu) == 5
+    assert ntk_module._pass_group(10**9, 4, 10, 100, 32, gpu) == 32
+    assert ntk_module._pass_group(0, 4, 10, 100, 32, gpu) == 1
+    assert ntk_module._pass_group(10**9, 4, 10, 100, 32, cpu) == 1
+
+
+@pytest.mark.parametrize("mode", ["trace", "full", "diagonal"])
+def test_kernels_under_the_gpus_rules_equal_the_jacobians_products(mode, monkeypatch):
+    model, x, _ = make("cnn_structured", n=7)
+    groups = _as_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(ntk_module, "_TILE", 4)
+    got = ntk_of(model, x, mode=mode, implementation="structured", memory=4 * 2**20)
+    assert max(groups) > 1
+    assert relative_error(got.kernel, reference(model, x, None, mode)) < 1e-6
