@@ -39,7 +39,8 @@ torch.func NTK tutorial), chosen by ``implementation``:
   measured at its last position, are dropped). The linear layer's bias, if any, is its own
   parameter, contracted as Jacobians; any other sharing (a weight of two linear layers, or of
   three modules) is contracted as Jacobians. With a layer's inputs a and the gradients g_o of
-  output o with respect to its outputs (from forward hooks and O backward passes), a linear or
+  output o with respect to its outputs (from forward hooks and O backward passes, on a GPU
+  several outputs a pass where the allowance leaves room: :func:`_output_gradients`), a linear or
   convolutional layer (and a tied weight) takes one of two routes, chosen per layer by multiply-adds
   (:func:`_route`; O' = O² for ``"full"``, else O; pairs = n₁·n₂, or n for ``"diagonal"``; N the
   examples whose factors are computed):
