@@ -626,3 +626,33 @@ def test_a_first_measurement_at_step_zero_may_take_first_seconds(tmp_path, clock
     small = UnmeasuredAtZero(clock, units=1)  # a small model's measurement: within FIRST_SECONDS
     lens_with_clock(tmp_path / "small", [small], clock, budget=0.05).close()
     assert small.tries[0] == (0, 1)
+
+
+def test_the_ntk_probe_checks_its_deadline_between_chunks_and_blocks(tmp_path):
+    from dynlens.budget import OverBudget
+    from dynlens.probes import Context
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    batch = (torch.randn(12, 6), torch.randint(0, 3, (12,)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def measured(deadline: float) -> tuple[object, int]:
+        calls: list[int] = []
+        ctx = Context(model=model, loss_fn=loss_fn, probe_batch=batch, optimizer=None, step=3,
+                      clock=lambda: calls.append(1) or float(len(calls)), deadline=deadline, memory=3_000)
+        try:
+            return dl.probes.NTK(n=12).measure(ctx), len(calls)
+        except OverBudget as err:
+            return err, len(calls)
+
+    # 3 kB splits the 12 examples into chunks: a check before each chunk's factors and block
+    values, checks = measured(1e9)
+    assert isinstance(values, dict) and values["trace"] > 0
+    assert checks >= 6, checks
+    stopped, reads = measured(2.5)  # past the deadline at the third check
+    assert isinstance(stopped, OverBudget) and "past the end of its time allowance" in str(stopped)
+    assert reads <= 4 < checks  # the third check, and the message's reading
+    none, _ = measured(math.inf)  # no deadline: no check, the same kernel
+    assert none["trace"] == pytest.approx(values["trace"], rel=1e-6)
+

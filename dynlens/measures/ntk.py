@@ -259,6 +259,10 @@ def _computes_twice(n1: int, n2: int, same: bool, chunk: int) -> bool:
     return -(-n1 // chunk) > 2 if same else n1 > chunk
 
 
+def _no_check() -> None:
+    """The ``check`` of a measurement without a deadline."""
+
+
 def _mirrored(block: Tensor, mode: KernelMode) -> Tensor:
     """The block of the pair (second chunk, first chunk) from that of (first, second) of one set:
     K(x', x) = K(x, x')ᵀ, with the outputs' axes swapped for "full"."""
@@ -267,7 +271,8 @@ def _mirrored(block: Tensor, mode: KernelMode) -> Tensor:
 
 def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
                    first: Callable[[int, int], Any], second: Callable[[int, int], Any],
-                   block: Callable[[Any, Any], dict[str, Tensor]]) -> dict[str, Tensor]:
+                   block: Callable[[Any, Any], dict[str, Tensor]],
+                   check: Callable[[], None] | None = None) -> dict[str, Tensor]:
     """The kernels of two sets of examples assembled from blocks of two chunks: ``first(s, e)``
     and ``second(s, e)`` give a chunk's factors (Jacobians, or inputs and output gradients) of
     the first and of the second set, ``block(f1, f2)`` each layer's block from two chunks'
@@ -275,18 +280,25 @@ def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
     others mirrored (:func:`_mirrored`), and a row's blocks run from the last chunk back to the
     one after the diagonal, whose factors are the next row's first ones: without factors kept
     between blocks, C chunks cost 1 + C(C−1)/2 factor computations (as many as kept factors for
-    C ≤ 2) instead of C + C². "diagonal" pairs each chunk with itself."""
+    C ≤ 2) instead of C + C². "diagonal" pairs each chunk with itself. ``check`` is called
+    before each chunk's factors and each block (it may raise to stop the measurement)."""
+    check = check or _no_check
     rows, columns = _chunks(n1, chunk), _chunks(n2, chunk)
     found: dict[tuple[int, int], dict[str, Tensor]] = {}
     carried: Any = None
     for r, (s1, e1) in enumerate(rows):
+        if carried is None:
+            check()
         f1 = carried if carried is not None else first(s1, e1)
         carried = None
         if mode == "diagonal" or same:
+            check()
             found[(r, r)] = block(f1, f1)
         if mode != "diagonal":
             for c in (range(len(columns) - 1, r, -1) if same else range(len(columns))):
+                check()
                 f2 = second(*columns[c])
+                check()
                 found[(r, c)] = block(f1, f2)
                 if same and c == r + 1:
                     carried = f2
@@ -370,7 +382,8 @@ def _contract(j1: Params, j2: Params, names: Sequence[str], mode: KernelMode) ->
 
 
 def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
-                  groups: dict[str, list[str]], chunk: int) -> dict[str, Tensor]:
+                  groups: dict[str, list[str]], chunk: int, check: Callable[[], None] | None = None
+                  ) -> dict[str, Tensor]:
     """Each layer's kernel by Jacobian contraction, chunk by chunk of examples.
 
     With two sets larger than one chunk, the second set's Jacobians are recomputed for every chunk
@@ -382,21 +395,23 @@ def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
         n1, n2, chunk, same, mode,
         lambda s, e: _jacobians(function, slice_examples(inputs1, s, e), names),
         lambda s, e: _jacobians(function, slice_examples(inputs2, s, e), names),
-        lambda j1, j2: {layer: _contract(j1, j2, members, mode) for layer, members in groups.items()})
+        lambda j1, j2: {layer: _contract(j1, j2, members, mode) for layer, members in groups.items()}, check)
 
 
 # ----------------------------------------------------------------------------- NTK-vector products
 
 
 def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: KernelMode,
-                 groups: dict[str, list[str]], chunk: int, columns: int, num_outputs: int) -> dict[str, Tensor]:
+                 groups: dict[str, list[str]], chunk: int, columns: int, num_outputs: int,
+                 check: Callable[[], None] | None = None) -> dict[str, Tensor]:
     """Each layer's kernel by NTK-vector products (``jvp`` of ``vjp``, Novak et al. 2022).
 
     For a chunk X₁ of the first set, the vector-Jacobian product of its outputs with the basis
     cotangent e_(i,a) is J(x_i)_aᵀ (in eval mode the examples do not interact); the
     Jacobian-vector product of the second set's outputs with it, restricted to one layer's
     parameters, is the row Θ_layer(x_i, ·)_(a, ·). ``columns`` cotangents are pushed at a time
-    (``vmap``'s chunk_size)."""
+    (``vmap``'s chunk_size); ``check`` is called before each block."""
+    check = check or _no_check
     params = function.params
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     o = num_outputs
@@ -410,6 +425,7 @@ def _by_products(function: ModelFunction, inputs1: Any, inputs2: Any, mode: Kern
         targets = [(s1, e1)] if mode == "diagonal" else _chunks(n2, chunk)
         blocks: dict[str, list[Tensor]] = {layer: [] for layer in groups}
         for s2, e2 in targets:
+            check()
             x2 = x1 if mode == "diagonal" else slice_examples(inputs2, s2, e2)
 
             def row(cotangent: Tensor, x2: Any = x2, pullback: Any = pullback) -> dict[str, Tensor]:
@@ -1265,7 +1281,8 @@ def _tied_block(embedding: nn.Module, f1: tuple[Tensor, Tensor, Tensor, Tensor],
 
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
                   layers: dict[str, _Layer], routes: dict[str, str], chunk: int,
-                  num_outputs: int, keep: bool = False, room: int = 0, group: int = 1) -> dict[str, Tensor]:
+                  num_outputs: int, keep: bool = False, room: int = 0, group: int = 1,
+                  check: Callable[[], None] | None = None) -> dict[str, Tensor]:
     """Each structured layer's kernel from its inputs and output gradients (Novak et al. 2022's
     structured derivatives; nngeometry's Gram matrix), by its route (:func:`_route`):
     "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
@@ -1275,7 +1292,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     weight on the positions route: :func:`_tied_block`. With ``keep``, each chunk's factors of
     the second set (of the only set when ``same``) are computed once and kept for every block
     (:func:`_keeps_factors`), else again for the blocks that need them (:func:`_kernel_blocks`).
-    ``group``: the outputs a factor pass takes (:func:`_pass_group`)."""
+    ``group``: the outputs a factor pass takes (:func:`_pass_group`); ``check``: see
+    :func:`_kernel_blocks`."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     kept: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -1316,7 +1334,7 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             blocks[name] = products
         return blocks
 
-    return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block)
+    return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block, check)
 
 
 # ----------------------------------------------------------------------------- the measurement
@@ -1347,6 +1365,7 @@ def ntk_of(
     memory: int | None = None,
     group: Any = None,
     vector_products: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> NTK:
     """The empirical NTK Θ(x, x') = J(x) J(x')ᵀ of ``model`` on ``inputs`` × ``inputs2``.
 
@@ -1395,6 +1414,10 @@ def ntk_of(
             ``per_layer``: a ResNet-18 on 8 CPU examples took 175 s). False: Jacobian
             contraction in chunks instead, raising MemoryBudgetTooSmall when one example's
             Jacobians do not fit (the NTK probe's choice: it waits rather than stall training).
+        check: called between units of work (a chunk's Jacobians or factors, a block of two
+            chunks, a chunk's products); it may raise to stop the measurement (the Lens's
+            deadline on a first measurement, :meth:`dynlens.probes.Context.check_time`). Not
+            with ``group``, where the ranks' units differ.
 
     Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
     sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
@@ -1426,6 +1449,9 @@ def ntk_of(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     if group is not None:
+        if check is not None:
+            raise ValueError("check= is not supported with group=: the ranks' units of work differ, so "
+                             "they could not stop at the same point; leave check out under torch.distributed")
         with lockstep(group):
             return _ntk_across_ranks(model, inputs, inputs2, mode, params, per_layer, implementation,
                                      chunk_size, memory, group, vector_products)
@@ -1467,7 +1493,7 @@ def ntk_of(
                 chunk = chunk_size or _tiled(_fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
                                                       "the Jacobians of one example's other parameters"),
                                              max(n1, n2), function.device)
-                parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk))
+                parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk, check))
             if structured:
                 pairs = n1 if mode == "diagonal" else n1 * n2
                 routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
@@ -1498,9 +1524,9 @@ def ntk_of(
                 free = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                         n2 if keep else 0, activation)
                 room = free if columns else 0
-                group = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device)
+                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device)
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
-                                           chunk, o, keep, room, group))
+                                           chunk, o, keep, room, passes, check))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
             for part in parts:
@@ -1513,7 +1539,7 @@ def ntk_of(
             if implementation == "jacobian":
                 chunk = chunk_size or _tiled(_fitting(budget, 2 * o * p_count * itemsize, memory,
                                                       "the Jacobians of one example"), max(n1, n2), function.device)
-                kernels = _by_jacobians(function, first, second, same, mode, groups, chunk)
+                kernels = _by_jacobians(function, first, second, same, mode, groups, chunk, check)
             else:
                 # a product holds a P-vector and a chunk's activations; the cotangent basis of a
                 # chunk is (chunk·O)² numbers
@@ -1523,7 +1549,7 @@ def ntk_of(
                                                  (budget - vector) // (2 * activation)))
                 columns = _fitting(budget, vector + min(chunk, n2) * activation, memory,
                                    "one NTK-vector product (a P-vector and a chunk's activations)")
-                kernels = _by_products(function, first, second, mode, groups, chunk, columns, o)
+                kernels = _by_products(function, first, second, mode, groups, chunk, columns, o, check)
     kernels = {layer: k.detach() for layer, k in kernels.items()}
     total = torch.stack(list(kernels.values())).sum(0) if per_layer else kernels[""]
     return NTK(

@@ -3,6 +3,7 @@ the task (:mod:`dynlens.measures.ntk`; Fort et al. 2020, Baratin et al. 2021, Ch
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,13 +70,16 @@ class NTK(Probe):
         per_layer: also each layer's kernel and its alignment.
         seed: the projection's seed.
 
-    Cost per measurement: n·O backward passes through the model (Jacobian contraction, or
-    structured products for linear layers), O ≤ ``max_outputs``: at the defaults 32·32 = 1,024
-    per-example backward passes, batched by ``vmap``; memory within the Lens's allowance. Under
-    the Lens's memory budget it needs two examples' Jacobians at once (2·O·P numbers; P the
-    trainable parameters) unless linear layers hold every parameter, and waits for memory where
-    they do not fit: with the defaults a ResNet-18 (11.2M parameters) needs 0.89 GB and a
-    124M-parameter decoder 32 GB, more than a 1.5× memory ceiling leaves on the reference jobs.
+    Cost per measurement: n·O backward passes through the model, O ≤ ``max_outputs`` (32·32 =
+    1,024 at the defaults), plus the products of :func:`dynlens.measures.ntk.ntk_of`'s structured
+    layers (linear, convolutional, embedding and normalisation layers) or the Jacobian
+    contraction of the other parameters; memory within the Lens's allowance, in chunks of
+    examples, waiting for memory where one example's share does not fit (a model of other
+    layers needs two examples' Jacobians, 2·O·P numbers). On the H200 reference job (ResNet-18,
+    batch 256, 10,000 steps; ``benchmarks/RESULTS.md``) it first fitted at step 7,095, and that
+    one measurement, in the small chunks the allowance left, took 4.25 s, 392 training steps.
+    A first measurement stops at the Lens's deadline between chunks and blocks (not under
+    ``torch.distributed``).
     """
 
     name = "ntk"
@@ -122,8 +126,11 @@ class NTK(Probe):
         inputs = slice_examples(inputs, 0, take)
         # under a memory limit, Jacobian contraction in chunks or a wait for memory: never the
         # NTK-vector products, which fit but stall training for minutes on a large model
+        # a first measurement stops at the Lens's deadline between chunks and blocks (not under
+        # torch.distributed, where the ranks' blocks differ)
+        check = ctx.check_time if ctx.group is None and ctx.deadline != math.inf else None
         result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
-                        group=ctx.group, vector_products=ctx.memory is None)
+                        group=ctx.group, vector_products=ctx.memory is None, check=check)
         kernel = result.kernel.detach().double().cpu()
         values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),
                                   "effective_rank": effective_rank(kernel),

@@ -1157,3 +1157,33 @@ def test_kernels_under_the_gpus_rules_equal_the_jacobians_products(mode, monkeyp
     got = ntk_of(model, x, mode=mode, implementation="structured", memory=4 * 2**20)
     assert max(groups) > 1
     assert relative_error(got.kernel, reference(model, x, None, mode)) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["structured", "jacobian", "ntk_vector"])
+def test_a_check_runs_between_units_of_work_and_may_stop_the_kernel(implementation):
+    model, x, _ = make("cnn_structured", n=7)
+    calls: list[int] = []
+    whole = ntk_of(model, x, mode="trace", implementation=implementation, chunk_size=3,
+                   check=lambda: calls.append(1))
+    # three chunks: each chunk's factors or Jacobians and each block, or each block of products
+    assert len(calls) >= (6 if implementation == "ntk_vector" else 9), len(calls)
+    assert relative_error(whole.kernel, reference(model, x, None, "trace")) < 1e-6
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_third() -> None:
+        calls.append(1)
+        if len(calls) >= 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        ntk_of(model, x, mode="trace", implementation=implementation, chunk_size=3, check=stop_at_the_third)
+    assert len(calls) == 3
+
+
+def test_a_check_is_refused_under_torch_distributed():
+    model, x, _ = make("cnn_structured", n=4)
+    with pytest.raises(ValueError, match="check= is not supported with group="):
+        ntk_of(model, x, group=object(), check=lambda: None)
