@@ -900,15 +900,20 @@ def _as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     for name in ("_COLUMNS_AT_ONCE_ON", "_TILED_ON", "_BATCHED_PASSES_ON"):
         monkeypatch.setattr(ntk_module, name, ("cuda", "cpu"))
     monkeypatch.setattr(ntk_module, "_TILE", 8)
-    groups: list[int] = []
-    output_gradients = ntk_module._output_gradients
+    return _spied(monkeypatch, "_output_gradients", lambda out, layer_outputs, num_outputs, group=1: group)
 
-    def spy(out, layer_outputs, num_outputs, group=1):
-        groups.append(group)
-        return output_gradients(out, layer_outputs, num_outputs, group)
 
-    monkeypatch.setattr(ntk_module, "_output_gradients", spy)
-    return groups
+def _spied(monkeypatch: pytest.MonkeyPatch, name: str, seen: object) -> list:
+    """``ntk_module.<name>`` wrapped to record ``seen(*its arguments)`` at each call."""
+    record: list = []
+    original = getattr(ntk_module, name)
+
+    def spy(*args, **kwargs):
+        record.append(seen(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ntk_module, name, spy)
+    return record
 
 
 @pytest.mark.parametrize("gpu_rules", [False, True])
@@ -1078,14 +1083,7 @@ def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, a
     whole = ntk_of(model, x, mode="full", implementation="structured")
     if at_once:  # with the GPU's other rules: tiles or even chunks, batched factor passes
         _as_on_a_gpu(monkeypatch)
-    rooms: list[int] = []
-    full_by_positions = ntk_module._full_by_positions
-
-    def spy(inputs, g1, g2, room=0):
-        rooms.append(room)
-        return full_by_positions(inputs, g1, g2, room)
-
-    monkeypatch.setattr(ntk_module, "_full_by_positions", spy)
+    rooms = _spied(monkeypatch, "_full_by_positions", lambda inputs, g1, g2, room=0: room)
     limited, peak = peak_bytes(lambda: ntk_of(model, x, mode="full", implementation="structured", memory=memory))
     assert (max(rooms) > 0) is at_once
     assert peak <= memory, f"held {peak:,} bytes at once with memory={memory:,}"
