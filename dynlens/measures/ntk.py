@@ -263,6 +263,41 @@ def _no_check() -> None:
     """The ``check`` of a measurement without a deadline."""
 
 
+def _factored_examples(n1: int, n2: int, same: bool, chunk: int, keep: bool) -> int:
+    """Examples whose factors :func:`_kernel_blocks` computes, counting each time (a chunk's at
+    most ``chunk``): every example once with kept factors; else, of one set in C chunks,
+    1 + C(C−1)/2 chunks, and of two sets the first once and the second again for each chunk
+    of the first."""
+    rows = -(-n1 // chunk)
+    if same:
+        return n1 if keep else min(n1, chunk) * (1 + rows * (rows - 1) // 2)
+    return n1 + (n2 if keep else rows * n2)
+
+
+def _plan_cost(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
+               pairs: int, factored: int) -> int:
+    """Multiply-adds of the structured products of the linear and convolutional layers by
+    ``routes`` (the others cost the same by any route set compared here): for each of
+    ``factored`` examples, the O backward passes through the layer (O·T·k·out) and, on the
+    Jacobian route, its Jacobians (O·T·out·k); for each of ``pairs`` pairs, the route's products
+    (:func:`_route`). Compares route sets whose chunks differ: a set that keeps more per
+    example takes smaller chunks and computes factors more often."""
+    o = num_outputs * num_outputs if mode == "full" else num_outputs
+    total = 0
+    for name, layer in layers.items():
+        if layer.kind not in ("linear", "conv"):
+            continue
+        t, k, out = layer.positions, layer.inputs, layer.outputs
+        total += factored * num_outputs * t * k * out
+        if routes[name] == "jacobians":
+            total += factored * num_outputs * t * out * k + pairs * o * out * k
+        elif mode == "full" and t > 1:
+            total += pairs * (t * t * (k + num_outputs * out) + t * o * out)
+        else:
+            total += pairs * t * t * (k + o * out + o)
+    return total
+
+
 def _mirrored(block: Tensor, mode: KernelMode) -> Tensor:
     """The block of the pair (second chunk, first chunk) from that of (first, second) of one set:
     K(x', x) = K(x, x')ᵀ, with the outputs' axes swapped for "full"."""
@@ -1499,18 +1534,30 @@ def ntk_of(
                 routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
                 keep = _keeps_factors(structured, routes, o, mode, budget, itemsize, n2)
                 activation = function.activation_bytes(1)
-                if not keep and mode == "trace" and _computes_twice(n1, n2, same, chunk_size or _tiled(
-                        _structured_chunk(structured, routes, o, mode, budget, itemsize, None, 0, activation),
-                        max(n1, n2), function.device)):
+
+                def planned(candidate: dict[str, str], kept: bool) -> int:
+                    return chunk_size or _tiled(_structured_chunk(structured, candidate, o, mode, budget, itemsize,
+                                                                  None, n2 if kept else 0, activation),
+                                                max(n1, n2), function.device)
+
+                own = planned(routes, False) if not keep and mode == "trace" else 0
+                if own and _computes_twice(n1, n2, same, own):
                     # the full kernel's routes send fewer layers to the Jacobian route (whose
-                    # contraction costs O² multiply-adds a pair there, O here); when those keep
-                    # their factors and the trace's would compute some twice, they are the
-                    # faster: a ResNet-18's trace kernel of 64 images on a CPU took 59 s by its
-                    # own routes, its full kernel 20 s, the Jacobians kept by the trace's routes
-                    # past half of 6 GB
+                    # contraction costs O² multiply-adds a pair there, O here) and keep less an
+                    # example: larger chunks, factors computed less often. Taken when they keep
+                    # their factors (a ResNet-18's trace kernel of 64 images on a CPU took 59 s by
+                    # its own routes, its full kernel 20 s, the Jacobians kept by the trace's
+                    # routes past half of 6 GB; of 256 on an H200 0.46 s in chunks of 128), or,
+                    # neither keeping, when cheaper counting the factors computed again
+                    # (_plan_cost): of 32 images in 0.5 GiB (the NTK probe under the Lens) the
+                    # trace's routes took chunks of one, the full kernel's of three
                     wider = {name: _route(layer, o, "full", examples, pairs) for name, layer in structured.items()}
-                    if _keeps_factors(structured, wider, o, mode, budget, itemsize, n2):
-                        routes, keep = wider, True
+                    wider_keep = _keeps_factors(structured, wider, o, mode, budget, itemsize, n2)
+                    if wider_keep or (
+                            _plan_cost(structured, wider, o, mode, pairs,
+                                       _factored_examples(n1, n2, same, planned(wider, False), False))
+                            < _plan_cost(structured, routes, o, mode, pairs, _factored_examples(n1, n2, same, own, False))):
+                        routes, keep = wider, wider_keep
                 # on a GPU the full kernel of a layer at several positions takes several examples
                 # of the second set at once in a quarter of the allowance (_full_by_positions);
                 # larger chunks would leave it none where the examples do not fit one chunk

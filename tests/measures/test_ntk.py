@@ -798,9 +798,11 @@ def test_kept_factors_are_computed_once_a_chunk_and_give_the_same_kernel(mode, t
     assert relative_error(whole.kernel, reference(model, x, second, mode)) < 1e-6
 
 
-def test_a_trace_kernel_takes_the_full_kernels_routes_when_only_those_keep_their_factors(monkeypatch):
+@pytest.mark.parametrize("cheaper", ["full", "trace"])
+def test_a_trace_kernel_takes_the_full_kernels_routes_when_those_keep_or_cost_less(cheaper, monkeypatch):
     # made explicit: the trace's routes send the convolutions to Jacobians, the full kernel's to
-    # positions, and only factors without the convolutions' Jacobians are kept
+    # positions, and only factors without the convolutions' Jacobians are kept (or none); the
+    # cost model (_plan_cost, its arithmetic tested below) made to prefer one or the other
     model, x, _ = make("cnn_structured", n=7)
     whole = ntk_of(model, x, mode="trace", implementation="structured")
     route = ntk_module._route
@@ -810,9 +812,19 @@ def test_a_trace_kernel_takes_the_full_kernels_routes_when_only_those_keep_their
             return "jacobians" if mode == "trace" else "positions"
         return route(layer, num_outputs, mode, examples, pairs)
 
+    def on_positions(routes):
+        return {r for name, r in routes.items() if name.startswith("conv")} == {"positions"}
+
     monkeypatch.setattr(ntk_module, "_route", routed)
     monkeypatch.setattr(ntk_module, "_keeps_factors", lambda layers, routes, *a: all(
         routes[name] != "jacobians" for name, layer in layers.items() if layer.kind == "conv"))
+    factored: dict[str, int] = {}
+
+    def cost(layers, routes, num_outputs, mode, pairs, examples):
+        factored["full" if on_positions(routes) else "trace"] = examples
+        return 1 if on_positions(routes) == (cheaper == "full") else 2
+
+    monkeypatch.setattr(ntk_module, "_plan_cost", cost)
     used = {}
     by_structure = ntk_module._by_structure
 
@@ -821,23 +833,52 @@ def test_a_trace_kernel_takes_the_full_kernels_routes_when_only_those_keep_their
         return by_structure(*args)
 
     monkeypatch.setattr(ntk_module, "_by_structure", recorded)
-    switched = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
-    assert used["keep"] is True
-    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"positions"}
-    torch.testing.assert_close(switched.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
-    # where neither keeps, the trace's own routes stay
+    chosen = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
+    # the full kernel's routes keep their factors: taken, whatever the costs
+    assert not factored
+    assert used["keep"] is True and on_positions(used["routes"])
+    torch.testing.assert_close(chosen.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    # neither keeps: the cheaper; in chunks of 2 of 7 examples both compute 1 + 4·3/2 chunks of
+    # factors
     monkeypatch.setattr(ntk_module, "_keeps_factors", lambda *a: False)
-    ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
-    assert used["keep"] is False
-    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"jacobians"}
-    # in two chunks no factor is computed twice without keeping them: the trace's routes stay
-    monkeypatch.setattr(ntk_module, "_keeps_factors", lambda layers, routes, *a: all(
-        routes[name] != "jacobians" for name, layer in layers.items() if layer.kind == "conv"))
+    chosen = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=2)
+    assert factored == {"trace": 2 * 7, "full": 2 * 7}
+    assert used["keep"] is False and on_positions(used["routes"]) is (cheaper == "full")
+    torch.testing.assert_close(chosen.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+    # in two chunks no factor is computed twice without keeping them: the trace's routes stay,
+    # whatever the costs
+    factored.clear()
     calls = _counted_factors(monkeypatch)
     two = ntk_of(model, x, mode="trace", implementation="structured", chunk_size=4)
-    assert used["keep"] is False and calls[0] == 2
-    assert {r for name, r in used["routes"].items() if name.startswith("conv")} == {"jacobians"}
+    assert used["keep"] is False and calls[0] == 2 and not factored
+    assert not on_positions(used["routes"])
     torch.testing.assert_close(two.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
+
+
+def test_the_plans_cost_counts_the_factors_computed_again_and_the_routes_products():
+    linear = ntk_module._Layer(kind="linear", names=("w",), positions=1, inputs=5, outputs=3, size=15)
+    conv = ntk_module._Layer(kind="conv", names=("c",), positions=4, inputs=6, outputs=2, size=12)
+    norm = ntk_module._Layer(kind="norm", names=("g",), positions=4, inputs=1, outputs=2, size=2)
+    layers = {"lin": linear, "conv": conv, "norm": norm}
+    o, pairs, examples = 3, 10, 7
+    by_jacobians = ntk_module._plan_cost(layers, {"lin": "positions", "conv": "jacobians", "norm": "jacobians"},
+                                         o, "trace", pairs, examples)
+    # passes O·T·k·out an example and layer; the linear layer's products pairs·T²·(k + O·out + O);
+    # the convolution's Jacobians O·T·out·k an example and contraction pairs·O·out·k; the
+    # normalisation left out
+    passes = examples * o * (1 * 5 * 3 + 4 * 6 * 2)
+    assert by_jacobians == passes + pairs * (5 + o * 3 + o) + examples * o * 4 * 2 * 6 + pairs * o * 2 * 6
+    by_positions = ntk_module._plan_cost(layers, {"lin": "positions", "conv": "positions", "norm": "jacobians"},
+                                         o, "full", pairs, examples)
+    o2 = o * o
+    assert by_positions == passes + pairs * (5 + o2 * 3 + o2) + pairs * (16 * (6 + o * 2) + 4 * o2 * 2)
+    # examples factored: kept, each once; of one set in C chunks, 1 + C(C−1)/2 chunks; of two,
+    # the second set again for each chunk of the first
+    assert ntk_module._factored_examples(7, 7, True, 2, True) == 7
+    assert ntk_module._factored_examples(7, 7, True, 2, False) == 2 * (1 + 6)
+    assert ntk_module._factored_examples(7, 7, True, 10, False) == 7
+    assert ntk_module._factored_examples(7, 5, False, 2, True) == 12
+    assert ntk_module._factored_examples(7, 5, False, 2, False) == 7 + 4 * 5
 
 
 @pytest.mark.parametrize("mode", ["trace", "full"])
