@@ -68,11 +68,12 @@ torch.func NTK tutorial), chosen by ``implementation``:
   are computed, the rest mirrored (:func:`_kernel_blocks`); on a GPU, chunks that split the
   examples are multiples of 128 (:func:`_tiled`). A ``"trace"`` kernel whose routes would keep
   too much (more Jacobians: its Jacobian route costs O, not O², a pair) and so compute some
-  chunk's factors twice takes the ``"full"`` kernel's routes when those keep their factors. A ``"full"`` kernel with layers at several positions
-  on the positions route sizes its chunks, on a GPU, in three quarters of ``memory`` and takes
-  the rest for several examples of the second set at once (:func:`_full_by_positions`: one at a
-  time was a matrix product of O columns per pair, slow there; on the CPU one at a time is the
-  faster). Cost ≈ N·O backward passes (of one set in C chunks whose factors are not kept,
+  chunk's factors twice takes the ``"full"`` kernel's routes when those keep their factors or,
+  neither keeping, cost less counting the factors computed again (:func:`_plan_cost`). A
+  ``"full"`` kernel with layers at several positions on the positions route sizes its chunks,
+  on a GPU, in three quarters of ``memory`` and takes the rest for several examples of the
+  second set at once (:func:`_full_by_positions`: one at a time was a matrix product of O
+  columns per pair, slow there; on the CPU one at a time is the faster). Cost ≈ N·O backward passes (of one set in C chunks whose factors are not kept,
   (1 + C(C−1)/2)·chunk·O; of two, N₁·O + C·N₂·O for C chunks of the first set) + the routes'
   multiply-adds.
 
@@ -280,21 +281,15 @@ def _plan_cost(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: i
     ``routes`` (the others cost the same by any route set compared here): for each of
     ``factored`` examples, the O backward passes through the layer (O·T·k·out) and, on the
     Jacobian route, its Jacobians (O·T·out·k); for each of ``pairs`` pairs, the route's products
-    (:func:`_route`). Compares route sets whose chunks differ: a set that keeps more per
+    (:func:`_route_costs`). Compares route sets whose chunks differ: a set that keeps more per
     example takes smaller chunks and computes factors more often."""
-    o = num_outputs * num_outputs if mode == "full" else num_outputs
     total = 0
     for name, layer in layers.items():
         if layer.kind not in ("linear", "conv"):
             continue
-        t, k, out = layer.positions, layer.inputs, layer.outputs
-        total += factored * num_outputs * t * k * out
-        if routes[name] == "jacobians":
-            total += factored * num_outputs * t * out * k + pairs * o * out * k
-        elif mode == "full" and t > 1:
-            total += pairs * (t * t * (k + num_outputs * out) + t * o * out)
-        else:
-            total += pairs * t * t * (k + o * out + o)
+        by_positions, by_jacobians = _route_costs(layer, num_outputs, mode, factored, pairs)
+        passes = factored * num_outputs * layer.positions * layer.inputs * layer.outputs
+        total += passes + (by_jacobians if routes[name] == "jacobians" else by_positions)
     return total
 
 
@@ -324,8 +319,9 @@ def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
     for r, (s1, e1) in enumerate(rows):
         if carried is None:
             check()
-        f1 = carried if carried is not None else first(s1, e1)
-        carried = None
+            f1 = first(s1, e1)
+        else:
+            f1, carried = carried, None
         if mode == "diagonal" or same:
             check()
             found[(r, r)] = block(f1, f1)
@@ -859,16 +855,24 @@ def _route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pai
         return "jacobians"
     if layer.kind == "tied":
         return _tied_route(layer, num_outputs, mode, examples, pairs)
-    t, k, out = layer.positions, layer.inputs, layer.outputs
-    if t == 1 or layer.kind == "embedding":
+    if layer.positions == 1 or layer.kind == "embedding":
         return "positions"
+    by_positions, by_jacobians = _route_costs(layer, num_outputs, mode, examples, pairs)
+    return "jacobians" if by_jacobians < _JACOBIAN_ROUTE_BELOW * by_positions else "positions"
+
+
+def _route_costs(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pairs: int) -> tuple[int, int]:
+    """Multiply-adds of a linear or convolutional layer's two routes (:func:`_route`), as
+    (positions, jacobians): pairs·T²·(k + O'·out + O') (for "full" at T > 1, the products of
+    :func:`_full_by_positions`, pairs·(T²·(k + O·out) + T·O²·out)), and N·O·T·out·k to form the
+    Jacobians of ``examples`` N plus pairs·O'·out·k to contract them."""
+    t, k, out = layer.positions, layer.inputs, layer.outputs
     o = num_outputs * num_outputs if mode == "full" else num_outputs
-    if mode == "full":
+    if mode == "full" and t > 1:
         by_positions = pairs * (t * t * (k + num_outputs * out) + t * o * out)
     else:
         by_positions = pairs * t * t * (k + o * out + o)
-    by_jacobians = examples * num_outputs * t * out * k + pairs * o * out * k
-    return "jacobians" if by_jacobians < _JACOBIAN_ROUTE_BELOW * by_positions else "positions"
+    return by_positions, examples * num_outputs * t * out * k + pairs * o * out * k
 
 
 def _tied_route(layer: _Layer, num_outputs: int, mode: KernelMode, examples: int, pairs: int) -> str:
