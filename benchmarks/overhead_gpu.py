@@ -2,6 +2,7 @@
 
     python benchmarks/overhead_gpu.py                      # both reference jobs, one H100/H200
     python benchmarks/overhead_gpu.py --only resnet        # one of them
+    python benchmarks/overhead_gpu.py --only resnet --bracket   # plain, with dynlens, plain again
     python benchmarks/overhead_gpu.py --smoke              # tiny models and steps (CPU or GPU)
 
 The two reference jobs (``benchmarks/models.py``), bf16 autocast, the probe batch = one
@@ -248,6 +249,9 @@ def main() -> None:
                         help="skip measuring λ_max again with float32 and TF32 products at the end")
     parser.add_argument("--basic-steps", type=int, default=200, help="steps of a lens.step() overhead block")
     parser.add_argument("--basic-rounds", type=int, default=5, help="rounds of lens.step() overhead blocks")
+    parser.add_argument("--bracket", action="store_true",
+                        help="time the run without dynlens again after the watched one; the overhead is then "
+                             "against the mean of the two (the machine's own drift shows as their difference)")
     parser.add_argument("--skip-basic", action="store_true", help="skip the lens.step() overhead blocks")
     parser.add_argument("--trace-imports", action="store_true",
                         help="print the stack that first imports torch._dynamo (seconds on first use)")
@@ -276,13 +280,18 @@ def main() -> None:
             plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"))
             watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget,
                           args.probes, not args.no_precision_check)
+            again = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain_again")) \
+                if args.bracket else None
             basic = None if args.skip_basic else lens_step_overhead(
                 job, args.device, args.smoke, 20 if args.smoke else args.basic_steps,
                 2 if args.smoke else args.basic_rounds, os.path.join(tmp, "basic"))
-        step_seconds = plain["seconds"] / steps
+        plain_seconds = plain["seconds"] if again is None else (plain["seconds"] + again["seconds"]) / 2
+        step_seconds = plain_seconds / steps
         summary = {
             "steps": steps, "step_ms": step_seconds * 1e3,
-            "overhead": watched["seconds"] / plain["seconds"] - 1,
+            "overhead": watched["seconds"] / plain_seconds - 1,
+            "plain_seconds": [r["seconds"] for r in (plain, again) if r is not None],
+            "watched_seconds": watched["seconds"],
             "peak_memory_ratio": (watched["peak_memory"] / plain["peak_memory"]
                                   if plain["peak_memory"] else None),
             "peak_memory_gib": [None if r["peak_memory"] is None else r["peak_memory"] / 2**30
@@ -294,7 +303,7 @@ def main() -> None:
                 p: s / step_seconds for p, s in watched["first_measurements"].items()},
             "lens_step_basic": basic,
         }
-        report["jobs"][job] = {"summary": summary, "plain": plain, "lens": watched}
+        report["jobs"][job] = {"summary": summary, "plain": plain, "lens": watched, "plain_again": again}
         print(job, json.dumps(summary, indent=1), flush=True)
         print(job, "costs", json.dumps(watched["costs"], indent=1), flush=True)
         print(job, "last_tracked", json.dumps(watched.get("last_tracked")), flush=True)
