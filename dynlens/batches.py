@@ -97,6 +97,23 @@ def slice_examples(tree: Any, start: int, stop: int, step: int = 1) -> Any:
     return tree_map(lambda x: x[start:stop:step] if isinstance(x, Tensor) and x.dim() > 0 else x, tree)
 
 
+def _token_length(tree: Any) -> int | None:
+    """The length T of the token sequences in a batch's inputs: the second dimension of its first
+    integer tensor of shape (examples, T); None when it holds none (images, features)."""
+    for x in tree_flatten(tree)[0]:
+        if isinstance(x, Tensor) and x.dim() == 2 and not x.is_floating_point() and not x.is_complex() \
+                and x.dtype != torch.bool:
+            return int(x.shape[1])
+    return None
+
+
+def _last_tokens(tree: Any, length: int, keep: int) -> Any:
+    """The last ``keep`` positions of every tensor leaf whose second dimension is the sequence
+    ``length`` (the tokens, and an attention mask or position ids beside them)."""
+    return tree_map(lambda x: x[:, length - keep:] if isinstance(x, Tensor) and x.dim() >= 2
+                    and x.shape[1] == length else x, tree)
+
+
 def _example_dims(tree: Any) -> Any:
     """``vmap`` in_dims for a batch: 0 for tensors with a batch dimension, None elsewhere."""
     return tree_map(lambda x: 0 if isinstance(x, Tensor) and x.dim() > 0 else None, tree)

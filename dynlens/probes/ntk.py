@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynlens.batches import batch_size, call_model, slice_examples, split_batch
+from dynlens.batches import (
+    _last_tokens,
+    _token_length,
+    batch_size,
+    call_model,
+    slice_examples,
+    split_batch,
+)
+from dynlens.budget import MemoryBudgetTooSmall
 from dynlens.distributed import gather_rows, gather_sizes, rank
 from dynlens.measures.ntk import (
     condition_number,
@@ -25,6 +33,8 @@ from dynlens.probes.base import Context, Labelled, Probe, Values
 __all__ = ["NTK"]
 
 TOP_EIGENVALUES = 5
+# a sequence model's first kernel halves its tokens down to this many while it does not fit
+MIN_TOKENS = 8
 
 
 class _Projected(nn.Module):
@@ -63,6 +73,16 @@ class NTK(Probe):
     vocabulary becomes 32 random directions). Targets for the alignment: integer classes
     (one-hot), or values; a sequence model's at the last position.
 
+    Long sequences: where the inputs are token sequences (an integer tensor of shape (examples,
+    T), with any attention mask beside it) and the first kernel's factors do not fit the memory
+    allowance on whole sequences, it is taken on the last T/2, T/4, ... tokens of each
+    sequence (at least ``MIN_TOKENS``), the longest that fits, and every later kernel on as many
+    (recorded as ``tokens``, with a note), so that the kernels compare: the NTK of the model on
+    those shorter inputs, still at their last position. On the 124M decoder of 512 tokens, 32
+    outputs need ~56 MB a token and a sequence (inputs and output gradients of every layer,
+    kept for the blocks), so a 1.7 GB allowance takes 16 tokens. Not under ``torch.distributed``,
+    where the ranks' allowances differ: there a kernel that does not fit waits.
+
     Args:
         every / at / schedule: the schedule (see :class:`Probe`); default every 200 steps.
         n: examples of the probe batch the kernel is taken on (the first n).
@@ -96,6 +116,7 @@ class NTK(Probe):
         self._previous: tuple[int, Tensor] | None = None
         self._projection: Tensor | None = None
         self._projected_from: int | None = None
+        self._tokens: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n": self.n, "max_outputs": self.max_outputs, "per_layer": self.per_layer}
@@ -129,12 +150,31 @@ class NTK(Probe):
         # a first measurement stops at the Lens's deadline between chunks and blocks (not under
         # torch.distributed, where the ranks' blocks differ)
         check = ctx.check_time if ctx.group is None and ctx.deadline != math.inf else None
-        result = ntk_of(model, inputs, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
-                        group=ctx.group, vector_products=ctx.memory is None, check=check)
+        length = _token_length(inputs) if ctx.group is None else None
+        tokens = length if length is None or self._tokens is None else min(self._tokens, length)
+        while True:
+            shortened = inputs if tokens == length else _last_tokens(inputs, length, tokens)
+            try:
+                result = ntk_of(model, shortened, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
+                                group=ctx.group, vector_products=ctx.memory is None, check=check)
+                break
+            except MemoryBudgetTooSmall:
+                # a first kernel of token sequences: their last half, down to MIN_TOKENS
+                if self._tokens is not None or tokens is None or tokens // 2 < MIN_TOKENS:
+                    raise
+                tokens //= 2
+        if length is not None and self._tokens is None:
+            self._tokens = tokens
+            if tokens < length:
+                self.note("tokens", f"the kernel is taken on the last {tokens} of {length} tokens of each sequence "
+                                    f"(the longest that fitted memory={ctx.memory:,} bytes at step {ctx.step}), "
+                                    "and so at every measurement")
         kernel = result.kernel.detach().double().cpu()
         values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),
                                   "effective_rank": effective_rank(kernel),
                                   "condition_number": condition_number(kernel)}
+        if tokens is not None:
+            values["tokens"] = float(tokens)
         eigenvalues = kernel_eigenvalues(kernel)[:TOP_EIGENVALUES].numpy()
         values["top_eigenvalues"] = Labelled(eigenvalues, tuple(f"λ{i + 1}" for i in range(len(eigenvalues))))
         if self._initial is None:

@@ -109,3 +109,70 @@ def test_each_ntk_rule_fires_on_its_planted_run_only(tmp_path, rule, records, qu
 
     assert planted(tmp_path / "a", records) == [rule]
     assert planted(tmp_path / "b", quiet) == []
+
+
+class _TinyLanguageModel(nn.Module):
+    """Tokens → embedding → a causal running mean → linear → logits at every position: each
+    position's outputs depend on all tokens up to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(1000, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)
+        return self.head(torch.tanh(self.mix(h.cumsum(1) / steps[:, None])))
+
+
+class _LastPosition(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)[:, -1]
+
+
+def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps_them():
+    from dynlens.budget import MemoryBudgetTooSmall
+    from dynlens.measures.ntk import ntk_of
+
+    torch.manual_seed(0)
+    model = _TinyLanguageModel().double()
+    tokens, targets = torch.randint(0, 1000, (6, 32)), torch.randint(0, 5, (6, 32))
+    memory = 100_000
+
+    def fits(keep: int) -> bool:
+        try:
+            ntk_of(_LastPosition(model), tokens[:, 32 - keep:], memory=memory, vector_products=False)
+        except MemoryBudgetTooSmall:
+            return False
+        return True
+
+    expected = next(keep for keep in (32, 16, 8) if fits(keep))
+    assert expected < 32  # the whole sequences do not fit: the case under test
+
+    probe = dl.probes.NTK(n=6)
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(tokens, targets),
+                            optimizer=None, step=0, memory=memory)
+    first = probe.measure(ctx)
+    oracle = _jacobian_kernel(_LastPosition(model), tokens[:, 32 - expected:])
+    assert first["tokens"] == expected
+    assert first["trace"] == pytest.approx(float(oracle.diagonal().sum()), rel=1e-9)
+    assert f"last {expected} of 32 tokens" in probe.notes["tokens"]
+    # a later kernel with memory to spare is taken on as many tokens, so the two compare
+    later = probe.measure(dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(tokens, targets),
+                                            optimizer=None, step=5))
+    assert later["tokens"] == expected and later["distance_from_init"] == pytest.approx(0.0, abs=1e-12)
+
+    # not even MIN_TOKENS fit: the probe waits (the Lens's memory error), as an image model does
+    tight = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(tokens, targets),
+                              optimizer=None, step=0, memory=2_000)
+    with pytest.raises(MemoryBudgetTooSmall):
+        dl.probes.NTK(n=6).measure(tight)
+    images = dl.probes.Context(model=nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 5)),
+                               loss_fn=nn.CrossEntropyLoss(), probe_batch=(torch.randn(6, 8, 8), targets[:, 0]),
+                               optimizer=None, step=0, memory=2_000)
+    with pytest.raises(MemoryBudgetTooSmall):
+        dl.probes.NTK(n=6).measure(images)
