@@ -153,6 +153,11 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
             probe: sorted({int(s) for s in saved.scalars(probe)["step"]})
             for probe in saved.probes() if probe not in ("train", "lens")}
         result["meta_costs"] = saved.meta.get("costs")
+        result["notes"] = saved.meta.get("notes")
+        if "ntk" in saved.probes():
+            ntk = saved.scalars("ntk")
+            result["ntk"] = {name: [[int(r.step), float(r.value)] for r in ntk[ntk["name"] == name].itertuples()]
+                             for name in ("tokens", "distance_from_init", "alignment", "trace")}
         sharp = saved.scalars("hessian", "sharpness")
         if len(sharp) and snapshot is not None:
             last = sharp.iloc[-1]
