@@ -94,7 +94,8 @@ def train_step(model, loss_fn, optimizer, batch, device: str):
 
 
 def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir: str,
-        budget: float | None = 0.05, probes: str = "default", precision_check: bool = True) -> dict[str, Any]:
+        budget: float | None = 0.05, probes: str = "default", precision_check: bool = True,
+        window: int = 0) -> dict[str, Any]:
     model, loss_fn, optimizer, data = build(job, device, smoke)
     for i in range(3):  # warm-up (cuDNN, allocator) on a throwaway copy of the state
         train_step(model, loss_fn, optimizer, data[i], device)
@@ -127,6 +128,7 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
 
     if lens is not None:
         keep_if_measured()
+    windows, mark = [], time.perf_counter()
     for step in range(steps):
         loss = train_step(model, loss_fn, optimizer, data[step % len(data)], device)
         if lens is not None:
@@ -134,6 +136,11 @@ def run(job: str, device: str, steps: int, smoke: bool, with_lens: bool, run_dir
             lens.step(loss=loss)
             step_times.append(time.perf_counter() - before)
             keep_if_measured()
+        if window and (step + 1) % window == 0:  # where in the run the time went
+            sync(device)
+            windows.append(time.perf_counter() - mark)
+            mark = time.perf_counter()
+    result["window_seconds"] = windows
     if lens is not None:
         lens.close()
     sync(device)
@@ -257,6 +264,8 @@ def main() -> None:
     parser.add_argument("--bracket", action="store_true",
                         help="time the run without dynlens again after the watched one; the overhead is then "
                              "against the mean of the two (the machine's own drift shows as their difference)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="also time each block of this many steps (one synchronisation a block)")
     parser.add_argument("--skip-basic", action="store_true", help="skip the lens.step() overhead blocks")
     parser.add_argument("--trace-imports", action="store_true",
                         help="print the stack that first imports torch._dynamo (seconds on first use)")
@@ -282,11 +291,11 @@ def main() -> None:
     for job in args.only.split(","):
         steps = args.steps or (60 if args.smoke else JOBS[job]["steps"])
         with tempfile.TemporaryDirectory() as tmp:
-            plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"))
+            plain = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain"), window=args.window)
             watched = run(job, args.device, steps, args.smoke, True, os.path.join(tmp, "lens"), budget,
-                          args.probes, not args.no_precision_check)
-            again = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain_again")) \
-                if args.bracket else None
+                          args.probes, not args.no_precision_check, args.window)
+            again = run(job, args.device, steps, args.smoke, False, os.path.join(tmp, "plain_again"),
+                        window=args.window) if args.bracket else None
             basic = None if args.skip_basic else lens_step_overhead(
                 job, args.device, args.smoke, 20 if args.smoke else args.basic_steps,
                 2 if args.smoke else args.basic_rounds, os.path.join(tmp, "basic"))
