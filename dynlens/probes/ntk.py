@@ -18,8 +18,9 @@ from dynlens.batches import (
     slice_examples,
     split_batch,
 )
-from dynlens.budget import MemoryBudgetTooSmall
+from dynlens.budget import MemoryBudgetTooSmall, OverBudget
 from dynlens.distributed import gather_rows, gather_sizes, rank
+from dynlens.functional import isolated
 from dynlens.measures.ntk import (
     condition_number,
     effective_rank,
@@ -78,7 +79,8 @@ class NTK(Probe):
     allowance on whole sequences, it is taken on the last T/2, T/4, ... tokens of each
     sequence (at least ``MIN_TOKENS``), the longest that fits, and every later kernel on as many
     (recorded as ``tokens``, with a note), so that the kernels compare: the NTK of the model on
-    those shorter inputs, still at their last position. On the 124M decoder of 512 tokens, 32
+    those shorter inputs, still at their last position. A first kernel stopped at its deadline
+    after its memory test starts its next try from the tokens that fitted. On the 124M decoder of 512 tokens, 32
     outputs need ~56 MB a token and a sequence (inputs and output gradients of every layer,
     kept for the blocks), so a 1.7 GB allowance takes 16 tokens. Not under ``torch.distributed``,
     where the ranks' allowances differ: there a kernel that does not fit waits.
@@ -117,13 +119,16 @@ class NTK(Probe):
         self._projection: Tensor | None = None
         self._projected_from: int | None = None
         self._tokens: int | None = None
+        self._fitted: int | None = None  # the tokens a first kernel stopped at its deadline fitted
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n": self.n, "max_outputs": self.max_outputs, "per_layer": self.per_layer}
 
     def _model(self, ctx: Context, inputs: Any) -> _Projected:
         if self._projected_from is None:
-            with torch.no_grad():
+            # in eval mode, as every kernel is taken (a BatchNorm in train mode would update its
+            # running statistics, and refuse one example), also when measure is called directly
+            with isolated(ctx.model, "eval"), torch.no_grad():
                 outputs = call_model(_Projected(ctx.model, None), inputs).shape[1]
             self._projected_from = outputs
             if outputs > self.max_outputs:
@@ -151,7 +156,7 @@ class NTK(Probe):
         # torch.distributed, where the ranks' blocks differ)
         check = ctx.check_time if ctx.group is None and ctx.deadline != math.inf else None
         length = _token_length(inputs) if ctx.group is None else None
-        tokens = length if length is None or self._tokens is None else min(self._tokens, length)
+        tokens = length if length is None else min(self._tokens or self._fitted or length, length)
         while True:
             shortened = inputs if tokens == length else _last_tokens(inputs, length, tokens)
             try:
@@ -163,6 +168,11 @@ class NTK(Probe):
                 if self._tokens is not None or tokens is None or tokens // 2 < MIN_TOKENS:
                     raise
                 tokens //= 2
+            except OverBudget:
+                # stopped at the deadline past the memory test: the next try starts from these tokens
+                if self._tokens is None and tokens is not None:
+                    self._fitted = tokens
+                raise
         if length is not None and self._tokens is None:
             self._tokens = tokens
             if tokens < length:

@@ -134,8 +134,9 @@ class _LastPosition(nn.Module):
         return self.model(tokens)[:, -1]
 
 
-def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps_them():
-    from dynlens.budget import MemoryBudgetTooSmall
+def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps_them(monkeypatch):
+    import dynlens.probes.ntk as probe_module
+    from dynlens.budget import MemoryBudgetTooSmall, OverBudget
     from dynlens.measures.ntk import ntk_of
 
     torch.manual_seed(0)
@@ -154,9 +155,19 @@ def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps
     assert expected < 32  # the whole sequences do not fit: the case under test
 
     probe = dl.probes.NTK(n=6)
+    # a first try stopped at its deadline (past the memory test): the next starts at the tokens that fitted
+    lengths: list[int] = []
+    monkeypatch.setattr(probe_module, "ntk_of", lambda m, x, **k: lengths.append(x.shape[1]) or ntk_of(m, x, **k))
+    late = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(tokens, targets),
+                             optimizer=None, step=0, memory=memory, clock=lambda: 1.0, deadline=0.5)
+    with pytest.raises(OverBudget):
+        probe.measure(late)
+    assert lengths[0] == 32 and lengths[-1] == expected
+    lengths.clear()
     ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(tokens, targets),
                             optimizer=None, step=0, memory=memory)
     first = probe.measure(ctx)
+    assert lengths == [expected]
     oracle = _jacobian_kernel(_LastPosition(model), tokens[:, 32 - expected:])
     assert first["tokens"] == expected
     assert first["trace"] == pytest.approx(float(oracle.diagonal().sum()), rel=1e-9)
@@ -176,3 +187,15 @@ def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps
                                optimizer=None, step=0, memory=2_000)
     with pytest.raises(MemoryBudgetTooSmall):
         dl.probes.NTK(n=6).measure(images)
+
+
+def test_measure_called_on_a_model_in_train_mode_leaves_its_batchnorm_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double().train()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    values = dl.probes.NTK(n=8).measure(ctx)  # the output count was taken on one example in train mode
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    oracle = _jacobian_kernel(model.eval(), x[:8])  # the kernel is the eval-mode one
+    assert values["trace"] == pytest.approx(float(oracle.diagonal().sum()), rel=1e-9)
