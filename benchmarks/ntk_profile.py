@@ -39,11 +39,11 @@ def _plan(model: torch.nn.Module, x: Any, mode: str, memory: int | None) -> dict
     seen: dict[str, Any] = {}
     original = ntk_module._by_structure
 
-    def spy(function: Any, inputs1: Any, inputs2: Any, same: bool, mode_: Any, layers: Any, routes: Any,
-            chunk: int, num_outputs: int, keep: bool = False, room: int = 0) -> Any:
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        routes, chunk, keep, room = args[6], args[7], args[9], args[10] if len(args) > 10 else 0
         seen.update(chunk=chunk, keep=keep, room_bytes=room * 4, routes=dict(routes),
                     jacobian_layers=sum(r == "jacobians" for r in routes.values()), layers=len(routes))
-        return original(function, inputs1, inputs2, same, mode_, layers, routes, chunk, num_outputs, keep, room)
+        return original(*args, **kwargs)
 
     ntk_module._by_structure = spy
     try:

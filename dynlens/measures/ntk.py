@@ -562,6 +562,17 @@ class _Layer:
             return t + num_outputs * t * out + s * out + num_outputs * s * k
         return t * k + num_outputs * t * out
 
+    def kept_numbers(self, num_outputs: int) -> int:
+        """Numbers of one example's factors once computed, as a block reads them: those of
+        :meth:`factor_numbers`, but a tied weight's linear-layer positions only the active ones
+        (:meth:`linear_positions`; :func:`_tied_factors` drops the others). A 124M decoder
+        measured at its last position keeps O·V numbers of the output layer an example, not
+        O·S·V: 1.6M, not 25.7M, for 32 outputs and 16 tokens."""
+        if self.kind != "tied":
+            return self.factor_numbers(num_outputs)
+        t, s = self.positions, self.linear_positions()
+        return t + num_outputs * t * self.outputs + s * self.outputs + num_outputs * s * self.inputs
+
     def linear_positions(self) -> int:
         """A tied weight's linear-layer positions the route's estimate takes: ``active`` where
         the check saw it, else S."""
@@ -899,8 +910,9 @@ def _tied_block_numbers(layer: _Layer, num_outputs: int, mode: KernelMode) -> in
     T²·(1 + O') (T² + O' for "full"), the linear layer's S²·(1 + O') (S² + O' and S·O·V of
     :func:`_full_by_positions` for "full"), or a cross term's gathered output gradients
     O·S·T and its product over positions, O·T·min(d, S) (:func:`_tied_cross`), each with the
-    block's O'."""
-    t, v, d, s = layer.positions, layer.inputs, layer.outputs, layer.tied_positions
+    block's O'; S the linear layer's active positions, the ones its kept factors hold."""
+    # the blocks read the kept factors, the linear layer's active positions only (_tied_factors)
+    t, v, d, s = layer.positions, layer.inputs, layer.outputs, layer.linear_positions()
     o = num_outputs * num_outputs if mode == "full" else num_outputs
     if mode == "full":
         embedding, linear = t * t + o, s * s + o + s * num_outputs * v
@@ -920,7 +932,8 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
     products are computed one after another (summed over the layers, a 124M decoder's full
     kernel of 64 sequences was cut into chunks of 5), and for "diagonal" the whole block (linear
     in the examples there). ``kept``: what a chunk keeps for its blocks, F on the positions
-    route, the O·size Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
+    route (a tied weight's active linear positions only: :meth:`_Layer.kept_numbers`), the
+    O·size Jacobian entries on the Jacobian route. ``quadratic``: the largest positions-route block of
     one pair, O' = O² for "full", else O: "trace", the inputs' and the output gradients'
     products over positions and one copy of one of them that einsum makes to contract them,
     3·T² + O'; "full" at one position T²·(1 + O') + O', at several T² + O' (the rest is in
@@ -933,7 +946,7 @@ def _structured_numbers(layers: dict[str, _Layer], routes: dict[str, str], num_o
         if routes[name] == "jacobians":
             kept += num_outputs * layer.size
             continue
-        kept += factors
+        kept += layer.kept_numbers(num_outputs)
         if layer.kind == "tied":
             block = _tied_block_numbers(layer, num_outputs, mode)
         else:

@@ -259,3 +259,26 @@ def test_tied_chunks_equal_one_chunk_and_memory_splits_them(mode, monkeypatch):
     assert 1 <= chunks[-1] < 7
     torch.testing.assert_close(small.kernel, whole.kernel, rtol=1e-10, atol=1e-12)
     assert relative_error(whole.kernel, oracle(model, x, second, mode)) < 1e-6
+
+
+@pytest.mark.parametrize("every_position", [False, True], ids=["last position", "every position"])
+def test_the_kept_factors_are_as_many_numbers_as_the_plan_counts(every_position):
+    """The chunk rule's count of what a chunk keeps (``_Layer.kept_numbers``) against the factors
+    ``_factors`` hands the blocks: a tied weight measured at the last position keeps its output
+    layer's gradient at one position of five, so counting all five would shrink the chunks."""
+    model, x = build(every_position=every_position), tokens(4, 6)
+    layers = structured(model, x)
+    outputs = model(x[:1]).numel()
+    function = ModelFunction(model, lambda out, targets: out.sum(), (x, None))
+    routes = {name: "jacobians" if layer.kind == "norm" else "positions" for name, layer in layers.items()}
+    with isolated(model, "eval"):
+        factors = ntk_module._factors(function, layers, function.inputs, outputs, routes)
+    for name, layer in layers.items():
+        if routes[name] == "positions":
+            held = sum(t.numel() for t in factors[name])
+            assert held == x.shape[0] * layer.kept_numbers(outputs), name
+    tied = layers["embed"]
+    # the output layer's positions: all five while computed, the active ones once kept
+    assert tied.factor_numbers(outputs) - tied.kept_numbers(outputs) == \
+        (POSITIONS - tied.linear_positions()) * (WIDTH + outputs * VOCABULARY)
+    assert (tied.kept_numbers(outputs) < tied.factor_numbers(outputs)) != every_position
