@@ -536,7 +536,12 @@ class _Layer:
     modules' names (embedding, linear), ``tied_positions`` S the rows of the linear layer's
     input, and ``active`` the rows of those whose output gradient was not zero on the check's
     examples (a language model measured at its last position: 1), which the route's estimate
-    takes (0: unknown, S)."""
+    takes (0: unknown, S).
+
+    ``shared``: an ``nn.Embedding`` called on indices without the examples' dimension (GPT-2's
+    position embedding, ``embedding(arange(T))``), its output broadcast to every example by
+    the model: the factor passes hand the model that output expanded to each example
+    (:func:`_shared_output`), so that each example's output gradient is its own."""
 
     kind: str
     names: tuple[str, ...]
@@ -547,6 +552,7 @@ class _Layer:
     modules: tuple[str, ...] = ()
     tied_positions: int = 0
     active: int = 0
+    shared: bool = False
 
     def factor_numbers(self, num_outputs: int) -> int:
         """Numbers of one example's factors: inputs and O output gradients (a normalisation's
@@ -691,6 +697,8 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         else:
             hooked[name] = layer.kind
     modules = {name: function.model.get_submodule(name) for name in hooked}
+    shared = {name for name, layer in layers.items() if layer.shared}
+    n = batch_size(inputs)
     captured: dict[str, tuple[Tensor, Tensor, int]] = {}
     copied: set[str] = set()
 
@@ -699,6 +707,8 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
 
         def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0].detach()
+            if name in shared:
+                x, output = x.reshape(1, -1).expand(n, -1), _shared_output(output, n)
             if kind == "conv":
                 x = _patches(module, x)
             elif kind == "norm":
@@ -723,7 +733,6 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         if not changed - copied:
             break
         copied |= changed
-    n = out.shape[0]
     layer_outputs = [captured[name][1] for name in hooked]
     with torch.enable_grad():
         per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs, group), strict=True))
@@ -757,6 +766,12 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
         else:
             factors[name] = (a, g)
     return factors
+
+
+def _shared_output(output: Tensor, n: int) -> Tensor:
+    """A shared layer's output (no examples' dimension) expanded to ``n`` examples, (n, *shape):
+    what the model broadcasts it to, as a tensor of its own whose gradient is per example."""
+    return output.unsqueeze(0).expand(n, *output.shape)
 
 
 def _tied_factors(modules: dict[str, nn.Module], layer: _Layer, captured: dict[str, tuple[Tensor, Tensor, int]],
@@ -1112,6 +1127,7 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         counted[linear] = function.model.get_submodule(linear)
     calls: dict[str, int] = dict.fromkeys(counted, 0)
     shapes: dict[str, tuple[int, int]] = {}  # the entries of an input and an output, all examples
+    shared_shapes: dict[str, tuple[int, int]] = {}  # an embedding's on indices shared by the examples
     sample = slice_examples(inputs, 0, min(2, batch_size(inputs)))
     n = batch_size(sample)
 
@@ -1126,6 +1142,11 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
             if (args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and args[0].dim() >= batched
                     and args[0].shape[0] == n and output.shape[0] == n):
                 shapes[name] = (args[0].numel(), output.numel())
+            elif isinstance(module, nn.Embedding) and args and isinstance(args[0], Tensor) and \
+                    isinstance(output, Tensor):
+                # indices shared by every example (positions): structured if the model's
+                # outputs are the same with its output expanded to the examples (below)
+                shared_shapes[name] = (args[0].numel(), output.numel())
         return count
 
     handles = [module.register_forward_hook(counter(name)) for name, module in counted.items()]
@@ -1137,6 +1158,10 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
             handle.remove()
     layers: dict[str, _Layer] = {}
     for name, (module, kind, names) in candidates.items():
+        if calls[name] == 1 and name in shared_shapes and kind == "embedding" and name not in shapes:
+            t, d = shared_shapes[name][0], module.weight.shape[1]
+            layers[name] = _Layer(kind, names, t, module.weight.shape[0], d, chosen[names[0]].numel(), shared=True)
+            continue
         if calls[name] != 1 or name not in shapes:
             continue
         size_in, size_out = (s // n for s in shapes[name])
@@ -1158,6 +1183,8 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         tokens, rows = shapes[embedding][0] // n, shapes[linear][0] // n // width
         layers[name] = _Layer("tied", (weight_name,), tokens, vocabulary, width, vocabulary * width,
                               modules=(embedding, linear), tied_positions=rows)
+    if any(layer.shared for layer in layers.values()) and not _broadcasts(function, layers, sample):
+        layers = {name: layer for name, layer in layers.items() if not layer.shared}
     if not layers:
         return {}, 0
     itemsize = next(iter(chosen.values())).element_size()
@@ -1205,6 +1232,30 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         if all(auto is not None and (auto - mine).norm() <= 1e-4 * auto.norm() + 1e-30 for auto, mine in pairs):
             exact[name] = layer
     return exact, factors_bytes
+
+
+def _broadcasts(function: ModelFunction, layers: dict[str, _Layer], sample: Any) -> bool:
+    """Whether the model's outputs on ``sample`` are the same, in shape and value, with its
+    shared layers' outputs expanded to the examples (:func:`_shared_output`), as the factor
+    passes hand them on: the model broadcasts them to the examples (``tokens + positions``);
+    one that reshapes them first (``positions.unsqueeze(0)``) would compute something else."""
+    n = batch_size(sample)
+
+    def expand(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return _shared_output(output, n)
+
+    modules = [function.model.get_submodule(name) for name, layer in layers.items() if layer.shared]
+    with torch.no_grad():
+        plain = _flat_outputs(function, function.params, sample)
+        handles = [module.register_forward_hook(expand) for module in modules]
+        try:
+            expanded = _flat_outputs(function, function.params, sample)
+        except (RuntimeError, ValueError):
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+    return expanded.shape == plain.shape and torch.allclose(expanded, plain, rtol=1e-5, atol=1e-7)
 
 
 def _tied_candidates(function: ModelFunction, counts: dict[int, int]) -> dict[str, tuple[str, str, str]]:

@@ -282,3 +282,37 @@ def test_the_kept_factors_are_as_many_numbers_as_the_plan_counts(every_position)
     assert tied.factor_numbers(outputs) - tied.kept_numbers(outputs) == \
         (POSITIONS - tied.linear_positions()) * (WIDTH + outputs * VOCABULARY)
     assert (tied.kept_numbers(outputs) < tied.factor_numbers(outputs)) != every_position
+
+
+class WithPositions(TiedLanguageModel):
+    """TiedLanguageModel with a learned position embedding called on ``arange(T)`` (GPT-2's),
+    its output added to the tokens' by broadcasting, or, with ``unsqueezed``, after
+    ``unsqueeze(0)`` (the same function; expanded to the examples it would be another)."""
+
+    def __init__(self, unsqueezed: bool = False) -> None:
+        super().__init__()
+        self.unsqueezed = unsqueezed
+        self.positions = nn.Embedding(POSITIONS, WIDTH)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = self.positions(torch.arange(tokens.shape[1]))
+        x = self.embed(tokens) + (p.unsqueeze(0) if self.unsqueezed else p)
+        x = torch.cumsum(self.ln1(x), dim=1) / torch.arange(1, tokens.shape[1] + 1, dtype=x.dtype)[:, None]
+        return self.head(self.ln2(torch.tanh(self.hidden(x))))[:, -1]
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_an_embedding_of_positions_shared_by_the_examples_is_structured(mode):
+    model, x = build(WithPositions), tokens(4, 7)
+    layers = structured(model, x)
+    assert layers["positions"].shared and layers["positions"].positions == POSITIONS
+    result = ntk_of(model, x, mode=mode, per_layer=True)
+    assert result.implementation == "structured"
+    assert relative_error(result.kernel, oracle(model, x, None, mode)) < 1e-6
+    alone = ntk_of(model, x, mode=mode, implementation="jacobian", params=["positions.weight"])
+    assert relative_error(result.per_layer["positions"], alone.kernel) < 1e-6
+    # a model that reshapes the shared output computes something else with it expanded: not structured
+    reshaping = build(WithPositions, unsqueezed=True)
+    assert "positions" not in structured(reshaping, x) and "hidden" in structured(reshaping, x)
+    result = ntk_of(reshaping, x, mode=mode, implementation="structured")
+    assert relative_error(result.kernel, oracle(reshaping, x, None, mode)) < 1e-6
