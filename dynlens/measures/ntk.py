@@ -26,7 +26,9 @@ torch.func NTK tutorial), chosen by ``implementation``:
   input patches (a = ``F.unfold`` of the input, (n, T, C_in·kernel size) at the T output
   positions); ``nn.Embedding`` (no ``max_norm`` or ``scale_grad_by_freq``) as a linear map of
   one-hot tokens, a_t·a'_s = [token_t = token'_s] (not the padding token), always on the
-  positions route; and the affine parameters of BatchNorm (eval mode, running statistics),
+  positions route, also one called on indices shared by the examples (GPT-2's position
+  embedding on ``arange(T)``), whose output the factor passes expand to the examples where the
+  model's outputs stay the same (:func:`_broadcasts`); and the affine parameters of BatchNorm (eval mode, running statistics),
   LayerNorm and GroupNorm; and a weight W (V×d) shared by exactly one ``nn.Embedding`` and one
   ``nn.Linear`` (V outputs, d inputs) as both their ``weight`` (GPT-2's token embedding tied to
   its output layer), whose Jacobian is the sum of both uses', J = J_emb + J_lin, with
@@ -1059,7 +1061,9 @@ def _structured_layers(function: ModelFunction, inputs: Any, num_outputs: int,
 
     A layer qualifies when its weight (and bias, if it has one) are plain parameters (not
     parametrised) among those differentiated, shared with no other module, the layer runs once
-    per forward pass on inputs with the examples' dimension first, and the gradient its factors give (Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t) reshaped to
+    per forward pass on inputs with the examples' dimension first (an embedding may run on
+    indices shared by the examples, ``shared``, where the model's outputs are the same with its
+    output expanded to them: :func:`_broadcasts`), and the gradient its factors give (Σ u_(i,o) g_(o,i,t) ⊗ a_(i,t) reshaped to
     the weight's shape; a normalisation's Σ u_(i,o) J_(i,o)) matches autograd's on a few examples
     for a random cotangent u (which catches a weight also read outside the layer's forward, or a
     BatchNorm in train mode).
