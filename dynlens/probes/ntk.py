@@ -80,10 +80,12 @@ class NTK(Probe):
     sequence (at least ``MIN_TOKENS``), the longest that fits, and every later kernel on as many
     (recorded as ``tokens``, with a note), so that the kernels compare: the NTK of the model on
     those shorter inputs, still at their last position. A first kernel stopped at its deadline
-    after its memory test starts its next try from the tokens that fitted. On the 124M decoder of 512 tokens, 32
-    outputs need ~56 MB a token and a sequence (inputs and output gradients of every layer,
-    kept for the blocks), so a 1.7 GB allowance takes 16 tokens. Not under ``torch.distributed``,
-    where the ranks' allowances differ: there a kernel that does not fit waits.
+    after its memory test starts its next try from the tokens that fitted. On the 124M decoder
+    of 512 tokens with 32 outputs, the 1.75 GB its reference job allows at step 0 takes 32
+    tokens, one sequence a chunk (the planner's answer; at 64 tokens the check of its
+    structured layers alone, every layer's inputs and output gradients on two sequences, takes
+    more). Not under ``torch.distributed``, where the ranks' allowances differ: there a kernel
+    that does not fit waits.
 
     Args:
         every / at / schedule: the schedule (see :class:`Probe`); default every 200 steps.
