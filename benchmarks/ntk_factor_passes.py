@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ntk import build  # noqa: E402
-from ntk_profile import case_arguments  # noqa: E402
+from ntk_profile import rotation_case  # noqa: E402
 
 from dynlens.measures import ntk as ntk_module  # noqa: E402
 
@@ -42,11 +41,7 @@ def batched_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor
 
 
 def main() -> None:
-    parser = case_arguments(__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=5)
-    args = parser.parse_args()
-    model, inputs, what = build(args.model, args, args.device)
-    print(what, flush=True)
+    args, model, inputs = rotation_case(__doc__.split("\n\n")[0])
     loop = one_at_a_time
     cuda = args.device.startswith("cuda")
 

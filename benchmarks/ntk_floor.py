@@ -39,8 +39,8 @@ from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ntk import build, tutorial_jacobian  # noqa: E402
-from ntk_profile import case_arguments  # noqa: E402
+from ntk import tutorial_jacobian  # noqa: E402
+from ntk_profile import rotation_case  # noqa: E402
 
 from dynlens.functional import isolated  # noqa: E402
 from dynlens.measures.ntk import _output_gradients, ntk_of  # noqa: E402
@@ -97,11 +97,7 @@ def _timed(fn: Callable[[], Any], cuda: bool) -> float:
 
 
 def main() -> None:
-    parser = case_arguments(__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=5)
-    args = parser.parse_args()
-    model, inputs, what = build(args.model, args, args.device)
-    print(what, flush=True)
+    args, model, inputs = rotation_case(__doc__.split("\n\n")[0])
     cuda = args.device.startswith("cuda")
     for n in args.n:
         x = inputs(n).to(args.device)

@@ -68,6 +68,17 @@ def case_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def rotation_case(description: str) -> tuple[argparse.Namespace, torch.nn.Module, Any]:
+    """An experiment that times arms in rotation: its arguments (:func:`case_arguments` and
+    ``--pairs``, the rounds), its model (described on stdout) and its inputs' maker."""
+    parser = case_arguments(description)
+    parser.add_argument("--pairs", type=int, default=5)
+    args = parser.parse_args()
+    model, inputs, what = build(args.model, args, args.device)
+    print(what, flush=True)
+    return args, model, inputs
+
+
 def main() -> None:
     parser = case_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--implementation", default="structured")
