@@ -20,7 +20,7 @@ from dynlens.batches import (
 )
 from dynlens.budget import MemoryBudgetTooSmall, OverBudget
 from dynlens.distributed import gather_rows, gather_sizes, rank
-from dynlens.functional import isolated
+from dynlens.functional import is_out_of_memory, isolated
 from dynlens.measures.ntk import (
     condition_number,
     effective_rank,
@@ -159,27 +159,35 @@ class NTK(Probe):
         check = ctx.check_time if ctx.group is None and ctx.deadline != math.inf else None
         length = _token_length(inputs) if ctx.group is None else None
         tokens = length if length is None else min(self._tokens or self._fitted or length, length)
+        waiting: MemoryBudgetTooSmall | None = None  # the whole sequences' memory error
         while True:
             shortened = inputs if tokens == length else _last_tokens(inputs, length, tokens)
             try:
                 result = ntk_of(model, shortened, mode="trace", per_layer=self.per_layer, memory=ctx.memory,
                                 group=ctx.group, vector_products=ctx.memory is None, check=check)
                 break
-            except MemoryBudgetTooSmall:
+            except MemoryBudgetTooSmall as err:
                 # a first kernel of token sequences: their last half, down to MIN_TOKENS
                 if self._tokens is not None or tokens is None or tokens // 2 < MIN_TOKENS:
                     raise
+                waiting = waiting or err
                 tokens //= 2
             except OverBudget:
                 # stopped at the deadline past the memory test: the next try starts from these tokens
                 if self._tokens is None and tokens is not None:
                     self._fitted = tokens
                 raise
+            except Exception as err:
+                # integer inputs that are not sequences to shorten (categorical features): the
+                # probe waits for memory, as it did on the whole inputs
+                if waiting is None or is_out_of_memory(err):
+                    raise
+                raise waiting from err
         if length is not None and self._tokens is None:
             self._tokens = tokens
             if tokens < length:
                 self.note("tokens", f"the kernel is taken on the last {tokens} of {length} tokens of each sequence "
-                                    f"(the longest that fitted memory={ctx.memory:,} bytes at step {ctx.step}), "
+                                    f"(the longest that fitted memory={ctx.memory} bytes at step {ctx.step}), "
                                     "and so at every measurement")
         kernel = result.kernel.detach().double().cpu()
         values: dict[str, Any] = {"trace": float(kernel.diagonal().sum()), "outputs": float(result.num_outputs),

@@ -187,6 +187,15 @@ def test_a_sequence_models_first_kernel_takes_the_last_tokens_that_fit_and_keeps
                                optimizer=None, step=0, memory=2_000)
     with pytest.raises(MemoryBudgetTooSmall):
         dl.probes.NTK(n=6).measure(images)
+    # integer features, not a sequence: the shortened inputs fail in the model, and the probe
+    # waits with the whole inputs' memory error
+    features = nn.Sequential(nn.Embedding(1000, 4), nn.Flatten(), nn.Linear(64, 5))
+    categorical = dl.probes.Context(model=features, loss_fn=nn.CrossEntropyLoss(),
+                                    probe_batch=(torch.randint(0, 1000, (6, 16)), targets[:, 0]),
+                                    optimizer=None, step=0, memory=2_000)
+    with pytest.raises(MemoryBudgetTooSmall) as waited:
+        dl.probes.NTK(n=6).measure(categorical)
+    assert isinstance(waited.value.__cause__, RuntimeError)
 
 
 def test_measure_called_on_a_model_in_train_mode_leaves_its_batchnorm_alone():
