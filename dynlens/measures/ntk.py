@@ -565,10 +565,15 @@ class _Layer:
             return t * out * (1 + num_outputs) + num_outputs * self.size
         if self.kind == "embedding":  # the tokens, not their one-hot rows
             return t + num_outputs * t * out
-        if self.kind == "tied":  # T tokens, O·T·d, S·d, O·S·V
-            s = self.tied_positions
-            return t + num_outputs * t * out + s * out + num_outputs * s * k
+        if self.kind == "tied":
+            return self._tied_numbers(num_outputs, self.tied_positions)
         return t * k + num_outputs * t * out
+
+    def _tied_numbers(self, num_outputs: int, s: int) -> int:
+        """A tied weight's factors with S = ``s`` linear-layer positions: T tokens, O·T·d
+        embedding output gradients, S·d linear inputs, O·S·V linear output gradients."""
+        t, v, d = self.positions, self.inputs, self.outputs
+        return t + num_outputs * t * d + s * d + num_outputs * s * v
 
     def kept_numbers(self, num_outputs: int) -> int:
         """Numbers of one example's factors once computed, as a block reads them: those of
@@ -578,8 +583,7 @@ class _Layer:
         O·S·V: 1.6M, not 25.7M, for 32 outputs and 16 tokens."""
         if self.kind != "tied":
             return self.factor_numbers(num_outputs)
-        t, s = self.positions, self.linear_positions()
-        return t + num_outputs * t * self.outputs + s * self.outputs + num_outputs * s * self.inputs
+        return self._tied_numbers(num_outputs, self.linear_positions())
 
     def linear_positions(self) -> int:
         """A tied weight's linear-layer positions the route's estimate takes: ``active`` where
