@@ -1160,7 +1160,7 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
     handles = [module.register_forward_hook(counter(name)) for name, module in counted.items()]
     try:
         with torch.no_grad():  # counting calls: no graph
-            _flat_outputs(function, function.params, sample)
+            plain = _flat_outputs(function, function.params, sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -1191,7 +1191,7 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
         tokens, rows = shapes[embedding][0] // n, shapes[linear][0] // n // width
         layers[name] = _Layer("tied", (weight_name,), tokens, vocabulary, width, vocabulary * width,
                               modules=(embedding, linear), tied_positions=rows)
-    if any(layer.shared for layer in layers.values()) and not _broadcasts(function, layers, sample):
+    if any(layer.shared for layer in layers.values()) and not _broadcasts(function, layers, sample, plain):
         layers = {name: layer for name, layer in layers.items() if not layer.shared}
     if not layers:
         return {}, 0
@@ -1242,11 +1242,12 @@ def _checked_layers(function: ModelFunction, inputs: Any, num_outputs: int, budg
     return exact, factors_bytes
 
 
-def _broadcasts(function: ModelFunction, layers: dict[str, _Layer], sample: Any) -> bool:
-    """Whether the model's outputs on ``sample`` are the same, in shape and value, with its
-    shared layers' outputs expanded to the examples (:func:`_shared_output`), as the factor
-    passes hand them on: the model broadcasts them to the examples (``tokens + positions``);
-    one that reshapes them first (``positions.unsqueeze(0)``) would compute something else."""
+def _broadcasts(function: ModelFunction, layers: dict[str, _Layer], sample: Any, plain: Tensor) -> bool:
+    """Whether the model's outputs on ``sample`` (``plain``, from the pass that counted the
+    layers' calls) are the same, in shape and value, with its shared layers' outputs expanded to
+    the examples (:func:`_shared_output`), as the factor passes hand them on: the model
+    broadcasts them to the examples (``tokens + positions``); one that reshapes them first
+    (``positions.unsqueeze(0)``) would compute something else."""
     n = batch_size(sample)
 
     def expand(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -1254,7 +1255,6 @@ def _broadcasts(function: ModelFunction, layers: dict[str, _Layer], sample: Any)
 
     modules = [function.model.get_submodule(name) for name, layer in layers.items() if layer.shared]
     with torch.no_grad():
-        plain = _flat_outputs(function, function.params, sample)
         handles = [module.register_forward_hook(expand) for module in modules]
         try:
             expanded = _flat_outputs(function, function.params, sample)
