@@ -7,7 +7,10 @@ layer routes, chunk and whether the factors were kept.
 
 The models are those of ``benchmarks/ntk.py`` (``build``). Prints, for each kernel: the wall time
 of the profiled call and of an unprofiled one, the routes and chunk the structured products
-took, and the top operators (``--rows``) by self device time (self CPU time on the CPU).
+took, the device's busy time (its kernels' time summed: the wall time less it is time the device
+waited for the host), the top operators (``--rows``) by self device time (self CPU time on the
+CPU), and with ``--phases`` the wall time of one more call spent in each of ``ntk_of``'s steps
+(``PHASES``, each timed with the device synchronised at its start and end, children included).
 """
 
 from __future__ import annotations
@@ -32,6 +35,58 @@ from dynlens.measures import ntk as ntk_module  # noqa: E402
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+# ntk_of's steps that --phases times (functions of dynlens.measures.ntk, and ModelFunction's)
+PHASES = ("_default_memory", "_flat_outputs", "_structured_layers", "_checked_layers", "_broadcasts",
+          "activation_bytes", "_by_jacobians", "_by_structure", "_factors", "_output_gradients",
+          "_full_by_positions", "_positions_block", "_contract", "_jacobians")
+
+
+def _phases(run: Any, device: str) -> dict[str, list[float]]:
+    """Seconds and calls of each of ``PHASES`` in one call of ``run``, and the whole call's."""
+    spent: dict[str, list[float]] = {}
+    originals: list[tuple[Any, str, Any]] = []
+
+    def timed(name: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _sync(device)
+                entry = spent.setdefault(name, [0.0, 0])
+                entry[0] += time.perf_counter() - start
+                entry[1] += 1
+        return wrapper
+
+    for name in PHASES:
+        owner = ntk_module.ModelFunction if name == "activation_bytes" else ntk_module
+        if hasattr(owner, name):
+            originals.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, timed(name, getattr(owner, name)))
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        spent["(whole call)"] = [time.perf_counter() - start, 1]
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return spent
+
+
+def _busy(events: Any, cuda: bool) -> float:
+    """Seconds the device was busy: its kernels' times summed (on the CPU, 0)."""
+    if not cuda:
+        return 0.0
+    total = 0.0
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    return total / 1e6
 
 
 def _plan(model: torch.nn.Module, x: Any, mode: str, memory: int | None) -> dict[str, Any]:
@@ -85,6 +140,7 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=None)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="group the operators by their inputs' shapes")
+    parser.add_argument("--phases", action="store_true", help="time ntk_of's steps (PHASES) in one more call")
     args = parser.parse_args()
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
     model, inputs, what = build(args.model, args, args.device)
@@ -109,12 +165,16 @@ def main() -> None:
                 run()
                 _sync(args.device)
                 profiled = time.perf_counter() - start
+            averages = prof.key_averages(group_by_input_shape=args.shapes)
             print(json.dumps({"n": n, "kernel": mode, "implementation": args.implementation,
                               "seconds": round(plain, 4), "profiled_seconds": round(profiled, 4),
+                              "device_busy_seconds": round(_busy(prof.events(), cuda), 4),
                               **{k: v for k, v in plan.items() if k != "routes"}}), flush=True)
             if plan:
                 print("routes:", json.dumps(plan["routes"]), flush=True)
-            averages = prof.key_averages(group_by_input_shape=args.shapes)
+            if args.phases:
+                for name, (seconds, calls) in _phases(run, args.device).items():
+                    print(f"phase {name:22s} {seconds:9.4f} s  {calls:4d} calls", flush=True)
             print(averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60,
                                  max_shapes_column_width=120), flush=True)
 
