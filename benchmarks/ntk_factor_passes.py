@@ -40,6 +40,22 @@ def batched_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor
     return _LIBRARY(out, layer_outputs, num_outputs, num_outputs)
 
 
+def vmapped_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
+                             group: int = 1) -> list[torch.Tensor]:
+    """All O outputs' passes as one backward pass vectorised by ``torch.func.vmap`` (whose batching
+    rules fold the outputs into the examples' dimension of a convolution's or normalisation's
+    backward), rather than by ``is_grads_batched``'s vmap, which loops over the outputs where an
+    operation has no rule of its own and stacks the results."""
+    basis = torch.zeros((num_outputs, *out.shape), dtype=out.dtype, device=out.device)
+    basis[torch.arange(num_outputs), :, torch.arange(num_outputs)] = 1
+
+    def pull(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(out, layer_outputs, grad_outputs=v, retain_graph=True, materialize_grads=True)
+
+    with torch.enable_grad():
+        return list(torch.func.vmap(pull)(basis))
+
+
 def main() -> None:
     args, model, inputs = rotation_case(__doc__.split("\n\n")[0])
     loop = one_at_a_time
@@ -61,7 +77,8 @@ def main() -> None:
     for n in args.n:
         x = inputs(n).to(args.device)
         for mode in args.kernel:
-            arms = {"loop": loop, "batched": batched_output_gradients, "library": _LIBRARY}
+            arms = {"loop": loop, "batched": batched_output_gradients, "vmap": vmapped_output_gradients,
+                    "library": _LIBRARY}
             for passes in arms.values():
                 timed(passes, x, mode)
             times: dict[str, list[float]] = {name: [] for name in arms}
@@ -75,6 +92,7 @@ def main() -> None:
             print(json.dumps({"n": n, "kernel": mode, **{f"{k}_s": round(v, 4) for k, v in median.items()},
                               "batched_over_loop": round(median["batched"] / median["loop"], 3),
                               "library_over_loop": round(median["library"] / median["loop"], 3),
+                              "vmap_over_library": round(median["vmap"] / median["library"], 3),
                               "relative_difference": difference}), flush=True)
 
 
