@@ -815,43 +815,66 @@ def _tied_jacobians(tokens: Tensor, g_emb: Tensor, h: Tensor, g_lin: Tensor) -> 
     return jac.reshape(n, o, v * d)
 
 
+def _batched_pass(out: Tensor, layer_outputs: list[Tensor], basis: Tensor) -> tuple[Tensor, ...] | None:
+    """The gradients of ``out`` with respect to each layer's output for each row of ``basis``
+    (B, *out's shape), stacked (B, *its shape), in one backward pass vectorised over the rows by
+    ``torch.func.vmap``; None where that fails (an operation without a batching rule). Its rules
+    fold the rows into the examples' dimension of a convolution's or normalisation's backward:
+    one call a layer. ``is_grads_batched`` (the older vmap) loops over the rows there and stacks
+    the results: 11 calls a layer for 10 outputs, and on an H200 the decoder's factor passes took
+    0.82, a ResNet-18's of 64 images 0.95–0.96 of its time (``benchmarks/ntk_factor_passes.py``)."""
+    def pull(v: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(out, layer_outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, layer_outputs, strict=True))
+
+    try:
+        with warnings.catch_warnings():
+            # vmap's note that an operation is looped rather than batched
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            # the graph is kept: a pass that fails part-way is taken again, one output at a time
+            return vmap(pull)(basis)
+    except RuntimeError:
+        return None
+
+
 def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int, group: int = 1) -> list[Tensor]:
     """The gradients of each output o (summed over the examples) with respect to each layer's
     output, stacked: (O, *its shape), by backward passes of ``group`` outputs each: one output a
-    pass, or several in one pass batched over them (``is_grads_batched``, a vmap of the
-    backward). Batched passes hold ``group`` times a pass's gradients; a group whose batched pass
-    fails (an operation without a batching rule) is taken one output at a time.
+    pass, or several in one pass batched over them (:func:`_batched_pass`). Batched passes hold
+    ``group`` times a pass's gradients; a group whose batched pass fails is taken one output at
+    a time. One group of all O outputs hands on its pass's gradients as they are.
 
     On a GPU, batching pays where the passes are many small launches: the 124M decoder's trace
     kernel of 64 sequences (O = 32) took 0.78 s batched against 2.03 s one at a time on an H200,
     its full kernel 4.96 against 8.78 s; a ResNet-18's, device-bound, 0.97–0.99 of the time. On
     the CPU one at a time was the faster (0.40 against 0.43 s, a width-8 ResNet-18 on 64 images):
     :data:`_BATCHED_PASSES_ON`."""
-    stacked = [torch.zeros((num_outputs, *z.shape), dtype=z.dtype, device=z.device) for z in layer_outputs]
-    for start in range(0, num_outputs, max(1, group)):
-        stop = min(start + max(1, group), num_outputs)
-        if stop - start > 1:
-            basis = torch.zeros((stop - start, *out.shape), dtype=out.dtype, device=out.device)
-            basis[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
-            try:
-                with warnings.catch_warnings():
-                    # vmap's note that an operation is looped rather than batched
-                    warnings.filterwarnings("ignore", message="There is a performance drop")
-                    # the graph is kept: a pass that fails part-way is taken again, one by one
-                    batched = torch.autograd.grad(out, layer_outputs, grad_outputs=basis, is_grads_batched=True,
-                                                  retain_graph=True, allow_unused=True)
-            except RuntimeError:
-                pass
-            else:
-                for rows, g in zip(stacked, batched, strict=True):
-                    if g is not None:
-                        rows[start:stop] = g
-                continue
+    size = max(1, group)
+
+    def basis(start: int, stop: int) -> Tensor:
+        rows = torch.zeros((stop - start, *out.shape), dtype=out.dtype, device=out.device)
+        rows[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        return rows
+
+    if num_outputs > 1 and size >= num_outputs:
+        whole = _batched_pass(out, layer_outputs, basis(0, num_outputs))
+        if whole is not None:
+            return list(whole)
+    stacked = [torch.empty((num_outputs, *z.shape), dtype=z.dtype, device=z.device) for z in layer_outputs]
+    for start in range(0, num_outputs, size):
+        stop = min(start + size, num_outputs)
+        batched = _batched_pass(out, layer_outputs, basis(start, stop)) if 1 < stop - start < num_outputs else None
+        if batched is not None:
+            for rows, g in zip(stacked, batched, strict=True):
+                rows[start:stop] = g
+            continue
         for o in range(start, stop):
             grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=o + 1 < num_outputs,
                                         allow_unused=True)
             for rows, g in zip(stacked, grads, strict=True):
-                if g is not None:
+                if g is None:
+                    rows[o].zero_()
+                else:
                     rows[o] = g
     return stacked
 

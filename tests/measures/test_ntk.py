@@ -15,6 +15,7 @@ from helpers import kernel_from_jacobians, peak_bytes, relative_error, single_th
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynlens.measures.ntk as ntk_module
 from dynlens.budget import MemoryBudgetTooSmall
@@ -1146,37 +1147,69 @@ def test_factor_passes_batched_over_outputs_equal_one_output_a_pass(group, monke
     out, layer_outputs = _two_layer_graph(4)
     expected = [torch.stack([torch.autograd.grad(out[:, o].sum(), z, retain_graph=True)[0] for o in range(4)])
                 for z in layer_outputs]
-    batched_calls = []
-    grad = torch.autograd.grad
-
-    def counted(*args, **kwargs):
-        batched_calls.append(bool(kwargs.get("is_grads_batched")))
-        return grad(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counted)
+    batched = _spied(monkeypatch, "_batched_pass", lambda out, layer_outputs, basis: basis.shape[0])
     got = ntk_module._output_gradients(out, layer_outputs, 4, group)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     # groups of `group` outputs: 4 passes of one, else one batched pass a group (a last group
     # of one output is a plain pass)
     groups = [min(group, 4 - start) for start in range(0, 4, group)]
-    assert batched_calls == [size > 1 for size in groups]
+    assert batched == [size for size in groups if size > 1]
 
 
-def test_a_batched_factor_pass_that_fails_is_taken_one_output_at_a_time(monkeypatch):
+class _ConvolutionBackwards(TorchDispatchMode):
+    """Counts the convolutions' backward calls that reach the kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("group", [1, 5])
+def test_a_batched_factor_pass_runs_a_convolutions_backward_once_for_all_its_outputs(group):
+    # is_grads_batched's vmap looped over the outputs there, one call each and a stack
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                        nn.Linear(64, 5)).double().eval()
+    outputs: list[torch.Tensor] = []
+    for module in net:
+        module.register_forward_hook(lambda m, a, o: outputs.append(o))
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    out = net(x)
+    expected = [torch.stack([torch.autograd.grad(out[:, o].sum(), z, retain_graph=True)[0] for o in range(5)])
+                for z in outputs]
+    with _ConvolutionBackwards() as counted:
+        got = ntk_module._output_gradients(out, outputs, 5, group)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # the second convolution's backward carries the gradient to the first one's output: one
+    # call a pass
+    assert counted.calls == (1 if group == 5 else 5)
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_a_batched_factor_pass_that_fails_is_taken_one_output_at_a_time(group, monkeypatch):
     expected = ntk_module._output_gradients(*_two_layer_graph(3), 3, 1)
     out, layer_outputs = _two_layer_graph(3)
-    grad = torch.autograd.grad
+    tried: list[int] = []
 
-    def no_batching(*args, **kwargs):
-        if kwargs.get("is_grads_batched"):
+    def no_batching(function):
+        def failing(basis):
+            tried.append(basis.shape[0])
             raise RuntimeError("vmap: an operation without a batching rule")
-        return grad(*args, **kwargs)
+        return failing
 
-    monkeypatch.setattr(torch.autograd, "grad", no_batching)
-    got = ntk_module._output_gradients(out, layer_outputs, 3, 3)
+    monkeypatch.setattr(ntk_module, "vmap", no_batching)
+    got = ntk_module._output_gradients(out, layer_outputs, 3, group)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+    # each group tried once; one of all the outputs is not tried again
+    assert tried == ([3] if group == 3 else [2])
 
 
 def test_the_factor_passes_take_the_outputs_the_room_holds_on_the_batching_devices():
