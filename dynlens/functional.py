@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from dynlens.batches import (
     _example_dims,
@@ -262,6 +263,12 @@ class ModelFunction:
         and buffers left out. One forward pass, nothing kept. Memory models multiply it (a
         Hessian-vector product through the first-order graph holds about 3–4 times it per
         example; ``benchmarks/RESULTS.md``)."""
+        return self.outputs_and_activation_bytes(examples)[1]
+
+    def outputs_and_activation_bytes(self, examples: int = 1) -> tuple[Any, int]:
+        """The model's outputs on the first ``examples`` examples (detached) and
+        :meth:`activation_bytes`, from the one forward pass that counts them: for a caller that
+        needs both (the outputs' size and a memory plan), one pass instead of two."""
         examples = min(examples, self.size)
         # the model's own tensors and the batch are held anyway (a slice of the batch shares
         # the whole batch's storage)
@@ -285,8 +292,9 @@ class ModelFunction:
         inputs = slice_examples(self.inputs, 0, examples)
         targets = slice_examples(self.targets, 0, examples)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self._loss_of(self.outputs(leaves, inputs), targets)
-        return total[0]
+            outputs = self.outputs(leaves, inputs)
+            self._loss_of(outputs, targets)
+        return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, outputs), total[0]
 
     # -- first order ----------------------------------------------------------------------
 

@@ -428,3 +428,17 @@ def test_example_losses_ignored_target_is_the_mean_of_nothing():
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
         torch.testing.assert_close(example_losses(loss_fn, logits, labels), _alone(loss_fn, logits, labels),
                                    equal_nan=True)
+
+
+def test_outputs_and_activation_bytes_are_the_models_outputs_and_the_bytes_of_one_pass(problem):
+    model, loss_fn, (x, y) = problem
+    fn = ModelFunction(model, loss_fn, (x, y))
+    with isolated(model, "eval"):
+        outputs, counted = fn.outputs_and_activation_bytes(3)
+        expected = model(x[:3])
+        alone = fn.activation_bytes(3)
+    torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
+    assert outputs.grad_fn is None and not outputs.requires_grad
+    # BatchNorm's input (the convolution's output) and ReLU's output at least: two (3, 4, 4, 4)
+    # tensors of float64
+    assert counted == alone and counted >= 2 * 3 * 64 * 8
