@@ -6,7 +6,8 @@ of the backward), timed end to end in alternating calls of ``ntk_of``; the kerne
 
 The library now batches the passes on a GPU in the room its chunk rule leaves
 (``_pass_group``); this compares its two extremes, one output a pass and all O in one (the
-chunk rule's room ignored), and the library's own choice, in rotation.
+chunk rule's room ignored), the library's own choice, and all O in one by ``is_grads_batched``
+(``legacy``, its batching until the twelfth session), in rotation.
 """
 
 from __future__ import annotations
@@ -40,20 +41,19 @@ def batched_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor
     return _LIBRARY(out, layer_outputs, num_outputs, num_outputs)
 
 
-def vmapped_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
-                             group: int = 1) -> list[torch.Tensor]:
-    """All O outputs' passes as one backward pass vectorised by ``torch.func.vmap`` (whose batching
-    rules fold the outputs into the examples' dimension of a convolution's or normalisation's
-    backward), rather than by ``is_grads_batched``'s vmap, which loops over the outputs where an
-    operation has no rule of its own and stacks the results."""
+def legacy_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
+                            group: int = 1) -> list[torch.Tensor]:
+    """All O outputs' passes as one backward pass with ``is_grads_batched`` (the library's way
+    until the twelfth session), whose older vmap loops over the outputs through a
+    convolution's or normalisation's backward and stacks the results; the library's batched
+    pass is ``torch.func.vmap``'s (``_batched_pass``)."""
     basis = torch.zeros((num_outputs, *out.shape), dtype=out.dtype, device=out.device)
     basis[torch.arange(num_outputs), :, torch.arange(num_outputs)] = 1
-
-    def pull(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(out, layer_outputs, grad_outputs=v, retain_graph=True, materialize_grads=True)
-
     with torch.enable_grad():
-        return list(torch.func.vmap(pull)(basis))
+        grads = torch.autograd.grad(out, layer_outputs, grad_outputs=basis, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)
+    return [torch.zeros((num_outputs, *z.shape), dtype=z.dtype, device=z.device) if g is None else g
+            for g, z in zip(grads, layer_outputs, strict=True)]
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
     for n in args.n:
         x = inputs(n).to(args.device)
         for mode in args.kernel:
-            arms = {"loop": loop, "batched": batched_output_gradients, "vmap": vmapped_output_gradients,
+            arms = {"loop": loop, "batched": batched_output_gradients, "legacy": legacy_output_gradients,
                     "library": _LIBRARY}
             for passes in arms.values():
                 timed(passes, x, mode)
@@ -92,7 +92,7 @@ def main() -> None:
             print(json.dumps({"n": n, "kernel": mode, **{f"{k}_s": round(v, 4) for k, v in median.items()},
                               "batched_over_loop": round(median["batched"] / median["loop"], 3),
                               "library_over_loop": round(median["library"] / median["loop"], 3),
-                              "vmap_over_library": round(median["vmap"] / median["library"], 3),
+                              "library_over_legacy": round(median["library"] / median["legacy"], 3),
                               "relative_difference": difference}), flush=True)
 
 
