@@ -5,13 +5,16 @@ without its final ``einsum``.
 
     python benchmarks/ntk_floor.py --device cuda --model resnet18 --n 64 256 --kernel trace full
     python benchmarks/ntk_floor.py --model resnet18 --tiny --n 16 --pairs 2      # CPU check
+    python benchmarks/ntk_floor.py --device cuda --model resnet18 --n 64 128 256 --kernel trace \
+        --groups 2 5 --passes-only        # the passes alone, by outputs a batched pass
 
 Arms (each call synchronised, medians over ``--pairs`` rounds after one untimed round):
 
 - ``passes``: the forward pass with hooks on the modules that own parameters, then the O backward
   passes to their outputs (``_output_gradients``), all O in one batched pass and one output a
   pass, the faster of the two taken per round: the gradients every exact method needs (the
-  tutorial's ``vmap(jacrev)`` runs the same passes, batched over n·O);
+  tutorial's ``vmap(jacrev)`` runs the same passes, batched over n·O); ``--groups``: also
+  ``passes_group_G``, G outputs a batched pass (``--passes-only``: these arms alone);
 - ``auto``: ``ntk_of(model, x, mode)``;
 - ``tutorial_jacobians``: the tutorial's per-example Jacobians alone (``vmap(jacrev)``);
 - ``tutorial``: the tutorial's whole method, Jacobians then ``einsum``.
@@ -72,14 +75,18 @@ def tutorial_jacobians(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return list(vmap(jacrev(f), (None, 0))(params, x).values())
 
 
-def _arms(model: nn.Module, x: torch.Tensor, mode: str, outputs: int) -> dict[str, Callable[[], Any]]:
-    return {
+def _arms(model: nn.Module, x: torch.Tensor, mode: str, outputs: int, groups: list[int],
+          passes_only: bool) -> dict[str, Callable[[], Any]]:
+    arms: dict[str, Callable[[], Any]] = {
         "passes_batched": lambda: passes(model, x, outputs),
         "passes_one_by_one": lambda: passes(model, x, 1),
-        "auto": lambda: ntk_of(model, x, mode=mode),
-        "tutorial_jacobians": lambda: tutorial_jacobians(model, x),
-        "tutorial": lambda: tutorial_jacobian(model, x, mode),
+        **{f"passes_group_{g}": (lambda g=g: passes(model, x, g)) for g in groups if 1 < g < outputs},
     }
+    if not passes_only:
+        arms.update(auto=lambda: ntk_of(model, x, mode=mode),
+                    tutorial_jacobians=lambda: tutorial_jacobians(model, x),
+                    tutorial=lambda: tutorial_jacobian(model, x, mode))
+    return arms
 
 
 def _timed(fn: Callable[[], Any], cuda: bool) -> float:
@@ -97,14 +104,16 @@ def _timed(fn: Callable[[], Any], cuda: bool) -> float:
 
 
 def main() -> None:
-    args, model, inputs = rotation_case(__doc__.split("\n\n")[0])
+    args, model, inputs = rotation_case(__doc__.split("\n\n")[0], [
+        (("--groups",), {"type": int, "nargs": "+", "default": [], "help": "outputs a batched pass, more arms"}),
+        (("--passes-only",), {"action": "store_true", "help": "time the passes' arms alone"})])
     cuda = args.device.startswith("cuda")
     for n in args.n:
         x = inputs(n).to(args.device)
         with torch.no_grad():
             outputs = model(x[:1]).numel()
         for mode in args.kernel:
-            arms = _arms(model, x, mode, outputs)
+            arms = _arms(model, x, mode, outputs, args.groups, args.passes_only)
             times: dict[str, list[float]] = {name: [] for name in arms}
             with isolated(model, "eval"):
                 for fn in arms.values():  # untimed: cuDNN's and cuBLAS's first calls
@@ -113,14 +122,15 @@ def main() -> None:
                     for name, fn in arms.items():
                         times[name].append(_timed(fn, cuda))
             median = {name: statistics.median(t) for name, t in times.items()}
-            floor = statistics.median(min(a, b) for a, b in zip(times["passes_batched"],
-                                                                times["passes_one_by_one"], strict=True))
+            floor = statistics.median(min(rounds) for rounds in zip(
+                *(t for name, t in times.items() if name.startswith("passes")), strict=True))
             row = {"model": args.model, "n": n, "kernel": mode, "outputs": outputs,
-                   **{f"{k}_s": round(v, 4) for k, v in median.items()}, "passes_s": round(floor, 4),
-                   "tutorial_over_passes": round(median["tutorial"] / floor, 2),
-                   "tutorial_over_auto": round(median["tutorial"] / median["auto"], 2),
-                   "passes_share_of_auto": round(floor / median["auto"], 3),
-                   "tutorial_jacobians_share": round(median["tutorial_jacobians"] / median["tutorial"], 3)}
+                   **{f"{k}_s": round(v, 4) for k, v in median.items()}, "passes_s": round(floor, 4)}
+            if not args.passes_only:
+                row.update(tutorial_over_passes=round(median["tutorial"] / floor, 2),
+                           tutorial_over_auto=round(median["tutorial"] / median["auto"], 2),
+                           passes_share_of_auto=round(floor / median["auto"], 3),
+                           tutorial_jacobians_share=round(median["tutorial_jacobians"] / median["tutorial"], 3))
             print(json.dumps(row), flush=True)
 
 

@@ -123,11 +123,15 @@ def case_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def rotation_case(description: str) -> tuple[argparse.Namespace, torch.nn.Module, Any]:
-    """An experiment that times arms in rotation: its arguments (:func:`case_arguments` and
-    ``--pairs``, the rounds), its model (described on stdout) and its inputs' maker."""
+def rotation_case(description: str, extra: list[tuple[tuple[str, ...], dict[str, Any]]] = ()
+                  ) -> tuple[argparse.Namespace, torch.nn.Module, Any]:
+    """An experiment that times arms in rotation: its arguments (:func:`case_arguments`,
+    ``--pairs``, the rounds, and ``extra``, each ``(names, keywords)`` of ``add_argument``), its
+    model (described on stdout) and its inputs' maker."""
     parser = case_arguments(description)
     parser.add_argument("--pairs", type=int, default=5)
+    for names, keywords in extra:
+        parser.add_argument(*names, **keywords)
     args = parser.parse_args()
     model, inputs, what = build(args.model, args, args.device)
     print(what, flush=True)
