@@ -521,6 +521,13 @@ _TILE = 128
 # the devices on which the factor passes take several outputs at once, in the room the chunk
 # rule leaves (_output_gradients, _pass_group)
 _BATCHED_PASSES_ON: tuple[str, ...] = ("cuda",)
+# the most examples a chunk may have for its factor passes to be batched over the outputs when
+# its structured layers include convolutions: on an H200 a ResNet-18's ten passes took 0.026 s
+# batched against 0.053 s one at a time for 32 images, 0.045 against 0.058 for 64, but 0.098
+# against 0.088 for 128 and 0.191 against 0.154 for 256 (cuDNN's backward on ten times the
+# batch); the decoder's and the MLP's passes were as fast or faster batched at every size
+# measured, up to 256 (benchmarks/ntk_floor.py --groups, RESULTS.md)
+_BATCHED_CONVOLUTION_EXAMPLES = 64
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -885,14 +892,17 @@ def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int
 
 
 def _pass_group(room: int, itemsize: int, chunk: int, activation: int, num_outputs: int,
-                device: torch.device) -> int:
+                device: torch.device, convolutions: bool = False) -> int:
     """How many outputs one factor pass takes (:func:`_output_gradients`): on the devices of
     :data:`_BATCHED_PASSES_ON`, 1 plus as many more as the allowance's ``room`` numbers left by
     the chunk rule hold, each a pass's activations (``activation`` bytes an example) for
     ``chunk`` examples; else 1. The room is the one the full kernel's batched products take
     (:func:`_structured_room`): a chunk's factors are computed before or after a block's
-    products, never during them."""
+    products, never during them. With ``convolutions`` among the structured layers, 1 for
+    chunks of more than :data:`_BATCHED_CONVOLUTION_EXAMPLES` examples."""
     if device.type not in _BATCHED_PASSES_ON or activation <= 0:
+        return 1
+    if convolutions and chunk > _BATCHED_CONVOLUTION_EXAMPLES:
         return 1
     extra = room * itemsize // max(1, chunk * activation)
     return int(max(1, min(num_outputs, 1 + extra)))
@@ -1678,7 +1688,8 @@ def ntk_of(
                 free = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                         n2 if keep else 0, activation)
                 room = free if columns else 0
-                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device)
+                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device,
+                                     any(layer.kind == "conv" for layer in structured.values()))
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
                                            chunk, o, keep, room, passes, check))
             # a structured layer's kernel is keyed by its module's name, which is its layer

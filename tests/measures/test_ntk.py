@@ -1219,6 +1219,19 @@ def test_the_factor_passes_take_the_outputs_the_room_holds_on_the_batching_devic
     assert ntk_module._pass_group(10**9, 4, 10, 100, 32, gpu) == 32
     assert ntk_module._pass_group(0, 4, 10, 100, 32, gpu) == 1
     assert ntk_module._pass_group(10**9, 4, 10, 100, 32, cpu) == 1
+    # convolutions' passes batched for chunks of at most _BATCHED_CONVOLUTION_EXAMPLES examples
+    most = ntk_module._BATCHED_CONVOLUTION_EXAMPLES
+    assert ntk_module._pass_group(10**12, 4, most, 100, 32, gpu, convolutions=True) == 32
+    assert ntk_module._pass_group(10**12, 4, most + 1, 100, 32, gpu, convolutions=True) == 1
+    assert ntk_module._pass_group(10**12, 4, most + 1, 100, 32, gpu) == 32
+
+
+@pytest.mark.parametrize("name, convolutions", [("cnn_structured", True), ("mlp", False)])
+def test_the_factor_passes_are_told_whether_the_layers_include_convolutions(name, convolutions, monkeypatch):
+    model, x, _ = make(name, n=6)
+    told = _spied(monkeypatch, "_pass_group", lambda *args, **kwargs: (args + (False,))[6])
+    ntk_of(model, x, mode="trace", implementation="structured")
+    assert told == [convolutions]
 
 
 @pytest.mark.parametrize("mode", ["trace", "full", "diagonal"])
