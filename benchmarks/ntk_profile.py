@@ -9,8 +9,10 @@ The models are those of ``benchmarks/ntk.py`` (``build``). Prints, for each kern
 of the profiled call and of an unprofiled one, the routes and chunk the structured products
 took, the device's busy time (its kernels' time summed: the wall time less it is time the device
 waited for the host), the top operators (``--rows``) by self device time (self CPU time on the
-CPU), and with ``--phases`` the wall time of one more call spent in each of ``ntk_of``'s steps
-(``PHASES``, each timed with the device synchronised at its start and end, children included).
+CPU), with ``--phases`` the wall time of one more call spent in each of ``ntk_of``'s steps
+(``PHASES``, each timed with the device synchronised at its start and end, children included),
+and with ``--gaps`` (CUDA) the device's idle time in one more profiled call, by the innermost
+step the host was in when each idle stretch began.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -43,10 +45,26 @@ PHASES = ("_default_memory", "_flat_outputs", "_structured_layers", "_checked_la
           "_full_by_positions", "_positions_block", "_contract", "_jacobians")
 
 
+def _patched(wrap: Any) -> list[tuple[Any, str, Any]]:
+    """Each of ``PHASES`` (and ``ntk_of``) replaced by ``wrap(name, function)``; returns what to
+    put back (:func:`_restored`)."""
+    originals: list[tuple[Any, str, Any]] = []
+    for name in (*PHASES, "ntk_of"):
+        owner = ntk_module.ModelFunction if name == "activation_bytes" else ntk_module
+        if hasattr(owner, name):
+            originals.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, wrap(name, getattr(owner, name)))
+    return originals
+
+
+def _restored(originals: list[tuple[Any, str, Any]]) -> None:
+    for owner, name, original in originals:
+        setattr(owner, name, original)
+
+
 def _phases(run: Any, device: str) -> dict[str, list[float]]:
     """Seconds and calls of each of ``PHASES`` in one call of ``run``, and the whole call's."""
     spent: dict[str, list[float]] = {}
-    originals: list[tuple[Any, str, Any]] = []
 
     def timed(name: str, function: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,11 +79,7 @@ def _phases(run: Any, device: str) -> dict[str, list[float]]:
                 entry[1] += 1
         return wrapper
 
-    for name in PHASES:
-        owner = ntk_module.ModelFunction if name == "activation_bytes" else ntk_module
-        if hasattr(owner, name):
-            originals.append((owner, name, getattr(owner, name)))
-            setattr(owner, name, timed(name, getattr(owner, name)))
+    originals = _patched(timed)
     try:
         _sync(device)
         start = time.perf_counter()
@@ -73,9 +87,48 @@ def _phases(run: Any, device: str) -> dict[str, list[float]]:
         _sync(device)
         spent["(whole call)"] = [time.perf_counter() - start, 1]
     finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
+        _restored(originals)
     return spent
+
+
+def _idle(run: Any) -> tuple[float, dict[str, float]]:
+    """The device's idle time during one profiled call of ``run`` (CUDA): in all, and by the
+    innermost of ``PHASES`` (or ``ntk_of``) the host was in when each idle stretch began."""
+    def labelled(name: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with record_function(f"phase:{name}"):
+                return function(*args, **kwargs)
+        return wrapper
+
+    originals = _patched(labelled)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    finally:
+        _restored(originals)
+    return _idle_by_phase(prof.events())
+
+
+def _idle_by_phase(events: Any) -> tuple[float, dict[str, float]]:
+    """:func:`_idle` from a profile's events."""
+    labels = [(e.time_range.start, e.time_range.end, e.name[len("phase:"):]) for e in events
+              if e.name.startswith("phase:") and e.device_type == torch.autograd.DeviceType.CPU]
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+    call = [(start, end) for start, end, name in labels if name == "ntk_of"]
+    if not call or not busy:
+        return 0.0, {}
+    begin, end = call[0][0], max(call[0][1], max(stop for _, stop in busy))
+    by_phase: dict[str, float] = {}
+    cursor = begin
+    for start, stop in [*busy, (end, end)]:
+        if start > cursor:
+            inside = [(s, name) for s, e, name in labels if s <= cursor < e]
+            phase = max(inside)[1] if inside else "(outside)"
+            by_phase[phase] = by_phase.get(phase, 0.0) + (start - cursor) / 1e6
+        cursor = max(cursor, stop)
+    return sum(by_phase.values()), by_phase
 
 
 def _busy(events: Any, cuda: bool) -> float:
@@ -145,6 +198,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="group the operators by their inputs' shapes")
     parser.add_argument("--phases", action="store_true", help="time ntk_of's steps (PHASES) in one more call")
+    parser.add_argument("--gaps", action="store_true",
+                        help="the device's idle time in one more call, by the step the host was in (CUDA)")
     args = parser.parse_args()
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
     model, inputs, what = build(args.model, args, args.device)
@@ -179,6 +234,10 @@ def main() -> None:
             if args.phases:
                 for name, (seconds, calls) in _phases(run, args.device).items():
                     print(f"phase {name:22s} {seconds:9.4f} s  {calls:4d} calls", flush=True)
+            if args.gaps and cuda:
+                idle, by_phase = _idle(run)
+                print(f"idle {idle:.4f} s:", json.dumps({k: round(v, 4) for k, v in
+                                                         sorted(by_phase.items(), key=lambda kv: -kv[1])}), flush=True)
             print(averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60,
                                  max_shapes_column_width=120), flush=True)
 
