@@ -114,8 +114,10 @@ def _idle_by_phase(events: Any) -> tuple[float, dict[str, float]]:
     """:func:`_idle` from a profile's events."""
     labels = [(e.time_range.start, e.time_range.end, e.name[len("phase:"):]) for e in events
               if e.name.startswith("phase:") and e.device_type == torch.autograd.DeviceType.CPU]
+    # the device's work: its kernels, copies and fills, not the labels' spans that the profiler
+    # draws on the device's timeline too
     busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA)
+                  if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("phase:"))
     call = [(start, end) for start, end, name in labels if name == "ntk_of"]
     if not call or not busy:
         return 0.0, {}
