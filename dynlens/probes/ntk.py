@@ -81,10 +81,9 @@ class NTK(Probe):
     (recorded as ``tokens``, with a note), so that the kernels compare: the NTK of the model on
     those shorter inputs, still at their last position. A first kernel stopped at its deadline
     after its memory test starts its next try from the tokens that fitted. On the 124M decoder
-    of 512 tokens with 32 outputs, the 1.75 GB its reference job allows at step 0 takes 32
-    tokens, one sequence a chunk (the planner's answer; at 64 tokens the check of its
-    structured layers alone, every layer's inputs and output gradients on two sequences, takes
-    more). Not under ``torch.distributed``, where the ranks' allowances differ: there a kernel
+    of 512 tokens with 32 outputs, 1.75 GB allowed at step 0 takes 32 tokens and 0.75 GB 16,
+    one sequence a chunk (the planner's answer; at 64 tokens the check of its structured layers
+    alone, every layer's inputs and output gradients on two sequences, takes more). Not under ``torch.distributed``, where the ranks' allowances differ: there a kernel
     that does not fit waits.
 
     Args:
@@ -103,7 +102,12 @@ class NTK(Probe):
     batch 256, 10,000 steps; ``benchmarks/RESULTS.md``) it first fitted at step 7,095, and that
     one measurement, in the small chunks the allowance left, took 4.25 s, 392 training steps.
     A first measurement stops at the Lens's deadline between chunks and blocks (not under
-    ``torch.distributed``).
+    ``torch.distributed``). On the decoder reference job (8 sequences of 512 tokens, 0.75 GB
+    allowed at step 0) a measurement took 4.8 s, 166 training steps, on the last 16 tokens: one
+    sequence a chunk, its factors computed 29 times (the output layer's gradients at all 16
+    positions, 105 of its 326 MB, leave the factor passes room for 2 outputs at a time). Under
+    the default 5% time budget its first try, stopped at 1 s, is not tried again within 4,000
+    steps: the probe stays within the budget there without a value.
     """
 
     name = "ntk"
