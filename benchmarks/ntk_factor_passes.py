@@ -30,23 +30,24 @@ _LIBRARY = ntk_module._output_gradients
 
 
 def one_at_a_time(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
-                  group: int = 1) -> list[torch.Tensor]:
+                  group: int = 1, trimmed: dict | None = None) -> list[torch.Tensor]:
     """``_output_gradients`` one output a pass, whatever group the library chose."""
-    return _LIBRARY(out, layer_outputs, num_outputs, 1)
+    return _LIBRARY(out, layer_outputs, num_outputs, 1, trimmed)
 
 
 def batched_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
-                             group: int = 1) -> list[torch.Tensor]:
+                             group: int = 1, trimmed: dict | None = None) -> list[torch.Tensor]:
     """``_output_gradients`` in one backward pass batched over all O outputs."""
-    return _LIBRARY(out, layer_outputs, num_outputs, num_outputs)
+    return _LIBRARY(out, layer_outputs, num_outputs, num_outputs, trimmed)
 
 
 def legacy_output_gradients(out: torch.Tensor, layer_outputs: list[torch.Tensor], num_outputs: int,
-                            group: int = 1) -> list[torch.Tensor]:
+                            group: int = 1, trimmed: dict | None = None) -> list[torch.Tensor]:
     """All O outputs' passes as one backward pass with ``is_grads_batched`` (the library's way
     until the twelfth session), whose older vmap loops over the outputs through a
     convolution's or normalisation's backward and stacks the results; the library's batched
-    pass is ``torch.func.vmap``'s (``_batched_pass``)."""
+    pass is ``torch.func.vmap``'s (``_batched_pass``). Nothing trimmed: a tied output layer's
+    gradients come at every position (``_tied_factors`` takes them so)."""
     basis = torch.zeros((num_outputs, *out.shape), dtype=out.dtype, device=out.device)
     basis[torch.arange(num_outputs), :, torch.arange(num_outputs)] = 1
     with torch.enable_grad():

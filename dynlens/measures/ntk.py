@@ -569,17 +569,29 @@ class _Layer:
     shared: bool = False
 
     def factor_numbers(self, num_outputs: int) -> int:
-        """Numbers of one example's factors: inputs and O output gradients (a normalisation's
-        normalised input, output gradients and O·size Jacobian entries; a tied weight's tokens,
-        embedding output gradients, linear inputs and linear output gradients)."""
+        """Numbers of one example's factors while they are computed: inputs and O output
+        gradients (a normalisation's normalised input, output gradients and O·size Jacobian
+        entries; a tied weight's tokens, embedding output gradients, linear inputs and linear
+        output gradients at the active positions, and one output's at all positions)."""
         t, k, out = self.positions, self.inputs, self.outputs
         if self.kind == "norm":
             return t * out * (1 + num_outputs) + num_outputs * self.size
         if self.kind == "embedding":  # the tokens, not their one-hot rows
             return t + num_outputs * t * out
         if self.kind == "tied":
-            return self._tied_numbers(num_outputs, self.tied_positions)
+            # the linear layer's output gradients kept at its active positions as the passes
+            # come, beside one output's at all S of them (:func:`_output_gradients`'s
+            # ``trimmed``; a batched pass's further outputs are :meth:`pass_numbers`), and its
+            # inputs at all S until :func:`_tied_factors` takes the active ones
+            s = self.tied_positions
+            return self.kept_numbers(num_outputs) + (s - self.linear_positions()) * out + self.pass_numbers()
         return t * k + num_outputs * t * out
+
+    def pass_numbers(self) -> int:
+        """Numbers a pass holds an example for each output beyond its factors: a tied weight's
+        linear-layer output gradient at all S positions (S·V; the factors keep the active ones);
+        0 for the other kinds, whose factors are the pass's gradients."""
+        return self.tied_positions * self.inputs if self.kind == "tied" else 0
 
     def _tied_numbers(self, num_outputs: int, s: int) -> int:
         """A tied weight's factors with S = ``s`` linear-layer positions: T tokens, O·T·d
@@ -589,8 +601,8 @@ class _Layer:
 
     def kept_numbers(self, num_outputs: int) -> int:
         """Numbers of one example's factors once computed, as a block reads them: those of
-        :meth:`factor_numbers`, but a tied weight's linear-layer positions only the active ones
-        (:meth:`linear_positions`; :func:`_tied_factors` drops the others). A 124M decoder
+        :meth:`factor_numbers`, a tied weight's linear layer at its active positions only
+        (:meth:`linear_positions`; the passes and :func:`_tied_factors` drop the others). A 124M decoder
         measured at its last position keeps O·V numbers of the output layer an example, not
         O·S·V: 1.6M, not 25.7M, for 32 outputs and 16 tokens."""
         if self.kind != "tied":
@@ -752,14 +764,21 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
             break
         copied |= changed
     layer_outputs = [captured[name][1] for name in hooked]
+    # a tied weight's linear layer on (n, S, V): its output's positions without a gradient
+    # dropped as the passes come (a language model measured at its last position keeps one)
+    names = list(hooked)
+    tied_linears = {layer.modules[1] for layer in layers.values() if layer.kind == "tied"}
+    trimmed: dict[int, Tensor | None] = {i: None for i, name in enumerate(names)
+                                         if name in tied_linears and captured[name][1].dim() == 3}
     with torch.enable_grad():
-        per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs, group), strict=True))
+        per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs, group, trimmed), strict=True))
+    kept = {names[i]: positions for i, positions in trimmed.items()}
     del out, layer_outputs
     factors: dict[str, Any] = {}
     for name, layer in layers.items():
         if layer.kind == "tied":
-            factors[name] = _tied_factors(modules, layer, captured, per_output, n, num_outputs,
-                                          routes is not None and routes.get(name) == "jacobians")
+            factors[name] = _tied_factors(modules, layer, captured, per_output, kept.get(layer.modules[1]), n,
+                                          num_outputs, routes is not None and routes.get(name) == "jacobians")
             continue
         x = captured.pop(name)[0]
         g = per_output.pop(name)
@@ -793,11 +812,14 @@ def _shared_output(output: Tensor, n: int) -> Tensor:
 
 
 def _tied_factors(modules: dict[str, nn.Module], layer: _Layer, captured: dict[str, tuple[Tensor, Tensor, int]],
-                  per_output: dict[str, Tensor], n: int, num_outputs: int,
+                  per_output: dict[str, Tensor], positions: Tensor | None, n: int, num_outputs: int,
                   jacobians: bool) -> tuple[Tensor, Tensor, Tensor, Tensor] | dict[str, Tensor]:
     """A tied weight's factors from its two modules' captured inputs and output gradients
     (:func:`_factors`): ``(tokens, g_emb, h, g_lin)``, or with ``jacobians`` its per-example
-    Jacobians ``{W: (n, O, V·d)}``."""
+    Jacobians ``{W: (n, O, V·d)}``. The linear layer's output gradients come at ``positions``
+    only, those with a gradient for some output and example (:func:`_output_gradients`'s
+    ``trimmed``: the others add nothing), and its inputs are taken there; None: at every
+    position (an output of more than three dimensions, not trimmed)."""
     embedding, linear = layer.modules
     tokens = captured.pop(embedding)[0].reshape(n, -1)
     g_emb = per_output.pop(embedding).reshape(num_outputs, n, -1, layer.outputs)
@@ -805,11 +827,8 @@ def _tied_factors(modules: dict[str, nn.Module], layer: _Layer, captured: dict[s
     g_emb = g_emb * _kept(modules[embedding], tokens).to(g_emb.dtype)[None, :, :, None]
     h = captured.pop(linear)[0].reshape(n, -1, layer.outputs)
     g_lin = per_output.pop(linear).reshape(num_outputs, n, -1, layer.inputs)
-    # positions whose output gradient is zero for every output and example add nothing: a
-    # language model measured at its last position keeps one of T
-    live = (g_lin != 0).any(3).any(1).any(0)
-    if not bool(live.all()):
-        h, g_lin = h[:, live], g_lin[:, :, live]
+    if positions is not None and len(positions) < h.shape[1]:
+        h = h[:, positions]
     if jacobians:
         return {layer.names[0]: _tied_jacobians(tokens, g_emb, h, g_lin)}
     return tokens, g_emb, h, g_lin
@@ -849,12 +868,49 @@ def _batched_pass(out: Tensor, layer_outputs: list[Tensor], basis: Tensor) -> tu
         return None
 
 
-def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int, group: int = 1) -> list[Tensor]:
+class _Trimmed:
+    """A layer output's gradients, by pass group, kept at the positions (dimension 1 of the
+    output, 2 of the gradients) where some output and example of the group has a gradient
+    (:func:`_output_gradients`'s ``trimmed``); :meth:`whole` puts them together at the
+    positions any group kept."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, Tensor, Tensor]] = []  # (first output, positions, gradients)
+        self.live: Tensor | None = None
+
+    def add(self, start: int, g: Tensor) -> None:
+        """The gradients (B, n, S, ...) of outputs start, start + 1, …, start + B − 1."""
+        live = g.ne(0).transpose(0, 2).reshape(g.shape[2], -1).any(1)
+        positions = live.nonzero().squeeze(1)
+        self.pieces.append((start, positions, g.index_select(2, positions)))
+        self.live = live if self.live is None else self.live | live
+
+    def whole(self, num_outputs: int) -> tuple[Tensor, Tensor]:
+        """(gradients (O, n, L, ...), positions (L,)): zero where a group had none."""
+        assert self.live is not None
+        positions = self.live.nonzero().squeeze(1)
+        if len(self.pieces) == 1 and self.pieces[0][2].shape[0] == num_outputs:
+            return self.pieces[0][2], positions
+        first = self.pieces[0][2]
+        stacked = first.new_zeros((num_outputs, first.shape[1], len(positions), *first.shape[3:]))
+        for start, kept, g in self.pieces:
+            stacked[start:start + g.shape[0]].index_copy_(2, torch.searchsorted(positions, kept), g)
+        return stacked, positions
+
+
+def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int, group: int = 1,
+                      trimmed: dict[int, Tensor | None] | None = None) -> list[Tensor]:
     """The gradients of each output o (summed over the examples) with respect to each layer's
     output, stacked: (O, *its shape), by backward passes of ``group`` outputs each: one output a
     pass, or several in one pass batched over them (:func:`_batched_pass`). Batched passes hold
     ``group`` times a pass's gradients; a group whose batched pass fails is taken one output at
     a time. One group of all O outputs hands on its pass's gradients as they are.
+
+    ``trimmed``: indices of layer outputs (n, S, …) whose positions without a gradient for any
+    output and example are dropped as each pass's gradients come (:class:`_Trimmed`), and on
+    return each index's positions kept (L,); its gradients are (O, n, L, …). A language model's
+    output layer, measured at the last position, then holds O·V numbers an example, not O·S·V
+    (at 16 tokens, 105 of the 326 MB a GPT-2 sequence's factors took while computed).
 
     On a GPU, batching pays where the passes are many small launches: the 124M decoder's trace
     kernel of 64 sequences (O = 32) took 0.78 s batched against 2.03 s one at a time on an H200,
@@ -862,33 +918,48 @@ def _output_gradients(out: Tensor, layer_outputs: list[Tensor], num_outputs: int
     the CPU one at a time was the faster (0.40 against 0.43 s, a width-8 ResNet-18 on 64 images):
     :data:`_BATCHED_PASSES_ON`."""
     size = max(1, group)
+    trims = {index: _Trimmed() for index in (trimmed or {})}
 
     def basis(start: int, stop: int) -> Tensor:
         rows = torch.zeros((stop - start, *out.shape), dtype=out.dtype, device=out.device)
         rows[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
         return rows
 
+    def finished(stacked: list[Tensor | None]) -> list[Tensor]:
+        for index, trim in trims.items():
+            stacked[index], trimmed[index] = trim.whole(num_outputs)  # type: ignore[index]
+        return stacked  # type: ignore[return-value]
+
     if num_outputs > 1 and size >= num_outputs:
         whole = _batched_pass(out, layer_outputs, basis(0, num_outputs))
         if whole is not None:
-            return list(whole)
-    stacked = [torch.empty((num_outputs, *z.shape), dtype=z.dtype, device=z.device) for z in layer_outputs]
+            for index, trim in trims.items():
+                trim.add(0, whole[index])
+            return finished([None if i in trims else g for i, g in enumerate(whole)])
+    stacked: list[Tensor | None] = [
+        None if i in trims else torch.empty((num_outputs, *z.shape), dtype=z.dtype, device=z.device)
+        for i, z in enumerate(layer_outputs)]
     for start in range(0, num_outputs, size):
         stop = min(start + size, num_outputs)
         batched = _batched_pass(out, layer_outputs, basis(start, stop)) if 1 < stop - start < num_outputs else None
         if batched is not None:
-            for rows, g in zip(stacked, batched, strict=True):
-                rows[start:stop] = g
+            for i, (rows, g) in enumerate(zip(stacked, batched, strict=True)):
+                if i in trims:
+                    trims[i].add(start, g)
+                else:
+                    rows[start:stop] = g  # type: ignore[index]
             continue
         for o in range(start, stop):
             grads = torch.autograd.grad(out[:, o].sum(), layer_outputs, retain_graph=o + 1 < num_outputs,
                                         allow_unused=True)
-            for rows, g in zip(stacked, grads, strict=True):
-                if g is None:
-                    rows[o].zero_()
+            for i, (rows, g, z) in enumerate(zip(stacked, grads, layer_outputs, strict=True)):
+                if i in trims:
+                    trims[i].add(o, (torch.zeros_like(z) if g is None else g).unsqueeze(0))
+                elif g is None:
+                    rows[o].zero_()  # type: ignore[index]
                 else:
-                    rows[o] = g
-    return stacked
+                    rows[o] = g  # type: ignore[index]
+    return finished(stacked)
 
 
 def _pass_group(room: int, itemsize: int, chunk: int, activation: int, num_outputs: int,
@@ -1688,7 +1759,10 @@ def ntk_of(
                 free = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                         n2 if keep else 0, activation)
                 room = free if columns else 0
-                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), activation, o, function.device,
+                # a further output of a batched pass: its activations' gradients, and a tied
+                # output layer's at every position before they are trimmed
+                per_output = activation + itemsize * sum(layer.pass_numbers() for layer in structured.values())
+                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), per_output, o, function.device,
                                      any(layer.kind == "conv" for layer in structured.values()))
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
                                            chunk, o, keep, room, passes, check))

@@ -104,10 +104,12 @@ class NTK(Probe):
     A first measurement stops at the Lens's deadline between chunks and blocks (not under
     ``torch.distributed``). On the decoder reference job (8 sequences of 512 tokens, 0.75 GB
     allowed at step 0) a measurement took 4.8 s, 166 training steps, on the last 16 tokens: one
-    sequence a chunk, its factors computed 29 times (the output layer's gradients at all 16
-    positions, 105 of its 326 MB, leave the factor passes room for 2 outputs at a time). Under
-    the default 5% time budget its first try, stopped at 1 s, is not tried again within 4,000
-    steps: the probe stays within the budget there without a value.
+    sequence a chunk, its factors computed 29 times, 2 outputs a pass (a sequence's factors took
+    326 MB, 105 of them the output layer's gradients at all 16 positions). Under the default 5%
+    time budget its first try, stopped at 1 s, was not tried again within 4,000 steps: the probe
+    stayed within the budget there without a value. The output layer's gradients are now kept
+    at its live position only (232 MB a sequence; the planner's answer there: 6 outputs a pass,
+    not yet timed on a GPU).
     """
 
     name = "ntk"

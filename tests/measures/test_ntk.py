@@ -942,7 +942,7 @@ def _as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     for name in ("_COLUMNS_AT_ONCE_ON", "_TILED_ON", "_BATCHED_PASSES_ON"):
         monkeypatch.setattr(ntk_module, name, ("cuda", "cpu"))
     monkeypatch.setattr(ntk_module, "_TILE", 8)
-    return _spied(monkeypatch, "_output_gradients", lambda out, layer_outputs, num_outputs, group=1: group)
+    return _spied(monkeypatch, "_output_gradients", lambda out, layer_outputs, num_outputs, group=1, trimmed=None: group)
 
 
 def _spied(monkeypatch: pytest.MonkeyPatch, name: str, seen: object) -> list:
@@ -1155,6 +1155,23 @@ def test_factor_passes_batched_over_outputs_equal_one_output_a_pass(group, monke
     # of one output is a plain pass)
     groups = [min(group, 4 - start) for start in range(0, 4, group)]
     assert batched == [size for size in groups if size > 1]
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_factor_passes_trim_an_outputs_positions_without_a_gradient(group):
+    # a layer output (n, S, V) read at position 3 by outputs 0 and 1 and at position 1 by output
+    # 2: passes of one or two outputs see different positions, which are put together with zeros
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen)
+    z = x @ w  # (2, 5, 6)
+    out = torch.stack([z[:, 3].sin().sum(1), z[:, 3].pow(2).sum(1), z[:, 1].sum(1)], dim=1)
+    full = torch.stack([torch.autograd.grad(out[:, o].sum(), z, retain_graph=True)[0] for o in range(3)])
+    trimmed = {0: None}
+    (got,) = ntk_module._output_gradients(out, [z], 3, group, trimmed)
+    assert trimmed[0].tolist() == [1, 3]
+    torch.testing.assert_close(got, full[:, :, [1, 3]], rtol=0, atol=0)
+    assert full[:, :, [0, 2, 4]].abs().max() == 0
 
 
 class _ConvolutionBackwards(TorchDispatchMode):

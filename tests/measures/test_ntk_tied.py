@@ -278,10 +278,11 @@ def test_the_kept_factors_are_as_many_numbers_as_the_plan_counts(every_position)
             held = sum(t.numel() for t in factors[name])
             assert held == x.shape[0] * layer.kept_numbers(outputs), name
     tied = layers["embed"]
-    # the output layer's positions: all five while computed, the active ones once kept
+    # while computed: the output layer's inputs at all five positions and one output's gradient
+    # there beside the active positions' of all outputs; kept: the active positions only
     assert tied.factor_numbers(outputs) - tied.kept_numbers(outputs) == \
-        (POSITIONS - tied.linear_positions()) * (WIDTH + outputs * VOCABULARY)
-    assert (tied.kept_numbers(outputs) < tied.factor_numbers(outputs)) != every_position
+        (POSITIONS - tied.linear_positions()) * WIDTH + POSITIONS * VOCABULARY
+    assert (tied.linear_positions() < POSITIONS) != every_position
 
 
 class WithPositions(TiedLanguageModel):
