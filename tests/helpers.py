@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import dynlens as dl
@@ -348,3 +349,18 @@ def peak_bytes(call: Any) -> tuple[Any, int]:
         held += change
         peak = max(peak, held)
     return out, peak
+
+
+class OperatorCalls(TorchDispatchMode):
+    """Counts the calls of one ATen operator (``torch.ops.aten.copy_.default``) that reach the
+    kernels inside it, as ``count``."""
+
+    def __init__(self, operator: Any) -> None:
+        super().__init__()
+        self.operator = operator
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN201
+        if func is self.operator:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

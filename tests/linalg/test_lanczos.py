@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import OperatorCalls
 from matrices import matrix_with_spectrum
 
 from dynlens.linalg import (
@@ -332,7 +333,7 @@ def test_the_streamed_gram_schmidt_is_the_two_passes_of_the_lanczos_step():
         expected = expected - torch.bmm(krylov.transpose(1, 2), c).squeeze(-1)
         alpha = alpha + c[:, 3, 0]
     # pieces of 7 columns (6 rows × 7 numbers × 8 bytes): 8 pieces, the last of 1 column
-    with _CopyCounter() as copies:
+    with OperatorCalls(torch.ops.aten.copy_.default) as copies:
         got_alpha, got = _streamed_gram_schmidt(krylov, w, 3, block_bytes=6 * 7 * 8)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
     torch.testing.assert_close(got_alpha, alpha, rtol=0, atol=1e-13)
@@ -340,17 +341,3 @@ def test_the_streamed_gram_schmidt_is_the_two_passes_of_the_lanczos_step():
     # the basis is read three times (the plain passes read it four times): 3 reads of 8 pieces
     # of each of the 6 rows, for each of the 2 runs
     assert copies.count == 3 * 8 * 6 * 2
-
-
-class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the copies into existing tensors (``Tensor.copy_``) made inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.copy_.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kernel_from_jacobians, peak_bytes, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
+from helpers import OperatorCalls, kernel_from_jacobians, peak_bytes, relative_error, single_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynlens.measures.ntk as ntk_module
 from dynlens.budget import MemoryBudgetTooSmall
@@ -1174,19 +1173,6 @@ def test_factor_passes_trim_an_outputs_positions_without_a_gradient(group):
     assert full[:, :, [0, 2, 4]].abs().max() == 0
 
 
-class _ConvolutionBackwards(TorchDispatchMode):
-    """Counts the convolutions' backward calls that reach the kernels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution_backward.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("group", [1, 5])
 def test_a_batched_factor_pass_runs_a_convolutions_backward_once_for_all_its_outputs(group):
     # is_grads_batched's vmap looped over the outputs there, one call each and a stack
@@ -1200,13 +1186,13 @@ def test_a_batched_factor_pass_runs_a_convolutions_backward_once_for_all_its_out
     out = net(x)
     expected = [torch.stack([torch.autograd.grad(out[:, o].sum(), z, retain_graph=True)[0] for o in range(5)])
                 for z in outputs]
-    with _ConvolutionBackwards() as counted:
+    with OperatorCalls(torch.ops.aten.convolution_backward.default) as counted:
         got = ntk_module._output_gradients(out, outputs, 5, group)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     # the second convolution's backward carries the gradient to the first one's output: one
     # call a pass
-    assert counted.calls == (1 if group == 5 else 5)
+    assert counted.count == (1 if group == 5 else 5)
 
 
 @pytest.mark.parametrize("group", [2, 3])
