@@ -583,8 +583,8 @@ class _Layer:
             # come, beside one output's at all S of them (:func:`_output_gradients`'s
             # ``trimmed``; a batched pass's further outputs are :meth:`pass_numbers`), and its
             # inputs at all S until :func:`_tied_factors` takes the active ones
-            s = self.tied_positions
-            return self.kept_numbers(num_outputs) + (s - self.linear_positions()) * out + self.pass_numbers()
+            s, active = self.tied_positions, self.linear_positions()
+            return self._tied_numbers(num_outputs, active) + (s - active) * out + self.pass_numbers()
         return t * k + num_outputs * t * out
 
     def pass_numbers(self) -> int:
@@ -772,12 +772,12 @@ def _factors(function: ModelFunction, layers: dict[str, _Layer], inputs: Any, nu
                                          if name in tied_linears and captured[name][1].dim() == 3}
     with torch.enable_grad():
         per_output = dict(zip(hooked, _output_gradients(out, layer_outputs, num_outputs, group, trimmed), strict=True))
-    kept = {names[i]: positions for i, positions in trimmed.items()}
+    live = {names[i]: positions for i, positions in trimmed.items()}
     del out, layer_outputs
     factors: dict[str, Any] = {}
     for name, layer in layers.items():
         if layer.kind == "tied":
-            factors[name] = _tied_factors(modules, layer, captured, per_output, kept.get(layer.modules[1]), n,
+            factors[name] = _tied_factors(modules, layer, captured, per_output, live.get(layer.modules[1]), n,
                                           num_outputs, routes is not None and routes.get(name) == "jacobians")
             continue
         x = captured.pop(name)[0]

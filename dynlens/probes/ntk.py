@@ -83,8 +83,9 @@ class NTK(Probe):
     after its memory test starts its next try from the tokens that fitted. On the 124M decoder
     of 512 tokens with 32 outputs, 1.75 GB allowed at step 0 takes 32 tokens and 0.75 GB 16,
     one sequence a chunk (the planner's answer; at 64 tokens the check of its structured layers
-    alone, every layer's inputs and output gradients on two sequences, takes more). Not under ``torch.distributed``, where the ranks' allowances differ: there a kernel
-    that does not fit waits.
+    alone, every layer's inputs and output gradients on two sequences, takes more). Not under
+    ``torch.distributed``, where the ranks' allowances differ: there a kernel that does not fit
+    waits.
 
     Args:
         every / at / schedule: the schedule (see :class:`Probe`); default every 200 steps.
