@@ -41,7 +41,7 @@ def _sync(device: str) -> None:
 
 # ntk_of's steps that --phases times (functions of dynlens.measures.ntk, and ModelFunction's)
 PHASES = ("_default_memory", "_flat_outputs", "_structured_layers", "_checked_layers", "_broadcasts",
-          "activation_bytes", "_by_jacobians", "_by_structure", "_factors", "_output_gradients",
+          "outputs_and_activation_bytes", "_by_jacobians", "_by_structure", "_factors", "_output_gradients",
           "_full_by_positions", "_positions_block", "_contract", "_jacobians")
 
 
@@ -50,7 +50,7 @@ def _patched(wrap: Any) -> list[tuple[Any, str, Any]]:
     put back (:func:`_restored`)."""
     originals: list[tuple[Any, str, Any]] = []
     for name in (*PHASES, "ntk_of"):
-        owner = ntk_module.ModelFunction if name == "activation_bytes" else ntk_module
+        owner = ntk_module.ModelFunction if name == "outputs_and_activation_bytes" else ntk_module
         if hasattr(owner, name):
             originals.append((owner, name, getattr(owner, name)))
             setattr(owner, name, wrap(name, getattr(owner, name)))
