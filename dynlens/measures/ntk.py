@@ -1112,11 +1112,26 @@ def _keeps_factors(layers: dict[str, _Layer], routes: dict[str, str], num_output
 
 def _chunk_terms(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                  itemsize: int, activation: int) -> tuple[int, int, int]:
-    """(linear, kept, quadratic) numbers of :func:`_structured_chunk`'s count: per example of a
-    chunk, its factors while computed with their backward passes' activations (``activation``
-    bytes) and two chunks' kept factors, W + A + 2·K; K per kept example; Q per pair."""
+    """(linear, kept, quadratic) numbers of :func:`_structured_chunk`'s count: K per kept
+    example, Q per pair, and per example of a chunk the larger of what its factors hold while
+    computed and while a block reads them. Computed: its factors as the passes make them (W),
+    their passes' activations (A), the other chunk's kept factors (K) and the Jacobians the
+    Jacobian route forms while its factors are still held (J). Read: both chunks' kept factors
+    and the copies of one layer's factors that the block's products make to contract them,
+    2·K + 2·F (F the largest layer's kept factors). W + A + K + J or 2·K + 2·F + J.
+
+    W holds the chunk's own factors as they are computed (the positions route keeps the inputs
+    and output gradients it computed, as views), so counting two kept chunks beside W counted
+    one twice: on a 2-core CPU a 124M decoder's trace kernel of 64 sequences in its default
+    allowance took chunks of 9 sequences (W + A + 2·K = 626 MB a sequence), 30 factor
+    computations and 325 s; now (437 MB) chunks of 11, 16 and 245 s
+    (``benchmarks/ntk_chunk_count.py``). A ResNet-18's plans on a GPU's allowance are the same."""
     working, kept, quadratic = _structured_numbers(layers, routes, num_outputs, mode)
-    return working + -(-activation // itemsize) + 2 * kept, kept, quadratic
+    formed = sum(num_outputs * layer.size for name, layer in layers.items() if routes[name] == "jacobians")
+    largest = max((layer.kept_numbers(num_outputs) for name, layer in layers.items() if routes[name] != "jacobians"),
+                  default=0)
+    computed = working + -(-activation // itemsize) + kept
+    return max(computed, 2 * kept + 2 * largest) + formed, kept, quadratic
 
 
 def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
@@ -1126,8 +1141,9 @@ def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_out
     ``budget`` (:func:`_structured_numbers`): ``kept_examples`` examples' kept factors (those
     :func:`_keeps_factors` keeps; 0 when it keeps none), a chunk's factors while they are
     computed with the activations of their backward passes (``activation`` bytes an example),
-    two chunks' kept factors and a block's products: kept_examples·K + c·(W + A + 2·K) + c²·Q
-    numbers. MemoryBudgetTooSmall when one example does not fit a ``memory`` the caller set."""
+    the other chunk's kept factors and a block's products: kept_examples·K + c·(W + A + K + J)
+    + c²·Q numbers (:func:`_chunk_terms`). MemoryBudgetTooSmall when one example does not fit
+    a ``memory`` the caller set."""
     linear, kept, quadratic = _chunk_terms(layers, routes, num_outputs, mode, itemsize, activation)
     numbers = budget // itemsize - kept_examples * kept
     one = (linear + quadratic) * itemsize
@@ -1502,7 +1518,7 @@ def _tied_block(embedding: nn.Module, f1: tuple[Tensor, Tensor, Tensor, Tensor],
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
                   layers: dict[str, _Layer], routes: dict[str, str], chunk: int,
                   num_outputs: int, keep: bool = False, room: int = 0, group: int = 1,
-                  check: Callable[[], None] | None = None) -> dict[str, Tensor]:
+                  check: Callable[[], None] | None = None, per_layer: bool = True) -> dict[str, Tensor]:
     """Each structured layer's kernel from its inputs and output gradients (Novak et al. 2022's
     structured derivatives; nngeometry's Gram matrix), by its route (:func:`_route`):
     "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
@@ -1513,7 +1529,10 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     the second set (of the only set when ``same``) are computed once and kept for every block
     (:func:`_keeps_factors`), else again for the blocks that need them (:func:`_kernel_blocks`).
     ``group``: the outputs a factor pass takes (:func:`_pass_group`); ``check``: see
-    :func:`_kernel_blocks`."""
+    :func:`_kernel_blocks`. Without ``per_layer``, one kernel keyed "", each block's layers
+    summed as they come: the blocks of every layer held until the end were L kernels beside
+    the one returned (a full kernel of 24 examples and 12 outputs through 7 layers held 3.9 MB
+    at once, in 0.6 MB allowed; summed, 0.9 MB)."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     kept: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -1532,13 +1551,22 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
 
     def block(f1: dict[str, Any], f2: dict[str, Any]) -> dict[str, Tensor]:
         blocks: dict[str, Tensor] = {}
+
+        def add(name: str, products: Tensor) -> None:
+            if per_layer:
+                blocks[name] = products
+            elif "" in blocks:
+                blocks[""] += products
+            else:
+                blocks[""] = products
+
         for name, layer in layers.items():
             if isinstance(f1[name], dict):
-                blocks[name] = _contract(f1[name], f2[name], layer.names, mode)
+                add(name, _contract(f1[name], f2[name], layer.names, mode))
                 continue
             if layer.kind == "tied":
                 embedding = function.model.get_submodule(layer.modules[0])
-                blocks[name] = _tied_block(embedding, f1[name], f2[name], mode, room)
+                add(name, _tied_block(embedding, f1[name], f2[name], mode, room))
                 continue
             (a1, g1), (a2, g2) = f1[name], f2[name]
             # in the diagonal mode f2 is f1: the einsums pair each example with itself
@@ -1551,7 +1579,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             del inputs
             if len(layer.names) > 1:
                 products = products + torch.einsum(_BIAS[mode], g1.sum(2), g2.sum(2))
-            blocks[name] = products
+            add(name, products)
+            del products
         return blocks
 
     return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block, check)
@@ -1765,7 +1794,7 @@ def ntk_of(
                 passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), per_output, o, function.device,
                                      any(layer.kind == "conv" for layer in structured.values()))
                 parts.append(_by_structure(function, first, second, same, mode, structured, routes,
-                                           chunk, o, keep, room, passes, check))
+                                           chunk, o, keep, room, passes, check, per_layer))
             # a structured layer's kernel is keyed by its module's name, which is its layer
             summed: dict[str, Tensor] = {}
             for part in parts:

@@ -1131,6 +1131,55 @@ def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, a
     torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
 
 
+def _positions_mlp() -> nn.Module:
+    """Seven linear layers of similar size applied at each of 6 positions (a transformer's
+    MLP-like stack), every output position measured (O = 12): no layer holds most of the
+    factors."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(16, 48)]
+    for _ in range(5):
+        layers += [nn.Tanh(), nn.Linear(48, 48)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(48, 2), nn.Flatten()).eval()
+
+
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_a_chunk_counts_the_other_chunks_kept_factors_once_and_holds_its_memory(mode, monkeypatch):
+    # a chunk's factors are the passes' own gradients and inputs: while computed they are W,
+    # beside the other chunk's K, and a block reads two chunks' K and copies of one layer's
+    # factors; the count before took W beside two chunks' K. Chunks larger than that double
+    # count allowed, and the peak within the memory
+    model, x = _positions_mlp(), torch.randn(24, 6, 16, generator=torch.Generator().manual_seed(1))
+    whole = ntk_of(model, x, mode=mode, implementation="structured")
+    seen: list = []
+    chunk_terms = ntk_module._chunk_terms
+
+    def recorded(layers, routes, o, mode_, itemsize, activation):
+        terms = chunk_terms(layers, routes, o, mode_, itemsize, activation)
+        seen.append((terms, ntk_module._structured_numbers(layers, routes, o, mode_), -(-activation // itemsize),
+                     itemsize))
+        return terms
+
+    monkeypatch.setattr(ntk_module, "_chunk_terms", recorded)
+    chunks = _spied(monkeypatch, "_by_structure", lambda *a: (a[7], a[9]))
+    memory = 1_500_000
+    held, peak = peak_bytes(lambda: ntk_of(model, x, mode=mode, implementation="structured", memory=memory))
+    (linear, kept, quadratic), (working, _, _), activation, itemsize = seen[-1]
+    chunk, keep = chunks[-1]
+    assert not keep and 1 < chunk < 24, chunks[-1]
+    numbers = memory // itemsize
+    assert chunk * linear + chunk * chunk * quadratic <= numbers < (chunk + 1) * linear + (chunk + 1) ** 2 * quadratic
+    # fewer numbers an example than W + A + 2·K, and a larger chunk than that count allowed
+    double = working + activation + 2 * kept
+    assert linear < double
+    assert chunk * double + chunk * chunk * quadratic > numbers
+    # the kernel on top (ntk_of's docstring): its blocks, then put together; one kernel, not one
+    # a layer (the layers' blocks are summed as they come: 3.9 MB were held here before)
+    kernel = 2 * held.kernel.numel() * held.kernel.element_size()
+    assert peak <= memory + kernel, f"held {peak:,} bytes at once with memory={memory:,} and a kernel of {kernel:,}"
+    torch.testing.assert_close(held.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
+    assert relative_error(whole.kernel, reference(model, x, None, mode)) < 1e-5
+
+
 def _two_layer_graph(o: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
