@@ -109,8 +109,9 @@ class NTK(Probe):
     326 MB, 105 of them the output layer's gradients at all 16 positions). Under the default 5%
     time budget its first try, stopped at 1 s, was not tried again within 4,000 steps: the probe
     stayed within the budget there without a value. The output layer's gradients are now kept
-    at its live position only (232 MB a sequence; the planner's answer there: 6 outputs a pass,
-    not yet timed on a GPU).
+    at its live position only (232 MB a sequence), and a chunk counts the other chunk's kept
+    factors once, not twice: the planner's answer there is now 15 outputs a pass (not yet
+    timed on a GPU).
     """
 
     name = "ntk"
