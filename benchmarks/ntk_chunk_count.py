@@ -42,9 +42,8 @@ def _sync(device: str) -> None:
 
 def _twice(layers: Any, routes: Any, num_outputs: int, mode: str, itemsize: int, activation: int) -> tuple[int, int, int]:
     """The chunk count's terms before: W + A + 2·K."""
-    linear, kept, quadratic = CHUNK_TERMS(layers, routes, num_outputs, mode, itemsize, activation)
-    formed = sum(num_outputs * layer.size for name, layer in layers.items() if routes[name] == "jacobians")
-    return linear - formed + kept, kept, quadratic
+    working, kept, quadratic = ntk_module._structured_numbers(layers, routes, num_outputs, mode)
+    return working + -(-activation // itemsize) + 2 * kept, kept, quadratic
 
 
 CHUNK_TERMS = ntk_module._chunk_terms

@@ -1141,9 +1141,9 @@ def _structured_chunk(layers: dict[str, _Layer], routes: dict[str, str], num_out
     ``budget`` (:func:`_structured_numbers`): ``kept_examples`` examples' kept factors (those
     :func:`_keeps_factors` keeps; 0 when it keeps none), a chunk's factors while they are
     computed with the activations of their backward passes (``activation`` bytes an example),
-    the other chunk's kept factors and a block's products: kept_examples·K + c·(W + A + K + J)
-    + c²·Q numbers (:func:`_chunk_terms`). MemoryBudgetTooSmall when one example does not fit
-    a ``memory`` the caller set."""
+    the other chunk's kept factors and a block's products: kept_examples·K + c·L + c²·Q numbers,
+    L the larger of W + A + K + J and 2·K + 2·F + J (:func:`_chunk_terms`). MemoryBudgetTooSmall
+    when one example does not fit a ``memory`` the caller set."""
     linear, kept, quadratic = _chunk_terms(layers, routes, num_outputs, mode, itemsize, activation)
     numbers = budget // itemsize - kept_examples * kept
     one = (linear + quadratic) * itemsize
