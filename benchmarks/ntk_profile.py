@@ -12,14 +12,19 @@ waited for the host), the top operators (``--rows``) by self device time (self C
 CPU), with ``--phases`` the wall time of one more call spent in each of ``ntk_of``'s steps
 (``PHASES``, each timed with the device synchronised at its start and end, children included),
 and with ``--gaps`` (CUDA) the device's idle time in one more profiled call, by the innermost
-step the host was in when each idle stretch began.
+step the host was in when each idle stretch began, and with ``--host`` the host's time in one
+more call under ``cProfile`` by function (on a GPU, where kernels run asynchronously, the time
+the host takes to issue the work, and any wait for the device).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
 from typing import Any
@@ -133,6 +138,24 @@ def _idle_by_phase(events: Any) -> tuple[float, dict[str, float]]:
     return sum(by_phase.values()), by_phase
 
 
+def _host(run: Any, device: str, rows: int) -> str:
+    """One call of ``run`` under ``cProfile``: its wall time, then the functions by their own
+    host time and by their time with callees (``rows`` each)."""
+    profiler = cProfile.Profile()
+    _sync(device)
+    start = time.perf_counter()
+    profiler.enable()
+    run()
+    _sync(device)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return f"host profile: {wall:.4f} s wall (under cProfile)\n" + text.getvalue()
+
+
 def _busy(events: Any, cuda: bool) -> float:
     """Seconds the device was busy: its kernels' times summed (on the CPU, 0)."""
     if not cuda:
@@ -202,6 +225,7 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="time ntk_of's steps (PHASES) in one more call")
     parser.add_argument("--gaps", action="store_true",
                         help="the device's idle time in one more call, by the step the host was in (CUDA)")
+    parser.add_argument("--host", action="store_true", help="the host's time by function in one more call (cProfile)")
     args = parser.parse_args()
     memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
     model, inputs, what = build(args.model, args, args.device)
@@ -240,6 +264,8 @@ def main() -> None:
                 idle, by_phase = _idle(run)
                 print(f"idle {idle:.4f} s:", json.dumps({k: round(v, 4) for k, v in
                                                          sorted(by_phase.items(), key=lambda kv: -kv[1])}), flush=True)
+            if args.host:
+                print(_host(run, args.device, args.rows), flush=True)
             print(averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60,
                                  max_shapes_column_width=120), flush=True)
 

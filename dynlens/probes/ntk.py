@@ -127,12 +127,22 @@ class NTK(Probe):
         self._initial: Tensor | None = None
         self._previous: tuple[int, Tensor] | None = None
         self._projection: Tensor | None = None
+        self._wrapper: _Projected | None = None
         self._projected_from: int | None = None
         self._tokens: int | None = None
         self._fitted: int | None = None  # the tokens a first kernel stopped at its deadline fitted
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n": self.n, "max_outputs": self.max_outputs, "per_layer": self.per_layer}
+
+    def with_schedule(self, every: int | None = None, at: Any = None, schedule: Any = None) -> NTK:
+        """:meth:`Probe.with_schedule`, without copying the wrapper of the model measured (which
+        holds the model itself): the copy makes its own when it measures."""
+        wrapper, self._wrapper = self._wrapper, None
+        try:
+            return super().with_schedule(every=every, at=at, schedule=schedule)  # type: ignore[return-value]
+        finally:
+            self._wrapper = wrapper
 
     def _model(self, ctx: Context, inputs: Any) -> _Projected:
         if self._projected_from is None:
@@ -145,8 +155,15 @@ class NTK(Probe):
                 g = torch.Generator().manual_seed(self.seed)
                 self._projection = torch.randn(outputs, self.max_outputs, generator=g) / self.max_outputs**0.5
                 self.note("projection", f"{outputs} outputs on {self.max_outputs} Gaussian directions")
-        projection = None if self._projection is None else self._projection.to(next(ctx.model.parameters()).device)
-        return _Projected(ctx.model, projection)
+        if self._projection is not None:
+            self._projection = self._projection.to(next(ctx.model.parameters()).device)
+        # the same wrapper every time while the model and its device stay: ntk_of keeps what it
+        # learns of a model's layers per model (its layers' check, its one-example pass), which
+        # a new wrapper a measurement would throw away
+        wrapper = self._wrapper
+        if wrapper is None or wrapper.model is not ctx.model or wrapper.projection is not self._projection:
+            wrapper = self._wrapper = _Projected(ctx.model, self._projection)
+        return wrapper
 
     def measure(self, ctx: Context) -> Values:
         inputs, targets = split_batch(ctx.probe_batch)

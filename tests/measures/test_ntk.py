@@ -383,6 +383,28 @@ def test_the_structure_check_runs_once_per_model_and_input_shape():
     assert relative_error(ntk_of(model, wider).kernel, reference(model, wider, None, "trace")) < 1e-10
 
 
+def test_the_one_example_pass_runs_once_per_model_and_shapes_and_again_when_they_change():
+    model, x, _ = make("mlp")
+    passes = []
+    model[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    first = ntk_of(model, x)
+    assert passes.count(1) == 1  # O and the activations' bytes, from one example
+    again = ntk_of(model, x, mode="full")
+    assert passes.count(1) == 1  # kept: the same model, parameters and example shape
+    torch.testing.assert_close(again.kernel.diagonal(0, 2, 3).sum(-1), first.kernel)
+    # another dtype of the weights is another plan (activations of another size)
+    model.float()
+    single = ntk_of(model, x.float())
+    assert passes.count(1) == 2
+    assert relative_error(single.kernel.double(), reference(model.double(), x, None, "trace")) < 1e-5
+    # and so is a parameter of another shape
+    model[0] = nn.Linear(x.shape[1], 7).double()
+    model[2] = nn.Linear(7, model[2].out_features).double()
+    model[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    assert relative_error(ntk_of(model, x).kernel, reference(model, x, None, "trace")) < 1e-10
+    assert passes.count(1) == 3
+
+
 def test_auto_takes_jacobian_contraction_when_chunks_of_two_fit_and_products_otherwise():
     # the grouped convolution (40 of 178 parameters) is not structured: more than a tenth is left
     model, x, _ = make("cnn_grouped")

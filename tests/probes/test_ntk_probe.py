@@ -208,3 +208,29 @@ def test_measure_called_on_a_model_in_train_mode_leaves_its_batchnorm_alone():
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     oracle = _jacobian_kernel(model.eval(), x[:8])  # the kernel is the eval-mode one
     assert values["trace"] == pytest.approx(float(oracle.diagonal().sum()), rel=1e-9)
+
+
+def test_measurements_of_one_model_check_its_layers_once_and_a_copy_leaves_the_model_alone(monkeypatch):
+    import dynlens.measures.ntk as ntk_module
+
+    checks = []
+    original = ntk_module._checked_layers
+    monkeypatch.setattr(ntk_module, "_checked_layers", lambda *a, **k: checks.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 40)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 40, (12,))
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    probe = dl.probes.NTK(n=8, max_outputs=4)
+    first = probe.measure(ctx)
+    with torch.no_grad():
+        model[2].weight.mul_(2)
+    second = probe.measure(ctx)
+    assert len(checks) == 1  # the second measurement reused what the first learnt of the layers
+    assert second["trace"] > first["trace"]  # of the changed weights: not a kept kernel
+    copied = probe.with_schedule(every=7)
+    assert copied._wrapper is None and probe._wrapper is not None and probe._wrapper.model is model
+    # another model: its own wrapper and its own check
+    other = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 40)).double()
+    probe.measure(dl.probes.Context(model=other, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y),
+                                    optimizer=None, step=1))
+    assert probe._wrapper.model is other and len(checks) == 2
