@@ -528,6 +528,11 @@ _BATCHED_PASSES_ON: tuple[str, ...] = ("cuda",)
 # batch); the decoder's and the MLP's passes were as fast or faster batched at every size
 # measured, up to 256 (benchmarks/ntk_floor.py --groups, RESULTS.md)
 _BATCHED_CONVOLUTION_EXAMPLES = 64
+# the devices on which a convolution's patches are one copy of a strided view of its padded
+# input (_unfolded), not F.unfold: on a GPU F.unfold launches one im2col kernel per example (1,280
+# for a ResNet-18's 20 convolutions on 64 images), which took 9 ms of the host while the device
+# waited, of a full kernel of 0.12 s on an H200 (ntk_profile.py --host)
+_STRIDED_PATCHES_ON: tuple[str, ...] = ("cuda",)
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -673,7 +678,28 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
     kernel, dilation, padding, stride = _conv_geometry(module)  # type: ignore[misc]
     if x.dim() == 3:
         x = x.unsqueeze(2)
+    if x.device.type in _STRIDED_PATCHES_ON:
+        return _unfolded(x, kernel, dilation, padding, stride).transpose(1, 2)
     return F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
+
+
+def _unfolded(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+              stride: tuple[int, int]) -> Tensor:
+    """``F.unfold(x, kernel, dilation, padding, stride)``, (n, C·kh·kw, T), as one copy of a
+    strided view of the zero-padded input (n, C, kh, kw, H_out, W_out), in one kernel launch
+    however many examples (:data:`_STRIDED_PATCHES_ON`); F.unfold where a window does not fit
+    (its error)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    n, c, h, w = x.shape
+    rows, columns = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    if rows < 1 or columns < 1:
+        return F.unfold(x, kernel, dilation, 0, stride)
+    sn, sc, sy, sx = x.stride()
+    view = x.as_strided((n, c, kh, kw, rows, columns), (sn, sc, dh * sy, dw * sx, sh * sy, sw * sx),
+                        x.storage_offset())
+    return view.reshape(n, c * kh * kw, rows * columns)
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
@@ -1969,13 +1995,14 @@ def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> float:
     """d(K₁, K₂) = 1 − ⟨K₁, K₂⟩_F / (‖K₁‖_F ‖K₂‖_F) (Fort et al. 2020, "Deep learning versus kernel
     learning"): 0 for kernels equal up to a positive factor, 1 for orthogonal ones. Any two
     kernels of the same shape (every entry counts once). Per step it is the kernel velocity.
-    NaN when either kernel is zero (the angle is undefined)."""
+    NaN when either kernel is zero (the angle is undefined). Kept within [0, 2]: a kernel
+    against itself gave −1.6e-15 by rounding (a negative distance on a log axis)."""
     if kernel1.shape != kernel2.shape:
         raise ValueError(f"kernels of different shapes: {tuple(kernel1.shape)} and {tuple(kernel2.shape)}")
     a = kernel1.detach().to(torch.float64).reshape(-1)
     b = kernel2.detach().to(torch.float64).reshape(-1)
     scale = float(a.norm() * b.norm())
-    return 1.0 - float(a @ b) / scale if scale > 0 else math.nan
+    return min(2.0, max(0.0, 1.0 - float(a @ b) / scale)) if scale > 0 else math.nan
 
 
 def _target_matrix(targets: Tensor, num_classes: int | None) -> Tensor:

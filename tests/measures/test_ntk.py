@@ -23,6 +23,7 @@ from dynlens.measures.ntk import (
     _Layer,
     _route,
     _structured_layers,
+    _unfolded,
     condition_number,
     effective_rank,
     kernel_distance,
@@ -592,6 +593,21 @@ def test_kernel_distance_to_itself_and_to_a_scaled_copy_is_zero():
     assert kernel_distance(kernel, kernel) == pytest.approx(0.0, abs=1e-12)
     assert kernel_distance(kernel, 3.5 * kernel) == pytest.approx(0.0, abs=1e-12)
     assert kernel_distance(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])) == pytest.approx(1.0)
+
+
+def test_kernel_distance_is_never_negative_nor_above_two_by_rounding():
+    # kernels whose 1 − cosine with themselves (or their negation's 1 + 1) rounds past the range
+    generator = torch.Generator().manual_seed(0)
+    below = above = None
+    for _ in range(500):
+        k = torch.rand(32, 32, generator=generator, dtype=torch.float64) * 1e3
+        a = k.reshape(-1)
+        cosine = float(a @ a) / float(a.norm() * a.norm())
+        below = k if below is None and 1.0 - cosine < 0 else below
+        above = k if above is None and 1.0 + cosine > 2 else above
+    assert below is not None and above is not None  # the rounding this guards against happens
+    assert kernel_distance(below, below) == 0.0
+    assert kernel_distance(above, -above) == 2.0
 
 
 class BranchesOnValues(nn.Module):
@@ -1346,3 +1362,38 @@ def test_a_check_is_refused_under_torch_distributed():
     model, x, _ = make("cnn_structured", n=4)
     with pytest.raises(ValueError, match="check= is not supported with group="):
         ntk_of(model, x, group=object(), check=lambda: None)
+
+
+@pytest.mark.parametrize(("kernel", "dilation", "padding", "stride"), [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (1, 1), (1, 1), (2, 2)), ((1, 1), (1, 1), (0, 0), (2, 2)),
+    ((3, 2), (2, 1), (2, 0), (1, 3)), ((1, 5), (1, 2), (0, 3), (1, 1)), ((7, 7), (1, 1), (3, 3), (2, 2))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_strided_patches_are_f_unfolds(kernel, dilation, padding, stride, layout):
+    x = torch.randn(4, 3, 9, 11, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":  # a view with a storage offset and strides of a larger tensor
+        x = torch.randn(6, 5, 12, 13, dtype=torch.float64)[1:5, 1:4, 2:11, 1:12]
+    ours = _unfolded(x, kernel, dilation, padding, stride)
+    expected = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)
+    assert ours.shape == expected.shape and ours.is_contiguous()
+    assert torch.equal(ours, expected)
+
+
+def test_a_window_larger_than_the_input_raises_unfolds_error():
+    with pytest.raises(RuntimeError):
+        _unfolded(torch.randn(2, 3, 4, 4), (7, 7), (1, 1), (0, 0), (1, 1))
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_kernels_from_strided_patches_match_jacobian_products(mode, monkeypatch):
+    # the GPU's way to the patches, taken on the CPU: convolutions of several geometries
+    monkeypatch.setattr(ntk_module, "_STRIDED_PATCHES_ON", ("cpu",))
+    calls = []
+    monkeypatch.setattr(ntk_module, "_unfolded", lambda *a: calls.append(1) or _unfolded(*a))
+    for name in ("cnn_batchnorm", "cnn_structured", "normalisations"):
+        model, x, x2 = make(name)
+        second = None if mode == "diagonal" else x2
+        kernel = ntk_of(model, x, second, mode=mode, implementation="structured").kernel
+        assert relative_error(kernel, reference(model, x, second, mode)) < 1e-10, name
+    assert calls
