@@ -1,9 +1,10 @@
 """An experiment for issue #12: the host's work in an ``ntk_of`` call, while the device waits.
 Arms, in rotation in one process, the kernels compared:
 
-- ``before``: the one-example pass (the outputs' count and one example's activation bytes) taken
-  at every call, and the convolutions' patches by ``F.unfold``;
-- ``kept``: that pass kept per model and shapes (``_one_example``), patches by ``F.unfold``;
+- ``before``: one example's activation bytes counted at every call (a forward pass with a hook
+  on every saved tensor), and the convolutions' patches by ``F.unfold``;
+- ``kept``: those bytes kept per model, shapes and O (``_one_example``; O itself from a plain
+  forward pass of one example at every call), patches by ``F.unfold``;
 - ``now``: kept, and the patches one copy of a strided view (``_unfolded``, on a GPU);
 - ``tutorial``: the torch.func tutorial's Jacobian contraction.
 
@@ -52,7 +53,7 @@ def main() -> None:
 
     def call(x: torch.Tensor, mode: str, kept: bool, strided: bool) -> torch.Tensor:
         if not kept:
-            ntk_module._ONE_EXAMPLE.clear()
+            ntk_module._ACTIVATION_BYTES.clear()
         ntk_module._STRIDED_PATCHES_ON = ("cuda",) if strided else ()
         try:
             return ntk_module.ntk_of(model, x, mode=mode).kernel

@@ -282,6 +282,47 @@ def _factored_examples(n1: int, n2: int, same: bool, chunk: int, keep: bool) -> 
     return n1 + (n2 if keep else rows * n2)
 
 
+def _computations(n1: int, n2: int, same: bool, chunk: int, keep: bool) -> int:
+    """Factor computations (each a forward pass and O backward passes over a chunk) that
+    :func:`_kernel_blocks` makes: of one set in C chunks, C with kept factors, else
+    1 + C(C−1)/2; of two sets, the first set's chunks once and the second's once (kept) or
+    again for each chunk of the first."""
+    rows, columns = -(-n1 // chunk), -(-n2 // chunk)
+    if same:
+        return rows if keep else 1 + rows * (rows - 1) // 2
+    return rows + (columns if keep else rows * columns)
+
+
+def _layer_groups(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
+                  budget: int, itemsize: int, kept_examples: int, activation: int) -> list[dict[str, _Layer]] | None:
+    """The structured layers cut, in their order, into as few groups as keep their factors of
+    ``kept_examples`` examples for the whole kernel (:func:`_keeps_factors`) with room left for a
+    chunk of one example (:func:`_chunk_terms`), each group measured by its own factor passes
+    (its layers hooked, the backward passes stopping at its first layer); None where one layer
+    alone does not. Where the factors of every layer do not fit at once, G groups compute every
+    example's factors G times instead of the chunks' factors again and again (1 + C(C−1)/2
+    computations of C chunks of one set)."""
+    numbers = budget // itemsize
+    groups: list[dict[str, _Layer]] = []
+    current: dict[str, _Layer] = {}
+
+    def fits(group: dict[str, _Layer]) -> bool:
+        linear, kept, quadratic = _chunk_terms(group, routes, num_outputs, mode, itemsize, activation)
+        return (_keeps_factors(group, routes, num_outputs, mode, budget, itemsize, kept_examples)
+                and kept_examples * kept + linear + quadratic <= numbers)
+
+    for name, layer in layers.items():
+        if fits({**current, name: layer}):
+            current[name] = layer
+            continue
+        if not current or not fits({name: layer}):
+            return None
+        groups.append(current)
+        current = {name: layer}
+    groups.append(current)
+    return groups
+
+
 def _plan_cost(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                pairs: int, factored: int) -> int:
     """Multiply-adds of the structured products of the linear and convolutional layers by
@@ -533,6 +574,14 @@ _BATCHED_CONVOLUTION_EXAMPLES = 64
 # for a ResNet-18's 20 convolutions on 64 images), which took 9 ms of the host while the device
 # waited, of a full kernel of 0.12 s on an H200 (ntk_profile.py --host)
 _STRIDED_PATCHES_ON: tuple[str, ...] = ("cuda",)
+# the devices on which the structured layers may be split into groups that each keep their
+# factors for the whole kernel (_layer_groups), where one set of factors kept for all the layers
+# does not fit and the chunks' factors would be computed again block after block: a GPU, where a
+# factor computation of a few examples costs about as much as one of _FIXED_EXAMPLES (the host
+# issuing a forward pass and O backward passes: on an H200 a ResNet-18's of 3 images took 40 ms,
+# the device's passes of 32 images 26 ms; a 124M decoder's of one 16-token sequence 0.1 s)
+_LAYER_GROUPS_ON: tuple[str, ...] = ("cuda",)
+_FIXED_EXAMPLES = 32
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -1201,9 +1250,9 @@ def _structured_room(layers: dict[str, _Layer], routes: dict[str, str], num_outp
 # still hold)
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[tuple[tuple[str, _Layer], ...], int]]] = \
     weakref.WeakKeyDictionary()
-# ntk_of's one-example pass by model and _shapes_key: (O, the outputs' item size, one example's
-# activation bytes), which the weights' values do not change either
-_ONE_EXAMPLE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[int, int, int]]] = weakref.WeakKeyDictionary()
+# one example's activation bytes by model, _shapes_key and O (what ntk_of's memory plans read):
+# the weights' values do not change them
+_ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
 
 
 def _shapes_key(function: ModelFunction, inputs: Any) -> tuple[Any, ...]:
@@ -1218,18 +1267,21 @@ def _shapes_key(function: ModelFunction, inputs: Any) -> tuple[Any, ...]:
 
 def _one_example(function: ModelFunction) -> tuple[int, int, int]:
     """(O, the outputs' item size, one example's activation bytes) from one example's forward
-    pass (:meth:`ModelFunction.outputs_and_activation_bytes`), kept per model and
-    :func:`_shapes_key`: the NTK probe measures the same model again and again, and on an H200
-    the pass (its saved tensors counted by a hook each) was 3–5 ms of a ResNet-18's full kernel
-    of 64 images, before any of the kernel's work reached the device."""
-    key = _shapes_key(function, function.inputs)
-    known = _ONE_EXAMPLE.get(function.model, {}).get(key)
-    if known is None:
-        outputs, activation = function.outputs_and_activation_bytes(1)
-        probe = _flattened(outputs)
-        known = (probe.shape[1], probe.element_size(), activation)
-        _ONE_EXAMPLE.setdefault(function.model, {})[key] = known
-    return known
+    pass. O is counted at every call (a model's outputs may depend on more than its parameters
+    and input shapes: a flag that measures every position); the activation bytes, counted by a
+    hook on every tensor the pass saves (:meth:`ModelFunction.outputs_and_activation_bytes`),
+    are kept per model, :func:`_shapes_key` and O: the NTK probe measures the same model again
+    and again, and on an H200 that counted pass was 3–5 ms of a ResNet-18's full kernel of 64
+    images, before any of the kernel's work reached the device."""
+    with torch.no_grad():
+        probe = _flat_outputs(function, function.params, slice_examples(function.inputs, 0, 1))
+    o, itemsize = probe.shape[1], probe.element_size()
+    key = (_shapes_key(function, function.inputs), o)
+    activation = _ACTIVATION_BYTES.get(function.model, {}).get(key)
+    if activation is None:
+        activation = function.outputs_and_activation_bytes(1)[1]
+        _ACTIVATION_BYTES.setdefault(function.model, {})[key] = activation
+    return o, itemsize, activation
 
 
 def _structured_layers(function: ModelFunction, inputs: Any, num_outputs: int,
@@ -1792,12 +1844,21 @@ def ntk_of(
             groups = {layer: names for layer, names in groups.items() if names}
             if not per_layer and groups:
                 groups = {"": rest}
-            parts = []
+            # a structured layer's kernel is keyed by its module's name, which is its layer; the
+            # parts (the other parameters', each set of layers') are summed as they come
+            summed: dict[str, Tensor] = {}
+
+            def take(part: dict[str, Tensor]) -> None:
+                for name, k in part.items():
+                    key = name if per_layer else ""
+                    # every part is a new tensor of its own (its blocks put together)
+                    summed[key] = summed[key].add_(k) if key in summed else k
+
             if groups:
                 chunk = chunk_size or _tiled(_fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
                                                       "the Jacobians of one example's other parameters"),
                                              max(n1, n2), function.device)
-                parts.append(_by_jacobians(function, first, second, same, mode, groups, chunk, check))
+                take(_by_jacobians(function, first, second, same, mode, groups, chunk, check))
             if structured:
                 pairs = n1 if mode == "diagonal" else n1 * n2
                 routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
@@ -1826,32 +1887,48 @@ def ntk_of(
                                        _factored_examples(n1, n2, same, planned(wider, False), False))
                             < _plan_cost(structured, routes, o, mode, pairs, _factored_examples(n1, n2, same, own, False))):
                         routes, keep = wider, wider_keep
-                # on a GPU the full kernel of a layer at several positions takes several examples
-                # of the second set at once in a quarter of the allowance (_full_by_positions);
-                # larger chunks would leave it none where the examples do not fit one chunk
-                columns = (mode == "full" and function.device.type in _COLUMNS_AT_ONCE_ON and any(
-                    routes[name] == "positions" and (layer.positions > 1 or layer.kind == "tied")
-                    for name, layer in structured.items()))
-                # refuses a memory that one example does not fit, also with chunk_size given
-                chunk = _structured_chunk(structured, routes, o, mode, budget - budget // 4 if columns else budget,
-                                          itemsize, memory, n2 if keep else 0, activation)
-                chunk = chunk_size or _tiled(chunk, max(n1, n2), function.device)
-                free = _structured_room(structured, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
-                                        n2 if keep else 0, activation)
-                room = free if columns else 0
-                # a further output of a batched pass: its activations' gradients, and a tied
-                # output layer's at every position before they are trimmed
-                per_output = activation + itemsize * sum(layer.pass_numbers() for layer in structured.values())
-                passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), per_output, o, function.device,
-                                     any(layer.kind == "conv" for layer in structured.values()))
-                parts.append(_by_structure(function, first, second, same, mode, structured, routes,
-                                           chunk, o, keep, room, passes, check, per_layer))
-            # a structured layer's kernel is keyed by its module's name, which is its layer
-            summed: dict[str, Tensor] = {}
-            for part in parts:
-                for name, k in part.items():
-                    key = name if per_layer else ""
-                    summed[key] = summed[key] + k if key in summed else k
+                def plan(group: dict[str, _Layer], kept: bool) -> tuple[int, int, int]:
+                    """(chunk, room, outputs a pass) of ``group``'s products, keeping its factors or not."""
+                    # on a GPU the full kernel of a layer at several positions takes several
+                    # examples of the second set at once in a quarter of the allowance
+                    # (_full_by_positions); larger chunks would leave it none where the examples
+                    # do not fit one chunk
+                    columns = (mode == "full" and function.device.type in _COLUMNS_AT_ONCE_ON and any(
+                        routes[name] == "positions" and (layer.positions > 1 or layer.kind == "tied")
+                        for name, layer in group.items()))
+                    # refuses a memory that one example does not fit, also with chunk_size given
+                    chunk = _structured_chunk(group, routes, o, mode, budget - budget // 4 if columns else budget,
+                                              itemsize, memory, n2 if kept else 0, activation)
+                    chunk = chunk_size or _tiled(chunk, max(n1, n2), function.device)
+                    free = _structured_room(group, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
+                                            n2 if kept else 0, activation)
+                    # a further output of a batched pass: its activations' gradients, and a tied
+                    # output layer's at every position before they are trimmed
+                    per_output = activation + itemsize * sum(layer.pass_numbers() for layer in group.values())
+                    passes = _pass_group(free, itemsize, min(chunk, max(n1, n2)), per_output, o, function.device,
+                                         any(layer.kind == "conv" for layer in group.values()))
+                    return chunk, free if columns else 0, passes
+
+                chunk, room, passes = plan(structured, keep)
+                sets = [structured]
+                if (not keep and chunk_size is None and mode != "diagonal" and
+                        function.device.type in _LAYER_GROUPS_ON and _computes_twice(n1, n2, same, chunk)):
+                    # the factors of every layer do not fit at once: groups of layers that each
+                    # keep theirs, where that computes fewer factor passes (_layer_groups)
+                    split = _layer_groups(structured, routes, o, mode, budget, itemsize, n2, activation)
+                    if split is not None:
+                        chunks = [plan(group, True)[0] for group in split]
+                        together = (_FIXED_EXAMPLES * _computations(n1, n2, same, chunk, False)
+                                    + _factored_examples(n1, n2, same, chunk, False))
+                        apart = sum(_FIXED_EXAMPLES * _computations(n1, n2, same, c, True)
+                                    + _factored_examples(n1, n2, same, c, True) for c in chunks)
+                        if apart < together:
+                            sets, keep = split, True
+                for group in sets:
+                    if len(sets) > 1:
+                        chunk, room, passes = plan(group, True)
+                    take(_by_structure(function, first, second, same, mode, group, routes,
+                                       chunk, o, keep, room, passes, check, per_layer))
             kernels = {layer: summed[layer] for layer in (layers if per_layer else [""])}
         else:
             groups = layers if per_layer else {"": list(function.params)}

@@ -384,26 +384,52 @@ def test_the_structure_check_runs_once_per_model_and_input_shape():
     assert relative_error(ntk_of(model, wider).kernel, reference(model, wider, None, "trace")) < 1e-10
 
 
-def test_the_one_example_pass_runs_once_per_model_and_shapes_and_again_when_they_change():
+def test_one_examples_activation_bytes_are_counted_once_per_model_and_shapes_and_again_when_they_change():
     model, x, _ = make("mlp")
-    passes = []
-    model[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    counted = []  # the passes of one example that build a graph: the one whose saved tensors are counted
+    model[0].register_forward_hook(
+        lambda module, args, out: counted.append(1) if args[0].shape[0] == 1 and torch.is_grad_enabled() else None)
     first = ntk_of(model, x)
-    assert passes.count(1) == 1  # O and the activations' bytes, from one example
+    assert len(counted) == 1
     again = ntk_of(model, x, mode="full")
-    assert passes.count(1) == 1  # kept: the same model, parameters and example shape
+    assert len(counted) == 1  # kept: the same model, parameters, example shape and O
     torch.testing.assert_close(again.kernel.diagonal(0, 2, 3).sum(-1), first.kernel)
-    # another dtype of the weights is another plan (activations of another size)
+    # another dtype of the weights: activations of another size
     model.float()
     single = ntk_of(model, x.float())
-    assert passes.count(1) == 2
+    assert len(counted) == 2
     assert relative_error(single.kernel.double(), reference(model.double(), x, None, "trace")) < 1e-5
-    # and so is a parameter of another shape
+    # a parameter of another shape
     model[0] = nn.Linear(x.shape[1], 7).double()
     model[2] = nn.Linear(7, model[2].out_features).double()
-    model[0].register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    model[0].register_forward_hook(
+        lambda module, args, out: counted.append(1) if args[0].shape[0] == 1 and torch.is_grad_enabled() else None)
     assert relative_error(ntk_of(model, x).kernel, reference(model, x, None, "trace")) < 1e-10
-    assert passes.count(1) == 3
+    assert len(counted) == 3
+
+
+class Heads(nn.Module):
+    """Outputs whose count a flag sets, not the parameters or the inputs' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.both = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return torch.cat([out, out.tanh()], 1) if self.both else out
+
+
+@pytest.mark.parametrize("implementation", ["auto", "structured", "jacobian", "ntk_vector"])
+def test_outputs_counted_at_every_call_follow_a_flag_that_changes_them(implementation):
+    torch.manual_seed(0)
+    model, x = Heads().double(), torch.randn(5, 4, dtype=torch.float64)
+    for both in (False, True, False):
+        model.both = both
+        result = ntk_of(model, x, mode="full", implementation=implementation)
+        assert result.num_outputs == (6 if both else 3)
+        assert relative_error(result.kernel, reference(model, x, None, "full")) < 1e-10
 
 
 def test_auto_takes_jacobian_contraction_when_chunks_of_two_fit_and_products_otherwise():
