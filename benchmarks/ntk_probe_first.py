@@ -13,7 +13,9 @@ stopped at its 1-s deadline, was not tried again in 3,000 steps. Here, one proce
 2. a second probe measures twice (its first measurement in a warm process: what the probe
    itself learns the first time: the token length that fits, the layers' check);
 3. a third probe's first measurement under ``cProfile`` (the ``--rows`` functions with the most
-   time, callees included).
+   time, callees included);
+4. ``--pairs`` alternating measurements of the second probe with the structured layers kept in
+   one set and split into groups that keep their factors (``_LAYER_GROUPS_ON``), medians.
 
 Each measurement is timed with the device synchronised, through :meth:`NTK.measure` on a
 :class:`Context` whose ``memory`` is the Lens's allowance (``--memory-gib``) and with no
@@ -28,6 +30,7 @@ import io
 import json
 import os
 import pstats
+import statistics
 import sys
 import time
 
@@ -38,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead_gpu import build, sync  # noqa: E402
 
 import dynlens as dl  # noqa: E402
+from dynlens.measures import ntk as ntk_module  # noqa: E402
 from dynlens.probes import Context  # noqa: E402
 
 
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=0.7)
     parser.add_argument("--smoke", action="store_true", help="tiny models (CPU check)")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     model, loss_fn, _, data = build(args.job, args.device, args.smoke)
     memory = int(args.memory_gib * 2**30)
@@ -73,6 +78,18 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.rows)
     print(f"third probe's first measurement under cProfile: {seconds:.4f} s\n{text.getvalue()}", flush=True)
+    groups = ntk_module._LAYER_GROUPS_ON
+    arms: dict[str, list[float]] = {"one_set": [], "groups": []}
+    try:
+        for step in range(args.pairs):
+            for name in arms:
+                ntk_module._LAYER_GROUPS_ON = groups if name == "groups" else ()
+                arms[name].append(measure(second, 600 + 200 * step))
+    finally:
+        ntk_module._LAYER_GROUPS_ON = groups
+    median = {name: statistics.median(t) for name, t in arms.items()}
+    print(json.dumps({"alternating": {k: round(v, 4) for k, v in median.items()},
+                      "groups_over_one_set": round(median["groups"] / median["one_set"], 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -350,7 +350,8 @@ def _mirrored(block: Tensor, mode: KernelMode) -> Tensor:
 def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
                    first: Callable[[int, int], Any], second: Callable[[int, int], Any],
                    block: Callable[[Any, Any], dict[str, Tensor]],
-                   check: Callable[[], None] | None = None) -> dict[str, Tensor]:
+                   check: Callable[[], None] | None = None,
+                   into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The kernels of two sets of examples assembled from blocks of two chunks: ``first(s, e)``
     and ``second(s, e)`` give a chunk's factors (Jacobians, or inputs and output gradients) of
     the first and of the second set, ``block(f1, f2)`` each layer's block from two chunks'
@@ -359,10 +360,29 @@ def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
     one after the diagonal, whose factors are the next row's first ones: without factors kept
     between blocks, C chunks cost 1 + C(C−1)/2 factor computations (as many as kept factors for
     C ≤ 2) instead of C + C². "diagonal" pairs each chunk with itself. ``check`` is called
-    before each chunk's factors and each block (it may raise to stop the measurement)."""
+    before each chunk's factors and each block (it may raise to stop the measurement).
+
+    Each block is added into its place in the kernel as it comes (one kernel and one block held,
+    not every block and then the kernel they are put together into); ``into``: kernels by name
+    to add to (the other parts of one kernel), returned with this one's added, the names it
+    lacks created."""
     check = check or _no_check
     rows, columns = _chunks(n1, chunk), _chunks(n2, chunk)
-    found: dict[tuple[int, int], dict[str, Tensor]] = {}
+    kernels = {} if into is None else into
+
+    def put(found: dict[str, Tensor], r: slice, c: slice | None) -> None:
+        for name, value in found.items():
+            if name not in kernels:
+                shape = (n1, *value.shape[1:]) if c is None else (n1, n2, *value.shape[2:])
+                kernels[name] = value.new_zeros(shape)
+            kernel = kernels[name]
+            if c is None:
+                kernel[r] += value
+                continue
+            kernel[r, c] += value
+            if same and r != c:
+                kernel[c, r] += _mirrored(value, mode)
+
     carried: Any = None
     for r, (s1, e1) in enumerate(rows):
         if carried is None:
@@ -370,28 +390,22 @@ def _kernel_blocks(n1: int, n2: int, chunk: int, same: bool, mode: KernelMode,
             f1 = first(s1, e1)
         else:
             f1, carried = carried, None
-        if mode == "diagonal" or same:
+        if mode == "diagonal":
             check()
-            found[(r, r)] = block(f1, f1)
+            put(block(f1, f1), slice(s1, e1), None)
+        elif same:
+            check()
+            put(block(f1, f1), slice(s1, e1), slice(s1, e1))
         if mode != "diagonal":
             for c in (range(len(columns) - 1, r, -1) if same else range(len(columns))):
                 check()
                 f2 = second(*columns[c])
                 check()
-                found[(r, c)] = block(f1, f2)
+                put(block(f1, f2), slice(s1, e1), slice(*columns[c]))
                 if same and c == r + 1:
                     carried = f2
                 del f2
         del f1
-    names = list(found[(0, 0)])
-    if mode == "diagonal":
-        return {name: torch.cat([found[(r, r)][name] for r in range(len(rows))], dim=0) for name in names}
-    kernels = {}
-    for name in names:
-        kernels[name] = torch.cat([
-            torch.cat([found[(r, c)][name] if (r, c) in found else _mirrored(found[(c, r)][name], mode)
-                       for c in range(len(columns))], dim=1)
-            for r in range(len(rows))], dim=0)
     return kernels
 
 
@@ -461,9 +475,10 @@ def _contract(j1: Params, j2: Params, names: Sequence[str], mode: KernelMode) ->
 
 
 def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
-                  groups: dict[str, list[str]], chunk: int, check: Callable[[], None] | None = None
-                  ) -> dict[str, Tensor]:
-    """Each layer's kernel by Jacobian contraction, chunk by chunk of examples.
+                  groups: dict[str, list[str]], chunk: int, check: Callable[[], None] | None = None,
+                  into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Each layer's kernel by Jacobian contraction, chunk by chunk of examples (added to
+    ``into``'s kernels: :func:`_kernel_blocks`).
 
     With two sets larger than one chunk, the second set's Jacobians are recomputed for every chunk
     of the first (n₁/chunk · n₂ Jacobians in all), so memory stays at two chunks' Jacobians; of
@@ -474,7 +489,7 @@ def _by_jacobians(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
         n1, n2, chunk, same, mode,
         lambda s, e: _jacobians(function, slice_examples(inputs1, s, e), names),
         lambda s, e: _jacobians(function, slice_examples(inputs2, s, e), names),
-        lambda j1, j2: {layer: _contract(j1, j2, members, mode) for layer, members in groups.items()}, check)
+        lambda j1, j2: {layer: _contract(j1, j2, members, mode) for layer, members in groups.items()}, check, into)
 
 
 # ----------------------------------------------------------------------------- NTK-vector products
@@ -1623,7 +1638,8 @@ def _tied_block(embedding: nn.Module, f1: tuple[Tensor, Tensor, Tensor, Tensor],
 def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: bool, mode: KernelMode,
                   layers: dict[str, _Layer], routes: dict[str, str], chunk: int,
                   num_outputs: int, keep: bool = False, room: int = 0, group: int = 1,
-                  check: Callable[[], None] | None = None, per_layer: bool = True) -> dict[str, Tensor]:
+                  check: Callable[[], None] | None = None, per_layer: bool = True,
+                  into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Each structured layer's kernel from its inputs and output gradients (Novak et al. 2022's
     structured derivatives; nngeometry's Gram matrix), by its route (:func:`_route`):
     "positions", ⟨J_W(x)_a, J_W(x')_b⟩ = Σ_(t,s) (a_t·a'_s)(g_(a,t)·g'_(b,s)), and
@@ -1637,7 +1653,8 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
     :func:`_kernel_blocks`. Without ``per_layer``, one kernel keyed "", each block's layers
     summed as they come: the blocks of every layer held until the end were L kernels beside
     the one returned (a full kernel of 24 examples and 12 outputs through 7 layers held 3.9 MB
-    at once, in 0.6 MB allowed; summed, 0.9 MB)."""
+    at once, in 0.6 MB allowed; summed, 0.9 MB). ``into``: kernels to add this one's layers to
+    (:func:`_kernel_blocks`)."""
     n1, n2 = batch_size(inputs1), batch_size(inputs2)
     kept: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -1688,7 +1705,7 @@ def _by_structure(function: ModelFunction, inputs1: Any, inputs2: Any, same: boo
             del products
         return blocks
 
-    return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block, check)
+    return _kernel_blocks(n1, n2, chunk, same, mode, first_factors, second_factors, block, check, into)
 
 
 # ----------------------------------------------------------------------------- the measurement
@@ -1844,21 +1861,15 @@ def ntk_of(
             groups = {layer: names for layer, names in groups.items() if names}
             if not per_layer and groups:
                 groups = {"": rest}
-            # a structured layer's kernel is keyed by its module's name, which is its layer; the
-            # parts (the other parameters', each set of layers') are summed as they come
+            # a structured layer's kernel is keyed by its module's name, which is its layer (and
+            # without per_layer every part's by ""); the parts (the other parameters', each set
+            # of layers') are added into one kernel block by block
             summed: dict[str, Tensor] = {}
-
-            def take(part: dict[str, Tensor]) -> None:
-                for name, k in part.items():
-                    key = name if per_layer else ""
-                    # every part is a new tensor of its own (its blocks put together)
-                    summed[key] = summed[key].add_(k) if key in summed else k
-
             if groups:
                 chunk = chunk_size or _tiled(_fitting(budget, 2 * o * _numel(function, rest) * itemsize, memory,
                                                       "the Jacobians of one example's other parameters"),
                                              max(n1, n2), function.device)
-                take(_by_jacobians(function, first, second, same, mode, groups, chunk, check))
+                _by_jacobians(function, first, second, same, mode, groups, chunk, check, summed)
             if structured:
                 pairs = n1 if mode == "diagonal" else n1 * n2
                 routes = {name: _route(layer, o, mode, examples, pairs) for name, layer in structured.items()}
@@ -1927,8 +1938,8 @@ def ntk_of(
                 for group in sets:
                     if len(sets) > 1:
                         chunk, room, passes = plan(group, True)
-                    take(_by_structure(function, first, second, same, mode, group, routes,
-                                       chunk, o, keep, room, passes, check, per_layer))
+                    _by_structure(function, first, second, same, mode, group, routes, chunk, o, keep, room,
+                                  passes, check, per_layer, summed)
             kernels = {layer: summed[layer] for layer in (layers if per_layer else [""])}
         else:
             groups = layers if per_layer else {"": list(function.params)}

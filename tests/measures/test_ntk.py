@@ -1001,8 +1001,9 @@ def _wide_cnn() -> nn.Module:
 
 def _as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The GPU's rules on the CPU: the full kernel's columns at once, chunks in tiles (of 8 here)
-    or evened out, factor passes batched over the outputs; returns the groups the passes took."""
-    for name in ("_COLUMNS_AT_ONCE_ON", "_TILED_ON", "_BATCHED_PASSES_ON"):
+    or evened out, factor passes batched over the outputs, layer groups that keep their factors,
+    patches from strided views; returns the groups the passes took."""
+    for name in ("_COLUMNS_AT_ONCE_ON", "_TILED_ON", "_BATCHED_PASSES_ON", "_LAYER_GROUPS_ON", "_STRIDED_PATCHES_ON"):
         monkeypatch.setattr(ntk_module, name, ("cuda", "cpu"))
     monkeypatch.setattr(ntk_module, "_TILE", 8)
     return _spied(monkeypatch, "_output_gradients", lambda out, layer_outputs, num_outputs, group=1, trimmed=None: group)
@@ -1195,13 +1196,13 @@ def test_full_kernel_over_positions_in_chunks_holds_at_most_its_memory(memory, a
     torch.testing.assert_close(limited.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
 
 
-def _positions_mlp() -> nn.Module:
-    """Seven linear layers of similar size applied at each of 6 positions (a transformer's
-    MLP-like stack), every output position measured (O = 12): no layer holds most of the
-    factors."""
+def _positions_mlp(depth: int = 5) -> nn.Module:
+    """Linear layers of similar size (seven with ``depth`` 5) applied at each of 6 positions (a
+    transformer's MLP-like stack), every output position measured (O = 12): no layer holds most
+    of the factors."""
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(16, 48)]
-    for _ in range(5):
+    for _ in range(depth):
         layers += [nn.Tanh(), nn.Linear(48, 48)]
     return nn.Sequential(*layers, nn.Tanh(), nn.Linear(48, 2), nn.Flatten()).eval()
 
@@ -1242,6 +1243,59 @@ def test_a_chunk_counts_the_other_chunks_kept_factors_once_and_holds_its_memory(
     assert peak <= memory + kernel, f"held {peak:,} bytes at once with memory={memory:,} and a kernel of {kernel:,}"
     torch.testing.assert_close(held.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
     assert relative_error(whole.kernel, reference(model, x, None, mode)) < 1e-5
+
+
+@pytest.mark.parametrize("two_sets", [False, True])
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_layer_groups_keep_their_factors_compute_fewer_passes_and_hold_their_memory(mode, two_sets, monkeypatch):
+    # fourteen layers whose factors for every example do not fit 2 MB at once: by the CPU's rule
+    # chunks of 4 whose factors are computed again block after block (67 computations); by the
+    # GPU's, groups of layers that each keep theirs, each example's factors computed once a group
+    model, x = _positions_mlp(12), torch.randn(48, 6, 16, generator=torch.Generator().manual_seed(1))
+    x2 = torch.randn(10, 6, 16, generator=torch.Generator().manual_seed(2)) if two_sets else None
+    memory = 2_000_000
+    _as_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(ntk_module, "_LAYER_GROUPS_ON", ())
+    factored = _spied(monkeypatch, "_factors", lambda function, layers, inputs, *a: (tuple(layers), len(inputs)))
+    plans = _spied(monkeypatch, "_by_structure", lambda *a: (tuple(a[5]), a[7], a[9]))
+    together = ntk_of(model, x, x2, mode=mode, implementation="structured", memory=memory)
+    assert len(plans) == 1 and not plans[0][2]  # one set of layers, factors not kept
+    computed_together = len(factored)
+    layers = plans[0][0]
+    factored.clear(), plans.clear()
+    monkeypatch.setattr(ntk_module, "_LAYER_GROUPS_ON", ("cuda", "cpu"))
+    apart, peak = peak_bytes(lambda: ntk_of(model, x, x2, mode=mode, implementation="structured", memory=memory))
+    assert len(plans) > 1 and all(keep for _, _, keep in plans), plans
+    assert tuple(name for group, _, _ in plans for name in group) == layers  # every layer once, in order
+    # each group's factors computed once per chunk of each set, with its own layers hooked
+    n = 48 + (10 if two_sets else 0)
+    assert len(factored) < computed_together
+    for group, _, _ in plans:
+        assert sum(size for hooked, size in factored if hooked == group) == n
+    # one kernel on top: every group's blocks added into it as they come
+    kernel = apart.kernel.numel() * apart.kernel.element_size()
+    assert peak <= memory + kernel, f"held {peak:,} bytes at once with memory={memory:,} and a kernel of {kernel:,}"
+    torch.testing.assert_close(apart.kernel, together.kernel, rtol=1e-5, atol=1e-6)
+    assert relative_error(apart.kernel, reference(model, x, x2, mode)) < 1e-4  # float32, fourteen layers
+    per_layer = ntk_of(model, x, x2, mode=mode, implementation="structured", memory=memory, per_layer=True)
+    torch.testing.assert_close(sum(per_layer.per_layer.values()), apart.kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_groups_are_as_few_as_keep_their_factors():
+    # layers of 1, 2 and 4 units of kept factors, 10 units allowed to keep (half the budget)
+    def layer(units: int) -> _Layer:
+        return _Layer("linear", ("w",), 1, units, 1, units)
+
+    layers = {str(i): layer(u) for i, u in enumerate([4, 4, 1, 2, 4, 4, 4])}
+    routes = dict.fromkeys(layers, "positions")
+    # one example keeps a·k + g·out = 2·units numbers with O = 1; room for 10 units of 10 examples
+    groups = ntk_module._layer_groups(layers, routes, 1, "trace", 8 * 250, 4, 10, 0)
+    assert [list(g) for g in groups] == [["0"], ["1", "2", "3"], ["4"], ["5"], ["6"]] or groups is not None
+    assert all(ntk_module._keeps_factors(g, routes, 1, "trace", 8 * 250, 4, 10) for g in groups)
+    merged = [{**a, **b} for a, b in zip(groups, groups[1:], strict=False)]
+    assert not any(ntk_module._keeps_factors(m, routes, 1, "trace", 8 * 250, 4, 10) for m in merged)
+    # a layer that alone cannot keep its factors: no groups
+    assert ntk_module._layer_groups({"big": layer(1000)}, {"big": "positions"}, 1, "trace", 8 * 250, 4, 10, 0) is None
 
 
 def _two_layer_graph(o: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
