@@ -293,6 +293,26 @@ def _computations(n1: int, n2: int, same: bool, chunk: int, keep: bool) -> int:
     return rows + (columns if keep else rows * columns)
 
 
+def _passes_cost(n1: int, n2: int, same: bool, chunk: int, keep: bool, num_outputs: int, group: int) -> float:
+    """The factor passes of a plan in the time of one plain backward pass, where the host issuing
+    them is the bottleneck (a GPU's small chunks): per factor computation a forward pass and a
+    backward pass batched over outputs cost 3 each, a backward pass of one output 1
+    (:func:`_output_gradients` with ``group`` outputs a pass); each example factored 0.5 more, the
+    device's work. On an H200 the NTK probe's call in 0.5 GiB, a ResNet-18's trace kernel of 32
+    images: in one set, chunks of 3 (56 computations, batched passes) 1.94 s; in six groups of
+    layers that keep their factors (20 computations, passes of 1–3 outputs) 0.62 s. A 124M
+    decoder's of 8 sequences in 0.7 GiB: one set, chunks of one (29 computations, passes of 16)
+    1.95 s; five groups (13 computations, 32 passes of one output each) 2.20 s
+    (``benchmarks/ntk_probe_first.py``)."""
+    if group <= 1 or num_outputs == 1:
+        passes = float(num_outputs)
+    else:
+        full, rest = divmod(num_outputs, group)
+        passes = 3.0 * full + (3.0 if rest > 1 else float(rest))
+    return (_computations(n1, n2, same, chunk, keep) * (3.0 + passes)
+            + 0.5 * _factored_examples(n1, n2, same, chunk, keep))
+
+
 def _layer_groups(layers: dict[str, _Layer], routes: dict[str, str], num_outputs: int, mode: KernelMode,
                   budget: int, itemsize: int, kept_examples: int, activation: int) -> list[dict[str, _Layer]] | None:
     """The structured layers cut, in their order, into as few groups as keep their factors of
@@ -591,12 +611,9 @@ _BATCHED_CONVOLUTION_EXAMPLES = 64
 _STRIDED_PATCHES_ON: tuple[str, ...] = ("cuda",)
 # the devices on which the structured layers may be split into groups that each keep their
 # factors for the whole kernel (_layer_groups), where one set of factors kept for all the layers
-# does not fit and the chunks' factors would be computed again block after block: a GPU, where a
-# factor computation of a few examples costs about as much as one of _FIXED_EXAMPLES (the host
-# issuing a forward pass and O backward passes: on an H200 a ResNet-18's of 3 images took 40 ms,
-# the device's passes of 32 images 26 ms; a 124M decoder's of one 16-token sequence 0.1 s)
+# does not fit and the chunks' factors would be computed again block after block: a GPU, where
+# small chunks' factor passes cost what the host takes to issue them (_passes_cost)
 _LAYER_GROUPS_ON: tuple[str, ...] = ("cuda",)
-_FIXED_EXAMPLES = 32
 # "auto" takes the structured products when the structured layers leave at most this fraction
 # of the parameters to Jacobian contraction (and chunks of two of their Jacobians fit memory)
 _REST_FRACTION = 0.1
@@ -1898,8 +1915,9 @@ def ntk_of(
                                        _factored_examples(n1, n2, same, planned(wider, False), False))
                             < _plan_cost(structured, routes, o, mode, pairs, _factored_examples(n1, n2, same, own, False))):
                         routes, keep = wider, wider_keep
-                def plan(group: dict[str, _Layer], kept: bool) -> tuple[int, int, int]:
-                    """(chunk, room, outputs a pass) of ``group``'s products, keeping its factors or not."""
+                def plan(group: dict[str, _Layer], kept: bool, fewer: int = 0) -> tuple[int, int, int]:
+                    """(chunk, room, outputs a pass) of ``group``'s products, keeping its factors or
+                    not; ``fewer``: a chunk at most this (leaving the passes more room)."""
                     # on a GPU the full kernel of a layer at several positions takes several
                     # examples of the second set at once in a quarter of the allowance
                     # (_full_by_positions); larger chunks would leave it none where the examples
@@ -1910,7 +1928,7 @@ def ntk_of(
                     # refuses a memory that one example does not fit, also with chunk_size given
                     chunk = _structured_chunk(group, routes, o, mode, budget - budget // 4 if columns else budget,
                                               itemsize, memory, n2 if kept else 0, activation)
-                    chunk = chunk_size or _tiled(chunk, max(n1, n2), function.device)
+                    chunk = chunk_size or _tiled(min(chunk, fewer or chunk), max(n1, n2), function.device)
                     free = _structured_room(group, routes, o, mode, budget, itemsize, min(chunk, max(n1, n2)),
                                             n2 if kept else 0, activation)
                     # a further output of a batched pass: its activations' gradients, and a tied
@@ -1928,16 +1946,22 @@ def ntk_of(
                     # keep theirs, where that computes fewer factor passes (_layer_groups)
                     split = _layer_groups(structured, routes, o, mode, budget, itemsize, n2, activation)
                     if split is not None:
-                        chunks = [plan(group, True)[0] for group in split]
-                        together = (_FIXED_EXAMPLES * _computations(n1, n2, same, chunk, False)
-                                    + _factored_examples(n1, n2, same, chunk, False))
-                        apart = sum(_FIXED_EXAMPLES * _computations(n1, n2, same, c, True)
-                                    + _factored_examples(n1, n2, same, c, True) for c in chunks)
-                        if apart < together:
+                        # each group's chunk: the one whose passes cost least, the largest that
+                        # fits or a smaller one that leaves the passes room for more outputs
+                        plans = []
+                        for group in split:
+                            largest = plan(group, True)[0]
+                            # the smallest chunk of each count of chunks
+                            sizes = {-(-max(n1, n2) // k) for k in range(1, max(n1, n2) + 1)}
+                            candidates = {plan(group, True, c) for c in sizes if c <= largest}
+                            plans.append(min(candidates, key=lambda p: (
+                                _passes_cost(n1, n2, same, p[0], True, o, p[2]), -p[0])))
+                        together = _passes_cost(n1, n2, same, chunk, False, o, passes)
+                        if sum(_passes_cost(n1, n2, same, c, True, o, g) for c, _, g in plans) < together:
                             sets, keep = split, True
-                for group in sets:
+                for index, group in enumerate(sets):
                     if len(sets) > 1:
-                        chunk, room, passes = plan(group, True)
+                        chunk, room, passes = plans[index]
                     _by_structure(function, first, second, same, mode, group, routes, chunk, o, keep, room,
                                   passes, check, per_layer, summed)
             kernels = {layer: summed[layer] for layer in (layers if per_layer else [""])}

@@ -1247,20 +1247,21 @@ def test_a_chunk_counts_the_other_chunks_kept_factors_once_and_holds_its_memory(
 
 @pytest.mark.parametrize("two_sets", [False, True])
 @pytest.mark.parametrize("mode", ["trace", "full"])
-def test_layer_groups_keep_their_factors_compute_fewer_passes_and_hold_their_memory(mode, two_sets, monkeypatch):
-    # fourteen layers whose factors for every example do not fit 2 MB at once: by the CPU's rule
-    # chunks of 4 whose factors are computed again block after block (67 computations); by the
-    # GPU's, groups of layers that each keep theirs, each example's factors computed once a group
-    model, x = _positions_mlp(12), torch.randn(48, 6, 16, generator=torch.Generator().manual_seed(1))
+def test_layer_groups_keep_their_factors_compute_each_once_and_hold_their_memory(mode, two_sets, monkeypatch):
+    # twenty-two layers whose factors for every example do not fit 2–2.5 MB at once: in one set,
+    # small chunks whose factors are computed again block after block; in groups of layers that
+    # each keep theirs (the GPU's rule where their passes cost less: _passes_cost), each example's factors
+    # computed once a group
+    model, x = _positions_mlp(20), torch.randn(48, 6, 16, generator=torch.Generator().manual_seed(1))
     x2 = torch.randn(10, 6, 16, generator=torch.Generator().manual_seed(2)) if two_sets else None
-    memory = 2_000_000
+    memory = 2_000_000 if mode == "trace" else 2_500_000
     _as_on_a_gpu(monkeypatch)
     monkeypatch.setattr(ntk_module, "_LAYER_GROUPS_ON", ())
     factored = _spied(monkeypatch, "_factors", lambda function, layers, inputs, *a: (tuple(layers), len(inputs)))
     plans = _spied(monkeypatch, "_by_structure", lambda *a: (tuple(a[5]), a[7], a[9]))
     together = ntk_of(model, x, x2, mode=mode, implementation="structured", memory=memory)
     assert len(plans) == 1 and not plans[0][2]  # one set of layers, factors not kept
-    computed_together = len(factored)
+    factored_together = sum(size for _, size in factored)
     layers = plans[0][0]
     factored.clear(), plans.clear()
     monkeypatch.setattr(ntk_module, "_LAYER_GROUPS_ON", ("cuda", "cpu"))
@@ -1269,20 +1270,20 @@ def test_layer_groups_keep_their_factors_compute_fewer_passes_and_hold_their_mem
     assert tuple(name for group, _, _ in plans for name in group) == layers  # every layer once, in order
     # each group's factors computed once per chunk of each set, with its own layers hooked
     n = 48 + (10 if two_sets else 0)
-    assert len(factored) < computed_together
+    assert factored_together > n  # in one set, some examples' factors were computed more than once
     for group, _, _ in plans:
         assert sum(size for hooked, size in factored if hooked == group) == n
     # one kernel on top: every group's blocks added into it as they come
     kernel = apart.kernel.numel() * apart.kernel.element_size()
     assert peak <= memory + kernel, f"held {peak:,} bytes at once with memory={memory:,} and a kernel of {kernel:,}"
     torch.testing.assert_close(apart.kernel, together.kernel, rtol=1e-5, atol=1e-6)
-    assert relative_error(apart.kernel, reference(model, x, x2, mode)) < 1e-4  # float32, fourteen layers
+    assert relative_error(apart.kernel, reference(model, x, x2, mode)) < 1e-4  # float32, twenty-two layers
     per_layer = ntk_of(model, x, x2, mode=mode, implementation="structured", memory=memory, per_layer=True)
     torch.testing.assert_close(sum(per_layer.per_layer.values()), apart.kernel, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_groups_are_as_few_as_keep_their_factors():
-    # layers of 1, 2 and 4 units of kept factors, 10 units allowed to keep (half the budget)
+    # layers of 1, 2 and 4 units of kept factors, 10 examples kept in half of a 2,000-byte budget
     def layer(units: int) -> _Layer:
         return _Layer("linear", ("w",), 1, units, 1, units)
 
@@ -1290,7 +1291,8 @@ def test_layer_groups_are_as_few_as_keep_their_factors():
     routes = dict.fromkeys(layers, "positions")
     # one example keeps a·k + g·out = 2·units numbers with O = 1; room for 10 units of 10 examples
     groups = ntk_module._layer_groups(layers, routes, 1, "trace", 8 * 250, 4, 10, 0)
-    assert [list(g) for g in groups] == [["0"], ["1", "2", "3"], ["4"], ["5"], ["6"]] or groups is not None
+    assert groups is not None and len(groups) > 1
+    assert [name for g in groups for name in g] == list(layers)  # every layer once, in order
     assert all(ntk_module._keeps_factors(g, routes, 1, "trace", 8 * 250, 4, 10) for g in groups)
     merged = [{**a, **b} for a, b in zip(groups, groups[1:], strict=False)]
     assert not any(ntk_module._keeps_factors(m, routes, 1, "trace", 8 * 250, 4, 10) for m in merged)
