@@ -1784,11 +1784,15 @@ def ntk_of(
             contraction holds two chunks' Jacobians (chunk·O·P numbers each); NTK-vector products
             a chunk of P-vectors and the activations of a chunk; structured products each
             layer's inputs and O output gradients (or its Jacobians) for two chunks, and the
-            products of a block of two chunks (``_structured_chunk``).
+            products of a block of two chunks (``_structured_chunk``). Where every layer's
+            factors for the whole kernel do not fit ``memory`` at once, on a GPU the structured
+            layers may be taken in groups that each keep theirs (``_layer_groups``), when their
+            passes cost the host less than computing chunks' factors again (``_passes_cost``).
         memory: bytes a chunk's Jacobians, factors or product vectors may take (default 1 GiB,
             or a quarter of the device's free memory, the host's on the CPU, when that is more).
-            The activations of the forward passes and the kernel itself come on top, except for
-            NTK-vector products, which count a chunk's activations.
+            The activations of the forward passes and the kernel itself (once: each block is
+            added into it as it comes) come on top, except for NTK-vector products, which count
+            a chunk's activations.
         group: a ``torch.distributed`` process group (None: not distributed). Each rank passes
             its shard of ``inputs`` (and of ``inputs2``), and every rank gets the kernel of the
             whole sets, the shards concatenated in rank order: the inputs are all-gathered,

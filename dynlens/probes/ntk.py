@@ -99,19 +99,21 @@ class NTK(Probe):
     layers (linear, convolutional, embedding and normalisation layers) or the Jacobian
     contraction of the other parameters; memory within the Lens's allowance, in chunks of
     examples, waiting for memory where one example's share does not fit (a model of other
-    layers needs two examples' Jacobians, 2·O·P numbers). On the H200 reference job (ResNet-18,
-    batch 256, 10,000 steps; ``benchmarks/RESULTS.md``) it first fitted at step 7,095, and that
-    one measurement, in the small chunks the allowance left, took 4.25 s, 392 training steps.
+    layers needs two examples' Jacobians, 2·O·P numbers). Where the factors of every layer do
+    not fit the allowance at once, on a GPU the layers are measured in groups that each keep
+    theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). On the
+    H200 reference jobs (``benchmarks/RESULTS.md``, cost section, fourteenth session):
+
+    - ResNet-18, batch 256: 0.8–1.3 s a measurement (about 90 training steps of 10.8 ms).
+      In 0.5 GiB, the layer groups took it from 1.9–2.3 s to 0.6–0.8 s.
+    - Decoder, 8 sequences of 512 tokens, on the last 16 tokens: 3.9 s the first measurement,
+      then 0.67 s (28 steps).
+    - The decoder at the 0.7 GiB allowed at step 0: 2.5–3.0 s.
+
     A first measurement stops at the Lens's deadline between chunks and blocks (not under
-    ``torch.distributed``). On the decoder reference job (8 sequences of 512 tokens, 0.75 GB
-    allowed at step 0) a measurement took 4.8 s, 166 training steps, on the last 16 tokens: one
-    sequence a chunk, its factors computed 29 times, 2 outputs a pass (a sequence's factors took
-    326 MB, 105 of them the output layer's gradients at all 16 positions). Under the default 5%
-    time budget its first try, stopped at 1 s, was not tried again within 4,000 steps: the probe
-    stayed within the budget there without a value. The output layer's gradients are now kept
-    at its live position only (232 MB a sequence), and a chunk counts the other chunk's kept
-    factors once, not twice: the planner's answer there is now 15 outputs a pass (not yet
-    timed on a GPU).
+    ``torch.distributed``). Under the default 5% time budget the decoder's first try, stopped at
+    1 s, was not tried again within 3,000 steps: the probe stayed within the budget there
+    without a value.
     """
 
     name = "ntk"

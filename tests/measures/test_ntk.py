@@ -1237,9 +1237,10 @@ def test_a_chunk_counts_the_other_chunks_kept_factors_once_and_holds_its_memory(
     double = working + activation + 2 * kept
     assert linear < double
     assert chunk * double + chunk * chunk * quadratic > numbers
-    # the kernel on top (ntk_of's docstring): its blocks, then put together; one kernel, not one
-    # a layer (the layers' blocks are summed as they come: 3.9 MB were held here before)
-    kernel = 2 * held.kernel.numel() * held.kernel.element_size()
+    # the kernel on top (ntk_of's docstring), once: each block added into it as it comes; one
+    # kernel, not one a layer (the layers' blocks are summed as they come: 3.9 MB were held here
+    # before)
+    kernel = held.kernel.numel() * held.kernel.element_size()
     assert peak <= memory + kernel, f"held {peak:,} bytes at once with memory={memory:,} and a kernel of {kernel:,}"
     torch.testing.assert_close(held.kernel, whole.kernel, rtol=1e-5, atol=1e-6)
     assert relative_error(whole.kernel, reference(model, x, None, mode)) < 1e-5
