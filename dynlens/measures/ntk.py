@@ -1856,8 +1856,7 @@ def ntk_of(
         same = inputs2 is None
         second = first if same else _widened_tree(to_device(inputs2, function.device))
         # one example's outputs (their count O) and its activations' bytes (the memory plans of
-        # the structured products and NTK-vector products) from one forward pass: on an H200 a
-        # second one was 3–5 ms of a ResNet-18's kernel of 64 images (0.14 s)
+        # the structured products and NTK-vector products), the bytes kept per model and shapes
         o, itemsize, activation = _one_example(function)
         p_count = function.num_params
         n1, n2 = batch_size(first), batch_size(second)
