@@ -104,8 +104,8 @@ class NTK(Probe):
     theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). On the
     H200 reference jobs (``benchmarks/RESULTS.md``, cost section, fourteenth session):
 
-    - ResNet-18, batch 256: 0.8–1.3 s a measurement (about 90 training steps of 10.8 ms).
-      In 0.5 GiB, the layer groups took it from 1.9–2.3 s to 0.6–0.8 s.
+    - ResNet-18, batch 256: 0.5–0.9 s a measurement (60 training steps of 11.4 ms; 0.8–1.3 s
+      before the layer groups). In 0.5 GiB the groups took it from 1.9–2.3 s to 0.6–0.8 s.
     - Decoder, 8 sequences of 512 tokens, on the last 16 tokens: 3.9 s the first measurement,
       then 0.67 s (28 steps).
     - The decoder at the 0.7 GiB allowed at step 0: 2.5–3.0 s.
