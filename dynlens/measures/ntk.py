@@ -1941,7 +1941,7 @@ def ntk_of(
                     return chunk, free if columns else 0, passes
 
                 chunk, room, passes = plan(structured, keep)
-                sets = [structured]
+                sets = [(structured, (chunk, room, passes))]
                 if (not keep and chunk_size is None and mode != "diagonal" and
                         function.device.type in _LAYER_GROUPS_ON and _computes_twice(n1, n2, same, chunk)):
                     # the factors of every layer do not fit at once: groups of layers that each
@@ -1951,13 +1951,11 @@ def ntk_of(
                         # each group's largest chunk: on an H200 a ResNet-18's probe call in
                         # 0.5 GiB took 0.32 of one set's time so, 0.36 with the chunks whose passes
                         # _passes_cost counts cheapest (smaller, more outputs a pass)
-                        plans = [plan(group, True) for group in split]
+                        grouped = [(group, plan(group, True)) for group in split]
                         together = _passes_cost(n1, n2, same, chunk, False, o, passes)
-                        if sum(_passes_cost(n1, n2, same, c, True, o, g) for c, _, g in plans) < together:
-                            sets, keep = split, True
-                for index, group in enumerate(sets):
-                    if len(sets) > 1:
-                        chunk, room, passes = plans[index]
+                        if sum(_passes_cost(n1, n2, same, c, True, o, g) for _, (c, _, g) in grouped) < together:
+                            sets, keep = grouped, True
+                for group, (chunk, room, passes) in sets:
                     _by_structure(function, first, second, same, mode, group, routes, chunk, o, keep, room,
                                   passes, check, per_layer, summed)
             kernels = {layer: summed[layer] for layer in (layers if per_layer else [""])}

@@ -160,7 +160,7 @@ class NTK(Probe):
         if self._projection is not None:
             self._projection = self._projection.to(next(ctx.model.parameters()).device)
         # the same wrapper every time while the model and its device stay: ntk_of keeps what it
-        # learns of a model's layers per model (its layers' check, its one-example pass), which
+        # learns of a model per model (its layers' check, one example's activation bytes), which
         # a new wrapper a measurement would throw away
         wrapper = self._wrapper
         if wrapper is None or wrapper.model is not ctx.model or wrapper.projection is not self._projection:
