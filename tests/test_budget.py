@@ -656,3 +656,23 @@ def test_the_ntk_probe_checks_its_deadline_between_chunks_and_blocks(tmp_path):
     none, _ = measured(math.inf)  # no deadline: no check, the same kernel
     assert none["trace"] == pytest.approx(values["trace"], rel=1e-6)
 
+
+
+def test_a_local_time_check_reads_this_ranks_clock_and_makes_no_collective():
+    from dynlens.budget import OverBudget
+    from dynlens.probes import Context
+
+    model = torch.nn.Linear(2, 1)
+    now = [0.5]
+    # a group that is not a process group: any collective on it would raise
+    ctx = Context(model=model, loss_fn=torch.nn.MSELoss(), probe_batch=None, optimizer=None, step=0,
+                  group=object(), deadline=1.0, clock=lambda: now[0])
+    ctx.check_time_locally()  # before the deadline: returns
+    now[0] = 1.25
+    with pytest.raises(OverBudget, match="0.25 s past the end of its time allowance"):
+        ctx.check_time_locally()
+    with pytest.raises(Exception) as collective:  # the collective check needs a real group
+        ctx.check_time()
+    assert not isinstance(collective.value, OverBudget)
+    ctx.deadline = math.inf
+    ctx.check_time_locally()  # no deadline: never stops

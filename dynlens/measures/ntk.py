@@ -1808,8 +1808,11 @@ def ntk_of(
             Jacobians do not fit (the NTK probe's choice: it waits rather than stall training).
         check: called between units of work (a chunk's Jacobians or factors, a block of two
             chunks, a chunk's products); it may raise to stop the measurement (the Lens's
-            deadline on a first measurement, :meth:`dynlens.probes.Context.check_time`). Not
-            with ``group``, where the ranks' units differ.
+            deadline on a first measurement, :meth:`dynlens.probes.Context.check_time`). With
+            ``group`` it is called in each rank's own rows, whose units differ between ranks, so
+            it must make no collective (:meth:`dynlens.probes.Context.check_time_locally`); a
+            rank it stops makes every rank raise where they meet, at the rows' gather
+            (:class:`dynlens.distributed.PeerFailed`, ``OVER_TIME``, on the others).
 
     Cost: "jacobian" ≈ N·O backward passes (N = n₁, + n₂ when ``inputs2`` is given; more when the
     sets span several chunks) plus n₁·n₂·O²·P multiply-adds; "ntk_vector" ≈ n₁·O backward passes
@@ -1841,12 +1844,9 @@ def ntk_of(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     if group is not None:
-        if check is not None:
-            raise ValueError("check= is not supported with group=: the ranks' units of work differ, so "
-                             "they could not stop at the same point; leave check out under torch.distributed")
         with lockstep(group):
             return _ntk_across_ranks(model, inputs, inputs2, mode, params, per_layer, implementation,
-                                     chunk_size, memory, group, vector_products)
+                                     chunk_size, memory, group, vector_products, check)
     start_time = time.perf_counter()
     # the loss is never differentiated; activation_bytes evaluates one, so it must be a scalar
     function = ModelFunction(model, _sum_of_outputs, (inputs, None), params=params)
@@ -1994,9 +1994,10 @@ def ntk_of(
 def _ntk_across_ranks(model: nn.Module, inputs: Any, inputs2: Any, mode: KernelMode,
                       params: Sequence[str] | None, per_layer: bool, implementation: Implementation,
                       chunk_size: int | None, memory: int | None, group: Any,
-                      vector_products: bool = True) -> NTK:
+                      vector_products: bool = True, check: Callable[[], None] | None = None) -> NTK:
     """:func:`ntk_of` of the sets split across ranks: this rank's rows against every example,
-    gathered (see its ``group``)."""
+    gathered (see its ``group``); ``check`` is called in this rank's own part only (no
+    collective runs there), and a rank it stops makes every rank stop at the gather."""
     start_time = time.perf_counter()
     refuse_sharded(unwrap_model(model), "the empirical NTK (per-example Jacobians)")
     device = model_device(unwrap_model(model))
@@ -2006,11 +2007,11 @@ def _ntk_across_ranks(model: nn.Module, inputs: Any, inputs2: Any, mode: KernelM
     mine = slice_examples(everyone, 0, 1) if empty else inputs
     if mode == "diagonal":
         local = ntk_of(model, mine, None, mode, params, per_layer, implementation, chunk_size, memory,
-                       vector_products=vector_products)
+                       vector_products=vector_products, check=check)
     else:
         others = everyone if inputs2 is None else gather_examples(to_device(inputs2, device), group)
         local = ntk_of(model, mine, others, mode, params, per_layer, implementation, chunk_size, memory,
-                       vector_products=vector_products)
+                       vector_products=vector_products, check=check)
     kernels = {"": local.kernel} if local.per_layer is None else {"": local.kernel, **local.per_layer}
     if empty:
         kernels = {n: k[:0] for n, k in kernels.items()}

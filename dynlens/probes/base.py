@@ -132,6 +132,20 @@ class Context:
             raise OverBudget(
                 f"stopped {self.clock() - self.deadline:.3g} s past the end of its time allowance")
 
+    def check_time_locally(self) -> None:
+        """:meth:`check_time` on this rank's clock alone, with no collective: for work whose
+        units differ between ranks (each rank's own rows of a kernel), where a collective check
+        would leave the ranks waiting for each other at different points. It must run inside
+        :func:`dynlens.distributed.lockstep` with no collective between two checks: a rank that
+        stops sends its status there, and the others raise
+        :class:`dynlens.distributed.PeerFailed` (``OVER_TIME``, which the Lens counts as stopped)
+        where they next meet. Without ``torch.distributed`` it is :meth:`check_time`."""
+        if self.deadline == math.inf:
+            return
+        now = self.clock()
+        if now > self.deadline:
+            raise OverBudget(f"stopped {now - self.deadline:.3g} s past the end of its time allowance")
+
     @functools.cached_property
     def fn(self) -> ModelFunction:
         """The model as a pure function of its parameters on the probe batch (loss, grad, hvp,

@@ -29,6 +29,7 @@ from dynlens.measures.ntk import (
     kernel_target_alignment,
     ntk_of,
 )
+from dynlens.parameters import unwrap_model
 from dynlens.probes.base import Context, Labelled, Probe, Values
 
 __all__ = ["NTK"]
@@ -110,8 +111,9 @@ class NTK(Probe):
       then 0.67 s (28 steps).
     - The decoder at the 0.7 GiB allowed at step 0: 2.5–3.0 s.
 
-    A first measurement stops at the Lens's deadline between chunks and blocks (not under
-    ``torch.distributed``). Under the default 5% time budget the decoder's first try, stopped at
+    A first measurement stops at the Lens's deadline between chunks and blocks (under
+    ``torch.distributed``, each rank on its own clock in its own rows, and every rank with
+    it). Under the default 5% time budget the decoder's first try, stopped at
     1 s, was not tried again within 3,000 steps: the probe stayed within the budget there
     without a value.
     """
@@ -147,24 +149,27 @@ class NTK(Probe):
             self._wrapper = wrapper
 
     def _model(self, ctx: Context, inputs: Any) -> _Projected:
+        # the user's own module: DistributedDataParallel's forward would synchronise buffers
+        # and prepare its reducer for a backward pass that never comes
+        model = unwrap_model(ctx.model)
         if self._projected_from is None:
             # in eval mode, as every kernel is taken (a BatchNorm in train mode would update its
             # running statistics, and refuse one example), also when measure is called directly
-            with isolated(ctx.model, "eval"), torch.no_grad():
-                outputs = call_model(_Projected(ctx.model, None), inputs).shape[1]
+            with isolated(model, "eval"), torch.no_grad():
+                outputs = call_model(_Projected(model, None), inputs).shape[1]
             self._projected_from = outputs
             if outputs > self.max_outputs:
                 g = torch.Generator().manual_seed(self.seed)
                 self._projection = torch.randn(outputs, self.max_outputs, generator=g) / self.max_outputs**0.5
                 self.note("projection", f"{outputs} outputs on {self.max_outputs} Gaussian directions")
         if self._projection is not None:
-            self._projection = self._projection.to(next(ctx.model.parameters()).device)
+            self._projection = self._projection.to(next(model.parameters()).device)
         # the same wrapper every time while the model and its device stay: ntk_of keeps what it
         # learns of a model per model (its layers' check, one example's activation bytes), which
         # a new wrapper a measurement would throw away
         wrapper = self._wrapper
-        if wrapper is None or wrapper.model is not ctx.model or wrapper.projection is not self._projection:
-            wrapper = self._wrapper = _Projected(ctx.model, self._projection)
+        if wrapper is None or wrapper.model is not model or wrapper.projection is not self._projection:
+            wrapper = self._wrapper = _Projected(model, self._projection)
         return wrapper
 
     def measure(self, ctx: Context) -> Values:
@@ -181,9 +186,12 @@ class NTK(Probe):
         inputs = slice_examples(inputs, 0, take)
         # under a memory limit, Jacobian contraction in chunks or a wait for memory: never the
         # NTK-vector products, which fit but stall training for minutes on a large model
-        # a first measurement stops at the Lens's deadline between chunks and blocks (not under
-        # torch.distributed, where the ranks' blocks differ)
-        check = ctx.check_time if ctx.group is None and ctx.deadline != math.inf else None
+        # a first measurement stops at the Lens's deadline between chunks and blocks; under
+        # torch.distributed on each rank's own clock, as the ranks' rows differ (a rank that
+        # stops makes every rank stop at the rows' gather)
+        check = None
+        if ctx.deadline != math.inf:
+            check = ctx.check_time if ctx.group is None else ctx.check_time_locally
         length = _token_length(inputs) if ctx.group is None else None
         tokens = length if length is None else min(self._tokens or self._fitted or length, length)
         waiting: MemoryBudgetTooSmall | None = None  # the whole sequences' memory error

@@ -33,7 +33,8 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One launch of both ranks for the whole module (each process imports torch and dynlens:
     most of the time), bounded by a timeout: a hang fails here instead of waiting forever."""
     path = str(tmp_path_factory.mktemp("ddp"))
-    codes = workers.launch(path, "measurements,lens,fsdp,quiet,deadline,memory_wait", world=2, timeout=200)
+    codes = workers.launch(path, "measurements,lens,fsdp,quiet,deadline,memory_wait,ntk_deadline", world=2,
+                           timeout=200)
     errors = [open(os.path.join(path, f)).read() for f in sorted(os.listdir(path)) if f.startswith("error-")]
     assert codes == [0, 0], f"exit codes {codes}; " + "\n".join(errors)
     return path
@@ -187,3 +188,18 @@ def test_a_first_measurement_stops_at_the_same_point_on_every_rank(out: str) -> 
     assert done[0] < 10 and len(done) >= 3 and max(done[1:]) > done[0]
     messages = dl.load_run(os.path.join(out, "deadline_run")).events()["message"]
     assert messages.str.contains("first measurement was stopped").sum() == 1
+
+
+def test_the_ntk_stopped_by_one_ranks_clock_stops_every_rank(out: str) -> None:
+    ranks = [json.load(open(os.path.join(out, f"ntk-deadline-{r}.json"))) for r in range(2)]
+    assert ranks[1]["slowed"]  # rank 1's first factors ran past the step-0 deadline
+    # neither rank kept a kernel, and both charged the stopped try (rank 0 its wait at the gather)
+    assert [r["measurements"] for r in ranks] == [0, 0]
+    assert all(r["seconds"] >= 1.0 for r in ranks), ranks
+    assert all(r["disabled"] == [] for r in ranks)
+    run = dl.load_run(os.path.join(out, "ntk_deadline_run"))
+    events = run.events()
+    assert events["message"].str.contains("ntk's first measurement was stopped at step 0").sum() == 1
+    assert not (events["level"] == "error").any(), list(events["message"])
+    scalars = run.scalars()
+    assert scalars.empty or not (scalars["probe"] == "ntk").any()

@@ -364,6 +364,36 @@ def deadline_run(rank: int, world: int, group: object, out: str) -> None:
         json.dump({"tries": probe.tries}, f)
 
 
+def ntk_deadline_run(rank: int, world: int, group: object, out: str) -> None:
+    """The NTK probe's first measurement (at step 0, a deadline FIRST_SECONDS after its start),
+    stopped by rank 1's clock alone: its first chunk's factors take 1.5 s, while rank 0's part
+    takes milliseconds. Every rank stops (rank 0 where the rows are gathered), none hangs, and
+    the Lens records one stopped first measurement and no kernel."""
+    import time
+
+    import dynlens.measures.ntk as ntk_module
+
+    slow = [rank == 1]
+    original = ntk_module._factors
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        if slow[0]:
+            slow[0] = False
+            time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    ntk_module._factors = late
+    try:
+        lens = _steps_of_10_ms(dl.probes.NTK(every=5, n=M), rank, world, group,
+                               os.path.join(out, "ntk_deadline_run"), 20)
+    finally:
+        ntk_module._factors = original
+    cost = lens.budget.cost("ntk")
+    with open(os.path.join(out, f"ntk-deadline-{rank}.json"), "w") as f:
+        json.dump({"measurements": cost.measurements, "seconds": cost.seconds, "slowed": not slow[0] and rank == 1,
+                   "disabled": lens.disabled}, f)
+
+
 def _main(rank: int, world: int, out: str, scenarios: list[str]) -> int:
     """Run the scenarios on this rank: 0 when all ran, 1 when one raised (its traceback is in
     ``error-<rank>.txt``)."""
@@ -374,7 +404,8 @@ def _main(rank: int, world: int, out: str, scenarios: list[str]) -> int:
         group = dist.group.WORLD
         for scenario in scenarios:
             {"measurements": measurements, "lens": lens_run, "fsdp": fsdp_run,
-             "quiet": quiet_run, "deadline": deadline_run, "memory_wait": memory_wait_run}[scenario](rank, world, group, out)
+             "quiet": quiet_run, "deadline": deadline_run, "memory_wait": memory_wait_run,
+             "ntk_deadline": ntk_deadline_run}[scenario](rank, world, group, out)
     except BaseException:
         with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

@@ -1441,12 +1441,6 @@ def test_a_check_runs_between_units_of_work_and_may_stop_the_kernel(implementati
     assert len(calls) == 3
 
 
-def test_a_check_is_refused_under_torch_distributed():
-    model, x, _ = make("cnn_structured", n=4)
-    with pytest.raises(ValueError, match="check= is not supported with group="):
-        ntk_of(model, x, group=object(), check=lambda: None)
-
-
 @pytest.mark.parametrize(("kernel", "dilation", "padding", "stride"), [
     ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (1, 1), (1, 1), (2, 2)), ((1, 1), (1, 1), (0, 0), (2, 2)),
     ((3, 2), (2, 1), (2, 0), (1, 3)), ((1, 5), (1, 2), (0, 3), (1, 1)), ((7, 7), (1, 1), (3, 3), (2, 2))])
