@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --out ddp_gpu.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 2500 --bracket --skip equality,writes --out ddp_overhead.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 4000 --interleave 100 --skip equality,writes --out ddp_pairs.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --device cpu --tiny --out ddp_cpu.json
     torchrun --standalone --nproc_per_node=2 benchmarks/ddp_gpu.py --steps 600 --bracket --step-times \
         --variants created,created:hessian,created+empty,basic --skip equality,writes --out ddp_variants.json
@@ -31,6 +32,9 @@ embeddings; ``--tiny``: a 2-layer decoder with a 500-token vocabulary, for a CPU
     read at the end: no sync) and splits the extra time into steps where dynlens charged
     nothing (an excess there is a cost its account does not see), steps where it measured, and
     the Lens's creation and close() (:func:`step_split`).
+    ``--interleave K`` measures (c) by pairs instead (:func:`interleaved`): the two runs as two
+    copies of the job in one process, alternating segments of K steps, so that both see the
+    same drift of the machine.
     ``--variants`` then times other Lenses, each followed by a run without dynlens, and records
     every rank's host time per training step and in ``lens.step()`` (a host-bound job puts its
     host's time on the device's timeline): the basic probes only, or a Lens created and closed
@@ -96,6 +100,11 @@ def parse() -> argparse.Namespace:
                              "closed before the first step: what its creation leaves behind), 'default'; "
                              "'created:NAME' the same with the one default probe NAME (e.g. created:hessian), "
                              "'created+empty' with torch.cuda.empty_cache() after close()")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="the overhead by pairs instead (interleaved): the job without and with dynlens as two "
+                             "copies in one process, alternating segments of K steps (--steps each)")
+    parser.add_argument("--null-chunks", type=int, default=6,
+                        help="with --interleave: pairs of segments before the Lens exists (both copies without it)")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
     args = parser.parse_args()
     if args.tiny:
@@ -300,6 +309,104 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     return result
 
 
+def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world: int, steps: int,
+                chunk: int, run_dir: str) -> dict[str, Any]:
+    """(c) by pairs: two DDP copies of the job from the same seed-0 state in one process, A
+    without dynlens and B with ``Lens(probes="default")``, trained in alternating segments of
+    ``chunk`` steps (A then B, then B then A, ...), each segment timed between device
+    synchronisations. Both see the same drift of the machine, which between separate runs of
+    this host-bound job reached 30% (RESULTS.md), so their ratio measures dynlens and not the
+    minute it ran in. The Lens's clock leaves out A's segments (its budget is a share of its own
+    training's time, as in a run alone). ``--null-chunks`` pairs of segments before the Lens
+    exists, both copies without it, give the method's own spread. The Lens's creation (its
+    step-0 measurements) and ``close()`` are timed and added to B.
+
+    What this cannot see: a slowdown the Lens leaves on the whole process (both copies would
+    pay it); the bracketed separate runs remain the check for that."""
+    def job() -> tuple[Any, Any]:
+        model = build(args, device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return ddp, torch.optim.AdamW(ddp.parameters(), lr=3e-4, weight_decay=0.1)
+
+    (plain, plain_opt), (watched, watched_opt) = job(), job()
+    batches = data(args, rank, device)
+    probe = shard(models.token_batch(args.probe_sequences, args.probe_length, vocab(args), seed=100), rank, world)
+    probe = (probe[0].to(device), probe[1].to(device))
+    done = {"A": 0, "B": 0}
+    paused = [0.0]  # A's time, left out of the Lens's clock
+    lens: Any = None
+
+    def segment(which: str, count: int) -> float:
+        model, optimizer = (plain, plain_opt) if which == "A" else (watched, watched_opt)
+        sync(device)
+        began = time.perf_counter()
+        for _ in range(count):
+            loss = train_step(model, optimizer, batches[done[which] % len(batches)], device)
+            done[which] += 1
+            if which == "B" and lens is not None:
+                lens.step(loss=loss)
+        sync(device)
+        seconds = time.perf_counter() - began
+        if which == "A":
+            paused[0] += seconds
+        return seconds
+
+    for _ in range(args.warmup):
+        segment("A", 1)
+        segment("B", 1)
+    null = []
+    for c in range(args.null_chunks):
+        order = ("A", "B") if c % 2 == 0 else ("B", "A")
+        times = {w: segment(w, chunk) for w in order}
+        null.append(times["B"] / times["A"])
+    dist.barrier()
+    meetings = [0]
+    agree = dynlens.lens.agree_plan
+
+    def counted(*a: Any, **k: Any) -> Any:
+        meetings[0] += 1
+        return agree(*a, **k)
+
+    dynlens.lens.agree_plan = counted
+    sync(device)
+    began = time.perf_counter()
+    lens = dl.Lens(watched, models.language_model_loss, probe, optimizer=watched_opt, run_dir=run_dir,
+                   probes="default", overwrite=True)
+    sync(device)
+    creation = time.perf_counter() - began
+    lens.budget.clock = lambda: time.perf_counter() - paused[0]  # nothing paused yet: the same reading
+    a_times, b_times = [], []
+    for c in range(steps // chunk):
+        order = ("A", "B") if c % 2 == 0 else ("B", "A")
+        times = {w: segment(w, chunk) for w in order}
+        a_times.append(times["A"])
+        b_times.append(times["B"])
+    began = time.perf_counter()
+    lens.close()
+    sync(device)
+    closing = time.perf_counter() - began
+    dynlens.lens.agree_plan = agree
+    ratios = sorted(b / a for a, b in zip(a_times, b_times))
+    a_total, b_total = sum(a_times), sum(b_times)
+    result: dict[str, Any] = {
+        "steps": len(a_times) * chunk, "chunk": chunk, "seconds_without": a_total,
+        "seconds_with_steps": b_total, "creation_s": creation, "close_s": closing,
+        "seconds_with": b_total + creation + closing,
+        "ratio": (b_total + creation + closing) / a_total, "ratio_steps": b_total / a_total,
+        "chunk_ratio_quantiles_10_50_90": [ratios[int(q * (len(ratios) - 1))] for q in (0.1, 0.5, 0.9)],
+        "null_ratios": null, "null_ratio": statistics.median(null) if null else None,
+        "chunk_seconds": {"A": a_times, "B": b_times}, "meetings": meetings[0],
+        "disabled": lens.disabled, "lens_clock_s": lens.budget.elapsed(),
+    }
+    if rank == 0:
+        result["costs"] = json.loads(lens.costs().to_json(orient="records"))
+    lens = plain = watched = plain_opt = watched_opt = None  # the segments' closure holds them
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dist.barrier()
+    return result
+
+
 def step_split(lensed: dict[str, Any], plain: dict[str, Any], extra: float) -> dict[str, Any]:
     """Where the run with dynlens spent its extra time, from per-step device times: the steps in
     which dynlens charged under 1 ms (``quiet``: its measurements and own time account for
@@ -392,7 +499,11 @@ def main() -> None:
     root = shared[0]
     if "writes" not in skip:
         results["writes"] = writes(args, device, rank, world, os.path.join(root, "writes"))
-    if "overhead" not in skip:
+    if "overhead" not in skip and args.interleave:
+        results["interleaved"] = interleaved(args, device, rank, world, args.steps, args.interleave,
+                                             os.path.join(root, "interleaved"))
+        save(results, args.out, rank)
+    elif "overhead" not in skip:
         if args.warmup:
             timed_run(args, device, rank, world, args.warmup, False, "")
         plain = timed_run(args, device, rank, world, args.steps, False, "")
@@ -430,6 +541,10 @@ def main() -> None:
         summary = {k: results[k].get("passed") for k in ("equality", "writes") if k in results}
         if "overhead" in results:
             summary["overhead_ratio"] = round(results["overhead"]["ratio"], 4)
+        if "interleaved" in results:
+            found = results["interleaved"]
+            summary.update(interleaved_ratio=round(found["ratio"], 4), steps_ratio=round(found["ratio_steps"], 4),
+                           null_ratio=found["null_ratio"] and round(found["null_ratio"], 4))
         print(json.dumps({"summary": summary, "out": args.out, "seconds": round(results["total_seconds"], 1)}))
     dist.destroy_process_group()
 
