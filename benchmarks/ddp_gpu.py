@@ -374,7 +374,9 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
                    probes="default", overwrite=True)
     sync(device)
     creation = time.perf_counter() - began
-    lens.budget.clock = lambda: time.perf_counter() - paused[0]  # nothing paused yet: the same reading
+    # from here A's segments are left out of the Lens's clock (the same reading as its own now)
+    before = paused[0]
+    lens.budget.clock = lambda: time.perf_counter() - (paused[0] - before)
     a_times, b_times = [], []
     for c in range(steps // chunk):
         order = ("A", "B") if c % 2 == 0 else ("B", "A")
@@ -396,7 +398,7 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         "chunk_ratio_quantiles_10_50_90": [ratios[int(q * (len(ratios) - 1))] for q in (0.1, 0.5, 0.9)],
         "null_ratios": null, "null_ratio": statistics.median(null) if null else None,
         "chunk_seconds": {"A": a_times, "B": b_times}, "meetings": meetings[0],
-        "disabled": lens.disabled, "lens_clock_s": lens.budget.elapsed(),
+        "disabled": lens.disabled, "lens_clock_s": lens.budget.elapsed(),  # ≈ B's segments + creation
     }
     if rank == 0:
         result["costs"] = json.loads(lens.costs().to_json(orient="records"))
