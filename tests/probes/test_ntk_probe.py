@@ -234,3 +234,20 @@ def test_measurements_of_one_model_check_its_layers_once_and_a_copy_leaves_the_m
     probe.measure(dl.probes.Context(model=other, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y),
                                     optimizer=None, step=1))
     assert probe._wrapper.model is other and len(checks) == 2
+
+
+def test_the_probe_measures_the_users_module_inside_a_data_parallel_wrapper():
+    # DistributedDataParallel's forward synchronises buffers and prepares its reducer for a
+    # backward pass; the probe's passes must go through the module it wraps (DataParallel here,
+    # which unwrap_model strips the same way, needs no process group)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    wrapped = nn.DataParallel(model)
+    calls = []
+    wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ctx = dl.probes.Context(model=wrapped, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    probe = dl.probes.NTK(n=6)
+    values = probe.measure(ctx)
+    assert calls == [] and probe._wrapper is not None and probe._wrapper.model is model
+    assert values["trace"] == pytest.approx(float(_jacobian_kernel(model, x).diagonal().sum()), rel=1e-9)
