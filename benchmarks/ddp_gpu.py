@@ -334,6 +334,8 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
     probe = (probe[0].to(device), probe[1].to(device))
     done = {"A": 0, "B": 0}
     paused = [0.0]  # A's time, left out of the Lens's clock
+    # the host's seconds in the training steps of each copy and in lens.step() (with the Lens)
+    in_training, in_lens = {"A": 0.0, "B": 0.0}, [0.0]
     lens: Any = None
 
     def segment(which: str, count: int) -> float:
@@ -341,10 +343,16 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         sync(device)
         began = time.perf_counter()
         for _ in range(count):
+            stepping = time.perf_counter()
             loss = train_step(model, optimizer, batches[done[which] % len(batches)], device)
             done[which] += 1
             if which == "B" and lens is not None:
+                stepped = time.perf_counter()
                 lens.step(loss=loss)
+                in_lens[0] += time.perf_counter() - stepped
+                in_training[which] += stepped - stepping
+            else:
+                in_training[which] += time.perf_counter() - stepping
         sync(device)
         seconds = time.perf_counter() - began
         if which == "A":
@@ -377,6 +385,7 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
     # from here A's segments are left out of the Lens's clock (the same reading as its own now)
     before = paused[0]
     lens.budget.clock = lambda: time.perf_counter() - (paused[0] - before)
+    in_training.update(A=0.0, B=0.0)
     a_times, b_times = [], []
     for c in range(steps // chunk):
         order = ("A", "B") if c % 2 == 0 else ("B", "A")
@@ -398,6 +407,9 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         "chunk_ratio_quantiles_10_50_90": [ratios[int(q * (len(ratios) - 1))] for q in (0.1, 0.5, 0.9)],
         "null_ratios": null, "null_ratio": statistics.median(null) if null else None,
         "chunk_seconds": {"A": a_times, "B": b_times}, "meetings": meetings[0],
+        # this rank's host time (a host-bound job's steps are its host's): the training steps
+        # of each copy, and lens.step() with its measurements
+        "host_training_s": dict(in_training), "host_lens_step_s": in_lens[0],
         "disabled": lens.disabled, "lens_clock_s": lens.budget.elapsed(),  # ≈ B's segments + creation
     }
     if rank == 0:
