@@ -48,6 +48,7 @@ Writes JSON to ``--out`` (rank 0). On two H100s the default settings take about 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -57,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -192,6 +194,24 @@ def data(args: argparse.Namespace, rank: int, device: torch.device, count: int =
     return [(x.to(device), y.to(device)) for x, y in batches]
 
 
+@contextlib.contextmanager
+def counting_meetings() -> Iterator[list[int]]:
+    """Count the ranks' meetings to agree on which probes run (a broadcast and a device sync
+    each) while inside: the count is the yielded list's one element."""
+    meetings = [0]
+    agree = dynlens.lens.agree_plan
+
+    def counted(*a: Any, **k: Any) -> Any:
+        meetings[0] += 1
+        return agree(*a, **k)
+
+    dynlens.lens.agree_plan = counted
+    try:
+        yield meetings
+    finally:
+        dynlens.lens.agree_plan = agree
+
+
 def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: int, steps: int,
               with_lens: bool | str, run_dir: str) -> dict[str, Any]:
     """DDP training for ``steps`` steps from the seed-0 state, without the Lens (False), with the
@@ -207,14 +227,8 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     probe = (probe[0].to(device), probe[1].to(device))
     dist.barrier()
     sync(device)
-    meetings = [0]  # the ranks' meetings to agree on which probes run (a broadcast and a sync each)
-    agree = dynlens.lens.agree_plan
-
-    def counted(*a: Any, **k: Any) -> Any:
-        meetings[0] += 1
-        return agree(*a, **k)
-
-    dynlens.lens.agree_plan = counted
+    counting = contextlib.ExitStack()
+    meetings = counting.enter_context(counting_meetings())
     start = time.perf_counter()
     lens = None
     if variant is not None:
@@ -280,7 +294,7 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
         lens.close()
     sync(device)
     seconds = time.perf_counter() - start
-    dynlens.lens.agree_plan = agree
+    counting.close()
     lens = lens or created
     result: dict[str, Any] = {"seconds": seconds, "steps": steps, "variant": variant}
     if timing:
@@ -368,35 +382,27 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         times = {w: segment(w, chunk) for w in order}
         null.append(times["B"] / times["A"])
     dist.barrier()
-    meetings = [0]
-    agree = dynlens.lens.agree_plan
-
-    def counted(*a: Any, **k: Any) -> Any:
-        meetings[0] += 1
-        return agree(*a, **k)
-
-    dynlens.lens.agree_plan = counted
-    sync(device)
-    began = time.perf_counter()
-    lens = dl.Lens(watched, models.language_model_loss, probe, optimizer=watched_opt, run_dir=run_dir,
-                   probes="default", overwrite=True)
-    sync(device)
-    creation = time.perf_counter() - began
-    # from here A's segments are left out of the Lens's clock (the same reading as its own now)
-    before = paused[0]
-    lens.budget.clock = lambda: time.perf_counter() - (paused[0] - before)
-    in_training.update(A=0.0, B=0.0)
-    a_times, b_times = [], []
-    for c in range(steps // chunk):
-        order = ("A", "B") if c % 2 == 0 else ("B", "A")
-        times = {w: segment(w, chunk) for w in order}
-        a_times.append(times["A"])
-        b_times.append(times["B"])
-    began = time.perf_counter()
-    lens.close()
-    sync(device)
-    closing = time.perf_counter() - began
-    dynlens.lens.agree_plan = agree
+    with counting_meetings() as meetings:
+        sync(device)
+        began = time.perf_counter()
+        lens = dl.Lens(watched, models.language_model_loss, probe, optimizer=watched_opt, run_dir=run_dir,
+                       probes="default", overwrite=True)
+        sync(device)
+        creation = time.perf_counter() - began
+        # from here A's segments are left out of the Lens's clock (the same reading as its own now)
+        before = paused[0]
+        lens.budget.clock = lambda: time.perf_counter() - (paused[0] - before)
+        in_training.update(A=0.0, B=0.0)
+        a_times, b_times = [], []
+        for c in range(steps // chunk):
+            order = ("A", "B") if c % 2 == 0 else ("B", "A")
+            times = {w: segment(w, chunk) for w in order}
+            a_times.append(times["A"])
+            b_times.append(times["B"])
+        began = time.perf_counter()
+        lens.close()
+        sync(device)
+        closing = time.perf_counter() - began
     ratios = sorted(b / a for a, b in zip(a_times, b_times))
     a_total, b_total = sum(a_times), sum(b_times)
     result: dict[str, Any] = {
