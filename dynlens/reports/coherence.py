@@ -22,10 +22,12 @@ from dynlens.reports.style import (
     COLORS,
     STEP_LABEL,
     RunLike,
+    chosen,
     log_scale_if_spans_decades,
     mark_findings,
     new_figure,
     plot_line,
+    plot_matrices_by_class,
     report_style,
     run_labels,
     runs_and_findings,
@@ -143,13 +145,6 @@ def plot_noise_scale(runs: RunLike | Sequence[RunLike],
     return fig
 
 
-def _chosen(records: list, count: int) -> list:
-    if len(records) <= count:
-        return records
-    picks = np.unique(np.linspace(0, len(records) - 1, count).round().astype(int))
-    return [records[i] for i in picks]
-
-
 @figure(PROBE, "Stiffness matrix")
 def plot_stiffness(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding] | None = None,
                    steps: Sequence[int] | None = None) -> Figure | None:
@@ -160,44 +155,21 @@ def plot_stiffness(runs: RunLike | Sequence[RunLike], findings: Sequence[Finding
     runs = _with(runs, "stiffness", array=True)
     if not runs:
         return None
-    labels = run_labels(runs)
     rows = []
     for run in runs:
         records = run.arrays(PROBE, "stiffness")
-        chosen = ([r for r in records if r[0] in set(steps)] if steps is not None
-                  else _chosen(records, MAX_MATRIX_STEPS))
+        picked = ([r for r in records if r[0] in set(steps)] if steps is not None
+                  else chosen(records, MAX_MATRIX_STEPS))
         classes = dict(run.arrays(PROBE, "labels"))
-        if chosen:
-            rows.append((run, chosen, classes))
+        if picked:
+            rows.append((run, picked, classes))
     if not rows:
         return None
-    ncols = max(len(chosen) for _, chosen, _ in rows)
+    labels = dict(zip([id(r) for r in runs], run_labels(runs), strict=True))
     with report_style():
-        fig = Figure(figsize=(2.8 * ncols + 0.8, 2.7 * len(rows) + 0.4), layout="constrained")
-        axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
-        fig.suptitle("Stiffness cos(g_i, g_j) (Fort et al. 2019)", fontsize=12, fontweight="bold",
-                     x=0.01, horizontalalignment="left")
-        image = None
-        for r, (run, chosen, classes) in enumerate(rows):
-            for c in range(ncols):
-                ax = axes[r, c]
-                ax.grid(False)
-                if c >= len(chosen):
-                    ax.set_visible(False)
-                    continue
-                step, matrix = chosen[c]
-                order = np.argsort(classes[step], kind="stable") if step in classes else np.arange(len(matrix))
-                image = ax.imshow(matrix[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1,
-                                  interpolation="nearest")
-                name = f"{labels[runs.index(run)]}, " if len(rows) > 1 else ""
-                ax.set_title(f"{name}step {step}", fontsize=9)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_ylabel("examples (by class)")
-        if image is not None:
-            fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
-    return fig
+        return plot_matrices_by_class("Stiffness cos(g_i, g_j) (Fort et al. 2019)",
+                                      [(labels[id(run)], picked, classes) for run, picked, classes in rows],
+                                      colorbar_label="cosine")
 
 
 @figure(PROBE, "Largest per-example gradient norms")

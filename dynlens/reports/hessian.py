@@ -21,6 +21,7 @@ from dynlens.reports.registry import figure
 from dynlens.reports.style import (
     COLORS,
     RunLike,
+    chosen,
     log_scale_if_spans_decades,
     mark_findings,
     new_figure,
@@ -103,13 +104,6 @@ def plot_sharpness(runs: RunLike | Sequence[RunLike],
     return fig
 
 
-def _chosen_steps(steps: list[int]) -> list[int]:
-    if len(steps) <= MAX_DENSITY_STEPS:
-        return steps
-    picks = np.linspace(0, len(steps) - 1, MAX_DENSITY_STEPS).round().astype(int)
-    return [steps[i] for i in sorted(set(picks.tolist()))]
-
-
 @figure(PROBE, "Hessian spectral density")
 def plot_density(runs: RunLike | Sequence[RunLike],
                  findings: Sequence[Finding] | None = None) -> Figure | None:
@@ -127,7 +121,7 @@ def plot_density(runs: RunLike | Sequence[RunLike],
             ax = axes[row, 0]
             nodes_by_step = dict(run.arrays(PROBE, "density_nodes"))
             weights_by_step = dict(run.arrays(PROBE, "density_weights"))
-            steps = _chosen_steps([s for s in nodes_by_step if s in weights_by_step])
+            steps = chosen([s for s in nodes_by_step if s in weights_by_step], MAX_DENSITY_STEPS)
             low = min(float(nodes_by_step[s].min()) for s in steps)
             high = max(float(nodes_by_step[s].max()) for s in steps)
             span = max(high - low, 1e-12)

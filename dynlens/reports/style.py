@@ -12,6 +12,9 @@ Helpers:
   min/max envelope, so a one-step spike stays visible).
 * :func:`mark_findings` — vertical markers (one step) or spans (a step range) where findings fire.
 * :func:`log_scale_if_spans_decades` — log y axis when the values span more than two decades.
+* :func:`chosen` — up to a few records spread over a run (first, middle, last).
+* :func:`plot_matrices_by_class` — square matrices over examples at chosen steps, one row of
+  panels per run, the examples ordered by class.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dynlens.store import Run, load_run
 __all__ = [
     "STYLE", "STEP_LABEL", "SEVERITY_COLORS", "COLORS", "report_style", "as_runs", "run_labels",
     "new_figure", "plot_series", "plot_line", "downsample", "mark_findings",
-    "log_scale_if_spans_decades", "runs_and_findings", "RunLike",
+    "log_scale_if_spans_decades", "runs_and_findings", "RunLike", "chosen", "plot_matrices_by_class",
 ]
 
 RunLike = Run | str | os.PathLike  # type: ignore[type-arg]
@@ -208,3 +211,52 @@ def log_scale_if_spans_decades(ax: Axes, values: Sequence[np.ndarray] | np.ndarr
         ax.set_yscale("log")
         return True
     return False
+
+
+def chosen(records: Sequence[Any], count: int) -> list[Any]:
+    """At most ``count`` of ``records`` spread evenly from the first to the last (all of them
+    when there are no more)."""
+    records = list(records)
+    if len(records) <= count:
+        return records
+    picks = np.unique(np.linspace(0, len(records) - 1, count).round().astype(int))
+    return [records[i] for i in picks]
+
+
+def plot_matrices_by_class(title: str, rows: Sequence[tuple[str, Sequence[tuple[int, np.ndarray]],
+                                                            dict[int, np.ndarray]]],
+                           colorbar_label: str, ylabel: str = "examples (by class)") -> Figure:
+    """One row of panels per run: each ``(name, [(step, matrix)], {step: classes})`` draws its
+    matrices (values in [−1, 1], a diverging map) with the examples ordered by their class at
+    that step (stable: in their own order within a class; unordered where the step has no
+    classes), thin lines between the classes; ``name`` titles the panels when there are several rows. Call inside
+    :func:`report_style`."""
+    ncols = max(len(matrices) for _, matrices, _ in rows)
+    fig = Figure(figsize=(2.8 * ncols + 0.8, 2.7 * len(rows) + 0.4), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
+    fig.suptitle(title, fontsize=12, fontweight="bold", x=0.01, horizontalalignment="left")
+    image = None
+    for r, (name, matrices, classes) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.grid(False)
+            if c >= len(matrices):
+                ax.set_visible(False)
+                continue
+            step, matrix = matrices[c]
+            known = step in classes and len(classes[step]) == len(matrix)
+            order = np.argsort(classes[step], kind="stable") if known else np.arange(len(matrix))
+            image = ax.imshow(matrix[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+            if known:  # thin lines between the classes
+                ordered = np.asarray(classes[step])[order]
+                for edge in np.flatnonzero(ordered[1:] != ordered[:-1]) + 0.5:
+                    ax.axhline(edge, color="#333333", linewidth=0.6)
+                    ax.axvline(edge, color="#333333", linewidth=0.6)
+            ax.set_title(f"{name}, step {step}" if len(rows) > 1 else f"step {step}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(ylabel)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar_label)
+    return fig
