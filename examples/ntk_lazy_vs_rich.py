@@ -12,11 +12,14 @@ linearisation around initialisation: the tangent kernel's distance from its init
 change, which falls as 1/√width) shrinks as about 1/width while the loss falls as far — the lazy
 (kernel) regime. Narrow networks move their kernel further (feature learning). Measured
 (2026-11-27, 400 steps, this project's CPU VM): widths 32, 128, 512, 2,048 ended at losses
-0.070, 0.058, 0.071, 0.069 with kernel distances 4.3e-3, 3.2e-4, 5.2e-5, 4.9e-6.
+0.070, 0.058, 0.071, 0.069 with kernel distances 4.3e-3, 3.2e-4, 5.2e-5, 4.9e-6; their
+parameters moved 14%, 3.9%, 1.0% and 0.27% of their norm (‖θ − θ₀‖/‖θ₀‖, 2026-11-29), about as
+1/width, and the lazy-regime finding fires from width 128 on (the parameters of the width-32
+network moved too far for it).
 
 The script makes its own data, trains the four runs with an NTK probe, prints the kernel's
-final distance from initialisation and its alignment, and writes one comparison report. About a
-minute and a half on a CPU.
+final distance from initialisation, the parameters' relative change and the kernel's alignment,
+and writes one comparison report. About a minute and a half on a CPU.
 
     python examples/ntk_lazy_vs_rich.py [--steps 400] [--out runs/ntk]
 """
@@ -84,12 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="ntk-"))
     runs = [train(width, args.steps, out) for width in args.widths]
-    print(f"{'width':>6s} {'final loss':>11s} {'kernel distance from init':>26s} {'alignment':>10s}")
+    print(f"{'width':>6s} {'final loss':>11s} {'kernel distance from init':>26s} {'parameter change':>17s} "
+          f"{'alignment':>10s}")
     for width, run in zip(args.widths, runs, strict=True):
         loss = run.series("train", "loss").iloc[-1]
         distance = run.series("ntk", "distance_from_init").iloc[-1]
+        change = run.series("ntk", "parameter_change").iloc[-1]
         alignment = run.series("ntk", "alignment").iloc[-1]
-        print(f"{width:>6d} {loss:>11.4f} {distance:>26.2e} {alignment:>10.3f}")
+        print(f"{width:>6d} {loss:>11.4f} {distance:>26.2e} {change:>17.2e} {alignment:>10.3f}")
     path = dl.report(runs, out=out / "report.html", quiet=True)
     print(f"report: {path}")
 

@@ -35,6 +35,12 @@ from dynlens.probes.base import Context, Labelled, Probe, Values
 __all__ = ["NTK"]
 
 TOP_EIGENVALUES = 5
+# the most host memory the probe's copy of the parameters at its first kernel may take (for the
+# relative parameter change); a larger model's change is not recorded, with a note
+PARAMETER_COPY_BYTES = 2 * 1024**3
+# the parameters' difference is taken on their device in pieces of this many entries (64 MB in
+# float32), each piece of the host copy brought over in turn
+_PIECE = 16 * 1024**2
 # a sequence model's first kernel halves its tokens down to this many while it does not fit
 MIN_TOKENS = 8
 
@@ -58,6 +64,22 @@ class _Projected(nn.Module):
         return out if self.projection is None else out @ self.projection.to(out.dtype)
 
 
+def _relative_change(parameters: list[Tensor], initial: list[Tensor], initial_norm: float) -> float:
+    """‖θ − θ₀‖/‖θ₀‖ of ``parameters`` against their host copies ``initial``, in float64, taken
+    on the parameters' device in pieces of ``_PIECE`` entries (one reading of the device at the
+    end); NaN when ‖θ₀‖ = 0."""
+    if initial_norm == 0:
+        return float("nan")
+    total: Tensor | None = None
+    for p, p0 in zip(parameters, initial, strict=True):
+        flat, flat0 = p.detach().reshape(-1), p0.reshape(-1)
+        for start in range(0, flat.numel(), _PIECE):
+            piece = flat[start:start + _PIECE] - flat0[start:start + _PIECE].to(flat.device)
+            square = torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
+            total = square if total is None else total + square.to(total.device)
+    return math.sqrt(float(total)) / initial_norm if total is not None else 0.0
+
+
 class NTK(Probe):
     """The empirical NTK's trace kernel on the first ``n`` examples of the probe batch, against
     the kernel at the first measurement and at the last one.
@@ -65,8 +87,13 @@ class NTK(Probe):
     Records: ``distance_from_init`` (kernel distance to the first kernel, Fort et al. 2020: 1 −
     cosine of the two kernels), ``velocity`` (distance to the previous kernel per step between
     them), ``alignment`` (centred kernel–target alignment with the examples' targets, Cortes et
-    al. 2012), ``effective_rank``, ``condition_number``, ``trace`` (Σ_i Θ(x_i, x_i)), ``outputs`` (O measured); arrays
-    ``top_eigenvalues`` and, with ``per_layer``, ``alignment_per_layer`` (labelled by layer).
+    al. 2012), ``parameter_change`` (‖θ_t − θ_0‖/‖θ_0‖ over the trainable parameters, θ_0
+    those of the first kernel, Chizat et al. 2019: with a small kernel distance, the lazy
+    regime), ``effective_rank``, ``condition_number``, ``trace`` (Σ_i Θ(x_i, x_i)), ``outputs``
+    (O measured); arrays ``eigenvalues`` (all n, descending), ``top_eigenvalues``, ``kernel`` (the n × n trace kernel, float32, for
+    its spectrum and its image sorted by class in the report), ``targets`` (the examples'
+    classes, where they are integer classes) and, with ``per_layer``, ``alignment_per_layer``
+    (labelled by layer).
 
     What is measured: outputs flattened per example; a sequence model's (batch, positions,
     classes) outputs at the last position (the next-token prediction); more than
@@ -102,7 +129,10 @@ class NTK(Probe):
     examples, waiting for memory where one example's share does not fit (a model of other
     layers needs two examples' Jacobians, 2·O·P numbers). Where the factors of every layer do
     not fit the allowance at once, on a GPU the layers are measured in groups that each keep
-    theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). On the
+    theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). The
+    parameter change reads the host copy of θ_0 back to the device, P numbers a measurement in
+    64-MB pieces (0.5 GB for the 124M decoder, tens of milliseconds; not in the timings below),
+    and keeps that copy in host memory (none past ``PARAMETER_COPY_BYTES``). On the
     H200 reference jobs (``benchmarks/RESULTS.md``, cost section, fourteenth session):
 
     - ResNet-18, batch 256: 0.5–0.9 s a measurement (60 training steps of 11.4 ms; 0.8–1.3 s
@@ -130,6 +160,9 @@ class NTK(Probe):
         self.n, self.max_outputs, self.per_layer, self.seed = n, max_outputs, per_layer, seed
         self._initial: Tensor | None = None
         self._previous: tuple[int, Tensor] | None = None
+        # the trainable parameters at the first kernel, on the host, and their norm (None: not
+        # kept, the model being too large for PARAMETER_COPY_BYTES)
+        self._initial_parameters: tuple[list[Tensor], float] | None = None
         self._projection: Tensor | None = None
         self._wrapper: _Projected | None = None
         self._projected_from: int | None = None
@@ -230,17 +263,26 @@ class NTK(Probe):
                                   "condition_number": condition_number(kernel)}
         if tokens is not None:
             values["tokens"] = float(tokens)
-        eigenvalues = kernel_eigenvalues(kernel)[:TOP_EIGENVALUES].numpy()
+        spectrum = kernel_eigenvalues(kernel).numpy()
+        values["eigenvalues"] = spectrum
+        eigenvalues = spectrum[:TOP_EIGENVALUES]
         values["top_eigenvalues"] = Labelled(eigenvalues, tuple(f"λ{i + 1}" for i in range(len(eigenvalues))))
+        values["kernel"] = kernel.float().numpy()
+        parameters = [p for p in unwrap_model(ctx.model).parameters() if p.requires_grad]
         if self._initial is None:
             self._initial = kernel
+            self._initial_parameters = self._kept_parameters(parameters)
         values["distance_from_init"] = kernel_distance(kernel, self._initial)
+        if self._initial_parameters is not None:
+            values["parameter_change"] = _relative_change(parameters, *self._initial_parameters)
         if self._previous is not None and ctx.step > self._previous[0]:
             values["velocity"] = kernel_distance(kernel, self._previous[1]) / (ctx.step - self._previous[0])
         self._previous = (ctx.step, kernel)
         y = self._targets(targets)
         if y is not None and len(y) != kernel.shape[0]:
             y = None
+        if y is not None and not y.is_floating_point() and y.dim() == 1:
+            values["targets"] = y.numpy().astype(np.int64)
         # examples whose class target is negative (padding, ignore_index=-100) have no class:
         # the alignment is over the others
         keep = None if y is None or y.is_floating_point() else y >= 0
@@ -257,6 +299,19 @@ class NTK(Probe):
                            for k in result.per_layer.values()]
                 values["alignment_per_layer"] = Labelled(np.asarray(aligned, dtype=np.float64), names)
         return values
+
+    def _kept_parameters(self, parameters: list[Tensor]) -> tuple[list[Tensor], float] | None:
+        """A host copy of ``parameters`` and their norm, or None (with a note) when the copy
+        would take more than ``PARAMETER_COPY_BYTES``."""
+        size = sum(p.numel() * p.element_size() for p in parameters)
+        if size > PARAMETER_COPY_BYTES:
+            self.note("parameter_change", f"not recorded: a host copy of the {sum(p.numel() for p in parameters):,} "
+                                          f"trainable parameters would take {size / 1e9:.3g} GB, more than "
+                                          f"{PARAMETER_COPY_BYTES / 1e9:.3g} GB")
+            return None
+        copies = [p.detach().to("cpu", copy=True) for p in parameters]
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in copies))
+        return copies, norm
 
     def _targets(self, targets: Any) -> Tensor | None:
         if not isinstance(targets, Tensor):

@@ -27,8 +27,10 @@ from dynlens.reports.html import Report, render_html, report
 from dynlens.reports.ntk import (
     plot_kernel_alignment,
     plot_kernel_alignment_per_layer,
+    plot_kernel_by_class,
     plot_kernel_eigenvalues,
     plot_kernel_motion,
+    plot_kernel_spectra,
 )
 from dynlens.reports.opposing_signals import (
     plot_data_map,
@@ -54,4 +56,5 @@ __all__ = [
     "plot_collapse", "plot_margins", "plot_nlm", "plot_attention_logits",
     "plot_opposing_groups", "plot_opposing_inputs", "plot_data_map",
     "plot_kernel_motion", "plot_kernel_alignment", "plot_kernel_alignment_per_layer", "plot_kernel_eigenvalues",
+    "plot_kernel_spectra", "plot_kernel_by_class",
 ]

@@ -3,6 +3,7 @@ explicit Jacobians, the output projection, the rules on planted runs and the fig
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_run
@@ -43,11 +44,62 @@ def test_the_probe_tracks_distance_velocity_and_alignment_of_the_kernel(tmp_path
     assert run.series(PROBE, "alignment")[10] == pytest.approx(kernel_target_alignment(final, y[:12]), rel=1e-6)
     assert run.series(PROBE, "trace")[10] == pytest.approx(float(final.diagonal().sum()), rel=1e-6)
     assert set(run.series(PROBE, "velocity").index) == {5, 10}
+    # the stored kernel, its spectrum and the targets it is sorted by in the report
+    (first_step, first_kernel), *_, (last_step, last_kernel) = run.arrays(PROBE, "kernel")
+    assert (first_step, last_step) == (0, 10) and first_kernel.dtype == np.float32
+    np.testing.assert_allclose(first_kernel, initial.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(last_kernel, final.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(run.arrays(PROBE, "eigenvalues")[-1][1],
+                               np.linalg.eigvalsh(final.numpy())[::-1], rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(run.arrays(PROBE, "targets")[-1][1], y[:12].numpy())
     assert run.array_labels(PROBE, "alignment_per_layer") == ["0", "2"]
     assert run.array_labels(PROBE, "top_eigenvalues")[0] == "λ1"
     for draw in (dl.reports.plot_kernel_motion, dl.reports.plot_kernel_alignment,
-                 dl.reports.plot_kernel_alignment_per_layer, dl.reports.plot_kernel_eigenvalues):
+                 dl.reports.plot_kernel_alignment_per_layer, dl.reports.plot_kernel_eigenvalues,
+                 dl.reports.plot_kernel_spectra, dl.reports.plot_kernel_by_class):
         assert draw(run) is not None
+
+
+def test_the_relative_parameter_change_is_taken_from_the_first_kernels_parameters(tmp_path, monkeypatch):
+    import dynlens.probes.ntk as probe_module
+
+    monkeypatch.setattr(probe_module, "_PIECE", 7)  # pieces that cut every parameter, the last one short
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    model[0].bias.requires_grad_(False)  # frozen: not a parameter of the kernel nor of the change
+    x, y = torch.randn(24, 5, dtype=torch.float64), torch.randint(0, 3, (24,))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def flat() -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
+
+    expected = {}
+    with dl.Lens(model, nn.CrossEntropyLoss(), (x, y), optimizer, run_dir=tmp_path, basic=False, budget=None,
+                 probes=[dl.probes.NTK(every=3, n=8)]) as lens:
+        start = flat()
+        for step in range(1, 7):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            lens.step()
+            expected[step] = float((flat() - start).norm() / start.norm())
+    change = dl.load_run(tmp_path).series(PROBE, "parameter_change")
+    assert change[0] == 0.0 and list(change.index) == [0, 3, 6]
+    assert change[3] == pytest.approx(expected[3], rel=1e-12) and change[6] == pytest.approx(expected[6], rel=1e-12)
+    assert 0 < change[3] < change[6]
+
+
+def test_a_model_too_large_to_copy_has_no_parameter_change_and_a_note_says_why(monkeypatch):
+    import dynlens.probes.ntk as probe_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()  # 147 parameters, 1,176 bytes
+    monkeypatch.setattr(probe_module, "PARAMETER_COPY_BYTES", 1_000)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    probe = dl.probes.NTK(n=8)
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    assert "parameter_change" not in probe.measure(ctx) and "parameter_change" not in probe.measure(ctx)
+    assert "147 trainable parameters would take 1.18e-06 GB" in probe.notes["parameter_change"]
 
 
 def test_examples_with_an_ignored_target_are_left_out_of_the_alignment():
@@ -90,6 +142,9 @@ def test_many_outputs_are_projected_and_a_sequence_model_is_measured_at_its_last
 
 @pytest.mark.parametrize(("rule", "records", "quiet"), [
     ("lazy_regime", {"distance_from_init": [0.0, 0.01, 0.02, 0.03]}, {"distance_from_init": [0.0, 0.2, 0.3, 0.4]}),
+    # the kernel barely moves in both; in the second the parameters moved 30% of their norm
+    ("lazy_regime", {"distance_from_init": [0.0, 0.01, 0.02, 0.03], "parameter_change": [0.0, 0.01, 0.02, 0.04]},
+     {"distance_from_init": [0.0, 0.01, 0.02, 0.03], "parameter_change": [0.0, 0.1, 0.2, 0.3]}),
     ("kernel_alignment_rising", {"alignment": [0.1, 0.15, 0.3]}, {"alignment": [0.1, 0.12, 0.11]}),
     ("fast_then_slow_kernel", {"velocity": [1e-2, 8e-3, 1e-4, 5e-4, 2e-4]}, {"velocity": [1e-3, 8e-4, 9e-4, 7e-4, 6e-4]}),
     ("ill_conditioned_kernel", {"condition_number": [1e3, 1e5, 3e8]}, {"condition_number": [1e3, 1e4, 1e5]}),
