@@ -64,6 +64,19 @@ class _Projected(nn.Module):
         return out if self.projection is None else out @ self.projection.to(out.dtype)
 
 
+def _host_copy(tensor: Tensor) -> Tensor:
+    """A host copy of ``tensor``, in page-locked memory when it lives on a GPU (copies to and
+    from pageable memory ran at 1.2 and 5 GB/s on an H200: 0.40 s and 0.10 s for the 124M
+    decoder's parameters); pageable where the host refuses to lock more."""
+    if tensor.device.type == "cuda":
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        except RuntimeError:
+            return tensor.detach().to("cpu", copy=True)
+        return host.copy_(tensor.detach())
+    return tensor.detach().to("cpu", copy=True)
+
+
 def _relative_change(parameters: list[Tensor], initial: list[Tensor], initial_norm: float) -> float:
     """‖θ − θ₀‖/‖θ₀‖ of ``parameters`` against their host copies ``initial``, in float64, taken
     on the parameters' device in pieces of ``_PIECE`` entries (one reading of the device at the
@@ -74,7 +87,8 @@ def _relative_change(parameters: list[Tensor], initial: list[Tensor], initial_no
     for p, p0 in zip(parameters, initial, strict=True):
         flat, flat0 = p.detach().reshape(-1), p0.reshape(-1)
         for start in range(0, flat.numel(), _PIECE):
-            piece = flat[start:start + _PIECE] - flat0[start:start + _PIECE].to(flat.device)
+            # from page-locked memory the copy is queued on the stream before the subtraction
+            piece = flat[start:start + _PIECE] - flat0[start:start + _PIECE].to(flat.device, non_blocking=True)
             square = torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
             total = square if total is None else total + square.to(total.device)
     return math.sqrt(float(total)) / initial_norm if total is not None else 0.0
@@ -131,8 +145,11 @@ class NTK(Probe):
     not fit the allowance at once, on a GPU the layers are measured in groups that each keep
     theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). The
     parameter change reads the host copy of θ_0 back to the device, P numbers a measurement in
-    64-MB pieces (0.5 GB for the 124M decoder, tens of milliseconds; not in the timings below),
-    and keeps that copy in host memory (none past ``PARAMETER_COPY_BYTES``). On the
+    64-MB pieces, and keeps that copy in host memory (none past ``PARAMETER_COPY_BYTES``): on an
+    H200 from pageable memory 0.10 s a measurement and 0.40 s for the copy on the 124M decoder
+    (3.8 and 15 training steps), 14 ms and 65 ms on the ResNet-18 (1.1 and 5 steps); the copy is
+    now page-locked, not yet timed there (``benchmarks/ntk_parameter_change.py``). Not in the
+    timings below. On the
     H200 reference jobs (``benchmarks/RESULTS.md``, cost section, fourteenth session):
 
     - ResNet-18, batch 256: 0.5–0.9 s a measurement (60 training steps of 11.4 ms; 0.8–1.3 s
@@ -309,7 +326,7 @@ class NTK(Probe):
                                           f"trainable parameters would take {size / 1e9:.3g} GB, more than "
                                           f"{PARAMETER_COPY_BYTES / 1e9:.3g} GB")
             return None
-        copies = [p.detach().to("cpu", copy=True) for p in parameters]
+        copies = [_host_copy(p) for p in parameters]
         norm = math.sqrt(sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in copies))
         return copies, norm
 

@@ -306,3 +306,19 @@ def test_the_probe_measures_the_users_module_inside_a_data_parallel_wrapper():
     values = probe.measure(ctx)
     assert calls == [] and probe._wrapper is not None and probe._wrapper.model is model
     assert values["trace"] == pytest.approx(float(_jacobian_kernel(model, x).diagonal().sum()), rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_parameter_copy_is_page_locked_and_the_change_exact():
+    from dynlens.probes.ntk import _relative_change
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).cuda()
+    parameters = list(model.parameters())
+    kept = dl.probes.NTK()._kept_parameters(parameters)
+    assert kept is not None and all(c.is_pinned() for c in kept[0])
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    start = torch.cat([c.reshape(-1).double() for c in kept[0]])
+    now = torch.cat([p.detach().reshape(-1).double().cpu() for p in parameters])
+    assert _relative_change(parameters, *kept) == pytest.approx(float((now - start).norm() / start.norm()), rel=1e-6)
