@@ -35,6 +35,8 @@ from dynlens.probes.base import Context, Labelled, Probe, Values
 __all__ = ["NTK"]
 
 TOP_EIGENVALUES = 5
+# the most examples whose kernel is stored (float32: 1 MB a measurement at 512)
+STORED_KERNEL = 512
 # the most host memory the probe's copy of the parameters at its first kernel may take (for the
 # relative parameter change); a larger model's change is not recorded, with a note
 PARAMETER_COPY_BYTES = 2 * 1024**3
@@ -104,10 +106,10 @@ class NTK(Probe):
     al. 2012), ``parameter_change`` (‖θ_t − θ_0‖/‖θ_0‖ over the trainable parameters, θ_0
     those of the first kernel, Chizat et al. 2019: with a small kernel distance, the lazy
     regime), ``effective_rank``, ``condition_number``, ``trace`` (Σ_i Θ(x_i, x_i)), ``outputs``
-    (O measured); arrays ``eigenvalues`` (all n, descending), ``top_eigenvalues``, ``kernel`` (the n × n trace kernel, float32, for
-    its spectrum and its image sorted by class in the report), ``targets`` (the examples'
-    classes, where they are integer classes) and, with ``per_layer``, ``alignment_per_layer``
-    (labelled by layer).
+    (O measured); arrays ``eigenvalues`` (all n, descending), ``top_eigenvalues``, ``kernel``
+    (the trace kernel in float32, of the first ``STORED_KERNEL`` examples at most, for its
+    image sorted by class in the report), ``targets`` (those examples' classes, where they are
+    integer classes) and, with ``per_layer``, ``alignment_per_layer`` (labelled by layer).
 
     What is measured: outputs flattened per example; a sequence model's (batch, positions,
     classes) outputs at the last position (the next-token prediction); more than
@@ -148,9 +150,9 @@ class NTK(Probe):
     64-MB pieces, and keeps that copy in host memory (none past ``PARAMETER_COPY_BYTES``): on an
     H200 from pageable memory 0.10 s a measurement and 0.40 s for the copy on the 124M decoder
     (3.8 and 15 training steps), 14 ms and 65 ms on the ResNet-18 (1.1 and 5 steps); the copy is
-    now page-locked, not yet timed there (``benchmarks/ntk_parameter_change.py``). Not in the
-    timings below. On the
-    H200 reference jobs (``benchmarks/RESULTS.md``, cost section, fourteenth session):
+    now page-locked, not yet timed there (``benchmarks/ntk_parameter_change.py``). The
+    measurements themselves on the H200 reference jobs, without the parameter change
+    (``benchmarks/RESULTS.md``, cost section, fourteenth session):
 
     - ResNet-18, batch 256: 0.5–0.9 s a measurement (60 training steps of 11.4 ms; 0.8–1.3 s
       before the layer groups). In 0.5 GiB the groups took it from 1.9–2.3 s to 0.6–0.8 s.
@@ -284,7 +286,7 @@ class NTK(Probe):
         values["eigenvalues"] = spectrum
         eigenvalues = spectrum[:TOP_EIGENVALUES]
         values["top_eigenvalues"] = Labelled(eigenvalues, tuple(f"λ{i + 1}" for i in range(len(eigenvalues))))
-        values["kernel"] = kernel.float().numpy()
+        values["kernel"] = kernel[:STORED_KERNEL, :STORED_KERNEL].float().numpy()
         parameters = [p for p in unwrap_model(ctx.model).parameters() if p.requires_grad]
         if self._initial is None:
             self._initial = kernel
@@ -299,7 +301,7 @@ class NTK(Probe):
         if y is not None and len(y) != kernel.shape[0]:
             y = None
         if y is not None and not y.is_floating_point() and y.dim() == 1:
-            values["targets"] = y.numpy().astype(np.int64)
+            values["targets"] = y[:STORED_KERNEL].numpy().astype(np.int64)
         # examples whose class target is negative (padding, ignore_index=-100) have no class:
         # the alignment is over the others
         keep = None if y is None or y.is_floating_point() else y >= 0

@@ -89,6 +89,22 @@ def test_the_relative_parameter_change_is_taken_from_the_first_kernels_parameter
     assert 0 < change[3] < change[6]
 
 
+def test_a_large_kernel_is_stored_for_its_first_examples_with_their_classes(monkeypatch):
+    import dynlens.probes.ntk as probe_module
+
+    monkeypatch.setattr(probe_module, "STORED_KERNEL", 5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ctx = dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
+    values = dl.probes.NTK(n=8).measure(ctx)
+    whole = _jacobian_kernel(model, x)
+    np.testing.assert_allclose(values["kernel"], whole[:5, :5].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(values["targets"], y[:5].numpy())
+    assert len(values["eigenvalues"]) == 8  # the spectrum of the whole kernel
+    np.testing.assert_allclose(values["eigenvalues"], np.linalg.eigvalsh(whole.numpy())[::-1], rtol=1e-6, atol=1e-9)
+
+
 def test_a_model_too_large_to_copy_has_no_parameter_change_and_a_note_says_why(monkeypatch):
     import dynlens.probes.ntk as probe_module
 
