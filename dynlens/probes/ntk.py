@@ -79,18 +79,21 @@ def _host_copy(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _relative_change(parameters: list[Tensor], initial: list[Tensor], initial_norm: float) -> float:
+def _relative_change(parameters: list[Tensor], initial: list[Tensor], initial_norm: float,
+                     memory: int | None = None) -> float:
     """‖θ − θ₀‖/‖θ₀‖ of ``parameters`` against their host copies ``initial``, in float64, taken
-    on the parameters' device in pieces of ``_PIECE`` entries (one reading of the device at the
-    end); NaN when ‖θ₀‖ = 0."""
+    on the parameters' device in pieces of ``_PIECE`` entries at most, fewer where ``memory``
+    (bytes; None: no limit) would not hold a piece's copy, difference and float64 squares (one
+    reading of the device at the end); NaN when ‖θ₀‖ = 0."""
     if initial_norm == 0:
         return float("nan")
     total: Tensor | None = None
     for p, p0 in zip(parameters, initial, strict=True):
         flat, flat0 = p.detach().reshape(-1), p0.reshape(-1)
-        for start in range(0, flat.numel(), _PIECE):
+        size = _PIECE if memory is None else max(1, min(_PIECE, memory // (2 * flat.element_size() + 8)))
+        for start in range(0, flat.numel(), size):
             # from page-locked memory the copy is queued on the stream before the subtraction
-            piece = flat[start:start + _PIECE] - flat0[start:start + _PIECE].to(flat.device, non_blocking=True)
+            piece = flat[start:start + size] - flat0[start:start + size].to(flat.device, non_blocking=True)
             square = torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
             total = square if total is None else total + square.to(total.device)
     return math.sqrt(float(total)) / initial_norm if total is not None else 0.0
@@ -293,7 +296,7 @@ class NTK(Probe):
             self._initial_parameters = self._kept_parameters(parameters)
         values["distance_from_init"] = kernel_distance(kernel, self._initial)
         if self._initial_parameters is not None:
-            values["parameter_change"] = _relative_change(parameters, *self._initial_parameters)
+            values["parameter_change"] = _relative_change(parameters, *self._initial_parameters, memory=ctx.memory)
         if self._previous is not None and ctx.step > self._previous[0]:
             values["velocity"] = kernel_distance(kernel, self._previous[1]) / (ctx.step - self._previous[0])
         self._previous = (ctx.step, kernel)

@@ -89,6 +89,27 @@ def test_the_relative_parameter_change_is_taken_from_the_first_kernels_parameter
     assert 0 < change[3] < change[6]
 
 
+def test_the_parameter_change_takes_pieces_that_fit_the_memory_allowance(monkeypatch):
+    from dynlens.probes.ntk import _relative_change
+
+    torch.manual_seed(0)
+    parameters = [torch.randn(1000, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)]
+    initial = [p + 0.1 * torch.randn_like(p) for p in parameters]
+    norm = float(torch.cat([p.reshape(-1) for p in initial]).norm())
+    expected = float(torch.cat([(p - q).reshape(-1) for p, q in zip(parameters, initial)]).norm()) / norm
+    seen = []
+    original = torch.linalg.vector_norm
+
+    def counted(piece, *args, **kwargs):
+        seen.append(piece.numel())
+        return original(piece, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "vector_norm", counted)
+    found = _relative_change(parameters, initial, norm, memory=24 * 100)  # 100 float64 entries a piece
+    assert found == pytest.approx(expected, rel=1e-12)
+    assert max(seen) == 100 and sum(seen) == 1000 + 21
+
+
 def test_a_large_kernel_is_stored_for_its_first_examples_with_their_classes(monkeypatch):
     import dynlens.probes.ntk as probe_module
 
