@@ -296,7 +296,14 @@ class NTK(Probe):
             self._initial_parameters = self._kept_parameters(parameters)
         values["distance_from_init"] = kernel_distance(kernel, self._initial)
         if self._initial_parameters is not None:
-            values["parameter_change"] = _relative_change(parameters, *self._initial_parameters, memory=ctx.memory)
+            if [p.shape for p in parameters] != [p.shape for p in self._initial_parameters[0]]:
+                # the trainable parameters are no longer those of the first kernel
+                self.note("parameter_change", f"not recorded from step {ctx.step}: the trainable parameters "
+                                              "changed in number or shape since the first kernel")
+                self._initial_parameters = None
+            else:
+                values["parameter_change"] = _relative_change(parameters, *self._initial_parameters,
+                                                              memory=ctx.memory)
         if self._previous is not None and ctx.step > self._previous[0]:
             values["velocity"] = kernel_distance(kernel, self._previous[1]) / (ctx.step - self._previous[0])
         self._previous = (ctx.step, kernel)

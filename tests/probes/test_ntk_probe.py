@@ -359,3 +359,20 @@ def test_on_a_gpu_the_parameter_copy_is_page_locked_and_the_change_exact():
     start = torch.cat([c.reshape(-1).double() for c in kept[0]])
     now = torch.cat([p.detach().reshape(-1).double().cpu() for p in parameters])
     assert _relative_change(parameters, *kept) == pytest.approx(float((now - start).norm() / start.norm()), rel=1e-6)
+
+
+def test_parameters_that_change_shape_stop_the_parameter_change_with_a_note():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    probe = dl.probes.NTK(n=8)
+
+    def measured(step):
+        return probe.measure(dl.probes.Context(model=model, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y),
+                                               optimizer=None, step=step))
+
+    assert measured(0)["parameter_change"] == 0.0
+    model[0].bias.requires_grad_(False)  # one parameter fewer to train
+    values = measured(5)
+    assert "parameter_change" not in values and values["trace"] > 0  # the kernel is still measured
+    assert "from step 5" in probe.notes["parameter_change"]
