@@ -105,6 +105,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--interleave", type=int, default=0, metavar="K",
                         help="the overhead by pairs instead (interleaved): the job without and with dynlens as two "
                              "copies in one process, alternating segments of K steps (--steps each)")
+    parser.add_argument("--pair-lens", choices=("default", "basic", "created"), default="default",
+                        help="with --interleave, B's Lens: the default probes, the basic ones only, or the "
+                             "default probes created and closed before B's first segment (what the step-0 "
+                             "measurements leave behind)")
     parser.add_argument("--null-chunks", type=int, default=6,
                         help="with --interleave: pairs of segments before the Lens exists (both copies without it)")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: equality,writes,overhead")
@@ -335,6 +339,9 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
     exists, both copies without it, give the method's own spread. The Lens's creation (its
     step-0 measurements) and ``close()`` are timed and added to B.
 
+    ``--pair-lens`` bisects a cost on the quiet steps: "basic" gives B the basic probes only,
+    "created" closes B's Lens of the default probes before B's first segment.
+
     What this cannot see: a slowdown the Lens leaves on the whole process (both copies would
     pay it); the bracketed separate runs remain the check for that."""
     def job() -> tuple[Any, Any]:
@@ -386,12 +393,18 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         sync(device)
         began = time.perf_counter()
         lens = dl.Lens(watched, models.language_model_loss, probe, optimizer=watched_opt, run_dir=run_dir,
-                       probes="default", overwrite=True)
+                       probes=None if args.pair_lens == "basic" else "default", overwrite=True)
         sync(device)
         creation = time.perf_counter() - began
         # from here A's segments are left out of the Lens's clock (the same reading as its own now)
         before = paused[0]
         lens.budget.clock = lambda: time.perf_counter() - (paused[0] - before)
+        made, closing = lens, 0.0
+        if args.pair_lens == "created":  # closed before B trains: what its creation leaves behind
+            began = time.perf_counter()
+            lens.close()
+            sync(device)
+            closing, lens = time.perf_counter() - began, None
         in_training.update(A=0.0, B=0.0)
         a_times, b_times = [], []
         for c in range(steps // chunk):
@@ -399,14 +412,16 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
             times = {w: segment(w, chunk) for w in order}
             a_times.append(times["A"])
             b_times.append(times["B"])
-        began = time.perf_counter()
-        lens.close()
-        sync(device)
-        closing = time.perf_counter() - began
+        if lens is not None:
+            began = time.perf_counter()
+            lens.close()
+            sync(device)
+            closing = time.perf_counter() - began
+        lens = made
     ratios = sorted(b / a for a, b in zip(a_times, b_times))
     a_total, b_total = sum(a_times), sum(b_times)
     result: dict[str, Any] = {
-        "steps": len(a_times) * chunk, "chunk": chunk, "seconds_without": a_total,
+        "steps": len(a_times) * chunk, "chunk": chunk, "lens": args.pair_lens, "seconds_without": a_total,
         "seconds_with_steps": b_total, "creation_s": creation, "close_s": closing,
         "seconds_with": b_total + creation + closing,
         "ratio": (b_total + creation + closing) / a_total, "ratio_steps": b_total / a_total,
