@@ -29,7 +29,7 @@ from dynlens.measures.ntk import (
     kernel_target_alignment,
     ntk_of,
 )
-from dynlens.parameters import unwrap_model
+from dynlens.parameters import trainable_parameters, unwrap_model
 from dynlens.probes.base import Context, Labelled, Probe, Values
 
 __all__ = ["NTK"]
@@ -290,7 +290,7 @@ class NTK(Probe):
         eigenvalues = spectrum[:TOP_EIGENVALUES]
         values["top_eigenvalues"] = Labelled(eigenvalues, tuple(f"λ{i + 1}" for i in range(len(eigenvalues))))
         values["kernel"] = kernel[:STORED_KERNEL, :STORED_KERNEL].float().numpy()
-        parameters = [p for p in unwrap_model(ctx.model).parameters() if p.requires_grad]
+        parameters = list(trainable_parameters(ctx.model).values())
         if self._initial is None:
             self._initial = kernel
             self._initial_parameters = self._kept_parameters(parameters)
