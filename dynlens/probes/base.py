@@ -129,8 +129,7 @@ class Context:
         if self.deadline == math.inf:
             return
         if decide(self.group, self.clock() > self.deadline):
-            raise OverBudget(
-                f"stopped {self.clock() - self.deadline:.3g} s past the end of its time allowance")
+            self._stop()
 
     def check_time_locally(self) -> None:
         """:meth:`check_time` on this rank's clock alone, with no collective: for work whose
@@ -140,11 +139,12 @@ class Context:
         stops sends its status there, and the others raise
         :class:`dynlens.distributed.PeerFailed` (``OVER_TIME``, which the Lens counts as stopped)
         where they next meet. Without ``torch.distributed`` it is :meth:`check_time`."""
-        if self.deadline == math.inf:
-            return
-        now = self.clock()
-        if now > self.deadline:
-            raise OverBudget(f"stopped {now - self.deadline:.3g} s past the end of its time allowance")
+        if self.deadline != math.inf and self.clock() > self.deadline:
+            self._stop()
+
+    def _stop(self) -> None:
+        """Raise the :class:`OverBudget` of :meth:`check_time` and :meth:`check_time_locally`."""
+        raise OverBudget(f"stopped {self.clock() - self.deadline:.3g} s past the end of its time allowance")
 
     @functools.cached_property
     def fn(self) -> ModelFunction:
