@@ -229,8 +229,8 @@ def plot_matrices_by_class(title: str, rows: Sequence[tuple[str, Sequence[tuple[
     """One row of panels per run: each ``(name, [(step, matrix)], {step: classes})`` draws its
     matrices (values in [−1, 1], a diverging map) with the examples ordered by their class at
     that step (stable: in their own order within a class; unordered where the step has no
-    classes), thin lines between the classes; ``name`` titles the panels when there are several rows. Call inside
-    :func:`report_style`."""
+    classes), thin lines between the classes; ``name`` titles the panels when there are
+    several rows. Call inside :func:`report_style`."""
     ncols = max(len(matrices) for _, matrices, _ in rows)
     fig = Figure(figsize=(2.8 * ncols + 0.8, 2.7 * len(rows) + 0.4), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
