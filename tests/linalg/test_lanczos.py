@@ -341,3 +341,49 @@ def test_the_streamed_gram_schmidt_is_the_two_passes_of_the_lanczos_step():
     # the basis is read three times (the plain passes read it four times): 3 reads of 8 pieces
     # of each of the 6 rows, for each of the 2 runs
     assert copies.count == 3 * 8 * 6 * 2
+
+
+class _Deadline(Exception):
+    """What a deadline's check raises inside a product."""
+
+
+def _stopping_operator(matrix: torch.Tensor, products: int) -> LinearOperator:
+    """``matrix``'s operator whose product raises :class:`_Deadline` after ``products`` products."""
+    done = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        if len(done) == products:
+            raise _Deadline
+        done.append(1)
+        return matrix @ v
+
+    return LinearOperator(matvec=matvec, size=matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_run_stopped_inside_a_product_hands_on_the_ritz_vectors_of_its_krylov_space(k):
+    matrix = matrix_with_spectrum(SPREAD)
+    n, steps = matrix.shape[0], 7
+    v0 = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    handed = []
+    with pytest.raises(_Deadline):  # the operator's exception, unchanged
+        lanczos_eigsh(_stopping_operator(matrix, steps), k=k, tol=1e-10, v0=v0, on_stop=handed.append)
+    assert len(handed) == 1 and handed[0].shape == (n, k)
+    # oracle: the top Ritz vectors of the Krylov space span(v0, A v0, ..., A^6 v0), from its
+    # orthonormal basis by QR in float64 and the projected matrix's eigenvectors
+    powers = [v0 / v0.norm()]
+    for _ in range(steps - 1):
+        nxt = matrix @ powers[-1]
+        powers.append(nxt / nxt.norm())
+    basis, _ = torch.linalg.qr(torch.stack(powers, dim=1))
+    values, vectors = torch.linalg.eigh(basis.T @ matrix @ basis)
+    expected = basis @ vectors[:, -k:].flip(1)
+    cosines = (expected * handed[0]).sum(dim=0).abs() / handed[0].norm(dim=0)
+    assert torch.allclose(cosines, torch.ones(k, dtype=torch.float64), atol=1e-8), cosines
+
+
+def test_a_run_stopped_at_its_first_product_hands_on_nothing():
+    handed = []
+    with pytest.raises(_Deadline):
+        lanczos_eigsh(_stopping_operator(matrix_with_spectrum(SPREAD), 0), k=1, on_stop=handed.append)
+    assert handed == []
