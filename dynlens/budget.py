@@ -18,9 +18,7 @@ probe has finished its cost is unknown, so it runs to a deadline (checked betwee
 work: the Hessian's products), at the end of the allowance, and at step 0 after
 ``FIRST_SECONDS`` at least; a measurement stopped there (:class:`OverBudget`) is tried again
 once the budget allows twice the time it ran (on two H200s, the 124M decoder's first Hessian
-measurement under DDP took 47–87 s of a 66–90 s run); the Hessian's next try starts from the
-Ritz vectors of the products the stopped one did, so its tries add up instead of each starting
-cold. ``lens_seconds`` is the
+measurement under DDP took 47–87 s of a 66–90 s run). ``lens_seconds`` is the
 Lens's own host time outside measurements (``lens.step()``'s bookkeeping, the basic probes,
 writing the run database): the budget bounds everything dynlens adds, so the probes get what
 the Lens leaves. Its waits on training's queued GPU work are training's time, and a call of

@@ -775,8 +775,7 @@ class Lens:
         values = self._guarded(probe, "measure", lambda p=probe: p.measure(ctx))
         ctx.deadline = math.inf
         if isinstance(values, _OverTime):
-            # nothing was recorded (the Hessian keeps its Ritz vectors, and its next try goes on
-            # from them); it waits until the budget allows twice the time it ran
+            # nothing was kept; it waits until the budget allows twice the time it ran
             seconds = clock() - start
             self._last_measured[probe.name] = -1
             self._waiting.setdefault(probe.name, ctx.step)

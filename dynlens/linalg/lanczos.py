@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -345,13 +344,6 @@ def _grown_basis(basis: Tensor, m: int, capacity: int, op: LinearOperator,
     return grown
 
 
-def _ritz_vectors(basis: Tensor, coefficients: np.ndarray, m: int, op: LinearOperator) -> Tensor:
-    """The Ritz vectors Q_m S of the first ``m`` basis vectors, S the tridiagonal's eigenvectors
-    ``coefficients`` (m × w), on the operator's device."""
-    selected = torch.from_numpy(np.ascontiguousarray(coefficients)).to(device=basis.device, dtype=op.dtype)
-    return (basis[0, :m].T @ selected).to(op.device)
-
-
 def lanczos_eigsh(
     op: LinearOperator,
     k: int = 1,
@@ -362,7 +354,6 @@ def lanczos_eigsh(
     generator: torch.Generator | None = None,
     return_vectors: bool = False,
     memory: int | None = None,
-    on_stop: Callable[[Tensor], None] | None = None,
 ) -> LanczosResult:
     """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -417,12 +408,6 @@ def lanczos_eigsh(
             memory (also a CPU operator's) takes at most half of the host's available memory:
             when it cannot grow further the iteration stops there as at ``max_iters``
             (``converged=False``); when not even k + 1 vectors fit, ``MemoryError``.
-        on_stop: called when an exception from the operator (a deadline's, raised inside its
-            product) stops the iteration after at least one step, with the Ritz vectors of the
-            wanted eigenvalues from the steps done (n × len(values), on the operator's device);
-            the exception then propagates. A caller stopped at a deadline can start its next run
-            from them (:func:`dynlens.measures.hessian.warm_start_vector`), so the products of the
-            stopped run are not lost.
 
     Cost: ``iterations`` matrix-vector products (≤ max_iters); memory for the basis (at
     least ``iterations`` vectors of size n, at most twice that while it grows: on the
@@ -502,12 +487,7 @@ def lanczos_eigsh(
     converged = False
     while True:
         j = len(alphas)
-        try:
-            alpha, beta, w = _lanczos_step(op, basis, j)
-        except Exception:
-            if on_stop is not None and j > 0:
-                on_stop(_ritz_vectors(basis, vectors_t[:, index], j, op))
-            raise
+        alpha, beta, w = _lanczos_step(op, basis, j)
         alphas.append(float(alpha[0]))
         beta_j = float(beta[0])
         m = j + 1
@@ -560,7 +540,10 @@ def lanczos_eigsh(
             basis = grown
         basis[0, m] = q
 
-    ritz_vectors = _ritz_vectors(basis, vectors_t[:, index], m, op) if return_vectors else None
+    ritz_vectors = None
+    if return_vectors:
+        selected = torch.from_numpy(vectors_t[:, index]).to(device=basis.device, dtype=op.dtype)
+        ritz_vectors = (basis[0, :m].T @ selected).to(op.device)
     return LanczosResult(
         values=torch.from_numpy(theta[index].copy()),
         residuals=torch.from_numpy(residuals),

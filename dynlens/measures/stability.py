@@ -165,8 +165,7 @@ class Stability:
         products: every operator product this measurement took.
         compared_products: the products of the run the threshold is compared with (λ_max, or
             the preconditioned λ_max).
-        compared_cold: whether that run started cold (not from an earlier measurement's
-            eigenvectors; a start from a stopped try's Ritz vectors, ``restart``, counts as cold).
+        compared_cold: whether that run started cold (not from earlier eigenvectors).
     """
 
     values: dict[str, Any]
@@ -221,8 +220,6 @@ def stability_measurement(
     memory: int | None = None,
     activation_bytes: int | None = None,
     check: Callable[[], None] | None = None,
-    on_stop: Callable[[str, Tensor], None] | None = None,
-    restart: Mapping[str, Tensor] | None = None,
 ) -> Stability:
     """The Hessian's top-k eigenvalues on ``fn``'s batch against ``optimizer``'s stability
     threshold, with λ_min, the trace and the density as optional parts.
@@ -245,14 +242,6 @@ def stability_measurement(
             when the caller keeps it between measurements.
         check: called before every product; it may raise to stop the measurement (the
             Lens's deadline on a first measurement: :meth:`dynlens.probes.Context.check_time`).
-        on_stop: with ``options.warm_start``, called when ``check`` stops a top-eigenvalue run,
-            with the run's key (``"hessian"`` or ``"preconditioned"``) and the Ritz vectors of
-            the products it had done (``lanczos_eigsh``'s ``on_stop``), before the exception
-            propagates.
-        restart: Ritz vectors that ``on_stop`` handed out, by key: a run starts from them in
-            place of ``previous``'s, so that the next try of a stopped first measurement goes on
-            from where the last one stopped instead of starting cold; no eigenvector overlap is
-            recorded against them, and the run counts as cold (``warm_start`` 0).
 
     Raises:
         MemoryBudgetTooSmall: not even one example's product fits ``memory``.
@@ -260,7 +249,6 @@ def stability_measurement(
     """
     began = time.perf_counter()
     previous = previous or {}
-    restart = restart or {}
     result = Stability(values={})
     values = result.values
     optimizer = unwrapped(optimizer)
@@ -288,21 +276,13 @@ def stability_measurement(
         (else from the gradient and a Gaussian vector, or a Gaussian vector alone)."""
         rng = generator(offset)
         before = previous.get(key) if options.warm_start else None
-        resumed = restart.get(key) if options.warm_start else None
-        if before is not None and before.shape[0] != operator.size:
-            before = None
-        if resumed is not None and resumed.shape[0] == operator.size:
-            before = None  # a stopped try's vectors are nearer than the last measurement's
-            v0 = warm_start_vector(operator, resumed, rng)
-        elif before is not None:
+        if before is not None and before.shape[0] == operator.size:
             v0 = warm_start_vector(operator, before, rng)
         else:
+            before = None
             v0 = None if start is None else start_vector(operator, start, rng)
-        stopped = None if on_stop is None or not options.warm_start else (
-            lambda vectors: on_stop(key, vectors))
         run = lanczos_eigsh(operator, k=count, which="top", tol=options.tol, max_iters=options.max_iters,
-                            v0=v0, generator=rng, return_vectors=options.warm_start, memory=basis_memory,
-                            on_stop=stopped)
+                            v0=v0, generator=rng, return_vectors=options.warm_start, memory=basis_memory)
         if compared:
             result.compared_products, result.compared_cold = run.matvecs, before is None
         if options.warm_start and run.vectors is not None:

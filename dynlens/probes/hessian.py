@@ -67,9 +67,7 @@ class Hessian(Probe):
         extras_every: λ_min, trace and density at every this many measurements (the first
             included), when the time budget allows; 1 for every measurement.
         warm_start: start Lanczos from the previous measurement's eigenvectors (else from the
-            gradient plus a Gaussian vector). With it, a first measurement stopped at the Lens's
-            deadline keeps the Ritz vectors of the products it did (host memory), and its next
-            try starts from them: each try goes on from the last instead of starting cold.
+            gradient plus a Gaussian vector).
         hvp: Hessian-vector products by "reuse" (the first-order graph, ~2 gradients a product;
             needs no forward-mode derivatives and imports no compiler), "forward_over_reverse"
             or "auto" (time both once; see :func:`dynlens.hessian_eigenvalues`).
@@ -155,8 +153,6 @@ class Hessian(Probe):
         self.seed = seed
         self._extras = {name: Occasional(extras_every) for name in OPTIONAL_PARTS}
         self._previous: dict[str, Tensor] = {}  # top eigenvectors by operator, on the host
-        # Ritz vectors of a try stopped at its deadline, on the host: the next try starts there
-        self._restart: dict[str, Tensor] = {}
         self._activation_bytes: int | None = None
         self._last: Stability | None = None  # the last measurement (its costs)
 
@@ -186,10 +182,6 @@ class Hessian(Probe):
             base = min(base, WARM_PRODUCTS)
         return last * min(1.0, (base + 1) / (self._last.products + 1))
 
-    def _keep_restart(self, key: str, vectors: Tensor) -> None:
-        """Keep the Ritz vectors of a run stopped at its deadline for the next try (on the host)."""
-        self._restart[key] = vectors.detach().to("cpu", copy=True)
-
     def measure(self, ctx: Context) -> Values:
         tf32 = self.precision == "tf32"
         for part in self._extras.values():
@@ -207,9 +199,7 @@ class Hessian(Probe):
                 self._activation_bytes = ctx.fn.activation_bytes(1)
             result = stability_measurement(ctx.fn, ctx.optimizer, ctx.model, self._options(),
                                            self._previous, gate, ctx.memory, self._activation_bytes,
-                                           check=None if ctx.deadline == math.inf else ctx.check_time,
-                                           on_stop=self._keep_restart, restart=self._restart)
-        self._restart.clear()
+                                           check=None if ctx.deadline == math.inf else ctx.check_time)
         self._previous.update(result.vectors)
         if "hessian" in result.vectors:
             ctx.shared[TOP_EIGENVECTOR] = (ctx.step, result.vectors["hessian"][:, 0])
