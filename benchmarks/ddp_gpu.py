@@ -327,6 +327,21 @@ def timed_run(args: argparse.Namespace, device: torch.device, rank: int, world: 
     return result
 
 
+def quiet_segments(a_times: list[float], b_times: list[float], charged: list[tuple[float, float]]) -> dict[str, Any]:
+    """B's excess over A in the segments where no measurement ran (only lens.step()'s own time
+    charged) and in those where one did, less what dynlens charged: where the uncharged time is."""
+    if len(charged) != len(b_times):
+        return {}
+    out: dict[str, Any] = {}
+    for name, pick in (("quiet", lambda m: m == 0.0), ("measuring", lambda m: m > 0.0)):
+        rows = [(a, b, m + own) for a, b, (m, own) in zip(a_times, b_times, charged, strict=True) if pick(m)]
+        if rows:
+            a, b, c = (sum(r[i] for r in rows) for i in range(3))
+            out[f"{name}_segments"] = {"count": len(rows), "seconds_without": a, "seconds_with": b,
+                                       "charged": c, "ratio": b / a, "uncharged_ratio": (b - c) / a}
+    return out
+
+
 def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world: int, steps: int,
                 chunk: int, run_dir: str) -> dict[str, Any]:
     """(c) by pairs: two DDP copies of the job from the same seed-0 state in one process, A
@@ -357,12 +372,16 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
     paused = [0.0]  # A's time, left out of the Lens's clock
     # the host's seconds in the training steps of each copy and in lens.step() (with the Lens)
     in_training, in_lens = {"A": 0.0, "B": 0.0}, [0.0]
+    # per B segment: the seconds dynlens charged itself in it (measurements, and lens.step()'s own)
+    charged: list[tuple[float, float]] = []
     lens: Any = None
 
     def segment(which: str, count: int) -> float:
         model, optimizer = (plain, plain_opt) if which == "A" else (watched, watched_opt)
         sync(device)
         began = time.perf_counter()
+        watching = which == "B" and lens is not None
+        before = (lens.budget.probe_seconds, lens.budget.lens_seconds) if watching else (0.0, 0.0)
         for _ in range(count):
             stepping = time.perf_counter()
             loss = train_step(model, optimizer, batches[done[which] % len(batches)], device)
@@ -378,6 +397,8 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         seconds = time.perf_counter() - began
         if which == "A":
             paused[0] += seconds
+        elif watching:
+            charged.append((lens.budget.probe_seconds - before[0], lens.budget.lens_seconds - before[1]))
         return seconds
 
     for _ in range(args.warmup):
@@ -406,6 +427,7 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
             sync(device)
             closing, lens = time.perf_counter() - began, None
         in_training.update(A=0.0, B=0.0)
+        charged.clear()
         a_times, b_times = [], []
         for c in range(steps // chunk):
             order = ("A", "B") if c % 2 == 0 else ("B", "A")
@@ -431,6 +453,8 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
         # this rank's host time (a host-bound job's steps are its host's): the training steps
         # of each copy, and lens.step() with its measurements
         "host_training_s": dict(in_training), "host_lens_step_s": in_lens[0],
+        # B's segments: [measurements' seconds, lens.step()'s own] charged in each (with a Lens)
+        "charged_by_segment": charged, **quiet_segments(a_times, b_times, charged),
         "disabled": lens.disabled, "lens_clock_s": lens.budget.elapsed(),  # ≈ B's segments + creation
     }
     if rank == 0:
