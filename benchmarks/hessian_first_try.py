@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--probe-sequences", type=int, default=4, help="one rank's share of ddp_gpu.py's 8")
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="the Lens's memory_budget in GiB (default: its own, half the training's peak)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -99,7 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         lens = dl.Lens(model, models.language_model_loss, probe_batch, optimizer=optimizer, run_dir=run_dir,
-                       probes=[dl.probes.Hessian()], overwrite=True)
+                       probes=[dl.probes.Hessian()], overwrite=True,
+                       memory_budget=None if args.memory_gib is None else int(args.memory_gib * 2**30))
         creation = time.perf_counter() - start
         lens.close()
     report = {"device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
