@@ -130,10 +130,17 @@ def _lanczos_step(
     Inactive runs (``active[l]`` false, ``active`` on the operator's device) must have a zero
     current vector; they cost no product.
 
-    The basis may live on another device than the operator (host memory for a GPU operator):
+    A basis in host memory for an operator on another device (:class:`_HostRows`, one run):
     q_j then travels to the operator's device for the product, and the reorthogonalisation
-    runs there too, the basis copied over in pieces (:func:`_streamed_gram_schmidt`).
+    runs there too, the basis copied over in pieces (:func:`_streamed_gram_schmidt`); w stays
+    on the operator's device (the caller divides it there and copies the quotient into the
+    pinned row: a copy to pageable memory and a division on one CPU thread cost more than the
+    product), α and β come back on the host.
     """
+    if isinstance(basis, _HostRows):
+        product = op.mv(basis.rows[j].to(op.device, non_blocking=True)).unsqueeze(0)
+        alpha, w = _streamed_gram_schmidt(basis.rows[: j + 1], product, j)
+        return alpha.cpu(), torch.linalg.vector_norm(w, dim=1).cpu(), w
     current = basis[:, j].to(op.device, non_blocking=True)
     if active is None:
         product = op.mv(current[0]).unsqueeze(0) if current.shape[0] == 1 else op.mm(current.T).T
@@ -142,12 +149,6 @@ def _lanczos_step(
         index = active.nonzero().squeeze(1)
         product[index] = op.mm(current[index].T).T
     krylov = basis[:, : j + 1]
-    if basis.device != product.device:
-        # w stays on the operator's device: the caller divides it there and copies the quotient
-        # into the pinned basis (a copy to pageable memory and a division on one CPU thread cost
-        # more than the product)
-        alpha, w = _streamed_gram_schmidt(krylov, product, j)
-        return alpha.to(basis.device), torch.linalg.vector_norm(w, dim=1).to(basis.device), w
     w = product
     alpha = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
     for _ in range(2):
@@ -161,10 +162,11 @@ def _lanczos_step(
 STREAM_BLOCK_BYTES = 64 * 2**20
 
 
-def _streamed_gram_schmidt(krylov: Tensor, w: Tensor, j: int,
+def _streamed_gram_schmidt(krylov: list[Tensor], w: Tensor, j: int,
                            block_bytes: int = STREAM_BLOCK_BYTES) -> tuple[Tensor, Tensor]:
     """The two classical Gram-Schmidt passes of :func:`_lanczos_step` for a basis ``krylov``
-    (b, j+1, n) in host memory and a product ``w`` (b, n) on the operator's device, reading the
+    (its j+1 rows, each a vector (n,) in host memory) and a product ``w`` (1, n) on the
+    operator's device, reading the
     basis three times instead of four. The basis is copied to the device a piece of columns at a
     time, every row's part of the piece together (about ``block_bytes`` in all; pinned memory:
     asynchronous copies), and the arithmetic runs there:
@@ -174,39 +176,36 @@ def _streamed_gram_schmidt(krylov: Tensor, w: Tensor, j: int,
        c₂ += Qₚ w₁ₚ (the second pass's coefficients, Q w₁, need w₁ only piece by piece);
     3. w₂ = w₁ − Qᵀ c₂.
 
-    Returns α (b,) = the two passes' coefficients on q_j, and w₂, on w's device.
+    Returns α (1,) = the two passes' coefficients on q_j, and w₂, on w's device.
 
     Reorthogonalising in host memory instead ran on one CPU thread under ``torchrun`` (which
     sets ``OMP_NUM_THREADS=1``): for the 124M decoder under DDP a Hessian measurement of 16
     products took 87 s. The copies bound its speed (the device's arithmetic on a piece is a
     hundredth of its copy): reading the basis three times is a quarter less than the plain
     passes' four. Only one piece is added to the device's memory."""
-    b, rows, n = krylov.shape
-    width = max(1, block_bytes // (krylov.element_size() * rows))
+    rows, n = len(krylov), krylov[0].shape[0]
+    width = max(1, block_bytes // (krylov[0].element_size() * rows))
     pieces = [(start, min(n, start + width)) for start in range(0, n, width)]
-    buffer = torch.empty(rows, width, dtype=krylov.dtype, device=w.device)
+    buffer = torch.empty(rows, width, dtype=krylov[0].dtype, device=w.device)
     w = w.clone()
-    alpha = []
 
-    def piece(run: int, start: int, stop: int) -> Tensor:
+    def piece(start: int, stop: int) -> Tensor:
         part = buffer[:, : stop - start]
         for i in range(rows):
-            part[i].copy_(krylov[run, i, start:stop], non_blocking=True)
+            part[i].copy_(krylov[i][start:stop], non_blocking=True)
         return part
 
-    for run in range(b):
-        first = torch.zeros(rows, dtype=w.dtype, device=w.device)
-        for start, stop in pieces:
-            first += piece(run, start, stop) @ w[run, start:stop]
-        second = torch.zeros_like(first)
-        for start, stop in pieces:
-            part = piece(run, start, stop)
-            w[run, start:stop].sub_(first @ part)
-            second += part @ w[run, start:stop]
-        for start, stop in pieces:
-            w[run, start:stop].sub_(second @ piece(run, start, stop))
-        alpha.append(first[j] + second[j])
-    return torch.stack(alpha), w
+    first = torch.zeros(rows, dtype=w.dtype, device=w.device)
+    for start, stop in pieces:
+        first += piece(start, stop) @ w[0, start:stop]
+    second = torch.zeros_like(first)
+    for start, stop in pieces:
+        part = piece(start, stop)
+        w[0, start:stop].sub_(first @ part)
+        second += part @ w[0, start:stop]
+    for start, stop in pieces:
+        w[0, start:stop].sub_(second @ piece(start, stop))
+    return (first[j] + second[j]).unsqueeze(0), w
 
 
 def _breakdown_threshold(dtype: torch.dtype) -> float:
@@ -281,18 +280,23 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def _restart_vector(
-    basis: Tensor, m: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+    basis: Tensor | _HostRows, m: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> Tensor | None:
     """A random unit vector orthogonal to ``basis[0, :m]``, or ``None`` if it spans the space.
 
     Drawn on ``device`` (the operator's), so that the draws do not depend on where the basis is.
     """
-    krylov = basis[0, :m]
     for _ in range(3):
-        v = gaussian_vector(basis.shape[2], generator, dtype, device).to(basis.device)
-        start = torch.linalg.vector_norm(v)
-        for _ in range(2):
-            v = v - krylov.T @ (krylov @ v)
+        if isinstance(basis, _HostRows):  # orthogonalised on ``device``, the basis streamed there
+            v = gaussian_vector(basis.size, generator, dtype, device)
+            start = torch.linalg.vector_norm(v)
+            v = _streamed_gram_schmidt(basis.rows[:m], v.unsqueeze(0), 0)[1][0]
+        else:
+            krylov = basis[0, :m]
+            v = gaussian_vector(basis.shape[2], generator, dtype, device).to(basis.device)
+            start = torch.linalg.vector_norm(v)
+            for _ in range(2):
+                v = v - krylov.T @ (krylov @ v)
         norm = torch.linalg.vector_norm(v)
         if norm > math.sqrt(torch.finfo(dtype).eps) * start:
             return v / norm
@@ -304,11 +308,72 @@ def _restart_vector(
 _SMALL_BASIS_BYTES = 64 * 2**20
 
 
-def _empty_basis(capacity: int, op: LinearOperator, device: torch.device) -> Tensor:
-    """An uninitialised ``(1, capacity, n)`` basis on ``device``; in pinned host memory when it is
-    the CPU standing in for a CUDA operator's device (pinned copies to the GPU run at full speed)."""
-    pin = device.type == "cpu" and op.device.type == "cuda" and torch.cuda.is_available()
-    return torch.empty(1, capacity, op.size, dtype=op.dtype, device=device, pin_memory=pin)
+class _HostRows:
+    """A Lanczos basis in host memory for an operator on another device (a GPU): one vector a
+    row, each allocated when the basis reaches it, in pinned memory (pinned copies to the GPU ran
+    at 50 GB/s on an H200's host, pageable ones at 6-7). Pinning is slow (0.5-0.7 s a GB there;
+    PyTorch's host allocator then keeps the blocks for later allocations of the same size), so a
+    basis that grows pins only its new rows: one tensor for the whole basis pinned all of it
+    again at each doubling and copied the old rows over (for the 124M decoder, 2 GB and then
+    4 GB at the first measurement's third and fifth steps, 1.2 s and 2.5 s of pinning).
+
+    ``capacity`` is how many rows it may hold now; ``limit`` the most it may ever hold (the
+    host's room when it was made, :func:`_host_rows`, or None where the system does not say);
+    ``shape`` and ``device`` read as those of the one-tensor basis it stands for."""
+
+    def __init__(self, capacity: int, op: LinearOperator) -> None:
+        room = _host_rows(op.size * op.dtype.itemsize)
+        self.limit = room
+        self.capacity = capacity if room is None else min(capacity, room)
+        self.size, self.dtype = op.size, op.dtype
+        self.pin = op.device.type == "cuda" and torch.cuda.is_available()
+        self.rows: list[Tensor] = []
+        self.device = torch.device("cpu")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, self.capacity, self.size)
+
+    def put(self, j: int, vector: Tensor) -> None:
+        """Row ``j`` (the next one, or one already there) set to ``vector``."""
+        if j == len(self.rows):
+            self.rows.append(torch.empty(self.size, dtype=self.dtype, pin_memory=self.pin))
+        self.rows[j].copy_(vector)
+
+
+def _use_host_rows(op: LinearOperator) -> bool:
+    """Whether a basis in host memory is :class:`_HostRows` (an operator on a GPU) rather than
+    one tensor on the CPU, the operator's own device. A module-level function so that tests run
+    the rows' path with a CPU operator too."""
+    return op.device.type != "cpu"
+
+
+def _empty_basis(capacity: int, op: LinearOperator, device: torch.device) -> Tensor | _HostRows:
+    """An empty basis of ``capacity`` vectors on ``device``: an uninitialised ``(1, capacity, n)``
+    tensor, or :class:`_HostRows` when ``device`` is host memory standing in for the operator's."""
+    if device.type == "cpu" and _use_host_rows(op):
+        return _HostRows(capacity, op)
+    return torch.empty(1, capacity, op.size, dtype=op.dtype, device=device)
+
+
+def _put(basis: Tensor | _HostRows, j: int, vector: Tensor) -> None:
+    """Basis vector ``j`` set to ``vector``."""
+    if isinstance(basis, _HostRows):
+        basis.put(j, vector)
+    else:
+        basis[0, j] = vector
+
+
+def _combination(basis: Tensor | _HostRows, m: int, coefficients: Tensor, device: torch.device) -> Tensor:
+    """Σ_i basis_i coefficients_i (n × w) of the first ``m`` vectors, on ``device``; from host
+    rows a row at a time on ``device`` (one row's copy there, never the basis in one piece)."""
+    if not isinstance(basis, _HostRows):
+        return (basis[0, :m].T @ coefficients.to(basis.device)).to(device)
+    coefficients = coefficients.to(device)
+    out = torch.zeros(basis.size, coefficients.shape[1], dtype=basis.dtype, device=device)
+    for i in range(m):
+        out.addr_(basis.rows[i].to(device, non_blocking=True), coefficients[i])
+    return out
 
 
 # The largest share of the host's available memory a basis in host memory may take (its growth
@@ -324,15 +389,23 @@ def _host_rows(vector_bytes: int) -> int | None:
     return int(available * _HOST_SHARE) // vector_bytes if available else None
 
 
-def _grown_basis(basis: Tensor, m: int, capacity: int, op: LinearOperator,
-                 memory: int | None) -> Tensor | None:
+def _grown_basis(basis: Tensor | _HostRows, m: int, capacity: int, op: LinearOperator,
+                 memory: int | None) -> Tensor | _HostRows | None:
     """``basis`` (full at m rows) copied into one of ``capacity`` rows: on the operator's device
     while the old and the new basis together (both alive during the copy) fit ``memory``,
     otherwise in host memory, where it then stays, with at most the rows that
-    :func:`_host_rows` allows; None when that is no more than ``m`` (the basis cannot grow)."""
-    vector_bytes = op.size * basis.element_size()
+    :func:`_host_rows` allows; None when that is no more than ``m`` (the basis cannot grow).
+    Host rows (:class:`_HostRows`) grow in place: only their capacity changes."""
+    vector_bytes = op.size * op.dtype.itemsize
     fits = memory is None or (m + capacity) * vector_bytes <= memory
     device = op.device if basis.device.type == op.device.type and fits else torch.device("cpu")
+    if isinstance(basis, _HostRows):
+        # its rows are counted against the host's room when it was made (its limit)
+        capacity = capacity if basis.limit is None else min(capacity, basis.limit)
+        if capacity <= m:
+            return None
+        basis.capacity = capacity
+        return basis
     if device.type == "cpu":
         room = _host_rows(vector_bytes)
         if room is not None:
@@ -340,7 +413,11 @@ def _grown_basis(basis: Tensor, m: int, capacity: int, op: LinearOperator,
             if capacity <= m:
                 return None
     grown = _empty_basis(capacity, op, device)
-    grown[:, :m] = basis
+    if isinstance(grown, _HostRows):
+        for i in range(m):
+            grown.put(i, basis[0, i])
+    else:
+        grown[:, :m] = basis
     return grown
 
 
@@ -400,14 +477,17 @@ def lanczos_eigsh(
             at max(2f, 32) vectors when those take at most 64 MiB, else at f + 2, fewer if
             ``memory`` holds fewer, and doubles when full (up to ``max_iters``). A basis that
             would not fit, counting the moment of growth when the old and the new one are both
-            alive, is kept in host memory instead (pinned for a CUDA operator; ``memory=0``:
-            from the start): each step then copies one vector to the device and one back, and
-            the reorthogonalisation, 4·m·n multiply-adds at step m, runs on the CPU (bound by
-            host memory bandwidth; for large n it can take longer than the product itself).
-            :attr:`LanczosResult.basis_device` says where the basis ended up. A basis in host
-            memory (also a CPU operator's) takes at most half of the host's available memory:
-            when it cannot grow further the iteration stops there as at ``max_iters``
-            (``converged=False``); when not even k + 1 vectors fit, ``MemoryError``.
+            alive, is kept in host memory instead (``memory=0``: from the start). For an
+            operator on a GPU it is then one pinned vector a row, each pinned when the basis
+            reaches it (:class:`_HostRows`), and each step copies the current vector to the
+            device and the next one back, and streams the basis to the device in pieces for the
+            reorthogonalisation, reading it three times (:func:`_streamed_gram_schmidt`; bound
+            by the copies, 50 GB/s on an H200's host). :attr:`LanczosResult.basis_device` says
+            where the basis ended up. A basis in host memory (also a CPU operator's) takes at
+            most half of the host's available memory (for host rows: of what was available
+            when the basis moved there): when it cannot grow further the iteration stops there
+            as at ``max_iters`` (``converged=False``); when not even k + 1 vectors fit,
+            ``MemoryError``.
 
     Cost: ``iterations`` matrix-vector products (≤ max_iters); memory for the basis (at
     least ``iterations`` vectors of size n, at most twice that while it grows: on the
@@ -477,7 +557,7 @@ def lanczos_eigsh(
                     f"the basis more device memory (memory=)")
             capacity = room
     basis = _empty_basis(capacity, op, op.device if on_device else torch.device("cpu"))
-    basis[0, 0] = q / q_norm
+    _put(basis, 0, q / q_norm)
     alphas: list[float] = []
     betas: list[float] = []
     block_ends: list[tuple[int, float]] = []
@@ -538,12 +618,12 @@ def lanczos_eigsh(
             if grown is None:
                 break  # host memory holds no more vectors: stopped as at max_iters
             basis = grown
-        basis[0, m] = q
+        _put(basis, m, q)
 
     ritz_vectors = None
     if return_vectors:
-        selected = torch.from_numpy(vectors_t[:, index]).to(device=basis.device, dtype=op.dtype)
-        ritz_vectors = (basis[0, :m].T @ selected).to(op.device)
+        selected = torch.from_numpy(np.ascontiguousarray(vectors_t[:, index])).to(dtype=op.dtype)
+        ritz_vectors = _combination(basis, m, selected, op.device)
     return LanczosResult(
         values=torch.from_numpy(theta[index].copy()),
         residuals=torch.from_numpy(residuals),

@@ -214,6 +214,17 @@ def test_no_stop_before_a_krylov_space_of_2k_plus_1_dimensions(k, floor):
 # ----------------------------------------------------------------------------- a memory limit
 
 
+@pytest.fixture(params=["tensor", "rows"])
+def host_layout(request, monkeypatch):
+    """A basis in host memory as one CPU tensor (a CPU operator's), and as one pinned row a
+    vector (:class:`_HostRows`, a GPU operator's), here with a CPU operator standing in."""
+    import dynlens.linalg.lanczos as lanczos_module
+
+    if request.param == "rows":
+        monkeypatch.setattr(lanczos_module, "_use_host_rows", lambda op: True)
+    return request.param
+
+
 def _same_run(first, second):
     """Two runs took the same steps and found the same pairs, to rounding."""
     assert first.iterations == second.iterations and first.restarts == second.restarts
@@ -224,7 +235,7 @@ def _same_run(first, second):
 
 
 @pytest.mark.parametrize("which", ["top", "bottom", "both"])
-def test_a_basis_in_host_memory_gives_the_values_of_the_default_basis(which):
+def test_a_basis_in_host_memory_gives_the_values_of_the_default_basis(which, host_layout):
     """memory=0: no basis vector may live on the operator's device, so the basis is kept in host
     memory from the start; the products and the reorthogonalisation are the same arithmetic."""
     a = matrix_with_spectrum(SPREAD)
@@ -235,7 +246,7 @@ def test_a_basis_in_host_memory_gives_the_values_of_the_default_basis(which):
     _same_run(host, default)
 
 
-def test_a_basis_that_outgrows_the_memory_limit_moves_to_host_memory_and_gives_the_same_values():
+def test_a_basis_that_outgrows_the_memory_limit_moves_to_host_memory_and_gives_the_same_values(host_layout):
     """The limit holds the first 12 vectors; the run takes more steps, so the basis must grow
     past it (12 + 24 vectors alive while it grows) and continue in host memory."""
     a = matrix_with_spectrum(SPREAD)
@@ -247,7 +258,7 @@ def test_a_basis_that_outgrows_the_memory_limit_moves_to_host_memory_and_gives_t
     assert relative_error(limited.values, np.sort(SPREAD)[::-1][:5]) <= 1e-8
 
 
-def test_a_host_basis_restarts_after_breakdown_like_the_default_basis():
+def test_a_host_basis_restarts_after_breakdown_like_the_default_basis(host_layout):
     spectrum = np.array([5.0] * 3 + [2.0] * 20 + [1.0] * 27)
     op = dense_operator(matrix_with_spectrum(spectrum))
     default = lanczos_eigsh(op, k=3, tol=1e-8)
@@ -265,7 +276,7 @@ def _host_holds(monkeypatch, vectors, vector_bytes):
 
 
 @pytest.mark.parametrize("memory", [0, None])
-def test_a_host_basis_stops_where_the_host_memory_ends_instead_of_outgrowing_it(monkeypatch, memory):
+def test_a_host_basis_stops_where_the_host_memory_ends_instead_of_outgrowing_it(monkeypatch, memory, host_layout):
     """A basis in host memory (memory=0 on any operator; a CPU operator's basis in any case)
     grows only within half of the host's available memory: a 644M-parameter model's basis of
     100 vectors is 258 GB. Here 20 vectors fit; the run needs more to converge at tol=1e-12, so it
@@ -281,7 +292,7 @@ def test_a_host_basis_stops_where_the_host_memory_ends_instead_of_outgrowing_it(
     assert relative_error(held.values, [25.0, 22.0]) < 1e-2  # 20 steps get close to the top two
 
 
-def test_a_host_basis_that_cannot_hold_k_plus_one_vectors_raises_a_memory_error(monkeypatch):
+def test_a_host_basis_that_cannot_hold_k_plus_one_vectors_raises_a_memory_error(monkeypatch, host_layout):
     a = matrix_with_spectrum(SPREAD)
     _host_holds(monkeypatch, 3, a.shape[0] * a.element_size())
     with pytest.raises(MemoryError, match="ask for fewer eigenvalues"):
@@ -325,19 +336,47 @@ def test_the_streamed_gram_schmidt_is_the_two_passes_of_the_lanczos_step():
 
     generator = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(50, 6, dtype=torch.float64, generator=generator))
-    krylov = torch.stack([q.T, q.T.flip(0)])  # two runs, 6 orthonormal rows each, n = 50
-    w = torch.randn(2, 50, dtype=torch.float64, generator=generator)
-    expected, alpha = w.clone(), torch.zeros(2, dtype=torch.float64)
+    krylov = q.T  # 6 orthonormal rows, n = 50
+    w = torch.randn(1, 50, dtype=torch.float64, generator=generator)
+    expected, alpha = w.clone(), torch.zeros(1, dtype=torch.float64)
     for _ in range(2):
-        c = torch.bmm(krylov, expected.unsqueeze(-1))
-        expected = expected - torch.bmm(krylov.transpose(1, 2), c).squeeze(-1)
-        alpha = alpha + c[:, 3, 0]
+        c = krylov @ expected[0]
+        expected = expected - (krylov.T @ c).unsqueeze(0)
+        alpha = alpha + c[3]
     # pieces of 7 columns (6 rows × 7 numbers × 8 bytes): 8 pieces, the last of 1 column
     with OperatorCalls(torch.ops.aten.copy_.default) as copies:
-        got_alpha, got = _streamed_gram_schmidt(krylov, w, 3, block_bytes=6 * 7 * 8)
+        got_alpha, got = _streamed_gram_schmidt(list(krylov), w, 3, block_bytes=6 * 7 * 8)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
     torch.testing.assert_close(got_alpha, alpha, rtol=0, atol=1e-13)
-    assert torch.bmm(krylov, got.unsqueeze(-1)).abs().max() < 1e-13  # orthogonal to the basis
+    assert (krylov @ got[0]).abs().max() < 1e-13  # orthogonal to the basis
     # the basis is read three times (the plain passes read it four times): 3 reads of 8 pieces
-    # of each of the 6 rows, for each of the 2 runs
-    assert copies.count == 3 * 8 * 6 * 2
+    # of each of the 6 rows
+    assert copies.count == 3 * 8 * 6
+
+
+def test_host_rows_are_each_allocated_once_as_the_basis_grows(monkeypatch):
+    """A basis that moves to host memory at 12 vectors and then grows there: every row is
+    allocated once (the 12 device vectors copied over once, each later one when reached), where
+    one tensor for the whole basis was allocated again, and the old rows copied, at each doubling."""
+    import dynlens.linalg.lanczos as lanczos_module
+
+    monkeypatch.setattr(lanczos_module, "_use_host_rows", lambda op: True)
+    made, puts = [], []
+
+    class Counted(lanczos_module._HostRows):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def put(self, j, vector):
+            puts.append(j)
+            super().put(j, vector)
+
+    monkeypatch.setattr(lanczos_module, "_HostRows", Counted)
+    a = matrix_with_spectrum(SPREAD)
+    result = lanczos_eigsh(dense_operator(a), k=5, tol=1e-10, memory=12 * a.shape[0] * a.element_size())
+    assert result.basis_device == "cpu" and result.iterations > 24  # grown twice there at least
+    assert len(made) == 1
+    rows = made[0].rows
+    assert len(rows) == result.iterations and len({r.data_ptr() for r in rows}) == len(rows)
+    assert puts == list(range(result.iterations))  # each row set once, in order
