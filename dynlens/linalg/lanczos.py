@@ -163,12 +163,13 @@ STREAM_BLOCK_BYTES = 64 * 2**20
 
 
 def _streamed_gram_schmidt(krylov: list[Tensor], w: Tensor, j: int,
-                           block_bytes: int = STREAM_BLOCK_BYTES) -> tuple[Tensor, Tensor]:
+                           block_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """The two classical Gram-Schmidt passes of :func:`_lanczos_step` for a basis ``krylov``
     (its j+1 rows, each a vector (n,) in host memory) and a product ``w`` (1, n) on the
     operator's device, reading the
     basis three times instead of four. The basis is copied to the device a piece of columns at a
-    time, every row's part of the piece together (about ``block_bytes`` in all; pinned memory:
+    time, every row's part of the piece together (about ``block_bytes`` in all, by default
+    ``STREAM_BLOCK_BYTES``, and never more than the basis itself; pinned memory:
     asynchronous copies), and the arithmetic runs there:
 
     1. c₁ = Q w, piece by piece;
@@ -184,7 +185,8 @@ def _streamed_gram_schmidt(krylov: list[Tensor], w: Tensor, j: int,
     hundredth of its copy): reading the basis three times is a quarter less than the plain
     passes' four. Only one piece is added to the device's memory."""
     rows, n = len(krylov), krylov[0].shape[0]
-    width = max(1, block_bytes // (krylov[0].element_size() * rows))
+    block_bytes = STREAM_BLOCK_BYTES if block_bytes is None else block_bytes
+    width = min(n, max(1, block_bytes // (krylov[0].element_size() * rows)))
     pieces = [(start, min(n, start + width)) for start in range(0, n, width)]
     buffer = torch.empty(rows, width, dtype=krylov[0].dtype, device=w.device)
     w = w.clone()
