@@ -386,7 +386,7 @@ def interleaved(args: argparse.Namespace, device: torch.device, rank: int, world
             stepping = time.perf_counter()
             loss = train_step(model, optimizer, batches[done[which] % len(batches)], device)
             done[which] += 1
-            if which == "B" and lens is not None:
+            if watching:
                 stepped = time.perf_counter()
                 lens.step(loss=loss)
                 in_lens[0] += time.perf_counter() - stepped

@@ -320,13 +320,13 @@ class _HostRows:
     4 GB at the first measurement's third and fifth steps, 1.2 s and 2.5 s of pinning).
 
     ``capacity`` is how many rows it may hold now; ``limit`` the most it may ever hold (the
-    host's room when it was made, :func:`_host_rows`, or None where the system does not say);
-    ``shape`` and ``device`` read as those of the one-tensor basis it stands for."""
+    host's room when it was made, :func:`_host_rows`, read by the caller, or None where the
+    system does not say); ``shape`` and ``device`` read as those of the one-tensor basis it
+    stands for."""
 
-    def __init__(self, capacity: int, op: LinearOperator) -> None:
-        room = _host_rows(op.size * op.dtype.itemsize)
-        self.limit = room
-        self.capacity = capacity if room is None else min(capacity, room)
+    def __init__(self, capacity: int, op: LinearOperator, limit: int | None) -> None:
+        self.limit = limit
+        self.capacity = capacity if limit is None else min(capacity, limit)
         self.size, self.dtype = op.size, op.dtype
         self.pin = op.device.type == "cuda" and torch.cuda.is_available()
         self.rows: list[Tensor] = []
@@ -350,11 +350,13 @@ def _use_host_rows(op: LinearOperator) -> bool:
     return op.device.type != "cpu"
 
 
-def _empty_basis(capacity: int, op: LinearOperator, device: torch.device) -> Tensor | _HostRows:
+def _empty_basis(capacity: int, op: LinearOperator, device: torch.device,
+                 room: int | None = None) -> Tensor | _HostRows:
     """An empty basis of ``capacity`` vectors on ``device``: an uninitialised ``(1, capacity, n)``
-    tensor, or :class:`_HostRows` when ``device`` is host memory standing in for the operator's."""
+    tensor, or :class:`_HostRows` when ``device`` is host memory standing in for the operator's
+    (``room``: the rows the host has room for, :func:`_host_rows`, its limit)."""
     if device.type == "cpu" and _use_host_rows(op):
-        return _HostRows(capacity, op)
+        return _HostRows(capacity, op, room)
     return torch.empty(1, capacity, op.size, dtype=op.dtype, device=device)
 
 
@@ -398,9 +400,6 @@ def _grown_basis(basis: Tensor | _HostRows, m: int, capacity: int, op: LinearOpe
     otherwise in host memory, where it then stays, with at most the rows that
     :func:`_host_rows` allows; None when that is no more than ``m`` (the basis cannot grow).
     Host rows (:class:`_HostRows`) grow in place: only their capacity changes."""
-    vector_bytes = op.size * op.dtype.itemsize
-    fits = memory is None or (m + capacity) * vector_bytes <= memory
-    device = op.device if basis.device.type == op.device.type and fits else torch.device("cpu")
     if isinstance(basis, _HostRows):
         # its rows are counted against the host's room when it was made (its limit)
         capacity = capacity if basis.limit is None else min(capacity, basis.limit)
@@ -408,13 +407,17 @@ def _grown_basis(basis: Tensor | _HostRows, m: int, capacity: int, op: LinearOpe
             return None
         basis.capacity = capacity
         return basis
+    vector_bytes = op.size * op.dtype.itemsize
+    fits = memory is None or (m + capacity) * vector_bytes <= memory
+    device = op.device if basis.device.type == op.device.type and fits else torch.device("cpu")
+    room = None
     if device.type == "cpu":
         room = _host_rows(vector_bytes)
         if room is not None:
             capacity = min(capacity, room)
             if capacity <= m:
                 return None
-    grown = _empty_basis(capacity, op, device)
+    grown = _empty_basis(capacity, op, device, room)
     if isinstance(grown, _HostRows):
         for i in range(m):
             grown.put(i, basis[0, i])
@@ -548,6 +551,7 @@ def lanczos_eigsh(
     if memory is not None and capacity * vector_bytes > memory:
         on_device = memory >= vector_bytes  # then start with as many vectors as fit
         capacity = memory // vector_bytes if on_device else capacity
+    room = None
     if not on_device or op.device.type == "cpu":
         room = _host_rows(vector_bytes)
         if room is not None and room < capacity:
@@ -558,7 +562,7 @@ def lanczos_eigsh(
                     f"bytes available); ask for fewer eigenvalues, measure fewer parameters, or allow "
                     f"the basis more device memory (memory=)")
             capacity = room
-    basis = _empty_basis(capacity, op, op.device if on_device else torch.device("cpu"))
+    basis = _empty_basis(capacity, op, op.device if on_device else torch.device("cpu"), room)
     _put(basis, 0, q / q_norm)
     alphas: list[float] = []
     betas: list[float] = []
