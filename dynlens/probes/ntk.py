@@ -150,10 +150,11 @@ class NTK(Probe):
     not fit the allowance at once, on a GPU the layers are measured in groups that each keep
     theirs, when that costs the host fewer passes (:func:`dynlens.measures.ntk.ntk_of`). The
     parameter change reads the host copy of θ_0 back to the device, P numbers a measurement in
-    64-MB pieces, and keeps that copy in host memory (none past ``PARAMETER_COPY_BYTES``): on an
-    H200 from pageable memory 0.10 s a measurement and 0.40 s for the copy on the 124M decoder
-    (3.8 and 15 training steps), 14 ms and 65 ms on the ResNet-18 (1.1 and 5 steps); the copy is
-    now page-locked, not yet timed there (``benchmarks/ntk_parameter_change.py``). The
+    64-MB pieces, and keeps that copy in page-locked host memory (none past
+    ``PARAMETER_COPY_BYTES``): on an H200 13.7 ms a measurement and 0.48 s for the copy, once,
+    on the 124M decoder (0.53 and 19 training steps), 5.6 ms and 73 ms on the ResNet-18 (0.42
+    and 5.5 steps; from pageable memory it was 0.10 s and 14 ms a measurement,
+    ``benchmarks/ntk_parameter_change.py``). The
     measurements themselves on the H200 reference jobs, without the parameter change
     (``benchmarks/RESULTS.md``, cost section, fourteenth session):
 
