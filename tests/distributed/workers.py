@@ -299,9 +299,13 @@ def fsdp_run(rank: int, world: int, group: object, out: str) -> None:
         with open(os.path.join(out, "fsdp.json"), "w") as f:
             json.dump({"skipped": "torch.distributed.fsdp.fully_shard is not available"}, f)
         return
+    from torch.distributed.device_mesh import init_device_mesh
+
     loss_fn = nn.CrossEntropyLoss()
     plain, model = _model(), _model()
-    fully_shard(model)
+    # on the CPU's gloo group: fully_shard's default mesh is on the GPU when the host has one,
+    # and would move the model there while its batch stays on the CPU
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     x, y = _batch()
     shard = (_shard(x, rank, world), _shard(y, rank, world))
     found: dict = {"ledger": ledger_entry(model, loss_fn, shard, chunk_size=4, group=group).loss.tolist()}

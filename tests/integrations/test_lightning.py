@@ -182,6 +182,10 @@ def test_other_ranks_do_nothing(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_under_ddp_every_rank_measures_its_shard_and_the_run_holds_the_whole_batchs_values(tmp_path: Path) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Lightning's ranks read every CUDA generator (isolate_rng), which a forked process
+        # cannot once its parent has initialised CUDA; "ddp_spawn" aborted ranks on CI (below)
+        pytest.skip("forked DDP ranks cannot touch CUDA after this process initialised it: run this test alone")
     x, y = _data(16)
     callback = DynlensCallback((x, y), F.cross_entropy, run_dir=tmp_path / "run", basic=False, budget=None,
                                probes=[dl.probes.Hessian(every=2, lambda_min=False, trace=False, tol=1e-6)])

@@ -337,7 +337,9 @@ def test_the_probe_measures_the_users_module_inside_a_data_parallel_wrapper():
     wrapped = nn.DataParallel(model)
     calls = []
     wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
-    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    # with one GPU, DataParallel moves the module there: the batch goes where the module is
+    device = next(model.parameters()).device
+    x, y = torch.randn(6, 5, dtype=torch.float64, device=device), torch.randint(0, 3, (6,), device=device)
     ctx = dl.probes.Context(model=wrapped, loss_fn=nn.CrossEntropyLoss(), probe_batch=(x, y), optimizer=None, step=0)
     probe = dl.probes.NTK(n=6)
     values = probe.measure(ctx)
