@@ -33,9 +33,9 @@ from dynlens.measures import ntk as ntk_module  # noqa: E402
 
 def layer_costs(layer: ntk_module._Layer, outputs: int, mode: str, n: int) -> tuple[int, int]:
     """(positions, jacobians) multiply-adds of one layer for a symmetric kernel of ``n`` examples
-    (the n(n+1)/2 pairs a mirrored kernel computes; n for "diagonal"). A normalisation has the
-    Jacobian route only: its Jacobians formed (n·O·T·out) and contracted (pairs·O'·size)."""
-    pairs = n if mode == "diagonal" else n * (n + 1) // 2
+    (the n(n+1)/2 pairs a mirrored kernel computes), ``mode`` "trace" or "full". A normalisation
+    has the Jacobian route only: its Jacobians formed (n·O·T·out) and contracted (pairs·O'·size)."""
+    pairs = n * (n + 1) // 2
     if layer.kind == "norm":
         o = outputs * outputs if mode == "full" else outputs
         jac = n * outputs * layer.positions * layer.outputs + pairs * o * layer.size
